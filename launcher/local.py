@@ -1,0 +1,123 @@
+"""Start N ranks as processes on this machine, the way mlx.launch would, and stop them all."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from .hostfile import free_ports, write_hostfile
+
+
+class LaunchError(Exception):
+    """The cluster could not be started; the message says which rank and why."""
+
+
+@dataclass
+class Cluster:
+    procs: list[subprocess.Popen]
+    url: str
+    run_dir: Path
+    logs: list[Path] = field(default_factory=list)
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stops every rank: SIGTERM, then SIGKILL for any still there after timeout."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def log_tail(self, rank: int, lines: int = 5) -> str:
+        try:
+            text = self.logs[rank].read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _die_with_parent() -> None:
+    # Linux only: the kernel kills the rank when the launcher dies, even by SIGKILL.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def start_local(
+    model: Path,
+    split: list[int],
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    name: str | None = None,
+    run_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Cluster:
+    """Starts len(split) ranks on this machine over the ring backend on loopback."""
+    n = len(split)
+    run_dir = Path(run_dir or tempfile.mkdtemp(prefix="mlxdist-run-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ports = free_ports(n + 1)
+    http_port = port or ports[-1]
+    hostfile = write_hostfile(run_dir / "hostfile.json", [[f"127.0.0.1:{p}"] for p in ports[:n]])
+    cmd = [sys.executable, "-m", "mlxdist.rank", "--model", str(model)]
+    cmd += ["--split", ",".join(map(str, split)), "--host", host, "--port", str(http_port)]
+    if name:
+        cmd += ["--name", name]
+    procs, logs = [], []
+    for rank in range(n):
+        rank_env = dict(os.environ, **(env or {}))
+        rank_env |= {"MLX_RANK": str(rank), "MLX_WORLD_SIZE": str(n)}
+        rank_env["MLX_HOSTFILE"] = str(hostfile)
+        log = run_dir / f"rank-{rank}.log"
+        with open(log, "wb") as out:
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env=rank_env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # Ctrl-C reaches the launcher, which stops the ranks
+                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                )
+            )
+        logs.append(log)
+    return Cluster(procs, f"http://{host}:{http_port}", run_dir, logs)
+
+
+def wait_ready(cluster: Cluster, timeout: float = 600.0, on_tick=None) -> dict:
+    """Waits until rank 0 answers /health (every rank has loaded by then); returns its answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for rank, p in enumerate(cluster.procs):
+            if p.poll() is not None:
+                tail = cluster.log_tail(rank, 1) or "no output"
+                raise LaunchError(
+                    f"rank {rank} exited with code {p.returncode} while loading: {tail}"
+                )
+        try:
+            r = httpx.get(cluster.url + "/health", timeout=2.0)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.HTTPError:
+            pass
+        if on_tick:
+            on_tick()
+        time.sleep(0.2)
+    raise LaunchError(f"the ranks did not finish loading within {timeout:.0f} s")

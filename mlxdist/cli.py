@@ -1,0 +1,128 @@
+"""The `mlxdist` command. Faults a user can cause end as one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+testing_app = typer.Typer(no_args_is_help=True, help="Make the project's test models.")
+app.add_typer(testing_app, name="testing")
+
+
+class UserError(Exception):
+    """A fault the user can fix; printed as one line."""
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from launcher.local import LaunchError
+    from quantize.checkpoint import CheckpointError
+    from quantize.gguf import GGUFError
+
+    from .client import ClientError
+
+    return (UserError, CheckpointError, GGUFError, LaunchError, ClientError)
+
+
+def _parse_split(split: str | None, ranks: int, num_layers: int) -> list[int]:
+    from .stage import split_layers
+
+    if split is None:
+        if ranks < 1:
+            raise UserError("--local needs at least 1 rank")
+        if ranks > num_layers:
+            raise UserError(
+                f"cannot split {num_layers} layers over {ranks} ranks: use at most {num_layers}"
+            )
+        return split_layers(num_layers, ranks)
+    try:
+        parts = [int(s) for s in split.split(",")]
+    except ValueError:
+        raise UserError(f"--split {split!r} must be layer counts such as 10,20") from None
+    if any(p < 1 for p in parts) or sum(parts) != num_layers:
+        raise UserError(f"--split {split} must be positive and add up to {num_layers} layers")
+    return parts
+
+
+@app.command()
+def launch(
+    model: str | None = typer.Argument(None, help="model folder or .gguf file (default: demo)"),
+    local: int = typer.Option(2, "--local", help="number of ranks on this machine"),
+    split: str | None = typer.Option(None, help="layers per rank, e.g. 10,20"),
+    prompt: str | None = typer.Option(None, help="answer this prompt and exit"),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=0),
+    temp: float = typer.Option(0.6, "--temp", min=0.0, help="0 is greedy"),
+    seed: int | None = typer.Option(None, min=0),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="apply the chat template"),
+    port: int | None = typer.Option(None, help="coordinator HTTP port (default: a free one)"),
+) -> None:
+    """Start ranks on this machine, then answer --prompt or open a chat."""
+    try:
+        _launch(model, local, split, prompt, max_tokens, temp, seed, chat, port)
+    except _user_errors() as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: every rank stopped", err=True)
+        raise typer.Exit(130) from None
+
+
+def _launch(model, local, split, prompt, max_tokens, temp, seed, chat, port) -> None:
+    from launcher.local import start_local, wait_ready
+    from quantize.checkpoint import inspect_model
+
+    from .models import resolve_model
+    from .repl import answer, repl
+
+    path = resolve_model(model)
+    info = inspect_model(path)
+    parts = _parse_split(split, local, info.num_layers)
+    cluster = start_local(path, parts, port=port)
+    try:
+        typer.echo(f"loading {path.name} on {len(parts)} ranks (layers {parts})...", err=True)
+        wait_ready(cluster)
+        params = {"max_tokens": max_tokens, "temperature": temp}
+        if seed is not None:
+            params["seed"] = seed
+        if prompt is not None:
+            answer(cluster.url, prompt, chat, params)
+        else:
+            repl(cluster.url, params)
+    finally:
+        cluster.stop()
+
+
+@testing_app.command("make-r1")
+def make_r1_cmd(
+    out: Path = typer.Argument(..., help="folder to write the checkpoint into"),
+    preset: str = typer.Option("tiny", help="tiny or 1gb"),
+    set_: list[str] = typer.Option([], "--set", help="override a config field: KEY=VALUE"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """Write a toy checkpoint in DeepSeek-R1's exact on-disk format."""
+    from .testing.tiny_r1 import PRESETS, make_r1, parse_set
+
+    if preset not in PRESETS:
+        _fail(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    try:
+        path = make_r1(out, preset=preset, overrides=parse_set(set_), seed=seed)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

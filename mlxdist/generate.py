@@ -1,0 +1,47 @@
+"""Token generation on rank 0, driving the pipeline one step at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import mlx.core as mx
+
+from .pipeline import LOGITS, NEW, SAMPLE, Runner, Step
+
+# As mlx-lm's generate_step: the prompt but its last token is prefilled in chunks of this size,
+# then the last token is a step of its own, so the numbers match a single process exactly.
+PREFILL_CHUNK = 2048
+
+
+def generate_tokens(
+    runner: Runner,
+    prompt: list[int],
+    max_tokens: int,
+    *,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = -1,
+    eos_ids: set[int] | frozenset[int] = frozenset(),
+) -> Iterator[int]:
+    """Yields sampled token ids until an end-of-sequence token or max_tokens."""
+    if not prompt:
+        raise ValueError("the prompt has no tokens")
+    if max_tokens <= 0:
+        return
+    sampling = {"seed": seed, "temp": temp, "top_p": top_p}
+    head, flags = prompt[:-1], NEW
+    for i in range(0, len(head), PREFILL_CHUNK):
+        runner.step(head[i : i + PREFILL_CHUNK], Step(0, flags, **sampling))
+        flags = 0
+    token = runner.step(prompt[-1:], Step(0, flags | SAMPLE, **sampling))
+    for n in range(max_tokens):
+        t = token.item()
+        yield t
+        if t in eos_ids or n + 1 == max_tokens:
+            return
+        token = runner.step([t], Step(0, SAMPLE))
+
+
+def last_logits(runner: Runner, prompt: list[int]) -> mx.array:
+    """The logits at the last position of prompt, from one pass over the whole prompt."""
+    return runner.step(prompt, Step(0, NEW | LOGITS))

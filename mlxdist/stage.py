@@ -1,0 +1,172 @@
+"""Load one pipeline stage of an mlx-lm decoder model: only its layers, reading only its tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+from mlx_lm.utils import _get_classes, infer_quant_config
+
+from quantize.checkpoint import inspect_model, layer_of, weight_map
+
+# Models whose attention applies the mask with mx.where, so it must be an array, not "causal".
+_ARRAY_MASK = {"deepseek_v3"}
+
+
+@dataclass
+class Stage:
+    model: nn.Module  # the mlx-lm Model, trimmed to this stage
+    config: dict
+    start: int  # first layer held
+    end: int  # one past the last layer held
+    is_first: bool  # holds the embeddings
+    is_last: bool  # holds the final norm and the head
+
+    @property
+    def inner(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return self.inner.layers[self.start : self.end]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config["hidden_size"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config["vocab_size"]
+
+    def nbytes(self) -> int:
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        return self.inner.embed_tokens(tokens)
+
+    def forward(self, h: mx.array, cache: list[KVCache]) -> mx.array:
+        """Runs this stage's layers on hidden states h of shape (batch, length, hidden)."""
+        as_array = self.config["model_type"] in _ARRAY_MASK
+        mask = create_attention_mask(h, cache[0], return_array=as_array)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, cache=c)
+        return h
+
+    def logits(self, h: mx.array) -> mx.array:
+        h = self.inner.norm(h)
+        if hasattr(self.model, "lm_head"):
+            return self.model.lm_head(h)
+        return self.inner.embed_tokens.as_linear(h)
+
+
+def split_layers(num_layers: int, size: int) -> list[int]:
+    """An even split of layers over ranks; the first ranks take the remainder."""
+    base, extra = divmod(num_layers, size)
+    return [base + (1 if r < extra else 0) for r in range(size)]
+
+
+def stage_range(split: list[int], rank: int) -> tuple[int, int]:
+    start = sum(split[:rank])
+    return start, start + split[rank]
+
+
+def _needed(key: str, start: int, end: int, first: bool, last: bool, tied: bool) -> bool:
+    layer = layer_of(key)
+    if layer is not None:
+        return start <= layer < end
+    if "embed_tokens" in key:
+        return first or (last and tied)
+    return last  # final norm and head
+
+
+def load_stage(
+    path: str | Path, split: list[int], rank: int, dtype: mx.Dtype | None = None
+) -> Stage:
+    """Builds the model from config.json and loads the tensors of rank's layers, nothing else.
+
+    Layers at or past num_hidden_layers (R1's multi-token-prediction layer) are never read.
+    """
+    info = inspect_model(path)
+    path = info.path
+    config = info.config
+    start, end = stage_range(split, rank)
+    first, last = rank == 0, rank == len(split) - 1
+
+    keys = [
+        k for k in weight_map(path) if _needed(k, start, end, first, last, info.tied_embeddings)
+    ]
+    files = sorted({weight_map(path)[k] for k in keys})
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        # mx.load maps safetensors lazily: tensors left out are never read from disk.
+        loaded = mx.load(str(path / f))
+        weights.update({k: v for k, v in loaded.items() if k in keys})
+        del loaded
+
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    _quantize_like(model, config, weights)
+    model.eval()
+
+    inner = model.model
+    inner.layers = inner.layers[:end]
+    inner.layers[:start] = [None] * start
+    if not (first or (last and info.tied_embeddings)):
+        del inner.embed_tokens
+    if not last:
+        del inner.norm
+        if hasattr(model, "lm_head"):
+            del model.lm_head
+    model.load_weights(list(weights.items()), strict=True)
+    del weights
+
+    dtype = dtype or run_dtype(config)
+    if dtype is not None:
+        model.set_dtype(dtype)
+    # Evaluate layer by layer so that peak memory stays near the size of what is kept.
+    for layer in inner.layers[start:end]:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+    return Stage(model, config, start, end, first, last)
+
+
+def _quantize_like(model: nn.Module, config: dict, weights: dict) -> None:
+    """Turns the modules whose weights were saved quantised into quantised modules."""
+    quantization = config.get("quantization")
+    if quantization is None:
+        return
+    overrides = {k: v for k, v in quantization.items() if isinstance(v, dict)}
+
+    def predicate(p: str, m: nn.Module):
+        if p in overrides:
+            return overrides[p]
+        if not hasattr(m, "to_quantized") or f"{p}.scales" not in weights:
+            return False
+        return infer_quant_config(p, m, weights)
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def run_dtype(config: dict) -> mx.Dtype | None:
+    """The dtype every stage runs in; the same on all ranks so hidden states agree."""
+    # On the CPU, MLX's unquantised expert matmul (gather_mm) runs only in float32.
+    unquantised_experts = config.get("n_routed_experts") and "quantization" not in config
+    if unquantised_experts and mx.default_device() == mx.cpu:
+        return mx.float32
+    return None

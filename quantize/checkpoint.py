@@ -1,0 +1,97 @@
+"""Facts about a model folder read from disk: its config, its tensors, their layers."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+# Decoder models whose mlx-lm code has the embed_tokens / layers / norm / head shape that the
+# pipeline runtime drives. Each one is proven by the cluster-equals-single-process test.
+SUPPORTED_MODEL_TYPES = ("llama", "deepseek_v3")
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class CheckpointError(Exception):
+    """A model folder that cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    config: dict
+    model_type: str
+    num_layers: int
+    tied_embeddings: bool
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"model path {path} does not exist: give a model folder or a .gguf file"
+        )
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} has no config.json: is it a model folder?")
+    try:
+        return json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
+
+
+def inspect_model(path: str | Path) -> ModelInfo:
+    """Reads config.json and checks that the runtime can drive this model."""
+    path = Path(path)
+    config = read_config(path)
+    model_type = config.get("model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"model type {model_type or '(none)'!r} in {path} is not supported: "
+            f"mlxdist runs {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    num_layers = config.get("num_hidden_layers")
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise CheckpointError(f"{path}/config.json has no valid num_hidden_layers")
+    return ModelInfo(
+        path=path,
+        config=config,
+        model_type=model_type,
+        num_layers=num_layers,
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+def layer_of(key: str) -> int | None:
+    """The decoder layer a tensor name belongs to, or None for embeddings, norm and head."""
+    m = _LAYER_RE.search(key)
+    return int(m.group(1)) if m else None
+
+
+def weight_map(path: Path) -> dict[str, str]:
+    """Tensor name to file name, from the index when there is one, else from the file headers."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no .safetensors files")
+    return {key: f.name for f in files for key in safetensors_header(f)}
+
+
+def safetensors_header(file: Path) -> dict:
+    """The tensor entries of a safetensors file, reading only its header."""
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return header
