@@ -105,12 +105,8 @@ def wait_ready(cluster: Cluster, timeout: float = 600.0, on_tick=None) -> dict:
     """Waits until rank 0 answers /health (every rank has loaded by then); returns its answer."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for rank, p in enumerate(cluster.procs):
-            if p.poll() is not None:
-                tail = cluster.log_tail(rank, 1) or "no output"
-                raise LaunchError(
-                    f"rank {rank} exited with code {p.returncode} while loading: {tail}"
-                )
+        if not cluster.alive():
+            raise LaunchError(_first_failure(cluster))
         try:
             r = httpx.get(cluster.url + "/health", timeout=2.0)
             if r.status_code == 200:
@@ -121,3 +117,14 @@ def wait_ready(cluster: Cluster, timeout: float = 600.0, on_tick=None) -> dict:
             on_tick()
         time.sleep(0.2)
     raise LaunchError(f"the ranks did not finish loading within {timeout:.0f} s")
+
+
+def _first_failure(cluster: Cluster) -> str:
+    """Names the rank that failed first: its peers then fail too, only because it went away."""
+    time.sleep(0.5)  # let the peers' secondary failures land so they can be told apart
+    exited = [r for r, p in enumerate(cluster.procs) if p.poll() is not None]
+    causes = [r for r in exited if "peer" not in cluster.log_tail(r, 1)]
+    rank = (causes or exited)[0]
+    tail = cluster.log_tail(rank, 1) or "no output"
+    code = cluster.procs[rank].returncode
+    return f"rank {rank} exited with code {code} while loading: {tail}"
