@@ -83,7 +83,8 @@ def start_local(
     for rank in range(n):
         rank_env = dict(os.environ, **(env or {}))
         rank_env |= {"MLX_RANK": str(rank), "MLX_WORLD_SIZE": str(n)}
-        rank_env["MLX_HOSTFILE"] = str(hostfile)
+        if n > 1:  # as mlx.launch: a single rank runs without a ring
+            rank_env["MLX_HOSTFILE"] = str(hostfile)
         log = run_dir / f"rank-{rank}.log"
         with open(log, "wb") as out:
             procs.append(

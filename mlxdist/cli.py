@@ -58,7 +58,7 @@ def launch(
     split: str | None = typer.Option(None, help="layers per rank, e.g. 10,20"),
     prompt: str | None = typer.Option(None, help="answer this prompt and exit"),
     max_tokens: int = typer.Option(256, "--max-tokens", min=0),
-    temp: float = typer.Option(0.6, "--temp", min=0.0, help="0 is greedy"),
+    temp: float = typer.Option(0.0, "--temp", min=0.0, help="sampling temperature; 0 is greedy"),
     seed: int | None = typer.Option(None, min=0),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="apply the chat template"),
     port: int | None = typer.Option(None, help="coordinator HTTP port (default: a free one)"),

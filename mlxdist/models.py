@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 from quantize.checkpoint import CheckpointError
@@ -35,5 +36,6 @@ def resolve_model(spec: str | None) -> Path:
 def _imported(gguf: Path, name: str) -> Path:
     out = home() / "models" / name
     if not (out / "config.json").is_file():
+        print(f"preparing {name} from {gguf.name} (once, into {out})", file=sys.stderr)
         import_gguf(gguf, out)
     return out

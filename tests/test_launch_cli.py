@@ -144,3 +144,14 @@ def test_rank_that_crashes_while_loading(tiny_r1, tmp_path):
     result = run_cli("launch", str(model), "--local", "2", "--prompt", "hi", timeout=120)
     assert_one_line_error(result, "rank 1", "while loading", "exceeding the size of the file")
     assert rank_pids(str(model)) == []
+
+
+def test_make_r1_command(tmp_path):
+    out = tmp_path / "r1"
+    result = run_cli("testing", "make-r1", str(out), "--set", "num_hidden_layers=3", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and config["model_type"] == "deepseek_v3"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert any(k.startswith("model.layers.3.") for k in index["weight_map"])  # the MTP layer
+    assert_one_line_error(run_cli("testing", "make-r1", str(tmp_path / "x"), "--preset", "huge"))
