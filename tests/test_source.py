@@ -1,0 +1,523 @@
+"""quantize.source against real huggingface_hub code, offline.
+
+The Hub is replaced in two ways, both without network: a Hugging Face cache written on disk in
+the layout huggingface_hub itself writes, and a small loopback HTTP server that answers the four
+Hub endpoints snapshot_download calls. A test checks that the two give identical caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+from huggingface_hub import constants
+
+from quantize.checkpoint import safetensors_header
+from quantize.source import DEFAULT_PATTERNS, SourceError, config_only, needed_files, resolve_source
+
+ROOT = Path(__file__).resolve().parent.parent
+REPO = "org/tiny-r1"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+# Files a real repo carries that a conversion does not need.
+EXTRAS = {"README.md": b"# tiny-r1\n", ".gitattributes": b"*.safetensors filter=lfs\n"}
+EXTRAS["pytorch_model.bin"] = b"\0" * 1000
+OFFLINE_HINT = (
+    "org/tiny-r1 is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+    "download it on a machine with network first, or unset HF_HUB_OFFLINE"
+)
+
+
+# --- the Hub's file identities and cache layout ----------------------------------------------
+
+
+def is_lfs(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin"))
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(data: bytes) -> bytes:
+    sha = hashlib.sha256(data).hexdigest()
+    return (
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {len(data)}\n".encode()
+    )
+
+
+def etag(name: str, data: bytes) -> str:
+    # The Hub's ETag, which names the blob: sha256 of the content for LFS files, git blob id else.
+    return hashlib.sha256(data).hexdigest() if is_lfs(name) else git_blob_id(data)
+
+
+def tree_entry(name: str, data: bytes) -> dict:
+    """One file of the Hub's /tree listing."""
+    if not is_lfs(name):
+        return {"type": "file", "path": name, "size": len(data), "oid": git_blob_id(data)}
+    lfs = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 130}
+    oid = git_blob_id(lfs_pointer(data))
+    return {"type": "file", "path": name, "size": len(data), "oid": oid, "lfs": lfs}
+
+
+def write_hf_cache(
+    cache: Path,
+    files: dict[str, bytes],
+    *,
+    repo_id: str = REPO,
+    commit: str = COMMIT,
+    cached: set[str] | None = None,
+    tree: bool = False,
+) -> Path:
+    """A Hugging Face cache holding repo_id at commit as refs/main; returns the snapshot folder.
+
+    cached: the files present (default all); tree: also the tree listing that
+    huggingface_hub >= 2 saves after an online snapshot_download.
+    """
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        if cached is not None and name not in cached:
+            continue
+        blob = repo / "blobs" / etag(name, data)
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    # No trailing newline: snapshot_download reads the commit hash from refs/ without stripping.
+    (repo / "refs" / "main").write_text(commit)
+    if tree:
+        listing = {name: _tree_cache_entry(name, data) for name, data in sorted(files.items())}
+        (repo / "trees").mkdir()
+        data = {"format_version": 1, "files": listing}
+        (repo / "trees" / f"{commit}.json").write_text(json.dumps(data, indent=1))
+    return snapshot
+
+
+def _tree_cache_entry(name: str, data: bytes) -> dict:
+    entry = tree_entry(name, data)
+    info = {"size": entry["size"], "blob_id": entry["oid"]}
+    if "lfs" in entry:
+        info |= {"lfs_sha256": entry["lfs"]["oid"], "lfs_size": entry["lfs"]["size"]}
+    return info
+
+
+def cache_layout(cache: Path) -> dict[str, str]:
+    """Every path under the cache's repo folders: symlink target, file text or blob marker."""
+    layout = {}
+    for path in sorted(cache.glob("models--*/**/*")):
+        rel = path.relative_to(cache).as_posix()
+        if path.is_symlink():
+            layout[rel] = "-> " + os.readlink(path)
+        elif path.is_file() and "/blobs/" in rel:
+            layout[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif path.is_file():
+            layout[rel] = path.read_text()
+    return layout
+
+
+# --- a loopback Hub ------------------------------------------------------------------------
+
+
+class FakeHub:
+    """Answers repo info, tree listing and resolve (HEAD and GET) like huggingface.co does."""
+
+    def __init__(self) -> None:
+        self.repos: dict[str, dict[str, bytes]] = {}
+        self.gated: set[str] = set()
+        self.requests: list[str] = []
+        self.downloads: list[tuple[str, str]] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def fetched(self, repo_id: str = REPO) -> set[str]:
+        return {name for repo, name in self.downloads if repo == repo_id}
+
+
+def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_HEAD(self) -> None:
+            self._route(body=False)
+
+        def do_GET(self) -> None:
+            self._route(body=True)
+
+        def _route(self, body: bool) -> None:
+            hub.requests.append(f"{self.command} {self.path}")
+            parts = unquote(urlparse(self.path).path).strip("/").split("/")
+            if parts[:2] == ["api", "models"]:
+                parts = parts[2:]
+            repo_id, kind = "/".join(parts[:2]), parts[2]
+            if repo_id not in hub.repos:
+                return self._error(404, "RepoNotFound")
+            files = hub.repos[repo_id]
+            if kind == "revision":
+                siblings = [{"rfilename": name} for name in files]
+                return self._json({"id": repo_id, "sha": COMMIT, "siblings": siblings})
+            if kind == "tree":
+                return self._json([tree_entry(name, data) for name, data in files.items()])
+            if repo_id in hub.gated:
+                return self._error(403, "GatedRepo")
+            name = "/".join(parts[4:])
+            if body:
+                hub.downloads.append((repo_id, name))
+            self._send(
+                files[name], {"X-Repo-Commit": COMMIT, "ETag": f'"{etag(name, files[name])}"'}, body
+            )
+
+        def _json(self, obj: object) -> None:
+            self._send(json.dumps(obj).encode(), {"Content-Type": "application/json"}, True)
+
+        def _error(self, status: int, code: str) -> None:
+            body = json.dumps({"error": code}).encode()
+            self._send(body, {"X-Error-Code": code}, self.command == "GET", status)
+
+        def _send(self, data: bytes, headers: dict, body: bool, status: int = 200) -> None:
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+    return Handler
+
+
+@pytest.fixture(scope="module")
+def repo_files(tiny_r1) -> dict[str, bytes]:
+    files = {p.name: p.read_bytes() for p in sorted(tiny_r1.iterdir()) if p.is_file()}
+    return files | EXTRAS
+
+
+@pytest.fixture
+def hub(repo_files):
+    hub = FakeHub()
+    hub.repos[REPO] = repo_files
+    thread = threading.Thread(target=hub.server.serve_forever, daemon=True)
+    thread.start()
+    yield hub
+    hub.server.shutdown()
+    hub.server.server_close()
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path) -> Path:
+    """An empty cache for this test with HF_HUB_OFFLINE=1, in this process; returns the cache."""
+    cache = tmp_path / "hf-home" / "hub"
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub copies the environment into constants when it is imported.
+    monkeypatch.setattr(constants, "HF_HOME", str(cache.parent))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+_SCRIPT = """
+import json, sys
+from quantize.source import SourceError, config_only, resolve_source
+fn = config_only if sys.argv[1] == "config_only" else resolve_source
+try:
+    print(fn(sys.argv[2], **json.loads(sys.argv[3])))
+except SourceError as err:
+    print(f"SourceError: {err}")
+    sys.exit(3)
+"""
+
+
+def run_source(fn: str, spec: str, env: dict[str, str], **kwargs) -> tuple[int, str]:
+    """fn(spec, **kwargs) in a fresh process whose Hugging Face settings come only from env."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    clean |= {"HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"} | env
+    cmd = [sys.executable, "-c", _SCRIPT, fn, spec, json.dumps(kwargs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean, cwd=ROOT, timeout=120)
+    assert proc.returncode in (0, 3), proc.stderr
+    return proc.returncode, proc.stdout.strip()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def assert_usable_model(folder: Path, tiny_r1: Path) -> None:
+    assert json.loads((folder / "config.json").read_text()) == json.loads(
+        (tiny_r1 / "config.json").read_text()
+    )
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):
+        header = safetensors_header(folder / shard)
+        assert set(index["weight_map"]) >= set(header) - {"__metadata__"}
+
+
+# --- a repo id -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", ["HF_HUB_CACHE", "HF_HOME"])
+def test_repo_id_resolves_from_the_cache_in_a_fresh_offline_process(
+    tmp_path, tiny_r1, repo_files, hub, setting
+):
+    cache = tmp_path / "home" / "hub"
+    snapshot = write_hf_cache(cache, repo_files)
+    where = str(cache) if setting == "HF_HUB_CACHE" else str(cache.parent)
+    env = {setting: where, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": hub.url}
+    code, out = run_source("resolve_source", REPO, env)
+    assert code == 0, out
+    assert Path(out) == snapshot
+    assert_usable_model(Path(out), tiny_r1)
+    assert hub.requests == []  # offline means not a single request
+
+
+def test_repo_id_downloads_only_the_needed_files_into_the_users_cache(
+    tmp_path, tiny_r1, repo_files, hub
+):
+    cache = tmp_path / "cache"
+    code, out = run_source(
+        "resolve_source", REPO, {"HF_HUB_CACHE": str(cache), "HF_ENDPOINT": hub.url}
+    )
+    assert code == 0, out
+    assert Path(out) == cache / "models--org--tiny-r1" / "snapshots" / COMMIT
+    assert_usable_model(Path(out), tiny_r1)
+    assert hub.fetched() == set(repo_files) - set(EXTRAS)
+
+    # Run again with the Hub gone: served from the cache it just filled.
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    assert run_source("resolve_source", REPO, env) == (0, out)
+
+
+def test_the_hand_written_cache_is_the_one_huggingface_hub_writes(tmp_path, repo_files, hub):
+    downloaded = tmp_path / "downloaded"
+    code, out = run_source(
+        "resolve_source", REPO, {"HF_HUB_CACHE": str(downloaded), "HF_ENDPOINT": hub.url}
+    )
+    assert code == 0, out
+    needed = set(repo_files) - set(EXTRAS)
+    written = tmp_path / "written"
+    write_hf_cache(written, repo_files, cached=needed, tree=True)
+    assert cache_layout(written) == cache_layout(downloaded)
+
+
+def test_allow_patterns_fetch_only_matching_files(tmp_path, repo_files, hub):
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": hub.url}
+    patterns = ["config.json", "model-00002-of-*.safetensors"]
+    code, out = run_source("resolve_source", REPO, env, allow_patterns=patterns)
+    assert code == 0, out
+    assert hub.fetched() == {"config.json", "model-00002-of-000002.safetensors"}
+    assert sorted(p.name for p in Path(out).iterdir()) == sorted(hub.fetched())
+
+
+def test_default_patterns_pick_a_conversions_files_from_a_real_repo_listing():
+    from huggingface_hub.utils import filter_repo_objects
+
+    listing = [".gitattributes", "LICENSE", "README.md", "figures/benchmark.jpg"]
+    listing += ["configuration_deepseek.py", "modeling_deepseek.py", "inference/model.py"]
+    listing += ["config.json", "generation_config.json", "model.safetensors.index.json"]
+    listing += ["tokenizer.json", "tokenizer_config.json", "pytorch_model.bin", "model.gguf"]
+    shards = [f"model-{i:05d}-of-000163.safetensors" for i in range(1, 164)]
+    picked = set(filter_repo_objects(listing + shards, allow_patterns=DEFAULT_PATTERNS))
+    assert picked == set(shards) | {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+
+
+def test_offline_repo_not_in_the_cache_says_how_to_get_it(offline):
+    with pytest.raises(SourceError) as err:
+        resolve_source(REPO)
+    assert str(err.value) == OFFLINE_HINT
+
+
+def test_offline_repo_not_in_the_cache_in_a_fresh_process(tmp_path, hub):
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": hub.url}
+    assert run_source("resolve_source", REPO, env) == (3, f"SourceError: {OFFLINE_HINT}")
+    assert hub.requests == []
+
+
+def test_offline_resolves_in_process_and_by_commit_hash(offline, tiny_r1, repo_files):
+    snapshot = write_hf_cache(offline, repo_files)
+    assert resolve_source(REPO) == snapshot
+    assert resolve_source(REPO, revision=COMMIT) == snapshot
+    assert_usable_model(snapshot, tiny_r1)
+    with pytest.raises(SourceError, match="org/tiny-r1@v2 is not in the local Hugging Face cache"):
+        resolve_source(REPO, revision="v2")
+
+
+@pytest.mark.parametrize("tree", [True, False], ids=["tree-listing", "no-tree-listing"])
+def test_offline_partial_snapshot_is_refused_unless_the_patterns_fit(offline, repo_files, tree):
+    # What a dry run leaves behind: config.json only, plus the tokenizer for good measure.
+    cached = {"config.json", "tokenizer.json", "tokenizer_config.json"}
+    snapshot = write_hf_cache(offline, repo_files, cached=cached, tree=tree)
+    with pytest.raises(SourceError, match="org/tiny-r1 is only partly in the local Hugging Face"):
+        resolve_source(REPO)
+    assert resolve_source(REPO, allow_patterns=["config.json", "tokenizer*"]) == snapshot
+    assert config_only(REPO) == snapshot / "config.json"
+
+
+def test_unreachable_hub_is_a_network_error(tmp_path):
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": closed_port_url()}
+    code, out = run_source("resolve_source", REPO, env)
+    assert code == 3
+    assert out.startswith("SourceError: could not reach the Hugging Face Hub: ConnectError")
+
+
+def test_unknown_and_gated_repos(tmp_path, repo_files, hub):
+    hub.repos["org/gated"] = repo_files
+    hub.gated.add("org/gated")
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": hub.url}
+    code, out = run_source("resolve_source", "org/missing", env)
+    assert (code, out) == (
+        3,
+        "SourceError: SRC org/missing is neither a local path nor a Hugging Face repo you can "
+        "access: check the spelling, or log in with `hf auth login` if it is private",
+    )
+    code, out = run_source("resolve_source", "org/gated", env)
+    assert code == 3
+    assert out.startswith("SourceError: org/gated is a gated Hugging Face repo")
+    assert "https://huggingface.co/org/gated" in out
+
+
+def test_repo_without_weights_is_refused(tmp_path, repo_files, hub):
+    hub.repos["org/code-only"] = {"README.md": b"hi\n", "config.json": repo_files["config.json"]}
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": hub.url}
+    code, out = run_source("resolve_source", "org/code-only", env)
+    assert (code, out) == (
+        3,
+        "SourceError: Hugging Face repo org/code-only has no *.safetensors: "
+        "give a repo with config.json and safetensors weights",
+    )
+
+
+# --- local paths and nonsense ----------------------------------------------------------------
+
+
+def test_local_folder_and_gguf_pass_through(offline, tiny_r1, tmp_path):
+    assert resolve_source(str(tiny_r1)) == tiny_r1
+    gguf = tmp_path / "model.Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_source(str(gguf)) == gguf
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("empty-folder", "has no config.json: is it a model folder?"),
+        ("weights.bin", "is a file, not a model folder or a .gguf file"),
+        ("missing.gguf", "GGUF file .*missing.gguf does not exist"),
+    ],
+)
+def test_bad_local_paths(offline, tmp_path, name, message):
+    (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    with pytest.raises(SourceError, match=message):
+        resolve_source(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("spec", ["not a path", "tiny-r1", "a/b/c", "./models/x", "org/"])
+def test_nonsense_spec(offline, spec):
+    with pytest.raises(SourceError) as err:
+        resolve_source(spec)
+    assert str(err.value) == (
+        f"SRC {spec} does not exist: give a model folder, a .gguf file or a Hugging Face repo id"
+    )
+
+
+# --- config_only -----------------------------------------------------------------------------
+
+
+def test_config_only_local(offline, tiny_r1, tmp_path):
+    assert config_only(str(tiny_r1)) == tiny_r1 / "config.json"
+    assert config_only(str(tiny_r1 / "config.json")) == tiny_r1 / "config.json"
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert config_only(str(gguf)) == gguf
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="has no config.json"):
+        config_only(str(tmp_path / "empty"))
+
+
+def test_config_only_downloads_one_file(tmp_path, tiny_r1, hub):
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": hub.url}
+    code, out = run_source("config_only", REPO, env)
+    assert code == 0, out
+    assert Path(out) == tmp_path / "models--org--tiny-r1" / "snapshots" / COMMIT / "config.json"
+    assert Path(out).read_bytes() == (tiny_r1 / "config.json").read_bytes()
+    assert hub.fetched() == {"config.json"}
+
+
+def test_config_only_offline(offline, repo_files):
+    with pytest.raises(SourceError, match="not in the local Hugging Face cache"):
+        config_only(REPO)
+    snapshot = write_hf_cache(offline, repo_files, cached={"config.json"})
+    assert config_only(REPO) == snapshot / "config.json"
+
+
+# --- needed_files ----------------------------------------------------------------------------
+
+INDEX = {
+    "metadata": {"total_size": 0},
+    "weight_map": {
+        "model.embed_tokens.weight": "model-00001-of-00003.safetensors",
+        "model.layers.0.self_attn.q_proj.weight": "model-00001-of-00003.safetensors",
+        "model.layers.1.mlp.gate_proj.weight": "model-00002-of-00003.safetensors",
+        "model.layers.1.mlp.up_proj.weight": "model-00003-of-00003.safetensors",
+        "model.norm.weight": "model-00003-of-00003.safetensors",
+        "lm_head.weight": "model-00003-of-00003.safetensors",
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "keys, files",
+    [
+        (set(), []),
+        ({"model.embed_tokens.weight"}, ["model-00001-of-00003.safetensors"]),
+        (
+            {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"},
+            ["model-00001-of-00003.safetensors"],
+        ),
+        (
+            {"model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"},
+            ["model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"],
+        ),
+        (set(INDEX["weight_map"]), [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]),
+    ],
+)
+def test_needed_files(keys, files):
+    assert needed_files(INDEX, keys) == files
+
+
+def test_needed_files_unknown_tensor():
+    with pytest.raises(SourceError, match="the weight index has no tensor model.layers.9.x"):
+        needed_files(INDEX, {"model.norm.weight", "model.layers.9.x"})
+
+
+def test_needed_files_on_tiny_r1(tiny_r1):
+    index = json.loads((tiny_r1 / "model.safetensors.index.json").read_text())
+    layer0 = {k for k in index["weight_map"] if k.startswith("model.layers.0.")}
+    files = needed_files(index, layer0)
+    assert files and all(f in index["weight_map"].values() for f in files)
+    for name in files:
+        assert set(safetensors_header(tiny_r1 / name)) & layer0
+    assert needed_files(index, set(index["weight_map"])) == sorted(
+        set(index["weight_map"].values())
+    )
