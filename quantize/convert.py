@@ -1,0 +1,429 @@
+"""`mlxdist quantize`: a checkpoint to an MLX model folder, streamed unit by unit, and cut
+into per-node folders. Resumable: finished files are recorded with their sha256 as they close."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.utils import _get_classes
+
+from .checkpoint import CheckpointError, inspect_model, safetensors_header, weight_map
+from .recipes import default_spec, make_predicate, parse_override
+from .safetensors_out import PieceFile, TensorSlot, sha256_file, to_bytes
+from .units import SOURCE_DTYPES, Source, Unit, make_units, plan_slots
+
+FORMAT_VERSION = 1
+MAX_FILE_BYTES = 5 * 10**9
+PROGRESS = ".mlxdist-progress.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+class QuantizeError(Exception):
+    """The conversion cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class Settings:
+    bits: int | None = None
+    group_size: int | None = None
+    mode: str = "affine"
+    recipe: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    split: list[int] | None = None  # layers per node; None writes no node folders
+    max_file_bytes: int = MAX_FILE_BYTES
+
+
+@dataclass
+class OutFile:
+    name: str
+    segment: str  # "embed", "tail", or "node<r>": files never span segments
+    slots: list[TensorSlot]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.slots)
+
+
+@dataclass
+class Plan:
+    config: dict
+    units: list[Unit]
+    files: list[OutFile]
+    file_of: dict[str, str]  # tensor name -> file name
+    quantization: dict
+    fingerprint: str
+    source_bytes: int
+    largest_layer_bytes: int  # of the source: the unit of the memory bound
+    split: list[int] | None  # layers per node, when node folders are cut
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    def slot(self, name: str) -> TensorSlot:
+        return self._slots[name]
+
+    def __post_init__(self):
+        self._slots = {s.name: s for f in self.files for s in f.slots}
+
+
+def check_source(path: Path, wm: dict[str, str]) -> None:
+    """Every file the index names exists, holds what the index says, and is not cut short."""
+    headers = {}
+    for f in sorted(set(wm.values())):
+        file = path / f
+        if not file.is_file():
+            raise CheckpointError(f"the index names {f}, which is missing from {path}")
+        header = safetensors_header(file)
+        size = file.stat().st_size
+        data_start = 8 + int.from_bytes(file.open("rb").read(8), "little")
+        for name, entry in header.items():
+            if entry["dtype"] not in SOURCE_DTYPES:
+                raise CheckpointError(
+                    f"{f}: tensor {name} has dtype {entry['dtype']}, which mlxdist does not read"
+                )
+            if data_start + entry["data_offsets"][1] > size:
+                raise CheckpointError(
+                    f"{f} is truncated ({size} bytes, {name} ends past it): download it again"
+                )
+        headers[f] = header
+    for name, f in wm.items():
+        if name not in headers[f]:
+            raise CheckpointError(f"the index puts {name} in {f}, which does not hold it")
+
+
+def _segment(unit: Unit, split: list[int] | None) -> str:
+    if split is None:
+        return "all"
+    if unit.layer is None:
+        return unit.kind
+    edge = 0
+    for r, n in enumerate(split):
+        edge += n
+        if unit.layer < edge:
+            return f"node{r}"
+    raise QuantizeError(f"layer {unit.layer} is past the split {split}")
+
+
+def _assign_files(units: list[Unit], split: list[int] | None, max_bytes: int) -> list[OutFile]:
+    chunks: list[tuple[str, list[TensorSlot]]] = []
+    for u in units:
+        seg = _segment(u, split)
+        for s in u.slots or []:
+            if not chunks or chunks[-1][0] != seg:
+                chunks.append((seg, []))
+            current = chunks[-1][1]
+            if current and sum(x.nbytes for x in current) + s.nbytes > max_bytes:
+                chunks.append((seg, []))
+            chunks[-1][1].append(s)
+    n = len(chunks)
+    if n == 1:
+        return [OutFile("model.safetensors", chunks[0][0], chunks[0][1])]
+    return [
+        OutFile(f"model-{i + 1:05d}-of-{n:05d}.safetensors", s, c)
+        for i, (s, c) in enumerate(chunks)
+    ]
+
+
+def make_plan(src: Path, settings: Settings) -> Plan:
+    info = inspect_model(src)
+    config = info.config
+    wm = weight_map(src)
+    check_source(src, wm)
+    if settings.split is not None:
+        if sum(settings.split) != info.num_layers or any(n < 1 for n in settings.split):
+            raise QuantizeError(
+                f"the split {settings.split} must be positive "
+                f"and add up to {info.num_layers} layers"
+            )
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))  # lazy: no parameter is ever evaluated
+    default = default_spec(settings.bits, settings.group_size, settings.mode)
+    overrides = tuple(
+        parse_override(o, default["group_size"], default["mode"]) for o in settings.overrides
+    )
+    predicate = make_predicate(model, default, settings.recipe, overrides)
+    specs: dict[str, dict] = {}
+
+    def recording(path, module):
+        spec = predicate(path, module)
+        if spec is not None:
+            specs[path] = spec
+        return spec
+
+    dtype = _DTYPES.get(config.get("torch_dtype", ""), None)
+    source = Source(src, wm)
+    units = make_units(source, model, config, recording, dtype)
+    for u in units:
+        plan_slots(u)
+    files = _assign_files(units, settings.split, settings.max_file_bytes)
+    file_of = {s.name: f.name for f in files for s in f.slots}
+    quantization = dict(default)
+    quantization.update({p: s for p, s in specs.items() if s != default})
+    layer_bytes: dict[int, int] = {}
+    for u in units:
+        if u.layer is not None:
+            layer_bytes[u.layer] = layer_bytes.get(u.layer, 0) + u.source_bytes
+    fp = hashlib.sha256(
+        json.dumps(
+            {
+                "v": FORMAT_VERSION,
+                "settings": asdict(settings),
+                "source": {f: (src / f).stat().st_size for f in sorted(set(wm.values()))},
+                "files": [(f.name, [(s.name, s.shape) for s in f.slots]) for f in files],
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
+    return Plan(
+        config=config,
+        units=units,
+        files=files,
+        file_of=file_of,
+        quantization=quantization,
+        fingerprint=fp,
+        source_bytes=sum(u.source_bytes for u in units),
+        largest_layer_bytes=max(layer_bytes.values(), default=0),
+        split=settings.split,
+    )
+
+
+@dataclass
+class Result:
+    out: Path
+    plan: Plan
+    written: list[str]  # files written in this run
+    skipped: list[str]  # files kept from an earlier, interrupted run
+    peak_rss: int
+    start_rss: int
+
+
+def rss_peak() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _prepare_out(out: Path, plan: Plan, force: bool) -> dict[str, dict]:
+    """Makes out ready; returns the files an interrupted run of the same plan finished."""
+    progress = out / PROGRESS
+    if out.exists() and not out.is_dir():
+        raise QuantizeError(f"{out} is a file: give a folder to write the model into")
+    if out.is_dir() and any(out.iterdir()):
+        state = None
+        if progress.is_file():
+            try:
+                state = json.loads(progress.read_text())
+            except json.JSONDecodeError:
+                state = None
+        if state and state.get("fingerprint") == plan.fingerprint and not force:
+            return state.get("done", {})
+        if not force:
+            raise QuantizeError(
+                f"{out} is not empty: remove it, choose another folder, or pass --force"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return {}
+
+
+def _check_disk(out: Path, need: int) -> None:
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise QuantizeError(
+            f"the output needs {need / 1e9:.2f} GB but {out} has {free / 1e9:.2f} GB free"
+        )
+
+
+def run(
+    src: Path,
+    out: Path,
+    plan: Plan,
+    *,
+    force: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+    disk_free: Callable[[Path], int] | None = None,
+) -> Result:
+    """Writes the planned files, then the index, config, tokenizer, manifest and node folders."""
+    done = _prepare_out(out, plan, force)
+    kept = {}
+    for name, record in done.items():
+        f = out / name
+        if (
+            f.is_file()
+            and f.stat().st_size == record["size"]
+            and sha256_file(f) == record["sha256"]
+        ):
+            kept[name] = record
+    need = sum(f.nbytes for f in plan.files if f.name not in kept)
+    if disk_free is not None:
+        free = disk_free(out)
+        if need > free:
+            raise QuantizeError(
+                f"the output needs {need / 1e9:.2f} GB but {out} has {free / 1e9:.2f} GB free"
+            )
+    else:
+        _check_disk(out, need)
+    for p in out.glob("*.partial"):
+        p.unlink()
+    start_rss = rss_peak()
+    records = dict(kept)
+    remaining = {f.name: len(f.slots) for f in plan.files if f.name not in kept}
+    slots_of = {f.name: f.slots for f in plan.files}
+    open_files: dict[str, PieceFile] = {}
+    work = []
+    for unit in plan.units:
+        todo = [s.name for s in unit.slots or [] if plan.file_of[s.name] in remaining]
+        work += [(unit, i, todo) for i in range(unit.pieces if todo else 0)]
+    done_bytes = plan.source_bytes - sum(u.source_bytes for u, i, _ in work if i == 0)
+
+    def save_progress():
+        state = {"fingerprint": plan.fingerprint, "done": records}
+        tmp = out / (PROGRESS + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, out / PROGRESS)
+
+    def flush(unit: Unit, i: int, todo: list[str], arrays: dict[str, mx.array]) -> None:
+        nonlocal done_bytes
+        for n in todo:
+            fname = plan.file_of[n]
+            if fname not in open_files:
+                open_files[fname] = PieceFile(out / fname, slots_of[fname])
+            offset = i * unit.chunk * (plan.slot(n).nbytes // unit.rows)
+            open_files[fname].write_at(n, offset, to_bytes(arrays[n]))
+        if i + 1 < unit.pieces:
+            return
+        for n in todo:  # the unit's tensors are complete: close the files they completed
+            fname = plan.file_of[n]
+            remaining[fname] -= 1
+            if remaining[fname] == 0:
+                pf = open_files.pop(fname)
+                records[fname] = {"size": pf.size, "sha256": pf.finish()}
+                del remaining[fname]
+                save_progress()
+        mx.clear_cache()
+        done_bytes += unit.source_bytes
+        if on_progress:
+            on_progress(done_bytes, plan.source_bytes)
+
+    save_progress()
+    try:
+        # One piece ahead: MLX computes the next piece while this thread writes the last one.
+        ahead = None
+        for unit, i, todo in work:
+            arrays = unit.make(i)
+            mx.async_eval([arrays[n] for n in todo])
+            if ahead is not None:
+                flush(*ahead)
+            ahead = (unit, i, todo, arrays)
+            del arrays
+        if ahead is not None:
+            flush(*ahead)
+            ahead = None
+    finally:
+        for pf in open_files.values():
+            pf.abandon()
+
+    _write_metadata(src, out, plan, records)
+    (out / PROGRESS).unlink(missing_ok=True)
+    written = [f.name for f in plan.files if f.name not in kept]
+    return Result(out, plan, written, sorted(kept), rss_peak(), start_rss)
+
+
+def _index(plan: Plan, files: list[OutFile]) -> dict:
+    weight_map = {s.name: f.name for f in files for s in f.slots}
+    return {
+        "metadata": {"total_size": sum(f.nbytes for f in files)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+
+
+def output_config(plan: Plan) -> dict:
+    config = dict(plan.config)
+    config.pop("quantization_config", None)  # R1's fp8 block no longer describes the weights
+    config["quantization"] = plan.quantization
+    config["quantization_config"] = plan.quantization
+    return config
+
+
+def _write_folder_metadata(src: Path, folder: Path, plan: Plan, files: list[OutFile]) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, folder / name)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(_index(plan, files), indent=2))
+    # config.json last: without it the folder does not load, so it never looks complete early.
+    (folder / "config.json").write_text(json.dumps(output_config(plan), indent=2, sort_keys=True))
+
+
+def node_files(plan: Plan, rank: int, size: int) -> list[OutFile]:
+    """The files node rank holds: its layers, the embeddings (first node, or last when tied),
+    and the final norm and head (last node)."""
+    tied = bool(plan.config.get("tie_word_embeddings", False))
+    wanted = {f"node{rank}"}
+    if rank == 0 or (tied and rank == size - 1):
+        wanted.add("embed")
+    if rank == size - 1:
+        wanted.add("tail")
+    return [f for f in plan.files if f.segment in wanted]
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)  # same disk: the node folder costs no space
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _write_metadata(src: Path, out: Path, plan: Plan, records: dict) -> None:
+    nodes = []
+    if plan.split:
+        sizes = plan.split
+        for rank in range(len(sizes)):
+            folder = out / "nodes" / str(rank)
+            folder.mkdir(parents=True, exist_ok=True)
+            files = node_files(plan, rank, len(sizes))
+            for f in files:
+                _link(out / f.name, folder / f.name)
+            start = sum(sizes[:rank])
+            manifest = {
+                "format": "mlxdist-node",
+                "version": FORMAT_VERSION,
+                "plan": {"split": sizes, "rank": rank, "fingerprint": plan.fingerprint},
+                "layers": [start, start + sizes[rank]],
+                "experts": None,  # every expert of its layers
+                "embeddings": any(f.segment == "embed" for f in files),
+                "head": rank == len(sizes) - 1,
+                "files": [{"name": f.name, **records[f.name]} for f in files],
+            }
+            (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            _write_folder_metadata(src, folder, plan, files)
+            nodes.append(
+                {"rank": rank, "layers": manifest["layers"], "files": [f.name for f in files]}
+            )
+    manifest = {
+        "format": "mlxdist-model",
+        "version": FORMAT_VERSION,
+        "fingerprint": plan.fingerprint,
+        "files": [{"name": f.name, **records[f.name]} for f in plan.files],
+        "nodes": nodes,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    _write_folder_metadata(src, out, plan, plan.files)
