@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from quantize.nodes import node_folder
+
 from .hostfile import free_ports, write_hostfile
 
 
@@ -75,12 +77,13 @@ def start_local(
     ports = free_ports(n + 1)
     http_port = port or ports[-1]
     hostfile = write_hostfile(run_dir / "hostfile.json", [[f"127.0.0.1:{p}"] for p in ports[:n]])
-    cmd = [sys.executable, "-m", "mlxdist.rank", "--model", str(model)]
+    cmd = [sys.executable, "-m", "mlxdist.rank"]
     cmd += ["--split", ",".join(map(str, split)), "--host", host, "--port", str(http_port)]
-    if name:
-        cmd += ["--name", name]
+    cmd += ["--name", name or Path(model).name]
     procs, logs = [], []
     for rank in range(n):
+        # A model cut for this split gives each rank its own node folder.
+        rank_cmd = [*cmd, "--model", str(node_folder(model, split, rank))]
         rank_env = dict(os.environ, **(env or {}))
         rank_env |= {"MLX_RANK": str(rank), "MLX_WORLD_SIZE": str(n)}
         if n > 1:  # as mlx.launch: a single rank runs without a ring
@@ -89,7 +92,7 @@ def start_local(
         with open(log, "wb") as out:
             procs.append(
                 subprocess.Popen(
-                    cmd,
+                    rank_cmd,
                     env=rank_env,
                     stdin=subprocess.DEVNULL,
                     stdout=out,

@@ -32,23 +32,20 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _parse_split(split: str | None, ranks: int, num_layers: int) -> list[int]:
-    from .stage import split_layers
+    from quantize.nodes import even_split, parse_split
 
-    if split is None:
-        if ranks < 1:
-            raise UserError("--local needs at least 1 rank")
-        if ranks > num_layers:
-            raise UserError(
-                f"cannot split {num_layers} layers over {ranks} ranks: use at most {num_layers}"
-            )
-        return split_layers(num_layers, ranks)
-    try:
-        parts = [int(s) for s in split.split(",")]
-    except ValueError:
-        raise UserError(f"--split {split!r} must be layer counts such as 10,20") from None
-    if any(p < 1 for p in parts) or sum(parts) != num_layers:
-        raise UserError(f"--split {split} must be positive and add up to {num_layers} layers")
-    return parts
+    if split is not None:
+        try:
+            return parse_split(split, num_layers)
+        except ValueError as e:
+            raise UserError(f"--{e}") from None
+    if ranks < 1:
+        raise UserError("--local needs at least 1 rank")
+    if ranks > num_layers:
+        raise UserError(
+            f"cannot split {num_layers} layers over {ranks} ranks: use at most {num_layers}"
+        )
+    return even_split(num_layers, ranks)
 
 
 @app.command()
@@ -76,12 +73,20 @@ def launch(
 def _launch(model, local, split, prompt, max_tokens, temp, seed, chat, port) -> None:
     from launcher.local import start_local, wait_ready
     from quantize.checkpoint import inspect_model
+    from quantize.nodes import node_manifest
 
     from .models import resolve_model
     from .repl import answer, repl
 
     path = resolve_model(model)
     info = inspect_model(path)
+    manifest = node_manifest(path)
+    if manifest is not None:
+        p = manifest["plan"]
+        raise UserError(
+            f"{path} is one node's folder (rank {p['rank']} of split {p['split']}): "
+            f"launch the whole output folder, {path.parent.parent}"
+        )
     parts = _parse_split(split, local, info.num_layers)
     cluster = start_local(path, parts, port=port)
     try:
@@ -96,6 +101,48 @@ def _launch(model, local, split, prompt, max_tokens, temp, seed, chat, port) -> 
             repl(cluster.url, params)
     finally:
         cluster.stop()
+
+
+@app.command("quantize")
+def quantize_cmd(
+    src: str = typer.Argument(..., help="model folder, .gguf file, or Hugging Face repo id"),
+    out: Path | None = typer.Argument(None, help="output folder (not needed with --dry-run)"),
+    bits: int | None = typer.Option(None, help="bits per weight (default: 4 for affine)"),
+    group_size: int | None = typer.Option(None, "--group-size", help="default: 64 for affine"),
+    mode: str = typer.Option("affine", help="affine, mxfp4, nvfp4 or mxfp8"),
+    recipe: str | None = typer.Option(None, help="r1-4bit, r1-3bit, or mlx-lm's mixed_3_6 ..."),
+    override: list[str] = typer.Option(
+        [], "--override", help="PATTERN=BITS[:GROUP[:MODE]] or PATTERN=none, e.g. '*.o_proj=8'"
+    ),
+    nodes: int | None = typer.Option(None, help="also cut per-node folders, split evenly"),
+    split: str | None = typer.Option(None, help="also cut per-node folders: layers per node"),
+    plan: Path | None = typer.Option(None, help="also cut per-node folders for this plan file"),
+    max_file_size: float = typer.Option(5.0, "--max-file-size", help="GB per output file"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print sizes from config.json only"),
+    force: bool = typer.Option(False, help="overwrite a non-empty OUT"),
+) -> None:
+    """Quantise a checkpoint to MLX weights and cut it into per-node folders."""
+    from quantize.convert import QuantizeError, Settings
+    from quantize.recipes import RecipeError
+    from quantize.source import SourceError
+
+    from . import quantize_cli
+
+    try:
+        settings = Settings(bits, group_size, mode, recipe, list(override))
+        settings.max_file_bytes = int(max_file_size * 1e9)
+        cut = {"nodes": nodes, "split": split, "plan": plan}
+        if dry_run:
+            quantize_cli.dry_run(src, settings, cut)
+            return
+        if out is None:
+            raise UserError("give OUT, the folder to write the model into (or --dry-run)")
+        quantize_cli.quantize(src, out, settings, force, cut)
+    except (*_user_errors(), QuantizeError, RecipeError, SourceError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
 
 
 @testing_app.command("make-r1")

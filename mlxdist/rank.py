@@ -8,15 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import threading
 import time
-
-
-def _rss_peak_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _watch_parent(parent: int) -> None:
@@ -49,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlx.core as mx
 
+    from quantize.memory import peak_rss
+
     from .pipeline import Runner
     from .stage import load_stage
 
@@ -58,17 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     if group.size() != size:
         _log(rank, f"the split has {size} parts but the group has {group.size()} ranks")
         return 2
-    base = _rss_peak_bytes()
+    base = peak_rss()
     t0 = time.perf_counter()
     stage = load_stage(args.model, args.split, rank)
     mx.clear_cache()
     held = stage.nbytes()
-    peak = _rss_peak_bytes()
+    peak = peak_rss()
     _log(
         rank,
-        f"loaded layers {stage.start}-{stage.end - 1} ({held / 2**20:.1f} MiB) in "
-        f"{time.perf_counter() - t0:.1f} s; peak rss {peak / 2**20:.1f} MiB "
-        f"(before weights {base / 2**20:.1f} MiB)",
+        f"loaded layers {stage.start}-{stage.end - 1} from {args.model} "
+        f"({held / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s; "
+        f"peak rss {peak / 2**20:.1f} MiB (before weights {base / 2**20:.1f} MiB)",
     )
     # Every rank has loaded once this returns; rank 0 also learns the others' memory.
     figures = mx.array([[rank, base, peak, held]], dtype=mx.float32)

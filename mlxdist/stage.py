@@ -13,6 +13,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import _get_classes, infer_quant_config
 
 from quantize.checkpoint import inspect_model, layer_of, weight_map
+from quantize.nodes import check_node
 
 # Models whose attention applies the mask with mx.where, so it must be an array, not "causal".
 _ARRAY_MASK = {"deepseek_v3"}
@@ -67,12 +68,6 @@ class Stage:
         return self.inner.embed_tokens.as_linear(h)
 
 
-def split_layers(num_layers: int, size: int) -> list[int]:
-    """An even split of layers over ranks; the first ranks take the remainder."""
-    base, extra = divmod(num_layers, size)
-    return [base + (1 if r < extra else 0) for r in range(size)]
-
-
 def stage_range(split: list[int], rank: int) -> tuple[int, int]:
     start = sum(split[:rank])
     return start, start + split[rank]
@@ -96,6 +91,7 @@ def load_stage(
     """
     info = inspect_model(path)
     path = info.path
+    check_node(path, split, rank)
     config = info.config
     start, end = stage_range(split, rank)
     first, last = rank == 0, rank == len(split) - 1

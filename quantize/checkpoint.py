@@ -95,3 +95,10 @@ def safetensors_header(file: Path) -> dict:
         raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
     header.pop("__metadata__", None)
     return header
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} bytes"

@@ -6,9 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +14,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import _get_classes
 
-from .checkpoint import CheckpointError, inspect_model, safetensors_header, weight_map
+from .checkpoint import CheckpointError, human_bytes, inspect_model, safetensors_header, weight_map
+from .memory import peak_rss, rss_now
 from .recipes import default_spec, make_predicate, parse_override
 from .safetensors_out import PieceFile, TensorSlot, sha256_file, to_bytes
 from .units import SOURCE_DTYPES, Source, Unit, make_units, plan_slots
@@ -216,11 +215,6 @@ class Result:
     start_rss: int
 
 
-def rss_peak() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def _prepare_out(out: Path, plan: Plan, force: bool) -> dict[str, dict]:
     """Makes out ready; returns the files an interrupted run of the same plan finished."""
     progress = out / PROGRESS
@@ -248,7 +242,8 @@ def _check_disk(out: Path, need: int) -> None:
     free = shutil.disk_usage(out).free
     if need > free:
         raise QuantizeError(
-            f"the output needs {need / 1e9:.2f} GB but {out} has {free / 1e9:.2f} GB free"
+            f"the output needs {human_bytes(need)} but {out} has {human_bytes(free)} free: "
+            "free some space or write elsewhere"
         )
 
 
@@ -258,8 +253,7 @@ def run(
     plan: Plan,
     *,
     force: bool = False,
-    on_progress: Callable[[int, int], None] | None = None,
-    disk_free: Callable[[Path], int] | None = None,
+    on_progress: Callable[[int, int, int, int], None] | None = None,
 ) -> Result:
     """Writes the planned files, then the index, config, tokenizer, manifest and node folders."""
     done = _prepare_out(out, plan, force)
@@ -272,18 +266,10 @@ def run(
             and sha256_file(f) == record["sha256"]
         ):
             kept[name] = record
-    need = sum(f.nbytes for f in plan.files if f.name not in kept)
-    if disk_free is not None:
-        free = disk_free(out)
-        if need > free:
-            raise QuantizeError(
-                f"the output needs {need / 1e9:.2f} GB but {out} has {free / 1e9:.2f} GB free"
-            )
-    else:
-        _check_disk(out, need)
+    _check_disk(out, sum(f.nbytes for f in plan.files if f.name not in kept))
     for p in out.glob("*.partial"):
         p.unlink()
-    start_rss = rss_peak()
+    start_rss = rss_now()
     records = dict(kept)
     remaining = {f.name: len(f.slots) for f in plan.files if f.name not in kept}
     slots_of = {f.name: f.slots for f in plan.files}
@@ -293,6 +279,8 @@ def run(
         todo = [s.name for s in unit.slots or [] if plan.file_of[s.name] in remaining]
         work += [(unit, i, todo) for i in range(unit.pieces if todo else 0)]
     done_bytes = plan.source_bytes - sum(u.source_bytes for u, i, _ in work if i == 0)
+    all_tensors = sum(len(u.slots or []) for u in plan.units)
+    done_tensors = all_tensors - sum(len(u.slots or []) for u, i, _ in work if i == 0)
 
     def save_progress():
         state = {"fingerprint": plan.fingerprint, "done": records}
@@ -301,7 +289,7 @@ def run(
         os.replace(tmp, out / PROGRESS)
 
     def flush(unit: Unit, i: int, todo: list[str], arrays: dict[str, mx.array]) -> None:
-        nonlocal done_bytes
+        nonlocal done_bytes, done_tensors
         for n in todo:
             fname = plan.file_of[n]
             if fname not in open_files:
@@ -320,8 +308,9 @@ def run(
                 save_progress()
         mx.clear_cache()
         done_bytes += unit.source_bytes
+        done_tensors += len(unit.slots or [])
         if on_progress:
-            on_progress(done_bytes, plan.source_bytes)
+            on_progress(done_bytes, plan.source_bytes, done_tensors, all_tensors)
 
     save_progress()
     try:
@@ -344,7 +333,7 @@ def run(
     _write_metadata(src, out, plan, records)
     (out / PROGRESS).unlink(missing_ok=True)
     written = [f.name for f in plan.files if f.name not in kept]
-    return Result(out, plan, written, sorted(kept), rss_peak(), start_rss)
+    return Result(out, plan, written, sorted(kept), peak_rss(), start_rss)
 
 
 def _index(plan: Plan, files: list[OutFile]) -> dict:

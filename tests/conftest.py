@@ -40,6 +40,14 @@ def tiny_r1_no_mtp(tmp_path_factory) -> Path:
     return make_r1(out, preset="tiny", overrides={"num_nextn_predict_layers": 0})
 
 
+@pytest.fixture(scope="session")
+def r1_1gb(tmp_path_factory) -> Path:
+    """The 1 GB tiny-r1 preset: big enough to measure memory and throughput on."""
+    from mlxdist.testing.tiny_r1 import make_r1
+
+    return make_r1(tmp_path_factory.mktemp("models") / "tiny-r1-1gb", preset="1gb")
+
+
 @contextlib.contextmanager
 def local_cluster(model: Path, split: list[int], run_dir: Path | None = None):
     """A cluster of real rank processes on loopback; yields (url, /health answer)."""

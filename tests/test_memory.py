@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
 from conftest import local_cluster
-
-
-@pytest.fixture(scope="module")
-def r1_1gb(tmp_path_factory):
-    from mlxdist.testing.tiny_r1 import make_r1
-
-    return make_r1(tmp_path_factory.mktemp("models") / "tiny-r1-1gb", preset="1gb")
 
 
 def test_rank_memory_is_its_share(r1_1gb):

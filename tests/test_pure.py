@@ -8,16 +8,17 @@ import pytest
 from launcher.hostfile import free_ports, ring_hostfile
 from mlxdist.cli import UserError, _parse_split
 from mlxdist.pipeline import CMD_STOP, LOGITS, NEW, SAMPLE, Step
-from mlxdist.stage import _needed, split_layers, stage_range
+from mlxdist.stage import _needed, stage_range
 from quantize.checkpoint import layer_of
+from quantize.nodes import even_split
 
 
 @pytest.mark.parametrize(
     "layers,ranks,expected",
     [(30, 2, [15, 15]), (30, 4, [8, 8, 7, 7]), (5, 3, [2, 2, 1]), (4, 1, [4]), (3, 3, [1, 1, 1])],
 )
-def test_split_layers(layers, ranks, expected):
-    assert split_layers(layers, ranks) == expected
+def test_even_split(layers, ranks, expected):
+    assert even_split(layers, ranks) == expected
 
 
 @pytest.mark.parametrize(

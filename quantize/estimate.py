@@ -1,0 +1,87 @@
+"""Output sizes from config.json alone: the model is built lazily (no parameter is ever
+evaluated, so even R1's 671B parameters cost nothing), quantised lazily with the same predicate
+the conversion uses, and its parameter sizes are summed per layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes
+
+from .checkpoint import layer_of
+from .recipes import Override, default_spec, make_predicate
+
+_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+@dataclass
+class Estimate:
+    layer_bytes: list[int]  # per decoder layer
+    embed_bytes: int
+    tail_bytes: int  # final norm and head
+    parameters: int  # before quantisation
+    tied: bool
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.embed_bytes + self.tail_bytes
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.total_bytes * 8 / self.parameters
+
+    def node_bytes(self, split: list[int]) -> list[int]:
+        """What each node of a pipeline split holds."""
+        out, start = [], 0
+        for r, n in enumerate(split):
+            b = sum(self.layer_bytes[start : start + n])
+            if r == 0 or (self.tied and r == len(split) - 1):
+                b += self.embed_bytes
+            if r == len(split) - 1:
+                b += self.tail_bytes
+            out.append(b)
+            start += n
+        return out
+
+
+def lazy_model(config: dict) -> nn.Module:
+    model_class, args_class = _get_classes(config)
+    return model_class(args_class.from_dict(config))
+
+
+def estimate(
+    config: dict,
+    *,
+    bits: int | None = None,
+    group_size: int | None = None,
+    mode: str = "affine",
+    recipe: str | None = None,
+    overrides: tuple[Override, ...] = (),
+    quantize: bool = True,
+) -> Estimate:
+    model = lazy_model(config)
+    parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
+    if quantize:
+        default = default_spec(bits, group_size, mode)
+        predicate = make_predicate(model, default, recipe, overrides)
+        nn.quantize(model, class_predicate=lambda p, m: predicate(p, m) or False)
+    dtype = _DTYPES.get(config.get("torch_dtype", ""))
+    keep = getattr(model, "cast_predicate", lambda _: True)
+    layers = [0] * config["num_hidden_layers"]
+    embed = tail = 0
+    for name, v in tree_flatten(model.parameters()):
+        n = v.nbytes
+        if dtype is not None and keep(name) and mx.issubdtype(v.dtype, mx.floating):
+            n = v.size * dtype.size
+        layer = layer_of(name)
+        if layer is not None:
+            layers[layer] += n
+        elif "embed_tokens" in name:
+            embed += n
+        else:
+            tail += n
+    tied = bool(config.get("tie_word_embeddings", False))
+    return Estimate(layers, embed, tail, parameters, tied)

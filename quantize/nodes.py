@@ -1,0 +1,75 @@
+"""Per-node model folders: how layers are split, and whether a node folder fits a launch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+
+NODE_FORMAT = "mlxdist-node"
+
+
+def even_split(num_layers: int, nodes: int) -> list[int]:
+    """Layers per node, as even as possible; the first nodes take the remainder."""
+    if nodes < 1:
+        raise ValueError("at least one node is needed")
+    if nodes > num_layers:
+        raise ValueError(f"cannot split {num_layers} layers over {nodes} nodes")
+    base, extra = divmod(num_layers, nodes)
+    return [base + (1 if r < extra else 0) for r in range(nodes)]
+
+
+def parse_split(text: str, num_layers: int) -> list[int]:
+    try:
+        parts = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"split {text!r} must be layer counts such as 10,20") from None
+    if any(p < 1 for p in parts) or sum(parts) != num_layers:
+        raise ValueError(f"split {text} must be positive and add up to {num_layers} layers")
+    return parts
+
+
+def read_plan_file(path: Path) -> list[int]:
+    """The split from a plan file (`mlxdist plan --json`): {"split": [layers per node, ...]}."""
+    try:
+        plan = json.loads(Path(path).read_text())
+        split = [int(n) for n in plan["split"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a plan file with a split ({e})") from None
+    return split
+
+
+def node_manifest(folder: Path) -> dict | None:
+    """The manifest of a node folder, or None for a whole model folder."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    return manifest if manifest.get("format") == NODE_FORMAT else None
+
+
+def check_node(folder: Path, split: list[int], rank: int) -> None:
+    """Refuses a node folder cut for another split or another rank."""
+    manifest = node_manifest(folder)
+    if manifest is None:
+        return
+    plan = manifest["plan"]
+    if plan["split"] != list(split) or plan["rank"] != rank:
+        raise CheckpointError(
+            f"{folder} was cut for rank {plan['rank']} of split {plan['split']}, but this launch "
+            f"needs rank {rank} of split {list(split)}: launch with --split "
+            f"{','.join(map(str, plan['split']))}, or cut again with mlxdist quantize --split"
+        )
+
+
+def node_folder(model: Path, split: list[int], rank: int) -> Path:
+    """Rank's folder: OUT/nodes/<rank> when the model was cut for this split, else the model."""
+    folder = Path(model) / "nodes" / str(rank)
+    manifest = node_manifest(folder)
+    if manifest is not None and manifest["plan"]["split"] == list(split):
+        return folder
+    return Path(model)
