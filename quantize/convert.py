@@ -23,6 +23,7 @@ from .units import SOURCE_DTYPES, Source, Unit, make_units, plan_slots
 FORMAT_VERSION = 1
 MAX_FILE_BYTES = 5 * 10**9
 PROGRESS = ".mlxdist-progress.json"
+WORKERS = max(1, min(4, os.cpu_count() or 1))
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -314,18 +315,20 @@ def run(
 
     save_progress()
     try:
-        # One piece ahead: MLX computes the next piece while this thread writes the last one.
-        ahead = None
-        for unit, i, todo in work:
-            arrays = unit.make(i)
-            mx.async_eval([arrays[n] for n in todo])
-            if ahead is not None:
-                flush(*ahead)
-            ahead = (unit, i, todo, arrays)
+        # Pieces go round WORKERS CPU streams, each its own thread in MLX, and this thread
+        # writes a piece once computed: the cores compute while the disk is written.
+        streams = [mx.new_stream(mx.cpu) for _ in range(WORKERS)]
+        ahead: list[tuple] = []
+        for k, (unit, i, todo) in enumerate(work):
+            with mx.stream(streams[k % WORKERS]):
+                arrays = unit.make(i)
+                mx.async_eval([arrays[n] for n in todo])
+            ahead.append((unit, i, todo, arrays))
             del arrays
-        if ahead is not None:
-            flush(*ahead)
-            ahead = None
+            if len(ahead) > WORKERS - 1:
+                flush(*ahead.pop(0))
+        while ahead:
+            flush(*ahead.pop(0))
     finally:
         for pf in open_files.values():
             pf.abandon()

@@ -294,3 +294,58 @@ def test_dry_run_on_deepseek_r1_config():
     shares = [float(x) for x in re.findall(r"│\s+\d+ │\s+\d+-\d+ │\s+([\d.]+) │", result.stderr)]
     assert len(shares) == 6 and sum(shares) == pytest.approx(381.9, abs=0.1)
     assert max(shares) < 192  # each fits a 192 GB Mac Studio
+
+
+def test_quantize_a_hub_repo_from_the_offline_cache(tiny_r1, tmp_path):
+    from test_source import REPO, write_hf_cache
+
+    cache = tmp_path / "hf" / "hub"
+    files = {p.name: p.read_bytes() for p in sorted(tiny_r1.iterdir()) if p.is_file()}
+    write_hf_cache(cache, files)
+    env = {"HF_HOME": str(cache.parent), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "out"
+    result = run_cli("quantize", REPO, str(out), "--nodes", "2", env=env)
+    assert result.returncode == 0, result.stderr
+    assert sorted(tensors(out)) == sorted(
+        tensors(out / "nodes" / "0") | tensors(out / "nodes" / "1")
+    )
+    missing = run_cli("quantize", "org/not-cached", str(tmp_path / "x"), env=env)
+    assert_error(missing, "HF_HUB_OFFLINE")
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "mxfp8"])
+def test_other_quantisation_modes_load_and_run(tiny_r1, tmp_path, mode):
+    out = tmp_path / mode
+    result = run_cli("quantize", str(tiny_r1), str(out), "--mode", mode)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["mode"] == mode
+    tokens = greedy(out, [0, 5, 17, 300, 42], 6)
+    assert len(tokens) == 6
+
+
+def test_recipe_and_overrides_are_recorded(tiny_r1, tmp_path):
+    out = tmp_path / "mixed"
+    result = run_cli(
+        "quantize",
+        str(tiny_r1),
+        str(out),
+        "--recipe",
+        "r1-3bit",
+        "--override",
+        "*.o_proj=8",
+        "--override",
+        "model.embed_tokens=none",
+    )
+    assert result.returncode == 0, result.stderr
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q["model.layers.1.mlp.switch_mlp.gate_proj"]["bits"] == 3
+    # Modules at the default settings are not listed; the loader reads them from the shapes.
+    assert q["bits"] == 4 and "model.layers.1.mlp.switch_mlp.down_proj" not in q
+    assert q["model.layers.1.self_attn.q_b_proj"]["bits"] == 6
+    assert q["model.layers.1.self_attn.o_proj"]["bits"] == 8
+    weights = tensors(out)
+    assert "model.embed_tokens.scales" not in weights
+    assert weights["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == mx.float32
+    assert weights["model.norm.weight"].dtype == mx.bfloat16
+    assert len(greedy(out, [0, 5, 17, 300, 42], 6)) == 6
