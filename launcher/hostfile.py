@@ -36,3 +36,9 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def mlx_launch_hostfile(hosts: list[tuple[str, list[str]]], backend: str = "ring") -> str:
+    """The hostfile mlx.launch reads: [(ssh destination, [ips])] in rank order."""
+    entries = [{"ssh": ssh, "ips": ips, "rdma": []} for ssh, ips in hosts]
+    return json.dumps({"backend": backend, "envs": [], "hosts": entries}, indent=2)
