@@ -145,6 +145,28 @@ def quantize_cmd(
         raise typer.Exit(130) from None
 
 
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Argument(..., help="model folder or a bare config.json"),
+    hosts: Path | None = typer.Option(None, help="hosts.toml with each host's memory_gb"),
+    simulate: str | None = typer.Option(None, help='a cluster that is not here, e.g. "6x192GB"'),
+    context: int = typer.Option(4096, min=1, help="tokens of context to hold in the KV cache"),
+    batch: int = typer.Option(1, min=1, help="sequences decoded at once"),
+    bits: int = typer.Option(4, help="width planned for a model not yet quantised"),
+    as_json: bool = typer.Option(False, "--json", help="the plan as JSON (for quantize --plan)"),
+) -> None:
+    """Plan who holds what: layers per node weighted by memory after the KV cache."""
+    from .plan_cli import plan_command
+
+    try:
+        code = plan_command(
+            model, str(hosts) if hosts else None, simulate, context, batch, bits, as_json
+        )
+    except (*_user_errors(), ValueError) as e:
+        _fail(str(e))
+    raise typer.Exit(code)
+
+
 @testing_app.command("make-r1")
 def make_r1_cmd(
     out: Path = typer.Argument(..., help="folder to write the checkpoint into"),

@@ -1,0 +1,388 @@
+"""Which node holds which layers: a pipeline split that fits each Mac's memory.
+
+Rank 0 holds the first layers and the embeddings, the last rank the final norm and head (and the
+embeddings again when they are tied). Each node also holds the KV cache of its own layers.
+
+Decisions, in one place:
+- Memory sizes given by hand ("192GB" in --simulate, `memory_gb` in hosts.toml) are Apple's: a
+  "192 GB" Mac has 192 GiB (192 * 2**30 bytes), so GB, G and GiB all mean 2**30 bytes there.
+  Every figure the planner prints is in GB of 10**9 bytes, as the rest of mlxdist.
+- Headroom, for macOS and other apps, defaults to 10% of each node's memory; a value of 1 or
+  more is bytes. It is taken from the available memory when a node reports one, else the total.
+- A node too small for even one layer makes the plan "does not fit", naming it; with
+  drop_small=True it is left out instead, but only when the model then fits without it.
+- The split minimises, lexicographically, the nodes' fill ratios (load / usable memory) sorted
+  from the fullest: the fullest node is as empty as it can be, then the next, and so on. It is
+  exact (a dynamic programme over contiguous splits), deterministic and gives every node a layer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from quantize.checkpoint import layer_of, read_config, safetensors_header, weight_map
+
+GIB = 2**30
+DEFAULT_HEADROOM = 0.1
+_ACTIVATION_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+_MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    memory_total: int  # bytes
+    memory_available: int | None = None  # bytes, when the node reports it
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    layer_bytes: list[int]  # per decoder layer
+    embed_bytes: int
+    tail_bytes: int  # final norm and head
+    tied: bool
+    kv_bytes_per_token_per_layer: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_bytes)
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    rank: int
+    name: str
+    first_layer: int
+    layers: int
+    weights_bytes: int  # layers plus embeddings / norm / head on the end ranks
+    kv_bytes: int
+    total_bytes: int
+    memory_bytes: int  # what the node has (available if reported, else total)
+    usable_bytes: int  # memory_bytes less the headroom
+    free_bytes: int  # usable_bytes - total_bytes; negative when short
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    order: list[str]
+    split: list[int]
+    fits: bool
+    shortfalls: dict[str, int]
+    nodes: list[NodePlan]
+    message: str
+    context: int
+    batch: int
+    dropped: list[str] = field(default_factory=list)
+
+
+# --- the model's side ---------------------------------------------------------------------------
+
+
+def activation_bytes(config: dict) -> int:
+    """Bytes per value of activations, and so of the KV cache."""
+    return _ACTIVATION_BYTES.get(config.get("torch_dtype", ""), 2)
+
+
+def kv_bytes_per_token_per_layer(config: dict) -> int:
+    """What one token adds to one layer's KV cache, as mlx-lm's attention caches it."""
+    size = activation_bytes(config)
+    if config.get("model_type") in _MLA_MODEL_TYPES:
+        # MLA caches the compressed kv_latent and the shared rotary key k_pe, not per-head K and V.
+        return (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * size
+    try:
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    except KeyError as e:
+        raise ValueError(f"config.json has no {e.args[0]}: cannot size the KV cache") from None
+    return 2 * kv_heads * head_dim * size
+
+
+def model_spec_from_config(
+    config: dict,
+    bits: int = 4,
+    group_size: int | None = None,
+    mode: str = "affine",
+    recipe: str | None = None,
+    name: str | None = None,
+) -> ModelSpec:
+    """Sizes estimated from config.json alone; an already quantised config keeps its own bits."""
+    from quantize.estimate import estimate  # builds a lazy mlx model: imported only when needed
+
+    q = config.get("quantization")
+    if isinstance(q, dict):
+        bits, group_size, mode = q.get("bits", bits), q.get("group_size"), q.get("mode", mode)
+    e = estimate(config, bits=bits, group_size=group_size, mode=mode, recipe=recipe)
+    return ModelSpec(
+        name=name or config.get("model_type", "model"),
+        layer_bytes=e.layer_bytes,
+        embed_bytes=e.embed_bytes,
+        tail_bytes=e.tail_bytes,
+        tied=e.tied,
+        kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(config),
+    )
+
+
+def model_spec_from_folder(path: str | Path, bits: int = 4) -> ModelSpec:
+    """A model folder or a bare config.json: sizes from the safetensors headers when the folder
+    is already quantised, else estimated from config.json at `bits`."""
+    path = Path(path)
+    config = read_config(path)
+    name = path.name if path.is_dir() else config.get("model_type", path.name)
+    if "quantization" in config and path.is_dir() and any(path.glob("*.safetensors")):
+        return _spec_from_headers(path, config, name)
+    return model_spec_from_config(config, bits=bits, name=name)
+
+
+def _spec_from_headers(path: Path, config: dict, name: str) -> ModelSpec:
+    num_layers = config["num_hidden_layers"]
+    layers = [0] * num_layers
+    embed = tail = 0
+    for file in sorted(set(weight_map(path).values())):
+        for key, entry in safetensors_header(path / file).items():
+            start, end = entry["data_offsets"]
+            layer = layer_of(key)
+            if layer is not None:
+                if layer < num_layers:  # multi-token-prediction layers are not loaded
+                    layers[layer] += end - start
+            elif "embed_tokens" in key:
+                embed += end - start
+            else:
+                tail += end - start
+    return ModelSpec(
+        name=name,
+        layer_bytes=layers,
+        embed_bytes=embed,
+        tail_bytes=tail,
+        tied=bool(config.get("tie_word_embeddings", False)),
+        kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(config),
+    )
+
+
+# --- the split ----------------------------------------------------------------------------------
+
+
+def headroom_bytes(node: NodeSpec, headroom: float) -> int:
+    """Below 1: a fraction of the node's total memory; 1 or more: bytes."""
+    if isinstance(headroom, bool) or headroom < 0:
+        raise ValueError(f"headroom must be a fraction below 1 or bytes, not {headroom!r}")
+    return int(node.memory_total * headroom) if headroom < 1 else int(headroom)
+
+
+def fixed_bytes(rank: int, ranks: int, model: ModelSpec) -> int:
+    """Embeddings on rank 0 (and on the last rank when tied), norm and head on the last rank."""
+    last = rank == ranks - 1
+    b = model.embed_bytes if rank == 0 or (model.tied and last) else 0
+    return b + (model.tail_bytes if last else 0)
+
+
+def plan(
+    nodes: list[NodeSpec],
+    model: ModelSpec,
+    context: int = 4096,
+    batch: int = 1,
+    headroom: float = DEFAULT_HEADROOM,
+    order: list[str] | None = None,
+    drop_small: bool = False,
+) -> Plan:
+    """The split of model's layers over nodes (in `order`, else as given) that fills them most
+    evenly; see the module docstring for the rules."""
+    if context < 0 or batch < 1:
+        raise ValueError("context must be 0 or more tokens and batch at least 1")
+    ranked = _in_order(nodes, order)
+    first = _plan_ranked(ranked, model, context, batch, headroom)
+    if first.fits or not drop_small:
+        return first
+    kept, result = list(ranked), first
+    while not result.fits:
+        small = [r for r in result.nodes if r.layers == 1 and r.free_bytes < 0]
+        if not small or len(kept) == 1:
+            return first  # dropping does not make it fit: the first plan says who is short
+        smallest = min(small, key=lambda r: (r.usable_bytes, -r.rank))
+        kept = [n for n in kept if n.name != smallest.name]
+        result = _plan_ranked(kept, model, context, batch, headroom)
+    kept_names = {n.name for n in kept}
+    return replace(result, dropped=[n.name for n in ranked if n.name not in kept_names])
+
+
+def _in_order(nodes: list[NodeSpec], order: list[str] | None) -> list[NodeSpec]:
+    if not nodes:
+        raise ValueError("no nodes to plan for")
+    by_name = {n.name: n for n in nodes}
+    if len(by_name) != len(nodes):
+        raise ValueError("node names must differ")
+    if order is None:
+        return list(nodes)
+    if sorted(order) != sorted(by_name):
+        raise ValueError(f"order {order} must name each node once: {sorted(by_name)}")
+    return [by_name[name] for name in order]
+
+
+def _plan_ranked(
+    nodes: list[NodeSpec], model: ModelSpec, context: int, batch: int, headroom: float
+) -> Plan:
+    n_layers, ranks = model.num_layers, len(nodes)
+    if ranks > n_layers:
+        raise ValueError(
+            f"cannot split {n_layers} layers over {ranks} nodes: use at most {n_layers}"
+        )
+    kv_layer = model.kv_bytes_per_token_per_layer * context * batch
+    memory = [
+        n.memory_available if n.memory_available is not None else n.memory_total for n in nodes
+    ]
+    usable = [m - headroom_bytes(n, headroom) for n, m in zip(nodes, memory)]
+    fixed = [fixed_bytes(r, ranks, model) for r in range(ranks)]
+    split = best_split([b + kv_layer for b in model.layer_bytes], fixed, usable)
+    rows, start = [], 0
+    for r, (node, n) in enumerate(zip(nodes, split)):
+        weights = fixed[r] + sum(model.layer_bytes[start : start + n])
+        kv = n * kv_layer
+        rows.append(
+            NodePlan(
+                rank=r,
+                name=node.name,
+                first_layer=start,
+                layers=n,
+                weights_bytes=weights,
+                kv_bytes=kv,
+                total_bytes=weights + kv,
+                memory_bytes=memory[r],
+                usable_bytes=usable[r],
+                free_bytes=usable[r] - weights - kv,
+            )
+        )
+        start += n
+    shortfalls = {row.name: -row.free_bytes for row in rows if row.free_bytes < 0}
+    return Plan(
+        model=model.name,
+        order=[n.name for n in nodes],
+        split=split,
+        fits=not shortfalls,
+        shortfalls=shortfalls,
+        nodes=rows,
+        message=_message(rows, shortfalls),
+        context=context,
+        batch=batch,
+    )
+
+
+def best_split(layer_cost: list[int], fixed: list[int], usable: list[int]) -> list[int]:
+    """Layers per rank (each at least 1) whose fill ratios, sorted from the fullest, are
+    lexicographically smallest. Exact: adding the same ratio to two sorted vectors keeps their
+    order, so the best split of a prefix extends to the best split of the whole."""
+    n, ranks = len(layer_cost), len(fixed)
+    prefix = [0]
+    for c in layer_cost:
+        prefix.append(prefix[-1] + c)
+
+    def ratio(r: int, i: int, j: int) -> float:
+        load = fixed[r] + prefix[j] - prefix[i]
+        return load / usable[r] if usable[r] > 0 else math.inf
+
+    # best[j]: (fill ratios sorted descending, split) of the ranks so far over the first j layers
+    best: dict[int, tuple[tuple[float, ...], list[int]]] = {
+        j: ((ratio(0, 0, j),), [j]) for j in range(1, n - ranks + 2)
+    }
+    for r in range(1, ranks):
+        nxt: dict[int, tuple[tuple[float, ...], list[int]]] = {}
+        for j in range(r + 1, n - ranks + r + 2):
+            for i in range(r, j):
+                ratios, split = best[i]
+                cand = tuple(sorted((*ratios, ratio(r, i, j)), reverse=True))
+                if j not in nxt or cand < nxt[j][0]:
+                    nxt[j] = (cand, [*split, j - i])
+        best = nxt
+    return best[n][1]
+
+
+def _gb_short(n: int) -> str:
+    """A shortfall in GB to a tenth, at least 0.1 so it never reads 0.0."""
+    return f"{max(n / 1e9, 0.1):.1f}"
+
+
+def _message(rows: list[NodePlan], shortfalls: dict[str, int]) -> str:
+    if not shortfalls:
+        return "fits"
+    parts = []
+    for row in rows:
+        if row.name in shortfalls:
+            why = " (too small for even one layer)" if row.layers == 1 else ""
+            parts.append(f"node {row.name} is short by {_gb_short(shortfalls[row.name])} GB{why}")
+    return "does not fit: " + ", ".join(parts)
+
+
+# --- nodes given by hand ------------------------------------------------------------------------
+
+_UNITS = {u: GIB for u in ("", "g", "gb", "gib")} | {u: 2**40 for u in ("t", "tb", "tib")}
+# [COUNTx][NAME-]SIZE[UNIT]: "6x192GB", "m3ultra-512", "2xstudio-192"
+_GROUP_RE = re.compile(
+    r"^(?:(?P<count>\d+)\s*x\s*)?(?:(?P<name>[a-z_][\w.-]*?)-)?"
+    r"(?P<size>\d+(?:\.\d+)?)\s*(?P<unit>[a-z]*)$",
+    re.IGNORECASE,
+)
+
+
+def parse_size(text: str) -> int:
+    """Bytes in "192GB", "192" or "1.5TB", Apple's units: GB = GiB = 2**30 bytes, TB = 2**40."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text.strip(), re.IGNORECASE)
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a memory size such as 192GB or 1.5TB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_simulate(spec: str) -> list[NodeSpec]:
+    """Nodes from "6x192GB", "2x512GB,4x192GB" or "m3ultra-512,m2ultra-192" (sizes in GB as
+    Apple sells them). Unnamed nodes are node<rank>; a named group of N is name0..name<N-1>."""
+    nodes: list[NodeSpec] = []
+    for group in spec.split(","):
+        m = _GROUP_RE.match(group.strip())
+        if not m:
+            raise ValueError(
+                f"--simulate group {group.strip()!r} is not COUNTxSIZE or NAME-SIZE, "
+                "e.g. 6x192GB or 2x512GB,4x192GB or m3ultra-512,m2ultra-192"
+            )
+        count = int(m.group("count") or 1)
+        if count < 1:
+            raise ValueError(f"--simulate group {group.strip()!r} needs at least one node")
+        size = parse_size(m.group("size") + m.group("unit"))
+        name = m.group("name")
+        for i in range(count):
+            if name is None:
+                label = f"node{len(nodes)}"
+            else:
+                label = name if count == 1 else f"{name}{i}"
+            nodes.append(NodeSpec(label, size))
+    names = [n.name for n in nodes]
+    twice = sorted({x for x in names if names.count(x) > 1})
+    if twice:
+        raise ValueError(f"--simulate names node {twice[0]} twice")
+    return nodes
+
+
+# --- plan files ---------------------------------------------------------------------------------
+
+
+def plan_to_json(p: Plan) -> dict:
+    """What `mlxdist plan --json` prints; `mlxdist quantize --plan FILE` reads its "split"."""
+    return {
+        "model": p.model,
+        "order": list(p.order),
+        "split": list(p.split),
+        "fits": p.fits,
+        "message": p.message,
+        "shortfalls": dict(p.shortfalls),
+        "context": p.context,
+        "batch": p.batch,
+        "dropped": list(p.dropped),
+        "nodes": [asdict(row) for row in p.nodes],
+    }
+
+
+def plan_from_json(data: dict) -> Plan:
+    fields = {k: data[k] for k in Plan.__dataclass_fields__ if k != "nodes"}
+    return Plan(**fields, nodes=[NodePlan(**row) for row in data["nodes"]])

@@ -1,0 +1,437 @@
+"""The planner: which node holds which layers, and whether the model fits. Pure, no processes."""
+
+import itertools
+import json
+
+import pytest
+from conftest import ROOT
+
+from launcher.planner import (
+    GIB,
+    ModelSpec,
+    NodeSpec,
+    best_split,
+    fixed_bytes,
+    kv_bytes_per_token_per_layer,
+    model_spec_from_config,
+    model_spec_from_folder,
+    parse_simulate,
+    plan,
+    plan_from_json,
+    plan_to_json,
+)
+from mlxdist.plan_cli import nodes_from_hosts, plan_command
+from quantize.checkpoint import read_config
+from quantize.nodes import read_plan_file
+
+R1_CONFIG = ROOT / "tests" / "data" / "deepseek-r1-config.json"
+GB = 10**9
+
+
+def uniform(layers: int, layer_gb: float, edge_gb: float = 0.1, tied=False, kv=0) -> ModelSpec:
+    """A model whose layers all weigh the same, with small embeddings and head."""
+    return ModelSpec(
+        "uniform", [int(layer_gb * GB)] * layers, int(edge_gb * GB), int(edge_gb * GB), tied, kv
+    )
+
+
+def nodes(*gib: float) -> list[NodeSpec]:
+    return [NodeSpec(f"n{i}", int(g * GIB)) for i, g in enumerate(gib)]
+
+
+@pytest.fixture(scope="module")
+def r1_4bit() -> ModelSpec:
+    return model_spec_from_config(read_config(R1_CONFIG), bits=4)
+
+
+# --- even and uneven memory ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "memory,layers,expected",
+    [
+        ((64, 64), 60, [30, 30]),
+        ((64, 64, 64, 64), 60, [15, 15, 15, 15]),
+        ((64, 64, 64), 61, [20, 21, 20]),  # the end ranks also hold embeddings and head
+        ((192,) * 6, 60, [10] * 6),
+        ((64,), 60, [60]),
+    ],
+)
+def test_even_memory_gives_an_even_split(memory, layers, expected):
+    p = plan(nodes(*memory), uniform(layers, 0.5))
+    assert p.split == expected
+    assert p.fits and p.message == "fits" and p.shortfalls == {}
+
+
+@pytest.mark.parametrize(
+    "memory,layers",
+    [((512, 192, 192), 60), ((192, 512, 192), 60), ((128, 64, 32), 61), ((96, 192, 384, 768), 80)],
+)
+def test_uneven_memory_gives_layers_in_proportion(memory, layers):
+    p = plan(nodes(*memory), uniform(layers, 1.0))
+    usable = [0.9 * m * GIB for m in memory]
+    share = [layers * u / sum(usable) for u in usable]
+    assert sum(p.split) == layers
+    assert all(abs(n - s) <= 1 for n, s in zip(p.split, share)), (p.split, share)
+    assert p.fits
+
+
+def test_512_192_192_split():
+    p = plan(nodes(512, 192, 192), uniform(60, 1.0))
+    assert p.split == [34, 13, 13]  # 512 : 192 : 192 is 34.3 : 12.9 : 12.9 of 60
+    print("512+192+192 GiB, 60 layers:", p.split)
+
+
+# --- does not fit -------------------------------------------------------------------------------
+
+
+def test_node_too_small_for_one_layer_is_named():
+    cluster = [*nodes(192, 192, 192), NodeSpec("tiny", 4 * GIB)]
+    model = uniform(60, 5.0)
+    p = plan(cluster, model)
+    assert not p.fits
+    assert p.split[3] == 1 and list(p.shortfalls) == ["tiny"]
+    short = 5 * GB + model.tail_bytes - (4 * GIB - int(0.1 * 4 * GIB))  # one layer, the head
+    assert p.shortfalls["tiny"] == short
+    assert p.message == (
+        f"does not fit: node tiny is short by {short / GB:.1f} GB (too small for even one layer)"
+    )
+
+
+def test_drop_small_leaves_the_small_node_out_when_the_rest_fits():
+    cluster = [*nodes(192, 192, 192), NodeSpec("tiny", 4 * GIB)]
+    p = plan(cluster, uniform(60, 5.0), drop_small=True)
+    assert p.fits and p.dropped == ["tiny"] and p.order == ["n0", "n1", "n2"]
+    assert p.split == [20, 20, 20]
+
+
+def test_drop_small_keeps_the_node_when_the_model_does_not_fit_anyway():
+    cluster = [*nodes(64, 64), NodeSpec("tiny", 4 * GIB)]
+    p = plan(cluster, uniform(60, 5.0), drop_small=True)
+    assert not p.fits and p.dropped == [] and "tiny" in p.order
+    assert plan(cluster, uniform(60, 5.0)) == p
+
+
+def test_long_context_pushes_the_kv_cache_over_a_node():
+    # llama-70B-like: 8 KV heads of 128 in bf16, 4 KiB per token per layer
+    model = uniform(20, 1.0, kv=4096)
+    cluster = [NodeSpec("big", 16 * GIB), NodeSpec("small", 10 * GIB)]
+    assert plan(cluster, model, context=4096).fits
+    p = plan(cluster, model, context=128 * 1024)
+    assert not p.fits and set(p.shortfalls) == {"big", "small"}
+    for row, node in zip(p.nodes, cluster):
+        kv = row.layers * 4096 * 128 * 1024
+        weights = row.layers * GB + fixed_bytes(row.rank, 2, model)
+        usable = node.memory_total - int(node.memory_total * 0.1)
+        assert (row.kv_bytes, row.weights_bytes, row.usable_bytes) == (kv, weights, usable)
+        assert row.free_bytes == usable - weights - kv
+    for name, need in p.shortfalls.items():
+        assert need == -p.nodes[p.order.index(name)].free_bytes > 0
+        assert f"node {name} is short by {need / GB:.1f} GB" in p.message
+    print(p.message)
+
+
+def test_batch_multiplies_the_kv_cache():
+    model = uniform(8, 1.0, kv=1000)
+    one, four = plan(nodes(64, 64), model, context=1000), plan(nodes(64, 64), model, 1000, batch=4)
+    assert [r.kv_bytes * 4 for r in one.nodes] == [r.kv_bytes for r in four.nodes]
+
+
+def test_more_nodes_than_layers_is_refused():
+    with pytest.raises(ValueError, match="cannot split 3 layers over 4 nodes"):
+        plan(nodes(64, 64, 64, 64), uniform(3, 1.0))
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"order": ["n1", "nx"]}, "must name each node once"),
+        ({"headroom": -1}, "headroom"),
+        ({"batch": 0}, "batch"),
+    ],
+)
+def test_bad_arguments(kw, message):
+    with pytest.raises(ValueError, match=message):
+        plan(nodes(64, 64), uniform(8, 1.0), **kw)
+
+
+# --- headroom, order, tied embeddings -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headroom,usable",
+    [(0.1, 64 * GIB - int(64 * GIB * 0.1)), (0.25, 48 * GIB), (8 * GB, 64 * GIB - 8 * GB)],
+)
+def test_headroom_is_a_fraction_or_bytes(headroom, usable):
+    p = plan(nodes(64), uniform(4, 1.0), headroom=headroom)
+    assert p.nodes[0].usable_bytes == usable
+
+
+def test_available_memory_is_planned_when_known():
+    node = NodeSpec("busy", 64 * GIB, memory_available=40 * GIB)
+    row = plan([node], uniform(4, 1.0)).nodes[0]
+    assert row.memory_bytes == 40 * GIB and row.usable_bytes == 40 * GIB - int(6.4 * GIB)
+
+
+def test_order_sets_the_ranks():
+    cluster = nodes(512, 192)
+    p = plan(cluster, uniform(60, 1.0), order=["n1", "n0"])
+    assert p.order == ["n1", "n0"] and p.split[0] < p.split[1]
+    assert [r.name for r in p.nodes] == ["n1", "n0"]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_embeddings_on_rank_0_and_on_the_last_rank_when_tied(tied):
+    model = ModelSpec("m", [GB] * 9, 2 * GB, GB // 10, tied, 0)
+    rows = plan(nodes(64, 64, 64), model).nodes
+    layer_sum = [r.layers * GB for r in rows]
+    assert rows[0].weights_bytes == layer_sum[0] + 2 * GB
+    assert rows[1].weights_bytes == layer_sum[1]
+    assert rows[2].weights_bytes == layer_sum[2] + GB // 10 + (2 * GB if tied else 0)
+
+
+def test_tied_embeddings_on_one_node_are_counted_once():
+    model = ModelSpec("m", [GB] * 4, 2 * GB, GB // 10, True, 0)
+    assert plan(nodes(64), model).nodes[0].weights_bytes == 4 * GB + 2 * GB + GB // 10
+
+
+# --- the split is the best there is -------------------------------------------------------------
+
+
+def _ratios(split, cost, fixed, usable):
+    out, start = [], 0
+    for r, n in enumerate(split):
+        out.append((fixed[r] + sum(cost[start : start + n])) / usable[r])
+        start += n
+    return tuple(sorted(out, reverse=True))
+
+
+def _all_splits(layers, ranks):
+    for cuts in itertools.combinations(range(1, layers), ranks - 1):
+        bounds = (0, *cuts, layers)
+        yield [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize(
+    "cost,fixed,usable",
+    [
+        ([1, 1, 1, 9, 9, 9, 9, 9, 9, 9], [5, 0, 7], [40, 30, 20]),
+        ([3, 1, 4, 1, 5, 9, 2, 6, 5], [2, 0, 0, 3], [10, 30, 20, 10]),
+        ([5] * 8, [1, 1], [10, 100]),
+        ([7, 7, 7, 7], [0, 0, 0, 0], [1, 1, 1, 1]),
+        ([1, 2, 3, 4, 5, 6], [0, 0, 0], [5, 5, 5]),  # no split fits: the overload is spread
+    ],
+)
+def test_best_split_is_lexicographically_smallest_of_all_splits(cost, fixed, usable):
+    got = best_split(cost, fixed, usable)
+    best = min(_ratios(s, cost, fixed, usable) for s in _all_splits(len(cost), len(fixed)))
+    assert _ratios(got, cost, fixed, usable) == best
+    assert all(n >= 1 for n in got) and sum(got) == len(cost)
+
+
+def test_plan_is_deterministic(r1_4bit):
+    a = plan(parse_simulate("2x512GB,4x192GB"), r1_4bit)
+    b = plan(parse_simulate("2x512GB,4x192GB"), r1_4bit)
+    assert a == b
+
+
+# --- R1 at 4 bits on six 192 GB Mac Studios -----------------------------------------------------
+
+
+def test_kv_bytes_per_token_per_layer():
+    r1 = read_config(R1_CONFIG)
+    assert kv_bytes_per_token_per_layer(r1) == (512 + 64) * 2  # MLA: kv_latent and k_pe, bf16
+    llama = {"model_type": "llama", "num_attention_heads": 64, "num_key_value_heads": 8}
+    llama |= {"hidden_size": 8192, "torch_dtype": "bfloat16"}
+    assert kv_bytes_per_token_per_layer(llama) == 2 * 8 * 128 * 2
+    assert kv_bytes_per_token_per_layer(llama | {"torch_dtype": "float32"}) == 2 * 8 * 128 * 4
+    assert kv_bytes_per_token_per_layer(llama | {"head_dim": 64}) == 2 * 8 * 64 * 2
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        kv_bytes_per_token_per_layer({"model_type": "llama"})
+
+
+def test_r1_4bit_fits_six_192gb_macs(r1_4bit):
+    p = plan(parse_simulate("6x192GB"), r1_4bit)
+    print("R1 4-bit on 6x192GB:", p.split, p.message)
+    for r in p.nodes:
+        print(
+            f"  rank {r.rank} {r.name}: {r.layers} layers from {r.first_layer}, "
+            f"weights {r.weights_bytes / GB:.1f} GB, KV {r.kv_bytes / GB:.2f} GB, "
+            f"usable {r.usable_bytes / GB:.1f} GB, free {r.free_bytes / GB:.1f} GB"
+        )
+    assert p.fits and p.message == "fits"
+    assert sum(p.split) == 61 and all(n >= 1 for n in p.split) and len(p.split) == 6
+    assert p.split == [12, 10, 10, 10, 10, 9]
+    assert sum(r.weights_bytes for r in p.nodes) == (
+        sum(r1_4bit.layer_bytes) + r1_4bit.embed_bytes + r1_4bit.tail_bytes
+    )
+    assert p.nodes[1].kv_bytes == 10 * 1152 * 4096
+
+
+def test_r1_4bit_does_not_fit_two_192gb_macs(r1_4bit):
+    p = plan(parse_simulate("2x192GB"), r1_4bit)
+    assert not p.fits and set(p.shortfalls) == {"node0", "node1"}
+    assert p.message.startswith("does not fit: node node0 is short by ")
+
+
+def test_quantised_folder_is_sized_from_its_safetensors_headers(tmp_path):
+    import mlx.core as mx
+
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+        "quantization": {"group_size": 64, "bits": 4},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = {
+        "model.embed_tokens.weight": mx.zeros((10, 8), mx.uint32),
+        "model.layers.0.mlp.weight": mx.zeros((100,), mx.float16),
+        "model.layers.1.mlp.weight": mx.zeros((300,), mx.float16),
+        "model.layers.2.mlp.weight": mx.zeros((999,), mx.float16),  # an MTP layer: not loaded
+        "model.norm.weight": mx.zeros((64,), mx.float16),
+    }
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), weights)
+    spec = model_spec_from_folder(tmp_path)
+    assert spec.layer_bytes == [200, 600]
+    assert (spec.embed_bytes, spec.tail_bytes, spec.tied) == (320, 128, True)
+    assert spec.kv_bytes_per_token_per_layer == 2 * 2 * 16 * 2
+    assert spec.name == tmp_path.name
+
+
+# --- parse_simulate and hosts.toml --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("6x192GB", [(f"node{i}", 192 * GIB) for i in range(6)]),
+        ("2x512GB,4x192GB", [(f"node{i}", (512 if i < 2 else 192) * GIB) for i in range(6)]),
+        ("m3ultra-512,m2ultra-192", [("m3ultra", 512 * GIB), ("m2ultra", 192 * GIB)]),
+        ("2xstudio-192", [("studio0", 192 * GIB), ("studio1", 192 * GIB)]),
+        ("mac-mini-64GB, 1x1.5TB", [("mac-mini", 64 * GIB), ("node1", int(1.5 * 2**40))]),
+        ("192", [("node0", 192 * GIB)]),
+        ("3 x 96GiB", [(f"node{i}", 96 * GIB) for i in range(3)]),
+    ],
+)
+def test_parse_simulate(spec, expected):
+    assert [(n.name, n.memory_total) for n in parse_simulate(spec)] == expected
+    assert all(n.memory_available is None for n in parse_simulate(spec))
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("", "is not COUNTxSIZE"),
+        ("6x", "not a memory size"),
+        ("6x192GB x", "is not COUNTxSIZE"),
+        ("x192GB", "is not COUNTxSIZE"),
+        ("6x192XB", "not a memory size"),
+        ("0x192GB", "at least one node"),
+        ("6x0GB", "not a memory size"),
+        ("a-64,a-64", "names node a twice"),
+        ("6x192GB,", "is not COUNTxSIZE"),
+    ],
+)
+def test_parse_simulate_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_simulate(spec)
+
+
+def _hosts_toml(tmp_path, *hosts: str):
+    file = tmp_path / "hosts.toml"
+    file.write_text('backend = "ring"\n' + "".join(f"[[hosts]]\n{h}\n" for h in hosts))
+    return file
+
+
+def test_hosts_in_ring_order_unless_ranked(tmp_path):
+    file = _hosts_toml(
+        tmp_path,
+        'name = "a"\naddress = "10.0.0.1"\nmemory_gb = 192',
+        'name = "b"\naddress = "10.0.0.2"\nmemory_gb = 512\nrank = 0',
+        'name = "c"\naddress = "10.0.0.3"\nmemory_gb = 96.5',
+    )
+    got = [(n.name, n.memory_total) for n in nodes_from_hosts(file)]
+    assert got == [("b", 512 * GIB), ("a", 192 * GIB), ("c", int(96.5 * GIB))]
+
+
+def test_host_without_memory_cannot_be_planned(tmp_path):
+    file = _hosts_toml(tmp_path, 'name = "studio-2"\naddress = "10.0.0.2"')
+    with pytest.raises(ValueError, match="host studio-2 has no memory_gb"):
+        nodes_from_hosts(file)
+
+
+# --- plan files ---------------------------------------------------------------------------------
+
+
+def test_plan_json_round_trip(tmp_path, r1_4bit):
+    p = plan(parse_simulate("2x512GB,4x192GB"), r1_4bit, context=32768)
+    data = json.loads(json.dumps(plan_to_json(p)))
+    assert plan_from_json(data) == p
+    assert {"split", "order", "fits", "nodes"} <= set(data)
+    file = tmp_path / "plan.json"
+    file.write_text(json.dumps(data))
+    assert read_plan_file(file) == p.split  # what `mlxdist quantize --plan FILE` reads
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def test_plan_command_prints_a_table(capsys):
+    assert plan_command(str(R1_CONFIG), None, "6x192GB", 4096, 1, 4, False) == 0
+    out = capsys.readouterr().out
+    print(out)
+    for col in ("rank", "node", "layers", "weights GB", "KV GB", "total GB", "memory GB", "free"):
+        assert col in out
+    assert "split 12,10,10,10,10,9: fits" in out
+    assert "node5" in out
+
+
+def test_plan_command_json(capsys):
+    assert plan_command(str(R1_CONFIG), None, "6x192GB", 4096, 1, 4, True) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert sum(data["split"]) == 61 and data["fits"] is True
+    assert len(data["nodes"]) == 6
+
+
+def test_plan_command_does_not_fit_returns_1(capsys):
+    assert plan_command(str(R1_CONFIG), None, "2x192GB", 4096, 1, 4, False) == 1
+    assert "does not fit: node node0 is short by" in capsys.readouterr().out
+
+
+def test_plan_command_reads_hosts_toml(tmp_path, capsys):
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(
+        'backend = "ring"\n'
+        + "".join(
+            f'[[hosts]]\nname = "studio-{i}"\naddress = "169.254.10.{i}"\nmemory_gb = 192\n'
+            for i in range(1, 7)
+        )
+    )
+    assert plan_command(str(R1_CONFIG), str(hosts), None, 4096, 1, 4, True) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["order"] == [f"studio-{i}" for i in range(1, 7)]
+    assert data["split"] == [12, 10, 10, 10, 10, 9]
+
+
+def test_plan_command_example_hosts_toml_needs_memory():
+    example = ROOT / "hosts.example.toml"
+    with pytest.raises(ValueError, match="host studio-2 has no memory_gb"):
+        plan_command(str(R1_CONFIG), str(example), None, 4096, 1, 4, False)
+
+
+@pytest.mark.parametrize(
+    "model,hosts,simulate,message",
+    [
+        (str(R1_CONFIG), None, None, "exactly one of --hosts"),
+        (str(R1_CONFIG), "h.toml", "6x192GB", "exactly one of --hosts"),
+        ("/no/such/model", None, "6x192GB", "does not exist"),
+        (str(R1_CONFIG), "/no/such/hosts.toml", None, "cannot read /no/such/hosts.toml"),
+    ],
+)
+def test_plan_command_errors(model, hosts, simulate, message):
+    with pytest.raises(ValueError, match=message):
+        plan_command(model, hosts, simulate, 4096, 1, 4, False)
