@@ -1,0 +1,390 @@
+"""What a node knows about itself: chip, memory, GPU cores, addresses and Thunderbolt ports.
+
+The parsers are pure and tested on captured command output (tests/data/macos, tests/data/linux);
+collect_macos / collect_linux only run fixed commands and feed the parsers.
+
+Addresses are kept in interface form, "192.168.200.1/30", because the topology needs the prefix
+to tell whether the two ends of a cable share a subnet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_NODE_ID_PATH = Path.home() / ".mlxdist" / "node_id"
+FAKE_THUNDERBOLT_ENV = "MLXDIST_FAKE_THUNDERBOLT"
+
+Runner = Callable[[list[str]], str]
+Reader = Callable[[str], str]
+
+
+class HostFactsError(Exception):
+    """A command's output could not be understood; the message says which and why."""
+
+
+@dataclass
+class ThunderboltPort:
+    interface: str  # "en2"
+    hardware_port: str  # "Thunderbolt 1"
+    ip: str | None  # first IPv4 address on the interface, without prefix
+    domain_uuid: str  # this port's own Thunderbolt domain (one per bus on Apple Silicon)
+    peer_uuids: list[str] = field(default_factory=list)  # domains of the Macs cabled to it
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ThunderboltPort:
+        return cls(
+            interface=d["interface"],
+            hardware_port=d.get("hardware_port", ""),
+            ip=d.get("ip"),
+            domain_uuid=d["domain_uuid"],
+            peer_uuids=list(d.get("peer_uuids", [])),
+        )
+
+
+@dataclass
+class HostFacts:
+    node_id: str
+    hostname: str
+    chip: str
+    memory_total: int  # bytes
+    memory_available: int  # bytes
+    gpu_cores: int
+    os: str
+    thunderbolt: list[ThunderboltPort]
+    addresses: dict[str, list[str]]  # interface -> IPv4 addresses as "a.b.c.d/prefix"
+    # bridge -> member interfaces; tells setup commands which ports sit in the Thunderbolt Bridge
+    bridges: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> HostFacts:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        values["thunderbolt"] = [ThunderboltPort.from_dict(p) for p in d.get("thunderbolt", [])]
+        values["addresses"] = {k: list(v) for k, v in d.get("addresses", {}).items()}
+        values["bridges"] = {k: list(v) for k, v in d.get("bridges", {}).items()}
+        return cls(**values)
+
+
+# ---- macOS parsers ----
+
+
+def parse_sysctl(text: str) -> dict[str, str]:
+    """`sysctl name ...` output ("hw.memsize: 549755813888" lines) -> {name: value}."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip():
+            out[key.strip()] = value.strip()
+    return out
+
+
+def parse_vm_stat(text: str, page_size: int | None = None) -> int:
+    """Bytes macOS can give a new allocation: free + inactive + speculative + purgeable pages.
+
+    page_size defaults to the one in vm_stat's header (16384 on Apple Silicon). Purgeable pages
+    also sit on the active/inactive queues, so this can overstate by that (small) count.
+    """
+    pages = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and value.strip().rstrip(".").isdigit():
+            pages[key.strip().strip('"')] = int(value.strip().rstrip("."))
+    if page_size is None:
+        m = re.search(r"page size of (\d+) bytes", text)
+        if not m:
+            raise HostFactsError("vm_stat output has no page size")
+        page_size = int(m.group(1))
+    wanted = ["Pages free", "Pages inactive", "Pages speculative", "Pages purgeable"]
+    missing = [k for k in wanted if k not in pages]
+    if missing:
+        raise HostFactsError(f"vm_stat output has no {', '.join(missing)} line")
+    return sum(pages[k] for k in wanted) * page_size
+
+
+def parse_thunderbolt(json_text: str) -> list[dict]:
+    """`system_profiler SPThunderboltDataType -json` -> one dict per bus (one receptacle each).
+
+    Keys: bus, receptacle (the receptacle_id_key, e.g. "1"), domain_uuid, peer_uuids, speed.
+    A connected Mac appears in the bus's _items with its own domain_uuid_key; a drive or a
+    display has none, so it is not a peer.
+    """
+    try:
+        data = json.loads(json_text)
+    except json.JSONDecodeError as e:
+        raise HostFactsError(
+            f"system_profiler SPThunderboltDataType output is not JSON: {e}"
+        ) from e
+    buses = []
+    for bus in data.get("SPThunderboltDataType", []):
+        domain = bus.get("domain_uuid_key")
+        if not domain:
+            continue
+        receptacle = bus.get("receptacle_1_tag", {})
+        peers = [i["domain_uuid_key"] for i in bus.get("_items", []) if i.get("domain_uuid_key")]
+        buses.append(
+            {
+                "bus": bus.get("_name", ""),
+                "receptacle": receptacle.get("receptacle_id_key"),
+                "domain_uuid": domain,
+                "peer_uuids": peers,
+                "speed": receptacle.get("current_speed_key", ""),
+            }
+        )
+    return buses
+
+
+def parse_hardware_ports(text: str) -> dict[str, str]:
+    """`networksetup -listallhardwareports` -> {"Thunderbolt 1": "en2", ...} (port -> device)."""
+    ports = {}
+    name = None
+    for line in text.splitlines():
+        if line.startswith("Hardware Port:"):
+            name = line.partition(":")[2].strip()
+        elif line.startswith("Device:") and name is not None:
+            ports[name] = line.partition(":")[2].strip()
+            name = None
+    return ports
+
+
+def _ifconfig_blocks(text: str) -> dict[str, list[str]]:
+    blocks: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"^(\S+): flags=", line)
+        if m:
+            current = m.group(1)
+            blocks[current] = []
+        elif current is not None and line[:1].isspace():
+            blocks[current].append(line.strip())
+    return blocks
+
+
+def parse_ifconfig(text: str) -> dict[str, list[str]]:
+    """macOS `ifconfig` -> {iface: ["a.b.c.d/prefix", ...]}, only interfaces with IPv4."""
+    out = {}
+    for iface, lines in _ifconfig_blocks(text).items():
+        addrs = []
+        for line in lines:
+            words = line.split()
+            if words[:1] != ["inet"]:
+                continue
+            prefix = 32
+            if "netmask" in words:
+                prefix = bin(int(words[words.index("netmask") + 1], 16)).count("1")
+            addrs.append(f"{words[1]}/{prefix}")
+        if addrs:
+            out[iface] = addrs
+    return out
+
+
+def parse_bridge_members(text: str) -> dict[str, list[str]]:
+    """macOS `ifconfig` -> {bridge: [member interfaces]} from the "member:" lines."""
+    out = {}
+    for iface, lines in _ifconfig_blocks(text).items():
+        members = [line.split()[1] for line in lines if line.startswith("member:")]
+        if members or iface.startswith("bridge"):
+            out[iface] = members
+    return out
+
+
+def parse_gpu_cores(json_text: str) -> int:
+    """`system_profiler SPDisplaysDataType -json` -> GPU core count (sppci_cores), 0 if absent."""
+    for gpu in json.loads(json_text).get("SPDisplaysDataType", []):
+        cores = str(gpu.get("sppci_cores", ""))
+        if cores.isdigit():
+            return int(cores)
+    return 0
+
+
+# ---- Linux parsers ----
+
+
+def parse_meminfo(text: str) -> tuple[int, int]:
+    """/proc/meminfo -> (MemTotal, MemAvailable) in bytes."""
+    kb = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        words = value.split()
+        if words and words[0].isdigit():
+            kb[key] = int(words[0])
+    if "MemTotal" not in kb or "MemAvailable" not in kb:
+        raise HostFactsError("/proc/meminfo has no MemTotal or MemAvailable line")
+    return kb["MemTotal"] * 1024, kb["MemAvailable"] * 1024
+
+
+def parse_ip_addr_json(text: str) -> dict[str, list[str]]:
+    """`ip -j addr` -> {iface: ["a.b.c.d/prefix", ...]}, only interfaces with IPv4."""
+    out = {}
+    for link in json.loads(text):
+        addrs = [
+            f"{a['local']}/{a['prefixlen']}"
+            for a in link.get("addr_info", [])
+            if a.get("family") == "inet"
+        ]
+        if addrs:
+            out[link["ifname"]] = addrs
+    return out
+
+
+def parse_cpu_model(text: str) -> str:
+    """/proc/cpuinfo -> the first "model name" (empty if the kernel gives none, as on some ARM)."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return ""
+
+
+# ---- assembling facts ----
+
+
+def thunderbolt_ports(
+    buses: list[dict], hardware_ports: Mapping[str, str], addresses: Mapping[str, list[str]]
+) -> list[ThunderboltPort]:
+    """Join buses to interfaces: receptacle N is the hardware port "Thunderbolt N"."""
+    ports = []
+    for bus in sorted(buses, key=lambda b: str(b["receptacle"]).zfill(4)):
+        name = f"Thunderbolt {bus['receptacle']}"
+        iface = hardware_ports.get(name)
+        # A receptacle whose network service was removed has no interface; it cannot carry IP.
+        if iface is None:
+            continue
+        ip = first_ip(addresses, iface)
+        ports.append(ThunderboltPort(iface, name, ip, bus["domain_uuid"], list(bus["peer_uuids"])))
+    return ports
+
+
+def first_ip(addresses: Mapping[str, list[str]], iface: str) -> str | None:
+    addrs = addresses.get(iface, [])
+    return str(ipaddress.ip_interface(addrs[0]).ip) if addrs else None
+
+
+def load_node_id(path: Path = DEFAULT_NODE_ID_PATH) -> str:
+    """This node's id: a UUID written to path the first time and read back ever after."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(str(uuid.uuid4()) + "\n")
+        try:
+            os.link(tmp, path)  # atomic and refuses to replace: two first starts agree on one id
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    text = path.read_text().strip()
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        message = f"{path} does not hold a node id (a UUID); remove it to make a new one"
+        raise HostFactsError(message) from None
+
+
+def run_command(argv: list[str], timeout: float = 30.0) -> str:
+    """Stdout of a fixed command (no shell); a failure becomes a HostFactsError."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise HostFactsError(f"{argv[0]} failed: {e}") from e
+    return done.stdout
+
+
+def read_text(path: str) -> str:
+    return Path(path).read_text()
+
+
+SYSCTL_KEYS = [
+    "hw.memsize",
+    "hw.pagesize",
+    "hw.model",
+    "machdep.cpu.brand_string",
+    "kern.osproductversion",
+    "kern.hostname",
+]
+
+
+def collect_macos(
+    run: Runner = run_command, node_id_path: Path = DEFAULT_NODE_ID_PATH
+) -> HostFacts:
+    sysctl = parse_sysctl(run(["/usr/sbin/sysctl", *SYSCTL_KEYS]))
+    ifconfig = run(["/sbin/ifconfig"])
+    addresses = parse_ifconfig(ifconfig)
+    buses = parse_thunderbolt(run(["/usr/sbin/system_profiler", "SPThunderboltDataType", "-json"]))
+    hardware_ports = parse_hardware_ports(run(["/usr/sbin/networksetup", "-listallhardwareports"]))
+    displays = run(["/usr/sbin/system_profiler", "SPDisplaysDataType", "-json"])
+    return HostFacts(
+        node_id=load_node_id(node_id_path),
+        hostname=sysctl.get("kern.hostname") or socket.gethostname(),
+        chip=sysctl.get("machdep.cpu.brand_string", ""),
+        memory_total=int(sysctl["hw.memsize"]),
+        memory_available=parse_vm_stat(run(["/usr/bin/vm_stat"]), int(sysctl["hw.pagesize"])),
+        gpu_cores=parse_gpu_cores(displays),
+        os=f"macOS {sysctl.get('kern.osproductversion', '')}".strip(),
+        thunderbolt=thunderbolt_ports(buses, hardware_ports, addresses),
+        addresses=addresses,
+        bridges=parse_bridge_members(ifconfig),
+    )
+
+
+def fake_thunderbolt(path: str, addresses: Mapping[str, list[str]]) -> list[ThunderboltPort]:
+    """Ports from a JSON list of ThunderboltPort dicts, for tests in Linux network namespaces.
+
+    A port without an ip takes the first address of its interface, so a test can name veth
+    interfaces and let `ip -j addr` supply what was configured on them.
+    """
+    try:
+        ports = [ThunderboltPort.from_dict(d) for d in json.loads(Path(path).read_text())]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HostFactsError(f"{FAKE_THUNDERBOLT_ENV}={path} is not a list of ports: {e}") from e
+    for p in ports:
+        if p.ip is None:
+            p.ip = first_ip(addresses, p.interface)
+    return ports
+
+
+def collect_linux(
+    run: Runner = run_command,
+    read: Reader = read_text,
+    node_id_path: Path = DEFAULT_NODE_ID_PATH,
+    env: Mapping[str, str] = os.environ,
+) -> HostFacts:
+    total, available = parse_meminfo(read("/proc/meminfo"))
+    addresses = parse_ip_addr_json(run(["ip", "-j", "addr"]))
+    fake = env.get(FAKE_THUNDERBOLT_ENV)
+    return HostFacts(
+        node_id=load_node_id(node_id_path),
+        hostname=socket.gethostname(),
+        chip=parse_cpu_model(read("/proc/cpuinfo")),
+        memory_total=total,
+        memory_available=available,
+        gpu_cores=0,
+        os=f"Linux {platform.release()}",
+        thunderbolt=fake_thunderbolt(fake, addresses) if fake else [],
+        addresses=addresses,
+    )
+
+
+def collect(node_id_path: Path = DEFAULT_NODE_ID_PATH) -> HostFacts:
+    """Facts about this machine, by platform."""
+    if sys.platform == "darwin":
+        return collect_macos(node_id_path=node_id_path)
+    if sys.platform.startswith("linux"):
+        return collect_linux(node_id_path=node_id_path)
+    raise HostFactsError(f"unsupported platform {sys.platform}")
