@@ -22,13 +22,15 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from launcher.agent_client import AgentError
+    from launcher.hosts import HostsError
     from launcher.local import LaunchError
     from quantize.checkpoint import CheckpointError
     from quantize.gguf import GGUFError
 
     from .client import ClientError
 
-    return (UserError, CheckpointError, GGUFError, LaunchError, ClientError)
+    return (UserError, CheckpointError, GGUFError, LaunchError, ClientError, AgentError, HostsError)
 
 
 def _parse_split(split: str | None, ranks: int, num_layers: int) -> list[int]:
@@ -51,35 +53,61 @@ def _parse_split(split: str | None, ranks: int, num_layers: int) -> list[int]:
 @app.command()
 def launch(
     model: str | None = typer.Argument(None, help="model folder or .gguf file (default: demo)"),
-    local: int = typer.Option(2, "--local", help="number of ranks on this machine"),
-    split: str | None = typer.Option(None, help="layers per rank, e.g. 10,20"),
+    local: int | None = typer.Option(None, "--local", help="ranks on this machine (default 2)"),
+    hosts: Path | None = typer.Option(None, help="hosts.toml: one rank per host, via agents"),
+    cluster: str | None = typer.Option(None, help="agents of this cluster, found by zeroconf"),
+    interface: list[str] = typer.Option([], help="interface to discover agents on"),
+    secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
+    split: str | None = typer.Option(None, help="layers per rank, e.g. 10,20 (--local)"),
+    context: int = typer.Option(4096, min=1, help="tokens of context to plan memory for"),
     prompt: str | None = typer.Option(None, help="answer this prompt and exit"),
     max_tokens: int = typer.Option(256, "--max-tokens", min=0),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="sampling temperature; 0 is greedy"),
     seed: int | None = typer.Option(None, min=0),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="apply the chat template"),
-    port: int | None = typer.Option(None, help="coordinator HTTP port (default: a free one)"),
+    port: int | None = typer.Option(None, help="coordinator HTTP port"),
 ) -> None:
-    """Start ranks on this machine, then answer --prompt or open a chat."""
+    """Start one rank per host (or N on this machine), then answer --prompt or open a chat."""
+    from launcher.secret import SecretError
+
+    params = {"max_tokens": max_tokens, "temperature": temp}
+    if seed is not None:
+        params["seed"] = seed
     try:
-        _launch(model, local, split, prompt, max_tokens, temp, seed, chat, port)
-    except _user_errors() as e:
+        if (hosts or cluster) and (local or split):
+            raise UserError("--local and --split are for one machine; not with --hosts/--cluster")
+        if hosts and cluster:
+            raise UserError("give --hosts or --cluster, not both")
+        path = _launch_model(model)
+        if hosts or cluster:
+            from .cluster import start_agents_cluster
+
+            secret = _secret(secret_file)
+            running = start_agents_cluster(path, hosts, cluster, interface, secret, context, port)
+        else:
+            running = _start_here(path, local or 2, split, port)
+        _converse(running, prompt, chat, params)
+    except (*_user_errors(), SecretError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         typer.echo("\ninterrupted: every rank stopped", err=True)
         raise typer.Exit(130) from None
 
 
-def _launch(model, local, split, prompt, max_tokens, temp, seed, chat, port) -> None:
-    from launcher.local import start_local, wait_ready
+def _secret(path: Path | None) -> bytes:
+    from launcher.secret import load_secret
+
+    return load_secret(path)
+
+
+def _launch_model(model: str | None) -> Path:
     from quantize.checkpoint import inspect_model
     from quantize.nodes import node_manifest
 
     from .models import resolve_model
-    from .repl import answer, repl
 
     path = resolve_model(model)
-    info = inspect_model(path)
+    inspect_model(path)
     manifest = node_manifest(path)
     if manifest is not None:
         p = manifest["plan"]
@@ -87,20 +115,35 @@ def _launch(model, local, split, prompt, max_tokens, temp, seed, chat, port) -> 
             f"{path} is one node's folder (rank {p['rank']} of split {p['split']}): "
             f"launch the whole output folder, {path.parent.parent}"
         )
-    parts = _parse_split(split, local, info.num_layers)
-    cluster = start_local(path, parts, port=port)
+    return path
+
+
+def _start_here(path: Path, ranks: int, split: str | None, port: int | None):
+    from launcher.local import start_local, wait_ready
+    from quantize.checkpoint import inspect_model
+
+    parts = _parse_split(split, ranks, inspect_model(path).num_layers)
+    running = start_local(path, parts, port=port)
     try:
         typer.echo(f"loading {path.name} on {len(parts)} ranks (layers {parts})...", err=True)
-        wait_ready(cluster)
-        params = {"max_tokens": max_tokens, "temperature": temp}
-        if seed is not None:
-            params["seed"] = seed
+        wait_ready(running)
+    except BaseException:
+        running.stop()
+        raise
+    return running
+
+
+def _converse(running, prompt: str | None, chat: bool, params: dict) -> None:
+    """Answers the prompt or opens the chat; every rank is stopped however it ends."""
+    from .repl import answer, repl
+
+    try:
         if prompt is not None:
-            answer(cluster.url, prompt, chat, params)
+            answer(running.url, prompt, chat, params)
         else:
-            repl(cluster.url, params)
+            repl(running.url, params)
     finally:
-        cluster.stop()
+        running.stop()
 
 
 @app.command("quantize")
@@ -163,6 +206,66 @@ def plan_cmd(
             model, str(hosts) if hosts else None, simulate, context, batch, bits, as_json
         )
     except (*_user_errors(), ValueError) as e:
+        _fail(str(e))
+    raise typer.Exit(code)
+
+
+@app.command()
+def init(
+    secret_file: Path | None = typer.Option(
+        None, "--secret-file", help="default ~/.mlxdist/secret"
+    ),
+    force: bool = typer.Option(False, help="replace an existing secret"),
+) -> None:
+    """Create the cluster secret that every agent and launcher shares."""
+    from launcher.secret import SecretError
+
+    from .agent_cli import init as run_init
+
+    try:
+        run_init(secret_file, force)
+    except SecretError as e:
+        _fail(str(e))
+
+
+@app.command()
+def agent(
+    cluster: str = typer.Option("default", help="cluster name: launchers find only their own"),
+    interface: list[str] = typer.Option([], help="interface to listen and advertise on"),
+    port: int = typer.Option(52415, help="the agent's port"),
+    secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
+    models_dir: Path | None = typer.Option(None, "--models-dir", help="where shards are kept"),
+) -> None:
+    """Run this node's agent: advertised by zeroconf, starts ranks when a launcher asks."""
+    from launcher.hostfacts import HostFactsError
+    from launcher.secret import SecretError
+
+    from .agent_cli import AgentSetupError, run_agent
+
+    try:
+        run_agent(cluster, interface, port, secret_file, models_dir)
+    except (SecretError, AgentSetupError, HostFactsError, OSError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@app.command()
+def status(
+    cluster: str = typer.Option("default", help="cluster name"),
+    interface: list[str] = typer.Option([], help="interface to discover agents on"),
+    secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
+    timeout: float = typer.Option(3.0, help="seconds to listen for agents"),
+) -> None:
+    """Agents of the cluster, their memory, links and running ranks, as a table."""
+    from launcher.secret import SecretError
+
+    from .agent_cli import AgentSetupError
+    from .agent_cli import status as run_status
+
+    try:
+        code = run_status(cluster, interface, secret_file, timeout)
+    except (*_user_errors(), SecretError, AgentSetupError) as e:
         _fail(str(e))
     raise typer.Exit(code)
 

@@ -1,0 +1,151 @@
+"""Start one rank per host through the hosts' agents: shards pushed, hostfile written, ranks
+watched and stopped."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from quantize.nodes import node_manifest
+
+from .agent_client import AgentClient, AgentError
+from .hostfile import mlx_launch_hostfile, ring_hostfile
+from .local import LaunchError
+
+RING_PORT = 32323  # mlx.launch's first ring port
+HTTP_PORT = 52480  # the coordinator's API on rank 0's host
+
+
+@dataclass
+class Node:
+    name: str
+    address: str  # where the other ranks and the launcher reach this host
+    client: AgentClient
+    facts: dict = field(default_factory=dict)
+
+
+@dataclass
+class RemoteCluster:
+    nodes: list[Node]  # in rank order
+    run_ids: list[str]
+    url: str
+    hostfile: str
+
+    def failure(self) -> str | None:
+        """Names the first rank that exited, with the last line of its log."""
+        for rank, (node, run_id) in enumerate(zip(self.nodes, self.run_ids)):
+            try:
+                runs = {r["id"]: r for r in node.client.ranks()}
+            except AgentError as e:
+                return f"the agent on {node.name} stopped answering: {e}"
+            run = runs.get(run_id)
+            if run is None or not run["alive"]:
+                tail = _last_line(node, run_id)
+                code = run["returncode"] if run else "?"
+                return f"rank {rank} on {node.name} exited with code {code}: {tail}"
+        return None
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            try:
+                node.client.stop_all()
+            except AgentError:
+                pass  # an agent that is gone has taken its ranks with it
+
+
+def _last_line(node: Node, run_id: str) -> str:
+    try:
+        lines = [x for x in node.client.log(run_id, 20).splitlines() if x.strip()]
+    except AgentError:
+        return "no log"
+    causes = [x for x in lines if "peer" not in x]
+    return (causes or lines or ["no output"])[-1]
+
+
+def node_folders(model: Path, size: int) -> list[int] | None:
+    """The split model/nodes/ was cut for, when it has one folder per rank."""
+    first = node_manifest(model / "nodes" / "0")
+    if first is None or len(first["plan"]["split"]) != size:
+        return None
+    return first["plan"]["split"]
+
+
+def push_shards(
+    model: Path, nodes: list[Node], progress: Callable[[str, int, int], None] | None = None
+) -> list[str]:
+    """Copies nodes/<r> to host r, one copy over the wire; returns each folder's remote path."""
+    remote = []
+    for rank, node in enumerate(nodes):
+        folder = model / "nodes" / str(rank)
+        rel = f"{model.name}/nodes/{rank}"
+        for f in sorted(p for p in folder.iterdir() if p.is_file()):
+
+            def tick(done: int, total: int, name=f"{node.name}: {f.name}") -> None:
+                if progress:
+                    progress(name, done, total)
+
+            node.client.push_file(f, f"{rel}/{f.name}", progress=tick)
+        remote.append(rel)
+    return remote
+
+
+def start_remote(
+    nodes: list[Node],
+    folders: list[str],
+    split: list[int],
+    *,
+    name: str,
+    ring_port: int = RING_PORT,
+    http_port: int = HTTP_PORT,
+    run_dir: Path | None = None,
+) -> RemoteCluster:
+    """Starts rank r on nodes[r] from its folder; rank 0 serves the API on its host."""
+    # Hosts sharing an address (all on one machine, as in a loopback test) need their own ports.
+    shared = len({n.address for n in nodes}) < len(nodes)
+    hostfile = [[f"{n.address}:{ring_port + (r if shared else 0)}"] for r, n in enumerate(nodes)]
+    ring_hostfile(hostfile)  # validates
+    text = mlx_launch_hostfile([(n.name, [n.address]) for n in nodes])
+    if run_dir is not None:
+        (run_dir / "hostfile.json").write_text(text)  # reusable with mlx.launch
+    run_ids: list[str] = []
+    cluster = RemoteCluster(nodes, run_ids, f"http://{nodes[0].address}:{http_port}", text)
+    try:
+        for rank, (node, folder) in enumerate(zip(nodes, folders)):
+            started = node.client.start_rank(
+                model=folder,
+                split=split,
+                rank=rank,
+                hostfile=hostfile if len(nodes) > 1 else [],
+                http_host=nodes[0].address,
+                http_port=http_port,
+                name=name,
+                backend="ring",
+            )
+            run_ids.append(started["id"])
+    except AgentError as e:
+        cluster.stop()
+        raise LaunchError(f"could not start a rank on {node.name}: {e}") from None
+    return cluster
+
+
+def wait_ready_remote(cluster: RemoteCluster, timeout: float = 600.0, on_tick=None) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        failure = cluster.failure()
+        if failure:
+            time.sleep(0.5)  # let a first failure's peers fail too, then name the first
+            raise LaunchError(cluster.failure() or failure)
+        try:
+            r = httpx.get(cluster.url + "/health", timeout=2.0)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.HTTPError:
+            pass
+        if on_tick:
+            on_tick()
+        time.sleep(0.3)
+    raise LaunchError(f"the ranks did not finish loading within {timeout:.0f} s")

@@ -1,0 +1,149 @@
+"""A cluster of agents for `mlxdist launch` and `status`: found, ordered, planned, started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launcher.agent_client import AgentClient, AgentError
+from launcher.discovery import browse
+from launcher.hostfacts import ThunderboltPort
+from launcher.hosts import read_hosts
+from launcher.local import LaunchError
+from launcher.planner import NodeSpec, model_spec_from_folder, plan
+from launcher.remote import Node, node_folders
+from launcher.topology import cable_graph, explain_no_ring, ring_order
+
+AGENT_PORT = 52415
+
+
+def _with_facts(nodes: list[Node]) -> list[Node]:
+    for node in nodes:
+        try:
+            node.facts = node.client.facts()
+        except AgentError as e:
+            raise LaunchError(f"the agent on {node.name} ({node.address}) refused: {e}") from None
+    return nodes
+
+
+def discover_nodes(
+    cluster: str, interfaces: list[str], secret: bytes, timeout: float = 3.0
+) -> list[Node]:
+    """The agents of this cluster that zeroconf finds on these interfaces' addresses."""
+    from launcher.hostfacts import collect
+
+    from .agent_cli import listen_addresses
+
+    addresses = listen_addresses(collect(), interfaces)
+    agents = [a for a in browse(cluster, addresses, timeout) if a.addresses]
+    names = [a.hostname or a.node_id for a in agents]
+    # Hosts may share a name (cloned machines); the node id tells them apart.
+    names = [
+        f"{n}-{a.node_id[:6]}" if names.count(n) > 1 else n for n, a in zip(names, agents)
+    ]
+    nodes = [Node(n, a.addresses[0], AgentClient(a.url, secret)) for n, a in zip(names, agents)]
+    return _with_facts(nodes)
+
+
+def nodes_from_hosts(path: Path, secret: bytes) -> list[Node]:
+    hosts = read_hosts(path)
+    nodes = []
+    for h in hosts.hosts:
+        url = f"http://{h.address}:{h.agent_port or AGENT_PORT}"
+        nodes.append(Node(h.name, h.address, AgentClient(url, secret)))
+    nodes = _with_facts(nodes)
+    for h, node in zip(hosts.hosts, nodes):
+        if h.memory_gb is not None:
+            node.facts["memory_total"] = int(h.memory_gb * 2**30)
+            node.facts["memory_available"] = int(h.memory_gb * 2**30)
+    return nodes
+
+
+def ring(nodes: list[Node], keep_order: bool) -> list[Node]:
+    """Rank order: along the Thunderbolt cables when the nodes report them, else as given."""
+    ports = {
+        n.name: [ThunderboltPort.from_dict(p) for p in n.facts.get("thunderbolt", [])]
+        for n in nodes
+    }
+    if keep_order or not any(ports.values()):
+        return nodes if keep_order else sorted(nodes, key=lambda n: n.name)
+    links = cable_graph(ports)
+    order = ring_order(sorted(ports), links)
+    if order is None:
+        raise LaunchError(f"no ring follows the cables: {explain_no_ring(sorted(ports), links)}")
+    by_name = {n.name: n for n in nodes}
+    return [by_name[name] for name in order]
+
+
+def choose_split(model: Path, nodes: list[Node], context: int) -> list[int]:
+    """The split the model's node folders were cut for; it must fit the nodes' memory."""
+    specs = [
+        NodeSpec(n.name, int(n.facts.get("memory_total", 0)), n.facts.get("memory_available"))
+        for n in nodes
+    ]
+    planned = plan(specs, model_spec_from_folder(model), context=context)
+    cut = node_folders(model, len(nodes))
+    if cut is None:
+        raise LaunchError(
+            f"{model} has no node folders for {len(nodes)} nodes: cut them with "
+            f"mlxdist quantize {model} {model}-{len(nodes)}n --split "
+            f"{','.join(map(str, planned.split))}, then launch that folder"
+        )
+    if not planned.fits:
+        raise LaunchError(f"the model {planned.message}")
+    return cut
+
+
+def start_agents_cluster(
+    model: Path,
+    hosts: Path | None,
+    cluster: str | None,
+    interfaces: list[str],
+    secret: bytes,
+    context: int,
+    port: int | None,
+):
+    """Finds the nodes, checks the plan, pushes each node its folder, starts the ranks."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from launcher.remote import HTTP_PORT, push_shards, start_remote, wait_ready_remote
+
+    console = Console(stderr=True, soft_wrap=True)
+    if hosts is not None:
+        nodes = nodes_from_hosts(hosts, secret)
+    else:
+        nodes = discover_nodes(cluster, interfaces, secret)
+        if not nodes:
+            raise LaunchError(
+                f"no agent of cluster {cluster!r} answered: run mlxdist agent --cluster "
+                f"{cluster} on each Mac, on the interface given here"
+            )
+    nodes = ring(nodes, keep_order=hosts is not None)
+    split = choose_split(model, nodes, context)
+    console.print(
+        f"{len(nodes)} nodes: "
+        + ", ".join(f"{n.name} ({n.address}) layers {k}" for n, k in zip(nodes, split))
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"push {name}", total=total)
+            bar.update(tasks[name], completed=done)
+
+        folders = push_shards(model, nodes, progress)
+    running = start_remote(nodes, folders, split, name=model.name, http_port=port or HTTP_PORT)
+    try:
+        with console.status(f"loading {model.name} on {len(nodes)} nodes..."):
+            wait_ready_remote(running)
+    except BaseException:
+        running.stop()
+        raise
+    return running

@@ -1,0 +1,194 @@
+"""A cluster of stand-in Macs: agents in network namespaces on one bridge, each with its own
+link-local address, found by zeroconf; `mlxdist launch` across three of them runs tiny-r1 from
+per-node shards and prints what a single process prints. Where namespaces cannot be made, the
+same tests run on loopback with separate ports, and say so."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from conftest import ROOT
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+from netns import available, bridged_hosts, pids_in
+
+PROMPT = "The quick brown fox"
+MAX_TOKENS = 12
+
+
+@dataclass
+class Machine:
+    name: str  # namespace, or "" on loopback
+    ip: str
+    agent_port: int
+
+    def cmd(self, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv] if self.name else list(argv)
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mlxdist.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def machines(tmp_path_factory):
+    why = available()
+    if why is None:
+        with bridged_hosts(4) as hosts:
+            yield [Machine(h.name, h.ip, 52415) for h in hosts], "eth0"
+        return
+    print(f"\nnetwork namespaces unavailable ({why}): running on loopback with separate ports")
+    yield [Machine("", "127.0.0.1", 52415 + i) for i in range(4)], "lo"
+
+
+@pytest.fixture(scope="module")
+def cluster(machines, tiny_r1, tmp_path_factory):
+    """Agents of cluster alpha on machines 1-3, one of cluster beta on machine 0 (where the
+    launcher runs), a shared secret, and tiny-r1 cut into three node folders."""
+    hosts, interface = machines
+    work = tmp_path_factory.mktemp("cluster")
+    launcher_env = dict(os.environ, MLXDIST_CONFIG=str(work / "launcher"))
+    subprocess.run(cli("init"), env=launcher_env, cwd=ROOT, check=True, capture_output=True)
+    out = work / "tiny-r1-3n"
+    done = subprocess.run(
+        cli("quantize", str(tiny_r1), str(out), "--split", "2,1,1"), cwd=ROOT, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    agents = []
+    for i, m in enumerate(hosts):
+        config = work / f"node{i}"
+        config.mkdir()
+        shutil.copy(work / "launcher" / "secret", config / "secret")
+        (config / "secret").chmod(0o600)
+        args = ["agent", "--cluster", "beta" if i == 0 else "alpha"]
+        args += ["--interface", interface, "--port", str(m.agent_port)]
+        env = dict(os.environ, MLXDIST_CONFIG=str(config))
+        log = open(config / "agent.log", "w")
+        agents.append(subprocess.Popen(m.cmd(*cli(*args)), env=env, cwd=ROOT, stderr=log))
+    time.sleep(3)  # the agents start and announce themselves
+    try:
+        yield hosts, interface, launcher_env, out, work
+    finally:
+        for a in agents:
+            a.terminate()
+        for a in agents:
+            try:
+                a.wait(10)
+            except subprocess.TimeoutExpired:
+                a.kill()
+
+
+def rank_processes(hosts) -> list[int]:
+    """mlxdist rank processes alive in any of the machines."""
+    pids = []
+    namespaces = {m.name for m in hosts if m.name}
+    candidates = [p for ns in namespaces for p in pids_in(ns)] if namespaces else None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or (
+            candidates is not None and int(entry.name) not in candidates
+        ):
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "mlxdist.rank" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def reference_text(model: Path) -> str:
+    """What one mlx-lm process answers, greedy, for the same raw prompt."""
+    m, tokenizer = load(str(model))
+    prompt = tokenizer.encode(PROMPT)
+    tokens = []
+    for t, _ in generate_step(mx.array(prompt), m, max_tokens=MAX_TOKENS):
+        if t in tokenizer.eos_token_ids:
+            break
+        tokens.append(t)
+    return tokenizer.decode(tokens)
+
+
+def test_discovery_finds_exactly_its_cluster(cluster):
+    hosts, interface, env, _, _ = cluster
+    args = cli("status", "--cluster", "alpha", "--interface", interface)
+    done = subprocess.run(hosts[0].cmd(*args), env=env, cwd=ROOT, capture_output=True, text=True)
+    print(done.stdout)
+    assert done.returncode == 0, done.stderr
+    assert "3 agents" in done.stdout
+    if hosts[0].name:  # each machine has its own address
+        found = set(re.findall(r"169\.254\.\d+\.\d+", done.stdout))
+        assert found == {m.ip for m in hosts[1:]}
+
+
+def launch_args(out: Path, *where: str) -> list[str]:
+    return cli(
+        "launch",
+        str(out),
+        *where,
+        "--prompt",
+        PROMPT,
+        "--no-chat",
+        "--temp",
+        "0",
+        "--max-tokens",
+        str(MAX_TOKENS),
+    )
+
+
+def test_launch_across_three_hosts_equals_one_process(cluster):
+    hosts, interface, env, out, work = cluster
+    args = launch_args(out, "--cluster", "alpha", "--interface", interface)
+    started = time.monotonic()
+    done = subprocess.run(
+        hosts[0].cmd(*args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    print(done.stderr[-3000:], f"\n{time.monotonic() - started:.1f} s")
+    assert done.returncode == 0, done.stderr
+    expected = reference_text(out)
+    assert expected.strip(), "the reference should say something"
+    assert done.stdout.rstrip("\n") == expected
+    # Each node received only its own folder; the beta agent received nothing.
+    for i in range(4):
+        pushed = sorted((work / f"node{i}" / "models").rglob("manifest.json"))
+        if i == 0:
+            assert pushed == []
+        else:
+            assert len(pushed) == 1 and pushed[0].parent.parent.name == "nodes"
+    deadline = time.monotonic() + 10
+    while rank_processes(hosts) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rank_processes(hosts) == []
+
+
+def test_launch_from_a_hosts_file(cluster, tmp_path):
+    hosts, _, env, out, _ = cluster
+    lines = []
+    for i, m in enumerate(hosts[1:]):
+        lines += ["[[hosts]]", f'name = "mac{i}"', f'address = "{m.ip}"', f"rank = {i}"]
+        lines += [f"agent_port = {m.agent_port}"]
+    hosts_file = tmp_path / "hosts.toml"
+    hosts_file.write_text("\n".join(lines) + "\n")
+    done = subprocess.run(
+        hosts[0].cmd(*launch_args(out, "--hosts", str(hosts_file))),
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip("\n") == reference_text(out)
+    deadline = time.monotonic() + 10
+    while rank_processes(hosts) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rank_processes(hosts) == []
