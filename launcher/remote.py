@@ -102,13 +102,21 @@ def start_remote(
     ring_port: int = RING_PORT,
     http_port: int = HTTP_PORT,
     run_dir: Path | None = None,
+    ring_ips: list[list[str]] | None = None,
 ) -> RemoteCluster:
-    """Starts rank r on nodes[r] from its folder; rank 0 serves the API on its host."""
+    """Starts rank r on nodes[r] from its folder; rank 0 serves the API on its host.
+
+    ring_ips[r]: rank r's addresses on the cable(s) from rank r-1; else each node's address.
+    """
+    ips = ring_ips or [[n.address] for n in nodes]
     # Hosts sharing an address (all on one machine, as in a loopback test) need their own ports.
     shared = len({n.address for n in nodes}) < len(nodes)
-    hostfile = [[f"{n.address}:{ring_port + (r if shared else 0)}"] for r, n in enumerate(nodes)]
+    hostfile = [
+        [f"{ip}:{ring_port + (r if shared else 0)}" for ip in rank_ips]
+        for r, rank_ips in enumerate(ips)
+    ]
     ring_hostfile(hostfile)  # validates
-    text = mlx_launch_hostfile([(n.name, [n.address]) for n in nodes])
+    text = mlx_launch_hostfile([(n.name, rank_ips) for n, rank_ips in zip(nodes, ips)])
     if run_dir is not None:
         (run_dir / "hostfile.json").write_text(text)  # reusable with mlx.launch
     run_ids: list[str] = []

@@ -11,7 +11,13 @@ from launcher.hosts import read_hosts
 from launcher.local import LaunchError
 from launcher.planner import NodeSpec, model_spec_from_folder, plan
 from launcher.remote import Node, node_folders
-from launcher.topology import cable_graph, explain_no_ring, ring_order
+from launcher.topology import (
+    cable_graph,
+    explain_no_ring,
+    ring_addresses,
+    ring_order,
+    setup_commands,
+)
 
 AGENT_PORT = 52415
 
@@ -37,9 +43,7 @@ def discover_nodes(
     agents = [a for a in browse(cluster, addresses, timeout) if a.addresses]
     names = [a.hostname or a.node_id for a in agents]
     # Hosts may share a name (cloned machines); the node id tells them apart.
-    names = [
-        f"{n}-{a.node_id[:6]}" if names.count(n) > 1 else n for n, a in zip(names, agents)
-    ]
+    names = [f"{n}-{a.node_id[:6]}" if names.count(n) > 1 else n for n, a in zip(names, agents)]
     nodes = [Node(n, a.addresses[0], AgentClient(a.url, secret)) for n, a in zip(names, agents)]
     return _with_facts(nodes)
 
@@ -58,12 +62,16 @@ def nodes_from_hosts(path: Path, secret: bytes) -> list[Node]:
     return nodes
 
 
-def ring(nodes: list[Node], keep_order: bool) -> list[Node]:
-    """Rank order: along the Thunderbolt cables when the nodes report them, else as given."""
-    ports = {
+def _ports(nodes: list[Node]) -> dict[str, list[ThunderboltPort]]:
+    return {
         n.name: [ThunderboltPort.from_dict(p) for p in n.facts.get("thunderbolt", [])]
         for n in nodes
     }
+
+
+def ring(nodes: list[Node], keep_order: bool) -> list[Node]:
+    """Rank order: along the Thunderbolt cables when the nodes report them, else as given."""
+    ports = _ports(nodes)
     if keep_order or not any(ports.values()):
         return nodes if keep_order else sorted(nodes, key=lambda n: n.name)
     links = cable_graph(ports)
@@ -72,6 +80,29 @@ def ring(nodes: list[Node], keep_order: bool) -> list[Node]:
         raise LaunchError(f"no ring follows the cables: {explain_no_ring(sorted(ports), links)}")
     by_name = {n.name: n for n in nodes}
     return [by_name[name] for name in order]
+
+
+def cable_addresses(nodes: list[Node], console) -> list[list[str]] | None:
+    """Each rank's ring addresses on its cables, or None when the nodes report no cables.
+
+    Cables without a /30 of their own: the macOS commands that give them one are printed.
+    """
+    ports = _ports(nodes)
+    if len(nodes) < 2 or not all(ports.values()):
+        return None
+    order = [n.name for n in nodes]
+    links = cable_graph(ports)
+    addresses = {n.name: n.facts.get("addresses", {}) for n in nodes}
+    found = ring_addresses(order, links, addresses)
+    if found.missing:
+        for host, commands in setup_commands(order, links, addresses=addresses).items():
+            console.print(f"on {host}:\n  " + "\n  ".join(commands))
+        cables = ", ".join(str(link) for link in found.missing)
+        raise LaunchError(
+            f"these cables have no addresses of their own: {cables}; run the commands above "
+            "on each Mac (they are lost on reboot), then launch again"
+        )
+    return found.ips
 
 
 def choose_split(model: Path, nodes: list[Node], context: int) -> list[int]:
@@ -119,10 +150,12 @@ def start_agents_cluster(
                 f"{cluster} on each Mac, on the interface given here"
             )
     nodes = ring(nodes, keep_order=hosts is not None)
+    ring_ips = cable_addresses(nodes, console)
     split = choose_split(model, nodes, context)
     console.print(
         f"{len(nodes)} nodes: "
         + ", ".join(f"{n.name} ({n.address}) layers {k}" for n, k in zip(nodes, split))
+        + (f"; ring over the cables {ring_ips}" if ring_ips else "")
     )
     with Progress(
         TextColumn("{task.description}"),
@@ -139,7 +172,9 @@ def start_agents_cluster(
             bar.update(tasks[name], completed=done)
 
         folders = push_shards(model, nodes, progress)
-    running = start_remote(nodes, folders, split, name=model.name, http_port=port or HTTP_PORT)
+    running = start_remote(
+        nodes, folders, split, name=model.name, http_port=port or HTTP_PORT, ring_ips=ring_ips
+    )
     try:
         with console.status(f"loading {model.name} on {len(nodes)} nodes..."):
             wait_ready_remote(running)

@@ -75,3 +75,16 @@ def bridged_hosts(n: int, subnet: str = "169.254.100"):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def cable(a: Host, b: Host, index: int, addressed: bool = True) -> tuple[str, str]:
+    """A point-to-point link between two hosts, as a Thunderbolt cable: veth ends named
+    tb<index>a / tb<index>b with a /30 of their own (192.168.200.4*index + 1 and + 2).
+    Returns the two interface names."""
+    ia, ib = f"tb{index}a", f"tb{index}b"
+    _ip("link", "add", ia, "netns", a.name, "type", "veth", "peer", "name", ib, "netns", b.name)
+    for host, iface, last in ((a, ia, 1), (b, ib, 2)):
+        if addressed:
+            _ip("-n", host.name, "addr", "add", f"192.168.200.{4 * index + last}/30", "dev", iface)
+        _ip("-n", host.name, "link", "set", iface, "up")
+    return ia, ib

@@ -50,12 +50,34 @@ def machines(tmp_path_factory):
     yield [Machine("", "127.0.0.1", 52415 + i) for i in range(4)], "lo"
 
 
-@pytest.fixture(scope="module")
-def cluster(machines, tiny_r1, tmp_path_factory):
-    """Agents of cluster alpha on machines 1-3, one of cluster beta on machine 0 (where the
-    launcher runs), a shared secret, and tiny-r1 cut into three node folders."""
-    hosts, interface = machines
-    work = tmp_path_factory.mktemp("cluster")
+def start_agents(hosts, interface, work: Path, clusters: list[str], extra_env=None) -> list:
+    """One agent per machine, of the given cluster names, sharing the launcher's secret."""
+    agents = []
+    for i, (m, name) in enumerate(zip(hosts, clusters)):
+        config = work / f"node{i}"
+        config.mkdir()
+        shutil.copy(work / "launcher" / "secret", config / "secret")
+        (config / "secret").chmod(0o600)
+        args = ["agent", "--cluster", name, "--interface", interface, "--port", str(m.agent_port)]
+        env = dict(os.environ, MLXDIST_CONFIG=str(config), **(extra_env(i) if extra_env else {}))
+        log = open(config / "agent.log", "w")
+        agents.append(subprocess.Popen(m.cmd(*cli(*args)), env=env, cwd=ROOT, stderr=log))
+    time.sleep(3)  # the agents start and announce themselves
+    return agents
+
+
+def stop_agents(agents) -> None:
+    for a in agents:
+        a.terminate()
+    for a in agents:
+        try:
+            a.wait(10)
+        except subprocess.TimeoutExpired:
+            a.kill()
+
+
+def prepare(tiny_r1: Path, work: Path) -> tuple[dict, Path]:
+    """A launcher configuration with a fresh secret, and tiny-r1 cut into three node folders."""
     launcher_env = dict(os.environ, MLXDIST_CONFIG=str(work / "launcher"))
     subprocess.run(cli("init"), env=launcher_env, cwd=ROOT, check=True, capture_output=True)
     out = work / "tiny-r1-3n"
@@ -63,28 +85,21 @@ def cluster(machines, tiny_r1, tmp_path_factory):
         cli("quantize", str(tiny_r1), str(out), "--split", "2,1,1"), cwd=ROOT, capture_output=True
     )
     assert done.returncode == 0, done.stderr
-    agents = []
-    for i, m in enumerate(hosts):
-        config = work / f"node{i}"
-        config.mkdir()
-        shutil.copy(work / "launcher" / "secret", config / "secret")
-        (config / "secret").chmod(0o600)
-        args = ["agent", "--cluster", "beta" if i == 0 else "alpha"]
-        args += ["--interface", interface, "--port", str(m.agent_port)]
-        env = dict(os.environ, MLXDIST_CONFIG=str(config))
-        log = open(config / "agent.log", "w")
-        agents.append(subprocess.Popen(m.cmd(*cli(*args)), env=env, cwd=ROOT, stderr=log))
-    time.sleep(3)  # the agents start and announce themselves
+    return launcher_env, out
+
+
+@pytest.fixture(scope="module")
+def cluster(machines, tiny_r1, tmp_path_factory):
+    """Agents of cluster alpha on machines 1-3, one of cluster beta on machine 0 (where the
+    launcher runs), a shared secret, and tiny-r1 cut into three node folders."""
+    hosts, interface = machines
+    work = tmp_path_factory.mktemp("cluster")
+    launcher_env, out = prepare(tiny_r1, work)
+    agents = start_agents(hosts, interface, work, ["beta", "alpha", "alpha", "alpha"])
     try:
         yield hosts, interface, launcher_env, out, work
     finally:
-        for a in agents:
-            a.terminate()
-        for a in agents:
-            try:
-                a.wait(10)
-            except subprocess.TimeoutExpired:
-                a.kill()
+        stop_agents(agents)
 
 
 def rank_processes(hosts) -> list[int]:
