@@ -15,6 +15,7 @@ from quantize.nodes import node_manifest
 from .agent_client import AgentClient, AgentError
 from .hostfile import mlx_launch_hostfile, ring_hostfile
 from .local import LaunchError
+from .ssh import SshClient
 
 RING_PORT = 32323  # mlx.launch's first ring port
 HTTP_PORT = 52480  # the coordinator's API on rank 0's host
@@ -81,6 +82,9 @@ def push_shards(
     remote = []
     for rank, node in enumerate(nodes):
         folder = model / "nodes" / str(rank)
+        if isinstance(node.client, SshClient):
+            remote.append(str(folder.resolve()))  # as mlx.launch: the same path on that host
+            continue
         rel = f"{model.name}/nodes/{rank}"
         for f in sorted(p for p in folder.iterdir() if p.is_file()):
 

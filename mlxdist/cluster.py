@@ -11,6 +11,7 @@ from launcher.hosts import read_hosts
 from launcher.local import LaunchError
 from launcher.planner import NodeSpec, model_spec_from_folder, plan
 from launcher.remote import Node, node_folders
+from launcher.ssh import SshClient
 from launcher.topology import (
     cable_graph,
     explain_no_ring,
@@ -49,12 +50,24 @@ def discover_nodes(
 
 
 def nodes_from_hosts(path: Path, secret: bytes) -> list[Node]:
+    """Hosts of a hosts.toml: through their agents, or over ssh where no agent answers."""
     hosts = read_hosts(path)
     nodes = []
     for h in hosts.hosts:
         url = f"http://{h.address}:{h.agent_port or AGENT_PORT}"
-        nodes.append(Node(h.name, h.address, AgentClient(url, secret)))
-    nodes = _with_facts(nodes)
+        node = Node(h.name, h.address, AgentClient(url, secret))
+        try:
+            node.facts = node.client.facts()
+        except AgentError as e:
+            if h.ssh is None:
+                raise LaunchError(
+                    f"the agent on {h.name} ({h.address}) did not answer ({e}): start "
+                    "mlxdist agent there, or give the host an ssh destination in the hosts file"
+                ) from None
+            if h.memory_gb is None:
+                raise LaunchError(f"{h.name} runs no agent: give its memory_gb in {path}") from None
+            node.client = SshClient(h.ssh)
+        nodes.append(node)
     for h, node in zip(hosts.hosts, nodes):
         if h.memory_gb is not None:
             node.facts["memory_total"] = int(h.memory_gb * 2**30)

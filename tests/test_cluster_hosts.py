@@ -207,3 +207,46 @@ def test_launch_from_a_hosts_file(cluster, tmp_path):
     while rank_processes(hosts) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert rank_processes(hosts) == []
+
+
+STAND_IN_SSH = """#!/bin/sh
+# Stand-in for ssh (no sshd here): runs the remote command in the network namespace that the
+# destination names, as ssh would run it in the remote host's shell.
+while [ "$1" != "--" ]; do shift; done
+shift
+host="${1#*@}"
+shift
+exec ip netns exec "$host" sh -c "$1"
+"""
+
+
+def test_launch_over_ssh_where_no_agent_runs(cluster, tmp_path):
+    hosts, _, env, out, _ = cluster
+    if not hosts[0].name:
+        pytest.skip("the ssh stand-in runs commands in network namespaces")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(STAND_IN_SSH)
+    (bin_dir / "ssh").chmod(0o755)
+    lines = []
+    for i, m in enumerate(hosts[1:]):
+        lines += ["[[hosts]]", f'name = "mac{i}"', f'address = "{m.ip}"', f"rank = {i}"]
+        lines += ["agent_port = 52999", f'ssh = "root@{m.name}"', "memory_gb = 24"]
+    hosts_file = tmp_path / "hosts.toml"
+    hosts_file.write_text("\n".join(lines) + "\n")
+    ssh_env = dict(env, PATH=f"{bin_dir}:{env['PATH']}")
+    done = subprocess.run(
+        hosts[0].cmd(*launch_args(out, "--hosts", str(hosts_file))),
+        env=ssh_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    print(done.stderr[-2000:])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.rstrip("\n") == reference_text(out)
+    deadline = time.monotonic() + 10
+    while rank_processes(hosts) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rank_processes(hosts) == []
