@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import hashlib
 import ipaddress
 import json
 import os
@@ -37,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quantize.checkpoint import CheckpointError
+from quantize.checkpoint import CheckpointError, sha256_file
 from quantize.nodes import check_node, node_manifest
 
 from .auth import AuthError, Verifier
@@ -184,14 +183,6 @@ def _partial(path: Path) -> Path:
     return partial
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 * MiB):
-            h.update(block)
-    return h.hexdigest()
-
-
 class Uploads:
     """Resumable uploads: chunks append to REL.partial, which becomes REL once verified."""
 
@@ -264,7 +255,7 @@ def _verify(path: Path, rel: str, size: int, sha256: str, discard: bool) -> None
     held = path.stat().st_size
     if held != size:
         raise Refused(400, f"{rel}: size mismatch, {held} bytes held, {size} expected", size=held)
-    if _sha256(path) != sha256:
+    if sha256_file(path) != sha256:
         if discard:
             path.unlink()
         raise Refused(400, f"{rel}: sha256 mismatch" + (", upload discarded" if discard else ""))

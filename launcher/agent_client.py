@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 
+from quantize.checkpoint import sha256_file
+
 from .auth import sign
 
 MiB = 2**20
@@ -116,7 +118,7 @@ class AgentClient:
         status = self.file_status(rel)
         if status["complete"] and status["size"] == size:
             try:
-                return self._complete(rel, size, _sha256(local))
+                return self._complete(rel, size, sha256_file(local))
             except AgentError as e:
                 if e.status != 400:
                     raise  # a different file of the same size is sent again below
@@ -163,11 +165,3 @@ def _hash_prefix(f, digest, length: int) -> None:
             break
         digest.update(block)
         length -= len(block)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 * MiB):
-            h.update(block)
-    return h.hexdigest()

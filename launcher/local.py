@@ -33,6 +33,16 @@ class Cluster:
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs)
 
+    def failure(self) -> str | None:
+        """Names the rank that failed first: its peers then fail too, only because it went away."""
+        exited = [r for r, p in enumerate(self.procs) if p.poll() is not None]
+        if not exited:
+            return None
+        causes = [r for r in exited if "peer" not in self.log_tail(r, 1)]
+        rank = (causes or exited)[0]
+        tail = self.log_tail(rank, 1) or "no output"
+        return f"rank {rank} exited with code {self.procs[rank].returncode} while loading: {tail}"
+
     def stop(self, timeout: float = 5.0) -> None:
         """Stops every rank: SIGTERM, then SIGKILL for any still there after timeout."""
         for p in self.procs:
@@ -105,12 +115,16 @@ def start_local(
     return Cluster(procs, f"http://{host}:{http_port}", run_dir, logs)
 
 
-def wait_ready(cluster: Cluster, timeout: float = 600.0, on_tick=None) -> dict:
-    """Waits until rank 0 answers /health (every rank has loaded by then); returns its answer."""
+def wait_ready(cluster, timeout: float = 600.0, on_tick=None) -> dict:
+    """Waits until rank 0 answers /health (every rank has loaded by then); returns its answer.
+
+    cluster: anything with .url and .failure() (a message once a rank has exited, else None).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not cluster.alive():
-            raise LaunchError(_first_failure(cluster))
+        if failure := cluster.failure():
+            time.sleep(0.5)  # let the first failure's peers fail too, then name the first
+            raise LaunchError(cluster.failure() or failure)
         try:
             r = httpx.get(cluster.url + "/health", timeout=2.0)
             if r.status_code == 200:
@@ -121,14 +135,3 @@ def wait_ready(cluster: Cluster, timeout: float = 600.0, on_tick=None) -> dict:
             on_tick()
         time.sleep(0.2)
     raise LaunchError(f"the ranks did not finish loading within {timeout:.0f} s")
-
-
-def _first_failure(cluster: Cluster) -> str:
-    """Names the rank that failed first: its peers then fail too, only because it went away."""
-    time.sleep(0.5)  # let the peers' secondary failures land so they can be told apart
-    exited = [r for r, p in enumerate(cluster.procs) if p.poll() is not None]
-    causes = [r for r in exited if "peer" not in cluster.log_tail(r, 1)]
-    rank = (causes or exited)[0]
-    tail = cluster.log_tail(rank, 1) or "no output"
-    code = cluster.procs[rank].returncode
-    return f"rank {rank} exited with code {code} while loading: {tail}"

@@ -3,12 +3,9 @@ watched and stopped."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx
 
 from quantize.nodes import node_manifest
 
@@ -37,7 +34,8 @@ class RemoteCluster:
     hostfile: str
 
     def failure(self) -> str | None:
-        """Names the first rank that exited, with the last line of its log."""
+        """Names the rank that failed first: its peers then fail too, only because it went away."""
+        dead = []
         for rank, (node, run_id) in enumerate(zip(self.nodes, self.run_ids)):
             try:
                 runs = {r["id"]: r for r in node.client.ranks()}
@@ -45,10 +43,12 @@ class RemoteCluster:
                 return f"the agent on {node.name} stopped answering: {e}"
             run = runs.get(run_id)
             if run is None or not run["alive"]:
-                tail = _last_line(node, run_id)
                 code = run["returncode"] if run else "?"
-                return f"rank {rank} on {node.name} exited with code {code}: {tail}"
-        return None
+                dead.append((rank, node, code, _last_line(node, run_id)))
+        if not dead:
+            return None
+        rank, node, code, tail = ([d for d in dead if "peer" not in d[3]] or dead)[0]
+        return f"rank {rank} on {node.name} exited with code {code}: {tail}"
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -63,8 +63,7 @@ def _last_line(node: Node, run_id: str) -> str:
         lines = [x for x in node.client.log(run_id, 20).splitlines() if x.strip()]
     except AgentError:
         return "no log"
-    causes = [x for x in lines if "peer" not in x]
-    return (causes or lines or ["no output"])[-1]
+    return (lines or ["no output"])[-1]
 
 
 def node_folders(model: Path, size: int) -> list[int] | None:
@@ -142,22 +141,3 @@ def start_remote(
         cluster.stop()
         raise LaunchError(f"could not start a rank on {node.name}: {e}") from None
     return cluster
-
-
-def wait_ready_remote(cluster: RemoteCluster, timeout: float = 600.0, on_tick=None) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        failure = cluster.failure()
-        if failure:
-            time.sleep(0.5)  # let a first failure's peers fail too, then name the first
-            raise LaunchError(cluster.failure() or failure)
-        try:
-            r = httpx.get(cluster.url + "/health", timeout=2.0)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.HTTPError:
-            pass
-        if on_tick:
-            on_tick()
-        time.sleep(0.3)
-    raise LaunchError(f"the ranks did not finish loading within {timeout:.0f} s")

@@ -150,7 +150,8 @@ def start_agents_cluster(
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-    from launcher.remote import HTTP_PORT, push_shards, start_remote, wait_ready_remote
+    from launcher.local import wait_ready
+    from launcher.remote import HTTP_PORT, push_shards, start_remote
 
     console = Console(stderr=True, soft_wrap=True)
     if hosts is not None:
@@ -190,7 +191,7 @@ def start_agents_cluster(
     )
     try:
         with console.status(f"loading {model.name} on {len(nodes)} nodes..."):
-            wait_ready_remote(running)
+            wait_ready(running)
     except BaseException:
         running.stop()
         raise

@@ -14,10 +14,17 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import _get_classes
 
-from .checkpoint import CheckpointError, human_bytes, inspect_model, safetensors_header, weight_map
+from .checkpoint import (
+    CheckpointError,
+    human_bytes,
+    inspect_model,
+    safetensors_header,
+    sha256_file,
+    weight_map,
+)
 from .memory import peak_rss, rss_now
 from .recipes import default_spec, make_predicate, parse_override
-from .safetensors_out import PieceFile, TensorSlot, sha256_file, to_bytes
+from .safetensors_out import PieceFile, TensorSlot, to_bytes
 from .units import SOURCE_DTYPES, Source, Unit, make_units, plan_slots
 
 FORMAT_VERSION = 1

@@ -4,7 +4,6 @@ its offset, so no file or tensor has to be whole in memory."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from .checkpoint import sha256_file
 
 _DTYPE_NAMES = {
     mx.bool_: "BOOL",
@@ -104,11 +105,3 @@ class PieceFile:
             os.close(self.fd)
         except OSError:
             pass
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -16,8 +16,7 @@ from conftest import ROOT, complete_ids, local_cluster, run_cli
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
-from quantize.checkpoint import CheckpointError, layer_of, safetensors_header
-from quantize.safetensors_out import sha256_file
+from quantize.checkpoint import CheckpointError, layer_of, safetensors_header, sha256_file
 
 
 def tensors(folder: Path) -> dict[str, mx.array]:
