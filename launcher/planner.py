@@ -36,6 +36,7 @@ class NodeSpec:
     name: str
     memory_total: int  # bytes
     memory_available: int | None = None  # bytes, when the node reports it
+    chip: str | None = None  # e.g. "M3 Ultra", for the performance model (launcher/perfmodel.py)
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,10 @@ def parse_size(text: str) -> int:
 
 def parse_simulate(spec: str) -> list[NodeSpec]:
     """Nodes from "6x192GB", "2x512GB,4x192GB" or "m3ultra-512,m2ultra-192" (sizes in GB as
-    Apple sells them). Unnamed nodes are node<rank>; a named group of N is name0..name<N-1>."""
+    Apple sells them). Unnamed nodes are node<rank>; a named group of N is name0..name<N-1>.
+    A name that spells an Apple chip ("6xM2Ultra-192GB", "m3ultra-512") also gives the chip."""
+    from .perfmodel import chip_of_node_name  # perfmodel imports this module
+
     nodes: list[NodeSpec] = []
     for group in spec.split(","):
         m = _GROUP_RE.match(group.strip())
@@ -351,12 +355,13 @@ def parse_simulate(spec: str) -> list[NodeSpec]:
             raise ValueError(f"--simulate group {group.strip()!r} needs at least one node")
         size = parse_size(m.group("size") + m.group("unit"))
         name = m.group("name")
+        known = chip_of_node_name(name) if name is not None else None
         for i in range(count):
             if name is None:
                 label = f"node{len(nodes)}"
             else:
                 label = name if count == 1 else f"{name}{i}"
-            nodes.append(NodeSpec(label, size))
+            nodes.append(NodeSpec(label, size, chip=known.name if known else None))
     names = [n.name for n in nodes]
     twice = sorted({x for x in names if names.count(x) > 1})
     if twice:

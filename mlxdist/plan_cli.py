@@ -8,10 +8,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from launcher import perfmodel
 from launcher.hosts import read_hosts
 from launcher.planner import (
     DEFAULT_HEADROOM,
     GIB,
+    ModelSpec,
     NodeSpec,
     Plan,
     model_spec_from_folder,
@@ -19,7 +21,7 @@ from launcher.planner import (
     plan,
     plan_to_json,
 )
-from quantize.checkpoint import CheckpointError
+from quantize.checkpoint import CheckpointError, read_config
 
 
 def nodes_from_hosts(path: str | Path) -> list[NodeSpec]:
@@ -43,24 +45,87 @@ def plan_command(
     batch: int,
     bits: int,
     as_json: bool,
+    link: str = "tb5",
 ) -> int:
-    """Prints the plan; 0 when the model fits, 1 when it does not. Faults raise ValueError."""
+    """Prints the plan and the predicted decode speed over `link` (tb5, tb4 or rdma); 0 when
+    the model fits, 1 when it does not. Faults raise ValueError."""
     if (hosts is None) == (simulate is None):
         raise ValueError("give exactly one of --hosts FILE and --simulate, e.g. --simulate 6x192GB")
+    perfmodel.link(link)  # an unknown link is the user's fault, found before any work
     nodes = nodes_from_hosts(hosts) if hosts is not None else parse_simulate(simulate)
     try:
         spec = model_spec_from_folder(model, bits=bits)
     except CheckpointError as e:
         raise ValueError(str(e)) from None
     result = plan(nodes, spec, context=context, batch=batch)
+    forecast = predict_for_plan(model, bits, nodes, spec, result, link)
     if as_json:
-        print(json.dumps(plan_to_json(result), indent=2))
+        print(json.dumps({**plan_to_json(result), "prediction": forecast}, indent=2))
     else:
         console = Console()
         if not console.is_terminal:
             console.width = 100  # a pipe or a log: no terminal to fit
         print_plan(result, console)
+        print_prediction(forecast, console)
     return 0 if result.fits else 1
+
+
+def predict_for_plan(
+    model: str, bits: int, nodes: list[NodeSpec], spec: ModelSpec, p: Plan, link: str
+) -> dict:
+    """Predicted decode tokens/s (batch 1, at the plan's context) in each parallel mode: the
+    pipeline with the plan's split; tensor and expert with whether their shares fit. Nodes
+    without a chip take perfmodel's default for their memory. {"error": ...} when the model's
+    architecture cannot be built to count its bytes."""
+    try:
+        active = perfmodel.bytes_per_token(read_config(model), bits=bits)
+    except (CheckpointError, ValueError, KeyError, ImportError) as e:
+        return {"error": f"no prediction: {e}"}
+    kept = [n for n in nodes if n.name in set(p.order)]
+    by_name = {n.name: n for n in kept}
+    ranked = [by_name[name] for name in p.order]
+    chips = [perfmodel.node_chip(n) for n in ranked]
+    modes = {}
+    for mode in perfmodel.MODES:
+        if len(ranked) == 1 and mode != "pipeline":
+            continue
+        split = p.split if mode == "pipeline" else None
+        pred = perfmodel.predict_decode(ranked, active, split, mode, link, context=p.context)
+        if mode == "pipeline":
+            fits = p.fits
+        else:
+            held = perfmodel.held_per_node(spec, active, len(ranked), mode)
+            kv = spec.kv_bytes_per_token_per_layer * p.context * p.batch * spec.num_layers
+            if mode == "tensor" and active.kv_split_by_heads:
+                kv //= len(ranked)
+            fits = all(held + kv <= row.usable_bytes for row in p.nodes)
+        modes[mode] = {
+            "tokens_per_s": round(pred.tokens_per_s, 2),
+            "seconds_per_token": pred.seconds_per_token,
+            "comm_seconds": pred.comm_seconds,
+            "messages": pred.messages,
+            "fits": fits,
+            "link": pred.link,
+            "notes": pred.notes,
+        }
+    return {
+        "batch": 1,
+        "context": p.context,
+        "link": modes["pipeline"]["link"],  # what the chips can use of what was asked
+        "link_asked": link,
+        "efficiency": perfmodel.EFFICIENCY,
+        "message_overhead_s": perfmodel.MESSAGE_OVERHEAD,
+        "chips": [
+            {
+                "name": n.name,
+                "chip": c.name,
+                "bandwidth_gb_s": c.bandwidth / 1e9,
+                "assumed": n.chip is None,
+            }
+            for n, c in zip(ranked, chips)
+        ],
+        "modes": modes,
+    }
 
 
 def _gb(n: int) -> str:
@@ -96,3 +161,44 @@ def print_plan(p: Plan, console: Console) -> None:
     console.print(table)
     line = f"split {','.join(map(str, p.split))}: {p.message}"
     console.print(line, style=None if p.fits else "red", soft_wrap=True, highlight=False)
+
+
+def print_prediction(f: dict, console: Console) -> None:
+    if "error" in f:
+        console.print(f["error"], soft_wrap=True, highlight=False)
+        return
+    table = Table(
+        title=f"predicted decode: batch 1, {f['context']} tokens of context, link {f['link']}",
+        show_edge=False,
+        pad_edge=False,
+        caption=f"from memory bandwidth x {f['efficiency']} and "
+        f"{f['message_overhead_s'] * 1e6:.0f} us per message (launcher/perfmodel.py)",
+    )
+    for col in ("mode", "tokens/s", "ms/token", "messages ms", "memory"):
+        table.add_column(col, justify="left" if col in ("mode", "memory") else "right")
+    for mode, m in f["modes"].items():
+        table.add_row(
+            mode + (" (this split)" if mode == "pipeline" else ""),
+            f"{m['tokens_per_s']:.1f}",
+            f"{m['seconds_per_token'] * 1e3:.1f}",
+            f"{m['comm_seconds'] * 1e3:.1f}",
+            "fits" if m["fits"] else "does not fit",
+            style=None if m["fits"] else "red",
+        )
+    console.print(table)
+    groups: list[list] = []  # runs of consecutive nodes with the same chip
+    for c in f["chips"]:
+        last = groups[-1][0] if groups else None
+        if last and (last["chip"], last["assumed"]) == (c["chip"], c["assumed"]):
+            groups[-1].append(c)
+        else:
+            groups.append([c])
+    parts = []
+    for g in groups:
+        who = g[0]["name"] if len(g) == 1 else f"{g[0]['name']}..{g[-1]['name']}"
+        how = " (assumed from memory; name it: 6xM2Ultra-192GB)" if g[0]["assumed"] else ""
+        parts.append(f"{who} {g[0]['chip']} {g[0]['bandwidth_gb_s']:.0f} GB/s{how}")
+    console.print("chips: " + "; ".join(parts), soft_wrap=True, highlight=False)
+    notes = sorted({n for m in f["modes"].values() for n in m["notes"]})
+    for note in notes:
+        console.print(f"note: {note}", soft_wrap=True, highlight=False)
