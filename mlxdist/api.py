@@ -1,92 +1,131 @@
-"""The coordinator's HTTP API: OpenAI-style completions with server-sent events."""
+"""The coordinator's HTTP API: OpenAI-style completions, streamed as server-sent events or not.
+
+Requests wait in the coordinator's first-come first-served queue; a client that goes away
+(mid-stream or while waiting) cancels its job, so every rank moves on to the next one.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 from .coordinator import Coordinator, Job
+from .openai_schema import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    LogitsRequest,
+    Sampling,
+    error_response,
+    validation_error,
+)
+from .reasoning import prompt_opens_think
+from .responses import Output, finish_reason, sse
 
-
-class Message(BaseModel):
-    role: str
-    content: str
-
-
-class _Sampling(BaseModel):
-    model: str | None = None
-    max_tokens: int = Field(256, ge=0)
-    temperature: float = Field(0.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    stream: bool = False
-    return_token_ids: bool = False  # mlxdist extension: the generated ids in each choice
-
-
-class ChatRequest(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[int]
-
-
-class LogitsRequest(BaseModel):
-    prompt: list[int] = Field(min_length=1)
+MAX_STOPS = 16
 
 
 def create_app(coordinator: Coordinator, model_name: str, info: dict) -> FastAPI:
     app = FastAPI(title="mlxdist")
     tokenizer = coordinator.tokenizer
     vocab = info["vocab_size"]
+    context = info.get("context")
 
-    def check_ids(ids: list[int]) -> list[int]:
+    @app.exception_handler(APIError)
+    async def refused(_: Request, e: APIError) -> JSONResponse:
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(list(e.errors())))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        code = "not_found" if e.status_code == 404 else None
+        return error_response(APIError(e.status_code, str(e.detail), code=code))
+
+    def check_ids(ids: list[int], param: str = "prompt") -> list[int]:
         # MLX does not bounds-check embedding lookups: an id past the vocabulary crashes a rank.
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise HTTPException(
-                400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})"
+            raise APIError(
+                400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param
             )
         if not ids:
-            raise HTTPException(400, "the prompt has no tokens")
+            raise APIError(400, "the prompt has no tokens", param)
+        if context is not None and len(ids) >= context:
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens but the model's context is {context} tokens "
+                "(prompt and answer together)",
+                param,
+                "context_length_exceeded",
+            )
         return ids
 
-    def make_job(req: _Sampling, prompt: list[int]) -> Job:
+    def make_job(req: Sampling, prompt: list[int], param: str = "prompt") -> Job:
+        if req.model not in (None, "", model_name):
+            raise APIError(
+                404,
+                f"the model {req.model!r} does not exist: this server serves {model_name!r}",
+                "model",
+                "model_not_found",
+            )
+        if len(req.stops()) > MAX_STOPS:
+            raise APIError(400, f"stop: at most {MAX_STOPS} sequences", "stop")
+        prompt = check_ids(prompt, param)
+        room = context - len(prompt) if context is not None else None
+        limit = req.limit()
+        if limit is None:
+            limit = room if room is not None else 4096
+        elif room is not None:
+            limit = min(limit, room)  # the answer ends at the context's end ("length")
         return Job(
-            prompt=check_ids(prompt),
-            max_tokens=req.max_tokens,
+            prompt=prompt,
+            max_tokens=limit,
             temp=req.temperature,
             top_p=req.top_p,
             seed=-1 if req.seed is None else req.seed,
+            stop=req.stops(),
             loop=asyncio.get_running_loop(),
         )
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": model_name, **info}
+        return {"status": "ok", "model": model_name, "queued": coordinator.pending(), **info}
 
     @app.get("/v1/models")
     def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model"}]}
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "mlxdist"}
+        return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        messages = [m.model_dump() for m in req.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    async def chat(req: ChatRequest, request: Request):
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in req.messages
+        ]
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as e:  # the template's own checks (role order, a missing template)
+            raise APIError(400, f"the chat template refused the messages: {e}", "messages") from e
         prompt = tokenizer.encode(text, add_special_tokens=False)
-        return await respond(req, make_job(req, prompt), chat=True)
+        # None: no splitting; else whether the output begins inside a think block
+        think = prompt_opens_think(text) if req.reasoning_format == "deepseek" else None
+        job = make_job(req, prompt, "messages")
+        return await respond(req, job, request, chat=True, think=think)
 
     @app.post("/v1/completions")
-    async def complete(req: CompletionRequest):
+    async def complete(req: CompletionRequest, request: Request):
         prompt = req.prompt if isinstance(req.prompt, list) else tokenizer.encode(req.prompt)
-        return await respond(req, make_job(req, prompt), chat=False)
+        return await respond(req, make_job(req, prompt), request, chat=False)
 
     @app.post("/mlxdist/logits")
     async def logits(req: LogitsRequest):
@@ -95,99 +134,66 @@ def create_app(coordinator: Coordinator, model_name: str, info: dict) -> FastAPI
         coordinator.submit(job)
         kind, data = await job.events.get()
         if kind == "error":
-            raise HTTPException(500, data["message"])
+            raise APIError(500, data["message"], kind="server_error")
         return {"logits": data["values"]}
 
-    async def respond(req: _Sampling, job: Job, chat: bool):
+    async def respond(req: Sampling, job: Job, request: Request, chat: bool, think=None):
         coordinator.submit(job)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
+        out = Output(req, model_name, chat, think)
         if req.stream:
-            events = _stream(job, rid, created, model_name, chat, req.return_token_ids)
-            return StreamingResponse(events, media_type="text/event-stream")
-        text, ids = [], []
-        while True:
-            ev, data = await job.events.get()
-            if ev == "error":
-                raise HTTPException(500, data["message"])
-            if ev == "token":
-                text.append(data["text"])
-                ids.append(data["id"])
-            if ev == "done":
-                break
-        text.append(data["text"])
-        content = "".join(text)
-        choice = {"index": 0, "finish_reason": _finish(data["finish_reason"])}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": content}
-        else:
-            choice["text"] = content
-        if req.return_token_ids:
-            choice["token_ids"] = ids
-        body = {"id": rid, "object": kind, "created": created, "model": model_name}
-        body |= {"choices": [choice], "usage": _usage(data)}
-        return JSONResponse(body)
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(
+                _stream(job, out), media_type="text/event-stream", headers=headers
+            )
+        watcher = asyncio.create_task(_watch_disconnect(request, job))
+        try:
+            while True:
+                ev, data = await job.events.get()
+                if ev == "gone":
+                    return JSONResponse({}, status_code=499)  # no one is there to read it
+                if ev == "error":
+                    raise APIError(500, data["message"], kind="server_error")
+                if ev == "token":
+                    out.token(data)
+                elif ev == "done":
+                    return JSONResponse(out.whole(data))
+        finally:
+            watcher.cancel()
+            job.cancelled.set()  # done already, or the client is gone
 
     return app
 
 
-def _finish(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """A client that goes away while its whole answer is made cancels it, even in the queue."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
+    job.events.put_nowait(("gone", {}))
 
 
-def _usage(data: dict) -> dict:
-    return {
-        "prompt_tokens": data["prompt_tokens"],
-        "completion_tokens": data["completion_tokens"],
-        "total_tokens": data["prompt_tokens"] + data["completion_tokens"],
-        "time_to_first_token": data["time_to_first_token"],
-        "decode_tokens_per_second": data["decode_tokens_per_second"],
-    }
-
-
-async def _stream(
-    job: Job, rid: str, created: int, model: str, chat: bool, with_ids: bool
-) -> AsyncIterator[str]:
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(text: str | None, reason: str | None, **extra) -> str:
-        choice: dict = {"index": 0, "finish_reason": reason}
-        if chat:
-            choice["delta"] = {} if text is None else {"content": text}
-        else:
-            choice["text"] = text or ""
-        choice |= extra
-        body = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
-        return f"data: {json.dumps(body)}\n\n"
-
+async def _stream(job: Job, out: Output) -> AsyncIterator[str]:
+    with_ids = out.req.return_token_ids
     try:
-        if chat:
-            yield _role_chunk(rid, created, model)
+        if out.chat:
+            yield out.chunk({"role": "assistant", "content": ""})
         while True:
             ev, data = await job.events.get()
             if ev == "error":
-                yield f"data: {json.dumps({'error': {'message': data['message']}})}\n\n"
+                yield sse({"error": {"message": data["message"], "type": "server_error"}})
                 break
             if ev == "token":
-                extra = {"token_ids": [data["id"]]} if with_ids else {}
-                if data["text"] or with_ids:
-                    yield chunk(data["text"], None, **extra)
+                r, c = out.token(data)
+                for piece in out.deltas(r, c, [data["id"]] if with_ids else None):
+                    yield piece
             elif ev == "done":
-                if data["text"]:
-                    yield chunk(data["text"], None)
-                body = json.loads(chunk(None, _finish(data["finish_reason"]))[6:])
-                body["usage"] = _usage(data)
-                yield f"data: {json.dumps(body)}\n\n"
+                for piece in out.deltas(*out.tail(data)):
+                    yield piece
+                yield out.chunk(reason=finish_reason(data["finish_reason"]))
+                if out.req.include_usage():
+                    yield out.usage_chunk(data)
                 break
         yield "data: [DONE]\n\n"
     finally:
         # A client that went away mid-stream stops the generation at the next token.
         job.cancelled.set()
-
-
-def _role_chunk(rid: str, created: int, model: str) -> str:
-    choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-    body["choices"] = [choice]
-    return f"data: {json.dumps(body)}\n\n"

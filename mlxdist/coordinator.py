@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .generate import generate_tokens, last_logits
 from .pipeline import Runner
+from .stops import StopMatcher
 
 
 @dataclass
@@ -22,10 +23,12 @@ class Job:
     temp: float = 0.0
     top_p: float = 1.0
     seed: int = -1
+    stop: list[str] = field(default_factory=list)
     logits: bool = False  # return the last position's logits instead of generating
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
 
     def emit(self, kind: str, **data) -> None:
         if self.loop is None:
@@ -42,7 +45,12 @@ class Coordinator:
         self.jobs: queue.Queue[Job | None] = queue.Queue()
 
     def submit(self, job: Job) -> None:
+        job.submitted = time.perf_counter()
         self.jobs.put(job)
+
+    def pending(self) -> int:
+        """Jobs waiting for the one in progress to finish."""
+        return self.jobs.qsize()
 
     def shutdown(self) -> None:
         self.jobs.put(None)
@@ -68,6 +76,7 @@ class Coordinator:
     def _generate(self, job: Job) -> None:
         detok = self.tokenizer.detokenizer
         detok.reset()
+        stops = StopMatcher(job.stop)
         start = time.perf_counter()
         first = None
         tokens: list[int] = []
@@ -88,20 +97,25 @@ class Coordinator:
                 break
             tokens.append(t)
             detok.add_token(t)
-            job.emit("token", id=t, text=detok.last_segment)
+            job.emit("token", id=t, text=stops.feed(detok.last_segment))
+            if stops.stopped:
+                reason = "stop"
+                break
             if job.cancelled.is_set():
                 reason = "cancelled"
                 break
         detok.finalize()
+        tail = "" if stops.stopped else stops.feed(detok.last_segment) + stops.finish()
         end = time.perf_counter()
         decode_time = end - (first or end)
         job.emit(
             "done",
-            text=detok.last_segment,
+            text=tail,
             finish_reason=reason,
             tokens=tokens,
             prompt_tokens=len(job.prompt),
             completion_tokens=len(tokens),
-            time_to_first_token=(first or end) - start,
+            queue_time=start - job.submitted,
+            time_to_first_token=(first or end) - job.submitted,
             decode_tokens_per_second=(len(tokens) - 1) / decode_time if decode_time > 0 else 0.0,
         )

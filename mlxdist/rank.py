@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import threading
 import time
+
+_HOST_BYTES = 64  # a rank's host name, as bytes gathered with its memory figures
 
 
 def _watch_parent(parent: int) -> None:
@@ -32,6 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--backend", default="ring")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=int(os.environ.get("MLXDIST_MAX_CONTEXT", "0")) or None,
+        help="tokens of prompt and answer a request may use (default: the model's own limit)",
+    )
     args = p.parse_args(argv)
     args.split = [int(s) for s in args.split.split(",")]
     return args
@@ -54,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     if group.size() != size:
         _log(rank, f"the split has {size} parts but the group has {group.size()} ranks")
         return 2
+    listener = None
+    if rank == 0:
+        # Held from the start, so a port already in use fails the launch before any loading.
+        try:
+            listener = socket.create_server((args.host, args.port))
+        except OSError as e:
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            _log(rank, f"cannot listen on {args.host}:{args.port}: {reason}")
+            return 2
     base = peak_rss()
     t0 = time.perf_counter()
     stage = load_stage(args.model, args.split, rank)
@@ -67,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         f"peak rss {peak / 2**20:.1f} MiB (before weights {base / 2**20:.1f} MiB)",
     )
     # Every rank has loaded once this returns; rank 0 also learns the others' memory.
-    figures = mx.array([[rank, base, peak, held]], dtype=mx.float32)
+    host = list(socket.gethostname().encode()[:_HOST_BYTES].ljust(_HOST_BYTES, b"\0"))
+    figures = mx.array([[rank, base, peak, held, *host]], dtype=mx.float32)
     if size > 1:
         figures = mx.distributed.all_gather(figures, group=group)
     mx.eval(figures)
@@ -75,10 +94,28 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         runner.serve()
         return 0
-    return _serve_api(args, runner, figures.tolist())
+    return _serve_api(args, runner, figures.tolist(), listener)
 
 
-def _serve_api(args: argparse.Namespace, runner, figures: list) -> int:
+def _nodes(split: list[int], figures: list) -> list[dict]:
+    """Each rank's host, layers and memory, for /health."""
+    nodes, start = [], 0
+    for layers, (r, _, p, w, *host) in zip(split, figures):
+        name = bytes(int(c) for c in host).rstrip(b"\0").decode(errors="replace")
+        nodes.append(
+            {
+                "rank": int(r),
+                "host": name,
+                "layers": [start, start + layers - 1],
+                "weights": int(w),
+                "peak_rss": int(p),
+            }
+        )
+        start += layers
+    return nodes
+
+
+def _serve_api(args: argparse.Namespace, runner, figures: list, listener: socket.socket) -> int:
     import uvicorn
     from mlx_lm.utils import load_tokenizer
 
@@ -88,21 +125,28 @@ def _serve_api(args: argparse.Namespace, runner, figures: list) -> int:
     stage = runner.stage
     tokenizer = load_tokenizer(args.model, eos_token_ids=stage.config.get("eos_token_id"))
     coordinator = Coordinator(runner, tokenizer, set(tokenizer.eos_token_ids))
+    context = stage.config.get("max_position_embeddings")
+    if args.max_context:
+        context = min(context, args.max_context) if context else args.max_context
+    nodes = _nodes(args.split, figures)
     info = {
         "ranks": len(args.split),
         "split": args.split,
+        "plan": {"split": args.split, "layers": [n["layers"] for n in nodes]},
+        "nodes": nodes,
+        "context": context,
         "vocab_size": stage.vocab_size,
         "model_type": stage.config["model_type"],
         "memory": [
             {"rank": int(r), "before_weights": int(b), "peak_rss": int(p), "weights": int(w)}
-            for r, b, p, w in figures
+            for r, b, p, w, *_ in figures
         ],
     }
     name = args.name or os.path.basename(os.path.normpath(args.model))
     app = create_app(coordinator, name, info)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     _log(0, f"serving on http://{args.host}:{args.port}")
     try:

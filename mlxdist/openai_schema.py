@@ -1,0 +1,122 @@
+"""The API's requests, checked strictly, and its errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+# Unknown fields (tools, logprobs, penalties...) are accepted and ignored, as most servers do;
+# the fields below must have the right type: "5" is not a number.
+_STRICT = ConfigDict(strict=True, extra="allow")
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    model_config = _STRICT
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name for max_tokens
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    return_token_ids: bool = False  # mlxdist extension: the generated ids in each choice
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else self.stop
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    # "deepseek": the text inside <think>...</think> goes to reasoning_content; "none": all of
+    # it stays in content, as generated.
+    reasoning_format: Literal["deepseek", "none"] = "deepseek"
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[int]
+
+
+class LogitsRequest(BaseModel):
+    prompt: list[int] = Field(min_length=1)
+
+
+class APIError(Exception):
+    """A request the server refuses; becomes an OpenAI-style error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = (
+            status,
+            message,
+            param,
+            code,
+            kind,
+        )
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """One readable message for pydantic's errors about a request body."""
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ())][1:]  # drop "body"
+    if first["type"] == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "malformed")
+        return APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json")
+    if not loc:
+        if first["type"] == "missing":
+            return APIError(400, "the request has no body: send a JSON object")
+        return APIError(400, "the request body must be a JSON object")
+    param = loc[0] + "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc[1:])
+    messages = [f"{param}: {first['msg']}"]
+    if len(errors) > 1:
+        messages.append(f"({len(errors) - 1} more problems)")
+    return APIError(400, " ".join(messages), param=param)

@@ -1,0 +1,84 @@
+"""Splits a model's output into its reasoning (inside <think>...</think>) and its answer.
+
+As DeepSeek's own API: `reasoning_content` is the text between the tags as generated, `content`
+the text after `</think>` without the whitespace that follows the tag (R1 writes a blank line).
+The output may begin inside the block (the prompt ended with `<think>`, as R1's template does)
+or open it itself; only a block at the start counts, a later `<think>` is part of the answer.
+"""
+
+from __future__ import annotations
+
+OPEN, CLOSE = "<think>", "</think>"
+
+_START, _THINK, _AFTER, _CONTENT = "start", "think", "after", "content"
+
+
+def prompt_opens_think(prompt_text: str) -> bool:
+    """True when the prompt leaves the model inside a think block."""
+    return prompt_text.rstrip().endswith(OPEN)
+
+
+def _held_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of text that could be the start of tag."""
+    for n in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class ReasoningSplitter:
+    """Fed the output piece by piece, returns (reasoning, content) for each piece.
+
+    A tag cut across pieces ("</thi" + "nk>") is held back until it is whole or cannot be one.
+    """
+
+    def __init__(self, in_think: bool = False):
+        self.state = _THINK if in_think else _START
+        self.held = ""
+
+    @property
+    def thinking(self) -> bool:
+        return self.state == _THINK
+
+    def feed(self, text: str) -> tuple[str, str]:
+        buf, self.held = self.held + text, ""
+        reasoning, content = [], []
+        while buf:
+            if self.state == _START:
+                lead = buf.lstrip()
+                if lead.startswith(OPEN):
+                    self.state, buf = _THINK, lead[len(OPEN) :]
+                elif OPEN.startswith(lead):  # whitespace, or a tag not yet whole
+                    self.held, buf = buf, ""
+                else:
+                    self.state = _CONTENT
+            elif self.state == _THINK:
+                end = buf.find(CLOSE)
+                if end >= 0:
+                    reasoning.append(buf[:end])
+                    self.state, buf = _AFTER, buf[end + len(CLOSE) :]
+                else:
+                    keep = _held_suffix(buf, CLOSE)
+                    reasoning.append(buf[: len(buf) - keep])
+                    self.held, buf = buf[len(buf) - keep :], ""
+            elif self.state == _AFTER:
+                buf = buf.lstrip()
+                if buf:
+                    self.state = _CONTENT
+            else:
+                content.append(buf)
+                buf = ""
+        return "".join(reasoning), "".join(content)
+
+    def finish(self) -> tuple[str, str]:
+        """What was held back, once the output has ended."""
+        held, self.held = self.held, ""
+        return (held, "") if self.state == _THINK else ("", held)
+
+
+def split_reasoning(text: str, in_think: bool = False) -> tuple[str, str]:
+    """The whole output's (reasoning, content)."""
+    splitter = ReasoningSplitter(in_think)
+    r1, c1 = splitter.feed(text)
+    r2, c2 = splitter.finish()
+    return r1 + r2, c1 + c2

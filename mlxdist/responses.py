@@ -1,0 +1,120 @@
+"""OpenAI's response bodies for one request: chunks as the answer streams, or the whole answer."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from .openai_schema import Sampling
+from .reasoning import ReasoningSplitter
+
+
+class Output:
+    """One request's answer as OpenAI's response bodies: chunks as it streams, or whole."""
+
+    def __init__(self, req: Sampling, model: str, chat: bool, think: bool | None):
+        self.req, self.model, self.chat = req, model, chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.splitter = None if think is None else ReasoningSplitter(think)
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+        self.ids: list[int] = []
+        self.reasoning_tokens = 0
+
+    def _split(self, text: str, last: bool = False) -> tuple[str, str]:
+        if self.splitter is None:
+            return "", text
+        r, c = self.splitter.feed(text)
+        if last:
+            r2, c2 = self.splitter.finish()
+            r, c = r + r2, c + c2
+        return r, c
+
+    def token(self, data: dict) -> tuple[str, str]:
+        """Takes one token's event; returns its (reasoning, content) text."""
+        self.ids.append(data["id"])
+        if self.splitter is not None and self.splitter.thinking:
+            self.reasoning_tokens += 1
+        r, c = self._split(data["text"])
+        self.reasoning.append(r)
+        self.content.append(c)
+        return r, c
+
+    def tail(self, data: dict) -> tuple[str, str]:
+        r, c = self._split(data["text"], last=True)
+        self.reasoning.append(r)
+        self.content.append(c)
+        return r, c
+
+    def _head(self) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion") + (
+            ".chunk" if self.chat and self.req.stream else ""
+        )
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def usage(self, data: dict) -> dict:
+        usage = {
+            "prompt_tokens": data["prompt_tokens"],
+            "completion_tokens": data["completion_tokens"],
+            "total_tokens": data["prompt_tokens"] + data["completion_tokens"],
+            # mlxdist's timings, in seconds from the request's arrival
+            "queue_time": round(data["queue_time"], 6),
+            "time_to_first_token": round(data["time_to_first_token"], 6),
+            "decode_tokens_per_second": round(data["decode_tokens_per_second"], 3),
+        }
+        if self.splitter is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return usage
+
+    def whole(self, done: dict) -> dict:
+        self.tail(done)
+        choice: dict = {"index": 0, "finish_reason": finish_reason(done["finish_reason"])}
+        content = "".join(self.content)
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": content}
+            if self.splitter is not None:
+                choice["message"]["reasoning_content"] = "".join(self.reasoning) or None
+        else:
+            choice["text"] = content
+            choice["logprobs"] = None
+        if self.req.return_token_ids:
+            choice["token_ids"] = self.ids
+        return self._head() | {"choices": [choice], "usage": self.usage(done)}
+
+    def chunk(
+        self, delta: dict | None = None, reason: str | None = None, ids: list[int] | None = None
+    ) -> str:
+        choice: dict = {"index": 0}
+        if self.chat:
+            choice["delta"] = delta or {}
+        else:
+            choice["text"] = (delta or {}).get("content", "")
+            choice["logprobs"] = None
+        choice["finish_reason"] = reason
+        if ids is not None:
+            choice["token_ids"] = ids
+        return sse(self._head() | {"choices": [choice]})
+
+    def usage_chunk(self, done: dict) -> str:
+        """The last chunk, when the client asked for usage: no choices, the counts."""
+        return sse(self._head() | {"choices": [], "usage": self.usage(done)})
+
+    def deltas(self, r: str, c: str, ids: list[int] | None = None) -> list[str]:
+        """The chunks for a piece of text: its reasoning first, then its content."""
+        out = []
+        if r:
+            out.append(self.chunk({"reasoning_content": r}, ids=ids))
+            ids = [] if ids is not None else None
+        if c or (ids and not r):
+            out.append(self.chunk({"content": c}, ids=ids))
+        return out
+
+
+def sse(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def finish_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
