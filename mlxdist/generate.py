@@ -34,12 +34,40 @@ def generate_tokens(
         runner.step(head[i : i + PREFILL_CHUNK], Step(0, flags, **sampling))
         flags = 0
     token = runner.step(prompt[-1:], Step(0, flags | SAMPLE, **sampling))
+    if runner.size == 1:
+        yield from _decode_overlapped(runner, token, max_tokens, eos_ids)
+        return
     for n in range(max_tokens):
         t = token.item()
         yield t
         if t in eos_ids or n + 1 == max_tokens:
             return
         token = runner.step([t], Step(0, SAMPLE))
+
+
+def _decode_overlapped(
+    runner: Runner, token: mx.array, max_tokens: int, eos_ids: set[int] | frozenset[int]
+) -> Iterator[int]:
+    """One rank, no ring: as mlx-lm's generate_step, the next step is built and queued while
+    the current one computes, so Python's share of a step overlaps MLX's. The same operations
+    as Runner.step on the last rank, so the same tokens."""
+    stage = runner.stage
+
+    def step(y: mx.array) -> mx.array:
+        h = stage.forward(stage.embed(y[None]), runner.cache)
+        logits = stage.logits(h[:, -1, :])
+        return runner.sampler(logits - mx.logsumexp(logits, keepdims=True)).astype(mx.int32)
+
+    for n in range(max_tokens):
+        last = n + 1 == max_tokens
+        if not last:
+            following = step(token)
+            mx.async_eval(following)
+        t = token.item()
+        yield t
+        if t in eos_ids or last:
+            return
+        token = following
 
 
 def last_logits(runner: Runner, prompt: list[int]) -> mx.array:
