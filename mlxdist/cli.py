@@ -146,6 +146,133 @@ def _converse(running, prompt: str | None, chat: bool, params: dict) -> None:
         running.stop()
 
 
+# -- serve and chat: the cluster with its API alone, and the chat against any server --------
+
+
+@app.command()
+def serve(
+    model: str | None = typer.Argument(None, help="model folder or .gguf file (default: demo)"),
+    local: int | None = typer.Option(None, "--local", help="ranks on this machine (default 2)"),
+    hosts: Path | None = typer.Option(None, help="hosts.toml: one rank per host, via agents"),
+    secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
+    split: str | None = typer.Option(None, help="layers per rank, e.g. 10,20 (--local)"),
+    context: int = typer.Option(4096, min=1, help="tokens of context to plan memory for"),
+    max_context: int | None = typer.Option(
+        None, "--max-context", min=1, help="most tokens per request (--local; default: model's)"
+    ),
+    host: str | None = typer.Option(
+        None, help="address the API listens on (--local; default 127.0.0.1, this machine only)"
+    ),
+    port: int = typer.Option(8080, min=1, max=65535, help="the API's port"),
+) -> None:
+    """Run the cluster with its OpenAI-style HTTP API only, until Ctrl-C."""
+    from launcher.secret import SecretError
+
+    try:
+        if hosts and (local or split or host or max_context):
+            raise UserError("--local, --split, --host and --max-context are not for --hosts")
+        path = _launch_model(model)
+        if hosts:
+            from .cluster import start_agents_cluster
+
+            secret = _secret(secret_file)
+            running = start_agents_cluster(path, hosts, None, [], secret, context, port)
+        else:
+            running = _serve_here(path, local or 2, split, host or "127.0.0.1", port, max_context)
+        _serve_until_stopped(running, path.name)
+    except (*_user_errors(), SecretError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("\nstopped: every rank stopped", err=True)
+
+
+def _serve_here(
+    path: Path, ranks: int, split: str | None, host: str, port: int, max_context: int | None
+):
+    import os
+    import socket
+
+    from launcher.local import start_local, wait_ready
+    from quantize.checkpoint import inspect_model
+
+    parts = _parse_split(split, ranks, inspect_model(path).num_layers)
+    try:  # another server on the port would answer the readiness check in our place
+        socket.create_server((host, port)).close()
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise UserError(f"cannot listen on {host}:{port}: {reason}") from None
+    env = {"MLXDIST_MAX_CONTEXT": str(max_context)} if max_context else None
+    running = start_local(path, parts, host=host, port=port, env=env)
+    try:
+        typer.echo(f"loading {path.name} on {len(parts)} ranks (layers {parts})...", err=True)
+        wait_ready(running)
+    except BaseException:
+        running.stop()
+        raise
+    return running
+
+
+def _rank_failure(running) -> str | None:
+    if hasattr(running, "failure"):  # ranks started by agents
+        return running.failure()
+    for rank, proc in enumerate(running.procs):
+        if proc.poll() is not None:
+            tail = running.log_tail(rank, 1) or "no output"
+            return f"rank {rank} exited with code {proc.returncode}: {tail}"
+    return None
+
+
+def _serve_until_stopped(running, name: str) -> None:
+    import signal
+    import time
+
+    def stop(*_) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a service manager's stop, as Ctrl-C
+    try:
+        typer.echo(f"serving {name} at {running.url}/v1 (Ctrl-C stops every rank)")
+        while (failure := _rank_failure(running)) is None:
+            time.sleep(1.0)
+        raise UserError(failure)
+    finally:
+        running.stop()
+
+
+@app.command()
+def chat(
+    url: str = typer.Option(..., "--url", help="the server, e.g. http://127.0.0.1:8080"),
+    model: str | None = typer.Option(None, help="model name (default: the server's first)"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=0, help="default: server's"),
+    temp: float | None = typer.Option(None, "--temp", min=0.0, help="default: server's"),
+    seed: int | None = typer.Option(None, min=0),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="OPENAI_API_KEY", help="sent as a bearer token, if given"
+    ),
+) -> None:
+    """Open the chat against a running mlxdist cluster or any OpenAI-compatible server."""
+    from .client import headers_for, list_models
+    from .repl import repl
+
+    headers = headers_for(api_key)
+    try:
+        if model is None:
+            names = list_models(url, headers)
+            if not names:
+                raise UserError(f"{url} serves no model: name one with --model")
+            model = names[0]
+        params: dict = {"model": model}
+        for key, value in (("max_tokens", max_tokens), ("temperature", temp), ("seed", seed)):
+            if value is not None:
+                params[key] = value
+        repl(url, params, headers)
+    except _user_errors() as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("", err=True)
+        raise typer.Exit(130) from None
+
+
 @app.command("quantize")
 def quantize_cmd(
     src: str = typer.Argument(..., help="model folder, .gguf file, or Hugging Face repo id"),

@@ -1,4 +1,4 @@
-"""A small client for the coordinator's OpenAI-style API, reading server-sent events."""
+"""A small client for OpenAI-style APIs (mlxdist's own or any other), reading server-sent events."""
 
 from __future__ import annotations
 
@@ -7,54 +7,111 @@ from collections.abc import Iterator
 
 import httpx
 
+TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+
 
 class ClientError(Exception):
     """The server could not be reached or answered with an error."""
 
 
+def base_url(url: str) -> str:
+    """The server's root: "http://h:p", "http://h:p/" and "http://h:p/v1" all mean the same."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def headers_for(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def list_models(url: str, headers: dict | None = None) -> list[str]:
+    """The model ids the server offers."""
+    endpoint = f"{base_url(url)}/v1/models"
+    try:
+        r = httpx.get(endpoint, headers=headers, timeout=TIMEOUT)
+    except httpx.HTTPError as e:
+        raise ClientError(f"cannot reach {base_url(url)}: {e}") from None
+    if r.status_code != 200:
+        raise ClientError(f"{endpoint} answered {r.status_code}: {_detail(r)}")
+    try:
+        return [m["id"] for m in r.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        raise ClientError(f"{endpoint} did not answer with a list of models") from None
+
+
 def stream_chat(
-    url: str, messages: list[dict], timeout: float = 600.0, **params
+    url: str, messages: list[dict], headers: dict | None = None, **params
 ) -> Iterator[tuple[str, dict]]:
-    """Yields ("text", {"text"}) for each piece of the answer, then ("done", {"usage", ...})."""
+    """Yields ("reasoning", {"text"}) and ("text", {"text"}) as the answer streams, then
+    ("done", {"finish_reason", "usage"}); usage is None from a server that does not count."""
     body = {"messages": messages, "stream": True, **params}
-    yield from _stream(f"{url}/v1/chat/completions", body, timeout, chat=True)
+    body["stream_options"] = {"include_usage": True}
+    yield from _stream(f"{base_url(url)}/v1/chat/completions", body, headers, chat=True)
 
 
 def stream_completion(
-    url: str, prompt: str, timeout: float = 600.0, **params
+    url: str, prompt: str, headers: dict | None = None, **params
 ) -> Iterator[tuple[str, dict]]:
     body = {"prompt": prompt, "stream": True, **params}
-    yield from _stream(f"{url}/v1/completions", body, timeout, chat=False)
+    body["stream_options"] = {"include_usage": True}
+    yield from _stream(f"{base_url(url)}/v1/completions", body, headers, chat=False)
 
 
-def _stream(url: str, body: dict, timeout: float, chat: bool) -> Iterator[tuple[str, dict]]:
+def _stream(url: str, body: dict, headers: dict | None, chat: bool) -> Iterator[tuple[str, dict]]:
+    done: dict = {"finish_reason": None, "usage": None}
     try:
-        with httpx.stream("POST", url, json=body, timeout=timeout) as r:
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=TIMEOUT) as r:
             if r.status_code != 200:
                 r.read()
                 raise ClientError(f"{url} answered {r.status_code}: {_detail(r)}")
             for line in r.iter_lines():
-                if not line.startswith("data: "):
+                if not line.startswith("data:"):
                     continue
-                data = line[6:]
+                data = line[5:].strip()
                 if data == "[DONE]":
-                    return
+                    break
                 event = json.loads(data)
-                if "error" in event:
-                    raise ClientError(event["error"].get("message", "unknown error"))
-                choice = event["choices"][0]
-                text = choice.get("delta", {}).get("content") if chat else choice.get("text")
-                if text:
-                    yield "text", {"text": text}
-                if choice.get("finish_reason"):
-                    yield "done", {"finish_reason": choice["finish_reason"], **event}
+                if event.get("error"):
+                    error = event["error"]
+                    raise ClientError(
+                        error.get("message", str(error)) if isinstance(error, dict) else str(error)
+                    )
+                if event.get("usage"):
+                    done["usage"] = event["usage"]
+                for choice in event.get("choices") or []:
+                    yield from _pieces(choice, chat)
+                    if choice.get("finish_reason"):
+                        done["finish_reason"] = choice["finish_reason"]
     except httpx.HTTPError as e:
-        raise ClientError(f"lost the connection to {url}: {e}") from None
+        raise ClientError(f"lost the connection to {url}: {e or type(e).__name__}") from None
+    except json.JSONDecodeError:
+        raise ClientError(f"{url} sent an event that is not JSON") from None
+    yield "done", done
+
+
+def _pieces(choice: dict, chat: bool) -> Iterator[tuple[str, dict]]:
+    if not chat:
+        if choice.get("text"):
+            yield "text", {"text": choice["text"]}
+        return
+    delta = choice.get("delta") or {}
+    # DeepSeek's name first; some servers call it "reasoning"
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    if reasoning:
+        yield "reasoning", {"text": reasoning}
+    if delta.get("content"):
+        yield "text", {"text": delta["content"]}
 
 
 def _detail(r: httpx.Response) -> str:
     try:
-        detail = r.json().get("detail", r.text)
+        body = r.json()
     except ValueError:
         return r.text[:200]
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    detail = body.get("detail", body) if isinstance(body, dict) else body
     return detail if isinstance(detail, str) else json.dumps(detail)[:300]
