@@ -15,7 +15,7 @@ from launcher.discovery import Advertiser
 from launcher.hostfacts import HostFacts, collect
 from launcher.secret import config_dir, create_secret, default_secret_path, load_secret
 
-AGENT_PORT = 52415
+AGENT_PORT = 52417
 console = Console(stderr=True, soft_wrap=True)
 
 

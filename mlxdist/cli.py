@@ -324,13 +324,14 @@ def plan_cmd(
     batch: int = typer.Option(1, min=1, help="sequences decoded at once"),
     bits: int = typer.Option(4, help="width planned for a model not yet quantised"),
     as_json: bool = typer.Option(False, "--json", help="the plan as JSON (for quantize --plan)"),
+    link: str = typer.Option("tb5", help="link for the prediction: tb5, tb4 or rdma"),
 ) -> None:
     """Plan who holds what: layers per node weighted by memory after the KV cache."""
     from .plan_cli import plan_command
 
     try:
         code = plan_command(
-            model, str(hosts) if hosts else None, simulate, context, batch, bits, as_json
+            model, str(hosts) if hosts else None, simulate, context, batch, bits, as_json, link
         )
     except (*_user_errors(), ValueError) as e:
         _fail(str(e))
@@ -359,7 +360,7 @@ def init(
 def agent(
     cluster: str = typer.Option("default", help="cluster name: launchers find only their own"),
     interface: list[str] = typer.Option([], help="interface to listen and advertise on"),
-    port: int = typer.Option(52415, help="the agent's port"),
+    port: int = typer.Option(52417, help="the agent's port"),
     secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
     models_dir: Path | None = typer.Option(None, "--models-dir", help="where shards are kept"),
 ) -> None:

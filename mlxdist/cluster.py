@@ -20,7 +20,7 @@ from launcher.topology import (
     setup_commands,
 )
 
-AGENT_PORT = 52415
+AGENT_PORT = 52417
 
 
 def _with_facts(nodes: list[Node]) -> list[Node]:

@@ -69,7 +69,7 @@ def test_ring_over_cables(tiny_r1, tmp_path, addressed):
             cables.append((a, b, ia, ib))
         envs = fake_ports(tmp_path, hosts, cables)
         launcher_env, out = prepare(tiny_r1, tmp_path)
-        machines = [Machine(h.name, h.ip, 52415) for h in hosts]
+        machines = [Machine(h.name, h.ip, 52417) for h in hosts]
         agents = start_agents(
             machines, "eth0", tmp_path, ["beta", "alpha", "alpha", "alpha"], lambda i: envs[i]
         )

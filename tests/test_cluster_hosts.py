@@ -44,10 +44,10 @@ def machines(tmp_path_factory):
     why = available()
     if why is None:
         with bridged_hosts(4) as hosts:
-            yield [Machine(h.name, h.ip, 52415) for h in hosts], "eth0"
+            yield [Machine(h.name, h.ip, 52417) for h in hosts], "eth0"
         return
     print(f"\nnetwork namespaces unavailable ({why}): running on loopback with separate ports")
-    yield [Machine("", "127.0.0.1", 52415 + i) for i in range(4)], "lo"
+    yield [Machine("", "127.0.0.1", 52417 + i) for i in range(4)], "lo"
 
 
 def start_agents(hosts, interface, work: Path, clusters: list[str], extra_env=None) -> list:
