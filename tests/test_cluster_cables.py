@@ -14,9 +14,9 @@ from conftest import ROOT
 from netns import available, bridged_hosts, cable
 from test_cluster_hosts import (
     Machine,
+    assert_no_rank_left,
     launch_args,
     prepare,
-    rank_processes,
     reference_text,
     start_agents,
     stop_agents,
@@ -97,6 +97,6 @@ def test_ring_over_cables(tiny_r1, tmp_path, addressed):
                 assert "Traceback" not in done.stderr
                 assert "these cables have no addresses" in done.stderr
                 assert "sudo ifconfig" in done.stderr
-            assert rank_processes(machines) == []
+            assert_no_rank_left(machines)
         finally:
             stop_agents(agents)

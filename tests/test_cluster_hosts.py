@@ -121,6 +121,14 @@ def rank_processes(hosts) -> list[int]:
     return pids
 
 
+def assert_no_rank_left(hosts, wait: float = 10.0) -> None:
+    """No rank process remains on any machine (after a short wait for them to exit)."""
+    deadline = time.monotonic() + wait
+    while rank_processes(hosts) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rank_processes(hosts) == []
+
+
 def reference_text(model: Path) -> str:
     """What one mlx-lm process answers, greedy, for the same raw prompt."""
     m, tokenizer = load(str(model))
@@ -179,10 +187,7 @@ def test_launch_across_three_hosts_equals_one_process(cluster):
             assert pushed == []
         else:
             assert len(pushed) == 1 and pushed[0].parent.parent.name == "nodes"
-    deadline = time.monotonic() + 10
-    while rank_processes(hosts) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert rank_processes(hosts) == []
+    assert_no_rank_left(hosts)
 
 
 def test_launch_from_a_hosts_file(cluster, tmp_path):
@@ -203,10 +208,7 @@ def test_launch_from_a_hosts_file(cluster, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip("\n") == reference_text(out)
-    deadline = time.monotonic() + 10
-    while rank_processes(hosts) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert rank_processes(hosts) == []
+    assert_no_rank_left(hosts)
 
 
 STAND_IN_SSH = """#!/bin/sh
@@ -246,7 +248,4 @@ def test_launch_over_ssh_where_no_agent_runs(cluster, tmp_path):
     print(done.stderr[-2000:])
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip("\n") == reference_text(out)
-    deadline = time.monotonic() + 10
-    while rank_processes(hosts) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert rank_processes(hosts) == []
+    assert_no_rank_left(hosts)
