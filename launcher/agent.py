@@ -97,6 +97,7 @@ class StartRank(BaseModel):
     http_port: int = Field(ge=1024, le=65535)
     name: str
     backend: Literal["ring"] = "ring"
+    max_context: int | None = Field(None, ge=1, le=10_000_000)
 
     @field_validator("http_host")
     @classmethod
@@ -344,6 +345,7 @@ def rank_argv(python: str, model: Path, req: StartRank) -> list[str]:
         req.name,
         "--backend",
         req.backend,
+        *(["--max-context", str(req.max_context)] if req.max_context else []),
     ]
 
 

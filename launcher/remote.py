@@ -106,6 +106,7 @@ def start_remote(
     http_port: int = HTTP_PORT,
     run_dir: Path | None = None,
     ring_ips: list[list[str]] | None = None,
+    max_context: int | None = None,
 ) -> RemoteCluster:
     """Starts rank r on nodes[r] from its folder; rank 0 serves the API on its host.
 
@@ -135,6 +136,7 @@ def start_remote(
                 http_port=http_port,
                 name=name,
                 backend="ring",
+                **({"max_context": max_context} if max_context else {}),
             )
             run_ids.append(started["id"])
     except AgentError as e:

@@ -66,6 +66,8 @@ class SshClient:
         argv += ["--split", ",".join(map(str, p["split"])), "--host", p["http_host"]]
         argv += ["--port", str(p["http_port"]), "--name", p["name"]]
         argv += ["--backend", p.get("backend", "ring")]
+        if p.get("max_context"):
+            argv += ["--max-context", str(int(p["max_context"]))]
         pidfile = f"/tmp/mlxdist-{run_id}.pid"
         world = len(p["split"])
         script = rank_script(p["rank"], world, p["hostfile"], self.python, argv, pidfile)

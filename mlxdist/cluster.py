@@ -187,7 +187,13 @@ def start_agents_cluster(
 
         folders = push_shards(model, nodes, progress)
     running = start_remote(
-        nodes, folders, split, name=model.name, http_port=port or HTTP_PORT, ring_ips=ring_ips
+        nodes,
+        folders,
+        split,
+        name=model.name,
+        http_port=port or HTTP_PORT,
+        ring_ips=ring_ips,
+        max_context=context,  # the plan holds this much KV cache: longer requests are refused
     )
     try:
         with console.status(f"loading {model.name} on {len(nodes)} nodes..."):

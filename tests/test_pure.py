@@ -110,3 +110,17 @@ def test_step_round_trip(step):
     assert back.length == step.length and back.flags == step.flags and back.cmd == step.cmd
     assert back.dtype == step.dtype and back.seed == step.seed
     assert back.temp == pytest.approx(step.temp) and back.top_p == pytest.approx(step.top_p)
+
+
+def test_agent_rank_argv_carries_max_context():
+    from pathlib import Path
+
+    from launcher.agent import StartRank, rank_argv
+
+    base = {"model": "m", "split": [2, 2], "rank": 1, "http_host": "10.0.0.1"}
+    base |= {"http_port": 8080, "name": "m", "hostfile": [["10.0.0.1:1"], ["10.0.0.2:1"]]}
+    argv = rank_argv("py", Path("/models/m"), StartRank(**base, max_context=4096))
+    assert argv[-2:] == ["--max-context", "4096"]
+    assert "--max-context" not in rank_argv("py", Path("/models/m"), StartRank(**base))
+    with pytest.raises(ValueError):
+        StartRank(**base, max_context=0)
