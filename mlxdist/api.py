@@ -137,6 +137,16 @@ def create_app(coordinator: Coordinator, model_name: str, info: dict) -> FastAPI
             raise APIError(500, data["message"], kind="server_error")
         return {"logits": data["values"]}
 
+    @app.get("/mlxdist/stats")
+    async def stats():
+        """Bytes each rank has sent (hidden states and token ids apart from control) and steps."""
+        job = Job(prompt=[], max_tokens=0, stats=True, loop=asyncio.get_running_loop())
+        coordinator.submit(job)
+        kind, data = await job.events.get()
+        if kind == "error":
+            raise APIError(500, data["message"], kind="server_error")
+        return {"ranks": data["ranks"]}
+
     async def respond(req: Sampling, job: Job, request: Request, chat: bool, think=None):
         coordinator.submit(job)
         out = Output(req, model_name, chat, think)

@@ -25,6 +25,7 @@ class Job:
     seed: int = -1
     stop: list[str] = field(default_factory=list)
     logits: bool = False  # return the last position's logits instead of generating
+    stats: bool = False  # return every rank's traffic counters instead of generating
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -68,6 +69,9 @@ class Coordinator:
         try:
             if job.logits:
                 job.emit("logits", values=last_logits(self.runner, job.prompt).tolist())
+                return
+            if job.stats:
+                job.emit("stats", ranks=self.runner.stats())
                 return
             self._generate(job)
         except Exception as e:  # a failed job must not take the loop down with it

@@ -15,7 +15,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .stage import Stage
 
-CMD_STEP, CMD_STOP = 1, 2
+CMD_STEP, CMD_STOP, CMD_STATS = 1, 2, 3
 NEW, SAMPLE, LOGITS = 1, 2, 4  # step flags: new sequence, reply with a token, reply with logits
 _DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 _CTRL = 8
@@ -62,11 +62,16 @@ class Runner:
         self.size = group.size()
         self.cache = stage.make_cache()
         self.sampler = make_sampler(0.0)
-        self.bytes_sent = 0
+        self.data_bytes = 0  # hidden states, token ids, logits
+        self.control_bytes = 0  # control vectors
+        self.steps = 0
 
-    def _send(self, x: mx.array, dst: int) -> None:
+    def _send(self, x: mx.array, dst: int, control: bool = False) -> None:
         mx.eval(mx.distributed.send(x, dst, group=self.group))
-        self.bytes_sent += x.nbytes
+        if control:
+            self.control_bytes += x.nbytes
+        else:
+            self.data_bytes += x.nbytes
 
     def _recv(self, shape: tuple, dtype: mx.Dtype, src: int) -> mx.array:
         x = mx.distributed.recv(shape, dtype, src, group=self.group)
@@ -80,11 +85,12 @@ class Runner:
                 self.sampler = make_sampler(step.temp, step.top_p)
                 if step.seed >= 0:
                     mx.random.seed(step.seed)
+        self.steps += 1
         h = self.stage.forward(h, self.cache)
         if not self.stage.is_last:
             mx.eval(h)
             step.dtype = h.dtype  # layers may promote it (e.g. float32 norms on float16 input)
-            self._send(step.encode(), self.rank + 1)
+            self._send(step.encode(), self.rank + 1, control=True)
             self._send(h, self.rank + 1)
             return None
         if not step.flags & (SAMPLE | LOGITS):
@@ -114,16 +120,38 @@ class Runner:
     def stop(self) -> None:
         """Rank 0: tells every other rank to leave its loop."""
         if self.size > 1:
-            self._send(Step(0, 0, cmd=CMD_STOP).encode(), 1)
+            self._send(Step(0, 0, cmd=CMD_STOP).encode(), 1, control=True)
+
+    def _gather_stats(self) -> list[dict]:
+        mine = mx.array([[self.rank, self.data_bytes, self.control_bytes, self.steps]], mx.int64)
+        if self.size > 1:
+            mine = mx.distributed.all_gather(mine, group=self.group)
+        mx.eval(mine)
+        rows = mine.tolist()
+        keys = ("rank", "data_bytes", "control_bytes", "steps")
+        return [dict(zip(keys, row)) for row in rows]
+
+    def stats(self) -> list[dict]:
+        """Rank 0: every rank's bytes sent and steps taken so far (the request itself uncounted)."""
+        counts = (self.data_bytes, self.control_bytes)
+        if self.size > 1:
+            self._send(Step(0, 0, cmd=CMD_STATS).encode(), 1, control=True)
+        self.data_bytes, self.control_bytes = counts
+        return self._gather_stats()
 
     def serve(self) -> None:
         """Ranks 1..N-1: take steps from the previous rank until told to stop."""
         prev = self.rank - 1
         while True:
             step = Step.decode(self._recv((_CTRL,), mx.int32, prev))
-            if step.cmd == CMD_STOP:
+            if step.cmd in (CMD_STOP, CMD_STATS):
                 if not self.stage.is_last:
-                    self._send(step.encode(), self.rank + 1)
-                return
+                    counts = (self.data_bytes, self.control_bytes)
+                    self._send(step.encode(), self.rank + 1, control=True)
+                    self.data_bytes, self.control_bytes = counts
+                if step.cmd == CMD_STOP:
+                    return
+                self._gather_stats()  # every rank joins the all_gather rank 0 started
+                continue
             h = self._recv((1, step.length, self.stage.hidden_size), step.dtype, prev)
             self._apply(step, h)
