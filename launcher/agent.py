@@ -50,6 +50,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # never starts with "-":
 _COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PORT = re.compile(r"[0-9]{1,5}")
+_SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,15}")  # en0, bridge0, 4
 
 
 class Refused(Exception):
@@ -72,9 +73,13 @@ class _Disconnected(Exception):
 
 def _check_ip(value: str) -> str:
     try:
-        return str(ipaddress.ip_address(value))
+        ip = ipaddress.ip_address(value)
     except ValueError:
         raise ValueError(f"{value!r} is not an IP address") from None
+    scope = getattr(ip, "scope_id", None)  # ipaddress takes any text after "%" as the scope
+    if scope is not None and not _SCOPE.fullmatch(scope):
+        raise ValueError(f"{value!r}: the scope must be an interface name or number")
+    return str(ip)
 
 
 def _check_ring_entry(entry: str) -> None:
