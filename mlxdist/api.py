@@ -68,6 +68,14 @@ def create_app(coordinator: Coordinator, model_name: str, info: dict) -> FastAPI
             )
         return ids
 
+    def utf8(text: str, param: str) -> str:
+        # JSON's "\ud800" escapes decode to lone surrogates, which the tokenizer cannot encode.
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"{param}: the text holds a lone surrogate", param) from None
+        return text
+
     def make_job(req: Sampling, prompt: list[int], param: str = "prompt") -> Job:
         if req.model not in (None, "", model_name):
             raise APIError(
@@ -116,7 +124,7 @@ def create_app(coordinator: Coordinator, model_name: str, info: dict) -> FastAPI
             )
         except Exception as e:  # the template's own checks (role order, a missing template)
             raise APIError(400, f"the chat template refused the messages: {e}", "messages") from e
-        prompt = tokenizer.encode(text, add_special_tokens=False)
+        prompt = tokenizer.encode(utf8(text, "messages"), add_special_tokens=False)
         # None: no splitting; else whether the output begins inside a think block
         think = prompt_opens_think(text) if req.reasoning_format == "deepseek" else None
         job = make_job(req, prompt, "messages")
@@ -124,7 +132,9 @@ def create_app(coordinator: Coordinator, model_name: str, info: dict) -> FastAPI
 
     @app.post("/v1/completions")
     async def complete(req: CompletionRequest, request: Request):
-        prompt = req.prompt if isinstance(req.prompt, list) else tokenizer.encode(req.prompt)
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            prompt = tokenizer.encode(utf8(prompt, "prompt"))
         return await respond(req, make_job(req, prompt), request, chat=False)
 
     @app.post("/mlxdist/logits")

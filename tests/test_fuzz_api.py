@@ -1,0 +1,271 @@
+"""The OpenAI-style API of a real 2-rank tiny-r1 cluster, fuzzed with hypothesis.
+
+Valid-looking and invalid JSON bodies, token-id prompts past the vocabulary, and raw non-JSON
+bytes: the server never answers 5xx, and afterwards still generates exactly what it did before.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import httpx
+import pytest
+from conftest import local_cluster
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+HISTOGRAM: Counter[int] = Counter()
+REFERENCE_PROMPT = [1, 2, 3, 4, 5]
+SETTINGS = dict(
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_r1):
+    started = time.monotonic()
+    with local_cluster(tiny_r1, [2, 2]) as (url, health):
+        with httpx.Client(base_url=url, timeout=httpx.Timeout(30.0)) as http:
+            yield http, health
+    print(f"\ncluster up and fuzzed for {time.monotonic() - started:.0f}s")
+
+
+def greedy(http: httpx.Client) -> tuple[list[int], str]:
+    body = {"prompt": REFERENCE_PROMPT, "max_tokens": 8, "temperature": 0.0}
+    r = http.post("/v1/completions", json=body | {"return_token_ids": True})
+    r.raise_for_status()
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
+    c = http.post("/v1/chat/completions", json=chat)
+    c.raise_for_status()
+    return r.json()["choices"][0]["token_ids"], c.json()["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    return greedy(server[0])
+
+
+def post(http: httpx.Client, path: str, content: bytes, content_type: str | None) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    r = http.post(path, content=content, headers=headers)
+    HISTOGRAM[r.status_code] += 1
+    where = f"{path} {content[:300]!r}"
+    assert r.status_code < 500, f"{where}: {r.status_code} {r.text[:500]}"
+    if r.status_code == 200 and r.headers.get("content-type", "").startswith("text/event-stream"):
+        assert "server_error" not in r.text, f"{where}: {r.text[:500]}"
+
+
+def post_json(http: httpx.Client, path: str, body) -> None:
+    post(http, path, json.dumps(body, allow_nan=True).encode(), "application/json")
+
+
+# --- strategies ------------------------------------------------------------------------------
+
+
+def mostly(valid: st.SearchStrategy, invalid: st.SearchStrategy) -> st.SearchStrategy:
+    """valid about four times in five: whole requests are then often valid."""
+    return st.sampled_from([valid] * 4 + [invalid]).flatmap(lambda s: s)
+
+
+HUGE = st.one_of(
+    st.integers(min_value=2**31, max_value=2**80), st.integers(max_value=-1, min_value=-(2**80))
+)
+ANY_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | HUGE
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+# A max_tokens that is refused or small: nothing accepted generates more than 3 tokens.
+LIMIT = mostly(
+    st.integers(0, 3),
+    st.one_of(
+        st.integers(max_value=-1),
+        st.floats(allow_nan=True),
+        st.text(max_size=3),
+        st.booleans(),
+        st.lists(st.integers(0, 3), max_size=2),
+    ),
+)
+TEXT = st.text(max_size=40) | st.sampled_from(["", "<think>", "</think>", "\u202e\u0000\ufeff"])
+
+
+def sampling(vocab: int, model: str) -> dict:
+    return dict(
+        model=mostly(st.sampled_from([None, "", model]), st.sampled_from(["gpt-4"]) | ANY_JSON),
+        temperature=mostly(st.floats(0.0, 2.0), st.sampled_from([-1.0, 2.5, 1e308]) | ANY_JSON),
+        top_p=mostly(st.floats(0.01, 1.0), st.sampled_from([0.0, -0.5, 1.5]) | ANY_JSON),
+        seed=mostly(st.integers(0, 2**31 - 1), HUGE | ANY_JSON),
+        stop=mostly(st.none() | TEXT | st.lists(TEXT, max_size=4), st.lists(TEXT) | ANY_JSON),
+        n=mostly(st.just(1), st.sampled_from([2, 0, -1]) | ANY_JSON),
+        stream=mostly(st.booleans(), ANY_JSON),
+        stream_options=mostly(
+            st.none() | st.fixed_dictionaries({"include_usage": st.booleans()}), ANY_JSON
+        ),
+        return_token_ids=mostly(st.booleans(), ANY_JSON),
+        max_completion_tokens=mostly(st.integers(0, 3), HUGE | ANY_JSON),
+        logprobs=ANY_JSON,  # unknown fields are accepted and ignored
+        tools=ANY_JSON,
+    )
+
+
+def bodies(optional: dict, required: dict) -> st.SearchStrategy:
+    """Dicts with the required keys mostly present, any subset of the optional ones, and a
+    max_tokens that keeps every accepted request short."""
+
+    def drop_some(d: dict, keep: list[bool]) -> dict:
+        return {k: v for (k, v), kept in zip(d.items(), keep) if kept}
+
+    req = st.fixed_dictionaries(required)
+    req = st.tuples(
+        req, st.lists(st.sampled_from([True] * 9 + [False]), min_size=len(required))
+    ).map(lambda t: drop_some(*t))  # roughly 1 in 10 misses each required field
+    return st.builds(
+        lambda r, o, limit, extra: {**extra, **o, **r, "max_tokens": limit},
+        req,
+        st.fixed_dictionaries({}, optional=optional),
+        LIMIT,
+        st.dictionaries(st.text(max_size=6), ANY_JSON, max_size=2),
+    )
+
+
+def prompts(vocab: int) -> st.SearchStrategy:
+    ids = st.one_of(
+        st.integers(0, vocab - 1),
+        st.sampled_from([vocab, vocab + 1, -1, -vocab, 2**31, 2**63, -(2**63)]),
+        HUGE,
+    )
+    valid = st.lists(st.integers(0, vocab - 1), min_size=1, max_size=12)
+    invalid = st.one_of(
+        st.lists(ids, max_size=12),
+        st.lists(st.floats() | st.text(max_size=2) | st.booleans(), max_size=3),
+        ANY_JSON,
+    )
+    return st.sampled_from([valid, TEXT, invalid]).flatmap(lambda s: s)
+
+
+def messages() -> st.SearchStrategy:
+    role = st.sampled_from(["system", "developer", "user", "assistant", "tool", "", "USER"])
+    part = st.fixed_dictionaries(
+        {
+            "type": mostly(st.just("text"), st.sampled_from(["image_url", 1])),
+            "text": mostly(TEXT, ANY_JSON),
+        }
+    )
+    content = mostly(TEXT | st.lists(part, max_size=3), st.none() | ANY_JSON)
+    message = mostly(
+        st.fixed_dictionaries({"role": mostly(role, ANY_JSON), "content": content}), ANY_JSON
+    )
+    return mostly(
+        st.lists(message, min_size=1, max_size=4), st.lists(message, max_size=0) | ANY_JSON
+    )
+
+
+RAW = st.one_of(
+    st.binary(max_size=200),
+    st.text(max_size=100).map(lambda s: s.encode("utf-8", "surrogatepass")),
+    st.sampled_from(
+        [
+            b"",
+            b"{",
+            b"null",
+            b"[]",
+            b"[" * 5000,
+            b'{"prompt": [1, 2' * 10,
+            b'{"prompt": "\\ud800", "max_tokens": 1}',
+            b'{"prompt": "a\\udfff", "max_tokens": 1}',
+            b'{"messages": [{"role": "user", "content": "\\ud83d"}], "max_tokens": 1}',
+            b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}],'
+            b' "max_tokens": 1}',
+            b'{"prompt": [1], "max_tokens": 1, "stop": ["\\ud800"]}',
+            b'{"prompt": [1], "max_tokens": 1, "model": "\\ud800"}',
+            b'{"prompt": [1], "max_tokens": 1, "\\ud800": "\\udfff"}',
+            b'{"prompt": [1], "max_tokens": 1, "stream": true, "stop": "\\ud800"}',
+            b'{"prompt": [1], "max_tokens": 1, "temperature": NaN}',
+            b'{"prompt": [1], "max_tokens": 1, "top_p": Infinity}',
+            b'{"prompt": [1], "max_tokens": 1e400}',
+            b'{"prompt": [1e400], "max_tokens": 1}',
+            b"\xef\xbb\xbf{}",
+            b'{"prompt": [1], "max_tokens": 1}\x00',
+        ]
+    ),
+)
+CONTENT_TYPES = st.sampled_from(
+    [None, "application/json", "text/plain", "application/x-www-form-urlencoded", "a/b+json"]
+)
+
+
+# --- the tests -------------------------------------------------------------------------------
+
+
+def test_fuzz_completions(server, reference):
+    http, health = server
+    vocab, model = health["vocab_size"], health["model"]
+    required = {"prompt": prompts(vocab)}
+
+    @settings(max_examples=350, **SETTINGS)
+    @given(bodies(sampling(vocab, model), required))
+    def run(body):
+        post_json(http, "/v1/completions", body)
+
+    run()
+
+
+def test_fuzz_chat(server, reference):
+    http, health = server
+    vocab, model = health["vocab_size"], health["model"]
+    optional = sampling(vocab, model) | {
+        "reasoning_format": st.sampled_from(["deepseek", "none", "other"]) | ANY_JSON
+    }
+
+    @settings(max_examples=350, **SETTINGS)
+    @given(bodies(optional, {"messages": messages()}))
+    def run(body):
+        post_json(http, "/v1/chat/completions", body)
+
+    run()
+
+
+def test_fuzz_any_json_and_raw_bodies(server, reference):
+    http, _ = server
+    path = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/mlxdist/logits"])
+
+    @settings(max_examples=350, **SETTINGS)
+    @given(
+        path,
+        st.one_of(ANY_JSON.map(lambda v: ("json", v)), RAW.map(lambda b: ("raw", b))),
+        CONTENT_TYPES,
+    )
+    def run(where, body, content_type):
+        kind, value = body
+        if kind == "json":
+            if isinstance(value, dict) and where != "/mlxdist/logits":
+                value["max_tokens"] = 1  # a random dict may be a valid request: keep it short
+            if where == "/mlxdist/logits" and isinstance(value, dict):
+                value.pop("prompt", None)  # logits of arbitrary valid prompts is tested elsewhere
+            post(http, where, json.dumps(value, allow_nan=True).encode(), content_type)
+        else:
+            post(http, where, value, content_type)
+
+    run()
+
+
+def test_zz_same_answer_after_fuzzing(server, reference):
+    http, health = server
+    assert http.get("/health").json()["status"] == "ok"
+    assert greedy(http) == reference
+    total = sum(HISTOGRAM.values())
+    print(f"\nfuzzed requests: {total}")
+    print("status histogram: " + ", ".join(f"{k}: {v}" for k, v in sorted(HISTOGRAM.items())))
+    assert total >= 1000, total
