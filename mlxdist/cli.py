@@ -102,7 +102,7 @@ def _secret(path: Path | None) -> bytes:
 
 def _launch_model(model: str | None) -> Path:
     from quantize.checkpoint import inspect_model
-    from quantize.nodes import node_manifest
+    from quantize.nodes import damaged_files, node_manifest
 
     from .models import resolve_model
 
@@ -114,6 +114,14 @@ def _launch_model(model: str | None) -> Path:
         raise UserError(
             f"{path} is one node's folder (rank {p['rank']} of split {p['split']}): "
             f"launch the whole output folder, {path.parent.parent}"
+        )
+    # Before anything starts: a damaged shard is named now, not found as a crash mid-load.
+    damaged = damaged_files(path)
+    if damaged:
+        raise UserError(
+            f"{path / damaged[0]} does not match the sha256 in {path / 'manifest.json'}"
+            + (f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else "")
+            + ": copy it again, or quantize again (with --force) to rewrite it"
         )
     return path
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, sha256_file
 
 NODE_FORMAT = "mlxdist-node"
 
@@ -73,3 +73,23 @@ def node_folder(model: Path, split: list[int], rank: int) -> Path:
     if manifest is not None and manifest["plan"]["split"] == list(split):
         return folder
     return Path(model)
+
+
+def damaged_files(folder: Path) -> list[str]:
+    """Files a model folder's manifest.json lists whose size or sha256 differ (or that are
+    missing); [] for a folder without a manifest (nothing to check against)."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        return []
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid manifest ({e})") from None
+    bad = []
+    for entry in files:
+        f = Path(folder) / entry["name"]
+        if not f.is_file() or f.stat().st_size != entry["size"]:
+            bad.append(entry["name"])
+        elif sha256_file(f) != entry["sha256"]:
+            bad.append(entry["name"])
+    return bad

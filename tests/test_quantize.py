@@ -348,3 +348,17 @@ def test_recipe_and_overrides_are_recorded(tiny_r1, tmp_path):
     assert weights["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == mx.float32
     assert weights["model.norm.weight"].dtype == mx.bfloat16
     assert len(greedy(out, [0, 5, 17, 300, 42], 6)) == 6
+
+
+def test_flipped_byte_is_named_before_launch(cut, tmp_path):
+    from conftest import rank_pids
+
+    model = copy_model(cut, tmp_path / "damaged")
+    victim = sorted(model.glob("model-*.safetensors"))[1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, inside a tensor's data
+    victim.write_bytes(bytes(data))
+    result = run_cli("launch", str(model), "--local", "3", "--split", "2,1,1", "--prompt", "hi")
+    assert_error(result, str(victim), "sha256")
+    assert "loading" not in result.stderr  # found before any rank started
+    assert rank_pids(str(model)) == []
