@@ -215,6 +215,10 @@ class Uploads:
         with self._lock(path):
             if path.is_dir():
                 raise Refused(409, f"{rel} is a folder")
+            partial = _partial(path)
+            current = partial.stat().st_size if partial.exists() else 0
+            if offset not in (0, current):  # before any folder is made for a refused chunk
+                raise Refused(409, f"offset {offset} is not the {current} bytes held", size=current)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -605,7 +609,14 @@ def create_agent_app(
         yield
         await run_in_threadpool(runs.stop_all)
 
-    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # No redirects: "/ranks/" is an unknown path (404), not a 307 to somewhere else.
+    app = FastAPI(
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
+    )
     app.state.runs = runs
     app.state.models_dir = root
     _error_handlers(app)

@@ -727,8 +727,8 @@ def test_zz_agent_survived_untouched(agent):
     new_in_models = {
         k: v for k, v in after.items() if k.startswith(models) and agent.before.get(k) != v
     }
-    # Refused uploads may leave an empty folder behind, never a file.
-    assert all(v == ("dir",) for v in new_in_models.values()), new_in_models
+    # A refused upload leaves nothing behind, not even a folder.
+    assert new_in_models == {}, new_in_models
     gone = set(agent.before) - set(after)
     assert not gone, gone
     total = sum(HISTOGRAM.values())
