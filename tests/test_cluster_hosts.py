@@ -190,22 +190,33 @@ def test_launch_across_three_hosts_equals_one_process(cluster):
     assert_no_rank_left(hosts)
 
 
-def test_launch_from_a_hosts_file(cluster, tmp_path):
-    hosts, _, env, out, _ = cluster
+def write_hosts_file(folder: Path, machines, fields) -> Path:
+    """A hosts.toml listing machines in rank order, each with the extra lines fields(m) gives."""
     lines = []
-    for i, m in enumerate(hosts[1:]):
+    for i, m in enumerate(machines):
         lines += ["[[hosts]]", f'name = "mac{i}"', f'address = "{m.ip}"', f"rank = {i}"]
-        lines += [f"agent_port = {m.agent_port}"]
-    hosts_file = tmp_path / "hosts.toml"
-    hosts_file.write_text("\n".join(lines) + "\n")
-    done = subprocess.run(
-        hosts[0].cmd(*launch_args(out, "--hosts", str(hosts_file))),
+        lines += fields(m)
+    path = folder / "hosts.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def launch_from(machine, out: Path, hosts_file: Path, env: dict):
+    """Runs `mlxdist launch --hosts` on machine, as a user there would."""
+    return subprocess.run(
+        machine.cmd(*launch_args(out, "--hosts", str(hosts_file))),
         env=env,
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_launch_from_a_hosts_file(cluster, tmp_path):
+    hosts, _, env, out, _ = cluster
+    hosts_file = write_hosts_file(tmp_path, hosts[1:], lambda m: [f"agent_port = {m.agent_port}"])
+    done = launch_from(hosts[0], out, hosts_file, env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip("\n") == reference_text(out)
     assert_no_rank_left(hosts)
@@ -230,21 +241,12 @@ def test_launch_over_ssh_where_no_agent_runs(cluster, tmp_path):
     bin_dir.mkdir()
     (bin_dir / "ssh").write_text(STAND_IN_SSH)
     (bin_dir / "ssh").chmod(0o755)
-    lines = []
-    for i, m in enumerate(hosts[1:]):
-        lines += ["[[hosts]]", f'name = "mac{i}"', f'address = "{m.ip}"', f"rank = {i}"]
-        lines += ["agent_port = 52999", f'ssh = "root@{m.name}"', "memory_gb = 24"]
-    hosts_file = tmp_path / "hosts.toml"
-    hosts_file.write_text("\n".join(lines) + "\n")
-    ssh_env = dict(env, PATH=f"{bin_dir}:{env['PATH']}")
-    done = subprocess.run(
-        hosts[0].cmd(*launch_args(out, "--hosts", str(hosts_file))),
-        env=ssh_env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    hosts_file = write_hosts_file(
+        tmp_path,
+        hosts[1:],
+        lambda m: ["agent_port = 52999", f'ssh = "root@{m.name}"', "memory_gb = 24"],
     )
+    done = launch_from(hosts[0], out, hosts_file, dict(env, PATH=f"{bin_dir}:{env['PATH']}"))
     print(done.stderr[-2000:])
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip("\n") == reference_text(out)
