@@ -29,39 +29,30 @@ from mlxdist.testing.tiny_r1 import (
     true_values,
 )
 
-# Values copied from deepseek-ai/DeepSeek-R1's config.json that the toy keeps unchanged.
+# Fields the toy keeps exactly as DeepSeek-R1's own config.json (kept in tests/data) has them.
+R1_CONFIG = json.loads((Path(__file__).parent / "data" / "deepseek-r1-config.json").read_text())
 R1_FIXED = {
-    "architectures": ["DeepseekV3ForCausalLM"],
-    "model_type": "deepseek_v3",
-    "attention_bias": False,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "hidden_act": "silu",
-    "norm_topk_prob": True,
-    "num_nextn_predict_layers": 1,
-    "quantization_config": {
-        "activation_scheme": "dynamic",
-        "fmt": "e4m3",
-        "quant_method": "fp8",
-        "weight_block_size": [128, 128],
-    },
-    "rope_scaling": {
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "factor": 40,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-        "original_max_position_embeddings": 4096,
-        "type": "yarn",
-    },
-    "rope_theta": 10000,
-    "routed_scaling_factor": 2.5,
-    "scoring_func": "sigmoid",
-    "seq_aux": True,
-    "tie_word_embeddings": False,
-    "topk_method": "noaux_tc",
-    "torch_dtype": "bfloat16",
-    "use_cache": True,
+    k: R1_CONFIG[k]
+    for k in (
+        "architectures",
+        "model_type",
+        "attention_bias",
+        "bos_token_id",
+        "eos_token_id",
+        "hidden_act",
+        "norm_topk_prob",
+        "num_nextn_predict_layers",
+        "quantization_config",
+        "rope_scaling",
+        "rope_theta",
+        "routed_scaling_factor",
+        "scoring_func",
+        "seq_aux",
+        "tie_word_embeddings",
+        "topk_method",
+        "torch_dtype",
+        "use_cache",
+    )
 }
 R1_SIZED = [
     "auto_map", "attention_dropout", "aux_loss_alpha", "ep_size", "first_k_dense_replace",
