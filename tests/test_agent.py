@@ -32,16 +32,18 @@ MAX_BODY = 2**20
 CHUNK = 64 * 1024
 FACTS = {"hostname": "test-mac", "memory_gb": 64}
 
-AGENT = f"""
-import sys
+# argv: root, port, max_body, body_timeout, facts as JSON
+AGENT = """
+import json, sys
 from pathlib import Path
 from launcher.agent import create_agent_app, serve_agent
 from launcher.secret import load_secret
 
 root = Path(sys.argv[1])
+facts = json.loads(sys.argv[5])
 app = create_agent_app(
-    load_secret(root / "secret"), root / "models", lambda: {FACTS!r},
-    runs_dir=root / "runs", max_body={MAX_BODY}, body_timeout=2.0,
+    load_secret(root / "secret"), root / "models", lambda: facts,
+    runs_dir=root / "runs", max_body=int(sys.argv[3]), body_timeout=float(sys.argv[4]),
 )
 serve_agent(app, ["127.0.0.1"], int(sys.argv[2]), log_level="warning")
 """
@@ -71,14 +73,17 @@ class Agent:
 
 
 @contextlib.contextmanager
-def running_agent(root: Path):
+def running_agent(
+    root: Path, max_body: int = MAX_BODY, body_timeout: float = 2.0, facts: dict = FACTS
+):
     """A real agent process serving root/models on a free loopback port."""
     root.mkdir(parents=True, exist_ok=True)
     secret = load_secret(create_secret(root / "secret"))
     (root / "models").mkdir(exist_ok=True)
     port = free_ports(1)[0]
     log = open(root / "agent.log", "wb")
-    cmd = [sys.executable, "-c", AGENT, str(root), str(port)]
+    cmd = [sys.executable, "-c", AGENT, str(root), str(port), str(max_body), str(body_timeout)]
+    cmd.append(json.dumps(facts))
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     agent = Agent(root, port, secret, proc)
     try:

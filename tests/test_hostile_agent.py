@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -22,28 +21,12 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from conftest import ROOT
+from test_agent import running_agent
 
 from launcher.auth import NONCE, SIGNATURE, TIMESTAMP, sign
-from launcher.hostfile import free_ports
-from launcher.secret import create_secret, load_secret
 
 MAX_BODY = 4096
 BODY_TIMEOUT = 2.0
-
-AGENT = f"""
-import sys
-from pathlib import Path
-from launcher.agent import create_agent_app, serve_agent
-from launcher.secret import load_secret
-
-root = Path(sys.argv[1])
-app = create_agent_app(
-    load_secret(root / "secret"), root / "models", lambda: {{"hostname": "hostile"}},
-    runs_dir=root / "runs", max_body={MAX_BODY}, body_timeout={BODY_TIMEOUT},
-)
-serve_agent(app, ["127.0.0.1"], int(sys.argv[2]), log_level="warning")
-"""
 
 HISTOGRAM: Counter[int] = Counter()
 
@@ -126,46 +109,14 @@ def ok(agent: Agent, method: str, target: str, body: bytes = b"") -> int:
     return send(agent, method, target, body)
 
 
-@contextlib.contextmanager
-def running_agent(base: Path):
-    root = base / "agent"
-    root.mkdir(parents=True)
-    secret = load_secret(create_secret(root / "secret"))
-    (root / "models").mkdir()
-    port = free_ports(1)[0]
-    log = open(root / "agent.log", "wb")
-    cmd = [sys.executable, "-c", AGENT, str(root), str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    agent = Agent(base, root, port, secret, proc)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError):
-                if ok(agent, "GET", "/health") == 200:
-                    break
-            assert proc.poll() is None, (root / "agent.log").read_text()
-            assert time.monotonic() < deadline, "the agent did not start"
-            time.sleep(0.1)
-        yield agent
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
-        print((root / "agent.log").read_text(errors="replace")[-3000:])
-
-
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
     base = tmp_path_factory.mktemp("hostile")
     outside = base / "outside"
     outside.mkdir()
     (outside / "target").write_text("do not touch")
-    with running_agent(base) as a:
+    with running_agent(base / "agent", MAX_BODY, BODY_TIMEOUT, {"hostname": "hostile"}) as started:
+        a = Agent(base, started.root, started.port, started.secret, started.proc)
         models = a.models
         tiny = models / "tiny"  # a real-looking model folder: a start would pass _model_folder
         tiny.mkdir()
