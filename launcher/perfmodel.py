@@ -212,31 +212,16 @@ def bytes_per_token(
     """Built as quantize.estimate does: mlx-lm's model made lazily from config.json alone,
     quantised lazily with the conversion's own predicate, each parameter's bytes summed; routed
     experts (SwitchGLU's stacked weights) count num_experts_per_tok / experts of their bytes."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-
     from quantize.checkpoint import layer_of
-    from quantize.estimate import lazy_model
-    from quantize.recipes import default_spec, make_predicate
+    from quantize.estimate import stored_parameters
 
-    q = config.get("quantization")
-    if isinstance(q, dict):  # an MLX folder's config: its own widths
-        bits, group_size, mode = q.get("bits", bits), q.get("group_size"), q.get("mode", mode)
-    model = lazy_model(config)
-    predicate = make_predicate(model, default_spec(bits, group_size, mode), recipe)
-    nn.quantize(model, class_predicate=lambda p, m: predicate(p, m) or False)
-    cast = _DTYPE_BYTES.get(config.get("torch_dtype", ""))
-    keep = getattr(model, "cast_predicate", lambda _: True)
     k = int(config.get("num_experts_per_tok") or 0)
 
     n_layers = config["num_hidden_layers"]
     parts = [dict(attention=0, mlp=0, routed=0, experts=0, replicated=0) for _ in range(n_layers)]
     embed = head = 0
-    for name, v in tree_flatten(model.parameters()):
-        n = v.nbytes
-        if cast is not None and keep(name) and mx.issubdtype(v.dtype, mx.floating):
-            n = v.size * cast
+    stored = stored_parameters(config, bits=bits, group_size=group_size, mode=mode, recipe=recipe)
+    for name, v, n in stored:
         layer = layer_of(name)
         if layer is None:
             if "embed_tokens" in name:

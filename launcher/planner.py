@@ -115,9 +115,6 @@ def model_spec_from_config(
     """Sizes estimated from config.json alone; an already quantised config keeps its own bits."""
     from quantize.estimate import estimate  # builds a lazy mlx model: imported only when needed
 
-    q = config.get("quantization")
-    if isinstance(q, dict):
-        bits, group_size, mode = q.get("bits", bits), q.get("group_size"), q.get("mode", mode)
     e = estimate(config, bits=bits, group_size=group_size, mode=mode, recipe=recipe)
     return ModelSpec(
         name=name or config.get("model_type", "model"),

@@ -4,6 +4,7 @@ the conversion uses, and its parameter sizes are summed per layer."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -52,6 +53,36 @@ def lazy_model(config: dict) -> nn.Module:
     return model_class(args_class.from_dict(config))
 
 
+def stored_parameters(
+    config: dict,
+    *,
+    bits: int | None = None,
+    group_size: int | None = None,
+    mode: str = "affine",
+    recipe: str | None = None,
+    overrides: tuple[Override, ...] = (),
+    quantize: bool = True,
+) -> Iterator[tuple[str, mx.array, int]]:
+    """Every parameter of the lazily built model as the conversion would store it: its name, its
+    (never evaluated) array, and its bytes after the cast to config's torch_dtype. A config that
+    is already quantised (an MLX folder's) keeps its own widths."""
+    q = config.get("quantization")
+    if isinstance(q, dict):
+        bits, group_size, mode = q.get("bits", bits), q.get("group_size"), q.get("mode", mode)
+    model = lazy_model(config)
+    if quantize:
+        default = default_spec(bits, group_size, mode)
+        predicate = make_predicate(model, default, recipe, overrides)
+        nn.quantize(model, class_predicate=lambda p, m: predicate(p, m) or False)
+    dtype = _DTYPES.get(config.get("torch_dtype", ""))
+    keep = getattr(model, "cast_predicate", lambda _: True)
+    for name, v in tree_flatten(model.parameters()):
+        n = v.nbytes
+        if dtype is not None and keep(name) and mx.issubdtype(v.dtype, mx.floating):
+            n = v.size * dtype.size
+        yield name, v, n
+
+
 def estimate(
     config: dict,
     *,
@@ -62,20 +93,19 @@ def estimate(
     overrides: tuple[Override, ...] = (),
     quantize: bool = True,
 ) -> Estimate:
-    model = lazy_model(config)
-    parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
-    if quantize:
-        default = default_spec(bits, group_size, mode)
-        predicate = make_predicate(model, default, recipe, overrides)
-        nn.quantize(model, class_predicate=lambda p, m: predicate(p, m) or False)
-    dtype = _DTYPES.get(config.get("torch_dtype", ""))
-    keep = getattr(model, "cast_predicate", lambda _: True)
+    parameters = sum(v.size for _, v in tree_flatten(lazy_model(config).parameters()))
     layers = [0] * config["num_hidden_layers"]
     embed = tail = 0
-    for name, v in tree_flatten(model.parameters()):
-        n = v.nbytes
-        if dtype is not None and keep(name) and mx.issubdtype(v.dtype, mx.floating):
-            n = v.size * dtype.size
+    stored = stored_parameters(
+        config,
+        bits=bits,
+        group_size=group_size,
+        mode=mode,
+        recipe=recipe,
+        overrides=overrides,
+        quantize=quantize,
+    )
+    for name, _, n in stored:
         layer = layer_of(name)
         if layer is not None:
             layers[layer] += n
