@@ -69,8 +69,8 @@ def dry_run(src: str, settings: Settings, cut: dict) -> None:
     rows = [(f"{name} (chosen)", chosen)]
     rows += [("bf16 (no quantisation)", estimate(config, quantize=False))]
     rows += [(r, estimate(config, recipe=r)) for r in R1_RECIPES if r != settings.recipe]
-    for name, e in rows:
-        table.add_row(name, f"{e.total_bytes / 1e9:.1f}", f"{e.bits_per_weight:.2f}")
+    for label, e in rows:
+        table.add_row(label, f"{e.total_bytes / 1e9:.1f}", f"{e.bits_per_weight:.2f}")
     console.print(table)
     split = settings.split or [num_layers]
     nodes = Table(title=f"each node's share ({name})")

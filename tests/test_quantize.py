@@ -287,6 +287,7 @@ def test_dry_run_on_deepseek_r1_config():
     assert result.returncode == 0, result.stderr
     print(result.stderr)
     assert "671.0B parameters" in result.stderr
+    assert "each node's share (r1-4bit)" in result.stderr  # the recipe chosen, not another row
     rows = dict(re.findall(r"│ (r1-[34]bit)\S*[^│]*│\s+([\d.]+) │", result.stderr))
     assert float(rows["r1-4bit"]) == pytest.approx(381.9, abs=0.1)
     assert float(rows["r1-3bit"]) == pytest.approx(327.4, abs=0.1)
