@@ -20,6 +20,17 @@ def even_split(num_layers: int, nodes: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(nodes)]
 
 
+def expert_ranges(num_experts: int, counts: list[int]) -> list[tuple[int, int]]:
+    """The routed experts [lo, hi) each rank holds in expert parallelism, from experts per rank."""
+    if sum(counts) != num_experts or any(c < 1 for c in counts):
+        raise ValueError(f"expert counts {counts} must be positive and add up to {num_experts}")
+    ranges, lo = [], 0
+    for c in counts:
+        ranges.append((lo, lo + c))
+        lo += c
+    return ranges
+
+
 def parse_split(text: str, num_layers: int) -> list[int]:
     try:
         parts = [int(s) for s in text.split(",")]

@@ -10,7 +10,7 @@ from mlxdist.cli import UserError, _parse_split
 from mlxdist.pipeline import CMD_STOP, LOGITS, NEW, SAMPLE, Step
 from mlxdist.stage import _needed, stage_range
 from quantize.checkpoint import layer_of
-from quantize.nodes import even_split
+from quantize.nodes import even_split, expert_ranges
 
 
 @pytest.mark.parametrize(
@@ -19,6 +19,20 @@ from quantize.nodes import even_split
 )
 def test_even_split(layers, ranks, expected):
     assert even_split(layers, ranks) == expected
+
+
+@pytest.mark.parametrize(
+    "experts,counts,expected",
+    [(8, [4, 4], [(0, 4), (4, 8)]), (8, [3, 3, 2], [(0, 3), (3, 6), (6, 8)]), (4, [4], [(0, 4)])],
+)
+def test_expert_ranges(experts, counts, expected):
+    assert expert_ranges(experts, counts) == expected
+
+
+@pytest.mark.parametrize("experts,counts", [(8, [4, 3]), (8, [8, 0]), (8, [5, 4])])
+def test_expert_ranges_refuses_counts_that_do_not_cover(experts, counts):
+    with pytest.raises(ValueError, match="add up to"):
+        expert_ranges(experts, counts)
 
 
 @pytest.mark.parametrize(
