@@ -149,13 +149,14 @@ def create_app(coordinator: Coordinator, model_name: str, info: dict) -> FastAPI
 
     @app.get("/mlxdist/stats")
     async def stats():
-        """Bytes each rank has sent (hidden states and token ids apart from control) and steps."""
+        """Bytes each rank has sent (hidden states and token ids apart from control), steps,
+        peak memory, and the most steps the ring has held at once."""
         job = Job(prompt=[], max_tokens=0, stats=True, loop=asyncio.get_running_loop())
         coordinator.submit(job)
         kind, data = await job.events.get()
         if kind == "error":
             raise APIError(500, data["message"], kind="server_error")
-        return {"ranks": data["ranks"]}
+        return data
 
     async def respond(req: Sampling, job: Job, request: Request, chat: bool, think=None):
         coordinator.submit(job)

@@ -1,6 +1,8 @@
 """Rank 0's request loop: jobs come in from the API's threads, tokens go out as events.
 
 MLX work (and so every collective) stays on the one thread that calls `Coordinator.run`.
+With two or more pipeline ranks, the answers of concurrent requests are interleaved round the
+ring (see `interleave.py`); a lone rank, or ranks in lock step, take jobs one after another.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import time
 from dataclasses import dataclass, field
 
 from .generate import generate_tokens, last_logits
-from .pipeline import Runner
-from .stops import StopMatcher
+from .sequence import Sequence
+
+# Sequences rank 0 keeps open at once; later requests wait in the queue.
+MAX_SEQUENCES = 16
 
 
 @dataclass
@@ -39,53 +43,59 @@ class Job:
 
 
 class Coordinator:
-    def __init__(self, runner: Runner, tokenizer, eos_ids: set[int]):
+    def __init__(self, runner, tokenizer, eos_ids: set[int], max_sequences: int = MAX_SEQUENCES):
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.max_sequences = max_sequences
         self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.in_flight_peak = 0  # most steps in the ring at once, for /mlxdist/stats
+
+    @property
+    def interleaves(self) -> bool:
+        """Whether concurrent answers share the ring (a pipeline of two or more ranks)."""
+        return self.runner.size > 1 and hasattr(self.runner, "send")
 
     def submit(self, job: Job) -> None:
         job.submitted = time.perf_counter()
         self.jobs.put(job)
 
     def pending(self) -> int:
-        """Jobs waiting for the one in progress to finish."""
+        """Jobs waiting for a place among the sequences in progress."""
         return self.jobs.qsize()
 
     def shutdown(self) -> None:
         self.jobs.put(None)
 
     def run(self) -> None:
-        """Serves jobs one after another until shutdown; then stops the other ranks."""
+        """Serves jobs until shutdown; then stops the other ranks."""
         try:
-            while (job := self.jobs.get()) is not None:
-                if not job.cancelled.is_set():
-                    self._run_job(job)
+            if self.interleaves:
+                from .interleave import Interleaver
+
+                Interleaver(self).run()
+            else:
+                while (job := self.jobs.get()) is not None:
+                    if not job.cancelled.is_set():
+                        self.run_alone(job)
         finally:
             self.runner.stop()
 
-    def _run_job(self, job: Job) -> None:
+    def run_alone(self, job: Job) -> None:
+        """Runs one job to its end with the ring to itself."""
         try:
             if job.logits:
                 job.emit("logits", values=last_logits(self.runner, job.prompt).tolist())
-                return
-            if job.stats:
-                job.emit("stats", ranks=self.runner.stats())
-                return
-            self._generate(job)
+            elif job.stats:
+                job.emit("stats", ranks=self.runner.stats(), in_flight_peak=self.in_flight_peak)
+            else:
+                self._generate(job)
         except Exception as e:  # a failed job must not take the loop down with it
             job.emit("error", message=f"{type(e).__name__}: {e}")
 
     def _generate(self, job: Job) -> None:
-        detok = self.tokenizer.detokenizer
-        detok.reset()
-        stops = StopMatcher(job.stop)
-        start = time.perf_counter()
-        first = None
-        tokens: list[int] = []
-        reason = "length"
-        for t in generate_tokens(
+        seq = Sequence(job, self.tokenizer, self.eos_ids)
+        tokens = generate_tokens(
             self.runner,
             job.prompt,
             job.max_tokens,
@@ -93,33 +103,8 @@ class Coordinator:
             top_p=job.top_p,
             seed=job.seed,
             eos_ids=self.eos_ids,
-        ):
-            if first is None:
-                first = time.perf_counter()
-            if t in self.eos_ids:
-                reason = "stop"
-                break
-            tokens.append(t)
-            detok.add_token(t)
-            job.emit("token", id=t, text=stops.feed(detok.last_segment))
-            if stops.stopped:
-                reason = "stop"
-                break
-            if job.cancelled.is_set():
-                reason = "cancelled"
-                break
-        detok.finalize()
-        tail = "" if stops.stopped else stops.feed(detok.last_segment) + stops.finish()
-        end = time.perf_counter()
-        decode_time = end - (first or end)
-        job.emit(
-            "done",
-            text=tail,
-            finish_reason=reason,
-            tokens=tokens,
-            prompt_tokens=len(job.prompt),
-            completion_tokens=len(tokens),
-            queue_time=start - job.submitted,
-            time_to_first_token=(first or end) - job.submitted,
-            decode_tokens_per_second=(len(tokens) - 1) / decode_time if decode_time > 0 else 0.0,
         )
+        for t in tokens:
+            if seq.add(t):
+                break
+        seq.finish()

@@ -3,19 +3,25 @@
 Each step, a rank receives a small control vector and the hidden states from the rank before it,
 runs its layers and passes both on. The last rank computes the logits, samples, and sends only
 the token id (or, when asked, the logits) back to rank 0, its ring neighbour.
+
+Every step names a sequence slot, and every rank keeps one KV cache per slot, so rank 0 can put
+the next step of one sequence into the ring while the later ranks still work on another's.
 """
 
 from __future__ import annotations
 
 import struct
+from collections import deque
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
 
+from quantize.memory import peak_rss
+
+from .sampling import Sampler
 from .stage import Stage
 
-CMD_STEP, CMD_STOP, CMD_STATS = 1, 2, 3
+CMD_STEP, CMD_STOP, CMD_STATS, CMD_FREE = 1, 2, 3, 4
 NEW, SAMPLE, LOGITS = 1, 2, 4  # step flags: new sequence, reply with a token, reply with logits
 _DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 _CTRL = 8
@@ -40,31 +46,43 @@ class Step:
     temp: float = 0.0
     top_p: float = 1.0
     cmd: int = CMD_STEP
+    slot: int = 0  # which sequence: every rank keeps a KV cache per slot
 
     def encode(self) -> mx.array:
         fields = [self.cmd, self.length, self.flags, _DTYPES.index(self.dtype), self.seed]
-        fields += [_f2i(self.temp), _f2i(self.top_p), 0]
+        fields += [_f2i(self.temp), _f2i(self.top_p), self.slot]
         return mx.array(fields, dtype=mx.int32)
 
     @classmethod
     def decode(cls, ctrl: mx.array) -> Step:
         c = ctrl.tolist()
-        return cls(c[1], c[2], _DTYPES[c[3]], c[4], _i2f(c[5]), _i2f(c[6]), c[0])
+        return cls(c[1], c[2], _DTYPES[c[3]], c[4], _i2f(c[5]), _i2f(c[6]), c[0], c[7])
 
 
 class Runner:
-    """One rank's part of the pipeline: its stage, its KV cache, and (on the last rank) sampling."""
+    """One rank's part of the pipeline: its stage, a KV cache per sequence slot, and (on the
+    last rank) a sampler per slot."""
 
     def __init__(self, stage: Stage, group: mx.distributed.Group):
         self.stage = stage
         self.group = group
         self.rank = group.rank()
         self.size = group.size()
-        self.cache = stage.make_cache()
-        self.sampler = make_sampler(0.0)
+        self.caches: dict[int, list] = {0: stage.make_cache()}
+        self.samplers: dict[int, Sampler] = {0: Sampler()}
+        self.replies: deque[int] = deque()  # rank 0: the flags of steps whose reply is due
+        self.ready: deque[mx.array] = deque()  # rank 0 alone: replies computed in place
         self.data_bytes = 0  # hidden states, token ids, logits
         self.control_bytes = 0  # control vectors
         self.steps = 0
+
+    @property
+    def cache(self) -> list:
+        return self.caches[0]
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.samplers[0]
 
     def _send(self, x: mx.array, dst: int, control: bool = False) -> None:
         mx.eval(mx.distributed.send(x, dst, group=self.group))
@@ -79,14 +97,13 @@ class Runner:
         return x
 
     def _apply(self, step: Step, h: mx.array) -> mx.array | None:
-        if step.flags & NEW:
-            self.cache = self.stage.make_cache()
+        if step.flags & NEW or step.slot not in self.caches:
+            self.caches[step.slot] = self.stage.make_cache()
             if self.stage.is_last:
-                self.sampler = make_sampler(step.temp, step.top_p)
-                if step.seed >= 0:
-                    mx.random.seed(step.seed)
+                self.samplers[step.slot] = Sampler(step.temp, step.top_p, step.seed)
+        cache = self.caches[step.slot]
         self.steps += 1
-        h = self.stage.forward(h, self.cache)
+        h = self.stage.forward(h, cache)
         if not self.stage.is_last:
             mx.eval(h)
             step.dtype = h.dtype  # layers may promote it (e.g. float32 norms on float16 input)
@@ -94,28 +111,59 @@ class Runner:
             self._send(h, self.rank + 1)
             return None
         if not step.flags & (SAMPLE | LOGITS):
-            mx.eval([c.state for c in self.cache])
+            mx.eval([c.state for c in cache])
             return None
         logits = self.stage.logits(h[:, -1, :])
         if step.flags & LOGITS:
             out = logits.astype(mx.float32).reshape(-1)
         else:
-            out = self.sampler(logits - mx.logsumexp(logits, keepdims=True)).astype(mx.int32)
+            sampler = self.samplers[step.slot]
+            out = sampler(logits - mx.logsumexp(logits, keepdims=True)).astype(mx.int32)
         mx.eval(out)
         if self.rank != 0:
             self._send(out, 0)
         return out
 
-    def step(self, tokens: list[int], step: Step) -> mx.array | None:
-        """Rank 0: embeds tokens, runs the whole ring, returns the reply (token id or logits)."""
+    def send(self, tokens: list[int], step: Step) -> bool:
+        """Rank 0: embeds tokens, runs its own layers and puts the step into the ring.
+
+        Returns whether the step has a reply (a token id or logits) for `receive` to collect;
+        replies come back in the order the steps were sent."""
         h = self.stage.embed(mx.array([tokens]))
         step.length = len(tokens)
         out = self._apply(step, h)
-        if out is not None or not step.flags & (SAMPLE | LOGITS):
-            return out
-        if step.flags & LOGITS:
+        if not step.flags & (SAMPLE | LOGITS):
+            return False
+        if out is not None:
+            self.ready.append(out)
+        else:
+            self.replies.append(step.flags)
+        return True
+
+    def receive(self) -> mx.array:
+        """Rank 0: the reply of the oldest step still due."""
+        if self.ready:
+            return self.ready.popleft()
+        if self.replies.popleft() & LOGITS:
             return self._recv((self.stage.vocab_size,), mx.float32, self.size - 1)
         return self._recv((1,), mx.int32, self.size - 1)
+
+    def step(self, tokens: list[int], step: Step) -> mx.array | None:
+        """Rank 0: one step through the whole ring, waiting for its reply (token id or logits)."""
+        return self.receive() if self.send(tokens, step) else None
+
+    def free(self, slot: int) -> None:
+        """Rank 0: every rank drops the KV cache of a finished sequence."""
+        self._drop(slot)
+        if self.size > 1:
+            self._send(Step(0, 0, cmd=CMD_FREE, slot=slot).encode(), 1, control=True)
+
+    def _drop(self, slot: int) -> None:
+        self.caches.pop(slot, None)
+        self.samplers.pop(slot, None)
+        if slot == 0:  # slot 0 always has a cache, for the one-rank decode that uses it directly
+            self.caches[0] = self.stage.make_cache()
+            self.samplers[0] = Sampler()
 
     def stop(self) -> None:
         """Rank 0: tells every other rank to leave its loop."""
@@ -123,16 +171,19 @@ class Runner:
             self._send(Step(0, 0, cmd=CMD_STOP).encode(), 1, control=True)
 
     def _gather_stats(self) -> list[dict]:
-        mine = mx.array([[self.rank, self.data_bytes, self.control_bytes, self.steps]], mx.int64)
+        open_caches = sum(1 for c in self.caches.values() if c and c[0].offset > 0)
+        mine = [self.rank, self.data_bytes, self.control_bytes, self.steps, peak_rss()]
+        mine.append(open_caches)
+        figures = mx.array([mine], mx.int64)
         if self.size > 1:
-            mine = mx.distributed.all_gather(mine, group=self.group)
-        mx.eval(mine)
-        rows = mine.tolist()
-        keys = ("rank", "data_bytes", "control_bytes", "steps")
-        return [dict(zip(keys, row)) for row in rows]
+            figures = mx.distributed.all_gather(figures, group=self.group)
+        mx.eval(figures)
+        keys = ("rank", "data_bytes", "control_bytes", "steps", "peak_rss", "open_caches")
+        return [dict(zip(keys, row)) for row in figures.tolist()]
 
     def stats(self) -> list[dict]:
-        """Rank 0: every rank's bytes sent and steps taken so far (the request itself uncounted)."""
+        """Rank 0: every rank's bytes sent, steps taken and peak memory so far (the request
+        itself uncounted)."""
         counts = (self.data_bytes, self.control_bytes)
         if self.size > 1:
             self._send(Step(0, 0, cmd=CMD_STATS).encode(), 1, control=True)
@@ -144,14 +195,17 @@ class Runner:
         prev = self.rank - 1
         while True:
             step = Step.decode(self._recv((_CTRL,), mx.int32, prev))
-            if step.cmd in (CMD_STOP, CMD_STATS):
+            if step.cmd in (CMD_STOP, CMD_STATS, CMD_FREE):
                 if not self.stage.is_last:
                     counts = (self.data_bytes, self.control_bytes)
                     self._send(step.encode(), self.rank + 1, control=True)
                     self.data_bytes, self.control_bytes = counts
                 if step.cmd == CMD_STOP:
                     return
-                self._gather_stats()  # every rank joins the all_gather rank 0 started
+                if step.cmd == CMD_FREE:
+                    self._drop(step.slot)
+                else:
+                    self._gather_stats()  # every rank joins the all_gather rank 0 started
                 continue
             h = self._recv((1, step.length, self.stage.hidden_size), step.dtype, prev)
             self._apply(step, h)

@@ -1,0 +1,63 @@
+"""One request's answer as it grows: tokens in, text and a final summary out as job events."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from .stops import StopMatcher
+
+if TYPE_CHECKING:
+    from .coordinator import Job
+
+
+class Sequence:
+    def __init__(self, job: Job, tokenizer, eos_ids: set[int], slot: int = 0):
+        self.job = job
+        self.slot = slot
+        self.eos_ids = eos_ids
+        self.detok = tokenizer.detokenizer  # a fresh copy on every access
+        self.stops = StopMatcher(job.stop)
+        self.tokens: list[int] = []
+        self.reason = "length"
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.sent = 0  # prompt tokens put into the ring so far
+
+    def add(self, t: int) -> bool:
+        """Takes the next sampled token; returns True when the answer is complete."""
+        if self.first is None:
+            self.first = time.perf_counter()
+        if t in self.eos_ids:
+            self.reason = "stop"
+            return True
+        self.tokens.append(t)
+        self.detok.add_token(t)
+        self.job.emit("token", id=t, text=self.stops.feed(self.detok.last_segment))
+        if self.stops.stopped:
+            self.reason = "stop"
+            return True
+        if self.job.cancelled.is_set():
+            self.reason = "cancelled"
+            return True
+        return len(self.tokens) >= self.job.max_tokens
+
+    def finish(self) -> None:
+        self.detok.finalize()
+        stops = self.stops
+        tail = "" if stops.stopped else stops.feed(self.detok.last_segment) + stops.finish()
+        end = time.perf_counter()
+        first = self.first or end
+        decode_time = end - first
+        n = len(self.tokens)
+        self.job.emit(
+            "done",
+            text=tail,
+            finish_reason=self.reason,
+            tokens=self.tokens,
+            prompt_tokens=len(self.job.prompt),
+            completion_tokens=n,
+            queue_time=self.start - self.job.submitted,
+            time_to_first_token=first - self.job.submitted,
+            decode_tokens_per_second=(n - 1) / decode_time if decode_time > 0 else 0.0,
+        )
