@@ -100,6 +100,7 @@ def create_app(coordinator: Coordinator, model_name: str, info: dict) -> FastAPI
             top_p=req.top_p,
             seed=-1 if req.seed is None else req.seed,
             stop=req.stops(),
+            ignore_eos=req.ignore_eos,
             loop=asyncio.get_running_loop(),
         )
 

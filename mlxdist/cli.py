@@ -281,6 +281,57 @@ def chat(
         raise typer.Exit(130) from None
 
 
+@app.command()
+def bench(
+    model: str | None = typer.Argument(None, help="model folder or .gguf file (default: demo)"),
+    local: int | None = typer.Option(None, "--local", help="ranks on this machine (default 2)"),
+    hosts: Path | None = typer.Option(None, help="hosts.toml: one rank per host, via agents"),
+    secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
+    split: str | None = typer.Option(None, help="layers per rank, e.g. 10,20 (--local)"),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", min=1, help="prompt length"),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", min=2, help="tokens to answer"),
+    streams: int = typer.Option(4, min=1, help="concurrent streams for the aggregate figure"),
+    as_json: bool = typer.Option(False, "--json", help="print the figures as JSON"),
+) -> None:
+    """Start the cluster, measure prompt and decode speed, memory and traffic, then stop it."""
+    from launcher.secret import SecretError
+
+    from .bench import bench as measure
+    from .bench import render
+
+    try:
+        if hosts and (local or split):
+            raise UserError("--local and --split are for one machine; not with --hosts")
+        path = _launch_model(model)
+        if hosts:
+            from .cluster import start_agents_cluster
+
+            secret = _secret(secret_file)
+            running = start_agents_cluster(path, hosts, None, [], secret, 4096, None)
+        else:
+            running = _start_here(path, local or 2, split, None)
+        try:
+            result = measure(
+                running.url,
+                prompt_tokens=prompt_tokens,
+                decode_tokens=decode_tokens,
+                streams=streams,
+            )
+        finally:
+            running.stop()
+    except (*_user_errors(), SecretError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: every rank stopped", err=True)
+        raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(result.to_json())
+    else:
+        from rich.console import Console
+
+        render(result, Console(width=200, soft_wrap=True))
+
+
 @app.command("quantize")
 def quantize_cmd(
     src: str = typer.Argument(..., help="model folder, .gguf file, or Hugging Face repo id"),

@@ -30,6 +30,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     logits: bool = False  # return the last position's logits instead of generating
     stats: bool = False  # return every rank's traffic counters instead of generating
+    ignore_eos: bool = False  # go on past end-of-sequence tokens to max_tokens
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -102,7 +103,7 @@ class Coordinator:
             temp=job.temp,
             top_p=job.top_p,
             seed=job.seed,
-            eos_ids=self.eos_ids,
+            eos_ids=seq.eos_ids,
         )
         for t in tokens:
             if seq.add(t):

@@ -47,6 +47,7 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False  # mlxdist extension: the generated ids in each choice
+    ignore_eos: bool = False  # as llama.cpp's server: answer max_tokens tokens (for benchmarks)
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_tokens is None else self.max_tokens

@@ -15,7 +15,7 @@ class Sequence:
     def __init__(self, job: Job, tokenizer, eos_ids: set[int], slot: int = 0):
         self.job = job
         self.slot = slot
-        self.eos_ids = eos_ids
+        self.eos_ids = frozenset() if job.ignore_eos else eos_ids
         self.detok = tokenizer.detokenizer  # a fresh copy on every access
         self.stops = StopMatcher(job.stop)
         self.tokens: list[int] = []

@@ -1,0 +1,181 @@
+"""`mlxdist bench`: what a running cluster does, measured from a client through its API.
+
+Prompt tokens/s and time to first token from one streamed request with a prompt of random
+token ids; decode tokens/s from the arrival times of its tokens after the first; the aggregate
+decode tokens/s of several concurrent streams; and from `/mlxdist/stats`, each rank's peak
+memory and the bytes it sent per decoded token (two requests that differ only in their answer's
+length, so the prompt's traffic cancels out).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import httpx
+
+
+@dataclass
+class Run:
+    tokens: int  # answer tokens received
+    first: float  # seconds from sending to the first token
+    last: float  # seconds from sending to the last token
+
+    @property
+    def decode_tps(self) -> float:
+        return (self.tokens - 1) / (self.last - self.first) if self.last > self.first else 0.0
+
+
+@dataclass
+class BenchResult:
+    model: str
+    ranks: int
+    parallel: str
+    prompt_tokens: int
+    decode_tokens: int
+    time_to_first_token: float
+    prompt_tps: float
+    decode_tps: float
+    streams: int
+    aggregate_tps: float
+    per_rank: list[dict] = field(default_factory=list)  # rank, host, peak_rss, bytes_per_token
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
+    """n token ids drawn from the vocabulary, avoiding the low ids where specials usually sit."""
+    rng = random.Random(seed)
+    low = min(16, vocab // 2)
+    return [rng.randrange(low, vocab) for _ in range(n)]
+
+
+def stream_once(url: str, prompt: list[int], max_tokens: int, timeout: float = 600) -> Run:
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    start = time.perf_counter()
+    first = last = None
+    count = 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if "error" in data:
+                raise RuntimeError(data["error"]["message"])
+            ids = data["choices"][0].get("token_ids") if data["choices"] else None
+            if ids:
+                now = time.perf_counter() - start
+                first = now if first is None else first
+                last = now
+                count += len(ids)
+    if first is None:
+        raise RuntimeError("the server answered no tokens")
+    return Run(count, first, last)
+
+
+def _stats(url: str) -> dict:
+    r = httpx.get(url + "/mlxdist/stats", timeout=120)
+    r.raise_for_status()
+    return r.json()
+
+
+def _sent(stats: dict) -> list[int]:
+    return [r["data_bytes"] + r["control_bytes"] for r in stats["ranks"]]
+
+
+def bench(
+    url: str,
+    *,
+    prompt_tokens: int = 128,
+    decode_tokens: int = 64,
+    streams: int = 4,
+    parallel: str = "pipeline",
+) -> BenchResult:
+    health = httpx.get(url + "/health", timeout=30).json()
+    vocab = health["vocab_size"]
+    prompt = prompt_ids(prompt_tokens, vocab)
+    stream_once(url, prompt_ids(8, vocab, seed=1), 4)  # warm up: first-call costs not counted
+
+    before = _sent(_stats(url))
+    stream_once(url, prompt, 1)
+    middle = _sent(_stats(url))
+    run = stream_once(url, prompt, decode_tokens)
+    after = _stats(url)
+    prefill = [m - b for b, m in zip(before, middle)]
+    decode = [a - m - p for m, a, p in zip(middle, _sent(after), prefill)]
+    per_token = [d / max(1, run.tokens - 1) for d in decode]
+
+    runs: list[Run] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        r = stream_once(url, prompt_ids(prompt_tokens, vocab, seed=100 + i), decode_tokens)
+        with lock:
+            runs.append(r)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # From the first token of any stream to the last token of all: prefill excluded.
+    wall = max(r.last for r in runs) - min(r.first for r in runs)
+    aggregate = sum(r.tokens - 1 for r in runs) / wall if wall > 0 else 0.0
+
+    nodes = {n["rank"]: n.get("host", "") for n in health.get("nodes", [])}
+    per_rank = [
+        {
+            "rank": r["rank"],
+            "host": nodes.get(r["rank"], ""),
+            "peak_rss": r["peak_rss"],
+            "bytes_per_token": round(b),
+        }
+        for r, b in zip(after["ranks"], per_token)
+    ]
+    return BenchResult(
+        model=health["model"],
+        ranks=health["ranks"],
+        parallel=parallel,
+        prompt_tokens=prompt_tokens,
+        decode_tokens=run.tokens,
+        time_to_first_token=run.first,
+        prompt_tps=prompt_tokens / run.first,
+        decode_tps=run.decode_tps,
+        streams=streams,
+        aggregate_tps=aggregate,
+        per_rank=per_rank,
+    )
+
+
+def render(result: BenchResult, console) -> None:
+    from rich.table import Table
+
+    top = Table(title=f"{result.model}: {result.ranks} ranks, {result.parallel}")
+    for col in ("prompt tok/s", "time to first token", "decode tok/s", "aggregate tok/s"):
+        top.add_column(col, justify="right")
+    top.add_row(
+        f"{result.prompt_tps:.1f} ({result.prompt_tokens} tokens)",
+        f"{result.time_to_first_token:.2f} s",
+        f"{result.decode_tps:.2f}",
+        f"{result.aggregate_tps:.2f} ({result.streams} streams)",
+    )
+    console.print(top)
+    ranks = Table(title="per rank")
+    for col in ("rank", "host", "peak memory", "bytes sent per token"):
+        ranks.add_column(col, justify="right" if col != "host" else "left")
+    for r in result.per_rank:
+        memory = f"{r['peak_rss'] / 2**20:.0f} MiB"
+        ranks.add_row(str(r["rank"]), r["host"], memory, f"{r['bytes_per_token']:,}")
+    console.print(ranks)

@@ -1,0 +1,44 @@
+"""`mlxdist bench` as a user runs it: a real cluster measured through its API, table or JSON."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import rank_pids, run_cli
+
+
+def test_bench_json_reports_speed_memory_and_traffic(tiny_r1):
+    r = run_cli(
+        "bench", str(tiny_r1), "--local", "3", "--json",
+        "--prompt-tokens", "24", "--decode-tokens", "8", "--streams", "3",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    print(json.dumps(result, indent=1))
+    assert (result["ranks"], result["parallel"], result["streams"]) == (3, "pipeline", 3)
+    assert result["decode_tokens"] == 8  # ignore_eos: exactly the tokens asked for
+    for key in ("time_to_first_token", "prompt_tps", "decode_tps", "aggregate_tps"):
+        assert result[key] > 0, key
+    hidden = json.loads((tiny_r1 / "config.json").read_text())["hidden_size"] * 4  # float32
+    sent = [r["bytes_per_token"] for r in result["per_rank"]]
+    # a hidden state and the 32-byte control vector over each boundary, a token id back
+    assert sent == [hidden + 32, hidden + 32, 4]
+    assert all(r["peak_rss"] > 50 * 2**20 for r in result["per_rank"])
+    assert not rank_pids(str(tiny_r1) + " ")  # every rank stopped
+
+
+def test_bench_prints_tables(tiny_r1):
+    r = run_cli(
+        "bench", str(tiny_r1), "--local", "2",
+        "--prompt-tokens", "8", "--decode-tokens", "4", "--streams", "2",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    assert "decode tok/s" in r.stdout and "bytes sent per token" in r.stdout
+    assert "2 ranks, pipeline" in r.stdout
+
+
+def test_bench_refuses_local_with_hosts(tiny_r1, tmp_path):
+    r = run_cli("bench", str(tiny_r1), "--local", "2", "--hosts", str(tmp_path / "h.toml"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --local")
