@@ -17,8 +17,8 @@ Decisions, in one place:
 - Expert parallelism (`plan_experts`): every node holds every layer but only its routed experts,
   so each holds the replicated part (all weights but the routed experts, embeddings and head
   included), the KV cache of every layer for the whole context, the activations of a prefill
-  step, and its experts. The expert counts minimise the fill ratios the same way (a node with
-  more memory takes more experts); every node takes at least one.
+  step, and its experts. The expert counts minimise the fill ratios the same way, by the same
+  exact split (a node with more memory takes more experts); every node takes at least one.
 """
 
 from __future__ import annotations
@@ -450,19 +450,11 @@ def plan_experts(
 
 def best_expert_counts(experts: int, per_expert: int, fixed: int, usable: list[int]) -> list[int]:
     """Experts per node, each at least one, whose fill ratios (fixed + count x per_expert) /
-    usable, sorted from the fullest, are lexicographically smallest. Each expert goes in turn
-    to the node it leaves least full (ties to the first): with costs linear in the count, this
-    greedy order reaches the lexicographic optimum."""
-    counts = [1] * len(usable)
-
-    def after(r: int) -> float:
-        load = fixed + (counts[r] + 1) * per_expert
-        return load / usable[r] if usable[r] > 0 else math.inf
-
-    for _ in range(experts - len(usable)):
-        r = min(range(len(usable)), key=lambda i: (after(i), i))
-        counts[r] += 1
-    return counts
+    usable, sorted from the fullest, are lexicographically smallest: the experts are equal
+    items in a row, so the pipeline's exact split deals them. It runs over the nodes in reverse
+    so that ties give the first ranks the remainder, as even_split does."""
+    reverse = best_split([per_expert] * experts, [fixed] * len(usable), usable[::-1])
+    return reverse[::-1]
 
 
 def _expert_message(rows: list[NodePlan], shortfalls: dict[str, int], fixed: int) -> str:
