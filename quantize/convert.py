@@ -83,7 +83,7 @@ class Plan:
     largest_layer_bytes: int  # of the source: the unit of the memory bound
     split: list[int] | None  # layers per node, when node folders are cut
     experts: list[int] | None = None  # routed experts per node, when expert folders are cut
-    cuts: list[OutFile] = field(default_factory=list)  # nodes/<r>/experts-*: expert slices
+    cuts: list[OutFile] = field(default_factory=list)  # nodes/<r>/model-experts-*: slices
 
     @property
     def output_bytes(self) -> int:
@@ -246,7 +246,7 @@ def _check_experts(settings: Settings, config: dict) -> None:
 
 
 def _expert_cuts(files: list[OutFile], settings: Settings, config: dict) -> list[OutFile]:
-    """Each node's files of expert slices, nodes/<r>/experts-*.safetensors: every stacked
+    """Each node's files of expert slices, nodes/<r>/model-experts-*: every stacked
     expert tensor, rows [lo, hi), under its own name; at most max_file_bytes a file."""
     num = config["n_routed_experts"]
     stacked = [s for f in files if f.segment == "experts" for s in f.slots]
@@ -268,7 +268,10 @@ def _expert_cuts(files: list[OutFile], settings: Settings, config: dict) -> list
         for i, c in enumerate(chunks):
             cuts.append(
                 OutFile(
-                    f"nodes/{rank}/experts-{i + 1:05d}-of-{n:05d}.safetensors", f"node{rank}", c
+                    # "model*": the name mlx-lm looks for when a folder has no index
+                    f"nodes/{rank}/model-experts-{i + 1:05d}-of-{n:05d}.safetensors",
+                    f"node{rank}",
+                    c,
                 )
             )
     return cuts
@@ -437,25 +440,29 @@ def _cut_experts(
                 fname = plan.file_of[part.name]
                 row = plan.slot(part.name).nbytes // plan.slot(part.name).shape[0]
                 start = offsets[fname][part.name] + lo * row
-                with open(out / fname, "rb") as src:
-                    copied = 0
-                    while copied < (hi - lo) * row:
-                        # 64 MiB at a time: memory stays flat however large the tensor
-                        data = os.pread(
-                            src.fileno(), min(64 << 20, (hi - lo) * row - copied), start + copied
-                        )
-                        if not data:
-                            raise QuantizeError(f"{out / fname} ends early: quantize again")
-                        pf.write_at(part.name, copied, memoryview(data))
-                        copied += len(data)
-                        done += len(data)
-                        if on_cut:
-                            on_cut(done, total)
+                for n in _copy_range(out / fname, start, (hi - lo) * row, pf, part.name):
+                    done += n
+                    if on_cut:
+                        on_cut(done, total)
             records[cut.name] = {"size": pf.size, "sha256": pf.finish()}
         except BaseException:
             pf.abandon()
             raise
         save_progress()
+
+
+def _copy_range(src: Path, start: int, length: int, pf: PieceFile, name: str):
+    """Copies length bytes of src from start into tensor name of pf, 64 MiB at a time (memory
+    stays flat however large the tensor); yields the bytes of each piece as it is copied."""
+    with open(src, "rb") as f:
+        copied = 0
+        while copied < length:
+            data = os.pread(f.fileno(), min(64 << 20, length - copied), start + copied)
+            if not data:
+                raise QuantizeError(f"{src} ends early: quantize again with --force")
+            pf.write_at(name, copied, memoryview(data))
+            copied += len(data)
+            yield len(data)
 
 
 def _index(plan: Plan, files: list[OutFile]) -> dict:
