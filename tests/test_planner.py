@@ -4,7 +4,7 @@ import itertools
 import json
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 from launcher.planner import (
     GIB,
@@ -672,3 +672,13 @@ def test_pipeline_plan_prints_the_expert_rows_memory_as_the_expert_planner_count
     assert plan_command(str(R1_CONFIG), None, "4x106GB", 4096, 1, 4, True) == 0
     modes = json.loads(capsys.readouterr().out)["prediction"]["modes"]
     assert modes["pipeline"]["fits"] is True and modes["expert"]["fits"] is False
+
+
+def test_mlxdist_plan_parallel_expert_command():
+    args = ("plan", str(R1_CONFIG), "--simulate", "4x128GB", "--json")
+    result = run_cli(*args, "--parallel", "expert")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["experts"] == [64] * 4
+    wrong = run_cli(*args, "--parallel", "experts")
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert wrong.stderr.strip() == "error: --parallel 'experts' must be pipeline or expert"

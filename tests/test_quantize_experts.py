@@ -4,6 +4,7 @@ their own slice of each stacked routed-expert tensor, with manifests the runtime
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -206,5 +207,15 @@ def test_dry_run_prints_each_nodes_expert_share():
     assert result.returncode == 0, result.stderr
     print(result.stderr)
     assert "expert parallel" in result.stderr
-    for lo, hi in [(0, 42), (43, 85), (214, 255)]:
-        assert f"{lo}-{hi}" in result.stderr
+    assert "4-bit affine (chosen)" in result.stderr  # not bits/weight (4.5) rounded
+    rows = re.findall(r"│\s+(\d) │\s+(\d+)-(\d+) │\s+([\d.]+) │", result.stderr)
+    assert [(int(lo), int(hi)) for _, lo, hi, _ in rows] == [
+        (0, 42),
+        (43, 85),
+        (86, 128),
+        (129, 171),
+        (172, 213),
+        (214, 255),
+    ]
+    # 9,783,169,024 replicated + 43 or 42 x 1,436,811,264 (derived in test_planner.py)
+    assert [float(gb) for *_, gb in rows] == [71.57] * 4 + [70.13] * 2
