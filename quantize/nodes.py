@@ -90,7 +90,8 @@ def node_manifest(folder: Path) -> dict | None:
 
 
 def parallel_of(manifest: dict) -> str:
-    """ "pipeline" or "expert"; node folders from before expert mode are pipeline folders."""
+    """The mode a node folder was cut for: "pipeline" (so are folders from before expert mode)
+    or "expert"."""
     return manifest.get("parallel", "pipeline")
 
 
