@@ -14,6 +14,11 @@ Decisions, in one place:
 - The split minimises, lexicographically, the nodes' fill ratios (load / usable memory) sorted
   from the fullest: the fullest node is as empty as it can be, then the next, and so on. It is
   exact (a dynamic programme over contiguous splits), deterministic and gives every node a layer.
+- Expert parallelism (`plan_experts`): every node holds every layer but only its routed experts,
+  so each holds the replicated part (all weights but the routed experts, embeddings and head
+  included), the KV cache of every layer for the whole context, the activations of a prefill
+  step, and its experts. The expert counts minimise the fill ratios the same way, by the same
+  exact split (a node with more memory takes more experts); every node takes at least one.
 """
 
 from __future__ import annotations
@@ -24,11 +29,23 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from quantize.checkpoint import layer_of, read_config, safetensors_header, weight_map
+from quantize.units import is_routed_expert
 
 GIB = 2**30
 DEFAULT_HEADROOM = 0.1
 _ACTIVATION_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+PREFILL_CHUNK = 2048  # prompt tokens per step, as mlxdist/generate.py and mlx-lm prefill
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """What one layer's forward pass builds and frees again, the parts that grow with the
+    prefill chunk and the context (see activation_bytes)."""
+
+    score_bytes_per_pair: int = 0  # per (chunk token, context token): scores materialised
+    expanded_kv_bytes_per_token: int = 0  # per token of context: K and V rebuilt per head
+    bytes_per_chunk_token: int = 0  # per chunk token: hidden-size buffers, MLP widths, logits
 
 
 @dataclass(frozen=True)
@@ -47,10 +64,27 @@ class ModelSpec:
     tail_bytes: int  # final norm and head
     tied: bool
     kv_bytes_per_token_per_layer: int
+    expert_bytes: list[int] = field(default_factory=list)  # per layer: its routed experts
+    num_experts: int = 0  # routed experts per MoE layer; 0 for a dense model
+    activation: ActivationSpec = ActivationSpec()
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.embed_bytes + self.tail_bytes
+
+    @property
+    def replicated_bytes(self) -> int:
+        """What every node holds in expert parallelism: all but the routed experts."""
+        return self.total_bytes - sum(self.expert_bytes)
+
+    @property
+    def bytes_per_expert(self) -> int:
+        """One routed expert's share of every MoE layer (a layer's experts all weigh the same)."""
+        return sum(self.expert_bytes) // self.num_experts if self.num_experts else 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +99,8 @@ class NodePlan:
     memory_bytes: int  # what the node has (available if reported, else total)
     usable_bytes: int  # memory_bytes less the headroom
     free_bytes: int  # usable_bytes - total_bytes; negative when short
+    experts: list[int] | None = None  # expert mode: the routed experts [lo, hi) it holds
+    activation_bytes: int | None = None  # expert mode: a prefill step's activations
 
 
 @dataclass(frozen=True)
@@ -79,6 +115,8 @@ class Plan:
     context: int
     batch: int
     dropped: list[str] = field(default_factory=list)
+    parallel: str = "pipeline"  # or "expert": then split is [all layers] on every node
+    experts: list[int] = field(default_factory=list)  # expert mode: routed experts per node
 
 
 # --- the model's side ---------------------------------------------------------------------------
@@ -104,6 +142,39 @@ def kv_bytes_per_token_per_layer(config: dict) -> int:
     return 2 * kv_heads * head_dim * size
 
 
+def activation_spec(config: dict) -> ActivationSpec:
+    """The sizes activation_bytes scales, from config.json."""
+    size = activation_bytes(config)
+    hidden = config["hidden_size"]
+    k = int(config.get("num_experts_per_tok") or 0) if config.get("n_routed_experts") else 0
+    width = max(
+        config.get("intermediate_size") or 0, k * (config.get("moe_intermediate_size") or 0)
+    )
+    # the residual, normed input, attention output and MLP output, plus k expert outputs
+    # before their weighted sum; gate, up and their product; the chunk's logits
+    per_token = size * ((4 + k) * hidden + 3 * width + config.get("vocab_size", 0))
+    if config.get("model_type") not in _MLA_MODEL_TYPES:
+        # Metal's fused attention never materialises the scores of a causal prefill.
+        return ActivationSpec(0, 0, per_token)
+    heads = config["num_attention_heads"]
+    # mlx-lm's MLA prefill: the rotary scores, heads x chunk x context, as the attention mask,
+    # and K and V rebuilt per head from the compressed cache over the whole context.
+    return ActivationSpec(
+        heads * size, heads * (config["qk_nope_head_dim"] + config["v_head_dim"]) * size, per_token
+    )
+
+
+def activation_bytes_at(spec: ActivationSpec, context: int, batch: int = 1) -> int:
+    """A prefill step's transient memory in its largest layer, at the end of the context: the
+    chunk attends to every token before it. Freed after each layer, so one layer counts."""
+    chunk = min(PREFILL_CHUNK, context)
+    return batch * (
+        chunk * context * spec.score_bytes_per_pair
+        + context * spec.expanded_kv_bytes_per_token
+        + chunk * spec.bytes_per_chunk_token
+    )
+
+
 def model_spec_from_config(
     config: dict,
     bits: int = 4,
@@ -123,6 +194,9 @@ def model_spec_from_config(
         tail_bytes=e.tail_bytes,
         tied=e.tied,
         kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(config),
+        expert_bytes=e.expert_bytes,
+        num_experts=e.num_experts,
+        activation=activation_spec(config),
     )
 
 
@@ -140,6 +214,7 @@ def model_spec_from_folder(path: str | Path, bits: int = 4) -> ModelSpec:
 def _spec_from_headers(path: Path, config: dict, name: str) -> ModelSpec:
     num_layers = config["num_hidden_layers"]
     layers = [0] * num_layers
+    experts = [0] * num_layers
     embed = tail = 0
     for file in sorted(set(weight_map(path).values())):
         for key, entry in safetensors_header(path / file).items():
@@ -148,6 +223,8 @@ def _spec_from_headers(path: Path, config: dict, name: str) -> ModelSpec:
             if layer is not None:
                 if layer < num_layers:  # multi-token-prediction layers are not loaded
                     layers[layer] += end - start
+                    if is_routed_expert(key):
+                        experts[layer] += end - start
             elif "embed_tokens" in key:
                 embed += end - start
             else:
@@ -159,6 +236,9 @@ def _spec_from_headers(path: Path, config: dict, name: str) -> ModelSpec:
         tail_bytes=tail,
         tied=bool(config.get("tie_word_embeddings", False)),
         kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(config),
+        expert_bytes=experts,
+        num_experts=int(config.get("n_routed_experts") or 0) if any(experts) else 0,
+        activation=activation_spec(config),
     )
 
 
@@ -298,6 +378,100 @@ def best_split(layer_cost: list[int], fixed: list[int], usable: list[int]) -> li
     return best[n][1]
 
 
+# --- expert parallelism -------------------------------------------------------------------------
+
+
+def plan_experts(
+    nodes: list[NodeSpec],
+    model: ModelSpec,
+    context: int = 4096,
+    batch: int = 1,
+    headroom: float = DEFAULT_HEADROOM,
+    order: list[str] | None = None,
+) -> Plan:
+    """Routed experts per node (in `order`, else as given) for expert parallelism; see the
+    module docstring for what each node holds."""
+    if context < 0 or batch < 1:
+        raise ValueError("context must be 0 or more tokens and batch at least 1")
+    if not model.num_experts:
+        raise ValueError(f"{model.name} has no routed experts: plan a pipeline instead")
+    ranked = _in_order(nodes, order)
+    if len(ranked) < 2:
+        raise ValueError("expert parallelism needs at least 2 nodes")
+    if len(ranked) > model.num_experts:
+        raise ValueError(
+            f"cannot share {model.num_experts} experts over {len(ranked)} nodes: "
+            f"use at most {model.num_experts}"
+        )
+    kv = model.kv_bytes_per_token_per_layer * context * batch * model.num_layers
+    act = activation_bytes_at(model.activation, context, batch)
+    fixed = model.replicated_bytes + kv + act
+    memory = [
+        n.memory_available if n.memory_available is not None else n.memory_total for n in ranked
+    ]
+    usable = [m - headroom_bytes(n, headroom) for n, m in zip(ranked, memory)]
+    counts = best_expert_counts(model.num_experts, model.bytes_per_expert, fixed, usable)
+    rows, lo = [], 0
+    for r, (node, c) in enumerate(zip(ranked, counts)):
+        weights = model.replicated_bytes + c * model.bytes_per_expert
+        total = weights + kv + act
+        rows.append(
+            NodePlan(
+                rank=r,
+                name=node.name,
+                first_layer=0,
+                layers=model.num_layers,
+                weights_bytes=weights,
+                kv_bytes=kv,
+                total_bytes=total,
+                memory_bytes=memory[r],
+                usable_bytes=usable[r],
+                free_bytes=usable[r] - total,
+                experts=[lo, lo + c],
+                activation_bytes=act,
+            )
+        )
+        lo += c
+    shortfalls = {row.name: -row.free_bytes for row in rows if row.free_bytes < 0}
+    return Plan(
+        model=model.name,
+        order=[n.name for n in ranked],
+        split=[model.num_layers],
+        fits=not shortfalls,
+        shortfalls=shortfalls,
+        nodes=rows,
+        message=_expert_message(rows, shortfalls, fixed),
+        context=context,
+        batch=batch,
+        parallel="expert",
+        experts=counts,
+    )
+
+
+def best_expert_counts(experts: int, per_expert: int, fixed: int, usable: list[int]) -> list[int]:
+    """Experts per node, each at least one, whose fill ratios (fixed + count x per_expert) /
+    usable, sorted from the fullest, are lexicographically smallest: the experts are equal
+    items in a row, so the pipeline's exact split deals them. It runs over the nodes in reverse
+    so that ties give the first ranks the remainder, as even_split does."""
+    reverse = best_split([per_expert] * experts, [fixed] * len(usable), usable[::-1])
+    return reverse[::-1]
+
+
+def _expert_message(rows: list[NodePlan], shortfalls: dict[str, int], fixed: int) -> str:
+    if not shortfalls:
+        return "fits"
+    small = [row for row in rows if row.usable_bytes < fixed]
+    if small:
+        who = ", ".join(f"{row.name} ({row.usable_bytes / 1e9:.1f} GB)" for row in small)
+        return (
+            f"does not fit: {who} cannot hold even the {fixed / 1e9:.1f} GB every node holds "
+            "before any expert (all weights but the routed experts, the whole KV cache, "
+            "activations): use nodes with more memory, fewer bits or a shorter context"
+        )
+    parts = [f"node {n} is short by {_gb_short(b)} GB" for n, b in shortfalls.items()]
+    return "does not fit: " + ", ".join(parts)
+
+
 def _gb_short(n: int) -> str:
     """A shortfall in GB to a tenth, at least 0.1 so it never reads 0.0."""
     return f"{max(n / 1e9, 0.1):.1f}"
@@ -373,8 +547,10 @@ def plan_to_json(p: Plan) -> dict:
     """What `mlxdist plan --json` prints; `mlxdist quantize --plan FILE` reads its "split"."""
     return {
         "model": p.model,
+        "parallel": p.parallel,
         "order": list(p.order),
         "split": list(p.split),
+        "experts": list(p.experts),
         "fits": p.fits,
         "message": p.message,
         "shortfalls": dict(p.shortfalls),
@@ -386,5 +562,5 @@ def plan_to_json(p: Plan) -> dict:
 
 
 def plan_from_json(data: dict) -> Plan:
-    fields = {k: data[k] for k in Plan.__dataclass_fields__ if k != "nodes"}
+    fields = {k: data[k] for k in Plan.__dataclass_fields__ if k != "nodes" and k in data}
     return Plan(**fields, nodes=[NodePlan(**row) for row in data["nodes"]])

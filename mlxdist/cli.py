@@ -346,6 +346,10 @@ def quantize_cmd(
     nodes: int | None = typer.Option(None, help="also cut per-node folders, split evenly"),
     split: str | None = typer.Option(None, help="also cut per-node folders: layers per node"),
     plan: Path | None = typer.Option(None, help="also cut per-node folders for this plan file"),
+    parallel: str = typer.Option(
+        "pipeline", help="node folders for a pipeline (layers) or expert (routed experts)"
+    ),
+    experts: str | None = typer.Option(None, help="routed experts per node, e.g. 86,85,85"),
     max_file_size: float = typer.Option(5.0, "--max-file-size", help="GB per output file"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print sizes from config.json only"),
     force: bool = typer.Option(False, help="overwrite a non-empty OUT"),
@@ -360,7 +364,13 @@ def quantize_cmd(
     try:
         settings = Settings(bits, group_size, mode, recipe, list(override))
         settings.max_file_bytes = int(max_file_size * 1e9)
-        cut = {"nodes": nodes, "split": split, "plan": plan}
+        cut = {
+            "nodes": nodes,
+            "split": split,
+            "plan": plan,
+            "parallel": parallel,
+            "experts": experts,
+        }
         if dry_run:
             quantize_cli.dry_run(src, settings, cut)
             return
@@ -384,13 +394,22 @@ def plan_cmd(
     bits: int = typer.Option(4, help="width planned for a model not yet quantised"),
     as_json: bool = typer.Option(False, "--json", help="the plan as JSON (for quantize --plan)"),
     link: str = typer.Option("tb5", help="link for the prediction: tb5, tb4 or rdma"),
+    parallel: str = typer.Option("pipeline", help="pipeline (layers) or expert (routed experts)"),
 ) -> None:
-    """Plan who holds what: layers per node weighted by memory after the KV cache."""
+    """Plan who holds what: layers (or experts) per node weighted by memory."""
     from .plan_cli import plan_command
 
     try:
         code = plan_command(
-            model, str(hosts) if hosts else None, simulate, context, batch, bits, as_json, link
+            model,
+            str(hosts) if hosts else None,
+            simulate,
+            context,
+            batch,
+            bits,
+            as_json,
+            link,
+            parallel=parallel,
         )
     except (*_user_errors(), ValueError) as e:
         _fail(str(e))

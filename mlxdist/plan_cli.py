@@ -19,6 +19,7 @@ from launcher.planner import (
     model_spec_from_folder,
     parse_simulate,
     plan,
+    plan_experts,
     plan_to_json,
 )
 from quantize.checkpoint import CheckpointError, read_config
@@ -46,9 +47,13 @@ def plan_command(
     bits: int,
     as_json: bool,
     link: str = "tb5",
+    parallel: str = "pipeline",
 ) -> int:
-    """Prints the plan and the predicted decode speed over `link` (tb5, tb4 or rdma); 0 when
-    the model fits, 1 when it does not. Faults raise ValueError."""
+    """Prints the plan (layers per node, or experts per node with parallel="expert") and the
+    predicted decode speed over `link` (tb5, tb4 or rdma); 0 when the model fits, 1 when it
+    does not. Faults raise ValueError."""
+    if parallel not in ("pipeline", "expert"):
+        raise ValueError(f"--parallel {parallel!r} must be pipeline or expert")
     if (hosts is None) == (simulate is None):
         raise ValueError("give exactly one of --hosts FILE and --simulate, e.g. --simulate 6x192GB")
     perfmodel.link(link)  # an unknown link is the user's fault, found before any work
@@ -57,7 +62,8 @@ def plan_command(
         spec = model_spec_from_folder(model, bits=bits)
     except CheckpointError as e:
         raise ValueError(str(e)) from None
-    result = plan(nodes, spec, context=context, batch=batch)
+    planner = plan_experts if parallel == "expert" else plan
+    result = planner(nodes, spec, context=context, batch=batch)
     forecast = predict_for_plan(model, bits, nodes, spec, result, link)
     if as_json:
         print(json.dumps({**plan_to_json(result), "prediction": forecast}, indent=2))
@@ -86,13 +92,16 @@ def predict_for_plan(
     ranked = [by_name[name] for name in p.order]
     chips = [perfmodel.node_chip(n) for n in ranked]
     modes = {}
-    for mode in perfmodel.MODES:
+    # An expert plan is printed with its own mode; a pipeline plan with every mode beside it.
+    for mode in ("expert",) if p.parallel == "expert" else perfmodel.MODES:
         if len(ranked) == 1 and mode != "pipeline":
             continue
         split = p.split if mode == "pipeline" else None
         pred = perfmodel.predict_decode(ranked, active, split, mode, link, context=p.context)
-        if mode == "pipeline":
+        if mode == p.parallel:
             fits = p.fits
+        elif mode == "expert" and spec.num_experts:  # as `mlxdist plan --parallel expert` counts
+            fits = plan_experts(ranked, spec, context=p.context, batch=p.batch).fits
         else:
             held = perfmodel.held_per_node(spec, active, len(ranked), mode)
             kv = spec.kv_bytes_per_token_per_layer * p.context * p.batch * spec.num_layers
@@ -111,7 +120,7 @@ def predict_for_plan(
     return {
         "batch": 1,
         "context": p.context,
-        "link": modes["pipeline"]["link"],  # what the chips can use of what was asked
+        "link": next(iter(modes.values()))["link"],  # what the chips can use of what was asked
         "link_asked": link,
         "efficiency": perfmodel.EFFICIENCY,
         "message_overhead_s": perfmodel.MESSAGE_OVERHEAD,
@@ -133,6 +142,9 @@ def _gb(n: int) -> str:
 
 
 def print_plan(p: Plan, console: Console) -> None:
+    if p.parallel == "expert":
+        print_expert_plan(p, console)
+        return
     table = Table(
         title=f"{p.model}: {sum(p.split)} layers, {p.context} tokens of context x {p.batch}",
         show_edge=False,
@@ -160,6 +172,40 @@ def print_plan(p: Plan, console: Console) -> None:
         )
     console.print(table)
     line = f"split {','.join(map(str, p.split))}: {p.message}"
+    console.print(line, style=None if p.fits else "red", soft_wrap=True, highlight=False)
+
+
+def print_expert_plan(p: Plan, console: Console) -> None:
+    table = Table(
+        title=f"{p.model}, expert parallel: {sum(p.experts)} routed experts shared out, "
+        f"{p.context} tokens of context x {p.batch}",
+        show_edge=False,
+        pad_edge=False,
+        caption=f"GB = 10^9 bytes; every node holds every layer and the whole KV cache; memory "
+        f"is what each node has less {DEFAULT_HEADROOM:.0%} headroom",
+    )
+    columns = ("rank", "node", "experts", "weights GB", "KV GB", "act. GB", "total GB")
+    for col in (*columns, "memory GB", "free GB"):
+        if col == "node":
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
+    for row in p.nodes:
+        lo, hi = row.experts
+        table.add_row(
+            str(row.rank),
+            row.name,
+            f"{hi - lo} ({lo}-{hi - 1})",
+            _gb(row.weights_bytes),
+            f"{row.kv_bytes / 1e9:.2f}",
+            f"{row.activation_bytes / 1e9:.2f}",
+            _gb(row.total_bytes),
+            _gb(row.usable_bytes),
+            _gb(row.free_bytes),
+            style=None if row.free_bytes >= 0 else "red",
+        )
+    console.print(table)
+    line = f"experts {','.join(map(str, p.experts))}: {p.message}"
     console.print(line, style=None if p.fits else "red", soft_wrap=True, highlight=False)
 
 

@@ -20,11 +20,71 @@ from rich.table import Table
 from quantize.checkpoint import human_bytes, inspect_model
 from quantize.convert import QuantizeError, Settings, make_plan, run
 from quantize.estimate import estimate
-from quantize.nodes import even_split, parse_split, read_plan_file
-from quantize.recipes import R1_RECIPES, parse_override
+from quantize.nodes import (
+    even_split,
+    expert_ranges,
+    parse_experts,
+    parse_split,
+    read_expert_plan_file,
+    read_plan_file,
+)
+from quantize.recipes import R1_RECIPES, default_spec, parse_override
 from quantize.source import config_only, resolve_source
 
 console = Console(stderr=True, soft_wrap=True)  # one fact per line, however narrow
+
+
+def choose_cut(
+    config: dict,
+    nodes: int | None = None,
+    split: str | None = None,
+    plan: Path | None = None,
+    parallel: str = "pipeline",
+    experts: str | None = None,
+) -> tuple[list[int] | None, list[int] | None]:
+    """(layers per node, None) for pipeline folders, (None, experts per node) for expert
+    folders, or (None, None) for none."""
+    if parallel not in ("pipeline", "expert"):
+        raise QuantizeError(f"--parallel {parallel!r} must be pipeline or expert")
+    if parallel == "pipeline":
+        if experts is not None:
+            raise QuantizeError("--experts is for expert folders: add --parallel expert")
+        return choose_split(config["num_hidden_layers"], nodes, split, plan), None
+    return None, choose_experts(config, nodes, split, plan, experts)
+
+
+def choose_experts(
+    config: dict, nodes: int | None, split: str | None, plan: Path | None, experts: str | None
+) -> list[int]:
+    num = config.get("n_routed_experts") or 0
+    if split is not None:
+        raise QuantizeError("--split cuts layers for a pipeline: use --experts with expert mode")
+    if not num:
+        raise QuantizeError(
+            f"{config.get('model_type')} has no routed experts to share out: leave out "
+            "--parallel expert"
+        )
+    if plan is not None and (nodes is not None or experts is not None):
+        raise QuantizeError("give --plan alone: it holds the expert counts")
+    try:
+        if plan is not None:
+            counts = read_expert_plan_file(plan)
+        elif experts is not None:
+            counts = parse_experts(experts, num)
+        elif nodes is not None:
+            if not 2 <= nodes <= num:
+                raise ValueError(f"--nodes {nodes}: expert mode needs 2 to {num} nodes")
+            counts = even_split(num, nodes)
+        else:
+            raise ValueError("--parallel expert needs --nodes N, --experts 3,3,2 or --plan FILE")
+        if nodes is not None and nodes != len(counts):
+            raise ValueError(f"--nodes {nodes} but --experts gives {len(counts)} nodes")
+        if len(counts) < 2:
+            raise ValueError("expert mode needs at least 2 nodes")
+        expert_ranges(num, counts)  # a plan file's counts must cover the model's experts
+    except ValueError as e:
+        raise QuantizeError(str(e)) from None
+    return counts
 
 
 def choose_split(
@@ -55,7 +115,7 @@ def dry_run(src: str, settings: Settings, cut: dict) -> None:
         raise QuantizeError("--dry-run reads a config.json; a GGUF file is already quantised")
     config = inspect_model(path).config
     num_layers = config["num_hidden_layers"]
-    settings.split = choose_split(num_layers, **cut)
+    settings.split, settings.experts = choose_cut(config, **cut)
     kw = {"bits": settings.bits, "group_size": settings.group_size, "mode": settings.mode}
     overrides = tuple(
         parse_override(o, settings.group_size or 64, settings.mode) for o in settings.overrides
@@ -65,13 +125,18 @@ def dry_run(src: str, settings: Settings, cut: dict) -> None:
     for col in ("recipe", "size GB", "bits/weight"):
         table.add_column(col, justify="right" if col != "recipe" else "left")
     default = "affine" if settings.mode == "affine" else settings.mode
-    name = settings.recipe or f"{chosen.bits_per_weight:.0f}-bit {default}"
+    # the chosen width, not bits/weight rounded (4-bit affine stores 4.5 bits a weight)
+    bits = default_spec(settings.bits, settings.group_size, settings.mode)["bits"]
+    name = settings.recipe or f"{bits}-bit {default}"
     rows = [(f"{name} (chosen)", chosen)]
     rows += [("bf16 (no quantisation)", estimate(config, quantize=False))]
     rows += [(r, estimate(config, recipe=r)) for r in R1_RECIPES if r != settings.recipe]
     for label, e in rows:
         table.add_row(label, f"{e.total_bytes / 1e9:.1f}", f"{e.bits_per_weight:.2f}")
     console.print(table)
+    if settings.experts:
+        _expert_shares(chosen, settings.experts, config["n_routed_experts"], name)
+        return
     split = settings.split or [num_layers]
     nodes = Table(title=f"each node's share ({name})")
     for col in ("node", "layers", "size GB"):
@@ -80,6 +145,17 @@ def dry_run(src: str, settings: Settings, cut: dict) -> None:
     for r, (n, b) in enumerate(zip(split, chosen.node_bytes(split))):
         nodes.add_row(str(r), f"{start}-{start + n - 1}", f"{b / 1e9:.2f}")
         start += n
+    console.print(nodes)
+
+
+def _expert_shares(chosen, counts: list[int], num: int, name: str) -> None:
+    nodes = Table(title=f"each node's share, expert parallel ({name})")
+    for col in ("node", "experts", "size GB"):
+        nodes.add_column(col, justify="right")
+    for r, ((lo, hi), b) in enumerate(
+        zip(expert_ranges(num, counts), chosen.expert_node_bytes(counts))
+    ):
+        nodes.add_row(str(r), f"{lo}-{hi - 1}", f"{b / 1e9:.2f}")
     console.print(nodes)
 
 
@@ -94,7 +170,7 @@ def quantize(src: str, out: Path, settings: Settings, force: bool, cut: dict) ->
             tmp = Path(tempfile.mkdtemp(prefix=".gguf-import-", dir=out.parent))
             console.print(f"importing {source.name}")
             source = import_gguf(source, tmp / "model")
-        settings.split = choose_split(inspect_model(source).num_layers, **cut)
+        settings.split, settings.experts = choose_cut(inspect_model(source).config, **cut)
         _convert(source, out, settings, force)
     finally:
         if tmp is not None:
@@ -113,11 +189,18 @@ def _convert(source: Path, out: Path, settings: Settings, force: bool) -> None:
     )
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("quantising", total=plan.source_bytes, tensors="")
+        cutting = None
 
         def on_progress(done: int, total: int, tensors: int, all_tensors: int) -> None:
             bar.update(task, completed=done, tensors=f"{tensors}/{all_tensors} tensors")
 
-        result = run(source, out, plan, force=force, on_progress=on_progress)
+        def on_cut(done: int, total: int) -> None:
+            nonlocal cutting
+            if cutting is None:
+                cutting = bar.add_task("expert slices", total=total, tensors="")
+            bar.update(cutting, completed=done)
+
+        result = run(source, out, plan, force=force, on_progress=on_progress, on_cut=on_cut)
     above = (result.peak_rss - result.start_rss) / 2**20
     console.print(
         f"wrote {out} ({human_bytes(plan.output_bytes)} in {len(plan.files)} files"
@@ -127,3 +210,9 @@ def _convert(source: Path, out: Path, settings: Settings, force: bool) -> None:
     )
     if plan.split:
         console.print(f"node folders: {out / 'nodes'}/0..{len(plan.split) - 1} ({plan.split})")
+    if plan.experts:
+        console.print(
+            f"expert node folders: {out / 'nodes'}/0..{len(plan.experts) - 1} "
+            f"({plan.experts} experts; their slices take "
+            f"{human_bytes(sum(c.nbytes for c in plan.cuts))})"
+        )

@@ -23,9 +23,10 @@ from .checkpoint import (
     weight_map,
 )
 from .memory import peak_rss, rss_now
+from .nodes import expert_ranges
 from .recipes import default_spec, make_predicate, parse_override
-from .safetensors_out import PieceFile, TensorSlot, to_bytes
-from .units import SOURCE_DTYPES, Source, Unit, make_units, plan_slots
+from .safetensors_out import PieceFile, TensorSlot, layout, to_bytes
+from .units import SOURCE_DTYPES, Source, Unit, is_routed_expert, make_units, plan_slots
 
 FORMAT_VERSION = 1
 MAX_FILE_BYTES = 5 * 10**9
@@ -56,12 +57,13 @@ class Settings:
     overrides: list[str] = field(default_factory=list)
     split: list[int] | None = None  # layers per node; None writes no node folders
     max_file_bytes: int = MAX_FILE_BYTES
+    experts: list[int] | None = None  # routed experts per node, for expert-parallel folders
 
 
 @dataclass
 class OutFile:
-    name: str
-    segment: str  # "embed", "tail", or "node<r>": files never span segments
+    name: str  # relative to OUT
+    segment: str  # "embed", "tail", "node<r>"; "shared" or "experts": files never span segments
     slots: list[TensorSlot]
 
     @property
@@ -80,6 +82,8 @@ class Plan:
     source_bytes: int
     largest_layer_bytes: int  # of the source: the unit of the memory bound
     split: list[int] | None  # layers per node, when node folders are cut
+    experts: list[int] | None = None  # routed experts per node, when expert folders are cut
+    cuts: list[OutFile] = field(default_factory=list)  # nodes/<r>/model-experts-*: slices
 
     @property
     def output_bytes(self) -> int:
@@ -117,7 +121,11 @@ def check_source(path: Path, wm: dict[str, str]) -> None:
             raise CheckpointError(f"the index puts {name} in {f}, which does not hold it")
 
 
-def _segment(unit: Unit, split: list[int] | None) -> str:
+def _segment(unit: Unit, slot: TensorSlot, settings: Settings) -> str:
+    split = settings.split
+    if settings.experts is not None:
+        # Every node holds the "shared" files whole; "experts" files are cut per node.
+        return "experts" if is_routed_expert(slot.name) else "shared"
     if split is None:
         return "all"
     if unit.layer is None:
@@ -130,17 +138,18 @@ def _segment(unit: Unit, split: list[int] | None) -> str:
     raise QuantizeError(f"layer {unit.layer} is past the split {split}")
 
 
-def _assign_files(units: list[Unit], split: list[int] | None, max_bytes: int) -> list[OutFile]:
+def _assign_files(units: list[Unit], settings: Settings) -> list[OutFile]:
     chunks: list[tuple[str, list[TensorSlot]]] = []
+    open_chunk: dict[str, tuple[int, int]] = {}  # segment -> (its last chunk, bytes in it)
     for u in units:
-        seg = _segment(u, split)
         for s in u.slots or []:
-            if not chunks or chunks[-1][0] != seg:
+            seg = _segment(u, s, settings)
+            i, size = open_chunk.get(seg, (-1, 0))
+            if i < 0 or (size and size + s.nbytes > settings.max_file_bytes):
                 chunks.append((seg, []))
-            current = chunks[-1][1]
-            if current and sum(x.nbytes for x in current) + s.nbytes > max_bytes:
-                chunks.append((seg, []))
-            chunks[-1][1].append(s)
+                i, size = len(chunks) - 1, 0
+            chunks[i][1].append(s)
+            open_chunk[seg] = (i, size + s.nbytes)
     n = len(chunks)
     if n == 1:
         return [OutFile("model.safetensors", chunks[0][0], chunks[0][1])]
@@ -155,6 +164,8 @@ def make_plan(src: Path, settings: Settings) -> Plan:
     config = info.config
     wm = weight_map(src)
     check_source(src, wm)
+    if settings.experts is not None:
+        _check_experts(settings, config)
     if settings.split is not None:
         if sum(settings.split) != info.num_layers or any(n < 1 for n in settings.split):
             raise QuantizeError(
@@ -181,7 +192,8 @@ def make_plan(src: Path, settings: Settings) -> Plan:
     units = make_units(source, model, config, recording, dtype)
     for u in units:
         plan_slots(u)
-    files = _assign_files(units, settings.split, settings.max_file_bytes)
+    files = _assign_files(units, settings)
+    cuts = _expert_cuts(files, settings, config) if settings.experts is not None else []
     file_of = {s.name: f.name for f in files for s in f.slots}
     quantization = dict(default)
     quantization.update({p: s for p, s in specs.items() if s != default})
@@ -195,7 +207,7 @@ def make_plan(src: Path, settings: Settings) -> Plan:
                 "v": FORMAT_VERSION,
                 "settings": asdict(settings),
                 "source": {f: (src / f).stat().st_size for f in sorted(set(wm.values()))},
-                "files": [(f.name, [(s.name, s.shape) for s in f.slots]) for f in files],
+                "files": [(f.name, [(s.name, s.shape) for s in f.slots]) for f in files + cuts],
             },
             sort_keys=True,
         ).encode()
@@ -210,7 +222,59 @@ def make_plan(src: Path, settings: Settings) -> Plan:
         source_bytes=sum(u.source_bytes for u in units),
         largest_layer_bytes=max(layer_bytes.values(), default=0),
         split=settings.split,
+        experts=settings.experts,
+        cuts=cuts,
     )
+
+
+def _check_experts(settings: Settings, config: dict) -> None:
+    num = config.get("n_routed_experts") or 0
+    counts = settings.experts
+    if settings.split is not None:
+        raise QuantizeError("a pipeline --split and expert parallelism exclude each other")
+    if not num:
+        raise QuantizeError(
+            f"{config.get('model_type')} has no routed experts to share out: "
+            "cut pipeline folders instead (--nodes or --split without --parallel expert)"
+        )
+    if len(counts) < 2:
+        raise QuantizeError("expert parallelism needs at least 2 nodes")
+    try:
+        expert_ranges(num, counts)
+    except ValueError as e:
+        raise QuantizeError(str(e)) from None
+
+
+def _expert_cuts(files: list[OutFile], settings: Settings, config: dict) -> list[OutFile]:
+    """Each node's files of expert slices, nodes/<r>/model-experts-*: every stacked
+    expert tensor, rows [lo, hi), under its own name; at most max_file_bytes a file."""
+    num = config["n_routed_experts"]
+    stacked = [s for f in files if f.segment == "experts" for s in f.slots]
+    for s in stacked:
+        if not s.shape or s.shape[0] != num:
+            raise QuantizeError(f"{s.name} has shape {s.shape}: not {num} stacked experts")
+    cuts = []
+    for rank, (lo, hi) in enumerate(expert_ranges(num, settings.experts)):
+        chunks: list[list[TensorSlot]] = []
+        size = 0
+        for s in stacked:
+            part = TensorSlot(s.name, (hi - lo, *s.shape[1:]), s.dtype)
+            if not chunks or (size and size + part.nbytes > settings.max_file_bytes):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(part)
+            size += part.nbytes
+        n = len(chunks)
+        for i, c in enumerate(chunks):
+            cuts.append(
+                OutFile(
+                    # "model*": the name mlx-lm looks for when a folder has no index
+                    f"nodes/{rank}/model-experts-{i + 1:05d}-of-{n:05d}.safetensors",
+                    f"node{rank}",
+                    c,
+                )
+            )
+    return cuts
 
 
 @dataclass
@@ -262,8 +326,10 @@ def run(
     *,
     force: bool = False,
     on_progress: Callable[[int, int, int, int], None] | None = None,
+    on_cut: Callable[[int, int], None] | None = None,
 ) -> Result:
-    """Writes the planned files, then the index, config, tokenizer, manifest and node folders."""
+    """Writes the planned files, then the index, config, tokenizer, manifest and node folders.
+    on_progress(source bytes done, of, tensors done, of); on_cut(expert bytes cut, of)."""
     done = _prepare_out(out, plan, force)
     kept = {}
     for name, record in done.items():
@@ -274,8 +340,8 @@ def run(
             and sha256_file(f) == record["sha256"]
         ):
             kept[name] = record
-    _check_disk(out, sum(f.nbytes for f in plan.files if f.name not in kept))
-    for p in out.glob("*.partial"):
+    _check_disk(out, sum(f.nbytes for f in plan.files + plan.cuts if f.name not in kept))
+    for p in [*out.glob("*.partial"), *out.glob("nodes/*/*.partial")]:
         p.unlink()
     start_rss = rss_now()
     records = dict(kept)
@@ -339,11 +405,64 @@ def run(
     finally:
         for pf in open_files.values():
             pf.abandon()
+    todo_cuts = [c for c in plan.cuts if c.name not in kept]
+    _cut_experts(out, plan, todo_cuts, records, save_progress, on_cut)
 
     _write_metadata(src, out, plan, records)
     (out / PROGRESS).unlink(missing_ok=True)
-    written = [f.name for f in plan.files if f.name not in kept]
+    written = [f.name for f in plan.files + plan.cuts if f.name not in kept]
     return Result(out, plan, written, sorted(kept), peak_rss(), start_rss)
+
+
+def _cut_experts(
+    out: Path,
+    plan: Plan,
+    cuts: list[OutFile],
+    records: dict,
+    save_progress: Callable[[], None],
+    on_cut: Callable[[int, int], None] | None,
+) -> None:
+    """Copies each node's rows [lo, hi) of every stacked expert tensor out of the whole files:
+    a stacked tensor's rows are contiguous, so a slice is one byte range, copied as it is."""
+    if not plan.cuts:
+        return
+    whole = {f.name: f for f in plan.files}
+    offsets = {name: layout(f.slots)[1] for name, f in whole.items() if f.segment == "experts"}
+    total = sum(c.nbytes for c in plan.cuts)
+    done = total - sum(c.nbytes for c in cuts)
+    ranges = expert_ranges(plan.config["n_routed_experts"], plan.experts)
+    for cut in cuts:
+        lo, hi = ranges[int(cut.segment.removeprefix("node"))]
+        (out / cut.name).parent.mkdir(parents=True, exist_ok=True)
+        pf = PieceFile(out / cut.name, cut.slots)
+        try:
+            for part in cut.slots:
+                fname = plan.file_of[part.name]
+                row = plan.slot(part.name).nbytes // plan.slot(part.name).shape[0]
+                start = offsets[fname][part.name] + lo * row
+                for n in _copy_range(out / fname, start, (hi - lo) * row, pf, part.name):
+                    done += n
+                    if on_cut:
+                        on_cut(done, total)
+            records[cut.name] = {"size": pf.size, "sha256": pf.finish()}
+        except BaseException:
+            pf.abandon()
+            raise
+        save_progress()
+
+
+def _copy_range(src: Path, start: int, length: int, pf: PieceFile, name: str):
+    """Copies length bytes of src from start into tensor name of pf, 64 MiB at a time (memory
+    stays flat however large the tensor); yields the bytes of each piece as it is copied."""
+    with open(src, "rb") as f:
+        copied = 0
+        while copied < length:
+            data = os.pread(f.fileno(), min(64 << 20, length - copied), start + copied)
+            if not data:
+                raise QuantizeError(f"{src} ends early: quantize again with --force")
+            pf.write_at(name, copied, memoryview(data))
+            copied += len(data)
+            yield len(data)
 
 
 def _index(plan: Plan, files: list[OutFile]) -> dict:
@@ -391,8 +510,54 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _write_expert_nodes(src: Path, out: Path, plan: Plan, records: dict) -> list[dict]:
+    """Each node folder: the shared files hardlinked, its expert slices, a manifest."""
+    num = plan.config["n_routed_experts"]
+    num_layers = plan.config["num_hidden_layers"]
+    shared = [f for f in plan.files if f.segment == "shared"]
+    nodes = []
+    for rank, (lo, hi) in enumerate(expert_ranges(num, plan.experts)):
+        folder = out / "nodes" / str(rank)
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in shared:
+            _link(out / f.name, folder / f.name)
+        own = [c for c in plan.cuts if c.segment == f"node{rank}"]
+        here = shared + [OutFile(Path(c.name).name, c.segment, c.slots) for c in own]
+        manifest = {
+            "format": "mlxdist-node",
+            "version": FORMAT_VERSION,
+            "parallel": "expert",
+            "plan": {
+                "split": [num_layers],  # every node runs every layer
+                "experts": list(plan.experts),
+                "rank": rank,
+                "fingerprint": plan.fingerprint,
+            },
+            "layers": [0, num_layers],
+            "experts": [lo, hi],
+            "n_routed_experts": num,
+            "embeddings": True,
+            "head": True,
+            "files": [{"name": f.name, **records[f.name]} for f in shared]
+            + [{"name": Path(c.name).name, **records[c.name]} for c in own],
+        }
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        _write_folder_metadata(src, folder, plan, here)
+        nodes.append(
+            {
+                "rank": rank,
+                "layers": manifest["layers"],
+                "experts": [lo, hi],
+                "files": [f.name for f in shared] + [c.name for c in own],
+            }
+        )
+    return nodes
+
+
 def _write_metadata(src: Path, out: Path, plan: Plan, records: dict) -> None:
     nodes = []
+    if plan.experts:
+        nodes = _write_expert_nodes(src, out, plan, records)
     if plan.split:
         sizes = plan.split
         for rank in range(len(sizes)):
@@ -405,6 +570,7 @@ def _write_metadata(src: Path, out: Path, plan: Plan, records: dict) -> None:
             manifest = {
                 "format": "mlxdist-node",
                 "version": FORMAT_VERSION,
+                "parallel": "pipeline",
                 "plan": {"split": sizes, "rank": rank, "fingerprint": plan.fingerprint},
                 "layers": [start, start + sizes[rank]],
                 "experts": None,  # every expert of its layers
@@ -421,8 +587,12 @@ def _write_metadata(src: Path, out: Path, plan: Plan, records: dict) -> None:
         "format": "mlxdist-model",
         "version": FORMAT_VERSION,
         "fingerprint": plan.fingerprint,
-        "files": [{"name": f.name, **records[f.name]} for f in plan.files],
+        # the expert slices too (nodes/<r>/...): a damaged one is found before a launch
+        "files": [{"name": f.name, **records[f.name]} for f in plan.files + plan.cuts],
         "nodes": nodes,
     }
+    if plan.experts:
+        manifest["parallel"] = "expert"
+        manifest["plan"] = {"experts": list(plan.experts)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     _write_folder_metadata(src, out, plan, plan.files)

@@ -5,7 +5,7 @@ the conversion uses, and its parameter sizes are summed per layer."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,6 +14,7 @@ from mlx_lm.utils import _get_classes
 
 from .checkpoint import layer_of
 from .recipes import Override, default_spec, make_predicate
+from .units import is_routed_expert
 
 _DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
@@ -25,6 +26,8 @@ class Estimate:
     tail_bytes: int  # final norm and head
     parameters: int  # before quantisation
     tied: bool
+    expert_bytes: list[int] = field(default_factory=list)  # per layer: routed experts, stacked
+    num_experts: int = 0  # routed experts per MoE layer
 
     @property
     def total_bytes(self) -> int:
@@ -46,6 +49,17 @@ class Estimate:
             out.append(b)
             start += n
         return out
+
+    @property
+    def replicated_bytes(self) -> int:
+        """What every node holds in expert parallelism: all but the routed experts."""
+        return self.total_bytes - sum(self.expert_bytes)
+
+    def expert_node_bytes(self, counts: list[int]) -> list[int]:
+        """What each node of an expert-parallel cut holds: the replicated part, and its
+        experts' share of every MoE layer (experts of a layer all weigh the same)."""
+        per_expert = sum(self.expert_bytes) // self.num_experts if self.num_experts else 0
+        return [self.replicated_bytes + c * per_expert for c in counts]
 
 
 def lazy_model(config: dict) -> nn.Module:
@@ -95,6 +109,7 @@ def estimate(
 ) -> Estimate:
     parameters = sum(v.size for _, v in tree_flatten(lazy_model(config).parameters()))
     layers = [0] * config["num_hidden_layers"]
+    experts = [0] * config["num_hidden_layers"]
     embed = tail = 0
     stored = stored_parameters(
         config,
@@ -109,9 +124,12 @@ def estimate(
         layer = layer_of(name)
         if layer is not None:
             layers[layer] += n
+            if is_routed_expert(name):
+                experts[layer] += n
         elif "embed_tokens" in name:
             embed += n
         else:
             tail += n
     tied = bool(config.get("tie_word_embeddings", False))
-    return Estimate(layers, embed, tail, parameters, tied)
+    num_experts = int(config.get("n_routed_experts") or 0) if any(experts) else 0
+    return Estimate(layers, embed, tail, parameters, tied, experts, num_experts)

@@ -31,6 +31,17 @@ def expert_ranges(num_experts: int, counts: list[int]) -> list[tuple[int, int]]:
     return ranges
 
 
+def parse_experts(text: str, num_experts: int) -> list[int]:
+    """Experts per node from "3,3,2": positive, adding up to the model's routed experts."""
+    try:
+        parts = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--experts {text!r} must be expert counts such as 3,3,2") from None
+    if any(p < 1 for p in parts) or sum(parts) != num_experts:
+        raise ValueError(f"--experts {text} must be positive and add up to {num_experts} experts")
+    return parts
+
+
 def parse_split(text: str, num_layers: int) -> list[int]:
     try:
         parts = [int(s) for s in text.split(",")]
@@ -41,14 +52,29 @@ def parse_split(text: str, num_layers: int) -> list[int]:
     return parts
 
 
-def read_plan_file(path: Path) -> list[int]:
-    """The split from a plan file (`mlxdist plan --json`): {"split": [layers per node, ...]}."""
+def _read_plan(path: Path, key: str) -> tuple[dict, list[int]]:
     try:
         plan = json.loads(Path(path).read_text())
-        split = [int(n) for n in plan["split"]]
+        parts = [int(n) for n in plan[key]]
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not a plan file with a split ({e})") from None
+        raise ValueError(f"{path} is not a plan file with {key} ({e})") from None
+    return plan, parts
+
+
+def read_plan_file(path: Path) -> list[int]:
+    """The split from a plan file (`mlxdist plan --json`): {"split": [layers per node, ...]}."""
+    plan, split = _read_plan(path, "split")
+    if plan.get("parallel", "pipeline") != "pipeline":
+        raise ValueError(f"{path} plans {plan['parallel']} parallelism: add --parallel expert")
     return split
+
+
+def read_expert_plan_file(path: Path) -> list[int]:
+    """The expert counts from `mlxdist plan --parallel expert --json`: {"experts": [...]}."""
+    plan, counts = _read_plan(path, "experts")
+    if plan.get("parallel") != "expert":
+        raise ValueError(f"{path} is not an expert-parallel plan: plan with --parallel expert")
+    return counts
 
 
 def node_manifest(folder: Path) -> dict | None:
@@ -63,12 +89,24 @@ def node_manifest(folder: Path) -> dict | None:
     return manifest if manifest.get("format") == NODE_FORMAT else None
 
 
+def parallel_of(manifest: dict) -> str:
+    """The mode a node folder was cut for: "pipeline" (so are folders from before expert mode)
+    or "expert"."""
+    return manifest.get("parallel", "pipeline")
+
+
 def check_node(folder: Path, split: list[int], rank: int) -> None:
-    """Refuses a node folder cut for another split or another rank."""
+    """Refuses a node folder cut for another split or another rank, or for expert parallelism."""
     manifest = node_manifest(folder)
     if manifest is None:
         return
     plan = manifest["plan"]
+    if parallel_of(manifest) == "expert":
+        raise CheckpointError(
+            f"{folder} was cut for expert parallelism (rank {plan['rank']} of experts "
+            f"{plan['experts']}), not for a pipeline: launch with --parallel expert, or cut "
+            "again with mlxdist quantize --split"
+        )
     if plan["split"] != list(split) or plan["rank"] != rank:
         raise CheckpointError(
             f"{folder} was cut for rank {plan['rank']} of split {plan['split']}, but this launch "
@@ -77,11 +115,50 @@ def check_node(folder: Path, split: list[int], rank: int) -> None:
         )
 
 
+def check_expert_node(folder: Path, counts: list[int], rank: int) -> None:
+    """Refuses a node folder cut for other expert counts, another rank, or a pipeline."""
+    manifest = node_manifest(folder)
+    if manifest is None:
+        return  # a whole model folder holds every expert
+    plan = manifest["plan"]
+    if parallel_of(manifest) != "expert":
+        raise CheckpointError(
+            f"{folder} was cut for rank {plan['rank']} of pipeline split {plan['split']}, not "
+            "for expert parallelism: launch without --parallel expert, or cut again with "
+            "mlxdist quantize --parallel expert"
+        )
+    if plan["experts"] != list(counts) or plan["rank"] != rank:
+        raise CheckpointError(
+            f"{folder} was cut for rank {plan['rank']} of experts {plan['experts']}, but this "
+            f"launch needs rank {rank} of experts {list(counts)}: launch with --experts "
+            f"{','.join(map(str, plan['experts']))}, or cut again with mlxdist quantize "
+            "--parallel expert --experts"
+        )
+
+
 def node_folder(model: Path, split: list[int], rank: int) -> Path:
     """Rank's folder: OUT/nodes/<rank> when the model was cut for this split, else the model."""
     folder = Path(model) / "nodes" / str(rank)
     manifest = node_manifest(folder)
-    if manifest is not None and manifest["plan"]["split"] == list(split):
+    if (
+        manifest is not None
+        and parallel_of(manifest) == "pipeline"
+        and manifest["plan"]["split"] == list(split)
+    ):
+        return folder
+    return Path(model)
+
+
+def expert_node_folder(model: Path, counts: list[int], rank: int) -> Path:
+    """Rank's folder in expert parallelism: OUT/nodes/<rank> when the model was cut for these
+    expert counts, else the model (whose every expert the rank then reads only its own of)."""
+    folder = Path(model) / "nodes" / str(rank)
+    manifest = node_manifest(folder)
+    if (
+        manifest is not None
+        and parallel_of(manifest) == "expert"
+        and manifest["plan"]["experts"] == list(counts)
+    ):
         return folder
     return Path(model)
 

@@ -193,6 +193,11 @@ def make_units(
     return units
 
 
+def is_routed_expert(name: str) -> bool:
+    """A stacked routed-expert tensor (experts along axis 0), which expert parallelism cuts."""
+    return ".mlp.switch_mlp." in name
+
+
 def plan_slots(unit: Unit) -> list[TensorSlot]:
     """The unit's output tensors with their full shapes, from a lazy (unevaluated) piece."""
     piece = unit.make(0)

@@ -4,12 +4,16 @@ import itertools
 import json
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 from launcher.planner import (
     GIB,
+    ActivationSpec,
     ModelSpec,
     NodeSpec,
+    activation_bytes_at,
+    activation_spec,
+    best_expert_counts,
     best_split,
     fixed_bytes,
     kv_bytes_per_token_per_layer,
@@ -17,12 +21,13 @@ from launcher.planner import (
     model_spec_from_folder,
     parse_simulate,
     plan,
+    plan_experts,
     plan_from_json,
     plan_to_json,
 )
 from mlxdist.plan_cli import nodes_from_hosts, plan_command
 from quantize.checkpoint import read_config
-from quantize.nodes import read_plan_file
+from quantize.nodes import even_split, read_expert_plan_file, read_plan_file
 
 R1_CONFIG = ROOT / "tests" / "data" / "deepseek-r1-config.json"
 GB = 10**9
@@ -435,3 +440,245 @@ def test_plan_command_example_hosts_toml_needs_memory():
 def test_plan_command_errors(model, hosts, simulate, message):
     with pytest.raises(ValueError, match=message):
         plan_command(model, hosts, simulate, 4096, 1, 4, False)
+
+
+# --- expert parallelism -------------------------------------------------------------------------
+#
+# R1 at 4 bits, by hand. Every quantised matrix of n weights stores n/2 bytes of 4-bit weights
+# and n/64 bf16 scales and as many biases: 9n/16 bytes. Norms stay bf16, the router's
+# e_score_correction_bias float32.
+# - One routed expert of one MoE layer: gate, up, down of 2048 x 7168: 3 x 14,680,064 x 9/16 =
+#   24,772,608 bytes; over the 58 MoE layers (61 - 3 dense): 1,436,811,264 (BYTES_PER_EXPERT).
+# - Attention per layer: q_a 7168x1536 (11,010,048) + q_b 1536x24576 (37,748,736) + kv_a
+#   7168x576 (4,128,768) + embed_q and unembed_out 128x128x512 (8,388,608 each) + o_proj
+#   16384x7168 (117,440,512) = 187,105,280 weights x 9/16 = 105,246,720; norms 1536 + 512 +
+#   7168 + 7168 = 16,384 x 2 = 32,768; so 105,279,488 a layer, 6,422,048,768 for 61.
+# - Dense MLPs, 3 layers of 3 x 18432 x 7168 x 9/16 = 222,953,472: 668,860,416.
+# - MoE layers but their routed experts: shared expert 3 x 2048 x 7168 x 9/16 = 24,772,608, the
+#   router 256 x 7168 bf16 = 3,670,016 and its bias 256 x 4 = 1,024: 28,443,648, x 58 =
+#   1,649,731,584.
+# - Embeddings 129280 x 7168 x 9/16 = 521,256,960; head as much plus the final norm's 14,336.
+# Replicated on every node: 6,422,048,768 + 668,860,416 + 1,649,731,584 + 521,256,960 +
+# 521,271,296 = 9,783,169,024 (REPLICATED).
+# KV cache, every layer on every node: 61 x (512 + 64) x 2 bytes x 4096 tokens = 287,834,112.
+# Activations of a 2048-token prefill step at 4096 tokens of context (bf16):
+#   rotary scores 128 heads x 2048 x 4096 x 2 = 2,147,483,648; K and V rebuilt per head over
+#   the context 128 x (128 + 128) x 2 x 4096 = 268,435,456; per chunk token (4 + 8) x 7168 +
+#   3 x max(18432, 8 x 2048) + 129280 = 270,592 values x 2 bytes x 2048 = 1,108,344,832;
+#   in all 3,524,263,936 (ACT).
+# What every node holds before its experts: 9,783,169,024 + 287,834,112 + 3,524,263,936 =
+# 13,595,267,072 (FIXED).
+
+BYTES_PER_EXPERT = 1_436_811_264
+REPLICATED = 9_783_169_024
+KV_4096 = 287_834_112
+ACT_4096 = 3_524_263_936
+FIXED = REPLICATED + KV_4096 + ACT_4096
+USABLE_192 = 192 * GIB - int(192 * GIB * 0.1)  # 185,542,587,188
+USABLE_128 = 128 * GIB - int(128 * GIB * 0.1)  # 123,695,058,125
+USABLE_512 = 512 * GIB - int(512 * GIB * 0.1)  # 494,780,232,500
+
+
+def test_r1_4bit_expert_sizes_by_hand(r1_4bit):
+    assert FIXED == 13_595_267_072
+    assert r1_4bit.bytes_per_expert == BYTES_PER_EXPERT and r1_4bit.num_experts == 256
+    assert r1_4bit.replicated_bytes == REPLICATED
+    assert r1_4bit.replicated_bytes + 256 * BYTES_PER_EXPERT == r1_4bit.total_bytes
+    assert activation_bytes_at(r1_4bit.activation, 4096) == ACT_4096
+
+
+@pytest.mark.parametrize(
+    "cluster,counts,free",
+    [
+        # Equal nodes: 256 = 6 x 42 + 4, the first four take one more, as even_split deals them.
+        # Node 0: 9,783,169,024 + 43 x 1,436,811,264 = 71,566,053,376 of weights, plus the KV
+        # cache and activations: 75,378,151,424; free 185,542,587,188 - that = 110,164,435,764.
+        ("6x192GB", [43, 43, 43, 43, 42, 42], USABLE_192 - (FIXED + 43 * BYTES_PER_EXPERT)),
+        # 64 each: 9,783,169,024 + 64 x 1,436,811,264 = 101,739,089,920 of weights, 105,551,187,968
+        # in all, so 18,143,870,157 free of 123,695,058,125 (14.7%): it fits.
+        ("4x128GB", [64] * 4, USABLE_128 - (FIXED + 64 * BYTES_PER_EXPERT)),
+        # Equal fill t: (FIXED + c x BYTES_PER_EXPERT) / usable for every node, counts adding up
+        # to 256: t = (256 x 1,436,811,264 + 3 x FIXED) / (494,780,232,500 + 2 x 185,542,587,188)
+        # = 0.47191, so c = 153.0 for the 512 GB node and 51.5 for each 192 GB one. Rounded:
+        # 154,51,51 fills the nodes at most 0.47468 (the 512's), 153,52,51 at 0.47595 (a
+        # 192's): the first is the plan. The 512's free memory: 494,780,232,500 -
+        # (FIXED + 154 x 1,436,811,264) = 259,916,030,772.
+        ("m3ultra-512,2x192GB", [154, 51, 51], USABLE_512 - (FIXED + 154 * BYTES_PER_EXPERT)),
+    ],
+)
+def test_r1_4bit_expert_plan(r1_4bit, cluster, counts, free):
+    p = plan_experts(parse_simulate(cluster), r1_4bit)
+    print(f"R1 4-bit experts on {cluster}: {p.experts}, {p.message}")
+    assert p.fits and p.message == "fits" and p.parallel == "expert"
+    assert p.experts == counts and p.split == [61]
+    assert p.nodes[0].free_bytes == free
+    lo = 0
+    for row, c in zip(p.nodes, counts):
+        assert row.experts == [lo, lo + c] and row.layers == 61 and row.first_layer == 0
+        assert row.weights_bytes == REPLICATED + c * BYTES_PER_EXPERT
+        assert (row.kv_bytes, row.activation_bytes) == (KV_4096, ACT_4096)
+        assert row.total_bytes == FIXED + c * BYTES_PER_EXPERT
+        lo += c
+    if len(set(n.memory_total for n in parse_simulate(cluster))) == 1:
+        assert p.experts == even_split(256, len(counts))  # what the runtime deals by default
+
+
+def test_r1_expert_plan_refuses_nodes_too_small_for_the_replicated_part(r1_4bit):
+    # 8 GB Macs: 8 x 2**30 - 10% = 7,730,941,133 bytes, less than the 13.6 GB of FIXED
+    p = plan_experts(parse_simulate("8x8GB"), r1_4bit)
+    assert not p.fits and len(p.shortfalls) == 8
+    assert p.shortfalls["node0"] == FIXED + 32 * BYTES_PER_EXPERT - 7_730_941_133
+    assert p.message.startswith("does not fit: node0 (7.7 GB), node1 (7.7 GB)")
+    assert "cannot hold even the 13.6 GB every node holds before any expert" in p.message
+    print(p.message)
+
+
+def test_r1_expert_plan_short_of_memory_overall(r1_4bit):
+    # 2 x 192 GB: 128 experts each, FIXED + 128 x 1,436,811,264 = 197,507,108,864 needed
+    p = plan_experts(parse_simulate("2x192GB"), r1_4bit)
+    short = FIXED + 128 * BYTES_PER_EXPERT - USABLE_192
+    assert p.shortfalls == {"node0": short, "node1": short}
+    gb = f"{short / GB:.1f}"
+    assert (
+        p.message == f"does not fit: node node0 is short by {gb} GB, node node1 is short by {gb} GB"
+    )
+
+
+def test_context_and_batch_grow_every_nodes_kv_and_activations(r1_4bit):
+    long = plan_experts(parse_simulate("6x192GB"), r1_4bit, context=32768, batch=2)
+    # KV: 61 x 1152 x 32768 x 2; activations: 2 x (2048 x 32768 x 256 + 32768 x 65536 +
+    # 2048 x 541,184)
+    kv = 61 * 1152 * 32768 * 2
+    act = 2 * (2048 * 32768 * 256 + 32768 * 65536 + 2048 * 541_184)
+    assert all(r.kv_bytes == kv and r.activation_bytes == act for r in long.nodes)
+    assert long.fits and long.experts == [43, 43, 43, 43, 42, 42]
+
+
+def expert_model(per_expert_gb: float, replicated_gb: float, experts: int) -> ModelSpec:
+    """One MoE layer of `experts` experts of per_expert_gb each; the rest replicated_gb."""
+    rest = int(replicated_gb * GB)
+    e = int(per_expert_gb * GB) * experts
+    return ModelSpec("moe", [rest + e], 0, 0, False, 0, [e], experts, ActivationSpec())
+
+
+@pytest.mark.parametrize(
+    "memory,experts,expected",
+    [
+        # 10 GiB nodes (9.66 GB usable), 1 GB experts, 1 GB replicated: dealt evenly
+        ((10, 10), 8, [4, 4]),
+        ((10, 10, 10), 8, [3, 3, 2]),
+        # 30 GiB usable 27 GiB = 29.0 GB and 10 GiB usable 9.66 GB: (1 + c) / usable equal at
+        # 26 / 38.65 = 0.673, c0 = 18.5, c1 = 5.5 of 24; whole: 19,5 fills at most 20/29.0 =
+        # 0.69 against 18,6 filling the small node 7/9.66 = 0.72
+        ((30, 10), 24, [19, 5]),
+        ((10, 30), 24, [5, 19]),  # the order of the nodes is the order of the ranks
+        # a node with less memory takes fewer experts, never none
+        ((64, 4, 64), 12, [6, 1, 5]),
+    ],
+)
+def test_more_memory_takes_more_experts(memory, experts, expected):
+    p = plan_experts(nodes(*memory), expert_model(1.0, 1.0, experts))
+    assert p.experts == expected and sum(p.experts) == experts
+    assert all(c >= 1 for c in p.experts)
+
+
+def _compositions(total: int, parts: int):
+    for cuts in itertools.combinations(range(1, total), parts - 1):
+        bounds = (0, *cuts, total)
+        yield [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize(
+    "experts,per,fixed,usable",
+    [
+        (8, 3, 5, [40, 30, 20]),
+        (12, 2, 0, [10, 30, 20, 10]),
+        (9, 7, 10, [100, 100]),
+        (7, 5, 50, [10, 10, 10]),  # nothing fits: the overload is spread
+        (10, 1, 3, [13, 7, 29]),
+    ],
+)
+def test_expert_counts_are_lexicographically_smallest(experts, per, fixed, usable):
+    def ratios(counts):
+        return tuple(sorted(((fixed + c * per) / u for c, u in zip(counts, usable)), reverse=True))
+
+    got = best_expert_counts(experts, per, fixed, usable)
+    best = min(ratios(c) for c in _compositions(experts, len(usable)))
+    assert ratios(got) == best and sum(got) == experts and min(got) >= 1
+
+
+@pytest.mark.parametrize(
+    "cluster,model,message",
+    [
+        (nodes(64), expert_model(1.0, 1.0, 8), "needs at least 2 nodes"),
+        (nodes(*[64] * 9), expert_model(1.0, 1.0, 8), "cannot share 8 experts over 9 nodes"),
+        (nodes(64, 64), uniform(4, 1.0), "has no routed experts"),
+    ],
+)
+def test_expert_plan_refuses(cluster, model, message):
+    with pytest.raises(ValueError, match=message):
+        plan_experts(cluster, model)
+
+
+def test_activation_spec_of_a_dense_model():
+    llama = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336}
+    llama |= {"vocab_size": 32000, "torch_dtype": "bfloat16", "num_attention_heads": 32}
+    spec = activation_spec(llama)
+    # fused attention: no scores; per token (4 x 4096 + 3 x 14336 + 32000) x 2 = 182,784
+    assert spec == ActivationSpec(0, 0, 182_784)
+    assert activation_bytes_at(spec, 100) == 100 * 182_784  # a prompt shorter than a chunk
+
+
+def test_expert_plan_json_round_trip_and_quantize_reads_it(tmp_path, r1_4bit):
+    p = plan_experts(parse_simulate("m3ultra-512,2x192GB"), r1_4bit)
+    data = json.loads(json.dumps(plan_to_json(p)))
+    assert plan_from_json(data) == p
+    assert data["parallel"] == "expert" and data["experts"] == [154, 51, 51]
+    file = tmp_path / "plan.json"
+    file.write_text(json.dumps(data))
+    assert read_expert_plan_file(file) == [154, 51, 51]  # `mlxdist quantize --plan FILE`
+    with pytest.raises(ValueError, match="plans expert parallelism"):
+        read_plan_file(file)
+
+
+def test_plan_command_expert_table(capsys):
+    assert plan_command(str(R1_CONFIG), None, "4x128GB", 4096, 1, 4, False, parallel="expert") == 0
+    out = capsys.readouterr().out
+    print(out)
+    for col in ("experts", "weights GB", "KV GB", "act. GB", "total GB", "free GB"):
+        assert col in out
+    assert "64 (192-255)" in out and "experts 64,64,64,64: fits" in out
+    assert "expert" in out.split("predicted decode")[1]  # the performance model's expert mode
+    assert "pipeline (this split)" not in out
+
+
+def test_plan_command_expert_json(capsys):
+    code = plan_command(str(R1_CONFIG), None, "6x192GB", 4096, 1, 4, True, parallel="expert")
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["experts"] == [43, 43, 43, 43, 42, 42]
+    assert list(data["prediction"]["modes"]) == ["expert"]
+    assert data["prediction"]["modes"]["expert"]["fits"] is True
+    assert data["nodes"][5]["experts"] == [214, 256]
+
+
+def test_plan_command_expert_does_not_fit_returns_1(capsys):
+    assert plan_command(str(R1_CONFIG), None, "8x8GB", 4096, 1, 4, False, parallel="expert") == 1
+    assert "cannot hold even the 13.6 GB" in capsys.readouterr().out
+
+
+def test_pipeline_plan_prints_the_expert_rows_memory_as_the_expert_planner_counts_it(capsys):
+    # 4 x 106 GB, 102.4 GB usable each: the pipeline fits (94.4 GB a node on average); expert
+    # mode needs FIXED + 64 experts = 105.6 GB on every node
+    assert plan_command(str(R1_CONFIG), None, "4x106GB", 4096, 1, 4, True) == 0
+    modes = json.loads(capsys.readouterr().out)["prediction"]["modes"]
+    assert modes["pipeline"]["fits"] is True and modes["expert"]["fits"] is False
+
+
+def test_mlxdist_plan_parallel_expert_command():
+    args = ("plan", str(R1_CONFIG), "--simulate", "4x128GB", "--json")
+    result = run_cli(*args, "--parallel", "expert")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["experts"] == [64] * 4
+    wrong = run_cli(*args, "--parallel", "experts")
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert wrong.stderr.strip() == "error: --parallel 'experts' must be pipeline or expert"
