@@ -4,14 +4,15 @@
 
 Loads the model with mlx-lm's `sharded_load` (a pipeline group or a tensor group), then on every
 rank generates greedily from the same prompt of token ids. Rank 0 prints one JSON line: decode
-tokens/s as mlx-lm's stream_generate reports it, and every rank's bytes written (wchar of
-/proc/self/io: sockets and logs) per decoded token, the prompt's share removed by a second run
-that answers one token.
+tokens/s as mlx-lm's stream_generate reports it, and every rank's bytes sent over TCP per
+decoded token (the kernel's socket counters), the prompt's share removed by a second run that
+answers one token.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 
@@ -19,10 +20,12 @@ import mlx.core as mx
 from mlx_lm import stream_generate
 from mlx_lm.utils import sharded_load
 
+sys.path.insert(0, os.path.dirname(__file__))
+from tcp_bytes import tcp_bytes_sent  # noqa: E402
 
-def wchar() -> int:
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+def bytes_sent() -> int:
+    return tcp_bytes_sent(os.getpid())
 
 
 def generate(model, tokenizer, prompt: list[int], tokens: int) -> float:
@@ -37,18 +40,22 @@ def main() -> None:
     group = mx.distributed.init(strict=True)
     groups = {"pipeline_group": group} if mode == "pipeline" else {"tensor_group": group}
     # tiny-r1 has no remote code (R1 ships configuration_deepseek.py; mlx-lm asks for it)
-    model, tokenizer = sharded_load(path, **groups, tokenizer_config={"trust_remote_code": False})
+    model, tokenizer, config = sharded_load(
+        path, **groups, tokenizer_config={"trust_remote_code": False}, return_config=True
+    )
+    if "quantization" not in config:  # MLX's CPU expert matmul runs only in float32, as ours
+        model.set_dtype(mx.float32)
     # mlx-lm stops at the end-of-sequence ids: none of them, for a fixed number of tokens
     tokenizer._eos_token_ids = set()
     vocab = model.args.vocab_size
     rng = random.Random(0)
     prompt = [rng.randrange(16, vocab) for _ in range(prompt_len)]
     generate(model, tokenizer, prompt[:8], 4)  # warm up
-    start = wchar()
+    start = bytes_sent()
     generate(model, tokenizer, prompt, 1)
-    middle = wchar()
+    middle = bytes_sent()
     tps = generate(model, tokenizer, prompt, tokens)
-    end = wchar()
+    end = bytes_sent()
     per_token = ((end - middle) - (middle - start)) / max(1, tokens - 1)
     sent = mx.distributed.all_gather(mx.array([per_token]), group=group)
     mx.eval(sent)
