@@ -9,11 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantize.checkpoint import layer_of, weight_map
 from quantize.nodes import node_manifest
 
 from .agent_client import AgentClient, AgentError
 from .hostfile import mlx_launch_hostfile, ring_hostfile
-from .local import NODE_FAILED, LaunchError, describe_failure, verdict
+from .local import NODE_FAILED, PEER_GONE, LaunchError, describe_failure, verdict
 from .ssh import SshClient
 
 RING_PORT = 32323  # mlx.launch's first ring port
@@ -35,6 +36,7 @@ class RemoteCluster:
     run_ids: list[str]
     url: str
     hostfile: str
+    failed_nodes: list[str] = field(default_factory=list)  # named by failure()
 
     def failure(self) -> str | None:
         """Names the node that failed first: its peers then fail too, only because it went away."""
@@ -43,6 +45,7 @@ class RemoteCluster:
             try:
                 runs = {r["id"]: r for r in node.client.ranks()}
             except AgentError as e:
+                self.failed_nodes = [node.name]
                 return f"rank {rank} on node {node.name}: its agent stopped answering ({e})"
             run = runs.get(run_id)
             if run is None or not run["alive"]:
@@ -51,7 +54,13 @@ class RemoteCluster:
                     said = verdict(_log(node, run_id, 200))
                 tail = _last_line(node, run_id)
                 exited.append((f"rank {rank} on node {node.name}", code, tail))
-        return describe_failure(said, exited) if exited else None
+        if not exited:
+            return None
+        named = re.match(r"rank (\d+) ", said or "")
+        culprits = [int(named.group(1))] if named else []
+        culprits += [int(w.split()[1]) for w, c, _ in exited if c not in (NODE_FAILED, PEER_GONE)]
+        self.failed_nodes = [self.nodes[r].name for r in culprits if r < len(self.nodes)]
+        return describe_failure(said, exited)
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -93,6 +102,34 @@ def push_shards(
             continue
         rel = f"{model.name}/nodes/{rank}"
         for f in sorted(p for p in folder.iterdir() if p.is_file()):
+
+            def tick(done: int, total: int, name=f"{node.name}: {f.name}") -> None:
+                if progress:
+                    progress(name, done, total)
+
+            node.client.push_file(f, f"{rel}/{f.name}", progress=tick)
+        remote.append(rel)
+    return remote
+
+
+def push_for_split(
+    model: Path,
+    nodes: list[Node],
+    split: list[int],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[str]:
+    """For a split the model has no node folders for (a plan made again after a failure): each
+    host gets the model's small files and the weight files that hold its layers."""
+    weights = weight_map(model)
+    small = [p for p in model.iterdir() if p.is_file() and p.suffix != ".safetensors"]
+    small = [p for p in small if p.name != "manifest.json"]  # it lists files not sent
+    remote, start = [], 0
+    for rank, (node, layers) in enumerate(zip(nodes, split)):
+        end = start + layers
+        mine = {f for k, f in weights.items() if (i := layer_of(k)) is None or start <= i < end}
+        start = end
+        rel = f"{model.name}/split-{'-'.join(map(str, split))}/{rank}"
+        for f in sorted(small) + [model / name for name in sorted(mine)]:
 
             def tick(done: int, total: int, name=f"{node.name}: {f.name}") -> None:
                 if progress:
