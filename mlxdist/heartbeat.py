@@ -19,8 +19,10 @@ import time
 from collections.abc import Callable
 
 INTERVAL = 1.0
-TIMEOUT = 5.0  # no beat for this long: the peer is stopped or hung
-CONNECT_TIMEOUT = 30.0  # every rank says hello this soon after rank 0 starts
+TIMEOUT = 5.0  # no beat for this long once every rank has loaded: the peer is stopped or hung
+# While loading, MLX's ring set-up holds the interpreter lock (no beat leaves) until every rank
+# has joined, so silence is judged more leniently until loaded().
+LOAD_TIMEOUT = 120.0
 TOKEN_ENV = "MLXDIST_HEARTBEAT_TOKEN"
 PEER_GONE = 5  # the exit code of a rank whose rank 0 went away
 
@@ -47,14 +49,22 @@ class Monitor:
         self.size = size
         self.on_failure = on_failure
         self.nodes = {0: node}
-        self._seen: dict[int, float] = {}
+        # A rank that never says hello is as silent as one that stopped beating.
+        self._seen = dict.fromkeys(range(1, size), time.monotonic())
         self._conns: dict[int, socket.socket] = {}
         self._left: set[int] = set()
         self._lock = threading.Lock()
         self._failed = threading.Event()
-        self._started = time.monotonic()
+        self._limit = LOAD_TIMEOUT
         self._server = socket.create_server(address)
         self.failure: str | None = None
+
+    def loaded(self) -> None:
+        """Every rank has loaded: from now on TIMEOUT of silence is a failure."""
+        with self._lock:
+            now = time.monotonic()
+            self._seen = {r: max(t, now - INTERVAL) for r, t in self._seen.items()}
+            self._limit = TIMEOUT
 
     def start(self) -> Monitor:
         for target in (self._accept, self._watch):
@@ -121,21 +131,21 @@ class Monitor:
             now = time.monotonic()
             with self._lock:
                 conns = dict(self._conns)
-                silent = [r for r, t in self._seen.items() if now - t > TIMEOUT]
+                limit = self._limit
+                silent = [r for r, t in self._seen.items() if now - t > limit]
                 silent = [r for r in silent if r not in self._left]
-                missing = [r for r in range(1, self.size) if r not in self._conns]
             for conn in conns.values():
                 try:
                     conn.sendall(b"beat\n")
                 except OSError:
                     pass  # its reader reports the loss
-            if silent:
+            if silent and silent[0] not in conns:
+                self._fail(f"{self.name(silent[0])} failed: it never sent a heartbeat")
+            elif silent:
                 self._fail(
-                    f"{self.name(silent[0])} failed: no heartbeat for {TIMEOUT:.0f} s "
+                    f"{self.name(silent[0])} failed: no heartbeat for {limit:.0f} s "
                     "(the process is stopped or hung)"
                 )
-            elif missing and now - self._started > CONNECT_TIMEOUT:
-                self._fail(f"{self.name(missing[0])} failed: it never sent a heartbeat")
 
     def _fail(self, message: str) -> None:
         with self._lock:
@@ -158,51 +168,64 @@ class Monitor:
             conn.close()
 
 
-def follow(address: tuple[str, int], rank: int, node: str) -> Callable[[], None]:
+class Follower:
     """Rank r's side: beats to rank 0, and ends this process (exit PEER_GONE) when rank 0 is
-    gone or silent. Returns bye(), for a rank that leaves on purpose."""
-    deadline = time.monotonic() + CONNECT_TIMEOUT
-    while True:
-        try:
-            conn = socket.create_connection(address, timeout=TIMEOUT)
-            break
-        except OSError as e:
-            if time.monotonic() > deadline:
-                _leave(rank, f"cannot reach rank 0's heartbeat at {address[0]}:{address[1]}: {e}")
-            time.sleep(0.2)
-    conn.sendall(f"hello {rank} {_token()} {node}\n".encode())
-    lock = threading.Lock()
+    gone, or silent for TIMEOUT once loaded()."""
 
-    def beat() -> None:
+    def __init__(self, address: tuple[str, int], rank: int, node: str):
+        self.rank = rank
+        self._limit = LOAD_TIMEOUT
+        self._lock = threading.Lock()
+        deadline = time.monotonic() + LOAD_TIMEOUT
         while True:
             try:
-                with lock:
-                    conn.sendall(b"beat\n")
+                self._conn = socket.create_connection(address, timeout=INTERVAL)
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    host, port = address
+                    _leave(rank, f"cannot reach rank 0's heartbeat at {host}:{port}: {e}")
+                time.sleep(0.2)
+        self._conn.sendall(f"hello {rank} {_token()} {node}\n".encode())
+        self._conn.settimeout(INTERVAL)
+        for target in (self._beat, self._listen):
+            threading.Thread(target=target, daemon=True).start()
+
+    def loaded(self) -> None:
+        self._limit = TIMEOUT
+
+    def bye(self) -> None:
+        """Leaving on purpose: rank 0 is not to count it as a failure."""
+        with self._lock:
+            try:
+                self._conn.sendall(b"bye\n")
             except OSError:
-                return  # the listener below leaves
+                pass
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                with self._lock:
+                    self._conn.sendall(b"beat\n")
+            except OSError:
+                return  # the listener leaves
             time.sleep(INTERVAL)
 
-    def listen() -> None:
+    def _listen(self) -> None:
+        heard = time.monotonic()
         try:
-            while conn.recv(64):
-                pass
+            while True:
+                try:
+                    if not self._conn.recv(64):
+                        break
+                    heard = time.monotonic()
+                except TimeoutError:
+                    if time.monotonic() - heard > self._limit:
+                        _leave(self.rank, f"no heartbeat from rank 0 for {self._limit:.0f} s")
             why = "rank 0 closed the heartbeat"
-        except TimeoutError:
-            why = f"no heartbeat from rank 0 for {TIMEOUT:.0f} s"
         except OSError as e:
             why = f"the heartbeat to rank 0 failed: {e}"
-        _leave(rank, why)
-
-    def bye() -> None:
-        with lock:
-            try:
-                conn.sendall(b"bye\n")
-            except OSError:
-                pass
-
-    for target in (beat, listen):
-        threading.Thread(target=target, daemon=True).start()
-    return bye
+        _leave(self.rank, why)
 
 
 def _leave(rank: int, why: str) -> None:

@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     try:
-        beats = _start_heartbeat(args, int(os.environ.get("MLX_RANK", "0")), len(args.split))
+        rank = int(os.environ.get("MLX_RANK", "0"))
+        beats, inflight = _start_heartbeat(args, rank, len(args.split))
     except (OSError, ValueError) as e:
-        _log(int(os.environ.get("MLX_RANK", "0")), f"cannot start the heartbeat: {e}")
+        _log(rank, f"cannot start the heartbeat: {e}")
         return 2
 
     import mlx.core as mx
@@ -99,25 +100,27 @@ def main(argv: list[str] | None = None) -> int:
     if size > 1:
         figures = mx.distributed.all_gather(figures, group=group)
     mx.eval(figures)
+    if beats:
+        beats.loaded()  # from here on, a few seconds of silence is a failure
     runner = Runner(stage, group)
     if rank != 0:
         runner.serve()
         if beats:
-            beats()  # a leave on purpose, not a failure
+            beats.bye()  # a leave on purpose, not a failure
         return 0
-    return _serve_api(args, runner, figures.tolist(), listener, beats)
+    return _serve_api(args, runner, figures.tolist(), listener, inflight)
 
 
 def _start_heartbeat(args: argparse.Namespace, rank: int, size: int):
-    """Rank 0: the jobs to fail when another rank fails. Others: the goodbye to say on leaving."""
+    """(its side of the heartbeat, and on rank 0 the jobs to fail when another rank fails)."""
     if not args.heartbeat or size < 2:
-        return None
-    from .heartbeat import Monitor, follow, parse_address
+        return None, None
+    from .heartbeat import Follower, Monitor, parse_address
 
     address = parse_address(args.heartbeat)
     node = args.node or socket.gethostname()
     if rank != 0:
-        return follow(address, rank, node)
+        return Follower(address, rank, node), None
     from .api import Inflight
 
     inflight = Inflight()
@@ -133,7 +136,7 @@ def _start_heartbeat(args: argparse.Namespace, rank: int, size: int):
 
     monitor = Monitor(address, size, node, on_failure)
     monitor.start()
-    return inflight
+    return monitor, inflight
 
 
 def _nodes(split: list[int], figures: list) -> list[dict]:

@@ -333,7 +333,13 @@ def cluster_failure(watch: Callable[[], str | None], wait: float = 10.0) -> str 
     deadline = time.monotonic() + wait
     while (failure := watch()) is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    return failure
+    return failure and _settled(watch, failure)
+
+
+def _settled(watch: Callable[[], str | None], failure: str) -> str:
+    # Rank 0 names the failed node as it exits, a moment after the failed rank is seen gone.
+    time.sleep(1.0)
+    return watch() or failure
 
 
 @contextlib.contextmanager
@@ -348,7 +354,7 @@ def _watching(s: Session):
     def watch() -> None:
         while not done.wait(1.0):
             if (failure := s.watch()) is not None:
-                s.lost = failure
+                s.lost = _settled(s.watch, failure)
                 signal.pthread_kill(main, signal.SIGINT)
                 return
 
