@@ -5,7 +5,8 @@ rank 0 hears of it within TIMEOUT even while its main thread is blocked inside a
 the other ranks leave as soon as rank 0 goes away, so a blocked ring receive never holds a rank.
 
 Lines over TCP: "hello RANK TOKEN NODE" once from each rank, then "beat" both ways every INTERVAL,
-and "bye" from a rank that leaves on purpose.
+"ready" from rank 0 once it serves (silence is judged strictly from then on), and "bye" from a
+rank that leaves on purpose.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import time
 from collections.abc import Callable
 
 INTERVAL = 1.0
-TIMEOUT = 5.0  # no beat for this long once every rank has loaded: the peer is stopped or hung
+TIMEOUT = 5.0  # no beat for this long once rank 0 serves: the peer is stopped or hung
 # While loading, MLX's ring set-up holds the interpreter lock (no beat leaves) until every rank
-# has joined, so silence is judged more leniently until loaded().
+# has joined, and rank 0 then loads the tokenizer and starts its server: silence is judged more
+# leniently until rank 0 says it is ready.
 LOAD_TIMEOUT = 120.0
 TOKEN_ENV = "MLXDIST_HEARTBEAT_TOKEN"
 PEER_GONE = 5  # the exit code of a rank whose rank 0 went away
@@ -56,15 +58,24 @@ class Monitor:
         self._lock = threading.Lock()
         self._failed = threading.Event()
         self._limit = LOAD_TIMEOUT
+        self._ready = False
         self._server = socket.create_server(address)
         self.failure: str | None = None
 
-    def loaded(self) -> None:
-        """Every rank has loaded: from now on TIMEOUT of silence is a failure."""
+    def ready(self) -> None:
+        """Every rank has loaded and rank 0 serves: from now on TIMEOUT of silence is a failure,
+        on both sides."""
         with self._lock:
             now = time.monotonic()
             self._seen = {r: max(t, now - INTERVAL) for r, t in self._seen.items()}
             self._limit = TIMEOUT
+            self._ready = True
+            conns = list(self._conns.values())
+        for conn in conns:  # now, before the API answers its first request
+            try:
+                conn.sendall(b"ready\n")
+            except OSError:
+                pass  # its reader reports the loss
 
     def start(self) -> Monitor:
         for target in (self._accept, self._watch):
@@ -132,11 +143,12 @@ class Monitor:
             with self._lock:
                 conns = dict(self._conns)
                 limit = self._limit
+                beat = b"beat\nready\n" if self._ready else b"beat\n"  # repeated: cheap
                 silent = [r for r, t in self._seen.items() if now - t > limit]
                 silent = [r for r in silent if r not in self._left]
             for conn in conns.values():
                 try:
-                    conn.sendall(b"beat\n")
+                    conn.sendall(beat)
                 except OSError:
                     pass  # its reader reports the loss
             if silent and silent[0] not in conns:
@@ -170,7 +182,7 @@ class Monitor:
 
 class Follower:
     """Rank r's side: beats to rank 0, and ends this process (exit PEER_GONE) when rank 0 is
-    gone, or silent for TIMEOUT once loaded()."""
+    gone, or silent for TIMEOUT once it has said it is ready."""
 
     def __init__(self, address: tuple[str, int], rank: int, node: str):
         self.rank = rank
@@ -191,9 +203,6 @@ class Follower:
         for target in (self._beat, self._listen):
             threading.Thread(target=target, daemon=True).start()
 
-    def loaded(self) -> None:
-        self._limit = TIMEOUT
-
     def bye(self) -> None:
         """Leaving on purpose: rank 0 is not to count it as a failure."""
         with self._lock:
@@ -212,13 +221,16 @@ class Follower:
             time.sleep(INTERVAL)
 
     def _listen(self) -> None:
-        heard = time.monotonic()
+        heard, tail = time.monotonic(), b""
         try:
             while True:
                 try:
-                    if not self._conn.recv(64):
+                    data = self._conn.recv(64)
+                    if not data:
                         break
-                    heard = time.monotonic()
+                    heard, tail = time.monotonic(), (tail + data)[-16:]
+                    if b"ready" in tail:
+                        self._limit = TIMEOUT
                 except TimeoutError:
                     if time.monotonic() - heard > self._limit:
                         _leave(self.rank, f"no heartbeat from rank 0 for {self._limit:.0f} s")

@@ -100,15 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     if size > 1:
         figures = mx.distributed.all_gather(figures, group=group)
     mx.eval(figures)
-    if beats:
-        beats.loaded()  # from here on, a few seconds of silence is a failure
     runner = Runner(stage, group)
     if rank != 0:
         runner.serve()
         if beats:
             beats.bye()  # a leave on purpose, not a failure
         return 0
-    return _serve_api(args, runner, figures.tolist(), listener, inflight)
+    return _serve_api(args, runner, figures.tolist(), listener, inflight, beats)
 
 
 def _start_heartbeat(args: argparse.Namespace, rank: int, size: int):
@@ -158,7 +156,12 @@ def _nodes(split: list[int], figures: list) -> list[dict]:
 
 
 def _serve_api(
-    args: argparse.Namespace, runner, figures: list, listener: socket.socket, inflight=None
+    args: argparse.Namespace,
+    runner,
+    figures: list,
+    listener: socket.socket,
+    inflight=None,
+    monitor=None,
 ) -> int:
     import uvicorn
     from mlx_lm.utils import load_tokenizer
@@ -191,6 +194,8 @@ def _serve_api(
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    if monitor:
+        monitor.ready()  # from here on, a few seconds of silence is a failure
     thread.start()
     _log(0, f"serving on http://{args.host}:{args.port}")
     try:

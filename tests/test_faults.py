@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,9 +21,63 @@ from conftest import ROOT, rank_pids
 from netns import available, bridged_hosts
 from test_serve_chat import FIGURES, spawn
 
-from launcher.local import NODE_FAILED, PEER_GONE, start_local, wait_ready
+from launcher.hostfile import free_ports
+from launcher.local import (
+    NODE_FAILED,
+    PEER_GONE,
+    describe_failure,
+    start_local,
+    verdict,
+    wait_ready,
+)
+from mlxdist.heartbeat import TOKEN_ENV, Monitor, parse_address
 
 LONG = {"prompt": "Tell me a long story", "max_tokens": 100000, "temperature": 0.0}
+
+
+def test_heartbeat_turns_strangers_away_and_names_a_lost_rank(monkeypatch):
+    """Rank 0's monitor in this process, ranks played by raw sockets: a hello without the token
+    (or for a rank that does not exist) is ignored; a real rank's lost connection is named."""
+    monkeypatch.setenv(TOKEN_ENV, "a" * 32)
+    port = free_ports(1)[0]
+    failures: list[str] = []
+    monitor = Monitor(("127.0.0.1", port), 3, "mac0", failures.append)
+    monitor.start()
+    try:
+        for hello in ("hello 1 " + "b" * 32 + " mac1", "hello 7 " + "a" * 32 + " x", "GET / HTTP"):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(hello.encode() + b"\n")
+                assert s.recv(64) == b""  # turned away
+        for rank in (1, 2):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(f"hello {rank} {'a' * 32} mac{rank}\nbeat\n".encode())
+            assert s.recv(5) == b"beat\n"  # rank 0 beats back
+            if rank == 1:
+                s.sendall(b"bye\n")  # a rank that leaves on purpose has not failed
+            s.close()
+        deadline = time.monotonic() + 5
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert failures == [
+            "rank 2 on node mac2 failed: its connection was lost (the process exited or its "
+            "host went away)"
+        ]
+    finally:
+        monitor.release()
+
+
+def test_failure_lines():
+    said = "rank 1 on node mac1 failed: no heartbeat for 5 s (the process is stopped or hung)"
+    assert verdict(f"[rank 0] serving\n[rank 0] node failure: {said}\n[ring] Socket 4") == said
+    gone = ("rank 2", PEER_GONE, "[rank 2] leaving: rank 0 closed the heartbeat")
+    assert describe_failure(said, [("rank 0", NODE_FAILED, "x"), gone]) == said
+    killed = ("rank 1", -9, "[rank 1] loaded layers 2-3")
+    assert describe_failure(said, [killed, gone]) == f"{said}; rank 1 was killed by SIGKILL"
+    crashed = ("rank 1", 1, "ValueError: the file is truncated")
+    assert describe_failure(None, [gone, crashed]) == f"rank 1 exited with code 1: {crashed[2]}"
+    assert parse_address("[fe80::1%eth0]:52481") == ("fe80::1%eth0", 52481)
+    with pytest.raises(ValueError):
+        parse_address("52481")
 
 
 def stream_until_error(url: str, after: int, fault) -> tuple[dict | None, float, list[str]]:
