@@ -203,7 +203,10 @@ def create_app(
     async def stats():
         """Bytes each rank has sent (hidden states and token ids apart from control) and steps."""
         job = Job(prompt=[], max_tokens=0, stats=True, loop=asyncio.get_running_loop())
-        kind, data = await one_event(job)
+        coordinator.submit(job)
+        kind, data = await job.events.get()
+        if kind == "error":
+            raise APIError(500, data["message"], kind="server_error")
         return {"ranks": data["ranks"]}
 
     async def failed(data: dict) -> APIError:

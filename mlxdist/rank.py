@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    rank = int(os.environ.get("MLX_RANK", "0"))
     try:
-        rank = int(os.environ.get("MLX_RANK", "0"))
         beats, inflight = _start_heartbeat(args, rank, len(args.split))
     except (OSError, ValueError) as e:
         _log(rank, f"cannot start the heartbeat: {e}")
