@@ -6,6 +6,7 @@ import ctypes
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -69,7 +70,11 @@ class Cluster:
         if not exited:
             return None
         said = verdict(self.log_tail(0, 200)) if self.procs[0].returncode == NODE_FAILED else None
-        codes = [(f"rank {r}", self.procs[r].returncode, self.log_tail(r, 1)) for r in exited]
+        node = socket.gethostname()  # every rank runs here
+        codes = [
+            (f"rank {r} on node {node}", self.procs[r].returncode, self.log_tail(r, 1))
+            for r in exited
+        ]
         return describe_failure(said, codes)
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -172,6 +172,7 @@ def _converse(running, prompt: str | None, chat: bool, params: dict, replan=None
         return current[0].failure()
 
     def relaunch(failure: str) -> str:
+        cluster_failure(watch)  # the launcher's own look names the failed nodes
         current[0].stop()
         typer.echo("planning again on the remaining nodes...", err=True)
         try:

@@ -12,11 +12,13 @@ TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 
 class ClientError(Exception):
     """The server could not be reached or answered with an error. lost: the server went away or
-    said a node of its cluster failed (its launcher knows more)."""
+    said a node of its cluster failed (its launcher knows more); named: the message is the
+    server's own word on which node failed."""
 
-    def __init__(self, message: str, lost: bool = False):
+    def __init__(self, message: str, lost: bool = False, named: bool = False):
         super().__init__(message)
-        self.lost = lost
+        self.lost = lost or named
+        self.named = named
 
 
 def base_url(url: str) -> str:
@@ -83,8 +85,8 @@ def _stream(url: str, body: dict, headers: dict | None, chat: bool) -> Iterator[
                     error = event["error"]
                     if not isinstance(error, dict):
                         raise ClientError(str(error))
-                    lost = error.get("code") == "node_failed"
-                    raise ClientError(error.get("message", str(error)), lost=lost)
+                    named = error.get("code") == "node_failed"
+                    raise ClientError(error.get("message", str(error)), named=named)
                 if event.get("usage"):
                     done["usage"] = event["usage"]
                 for choice in event.get("choices") or []:

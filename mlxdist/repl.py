@@ -319,7 +319,8 @@ def _answer_last(s: Session, out: Console, err: Console) -> None:
     except ClientError as e:
         failure = cluster_failure(s.watch) if e.lost and s.watch else None
         if failure is not None:
-            return _node_failed(s, failure, out, err)
+            # The server's own word names the node best; the launcher's stands in when it is gone.
+            return _node_failed(s, str(e) if e.named else failure, out, err)
         err.print(f"error: {e}", markup=False, style="red")
         s.messages.pop()
         return
