@@ -103,15 +103,21 @@ class StartRank(BaseModel):
     name: str
     backend: Literal["ring"] = "ring"
     max_context: int | None = Field(None, ge=1, le=10_000_000)
+    # Rank 0 hears every rank's heartbeat on http_host:heartbeat_port; the token shows it is one.
+    heartbeat_port: int | None = Field(None, ge=1024, le=65535)
+    heartbeat_token: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
+    node: str | None = None  # the launcher's name for this host, in failure reports
 
     @field_validator("http_host")
     @classmethod
     def _host(cls, value: str) -> str:
         return _check_ip(value)
 
-    @field_validator("name")
+    @field_validator("name", "node")
     @classmethod
-    def _name(cls, value: str) -> str:
+    def _name(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if not _NAME.fullmatch(value):
             raise ValueError("name must be 1-64 letters, digits, '.', '_' or '-', not starting '-'")
         return value
@@ -355,7 +361,14 @@ def rank_argv(python: str, model: Path, req: StartRank) -> list[str]:
         "--backend",
         req.backend,
         *(["--max-context", str(req.max_context)] if req.max_context else []),
+        *(["--heartbeat", _heartbeat(req)] if req.heartbeat_port else []),
+        *(["--node", req.node] if req.node else []),
     ]
+
+
+def _heartbeat(req: StartRank) -> str:
+    host = f"[{req.http_host}]" if ":" in req.http_host else req.http_host
+    return f"{host}:{req.heartbeat_port}"
 
 
 @dataclass
@@ -394,6 +407,8 @@ class Runs:
         folder.mkdir(mode=0o700)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
         env |= {"MLX_RANK": str(req.rank), "MLX_WORLD_SIZE": str(len(req.split))}
+        if req.heartbeat_token:  # in the environment, not on a command line others can read
+            env["MLXDIST_HEARTBEAT_TOKEN"] = req.heartbeat_token
         if len(req.split) > 1:  # as mlx.launch: a single rank runs without a ring
             hostfile = folder / "hostfile.json"
             hostfile.write_text(ring_hostfile(req.hostfile))

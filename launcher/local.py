@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,9 +20,38 @@ from quantize.nodes import node_folder
 
 from .hostfile import free_ports, write_hostfile
 
+# What a rank tells the launcher through its exit code and log (a process boundary, no import).
+NODE_FAILED = 4  # rank 0: another rank failed; its log's last "node failure:" line names it
+PEER_GONE = 5  # any other rank: it left because rank 0 went away
+HEARTBEAT_TOKEN_ENV = "MLXDIST_HEARTBEAT_TOKEN"
+_VERDICT = "[rank 0] node failure: "
+
 
 class LaunchError(Exception):
     """The cluster could not be started; the message says which rank and why."""
+
+
+def verdict(log_text: str) -> str | None:
+    """Rank 0's word on which node failed, from its log."""
+    lines = [x for x in log_text.splitlines() if x.startswith(_VERDICT)]
+    return lines[-1][len(_VERDICT) :] if lines else None
+
+
+def describe_failure(said: str | None, exited: list[tuple[str, int, str]]) -> str | None:
+    """One line on what failed: rank 0's verdict (None without one) and, of (who, exit code,
+    last log line) for the ranks that exited, the first that did not leave only because rank 0 or
+    a ring peer went away."""
+    causes = [e for e in exited if e[1] not in (NODE_FAILED, PEER_GONE) and "peer" not in e[2]]
+    if not (causes or exited):
+        return said
+    who, code, tail = (causes or exited)[0]
+    if code < 0:
+        detail = f"{who} was killed by {signal.Signals(-code).name}"
+    else:
+        detail = f"{who} exited with code {code}: {tail or 'no output'}"
+    if said is None:
+        return detail
+    return f"{said}; {detail}" if causes else said
 
 
 @dataclass
@@ -38,16 +69,20 @@ class Cluster:
         exited = [r for r, p in enumerate(self.procs) if p.poll() is not None]
         if not exited:
             return None
-        causes = [r for r in exited if "peer" not in self.log_tail(r, 1)]
-        rank = (causes or exited)[0]
-        tail = self.log_tail(rank, 1) or "no output"
-        return f"rank {rank} exited with code {self.procs[rank].returncode} while loading: {tail}"
+        said = verdict(self.log_tail(0, 200)) if self.procs[0].returncode == NODE_FAILED else None
+        node = socket.gethostname()  # every rank runs here
+        codes = [
+            (f"rank {r} on node {node}", self.procs[r].returncode, self.log_tail(r, 1))
+            for r in exited
+        ]
+        return describe_failure(said, codes)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stops every rank: SIGTERM, then SIGKILL for any still there after timeout."""
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
+                p.send_signal(signal.SIGCONT)  # a stopped rank wakes to its SIGTERM
         deadline = time.monotonic() + timeout
         for p in self.procs:
             try:
@@ -84,18 +119,19 @@ def start_local(
     n = len(split)
     run_dir = Path(run_dir or tempfile.mkdtemp(prefix="mlxdist-run-"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    ports = free_ports(n + 1)
+    ports = free_ports(n + 2)
     http_port = port or ports[-1]
     hostfile = write_hostfile(run_dir / "hostfile.json", [[f"127.0.0.1:{p}"] for p in ports[:n]])
     cmd = [sys.executable, "-m", "mlxdist.rank"]
     cmd += ["--split", ",".join(map(str, split)), "--host", host, "--port", str(http_port)]
-    cmd += ["--name", name or Path(model).name]
+    cmd += ["--name", name or Path(model).name, "--heartbeat", f"127.0.0.1:{ports[n]}"]
+    token = secrets.token_hex(16)
     procs, logs = [], []
     for rank in range(n):
         # A model cut for this split gives each rank its own node folder.
         rank_cmd = [*cmd, "--model", str(node_folder(model, split, rank))]
         rank_env = dict(os.environ, **(env or {}))
-        rank_env |= {"MLX_RANK": str(rank), "MLX_WORLD_SIZE": str(n)}
+        rank_env |= {"MLX_RANK": str(rank), "MLX_WORLD_SIZE": str(n), HEARTBEAT_TOKEN_ENV: token}
         if n > 1:  # as mlx.launch: a single rank runs without a ring
             rank_env["MLX_HOSTFILE"] = str(hostfile)
         log = run_dir / f"rank-{rank}.log"
@@ -124,7 +160,7 @@ def wait_ready(cluster, timeout: float = 600.0, on_tick=None) -> dict:
     while time.monotonic() < deadline:
         if failure := cluster.failure():
             time.sleep(0.5)  # let the first failure's peers fail too, then name the first
-            raise LaunchError(cluster.failure() or failure)
+            raise LaunchError(f"while loading, {cluster.failure() or failure}")
         try:
             r = httpx.get(cluster.url + "/health", timeout=2.0)
             if r.status_code == 200:

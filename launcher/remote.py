@@ -3,19 +3,23 @@ watched and stopped."""
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantize.checkpoint import layer_of, weight_map
 from quantize.nodes import node_manifest
 
 from .agent_client import AgentClient, AgentError
 from .hostfile import mlx_launch_hostfile, ring_hostfile
-from .local import LaunchError
+from .local import NODE_FAILED, PEER_GONE, LaunchError, describe_failure, verdict
 from .ssh import SshClient
 
 RING_PORT = 32323  # mlx.launch's first ring port
-HTTP_PORT = 52480  # the coordinator's API on rank 0's host
+HTTP_PORT = 52480  # the coordinator's API on rank 0's host; its heartbeats on the next port
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # what an agent takes as a name
 
 
 @dataclass
@@ -32,23 +36,31 @@ class RemoteCluster:
     run_ids: list[str]
     url: str
     hostfile: str
+    failed_nodes: list[str] = field(default_factory=list)  # named by failure()
 
     def failure(self) -> str | None:
-        """Names the rank that failed first: its peers then fail too, only because it went away."""
-        dead = []
+        """Names the node that failed first: its peers then fail too, only because it went away."""
+        exited, said = [], None
         for rank, (node, run_id) in enumerate(zip(self.nodes, self.run_ids)):
             try:
                 runs = {r["id"]: r for r in node.client.ranks()}
             except AgentError as e:
-                return f"the agent on {node.name} stopped answering: {e}"
+                self.failed_nodes = [node.name]
+                return f"rank {rank} on node {node.name}: its agent stopped answering ({e})"
             run = runs.get(run_id)
             if run is None or not run["alive"]:
-                code = run["returncode"] if run else "?"
-                dead.append((rank, node, code, _last_line(node, run_id)))
-        if not dead:
+                code = run["returncode"] if run else -9
+                if rank == 0 and code == NODE_FAILED:
+                    said = verdict(_log(node, run_id, 200))
+                tail = _last_line(node, run_id)
+                exited.append((f"rank {rank} on node {node.name}", code, tail))
+        if not exited:
             return None
-        rank, node, code, tail = ([d for d in dead if "peer" not in d[3]] or dead)[0]
-        return f"rank {rank} on {node.name} exited with code {code}: {tail}"
+        named = re.match(r"rank (\d+) ", said or "")
+        culprits = [int(named.group(1))] if named else []
+        culprits += [int(w.split()[1]) for w, c, _ in exited if c not in (NODE_FAILED, PEER_GONE)]
+        self.failed_nodes = [self.nodes[r].name for r in culprits if r < len(self.nodes)]
+        return describe_failure(said, exited)
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -58,11 +70,15 @@ class RemoteCluster:
                 pass  # an agent that is gone has taken its ranks with it
 
 
-def _last_line(node: Node, run_id: str) -> str:
+def _log(node: Node, run_id: str, lines: int) -> str:
     try:
-        lines = [x for x in node.client.log(run_id, 20).splitlines() if x.strip()]
+        return node.client.log(run_id, lines)
     except AgentError:
-        return "no log"
+        return ""
+
+
+def _last_line(node: Node, run_id: str) -> str:
+    lines = [x for x in _log(node, run_id, 20).splitlines() if x.strip()]
     return (lines or ["no output"])[-1]
 
 
@@ -86,6 +102,34 @@ def push_shards(
             continue
         rel = f"{model.name}/nodes/{rank}"
         for f in sorted(p for p in folder.iterdir() if p.is_file()):
+
+            def tick(done: int, total: int, name=f"{node.name}: {f.name}") -> None:
+                if progress:
+                    progress(name, done, total)
+
+            node.client.push_file(f, f"{rel}/{f.name}", progress=tick)
+        remote.append(rel)
+    return remote
+
+
+def push_for_split(
+    model: Path,
+    nodes: list[Node],
+    split: list[int],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[str]:
+    """For a split the model has no node folders for (a plan made again after a failure): each
+    host gets the model's small files and the weight files that hold its layers."""
+    weights = weight_map(model)
+    small = [p for p in model.iterdir() if p.is_file() and p.suffix != ".safetensors"]
+    small = [p for p in small if p.name != "manifest.json"]  # it lists files not sent
+    remote, start = [], 0
+    for rank, (node, layers) in enumerate(zip(nodes, split)):
+        end = start + layers
+        mine = {f for k, f in weights.items() if (i := layer_of(k)) is None or start <= i < end}
+        start = end
+        rel = f"{model.name}/split-{'-'.join(map(str, split))}/{rank}"
+        for f in sorted(small) + [model / name for name in sorted(mine)]:
 
             def tick(done: int, total: int, name=f"{node.name}: {f.name}") -> None:
                 if progress:
@@ -125,6 +169,9 @@ def start_remote(
         (run_dir / "hostfile.json").write_text(text)  # reusable with mlx.launch
     run_ids: list[str] = []
     cluster = RemoteCluster(nodes, run_ids, f"http://{nodes[0].address}:{http_port}", text)
+    # Heartbeats need every rank to take part; a host reached over ssh starts its rank without.
+    beats = len(nodes) > 1 and not any(isinstance(n.client, SshClient) for n in nodes)
+    token = secrets.token_hex(16)
     try:
         for rank, (node, folder) in enumerate(zip(nodes, folders)):
             started = node.client.start_rank(
@@ -137,6 +184,8 @@ def start_remote(
                 name=name,
                 backend="ring",
                 **({"max_context": max_context} if max_context else {}),
+                **({"heartbeat_port": http_port + 1, "heartbeat_token": token} if beats else {}),
+                **({"node": node.name} if _NODE_NAME.fullmatch(node.name) else {}),
             )
             run_ids.append(started["id"])
     except AgentError as e:

@@ -1,12 +1,15 @@
 """The coordinator's HTTP API: OpenAI-style completions, streamed as server-sent events or not.
 
 Requests wait in the coordinator's first-come first-served queue; a client that goes away
-(mid-stream or while waiting) cancels its job, so every rank moves on to the next one.
+(mid-stream or while waiting) cancels its job, so every rank moves on to the next one. When a node
+fails, every request in flight ends with an error that names it, and new ones are refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -21,6 +24,7 @@ from .openai_schema import (
     CompletionRequest,
     LogitsRequest,
     Sampling,
+    error_body,
     error_response,
     validation_error,
 )
@@ -28,10 +32,61 @@ from .reasoning import prompt_opens_think
 from .responses import Output, finish_reason, sse
 
 MAX_STOPS = 16
+EXPLAIN_WAIT = 2.0  # how long a ring error waits for the heartbeat to name the node behind it
 
 
-def create_app(coordinator: Coordinator, model_name: str, info: dict) -> FastAPI:
+class Inflight:
+    """The jobs the API has submitted and not yet answered; all failed at once when a node fails."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[int, Job] = {}  # by id(): a Job (a dataclass) has no hash
+        self.failure: str | None = None
+        self._lock = threading.Lock()
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            if self.failure is None:
+                self.jobs[id(job)] = job
+                return
+        raise APIError(503, self.failure, code="node_failed", kind="server_error")
+
+    def remove(self, job: Job) -> None:
+        with self._lock:
+            self.jobs.pop(id(job), None)
+
+    def fail(self, message: str) -> None:
+        """Ends every job in flight with an error naming the failed node (from any thread)."""
+        with self._lock:
+            self.failure = message
+            jobs = list(self.jobs.values())
+        for job in jobs:
+            job.cancelled.set()
+            job.emit("error", message=message)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once every job in flight has been answered (its error sent), within timeout."""
+        deadline = time.monotonic() + timeout
+        while self.jobs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.jobs
+
+    async def explain(self, message: str, wait: float) -> tuple[str, str | None]:
+        """A ring error's message, or the failed node's once the heartbeat names it."""
+        deadline = time.monotonic() + wait
+        while self.failure is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.failure is not None:
+            return self.failure, "node_failed"
+        return message, None
+
+
+def create_app(
+    coordinator: Coordinator, model_name: str, info: dict, inflight: Inflight | None = None
+) -> FastAPI:
     app = FastAPI(title="mlxdist")
+    # Without heartbeats (one rank), an error has no node failure to wait for.
+    inflight, wait = (inflight, EXPLAIN_WAIT) if inflight else (Inflight(), 0.0)
+    app.state.inflight = inflight
     tokenizer = coordinator.tokenizer
     vocab = info["vocab_size"]
     context = info.get("context")
@@ -142,10 +197,7 @@ def create_app(coordinator: Coordinator, model_name: str, info: dict) -> FastAPI
     async def logits(req: LogitsRequest):
         job = Job(prompt=check_ids(req.prompt), max_tokens=0, logits=True)
         job.loop = asyncio.get_running_loop()
-        coordinator.submit(job)
-        kind, data = await job.events.get()
-        if kind == "error":
-            raise APIError(500, data["message"], kind="server_error")
+        kind, data = await one_event(job)
         return {"logits": data["values"]}
 
     @app.get("/mlxdist/stats")
@@ -159,13 +211,29 @@ def create_app(coordinator: Coordinator, model_name: str, info: dict) -> FastAPI
             raise APIError(500, data["message"], kind="server_error")
         return data
 
+    async def failed(data: dict) -> APIError:
+        message, code = await inflight.explain(data["message"], wait)
+        return APIError(503 if code else 500, message, code=code, kind="server_error")
+
+    async def one_event(job: Job) -> tuple[str, dict]:
+        inflight.add(job)
+        try:
+            coordinator.submit(job)
+            kind, data = await job.events.get()
+            if kind == "error":
+                raise await failed(data)
+            return kind, data
+        finally:
+            inflight.remove(job)
+
     async def respond(req: Sampling, job: Job, request: Request, chat: bool, think=None):
+        inflight.add(job)
         coordinator.submit(job)
         out = Output(req, model_name, chat, think)
         if req.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(
-                _stream(job, out), media_type="text/event-stream", headers=headers
+                _stream(job, out, inflight, wait), media_type="text/event-stream", headers=headers
             )
         watcher = asyncio.create_task(_watch_disconnect(request, job))
         try:
@@ -174,7 +242,7 @@ def create_app(coordinator: Coordinator, model_name: str, info: dict) -> FastAPI
                 if ev == "gone":
                     return JSONResponse({}, status_code=499)  # no one is there to read it
                 if ev == "error":
-                    raise APIError(500, data["message"], kind="server_error")
+                    raise await failed(data)
                 if ev == "token":
                     out.token(data)
                 elif ev == "done":
@@ -182,6 +250,7 @@ def create_app(coordinator: Coordinator, model_name: str, info: dict) -> FastAPI
         finally:
             watcher.cancel()
             job.cancelled.set()  # done already, or the client is gone
+            inflight.remove(job)
 
     return app
 
@@ -194,7 +263,7 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
     job.events.put_nowait(("gone", {}))
 
 
-async def _stream(job: Job, out: Output) -> AsyncIterator[str]:
+async def _stream(job: Job, out: Output, inflight: Inflight, wait: float) -> AsyncIterator[str]:
     with_ids = out.req.return_token_ids
     try:
         if out.chat:
@@ -202,7 +271,8 @@ async def _stream(job: Job, out: Output) -> AsyncIterator[str]:
         while True:
             ev, data = await job.events.get()
             if ev == "error":
-                yield sse({"error": {"message": data["message"], "type": "server_error"}})
+                message, code = await inflight.explain(data["message"], wait)
+                yield sse(error_body(message, "server_error", code=code))
                 break
             if ev == "token":
                 r, c = out.token(data)
@@ -219,3 +289,4 @@ async def _stream(job: Job, out: Output) -> AsyncIterator[str]:
     finally:
         # A client that went away mid-stream stops the generation at the next token.
         job.cancelled.set()
+        inflight.remove(job)

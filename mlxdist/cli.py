@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -66,6 +67,9 @@ def launch(
     seed: int | None = typer.Option(None, min=0),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="apply the chat template"),
     port: int | None = typer.Option(None, help="coordinator HTTP port"),
+    replan: bool = typer.Option(
+        False, help="when a node fails, plan again on the others and go on with the chat"
+    ),
 ) -> None:
     """Start one rank per host (or N on this machine), then answer --prompt or open a chat."""
     from launcher.secret import SecretError
@@ -80,13 +84,15 @@ def launch(
             raise UserError("give --hosts or --cluster, not both")
         path = _launch_model(model)
         if hosts or cluster:
-            from .cluster import start_agents_cluster
+            from .cluster import replan_agents, start_agents_cluster
 
             secret = _secret(secret_file)
             running = start_agents_cluster(path, hosts, cluster, interface, secret, context, port)
+            again = partial(replan_agents, path, context, port)
         else:
             running = _start_here(path, local or 2, split, port)
-        _converse(running, prompt, chat, params)
+            again = partial(_replan_here, path, port)
+        _converse(running, prompt, chat, params, again if replan else None)
     except (*_user_errors(), SecretError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
@@ -141,17 +147,52 @@ def _start_here(path: Path, ranks: int, split: str | None, port: int | None):
     return running
 
 
-def _converse(running, prompt: str | None, chat: bool, params: dict) -> None:
-    """Answers the prompt or opens the chat; every rank is stopped however it ends."""
-    from .repl import answer, repl
+def _replan_here(path: Path, port: int | None, failed) -> object:
+    """Local ranks again, one fewer than before (the failed rank's share spread over the rest)."""
+    from quantize.checkpoint import inspect_model
+    from quantize.nodes import even_split
+
+    ranks = len(failed.procs) - 1
+    if ranks < 1:
+        raise UserError("no rank remains to plan on: launch again")
+    split = even_split(inspect_model(path).num_layers, ranks)
+    return _start_here(path, ranks, ",".join(map(str, split)), port)
+
+
+def _converse(running, prompt: str | None, chat: bool, params: dict, replan=None) -> None:
+    """Answers the prompt or opens the chat; every rank is stopped however it ends.
+
+    replan(failed cluster) -> a new cluster: the chat goes on there after a node fails."""
+    from .client import ClientError
+    from .repl import answer, cluster_failure, repl
+
+    current = [running]
+
+    def watch() -> str | None:
+        return current[0].failure()
+
+    def relaunch(failure: str) -> str:
+        cluster_failure(watch)  # the launcher's own look names the failed nodes
+        current[0].stop()
+        typer.echo("planning again on the remaining nodes...", err=True)
+        try:
+            current[0] = replan(current[0])
+        except _user_errors() as e:
+            raise ClientError(str(e)) from None
+        return current[0].url
 
     try:
         if prompt is not None:
-            answer(running.url, prompt, chat, params)
+            try:
+                answer(running.url, prompt, chat, params)
+            except ClientError as e:
+                if e.lost and (failure := cluster_failure(watch)):
+                    raise UserError(f"the cluster failed: {failure}") from None
+                raise
         else:
-            repl(running.url, params)
+            repl(running.url, params, watch=watch, relaunch=relaunch if replan else None)
     finally:
-        running.stop()
+        current[0].stop()
 
 
 # -- serve and chat: the cluster with its API alone, and the chat against any server --------
@@ -221,13 +262,7 @@ def _serve_here(
 
 
 def _rank_failure(running) -> str | None:
-    if hasattr(running, "failure"):  # ranks started by agents
-        return running.failure()
-    for rank, proc in enumerate(running.procs):
-        if proc.poll() is not None:
-            tail = running.log_tail(rank, 1) or "no output"
-            return f"rank {rank} exited with code {proc.returncode}: {tail}"
-    return None
+    return running.failure()
 
 
 def _serve_until_stopped(running, name: str) -> None:

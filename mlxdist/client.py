@@ -11,7 +11,14 @@ TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 
 
 class ClientError(Exception):
-    """The server could not be reached or answered with an error."""
+    """The server could not be reached or answered with an error. lost: the server went away or
+    said a node of its cluster failed (its launcher knows more); named: the message is the
+    server's own word on which node failed."""
+
+    def __init__(self, message: str, lost: bool = False, named: bool = False):
+        super().__init__(message)
+        self.lost = lost or named
+        self.named = named
 
 
 def base_url(url: str) -> str:
@@ -65,7 +72,8 @@ def _stream(url: str, body: dict, headers: dict | None, chat: bool) -> Iterator[
         with httpx.stream("POST", url, json=body, headers=headers, timeout=TIMEOUT) as r:
             if r.status_code != 200:
                 r.read()
-                raise ClientError(f"{url} answered {r.status_code}: {_detail(r)}")
+                lost = r.status_code == 503
+                raise ClientError(f"{url} answered {r.status_code}: {_detail(r)}", lost=lost)
             for line in r.iter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -75,9 +83,10 @@ def _stream(url: str, body: dict, headers: dict | None, chat: bool) -> Iterator[
                 event = json.loads(data)
                 if event.get("error"):
                     error = event["error"]
-                    raise ClientError(
-                        error.get("message", str(error)) if isinstance(error, dict) else str(error)
-                    )
+                    if not isinstance(error, dict):
+                        raise ClientError(str(error))
+                    named = error.get("code") == "node_failed"
+                    raise ClientError(error.get("message", str(error)), named=named)
                 if event.get("usage"):
                     done["usage"] = event["usage"]
                 for choice in event.get("choices") or []:
@@ -85,7 +94,9 @@ def _stream(url: str, body: dict, headers: dict | None, chat: bool) -> Iterator[
                     if choice.get("finish_reason"):
                         done["finish_reason"] = choice["finish_reason"]
     except httpx.HTTPError as e:
-        raise ClientError(f"lost the connection to {url}: {e or type(e).__name__}") from None
+        raise ClientError(
+            f"lost the connection to {url}: {e or type(e).__name__}", lost=True
+        ) from None
     except json.JSONDecodeError:
         raise ClientError(f"{url} sent an event that is not JSON") from None
     yield "done", done

@@ -148,10 +148,6 @@ def start_agents_cluster(
 ):
     """Finds the nodes, checks the plan, pushes each node its folder, starts the ranks."""
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
-
-    from launcher.local import wait_ready
-    from launcher.remote import HTTP_PORT, push_shards, start_remote
 
     console = Console(stderr=True, soft_wrap=True)
     if hosts is not None:
@@ -166,6 +162,43 @@ def start_agents_cluster(
     nodes = ring(nodes, keep_order=hosts is not None)
     ring_ips = cable_addresses(nodes, console)
     split = choose_split(model, nodes, context)
+    return _start(model, nodes, split, ring_ips, context, port, console)
+
+
+def replan_agents(model: Path, context: int, port: int | None, failed):
+    """After a failure: the plan made again on the nodes that remain, and the ranks started there.
+
+    failed: the RemoteCluster that failed (its failure() has named the failed nodes)."""
+    from rich.console import Console
+
+    console = Console(stderr=True, soft_wrap=True)
+    lost = set(failed.failed_nodes)
+    nodes = [n for n in failed.nodes if n.name not in lost]
+    if not lost or not nodes:
+        raise LaunchError("no node remains to plan on: launch again when the nodes are back")
+    nodes = _with_facts(nodes)
+    names = ", ".join(n.name for n in nodes)
+    specs = [
+        NodeSpec(n.name, int(n.facts.get("memory_total", 0)), n.facts.get("memory_available"))
+        for n in nodes
+    ]
+    planned = plan(specs, model_spec_from_folder(model), context=context)
+    if not planned.fits:
+        raise LaunchError(
+            f"the model does not fit on the remaining nodes ({names}): {planned.message}"
+        )
+    split = node_folders(model, len(nodes)) or planned.split
+    # The cables' ring is broken where the node went: the ring runs over the hosts' addresses.
+    return _start(model, nodes, split, None, context, port, console)
+
+
+def _start(model: Path, nodes: list[Node], split: list[int], ring_ips, context, port, console):
+    """Pushes each node its share, starts the ranks, waits until they have loaded."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from launcher.local import wait_ready
+    from launcher.remote import HTTP_PORT, push_for_split, push_shards, start_remote
+
     console.print(
         f"{len(nodes)} nodes: "
         + ", ".join(f"{n.name} ({n.address}) layers {k}" for n, k in zip(nodes, split))
@@ -185,7 +218,10 @@ def start_agents_cluster(
                 tasks[name] = bar.add_task(f"push {name}", total=total)
             bar.update(tasks[name], completed=done)
 
-        folders = push_shards(model, nodes, progress)
+        if node_folders(model, len(nodes)) == split:
+            folders = push_shards(model, nodes, progress)
+        else:  # a plan made again after a failure: no node folders were cut for it
+            folders = push_for_split(model, nodes, split, progress)
     running = start_remote(
         nodes,
         folders,

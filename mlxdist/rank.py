@@ -14,6 +14,7 @@ import threading
 import time
 
 _HOST_BYTES = 64  # a rank's host name, as bytes gathered with its memory figures
+NODE_FAILED = 4  # rank 0's exit code when another rank failed; its log's last line names it
 
 
 def _watch_parent(parent: int) -> None:
@@ -35,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--backend", default="ring")
+    p.add_argument("--heartbeat", default=None, help="HOST:PORT where rank 0 hears the ranks")
+    p.add_argument("--node", default=None, help="this host's name, as the launcher calls it")
     p.add_argument(
         "--max-context",
         type=int,
@@ -49,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    rank = int(os.environ.get("MLX_RANK", "0"))
+    try:
+        beats, inflight = _start_heartbeat(args, rank, len(args.split))
+    except (OSError, ValueError) as e:
+        _log(rank, f"cannot start the heartbeat: {e}")
+        return 2
 
     import mlx.core as mx
 
@@ -85,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         f"peak rss {peak / 2**20:.1f} MiB (before weights {base / 2**20:.1f} MiB)",
     )
     # Every rank has loaded once this returns; rank 0 also learns the others' memory.
-    host = list(socket.gethostname().encode()[:_HOST_BYTES].ljust(_HOST_BYTES, b"\0"))
+    name = (args.node or socket.gethostname()).encode()
+    host = list(name[:_HOST_BYTES].ljust(_HOST_BYTES, b"\0"))
     figures = mx.array([[rank, base, peak, held, *host]], dtype=mx.float32)
     if size > 1:
         figures = mx.distributed.all_gather(figures, group=group)
@@ -93,8 +103,38 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(stage, group)
     if rank != 0:
         runner.serve()
+        if beats:
+            beats.bye()  # a leave on purpose, not a failure
         return 0
-    return _serve_api(args, runner, figures.tolist(), listener)
+    return _serve_api(args, runner, figures.tolist(), listener, inflight, beats)
+
+
+def _start_heartbeat(args: argparse.Namespace, rank: int, size: int):
+    """(its side of the heartbeat, and on rank 0 the jobs to fail when another rank fails)."""
+    if not args.heartbeat or size < 2:
+        return None, None
+    from .heartbeat import Follower, Monitor, parse_address
+
+    address = parse_address(args.heartbeat)
+    node = args.node or socket.gethostname()
+    if rank != 0:
+        return Follower(address, rank, node), None
+    from .api import Inflight
+
+    inflight = Inflight()
+
+    def on_failure(message: str) -> None:
+        # Runs on the heartbeat thread: the main thread may be stuck in a collective for good.
+        _log(0, f"node failure: {message}")
+        monitor.release()  # every other rank leaves
+        inflight.fail(message)
+        inflight.wait_idle(3.0)
+        time.sleep(0.2)  # the server writes the streams' last bytes
+        os._exit(NODE_FAILED)
+
+    monitor = Monitor(address, size, node, on_failure)
+    monitor.start()
+    return monitor, inflight
 
 
 def _nodes(split: list[int], figures: list) -> list[dict]:
@@ -115,7 +155,14 @@ def _nodes(split: list[int], figures: list) -> list[dict]:
     return nodes
 
 
-def _serve_api(args: argparse.Namespace, runner, figures: list, listener: socket.socket) -> int:
+def _serve_api(
+    args: argparse.Namespace,
+    runner,
+    figures: list,
+    listener: socket.socket,
+    inflight=None,
+    monitor=None,
+) -> int:
     import uvicorn
     from mlx_lm.utils import load_tokenizer
 
@@ -143,10 +190,12 @@ def _serve_api(args: argparse.Namespace, runner, figures: list, listener: socket
         ],
     }
     name = args.name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(coordinator, name, info)
+    app = create_app(coordinator, name, info, inflight)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    if monitor:
+        monitor.ready()  # from here on, a few seconds of silence is a failure
     thread.start()
     _log(0, f"serving on http://{args.host}:{args.port}")
     try:

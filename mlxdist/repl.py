@@ -5,9 +5,13 @@ Works against mlxdist's own API or any OpenAI-compatible server.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +95,11 @@ class Session:
     messages: list[dict] = field(default_factory=list)
     show_think: bool = True
     answers: list[Answer] = field(default_factory=list)
+    # Given by `mlxdist launch`: what failed in its cluster (None while it runs), and a new
+    # cluster's URL after a failure (None: no --replan; raises ClientError when it cannot).
+    watch: Callable[[], str | None] | None = None
+    relaunch: Callable[[str], str] | None = None
+    lost: str | None = None  # what the watcher found while an answer streamed
 
     def conversation(self) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -287,12 +296,18 @@ def command(s: Session, line: str, out: Console, err: Console) -> bool:
 def converse(s: Session, text: str, out: Console, err: Console) -> None:
     """One turn: the message, the streamed answer, the line of figures."""
     s.messages.append({"role": "user", "content": text})
+    _answer_last(s, out, err)
+
+
+def _answer_last(s: Session, out: Console, err: Console) -> None:
     reply = Answer()
     try:
-        show_answer(
-            out, stream_chat(s.url, s.conversation(), s.headers, **s.params), reply, s.show_think
-        )
+        with _watching(s):
+            events = stream_chat(s.url, s.conversation(), s.headers, **s.params)
+            show_answer(out, events, reply, s.show_think)
     except KeyboardInterrupt:
+        if s.lost is not None:
+            return _node_failed(s, s.lost, out, err)
         err.print("(stopped)")
         if reply.first is not None:
             s.answers.append(reply)
@@ -302,6 +317,10 @@ def converse(s: Session, text: str, out: Console, err: Console) -> None:
             s.messages.pop()
         return
     except ClientError as e:
+        failure = cluster_failure(s.watch) if e.lost and s.watch else None
+        if failure is not None:
+            # The server's own word names the node best; the launcher's stands in when it is gone.
+            return _node_failed(s, str(e) if e.named else failure, out, err)
         err.print(f"error: {e}", markup=False, style="red")
         s.messages.pop()
         return
@@ -310,11 +329,78 @@ def converse(s: Session, text: str, out: Console, err: Console) -> None:
     out.print(reply.summary(), style="dim", markup=False, highlight=False)
 
 
-def repl(url: str, params: dict, headers: dict | None = None) -> None:
+def cluster_failure(watch: Callable[[], str | None], wait: float = 10.0) -> str | None:
+    # The server's word comes first; its ranks take a moment to be seen gone.
+    deadline = time.monotonic() + wait
+    while (failure := watch()) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return failure and _settled(watch, failure)
+
+
+def _settled(watch: Callable[[], str | None], failure: str) -> str:
+    # Rank 0 names the failed node as it exits, a moment after the failed rank is seen gone.
+    time.sleep(1.0)
+    return watch() or failure
+
+
+@contextlib.contextmanager
+def _watching(s: Session):
+    """While an answer streams, a cluster failure the stream cannot see (rank 0 itself hung)
+    interrupts it, as Ctrl-C would."""
+    if s.watch is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    s.lost, done, main = None, threading.Event(), threading.main_thread().ident
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            if (failure := s.watch()) is not None:
+                s.lost = _settled(s.watch, failure)
+                signal.pthread_kill(main, signal.SIGINT)
+                return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _node_failed(s: Session, failure: str, out: Console, err: Console) -> None:
+    """Says what failed; with a relaunch, goes on from the unanswered message."""
+    s.lost = None
+    err.print(f"error: the cluster failed: {failure}", markup=False, style="red")
+    if s.relaunch is None:
+        s.messages.pop()
+        err.print(
+            f"(every rank has stopped; the conversation is kept ({len(s.messages)} messages): "
+            "/save FILE writes it; launch with --replan to go on after a failure)",
+            markup=False,
+        )
+        return
+    try:
+        s.url = s.relaunch(failure)
+    except ClientError as e:
+        s.messages.pop()
+        err.print(f"error: cannot go on: {e}", markup=False, style="red")
+        return
+    err.print(f"(relaunched; replaying the conversation, {len(s.messages)} messages)", markup=False)
+    _answer_last(s, out, err)
+
+
+def repl(
+    url: str,
+    params: dict,
+    headers: dict | None = None,
+    watch: Callable[[], str | None] | None = None,
+    relaunch: Callable[[str], str] | None = None,
+) -> None:
     """The chat loop. Ctrl-C at the prompt propagates (the caller stops the cluster)."""
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    s = Session(url, dict(params), headers or {})
+    s = Session(url, dict(params), headers or {}, watch=watch, relaunch=relaunch)
     history = _history()
     err.print(GREETING, markup=False)
     try:

@@ -1,0 +1,114 @@
+"""Load: 32 concurrent clients, 10 requests each, on a local 2-rank tiny-r1 cluster. Every
+request is answered with exactly its prompt's solo answer, and each rank's resident memory,
+sampled from /proc across the run, stays flat."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from conftest import local_cluster
+
+CLIENTS, REQUESTS, MAX_TOKENS = 32, 10, 3
+GROWTH = 0.10  # the most a rank's resident memory may grow after the warm-up
+
+
+def vm_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def prompt(client: int) -> str:
+    return f"Client {client} asks: what comes after {client * 7}?"
+
+
+async def ask(http: httpx.AsyncClient, url: str, text: str, stream: bool) -> str:
+    body = {"prompt": text, "max_tokens": MAX_TOKENS, "temperature": 0.0}
+    if not stream:
+        r = await http.post(url + "/v1/completions", json=body)
+        r.raise_for_status()
+        return r.json()["choices"][0]["text"]
+    import json
+
+    pieces = []
+    async with http.stream("POST", url + "/v1/completions", json=body | {"stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                pieces += [c["text"] for c in event["choices"]]
+    return "".join(pieces)
+
+
+async def client(http, url: str, n: int, expected: str, answers: list) -> None:
+    for i in range(REQUESTS):
+        # Half the requests stream, half wait for the whole answer.
+        answers.append((n, await ask(http, url, prompt(n), stream=(n + i) % 2 == 0), expected))
+
+
+def test_32_clients_10_requests_each(tiny_r1, tmp_path):
+    with local_cluster(tiny_r1, [2, 2], run_dir=tmp_path) as (url, _):
+        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+        ranks = [p for p in pids if _is_rank(p, str(tiny_r1), str(tmp_path))]
+        assert len(ranks) == 2
+
+        async def solo() -> list[str]:
+            async with httpx.AsyncClient(timeout=60) as http:
+                return [await ask(http, url, prompt(n), stream=False) for n in range(CLIENTS)]
+
+        expected = asyncio.run(solo())  # each prompt alone; also the warm-up
+        samples: list[list[int]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.25):
+                samples.append([vm_rss(p) for p in ranks])
+
+        sampler = threading.Thread(target=sample)
+        answers: list = []
+
+        async def load() -> None:
+            limits = httpx.Limits(max_connections=CLIENTS)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+                await asyncio.gather(
+                    *(client(http, url, n, expected[n], answers) for n in range(CLIENTS))
+                )
+
+        samples.append([vm_rss(p) for p in ranks])
+        sampler.start()
+        t0 = time.monotonic()
+        try:
+            asyncio.run(load())
+        finally:
+            done.set()
+            sampler.join()
+        took = time.monotonic() - t0
+        samples.append([vm_rss(p) for p in ranks])
+
+    wrong = [(n, got, want) for n, got, want in answers if got != want]
+    print(f"\n{len(answers)} requests from {CLIENTS} clients in {took:.1f} s; {len(wrong)} wrong")
+    for r in range(len(ranks)):
+        series = [s[r] / 2**20 for s in samples]
+        step = max(1, len(series) // 12)
+        shown = " ".join(f"{x:.1f}" for x in series[::step] + series[-1:])
+        growth = series[-1] / series[0] - 1
+        print(f"rank {r} VmRSS MiB ({len(series)} samples): {shown}; growth {growth:+.1%}")
+        assert max(series) <= series[0] * (1 + GROWTH), f"rank {r} grew more than {GROWTH:.0%}"
+    assert len(answers) == CLIENTS * REQUESTS
+    assert len(set(expected)) > 1, "the prompts should not all have the same answer"
+    assert wrong == []
+
+
+def _is_rank(pid: int, model: str, run_dir: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return "mlxdist.rank" in cmdline and model in cmdline and run_dir.encode() in environ
