@@ -1,0 +1,167 @@
+"""Expert parallelism: every rank holds every layer but only its own routed experts.
+
+The router, attention, dense MLPs, shared experts, embeddings and norms are replicated. Each MoE
+layer computes the contributions of the rank's experts [lo, hi) and combines them across ranks
+with one all_sum; rank 0 adds the shared experts to its part, so they count exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.switch_layers import SwitchGLU
+
+from quantize.checkpoint import CheckpointError, inspect_model, layer_of, weight_map
+from quantize.nodes import even_split, expert_ranges, node_manifest
+
+from .stage import Stage, build_model, evaluate, read_tensors
+
+_EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+)\.")
+_STACKED = ".mlp.switch_mlp."
+# safetensors dtype -> (numpy dtype of the same width, MLX dtype to view it as, if different)
+_DTYPES = {
+    "F32": (np.float32, None),
+    "F16": (np.float16, None),
+    "BF16": (np.uint16, mx.bfloat16),
+    "U32": (np.uint32, None),
+    "I32": (np.int32, None),
+    "U8": (np.uint8, None),
+    "F8_E4M3": (np.uint8, None),
+}
+
+
+class ExpertShard(nn.Module):
+    """A DeepSeek MoE layer holding routed experts [lo, hi) of all the router chooses from."""
+
+    def __init__(self, moe: nn.Module, lo: int, hi: int, group: mx.distributed.Group | None):
+        super().__init__()
+        self.gate = moe.gate
+        sw = moe.switch_mlp
+        self.switch_mlp = SwitchGLU(sw.gate_proj.input_dims, sw.gate_proj.output_dims, hi - lo)
+        if "shared_experts" in moe:
+            self.shared_experts = moe.shared_experts
+        self._lo, self._hi = lo, hi
+        self._group = group
+        self.sent = 0  # bytes this rank contributed to all_sum
+
+    def __call__(self, x: mx.array) -> mx.array:
+        lo, hi = self._lo, self._hi
+        inds, scores = self.gate(x)
+        # Slots routed elsewhere go to local expert 0 with weight 0: computing them costs less
+        # here than the sync that gathering only the local slots needs (see the commit message).
+        local = (inds >= lo) & (inds < hi)
+        y = self.switch_mlp(x, mx.where(local, inds - lo, 0))
+        weights = mx.where(local, scores, 0.0)
+        y = (y * weights[..., None]).sum(axis=-2).astype(y.dtype)
+        group = self._group
+        if "shared_experts" in self and (group is None or group.rank() == 0):
+            y = y + self.shared_experts(x)
+        if group is not None and group.size() > 1:
+            self.sent += y.nbytes
+            y = mx.distributed.all_sum(y, group=group)
+        return y
+
+
+def shards(model: nn.Module) -> list[ExpertShard]:
+    return [m for _, m in model.named_modules() if isinstance(m, ExpertShard)]
+
+
+def _check_expert_node(path: Path, lo: int, hi: int, num_experts: int) -> bool:
+    """True when path is a node folder cut for exactly these experts; refuses any other cut."""
+    manifest = node_manifest(path)
+    if manifest is None:
+        return False
+    if manifest.get("parallel") != "expert":
+        raise CheckpointError(
+            f"{path} was cut for a pipeline split, not for expert parallelism: launch the "
+            f"whole model, or cut it again with mlxdist quantize for expert mode"
+        )
+    held = [int(e) for e in manifest.get("experts", [])]
+    if held != [lo, hi] or manifest.get("n_routed_experts") != num_experts:
+        raise CheckpointError(
+            f"{path} holds experts {held} of {manifest.get('n_routed_experts')}, but this rank "
+            f"needs experts [{lo}, {hi}) of {num_experts}: launch with the --experts the folder "
+            f"was cut for, or cut it again"
+        )
+    return True
+
+
+def read_rows(file: Path, key: str, lo: int, hi: int) -> mx.array:
+    """Rows [lo, hi) of a tensor in a safetensors file, reading only those bytes from disk."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(n))[key]
+        np_dtype, view = _DTYPES[entry["dtype"]]
+        shape = entry["shape"]
+        begin, end = entry["data_offsets"]
+        row = (end - begin) // shape[0]
+        f.seek(8 + n + begin + lo * row)
+        data = np.fromfile(f, dtype=np_dtype, count=(hi - lo) * row // np.dtype(np_dtype).itemsize)
+    out = mx.array(data.reshape([hi - lo, *shape[1:]]))
+    return out.view(view) if view is not None else out
+
+
+def _keep(key: str, num_layers: int, lo: int, hi: int) -> bool:
+    layer = layer_of(key)
+    if layer is not None and layer >= num_layers:
+        return False  # R1's multi-token-prediction layer
+    m = _EXPERT_RE.search(key)
+    return m is None or lo <= int(m.group(1)) < hi
+
+
+def _renumber(key: str, lo: int) -> str:
+    m = _EXPERT_RE.search(key)
+    if m is None:
+        return key
+    return f"{key[: m.start()]}.mlp.experts.{int(m.group(1)) - lo}.{key[m.end() :]}"
+
+
+def load_expert_stage(
+    path: str | Path,
+    counts: list[int] | None,
+    rank: int,
+    size: int,
+    group: mx.distributed.Group | None = None,
+    dtype: mx.Dtype | None = None,
+) -> Stage:
+    """Every layer, with routed experts [lo, hi) of rank's share only, read alone from disk."""
+    info = inspect_model(path)
+    path, config = info.path, info.config
+    num_experts = config.get("n_routed_experts")
+    if not num_experts:
+        raise CheckpointError(f"{path} has no routed experts: use --parallel pipeline or tensor")
+    try:
+        lo, hi = expert_ranges(num_experts, counts or even_split(num_experts, size))[rank]
+    except ValueError as e:
+        raise CheckpointError(f"--experts: {e}") from None
+    presliced = _check_expert_node(path, lo, hi, num_experts)
+    num_layers = info.num_layers
+
+    def keep(k: str) -> bool:
+        return _keep(k, num_layers, lo, hi) and (presliced or _STACKED not in k)
+
+    # Per-expert tensors (R1's format) are renumbered from 0; stacked ones are read by rows.
+    weights = {_renumber(k, lo): v for k, v in read_tensors(path, keep).items()}
+    if not presliced:
+        for k, f in weight_map(path).items():
+            if _STACKED in k and _keep(k, num_layers, lo, hi):
+                weights[k] = read_rows(path / f, k, lo, hi)
+
+    def prepare(model: nn.Module) -> None:
+        # sanitize stacks experts 0..n_routed_experts-1: here, the ones this rank holds.
+        model.args.n_routed_experts = hi - lo
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "switch_mlp"):
+                layer.mlp = ExpertShard(layer.mlp, lo, hi, group)
+
+    model = build_model(config, weights, prepare)
+    model.load_weights(list(weights.items()), strict=True)
+    del weights
+    evaluate(model, config, model.model.layers, dtype)
+    return Stage(model, config, 0, num_layers, True, True, experts=(lo, hi))

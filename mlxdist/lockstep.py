@@ -1,0 +1,136 @@
+"""Ranks in lock step: expert and tensor parallelism, where every rank runs every layer.
+
+Rank 0 broadcasts each step's control vector and token ids with all_sum (the others add zeros:
+the ring backend sends and receives only between neighbours, but all_sum reaches every rank).
+Then all ranks run the same layers on the same tokens; the layers' own all_sums combine their
+parts. Only rank 0 computes logits and samples. The interface is pipeline.Runner's.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+
+from .expert import shards
+from .pipeline import _CTRL, CMD_STATS, CMD_STEP, CMD_STOP, LOGITS, NEW, SAMPLE, Step
+from .stage import Stage
+
+_TOKEN = 7  # the control vector's spare field carries a decode step's one token id
+
+
+def tensor_step_bytes(stage: Stage, length: int, itemsize: int) -> int:
+    """Bytes one rank puts into all_sums in a tensor-parallel step of mlx-lm's shard(): one
+    after attention and one after the MLP (or MoE) in every layer, of the hidden states."""
+    return 2 * len(stage.layers) * length * stage.hidden_size * itemsize
+
+
+class LockstepRunner:
+    """One rank of an expert- or tensor-parallel group: the whole model's layers, its KV cache,
+    and (on rank 0) sampling."""
+
+    def __init__(self, stage: Stage, group: mx.distributed.Group, parallel: str):
+        self.stage = stage
+        self.group = group
+        self.parallel = parallel
+        self.rank = group.rank()
+        self.size = group.size()
+        self.cache = stage.make_cache()
+        self.sampler = make_sampler(0.0)
+        self.data_bytes = 0  # token ids and the layers' all_sum payloads
+        self.control_bytes = 0  # control vectors
+        self.steps = 0
+        self._shards = shards(stage.model)
+
+    def _all_sum(self, x: mx.array, control: bool = False) -> mx.array:
+        out = mx.distributed.all_sum(x, group=self.group)
+        mx.eval(out)
+        if control:
+            self.control_bytes += x.nbytes
+        else:
+            self.data_bytes += x.nbytes
+        return out
+
+    def _layer_bytes(self) -> int:
+        return sum(s.sent for s in self._shards)
+
+    def _apply(self, step: Step, tokens: mx.array) -> mx.array | None:
+        if step.flags & NEW:
+            self.cache = self.stage.make_cache()
+            if self.rank == 0:
+                self.sampler = make_sampler(step.temp, step.top_p)
+                if step.seed >= 0:
+                    mx.random.seed(step.seed)
+        self.steps += 1
+        before = self._layer_bytes()
+        h = self.stage.forward(self.stage.embed(tokens), self.cache)
+        self.data_bytes += self._layer_bytes() - before
+        if self.parallel == "tensor" and self.size > 1:
+            self.data_bytes += tensor_step_bytes(self.stage, step.length, h.dtype.size)
+        if self.rank != 0 or not step.flags & (SAMPLE | LOGITS):
+            # Every rank evaluates the whole graph, so every rank joins every all_sum in it.
+            mx.eval(h, [c.state for c in self.cache])
+            return None
+        logits = self.stage.logits(h[:, -1, :])
+        if step.flags & LOGITS:
+            out = logits.astype(mx.float32).reshape(-1)
+        else:
+            out = self.sampler(logits - mx.logsumexp(logits, keepdims=True)).astype(mx.int32)
+        mx.eval(out, [c.state for c in self.cache])
+        return out
+
+    def _broadcast(self, step: Step, tokens: list[int] | None) -> tuple[Step, mx.array | None]:
+        """Rank 0 gives step and tokens; every rank returns them. Decode steps take one all_sum."""
+        ctrl = step.encode() if self.rank == 0 else mx.zeros((_CTRL,), mx.int32)
+        if self.rank == 0 and tokens is not None and len(tokens) == 1:
+            ctrl[_TOKEN] = tokens[0]
+        if self.size > 1:
+            ctrl = self._all_sum(ctrl, control=True)
+        step = Step.decode(ctrl)
+        if step.cmd != CMD_STEP:
+            return step, None
+        if step.length == 1:
+            return step, ctrl[_TOKEN].reshape(1, 1)
+        ids = mx.array(tokens, mx.int32) if self.rank == 0 else mx.zeros((step.length,), mx.int32)
+        if self.size > 1:
+            ids = self._all_sum(ids)
+        return step, ids.reshape(1, -1)
+
+    def step(self, tokens: list[int], step: Step) -> mx.array | None:
+        """Rank 0: runs one step on every rank; returns the sampled id or the logits."""
+        step.length = len(tokens)
+        step, ids = self._broadcast(step, tokens)
+        return self._apply(step, ids)
+
+    def stop(self) -> None:
+        """Rank 0: tells every other rank to leave its loop."""
+        if self.size > 1:
+            self._broadcast(Step(0, 0, cmd=CMD_STOP), None)
+
+    def _gather_stats(self) -> list[dict]:
+        mine = mx.array([[self.rank, self.data_bytes, self.control_bytes, self.steps]], mx.int64)
+        if self.size > 1:
+            mine = mx.distributed.all_gather(mine, group=self.group)
+        mx.eval(mine)
+        keys = ("rank", "data_bytes", "control_bytes", "steps")
+        return [dict(zip(keys, row)) for row in mine.tolist()]
+
+    def stats(self) -> list[dict]:
+        """Rank 0: every rank's bytes sent and steps taken so far (the request itself uncounted)."""
+        counts = (self.data_bytes, self.control_bytes)
+        if self.size > 1:
+            self._broadcast(Step(0, 0, cmd=CMD_STATS), None)
+        self.data_bytes, self.control_bytes = counts
+        return self._gather_stats()
+
+    def serve(self) -> None:
+        """Ranks 1..N-1: take the steps rank 0 broadcasts until told to stop."""
+        while True:
+            counts = (self.data_bytes, self.control_bytes)
+            step, ids = self._broadcast(Step(0, 0), None)
+            if step.cmd in (CMD_STOP, CMD_STATS):
+                self.data_bytes, self.control_bytes = counts
+                if step.cmd == CMD_STOP:
+                    return
+                self._gather_stats()  # every rank joins the all_gather rank 0 started
+                continue
+            self._apply(step, ids)
