@@ -66,6 +66,10 @@ def launch(
     seed: int | None = typer.Option(None, min=0),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="apply the chat template"),
     port: int | None = typer.Option(None, help="coordinator HTTP port"),
+    parallel: str = typer.Option(
+        "pipeline", help="pipeline (layers per rank), expert (routed experts per rank) or tensor"
+    ),
+    experts: str | None = typer.Option(None, help="routed experts per rank, e.g. 3,3,2 (expert)"),
 ) -> None:
     """Start one rank per host (or N on this machine), then answer --prompt or open a chat."""
     from launcher.secret import SecretError
@@ -78,6 +82,8 @@ def launch(
             raise UserError("--local and --split are for one machine; not with --hosts/--cluster")
         if hosts and cluster:
             raise UserError("give --hosts or --cluster, not both")
+        if parallel != "pipeline" and (hosts or cluster):
+            raise UserError(f"--parallel {parallel} runs with --local only for now")
         path = _launch_model(model)
         if hosts or cluster:
             from .cluster import start_agents_cluster
@@ -85,7 +91,8 @@ def launch(
             secret = _secret(secret_file)
             running = start_agents_cluster(path, hosts, cluster, interface, secret, context, port)
         else:
-            running = _start_here(path, local or 2, split, port)
+            modes = _parallel_options(path, parallel, experts, split, local)
+            running = _start_here(path, local or modes.get("ranks", 2), split, port, modes)
         _converse(running, prompt, chat, params)
     except (*_user_errors(), SecretError) as e:
         _fail(str(e))
@@ -126,14 +133,35 @@ def _launch_model(model: str | None) -> Path:
     return path
 
 
-def _start_here(path: Path, ranks: int, split: str | None, port: int | None):
+def _parallel_options(
+    path: Path, parallel: str, experts: str | None, split: str | None, local: int | None
+) -> dict:
+    from quantize.checkpoint import read_config
+
+    from .lockstep import parallel_options
+
+    if split and parallel != "pipeline":
+        raise UserError(f"--split is for pipeline mode: --parallel {parallel} runs every layer")
+    try:
+        return parallel_options(read_config(path), parallel, experts, local)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _start_here(
+    path: Path, ranks: int, split: str | None, port: int | None, modes: dict | None = None
+):
     from launcher.local import start_local, wait_ready
     from quantize.checkpoint import inspect_model
 
-    parts = _parse_split(split, ranks, inspect_model(path).num_layers)
-    running = start_local(path, parts, port=port)
+    modes = dict(modes or {})
+    modes.pop("ranks", None)
+    num_layers = inspect_model(path).num_layers
+    parts = _parse_split(split, ranks, num_layers) if not modes else [num_layers] * ranks
+    running = start_local(path, parts, port=port, **modes)
+    what = f"layers {parts}" if not modes else f"{modes['parallel']} parallel"
     try:
-        typer.echo(f"loading {path.name} on {len(parts)} ranks (layers {parts})...", err=True)
+        typer.echo(f"loading {path.name} on {len(parts)} ranks ({what})...", err=True)
         wait_ready(running)
     except BaseException:
         running.stop()

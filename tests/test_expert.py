@@ -12,7 +12,7 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import cluster_logits, complete_ids, local_cluster
+from conftest import cluster_logits, complete_ids, local_cluster, run_cli
 from mlx.utils import tree_flatten
 from mlx_lm import load
 from mlx_lm.generate import generate_step
@@ -150,3 +150,26 @@ def test_stacked_experts_are_read_by_rows_and_node_folders_checked(mlx_format, t
         CheckpointError, match=r"holds experts \[3, 8\] of 8.*needs experts \[4, 8\)"
     ):
         load_expert_stage(folder, [4, 4], 1, 2)
+
+
+def test_launch_cli_runs_expert_mode_and_refuses_bad_options(tiny_r1, tiny_r1_no_mtp, reference):
+    from mlx_lm.utils import load_tokenizer
+
+    _, tokens, *_ = reference
+    args = ["--parallel", "expert", "--experts", "3,3,2", "--max-tokens", str(MAX_TOKENS)]
+    done = run_cli("launch", str(tiny_r1), *args, "--prompt", QUESTION)
+    assert done.returncode == 0, done.stderr
+    assert "on 3 ranks (expert parallel)" in done.stderr
+    # tiny-r1 answers inside its think block: the CLI prints that reasoning on stderr.
+    detok = load_tokenizer(tiny_r1_no_mtp).detokenizer
+    for t in tokens:
+        detok.add_token(t)
+    detok.finalize()
+    assert detok.text.strip() and done.stderr.rstrip("\n").endswith(detok.text)
+
+    bad = run_cli("launch", str(tiny_r1), "--local", "3", "--parallel", "tensor", "--prompt", "x")
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        "error: num_attention_heads=4 does not divide by 3 ranks: launch tensor mode on a "
+        "number of ranks that divides it, or use --parallel pipeline"
+    ]
