@@ -90,11 +90,13 @@ def start_local(
     env: dict[str, str] | None = None,
     parallel: str = "pipeline",
     experts: list[int] | None = None,
+    attention: str = "replicated",
 ) -> Cluster:
     """Starts len(split) ranks on this machine over the ring backend on loopback.
 
     parallel "expert" or "tensor": every rank runs every layer and only len(split) counts;
-    experts gives the routed experts per rank (default: as even as possible).
+    experts gives the routed experts per rank (default: as even as possible); attention
+    "sharded" cuts expert mode's attention heads and shared experts over the ranks.
     """
     n = len(split)
     run_dir = Path(run_dir or tempfile.mkdtemp(prefix="mlxdist-run-"))
@@ -109,6 +111,8 @@ def start_local(
         cmd += ["--parallel", parallel, "--ranks", str(n)]
     if experts:
         cmd += ["--experts", ",".join(map(str, experts))]
+    if attention != "replicated":
+        cmd += ["--attention", attention]
     cmd += ["--name", name or Path(model).name]
     procs, logs = [], []
     for rank in range(n):

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.nn.layers.distributed import shard_inplace, shard_linear
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from quantize.checkpoint import CheckpointError, inspect_model, layer_of, weight_map
@@ -48,13 +49,15 @@ class ExpertShard(nn.Module):
             self.shared_experts = moe.shared_experts
         self._lo, self._hi = lo, hi
         self._group = group
+        self._shared_cut = False  # shared experts cut over the group: every rank adds its part
         self.sent = 0  # bytes this rank contributed to all_sum
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, scores = self.gate(x)
         y = self._local_part(x, inds, scores)
         group = self._group
-        if "shared_experts" in self and (group is None or group.rank() == 0):
+        first = group is None or group.rank() == 0
+        if "shared_experts" in self and (first or self._shared_cut):
             y = y + self.shared_experts(x)
         if group is not None and group.size() > 1:
             self.sent += y.nbytes
@@ -81,6 +84,35 @@ class ExpertShard(nn.Module):
 
 def shards(model: nn.Module) -> list[ExpertShard]:
     return [m for _, m in model.named_modules() if isinstance(m, ExpertShard)]
+
+
+def shard_attention(model: nn.Module, group: mx.distributed.Group) -> None:
+    """Cuts every layer's attention heads over the group, as mlx-lm's shard() does (one more
+    all_sum per layer, after o_proj), and the shared experts' hidden units (summed by the MoE
+    layer's own all_sum, so no more traffic). Dense MLPs stay replicated."""
+    n, r = group.size(), group.rank()
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if attn.num_heads % n:
+            raise CheckpointError(f"{attn.num_heads} attention heads do not divide by {n} ranks")
+        if attn.q_lora_rank is None:
+            attn.q_proj = shard_linear(attn.q_proj, "all-to-sharded", group=group)
+        else:
+            attn.q_b_proj = shard_linear(attn.q_b_proj, "all-to-sharded", group=group)
+        attn.num_heads //= n
+        heads = slice(r * attn.num_heads, (r + 1) * attn.num_heads)
+        attn.embed_q.apply(lambda w, heads=heads: w[heads])
+        attn.unembed_out.apply(lambda w, heads=heads: w[heads])
+        attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
+        moe = layer.mlp
+        if isinstance(moe, ExpertShard) and "shared_experts" in moe:
+            shared = moe.shared_experts
+            if shared.gate_proj.weight.shape[0] % n:
+                continue  # hidden units that do not divide stay replicated, added by rank 0
+            shard_inplace(shared.gate_proj, "all-to-sharded", group=group)
+            shard_inplace(shared.up_proj, "all-to-sharded", group=group)
+            shard_inplace(shared.down_proj, "sharded-to-all", group=group)
+            moe._shared_cut = True
 
 
 def _check_expert_node(path: Path, lo: int, hi: int, num_experts: int) -> bool:
@@ -140,8 +172,10 @@ def load_expert_stage(
     size: int,
     group: mx.distributed.Group | None = None,
     dtype: mx.Dtype | None = None,
+    attention: str = "replicated",
 ) -> Stage:
-    """Every layer, with routed experts [lo, hi) of rank's share only, read alone from disk."""
+    """Every layer, with routed experts [lo, hi) of rank's share only, read alone from disk.
+    attention "sharded" cuts attention heads and shared experts over the group too."""
     info = inspect_model(path)
     path, config = info.path, info.config
     num_experts = config.get("n_routed_experts")
@@ -174,5 +208,7 @@ def load_expert_stage(
     model = build_model(config, weights, prepare)
     model.load_weights(list(weights.items()), strict=True)
     del weights
+    if attention == "sharded" and group is not None and group.size() > 1:
+        shard_attention(model, group)
     evaluate(model, config, model.model.layers, dtype)
     return Stage(model, config, 0, num_layers, True, True, experts=(lo, hi))

@@ -9,6 +9,8 @@ parts. Only rank 0 computes logits and samples. The interface is pipeline.Runner
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllLinear
 from mlx_lm.sample_utils import make_sampler
 
 from quantize.checkpoint import CheckpointError
@@ -53,10 +55,14 @@ def parallel_options(config: dict, parallel: str, experts: str | None, ranks: in
     return {"parallel": parallel, "experts": counts, "ranks": ranks}
 
 
-def tensor_step_bytes(stage: Stage, length: int, itemsize: int) -> int:
-    """Bytes one rank puts into all_sums in a tensor-parallel step of mlx-lm's shard(): one
-    after attention and one after the MLP (or MoE) in every layer, of the hidden states."""
-    return 2 * len(stage.layers) * length * stage.hidden_size * itemsize
+def cut_sums(model: nn.Module) -> int:
+    """all_sums of the hidden states a step makes per position outside ExpertShard layers:
+    one per sharded-to-all linear (o_proj, down_proj) and per MoE that mlx-lm's shard() cut."""
+    cut = (ShardedToAllLinear, QuantizedShardedToAllLinear)
+    modules = [m for _, m in model.named_modules()]
+    return sum(
+        isinstance(m, cut) or getattr(m, "sharding_group", None) is not None for m in modules
+    )
 
 
 class LockstepRunner:
@@ -75,6 +81,7 @@ class LockstepRunner:
         self.control_bytes = 0  # control vectors
         self.steps = 0
         self._shards = shards(stage.model)
+        self._cut_sums = cut_sums(stage.model) if self.size > 1 else 0
 
     def _all_sum(self, x: mx.array, control: bool = False) -> mx.array:
         out = mx.distributed.all_sum(x, group=self.group)
@@ -99,8 +106,7 @@ class LockstepRunner:
         before = self._layer_bytes()
         h = self.stage.forward(self.stage.embed(tokens), self.cache)
         self.data_bytes += self._layer_bytes() - before
-        if self.parallel == "tensor" and self.size > 1:
-            self.data_bytes += tensor_step_bytes(self.stage, step.length, h.dtype.size)
+        self.data_bytes += self._cut_sums * step.length * self.stage.hidden_size * h.dtype.size
         if self.rank != 0 or not step.flags & (SAMPLE | LOGITS):
             # Every rank evaluates the whole graph, so every rank joins every all_sum in it.
             mx.eval(h, [c.state for c in self.cache])

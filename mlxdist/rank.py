@@ -35,6 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", choices=("pipeline", "expert", "tensor"), default="pipeline")
     p.add_argument("--ranks", type=int, help="ranks in the group (expert and tensor)")
     p.add_argument("--experts", help="routed experts per rank, e.g. 3,3,2 (expert)")
+    p.add_argument(
+        "--attention",
+        choices=("replicated", "sharded"),
+        default="replicated",
+        help="expert mode: attention heads and shared experts on every rank, or cut over them",
+    )
     p.add_argument("--name", default=None, help="model name shown by the API")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
@@ -69,7 +75,10 @@ def _load(args, group):
     if args.parallel == "expert":
         from .expert import load_expert_stage
 
-        stage = load_expert_stage(args.model, args.experts, group.rank(), args.ranks, group)
+        rank, size = group.rank(), args.ranks
+        stage = load_expert_stage(
+            args.model, args.experts, rank, size, group, attention=args.attention
+        )
     else:
         from .stage import load_tensor_stage
 

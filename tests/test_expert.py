@@ -25,8 +25,13 @@ from quantize.checkpoint import CheckpointError
 MAX_TOKENS = 8
 QUESTION = "What is the capital of France?"
 
-# (mode, ranks, experts per rank or None for the even split)
-CASES = [("expert", 2, None), ("expert", 3, [2, 3, 3]), ("tensor", 2, None)]
+# (mode, ranks, experts per rank or None for the even split, expert mode's attention)
+CASES = [
+    ("expert", 2, None, "replicated"),
+    ("expert", 3, [2, 3, 3], "replicated"),
+    ("expert", 2, None, "sharded"),
+    ("tensor", 2, None, "replicated"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +55,12 @@ def reference(tiny_r1_no_mtp):
     return prompt, tokens, logits, experts, others
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[3]}")
 def cluster(request, tiny_r1):
-    mode, ranks, experts = request.param
-    with local_cluster(tiny_r1, [1] * ranks, parallel=mode, experts=experts) as (url, health):
-        yield mode, url, health
+    mode, ranks, experts, attention = request.param
+    options = {"parallel": mode, "experts": experts, "attention": attention}
+    with local_cluster(tiny_r1, [1] * ranks, **options) as (url, health):
+        yield mode, url, health | {"attention": attention}
 
 
 def test_greedy_tokens_equal_single_process(cluster, reference):
@@ -96,7 +102,12 @@ def test_each_rank_holds_only_its_share(cluster, reference):
             f"other {n['weights'] - n['expert_weights']} bytes, whole model {experts + others}"
         )
         assert n["expert_weights"] * 8 == experts * (hi - lo)
-        assert n["weights"] - n["expert_weights"] == others
+        rest = n["weights"] - n["expert_weights"]
+        assert rest == nodes[0]["weights"] - nodes[0]["expert_weights"]
+        if health["attention"] == "replicated":
+            assert rest == others
+        else:  # attention heads and shared experts cut in half, the rest replicated
+            assert rest < others
 
 
 def test_tensor_mode_refuses_heads_that_do_not_divide(tiny_r1, tmp_path):
