@@ -119,8 +119,10 @@ def start_local(
         # A model cut for this split (or these experts) gives each rank its own node folder.
         if parallel == "expert":
             folder = expert_node_folder(model, rank)
+        elif parallel == "pipeline":
+            folder = node_folder(model, split, rank)
         else:
-            folder = node_folder(model, split, rank) if parallel == "pipeline" else model
+            folder = Path(model)
         rank_cmd = [*cmd, "--model", str(folder)]
         rank_env = dict(os.environ, **(env or {}))
         rank_env |= {"MLX_RANK": str(rank), "MLX_WORLD_SIZE": str(n)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def load_stage(
     return Stage(model, info.config, start, end, first, last)
 
 
-def read_tensors(path: Path, keep) -> dict[str, mx.array]:
+def read_tensors(path: Path, keep: Callable[[str], bool]) -> dict[str, mx.array]:
     """The tensors whose names keep(name) accepts, mapped lazily: nothing is read from disk yet."""
     index = weight_map(path)
     keys = {k for k in index if keep(k)}
@@ -133,7 +134,9 @@ def read_tensors(path: Path, keep) -> dict[str, mx.array]:
     return weights
 
 
-def build_model(config: dict, weights: dict, prepare=None) -> nn.Module:
+def build_model(
+    config: dict, weights: dict, prepare: Callable[[nn.Module], None] | None = None
+) -> nn.Module:
     """The mlx-lm model for config, its checkpoint tensors renamed by sanitize (in place),
     quantised where they were saved quantised. prepare(model) may change modules before that."""
     model_class, args_class = _get_classes(config)
