@@ -90,13 +90,14 @@ def start_local(
     env: dict[str, str] | None = None,
     parallel: str = "pipeline",
     experts: list[int] | None = None,
-    attention: str = "replicated",
+    attention: str | None = None,
 ) -> Cluster:
     """Starts len(split) ranks on this machine over the ring backend on loopback.
 
     parallel "expert" or "tensor": every rank runs every layer and only len(split) counts;
     experts gives the routed experts per rank (default: as even as possible); attention
-    "sharded" cuts expert mode's attention heads and shared experts over the ranks.
+    "sharded" or "replicated" for expert mode's attention heads and shared experts (default:
+    the rank's, sharded where they divide).
     """
     n = len(split)
     run_dir = Path(run_dir or tempfile.mkdtemp(prefix="mlxdist-run-"))
@@ -111,7 +112,7 @@ def start_local(
         cmd += ["--parallel", parallel, "--ranks", str(n)]
     if experts:
         cmd += ["--experts", ",".join(map(str, experts))]
-    if attention != "replicated":
+    if attention:
         cmd += ["--attention", attention]
     cmd += ["--name", name or Path(model).name]
     procs, logs = [], []

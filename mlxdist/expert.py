@@ -1,8 +1,9 @@
 """Expert parallelism: every rank holds every layer but only its own routed experts.
 
-The router, attention, dense MLPs, shared experts, embeddings and norms are replicated. Each MoE
-layer computes the contributions of the rank's experts [lo, hi) and combines them across ranks
-with one all_sum; rank 0 adds the shared experts to its part, so they count exactly once.
+The router, dense MLPs, embeddings and norms are replicated; attention heads and shared experts
+are cut over the ranks where they divide (or, as asked, replicated). Each MoE layer computes the
+contributions of the rank's experts [lo, hi) and combines them across ranks with one all_sum;
+replicated shared experts are added by rank 0 only, so they count exactly once.
 """
 
 from __future__ import annotations
@@ -89,21 +90,21 @@ def shards(model: nn.Module) -> list[ExpertShard]:
 def shard_attention(model: nn.Module, group: mx.distributed.Group) -> None:
     """Cuts every layer's attention heads over the group, as mlx-lm's shard() does (one more
     all_sum per layer, after o_proj), and the shared experts' hidden units (summed by the MoE
-    layer's own all_sum, so no more traffic). Dense MLPs stay replicated."""
+    layer's own all_sum, so no more traffic). What does not divide by the group's size stays
+    replicated; dense MLPs stay replicated."""
     n, r = group.size(), group.rank()
     for layer in model.model.layers:
         attn = layer.self_attn
-        if attn.num_heads % n:
-            raise CheckpointError(f"{attn.num_heads} attention heads do not divide by {n} ranks")
-        if attn.q_lora_rank is None:
-            attn.q_proj = shard_linear(attn.q_proj, "all-to-sharded", group=group)
-        else:
-            attn.q_b_proj = shard_linear(attn.q_b_proj, "all-to-sharded", group=group)
-        attn.num_heads //= n
-        heads = slice(r * attn.num_heads, (r + 1) * attn.num_heads)
-        attn.embed_q.apply(lambda w, heads=heads: w[heads])
-        attn.unembed_out.apply(lambda w, heads=heads: w[heads])
-        attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
+        if attn.num_heads % n == 0:
+            if attn.q_lora_rank is None:
+                attn.q_proj = shard_linear(attn.q_proj, "all-to-sharded", group=group)
+            else:
+                attn.q_b_proj = shard_linear(attn.q_b_proj, "all-to-sharded", group=group)
+            attn.num_heads //= n
+            heads = slice(r * attn.num_heads, (r + 1) * attn.num_heads)
+            attn.embed_q.apply(lambda w, heads=heads: w[heads])
+            attn.unembed_out.apply(lambda w, heads=heads: w[heads])
+            attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
         moe = layer.mlp
         if isinstance(moe, ExpertShard) and "shared_experts" in moe:
             shared = moe.shared_experts
@@ -172,10 +173,11 @@ def load_expert_stage(
     size: int,
     group: mx.distributed.Group | None = None,
     dtype: mx.Dtype | None = None,
-    attention: str = "replicated",
+    attention: str = "sharded",
 ) -> Stage:
     """Every layer, with routed experts [lo, hi) of rank's share only, read alone from disk.
-    attention "sharded" cuts attention heads and shared experts over the group too."""
+    attention "sharded" (measured faster) also cuts attention heads and shared experts over
+    the group where they divide; "replicated" keeps them whole on every rank."""
     info = inspect_model(path)
     path, config = info.path, info.config
     num_experts = config.get("n_routed_experts")
