@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from quantize.nodes import node_folder
+from quantize.nodes import node_folder, node_manifest
 
 from .hostfile import free_ports, write_hostfile
 
@@ -105,6 +105,15 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def expert_node_folder(model: Path, rank: int) -> Path:
+    """OUT/nodes/<rank> when the model was cut for expert mode (the rank checks its experts)."""
+    folder = Path(model) / "nodes" / str(rank)
+    manifest = node_manifest(folder)
+    if manifest is not None and manifest.get("parallel") == "expert":
+        return folder
+    return Path(model)
+
+
 def start_local(
     model: Path,
     split: list[int],
@@ -114,22 +123,44 @@ def start_local(
     name: str | None = None,
     run_dir: Path | None = None,
     env: dict[str, str] | None = None,
+    parallel: str = "pipeline",
+    experts: list[int] | None = None,
+    attention: str | None = None,
 ) -> Cluster:
-    """Starts len(split) ranks on this machine over the ring backend on loopback."""
+    """Starts len(split) ranks on this machine over the ring backend on loopback.
+
+    parallel "expert" or "tensor": every rank runs every layer and only len(split) counts;
+    experts gives the routed experts per rank (default: as even as possible); attention
+    "sharded" or "replicated" for expert mode's attention heads and shared experts (default:
+    the rank's, sharded where they divide).
+    """
     n = len(split)
     run_dir = Path(run_dir or tempfile.mkdtemp(prefix="mlxdist-run-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     ports = free_ports(n + 2)
     http_port = port or ports[-1]
     hostfile = write_hostfile(run_dir / "hostfile.json", [[f"127.0.0.1:{p}"] for p in ports[:n]])
-    cmd = [sys.executable, "-m", "mlxdist.rank"]
-    cmd += ["--split", ",".join(map(str, split)), "--host", host, "--port", str(http_port)]
+    cmd = [sys.executable, "-m", "mlxdist.rank", "--host", host, "--port", str(http_port)]
+    if parallel == "pipeline":
+        cmd += ["--split", ",".join(map(str, split))]
+    else:
+        cmd += ["--parallel", parallel, "--ranks", str(n)]
+    if experts:
+        cmd += ["--experts", ",".join(map(str, experts))]
+    if attention:
+        cmd += ["--attention", attention]
     cmd += ["--name", name or Path(model).name, "--heartbeat", f"127.0.0.1:{ports[n]}"]
     token = secrets.token_hex(16)
     procs, logs = [], []
     for rank in range(n):
-        # A model cut for this split gives each rank its own node folder.
-        rank_cmd = [*cmd, "--model", str(node_folder(model, split, rank))]
+        # A model cut for this split (or these experts) gives each rank its own node folder.
+        if parallel == "expert":
+            folder = expert_node_folder(model, rank)
+        elif parallel == "pipeline":
+            folder = node_folder(model, split, rank)
+        else:
+            folder = Path(model)
+        rank_cmd = [*cmd, "--model", str(folder)]
         rank_env = dict(os.environ, **(env or {}))
         rank_env |= {"MLX_RANK": str(rank), "MLX_WORLD_SIZE": str(n), HEARTBEAT_TOKEN_ENV: token}
         if n > 1:  # as mlx.launch: a single rank runs without a ring

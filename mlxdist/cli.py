@@ -70,6 +70,10 @@ def launch(
     replan: bool = typer.Option(
         False, help="when a node fails, plan again on the others and go on with the chat"
     ),
+    parallel: str = typer.Option(
+        "pipeline", help="pipeline (layers per rank), expert (routed experts per rank) or tensor"
+    ),
+    experts: str | None = typer.Option(None, help="routed experts per rank, e.g. 3,3,2 (expert)"),
 ) -> None:
     """Start one rank per host (or N on this machine), then answer --prompt or open a chat."""
     from launcher.secret import SecretError
@@ -82,6 +86,8 @@ def launch(
             raise UserError("--local and --split are for one machine; not with --hosts/--cluster")
         if hosts and cluster:
             raise UserError("give --hosts or --cluster, not both")
+        if parallel != "pipeline" and (hosts or cluster):
+            raise UserError(f"--parallel {parallel} runs with --local only for now")
         path = _launch_model(model)
         if hosts or cluster:
             from .cluster import replan_agents, start_agents_cluster
@@ -90,8 +96,9 @@ def launch(
             running = start_agents_cluster(path, hosts, cluster, interface, secret, context, port)
             again = partial(replan_agents, path, context, port)
         else:
-            running = _start_here(path, local or 2, split, port)
-            again = partial(_replan_here, path, port)
+            modes = _parallel_options(path, parallel, experts, split, local)
+            running = _start_here(path, local or modes.get("ranks", 2), split, port, modes)
+            again = partial(_replan_here, path, port, parallel)
         _converse(running, prompt, chat, params, again if replan else None)
     except (*_user_errors(), SecretError) as e:
         _fail(str(e))
@@ -132,14 +139,35 @@ def _launch_model(model: str | None) -> Path:
     return path
 
 
-def _start_here(path: Path, ranks: int, split: str | None, port: int | None):
+def _parallel_options(
+    path: Path, parallel: str, experts: str | None, split: str | None, local: int | None
+) -> dict:
+    from quantize.checkpoint import read_config
+
+    from .lockstep import parallel_options
+
+    if split and parallel != "pipeline":
+        raise UserError(f"--split is for pipeline mode: --parallel {parallel} runs every layer")
+    try:
+        return parallel_options(read_config(path), parallel, experts, local)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _start_here(
+    path: Path, ranks: int, split: str | None, port: int | None, modes: dict | None = None
+):
     from launcher.local import start_local, wait_ready
     from quantize.checkpoint import inspect_model
 
-    parts = _parse_split(split, ranks, inspect_model(path).num_layers)
-    running = start_local(path, parts, port=port)
+    modes = dict(modes or {})
+    modes.pop("ranks", None)
+    num_layers = inspect_model(path).num_layers
+    parts = _parse_split(split, ranks, num_layers) if not modes else [num_layers] * ranks
+    running = start_local(path, parts, port=port, **modes)
+    what = f"layers {parts}" if not modes else f"{modes['parallel']} parallel"
     try:
-        typer.echo(f"loading {path.name} on {len(parts)} ranks (layers {parts})...", err=True)
+        typer.echo(f"loading {path.name} on {len(parts)} ranks ({what})...", err=True)
         wait_ready(running)
     except BaseException:
         running.stop()
@@ -147,14 +175,17 @@ def _start_here(path: Path, ranks: int, split: str | None, port: int | None):
     return running
 
 
-def _replan_here(path: Path, port: int | None, failed) -> object:
-    """Local ranks again, one fewer than before (the failed rank's share spread over the rest)."""
+def _replan_here(path: Path, port: int | None, parallel: str, failed) -> object:
+    """Local ranks again, one fewer than before (the failed rank's share spread over the rest);
+    expert mode stays expert with the experts evened out, tensor mode falls back to layers."""
     from quantize.checkpoint import inspect_model
     from quantize.nodes import even_split
 
     ranks = len(failed.procs) - 1
     if ranks < 1:
         raise UserError("no rank remains to plan on: launch again")
+    if parallel == "expert" and ranks > 1:
+        return _start_here(path, ranks, None, port, {"parallel": "expert"})
     split = even_split(inspect_model(path).num_layers, ranks)
     return _start_here(path, ranks, ",".join(map(str, split)), port)
 

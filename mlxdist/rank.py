@@ -1,7 +1,8 @@
-"""One MLX rank: `python -m mlxdist.rank --model PATH --split a,b,...`.
+"""One MLX rank: `python -m mlxdist.rank --model PATH --split a,b,...`
+(or `--parallel expert|tensor --ranks N [--experts a,b,...]`).
 
 Started with the environment mlx.launch gives a rank (MLX_RANK, MLX_HOSTFILE). Loads only its
-layers; rank 0 then serves the API and drives the ring, the others serve the ring.
+layers (or experts, or tensor shard); rank 0 then serves the API and drives the others.
 """
 
 from __future__ import annotations
@@ -31,7 +32,17 @@ def _log(rank: int, msg: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mlxdist.rank")
     p.add_argument("--model", required=True)
-    p.add_argument("--split", required=True, help="layers per rank, e.g. 15,15")
+    p.add_argument("--split", help="layers per rank, e.g. 15,15 (pipeline)")
+    p.add_argument("--parallel", choices=("pipeline", "expert", "tensor"), default="pipeline")
+    p.add_argument("--ranks", type=int, help="ranks in the group (expert and tensor)")
+    p.add_argument("--experts", help="routed experts per rank, e.g. 3,3,2 (expert)")
+    p.add_argument(
+        "--attention",
+        choices=("replicated", "sharded"),
+        default="sharded",
+        help="expert mode: attention heads and shared experts cut over the ranks where they "
+        "divide (measured faster), or whole on every rank",
+    )
     p.add_argument("--name", default=None, help="model name shown by the API")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
@@ -45,8 +56,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tokens of prompt and answer a request may use (default: the model's own limit)",
     )
     args = p.parse_args(argv)
-    args.split = [int(s) for s in args.split.split(",")]
+    if args.parallel == "pipeline":
+        if not args.split:
+            p.error("--split is needed in pipeline mode")
+        args.split = [int(s) for s in args.split.split(",")]
+        args.ranks = len(args.split)
+    elif not args.ranks or args.ranks < 1:
+        p.error(f"--ranks is needed in {args.parallel} mode")
+    args.experts = [int(s) for s in args.experts.split(",")] if args.experts else None
     return args
+
+
+def _load(args, group):
+    """This rank's stage and the runner that drives it."""
+    if args.parallel == "pipeline":
+        from .pipeline import Runner
+        from .stage import load_stage
+
+        return Runner(load_stage(args.model, args.split, group.rank()), group)
+    from .lockstep import LockstepRunner
+
+    if args.parallel == "expert":
+        from .expert import load_expert_stage
+
+        rank, size = group.rank(), args.ranks
+        stage = load_expert_stage(
+            args.model, args.experts, rank, size, group, attention=args.attention
+        )
+    else:
+        from .stage import load_tensor_stage
+
+        stage = load_tensor_stage(args.model, group)
+    return LockstepRunner(stage, group, args.parallel)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,23 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     rank = int(os.environ.get("MLX_RANK", "0"))
     try:
-        beats, inflight = _start_heartbeat(args, rank, len(args.split))
+        beats, inflight = _start_heartbeat(args, rank, args.ranks)
     except (OSError, ValueError) as e:
         _log(rank, f"cannot start the heartbeat: {e}")
         return 2
 
     import mlx.core as mx
 
+    from quantize.checkpoint import CheckpointError
     from quantize.memory import peak_rss
 
-    from .pipeline import Runner
-    from .stage import load_stage
+    from .lockstep import cut_sums
 
-    size = len(args.split)
+    size = args.ranks
     group = mx.distributed.init(strict=size > 1, backend=args.backend if size > 1 else "any")
     rank = group.rank()
     if group.size() != size:
-        _log(rank, f"the split has {size} parts but the group has {group.size()} ranks")
+        _log(rank, f"the launch has {size} ranks but the group has {group.size()}")
         return 2
     listener = None
     if rank == 0:
@@ -83,24 +124,34 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     base = peak_rss()
     t0 = time.perf_counter()
-    stage = load_stage(args.model, args.split, rank)
+    try:
+        runner = _load(args, group)
+    except CheckpointError as e:
+        _log(rank, f"error: {e}")
+        return 2
+    stage = runner.stage
     mx.clear_cache()
     held = stage.nbytes()
     peak = peak_rss()
+    what = f"layers {stage.start}-{stage.end - 1}"
+    if stage.experts:
+        what += f", routed experts {stage.experts[0]}-{stage.experts[1] - 1}"
     _log(
         rank,
-        f"loaded layers {stage.start}-{stage.end - 1} from {args.model} "
+        f"loaded {what} ({args.parallel}) from {args.model} "
         f"({held / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s; "
         f"peak rss {peak / 2**20:.1f} MiB (before weights {base / 2**20:.1f} MiB)",
     )
     # Every rank has loaded once this returns; rank 0 also learns the others' memory.
     name = (args.node or socket.gethostname()).encode()
     host = list(name[:_HOST_BYTES].ljust(_HOST_BYTES, b"\0"))
-    figures = mx.array([[rank, base, peak, held, *host]], dtype=mx.float32)
+    lo, hi = stage.experts or (-1, -1)
+    cut = int(cut_sums(stage.model) > 0)  # attention heads cut over the ranks
+    mine = [rank, base, peak, held, stage.expert_nbytes(), stage.start, stage.end, lo, hi, cut]
+    figures = mx.array([mine + host], dtype=mx.int64)
     if size > 1:
         figures = mx.distributed.all_gather(figures, group=group)
     mx.eval(figures)
-    runner = Runner(stage, group)
     if rank != 0:
         runner.serve()
         if beats:
@@ -137,21 +188,16 @@ def _start_heartbeat(args: argparse.Namespace, rank: int, size: int):
     return monitor, inflight
 
 
-def _nodes(split: list[int], figures: list) -> list[dict]:
-    """Each rank's host, layers and memory, for /health."""
-    nodes, start = [], 0
-    for layers, (r, _, p, w, *host) in zip(split, figures):
+def _nodes(figures: list) -> list[dict]:
+    """Each rank's host, layers, routed experts [lo, hi) and memory, for /health."""
+    nodes = []
+    for r, _, p, w, ew, start, end, lo, hi, cut, *host in figures:
         name = bytes(int(c) for c in host).rstrip(b"\0").decode(errors="replace")
-        nodes.append(
-            {
-                "rank": int(r),
-                "host": name,
-                "layers": [start, start + layers - 1],
-                "weights": int(w),
-                "peak_rss": int(p),
-            }
-        )
-        start += layers
+        node = {"rank": r, "host": name, "layers": [start, end - 1], "weights": w}
+        if lo >= 0:
+            attention = "sharded" if cut else "replicated"
+            node |= {"experts": [lo, hi], "expert_weights": ew, "attention": attention}
+        nodes.append(node | {"peak_rss": p})
     return nodes
 
 
@@ -175,9 +221,10 @@ def _serve_api(
     context = stage.config.get("max_position_embeddings")
     if args.max_context:
         context = min(context, args.max_context) if context else args.max_context
-    nodes = _nodes(args.split, figures)
+    nodes = _nodes(figures)
     info = {
-        "ranks": len(args.split),
+        "ranks": args.ranks,
+        "parallel": args.parallel,
         "split": args.split,
         "plan": {"split": args.split, "layers": [n["layers"] for n in nodes]},
         "nodes": nodes,
@@ -185,7 +232,7 @@ def _serve_api(
         "vocab_size": stage.vocab_size,
         "model_type": stage.config["model_type"],
         "memory": [
-            {"rank": int(r), "before_weights": int(b), "peak_rss": int(p), "weights": int(w)}
+            {"rank": r, "before_weights": b, "peak_rss": p, "weights": w}
             for r, b, p, w, *_ in figures
         ],
     }

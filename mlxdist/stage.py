@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import _get_classes, infer_quant_config
 
-from quantize.checkpoint import inspect_model, layer_of, weight_map
+from quantize.checkpoint import CheckpointError, inspect_model, layer_of, weight_map
 from quantize.nodes import check_node
 
 # Models whose attention applies the mask with mx.where, so it must be an array, not "causal".
@@ -27,6 +28,7 @@ class Stage:
     end: int  # one past the last layer held
     is_first: bool  # holds the embeddings
     is_last: bool  # holds the final norm and the head
+    experts: tuple[int, int] | None = None  # routed experts [lo, hi) held, in expert parallelism
 
     @property
     def inner(self) -> nn.Module:
@@ -46,6 +48,11 @@ class Stage:
 
     def nbytes(self) -> int:
         return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+    def expert_nbytes(self) -> int:
+        """Bytes of the routed experts held (the stacked switch_mlp tensors)."""
+        params = tree_flatten(self.model.parameters())
+        return sum(v.nbytes for k, v in params if ".switch_mlp." in k)
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
@@ -92,27 +99,12 @@ def load_stage(
     info = inspect_model(path)
     path = info.path
     check_node(path, split, rank)
-    config = info.config
     start, end = stage_range(split, rank)
     first, last = rank == 0, rank == len(split) - 1
-
-    keys = [
-        k for k in weight_map(path) if _needed(k, start, end, first, last, info.tied_embeddings)
-    ]
-    files = sorted({weight_map(path)[k] for k in keys})
-    weights: dict[str, mx.array] = {}
-    for f in files:
-        # mx.load maps safetensors lazily: tensors left out are never read from disk.
-        loaded = mx.load(str(path / f))
-        weights.update({k: v for k, v in loaded.items() if k in keys})
-        del loaded
-
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
-    if hasattr(model, "sanitize"):
-        weights = model.sanitize(weights)
-    _quantize_like(model, config, weights)
-    model.eval()
+    weights = read_tensors(
+        path, lambda k: _needed(k, start, end, first, last, info.tied_embeddings)
+    )
+    model = build_model(info.config, weights)
 
     inner = model.model
     inner.layers = inner.layers[:end]
@@ -125,15 +117,49 @@ def load_stage(
             del model.lm_head
     model.load_weights(list(weights.items()), strict=True)
     del weights
+    evaluate(model, info.config, inner.layers[start:end], dtype)
+    return Stage(model, info.config, start, end, first, last)
 
+
+def read_tensors(path: Path, keep: Callable[[str], bool]) -> dict[str, mx.array]:
+    """The tensors whose names keep(name) accepts, mapped lazily: nothing is read from disk yet."""
+    index = weight_map(path)
+    keys = {k for k in index if keep(k)}
+    weights: dict[str, mx.array] = {}
+    for f in sorted({index[k] for k in keys}):
+        # mx.load maps safetensors lazily: tensors left out are never read from disk.
+        loaded = mx.load(str(path / f))
+        weights.update({k: v for k, v in loaded.items() if k in keys})
+        del loaded
+    return weights
+
+
+def build_model(
+    config: dict, weights: dict, prepare: Callable[[nn.Module], None] | None = None
+) -> nn.Module:
+    """The mlx-lm model for config, its checkpoint tensors renamed by sanitize (in place),
+    quantised where they were saved quantised. prepare(model) may change modules before that."""
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    if prepare is not None:
+        prepare(model)
+    if hasattr(model, "sanitize"):
+        sanitized = model.sanitize(weights)
+        weights.clear()
+        weights.update(sanitized)
+    _quantize_like(model, config, weights)
+    model.eval()
+    return model
+
+
+def evaluate(model: nn.Module, config: dict, layers: list, dtype: mx.Dtype | None) -> None:
+    """Casts to the run dtype; evaluates layer by layer, so peak memory stays near what is kept."""
     dtype = dtype or run_dtype(config)
     if dtype is not None:
         model.set_dtype(dtype)
-    # Evaluate layer by layer so that peak memory stays near the size of what is kept.
-    for layer in inner.layers[start:end]:
+    for layer in layers:
         mx.eval(layer.parameters())
     mx.eval(model.parameters())
-    return Stage(model, config, start, end, first, last)
 
 
 def _quantize_like(model: nn.Module, config: dict, weights: dict) -> None:
@@ -166,3 +192,35 @@ def run_dtype(config: dict) -> mx.Dtype | None:
     if unquantised_experts and mx.default_device() == mx.cpu:
         return mx.float32
     return None
+
+
+def check_tensor_split(config: dict, size: int) -> None:
+    """Refuses a model that mlx-lm cannot shard over size ranks."""
+    model_class, _ = _get_classes(config)
+    if not hasattr(model_class, "shard"):
+        raise CheckpointError(
+            f"mlx-lm's {config['model_type']} model has no shard(): "
+            f"use --parallel pipeline or expert"
+        )
+    for field in ("num_attention_heads", "num_key_value_heads"):
+        heads = config.get(field)
+        if heads and heads % size:
+            raise CheckpointError(
+                f"{field}={heads} does not divide by {size} ranks: launch tensor mode on a "
+                f"number of ranks that divides it, or use --parallel pipeline"
+            )
+
+
+def load_tensor_stage(path: str | Path, group: mx.distributed.Group) -> Stage:
+    """The whole model cut by mlx-lm's own shard(group): every rank holds 1/N of each layer."""
+    info = inspect_model(path)
+    check_tensor_split(info.config, group.size())
+    check_node(info.path, [info.num_layers], 0)
+    num_layers = info.num_layers
+    weights = read_tensors(info.path, lambda k: (layer_of(k) or 0) < num_layers)
+    model = build_model(info.config, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    del weights
+    model.shard(group)
+    evaluate(model, info.config, model.model.layers, None)
+    return Stage(model, info.config, 0, num_layers, True, True)

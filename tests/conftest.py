@@ -49,9 +49,11 @@ def r1_1gb(tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def local_cluster(model: Path, split: list[int], run_dir: Path | None = None):
-    """A cluster of real rank processes on loopback; yields (url, /health answer)."""
-    cluster = start_local(model, split, run_dir=run_dir)
+def local_cluster(model: Path, split: list[int], run_dir: Path | None = None, **parallel):
+    """A cluster of real rank processes on loopback; yields (url, /health answer).
+
+    parallel: start_local's parallel=, experts= and attention= (expert and tensor modes)."""
+    cluster = start_local(model, split, run_dir=run_dir, **parallel)
     try:
         health = wait_ready(cluster, timeout=300)
         yield cluster.url, health
