@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from quantize.nodes import node_folder, node_manifest
+from quantize.checkpoint import read_config
+from quantize.nodes import even_split, expert_node_folder, node_folder
 
 from .hostfile import free_ports, write_hostfile
 
@@ -105,13 +106,9 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def expert_node_folder(model: Path, rank: int) -> Path:
-    """OUT/nodes/<rank> when the model was cut for expert mode (the rank checks its experts)."""
-    folder = Path(model) / "nodes" / str(rank)
-    manifest = node_manifest(folder)
-    if manifest is not None and manifest.get("parallel") == "expert":
-        return folder
-    return Path(model)
+def _even_experts(model: Path, ranks: int) -> list[int]:
+    experts = read_config(model).get("n_routed_experts") or ranks
+    return even_split(experts, ranks)
 
 
 def start_local(
@@ -155,7 +152,7 @@ def start_local(
     for rank in range(n):
         # A model cut for this split (or these experts) gives each rank its own node folder.
         if parallel == "expert":
-            folder = expert_node_folder(model, rank)
+            folder = expert_node_folder(model, experts or _even_experts(model, n), rank)
         elif parallel == "pipeline":
             folder = node_folder(model, split, rank)
         else:

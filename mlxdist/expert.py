@@ -74,13 +74,14 @@ class ExpertShard(nn.Module):
         flat = np.array(inds.reshape(-1))
         pairs = np.flatnonzero((flat >= lo) & (flat < hi))
         xf = x.reshape(-1, x.shape[-1])
-        y = mx.zeros_like(xf)
+        # Summed in float32 and rounded once, as the whole layer sums its slots.
+        y = mx.zeros(xf.shape, mx.float32)
         if pairs.size:
             rows = mx.array(pairs // k)
             out = self.switch_mlp(xf[rows], mx.array(flat[pairs] - lo)[:, None])[:, 0]
             w = scores.reshape(-1)[mx.array(pairs)]
-            y = y.at[rows].add((out * w[:, None]).astype(y.dtype))
-        return y.reshape(x.shape)
+            y = y.at[rows].add(out * w[:, None])
+        return y.astype(x.dtype).reshape(x.shape)
 
 
 def shards(model: nn.Module) -> list[ExpertShard]:

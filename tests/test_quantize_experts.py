@@ -10,8 +10,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, complete_ids, local_cluster, run_cli
 
+from launcher.local import start_local, wait_ready
 from quantize.checkpoint import CheckpointError, sha256_file
 from quantize.convert import QuantizeError, Settings, make_plan, run
 from quantize.nodes import (
@@ -219,3 +220,20 @@ def test_dry_run_prints_each_nodes_expert_share():
     ]
     # 9,783,169,024 replicated + 43 or 42 x 1,436,811,264 (derived in test_planner.py)
     assert [float(gb) for *_, gb in rows] == [71.57] * 4 + [70.13] * 2
+
+
+def test_expert_cluster_runs_from_the_node_folders(cut):
+    """Three expert-parallel ranks each load their own node folder (only their experts on disk)
+    and answer as one rank on the whole quantised model does."""
+    prompt = [5, 17, 42, 7, 99, 3]
+    with local_cluster(cut, [4]) as (url, _):
+        alone = complete_ids(url, prompt, 6)
+    cluster = start_local(cut, [1, 1, 1], parallel="expert")
+    try:
+        health = wait_ready(cluster, timeout=300)
+        assert [n["experts"] for n in health["nodes"]] == [[0, 3], [3, 6], [6, 8]]
+        for rank, log in enumerate(cluster.logs):
+            assert f"from {cut / 'nodes' / str(rank)} " in log.read_text(), rank
+        assert complete_ids(cluster.url, prompt, 6) == alone
+    finally:
+        cluster.stop()
