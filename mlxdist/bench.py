@@ -1,10 +1,10 @@
 """`mlxdist bench`: what a running cluster does, measured from a client through its API.
 
 Prompt tokens/s and time to first token from one streamed request with a prompt of random
-token ids; decode tokens/s from the arrival times of its tokens after the first; the aggregate
-decode tokens/s of several concurrent streams; and from `/mlxdist/stats`, each rank's peak
-memory and the bytes it sent per decoded token (two requests that differ only in their answer's
-length, so the prompt's traffic cancels out).
+token ids, timed at the client; decode tokens/s of that request as rank 0 timed it (its usage);
+the aggregate decode tokens/s of several concurrent streams, from the tokens' arrival times;
+and from `/mlxdist/stats`, each rank's peak memory and the bytes it sent per decoded token (two
+requests that differ only in their answer's length, so the prompt's traffic cancels out).
 """
 
 from __future__ import annotations
@@ -23,9 +23,14 @@ class Run:
     tokens: int  # answer tokens received
     first: float  # seconds from sending to the first token
     last: float  # seconds from sending to the last token
+    server_tps: float = 0.0  # decode tokens/s as rank 0 timed it (usage)
 
     @property
     def decode_tps(self) -> float:
+        """The server's figure: the arrival times of a short answer's last few events can
+        bunch up at the client, which would inflate a client-side rate."""
+        if self.server_tps:
+            return self.server_tps
         return (self.tokens - 1) / (self.last - self.first) if self.last > self.first else 0.0
 
 
@@ -62,10 +67,11 @@ def stream_once(url: str, prompt: list[int], max_tokens: int, timeout: float = 6
         "stream": True,
         "ignore_eos": True,
         "return_token_ids": True,
+        "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
     first = last = None
-    count = 0
+    count, server_tps = 0, 0.0
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -74,6 +80,8 @@ def stream_once(url: str, prompt: list[int], max_tokens: int, timeout: float = 6
             data = json.loads(line[6:])
             if "error" in data:
                 raise RuntimeError(data["error"]["message"])
+            if data.get("usage"):
+                server_tps = data["usage"].get("decode_tokens_per_second", 0.0)
             ids = data["choices"][0].get("token_ids") if data["choices"] else None
             if ids:
                 now = time.perf_counter() - start
@@ -82,7 +90,7 @@ def stream_once(url: str, prompt: list[int], max_tokens: int, timeout: float = 6
                 count += len(ids)
     if first is None:
         raise RuntimeError("the server answered no tokens")
-    return Run(count, first, last)
+    return Run(count, first, last, server_tps)
 
 
 def _stats(url: str) -> dict:

@@ -358,6 +358,10 @@ def bench(
     decode_tokens: int = typer.Option(64, "--decode-tokens", min=2, help="tokens to answer"),
     streams: int = typer.Option(4, min=1, help="concurrent streams for the aggregate figure"),
     as_json: bool = typer.Option(False, "--json", help="print the figures as JSON"),
+    parallel: str = typer.Option(
+        "pipeline", help="pipeline (layers per rank), expert (routed experts per rank) or tensor"
+    ),
+    experts: str | None = typer.Option(None, help="routed experts per rank, e.g. 3,3,2 (expert)"),
 ) -> None:
     """Start the cluster, measure prompt and decode speed, memory and traffic, then stop it."""
     from launcher.secret import SecretError
@@ -368,6 +372,8 @@ def bench(
     try:
         if hosts and (local or split):
             raise UserError("--local and --split are for one machine; not with --hosts")
+        if parallel != "pipeline" and hosts:
+            raise UserError(f"--parallel {parallel} runs with --local only for now")
         path = _launch_model(model)
         if hosts:
             from .cluster import start_agents_cluster
@@ -375,13 +381,15 @@ def bench(
             secret = _secret(secret_file)
             running = start_agents_cluster(path, hosts, None, [], secret, 4096, None)
         else:
-            running = _start_here(path, local or 2, split, None)
+            modes = _parallel_options(path, parallel, experts, split, local)
+            running = _start_here(path, local or modes.get("ranks", 2), split, None, modes)
         try:
             result = measure(
                 running.url,
                 prompt_tokens=prompt_tokens,
                 decode_tokens=decode_tokens,
                 streams=streams,
+                parallel=parallel,
             )
         finally:
             running.stop()

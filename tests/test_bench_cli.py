@@ -42,3 +42,22 @@ def test_bench_refuses_local_with_hosts(tiny_r1, tmp_path):
     r = run_cli("bench", str(tiny_r1), "--local", "2", "--hosts", str(tmp_path / "h.toml"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: --local")
+
+
+def test_bench_expert_mode_reports_its_all_sum_traffic(tiny_r1):
+    r = run_cli(
+        "bench", str(tiny_r1), "--local", "2", "--parallel", "expert", "--json",
+        "--prompt-tokens", "8", "--decode-tokens", "6", "--streams", "1",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    print(json.dumps(result, indent=1))
+    assert (result["ranks"], result["parallel"], result["decode_tokens"]) == (2, "expert", 6)
+    config = json.loads((tiny_r1 / "config.json").read_text())
+    hidden = config["hidden_size"] * 4  # float32 on the CPU
+    moe_layers = config["num_hidden_layers"] - config["first_k_dense_replace"]
+    sent = [r["bytes_per_token"] for r in result["per_rank"]]
+    # every rank gives each MoE layer's all_sum one hidden state (attention too when its heads
+    # are cut over the ranks), plus the control vector that carries the token
+    assert all(s >= moe_layers * hidden for s in sent), sent
+    assert all(s <= 2 * config["num_hidden_layers"] * hidden + 32 for s in sent), sent
