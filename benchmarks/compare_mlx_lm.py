@@ -1,15 +1,16 @@
 """mlxdist against mlx-lm's own distributed generation, on 2 local ranks, in one run.
 
 Rows, each on the same model with 2 ranks on this machine:
-- mlx-lm pipeline: `sharded_load(pipeline_group=...)` under mlx.launch (benchmarks/mlx_lm_rank.py)
+- mlx-lm pipeline: `sharded_load(pipeline_group=...)` (benchmarks/mlx_lm_rank.py), its ranks
+  started with mlx.launch's environment
 - mlxdist pipeline: `mlxdist.rank` ranks, measured through the API as `mlxdist bench` does
-- mlx-lm tensor parallel: `sharded_load(tensor_group=...)` under mlx.launch
+- mlx-lm tensor parallel: `sharded_load(tensor_group=...)`
 - mlxdist expert parallel: each rank holds half the routed experts
 - mlxdist pipeline with 4 concurrent streams: aggregate decode tokens/s against one stream
 Decode tokens/s is greedy, a fixed number of tokens (end-of-sequence ignored) after a prompt of
-random token ids. Bytes sent per decoded token: mlxdist's own counters (/mlxdist/stats), and for
-mlx-lm the bytes each rank wrote (wchar of /proc/self/io), both with the prompt's share removed.
-Rows alternate between the two tools over --rounds rounds; the medians are compared.
+random token ids. Bytes sent per decoded token, summed over the ranks: mlxdist's own counters
+(/mlxdist/stats), and for mlx-lm the kernel's per-socket TCP counters, both with the prompt's
+share removed. The tools alternate over --rounds rounds, one running at a time; medians compared.
 
     .venv/bin/python benchmarks/compare_mlx_lm.py [--model PATH] [--tokens 32] [--rounds 2]
 
@@ -21,18 +22,20 @@ only in float32; its 4-bit expert matmul on this CPU is slower still, about 0.4 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
-import threading
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from launcher.hostfile import free_ports, write_hostfile  # noqa: E402
 from launcher.local import start_local, wait_ready  # noqa: E402
-from mlxdist.bench import bench, prompt_ids, stream_once  # noqa: E402
+from mlxdist.bench import aggregate_tps, bench  # noqa: E402
 from quantize.checkpoint import inspect_model  # noqa: E402
 from quantize.nodes import even_split  # noqa: E402
 
@@ -50,50 +53,51 @@ def default_model() -> Path:
 
 
 def mlx_lm(model: Path, mode: str, tokens: int, prompt_len: int) -> dict:
-    launch = Path(sys.executable).parent / "mlx.launch"
+    """mlx-lm's ranks, started with the environment mlx.launch gives them (MLX_RANK and a ring
+    hostfile). Not under mlx.launch itself: on this 2-core machine its process spends about half
+    a core relaying the ranks' output, which would slow mlx-lm down, not measure it."""
     worker = ROOT / "benchmarks" / "mlx_lm_rank.py"
-    cmd = [str(launch), "--backend", "ring", "-n", str(RANKS), "--", sys.executable, str(worker)]
-    cmd += [str(model), mode, str(tokens), str(prompt_len)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=ROOT)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    with tempfile.TemporaryDirectory() as tmp:
+        hostfile = write_hostfile(
+            Path(tmp) / "hosts.json", [[f"127.0.0.1:{p}"] for p in free_ports(RANKS)]
+        )
+        procs = []
+        for rank in range(RANKS):
+            env = dict(os.environ, MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
+            cmd = [sys.executable, str(worker), str(model), mode, str(tokens), str(prompt_len)]
+            out = subprocess.PIPE if rank == 0 else subprocess.DEVNULL
+            procs.append(
+                subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.DEVNULL, text=True)
+            )
+        stdout, _ = procs[0].communicate(timeout=1800)
+        for proc in procs[1:]:
+            proc.wait(timeout=60)
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if not lines:
-        sys.exit(f"error: mlx-lm {mode} failed:\n{out.stderr[-2000:]}")
+        sys.exit(f"error: mlx-lm {mode} gave no figures (run benchmarks/mlx_lm_rank.py by hand)")
     row = json.loads(lines[-1])
     return {"decode_tps": row["decode_tps"], "bytes_per_token": sum(row["bytes_per_token"])}
 
 
-class Mlxdist:
-    """A running mlxdist cluster in one parallel mode."""
+@contextlib.contextmanager
+def mlxdist(model: Path, parallel: str):
+    """A running mlxdist cluster in one parallel mode (up only while it is measured: an idle
+    rank waiting in a ring receive polls, and would take CPU from the other tool's run)."""
+    layers = inspect_model(model).num_layers
+    cluster = start_local(model, even_split(layers, RANKS), parallel=parallel)
+    try:
+        wait_ready(cluster)
+        yield cluster.url
+    finally:
+        cluster.stop()
 
-    def __init__(self, model: Path, parallel: str):
-        layers = inspect_model(model).num_layers
-        self.cluster = start_local(model, even_split(layers, RANKS), parallel=parallel)
-        wait_ready(self.cluster)
-        self.url = self.cluster.url
-        self.vocab = json.loads((model / "config.json").read_text())["vocab_size"]
 
-    def one(self, tokens: int, prompt_len: int) -> dict:
-        r = bench(self.url, prompt_tokens=prompt_len, decode_tokens=tokens, streams=1)
-        sent = sum(rank["bytes_per_token"] for rank in r.per_rank)
-        return {"decode_tps": r.decode_tps, "bytes_per_token": sent}
-
-    def streams(self, n: int, tokens: int, prompt_len: int) -> float:
-        """Aggregate decode tokens/s of n concurrent streams, prefill excluded."""
-        runs = []
-
-        def go(i: int) -> None:
-            runs.append(stream_once(self.url, prompt_ids(prompt_len, self.vocab, 50 + i), tokens))
-
-        threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = max(r.last for r in runs) - min(r.first for r in runs)
-        return sum(r.tokens - 1 for r in runs) / wall
-
-    def stop(self) -> None:
-        self.cluster.stop()
+def one_stream(url: str, tokens: int, prompt_len: int) -> dict:
+    r = bench(url, prompt_tokens=prompt_len, decode_tokens=tokens, streams=1)
+    return {
+        "decode_tps": r.decode_tps,
+        "bytes_per_token": sum(x["bytes_per_token"] for x in r.per_rank),
+    }
 
 
 def main() -> None:
@@ -106,25 +110,22 @@ def main() -> None:
     model = args.model or default_model()
     print(f"model {model}, {RANKS} ranks, prompt {args.prompt} tokens, {args.tokens} tokens")
 
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     rows: dict[str, list[dict]] = {}
-    for mode, ours in (("pipeline", "pipeline"), ("tensor", "expert")):
-        cluster = Mlxdist(model, ours)
-        try:
-            for i in range(args.rounds):
-                theirs = mlx_lm(model, mode, args.tokens, args.prompt)
-                rows.setdefault(f"mlx-lm {mode}", []).append(theirs)
-                mine = cluster.one(args.tokens, args.prompt)
+    for i in range(args.rounds):
+        for mode, ours in (("pipeline", "pipeline"), ("tensor", "expert")):
+            theirs = mlx_lm(model, mode, args.tokens, args.prompt)
+            rows.setdefault(f"mlx-lm {mode}", []).append(theirs)
+            with mlxdist(model, ours) as url:
+                mine = one_stream(url, args.tokens, args.prompt)
                 rows.setdefault(f"mlxdist {ours}", []).append(mine)
                 print(f"round {i + 1}: mlx-lm {mode} {theirs}, mlxdist {ours} {mine}", flush=True)
-            if ours == "pipeline":
-                for i in range(args.rounds):
-                    one = cluster.streams(1, args.tokens, args.prompt)
-                    four = cluster.streams(4, args.tokens, args.prompt)
+                if ours == "pipeline":
+                    one = aggregate_tps(url, vocab, 1, args.prompt, args.tokens)
+                    four = aggregate_tps(url, vocab, 4, args.prompt, args.tokens)
                     rows.setdefault("pipeline 1 stream", []).append({"decode_tps": one})
                     rows.setdefault("pipeline 4 streams", []).append({"decode_tps": four})
                     print(f"round {i + 1}: 1 stream {one:.2f}, 4 streams {four:.2f}", flush=True)
-        finally:
-            cluster.stop()
 
     def med(name: str, key: str = "decode_tps") -> float:
         return statistics.median(r[key] for r in rows[name])

@@ -93,6 +93,28 @@ def stream_once(url: str, prompt: list[int], max_tokens: int, timeout: float = 6
     return Run(count, first, last, server_tps)
 
 
+def aggregate_tps(url: str, vocab: int, streams: int, prompt_tokens: int, tokens: int) -> float:
+    """Decode tokens/s of concurrent streams together, from the first token of any stream to
+    the last token of all (prefill excluded); each stream has a prompt of its own."""
+    runs: list[Run] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        r = stream_once(url, prompt_ids(prompt_tokens, vocab, seed=100 + i), tokens)
+        with lock:
+            runs.append(r)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if len(runs) < streams:
+        raise RuntimeError(f"{streams - len(runs)} of {streams} streams failed")
+    wall = max(r.last for r in runs) - min(r.first for r in runs)
+    return sum(r.tokens - 1 for r in runs) / wall if wall > 0 else 0.0
+
+
 def _stats(url: str) -> dict:
     r = httpx.get(url + "/mlxdist/stats", timeout=120)
     r.raise_for_status()
@@ -125,23 +147,7 @@ def bench(
     decode = [a - m - p for m, a, p in zip(middle, _sent(after), prefill)]
     per_token = [d / max(1, run.tokens - 1) for d in decode]
 
-    runs: list[Run] = []
-    lock = threading.Lock()
-
-    def one(i: int) -> None:
-        r = stream_once(url, prompt_ids(prompt_tokens, vocab, seed=100 + i), decode_tokens)
-        with lock:
-            runs.append(r)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    # From the first token of any stream to the last token of all: prefill excluded.
-    wall = max(r.last for r in runs) - min(r.first for r in runs)
-    aggregate = sum(r.tokens - 1 for r in runs) / wall if wall > 0 else 0.0
-
+    aggregate = aggregate_tps(url, vocab, streams, prompt_tokens, decode_tokens)
     nodes = {n["rank"]: n.get("host", "") for n in health.get("nodes", [])}
     per_rank = [
         {

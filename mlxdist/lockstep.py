@@ -19,6 +19,7 @@ from quantize.nodes import expert_ranges
 
 from .expert import shards
 from .pipeline import _CTRL, CMD_STATS, CMD_STEP, CMD_STOP, LOGITS, NEW, SAMPLE, Step
+from .ringwait import RingWaiter
 from .stage import Stage, check_tensor_split
 
 # Lock step runs one sequence at a time, so the control vector's slot field is free to carry a
@@ -170,8 +171,10 @@ class LockstepRunner:
 
     def serve(self) -> None:
         """Ranks 1..N-1: take the steps rank 0 broadcasts until told to stop."""
+        waiter = RingWaiter()
         while True:
             counts = (self.data_bytes, self.control_bytes)
+            waiter.wait()  # asleep until rank 0 starts the next broadcast
             step, ids = self._broadcast(Step(0, 0), None)
             if step.cmd in (CMD_STOP, CMD_STATS):
                 self.data_bytes, self.control_bytes = counts

@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from quantize.memory import peak_rss
 
+from .ringwait import RingWaiter
 from .sampling import Sampler
 from .stage import Stage
 
@@ -75,6 +76,7 @@ class Runner:
         self.data_bytes = 0  # hidden states, token ids, logits
         self.control_bytes = 0  # control vectors
         self.steps = 0
+        self.waiter = RingWaiter() if self.size > 1 else None
 
     @property
     def cache(self) -> list:
@@ -92,6 +94,7 @@ class Runner:
             self.data_bytes += x.nbytes
 
     def _recv(self, shape: tuple, dtype: mx.Dtype, src: int) -> mx.array:
+        self.waiter.wait()  # asleep until bytes come, not spinning in MLX's receive
         x = mx.distributed.recv(shape, dtype, src, group=self.group)
         mx.eval(x)
         return x
