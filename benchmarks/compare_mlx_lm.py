@@ -103,7 +103,7 @@ def one_stream(url: str, tokens: int, prompt_len: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", type=Path, default=None)
-    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()

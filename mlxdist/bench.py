@@ -24,6 +24,7 @@ class Run:
     first: float  # seconds from sending to the first token
     last: float  # seconds from sending to the last token
     server_tps: float = 0.0  # decode tokens/s as rank 0 timed it (usage)
+    arrivals: list[float] = field(default_factory=list)  # each token's time.perf_counter()
 
     @property
     def decode_tps(self) -> float:
@@ -71,7 +72,7 @@ def stream_once(url: str, prompt: list[int], max_tokens: int, timeout: float = 6
     }
     start = time.perf_counter()
     first = last = None
-    count, server_tps = 0, 0.0
+    count, server_tps, arrivals = 0, 0.0, []
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -84,18 +85,22 @@ def stream_once(url: str, prompt: list[int], max_tokens: int, timeout: float = 6
                 server_tps = data["usage"].get("decode_tokens_per_second", 0.0)
             ids = data["choices"][0].get("token_ids") if data["choices"] else None
             if ids:
-                now = time.perf_counter() - start
+                at = time.perf_counter()
+                now = at - start
                 first = now if first is None else first
                 last = now
                 count += len(ids)
+                arrivals += [at] * len(ids)
     if first is None:
         raise RuntimeError("the server answered no tokens")
-    return Run(count, first, last, server_tps)
+    return Run(count, first, last, server_tps, arrivals)
 
 
 def aggregate_tps(url: str, vocab: int, streams: int, prompt_tokens: int, tokens: int) -> float:
-    """Decode tokens/s of concurrent streams together, from the first token of any stream to
-    the last token of all (prefill excluded); each stream has a prompt of its own."""
+    """Decode tokens/s of concurrent streams together while all of them are decoding: the
+    tokens that arrive between the last stream's first token and the first stream's last, over
+    that time. Prefill is left out (the later streams' prompts are read while the first ones
+    decode). Each stream has a prompt of its own; they start together."""
     runs: list[Run] = []
     lock = threading.Lock()
 
@@ -111,8 +116,13 @@ def aggregate_tps(url: str, vocab: int, streams: int, prompt_tokens: int, tokens
         t.join()
     if len(runs) < streams:
         raise RuntimeError(f"{streams - len(runs)} of {streams} streams failed")
-    wall = max(r.last for r in runs) - min(r.first for r in runs)
-    return sum(r.tokens - 1 for r in runs) / wall if wall > 0 else 0.0
+    begin = max(r.arrivals[0] for r in runs)
+    end = min(r.arrivals[-1] for r in runs)
+    if end <= begin:  # they never all decoded at once: first token of any to last of all
+        begin = min(r.arrivals[0] for r in runs)
+        end = max(r.arrivals[-1] for r in runs)
+    inside = sum(1 for r in runs for t in r.arrivals if begin < t <= end)
+    return inside / (end - begin) if end > begin else 0.0
 
 
 def _stats(url: str) -> dict:
