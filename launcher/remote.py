@@ -101,15 +101,20 @@ def push_shards(
             remote.append(str(folder.resolve()))  # as mlx.launch: the same path on that host
             continue
         rel = f"{model.name}/nodes/{rank}"
-        for f in sorted(p for p in folder.iterdir() if p.is_file()):
-
-            def tick(done: int, total: int, name=f"{node.name}: {f.name}") -> None:
-                if progress:
-                    progress(name, done, total)
-
-            node.client.push_file(f, f"{rel}/{f.name}", progress=tick)
+        _push(node, sorted(p for p in folder.iterdir() if p.is_file()), rel, progress)
         remote.append(rel)
     return remote
+
+
+def _push(node: Node, files: list[Path], rel: str, progress) -> None:
+    """Sends files into rel/ under the node agent's models folder, each with its progress."""
+    for f in files:
+
+        def tick(done: int, total: int, name=f"{node.name}: {f.name}") -> None:
+            if progress:
+                progress(name, done, total)
+
+        node.client.push_file(f, f"{rel}/{f.name}", progress=tick)
 
 
 def push_for_split(
@@ -129,13 +134,7 @@ def push_for_split(
         mine = {f for k, f in weights.items() if (i := layer_of(k)) is None or start <= i < end}
         start = end
         rel = f"{model.name}/split-{'-'.join(map(str, split))}/{rank}"
-        for f in sorted(small) + [model / name for name in sorted(mine)]:
-
-            def tick(done: int, total: int, name=f"{node.name}: {f.name}") -> None:
-                if progress:
-                    progress(name, done, total)
-
-            node.client.push_file(f, f"{rel}/{f.name}", progress=tick)
+        _push(node, sorted(small) + [model / name for name in sorted(mine)], rel, progress)
         remote.append(rel)
     return remote
 

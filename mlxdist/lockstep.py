@@ -14,11 +14,10 @@ from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllL
 from mlx_lm.sample_utils import make_sampler
 
 from quantize.checkpoint import CheckpointError
-from quantize.memory import peak_rss
 from quantize.nodes import expert_ranges
 
 from .expert import shards
-from .pipeline import _CTRL, CMD_STATS, CMD_STEP, CMD_STOP, LOGITS, NEW, SAMPLE, Step
+from .pipeline import _CTRL, CMD_STATS, CMD_STEP, CMD_STOP, LOGITS, NEW, SAMPLE, Step, gather_stats
 from .ringwait import RingWaiter
 from .stage import Stage, check_tensor_split
 
@@ -152,14 +151,7 @@ class LockstepRunner:
             self._broadcast(Step(0, 0, cmd=CMD_STOP), None)
 
     def _gather_stats(self) -> list[dict]:
-        open_caches = int(bool(self.cache) and self.cache[0].offset > 0)
-        mine = [self.rank, self.data_bytes, self.control_bytes, self.steps, peak_rss()]
-        figures = mx.array([[*mine, open_caches]], mx.int64)
-        if self.size > 1:
-            figures = mx.distributed.all_gather(figures, group=self.group)
-        mx.eval(figures)
-        keys = ("rank", "data_bytes", "control_bytes", "steps", "peak_rss", "open_caches")
-        return [dict(zip(keys, row)) for row in figures.tolist()]
+        return gather_stats(self, int(bool(self.cache) and self.cache[0].offset > 0))
 
     def stats(self) -> list[dict]:
         """Rank 0: every rank's bytes sent and steps taken so far (the request itself uncounted)."""

@@ -60,6 +60,18 @@ class Step:
         return cls(c[1], c[2], _DTYPES[c[3]], c[4], _i2f(c[5]), _i2f(c[6]), c[0], c[7])
 
 
+def gather_stats(runner, open_caches: int) -> list[dict]:
+    """Every rank's traffic, steps, peak memory and open KV caches; each rank joins the same
+    all_gather."""
+    row = [runner.rank, runner.data_bytes, runner.control_bytes, runner.steps, peak_rss()]
+    figures = mx.array([[*row, open_caches]], mx.int64)
+    if runner.size > 1:
+        figures = mx.distributed.all_gather(figures, group=runner.group)
+    mx.eval(figures)
+    keys = ("rank", "data_bytes", "control_bytes", "steps", "peak_rss", "open_caches")
+    return [dict(zip(keys, row)) for row in figures.tolist()]
+
+
 class Runner:
     """One rank's part of the pipeline: its stage, a KV cache per sequence slot, and (on the
     last rank) a sampler per slot."""
@@ -174,15 +186,7 @@ class Runner:
             self._send(Step(0, 0, cmd=CMD_STOP).encode(), 1, control=True)
 
     def _gather_stats(self) -> list[dict]:
-        open_caches = sum(1 for c in self.caches.values() if c and c[0].offset > 0)
-        mine = [self.rank, self.data_bytes, self.control_bytes, self.steps, peak_rss()]
-        mine.append(open_caches)
-        figures = mx.array([mine], mx.int64)
-        if self.size > 1:
-            figures = mx.distributed.all_gather(figures, group=self.group)
-        mx.eval(figures)
-        keys = ("rank", "data_bytes", "control_bytes", "steps", "peak_rss", "open_caches")
-        return [dict(zip(keys, row)) for row in figures.tolist()]
+        return gather_stats(self, sum(1 for c in self.caches.values() if c and c[0].offset > 0))
 
     def stats(self) -> list[dict]:
         """Rank 0: every rank's bytes sent, steps taken and peak memory so far (the request
