@@ -36,11 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quantize.checkpoint import CheckpointError, sha256_file
-from quantize.nodes import check_node, node_manifest
+from quantize.checkpoint import CheckpointError, read_config, sha256_file
+from quantize.nodes import check_expert_node, check_node, even_split, node_manifest
 
 from .auth import AuthError, Verifier
 from .hostfile import ring_hostfile
+from .rankargs import mode_args
 
 MiB = 2**20
 STOP_TIMEOUT = 5.0
@@ -107,6 +108,9 @@ class StartRank(BaseModel):
     heartbeat_port: int | None = Field(None, ge=1024, le=65535)
     heartbeat_token: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
     node: str | None = None  # the launcher's name for this host, in failure reports
+    # expert: len(split) ranks run every layer, each with its routed experts (counts per rank)
+    parallel: Literal["pipeline", "expert"] = "pipeline"
+    experts: list[Annotated[int, Field(ge=1, le=100_000)]] | None = Field(None, max_length=64)
 
     @field_validator("http_host")
     @classmethod
@@ -125,6 +129,8 @@ class StartRank(BaseModel):
     @model_validator(mode="after")
     def _ranks(self) -> StartRank:
         size = len(self.split)
+        if self.experts is not None and (self.parallel != "expert" or len(self.experts) != size):
+            raise ValueError("experts gives one count per rank, in expert mode only")
         if self.rank >= size:
             raise ValueError(f"rank {self.rank} is not below the {size} ranks of the split")
         if size > 1 and len(self.hostfile) != size:
@@ -350,8 +356,7 @@ def rank_argv(python: str, model: Path, req: StartRank) -> list[str]:
         "mlxdist.rank",
         "--model",
         str(model),
-        "--split",
-        ",".join(str(n) for n in req.split),
+        *mode_args(req.parallel, req.split, req.experts),
         "--host",
         req.http_host,
         "--port",
@@ -590,8 +595,14 @@ def _model_folder(root: Path, req: StartRank) -> Path:
     if not (folder / "config.json").is_file():
         raise Refused(400, f"model {req.model!r} is not a model folder in the models folder")
     try:
-        check_node(folder, req.split, req.rank)
-    except CheckpointError as e:  # a node folder cut for another split or rank
+        if req.parallel == "expert":
+            counts = req.experts or even_split(
+                int(read_config(folder).get("n_routed_experts") or 0), len(req.split)
+            )
+            check_expert_node(folder, counts, req.rank)
+        else:
+            check_node(folder, req.split, req.rank)
+    except (CheckpointError, ValueError) as e:  # a node folder cut for another split or rank
         raise Refused(409, str(e)) from None
     except (KeyError, TypeError) as e:
         raise Refused(400, f"model {req.model!r} has a malformed manifest ({e})") from None

@@ -83,11 +83,22 @@ def _last_line(node: Node, run_id: str) -> str:
 
 
 def node_folders(model: Path, size: int) -> list[int] | None:
-    """The split model/nodes/ was cut for, when it has one folder per rank."""
+    """The split model/nodes/ was cut for, when it has one pipeline folder per rank."""
     first = node_manifest(model / "nodes" / "0")
-    if first is None or len(first["plan"]["split"]) != size:
+    if first is None or first.get("parallel", "pipeline") != "pipeline":
+        return None
+    if len(first["plan"]["split"]) != size:
         return None
     return first["plan"]["split"]
+
+
+def expert_folders(model: Path, size: int) -> list[int] | None:
+    """The routed experts per rank model/nodes/ was cut for in expert mode, for size ranks."""
+    first = node_manifest(model / "nodes" / "0")
+    if first is None or first.get("parallel") != "expert":
+        return None
+    counts = first["plan"].get("experts") or []
+    return counts if len(counts) == size else None
 
 
 def push_shards(
@@ -150,10 +161,12 @@ def start_remote(
     run_dir: Path | None = None,
     ring_ips: list[list[str]] | None = None,
     max_context: int | None = None,
+    experts: list[int] | None = None,
 ) -> RemoteCluster:
     """Starts rank r on nodes[r] from its folder; rank 0 serves the API on its host.
 
     ring_ips[r]: rank r's addresses on the cable(s) from rank r-1; else each node's address.
+    experts: routed experts per rank for expert parallelism (split then only counts the ranks).
     """
     ips = ring_ips or [[n.address] for n in nodes]
     # Hosts sharing an address (all on one machine, as in a loopback test) need their own ports.
@@ -185,6 +198,7 @@ def start_remote(
                 **({"max_context": max_context} if max_context else {}),
                 **({"heartbeat_port": http_port + 1, "heartbeat_token": token} if beats else {}),
                 **({"node": node.name} if _NODE_NAME.fullmatch(node.name) else {}),
+                **({"parallel": "expert", "experts": experts} if experts else {}),
             )
             run_ids.append(started["id"])
     except AgentError as e:

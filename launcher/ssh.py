@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .agent_client import AgentError
+from .rankargs import mode_args
 
 
 def rank_script(
@@ -63,7 +64,8 @@ class SshClient:
     def start_rank(self, **p) -> dict:
         run_id = uuid.uuid4().hex[:12]
         argv = ["-m", "mlxdist.rank", "--model", p["model"]]
-        argv += ["--split", ",".join(map(str, p["split"])), "--host", p["http_host"]]
+        argv += mode_args(p.get("parallel", "pipeline"), p["split"], p.get("experts"))
+        argv += ["--host", p["http_host"]]
         argv += ["--port", str(p["http_port"]), "--name", p["name"]]
         argv += ["--backend", p.get("backend", "ring")]
         if p.get("max_context"):

@@ -86,14 +86,18 @@ def launch(
             raise UserError("--local and --split are for one machine; not with --hosts/--cluster")
         if hosts and cluster:
             raise UserError("give --hosts or --cluster, not both")
-        if parallel != "pipeline" and (hosts or cluster):
-            raise UserError(f"--parallel {parallel} runs with --local only for now")
+        if parallel == "tensor" and (hosts or cluster):
+            raise UserError("--parallel tensor runs with --local only for now")
+        if experts and (hosts or cluster):
+            raise UserError("--experts is for --local: across hosts the node folders' cut holds")
         path = _launch_model(model)
         if hosts or cluster:
             from .cluster import replan_agents, start_agents_cluster
 
             secret = _secret(secret_file)
-            running = start_agents_cluster(path, hosts, cluster, interface, secret, context, port)
+            running = start_agents_cluster(
+                path, hosts, cluster, interface, secret, context, port, parallel
+            )
             again = partial(replan_agents, path, context, port)
         else:
             modes = _parallel_options(path, parallel, experts, split, local)
@@ -372,14 +376,14 @@ def bench(
     try:
         if hosts and (local or split):
             raise UserError("--local and --split are for one machine; not with --hosts")
-        if parallel != "pipeline" and hosts:
-            raise UserError(f"--parallel {parallel} runs with --local only for now")
+        if hosts and (parallel == "tensor" or experts):
+            raise UserError("--parallel tensor and --experts are for --local only for now")
         path = _launch_model(model)
         if hosts:
             from .cluster import start_agents_cluster
 
             secret = _secret(secret_file)
-            running = start_agents_cluster(path, hosts, None, [], secret, 4096, None)
+            running = start_agents_cluster(path, hosts, None, [], secret, 4096, None, parallel)
         else:
             modes = _parallel_options(path, parallel, experts, split, local)
             running = _start_here(path, local or modes.get("ranks", 2), split, None, modes)

@@ -9,8 +9,8 @@ from launcher.discovery import browse
 from launcher.hostfacts import ThunderboltPort
 from launcher.hosts import read_hosts
 from launcher.local import LaunchError
-from launcher.planner import NodeSpec, model_spec_from_folder, plan
-from launcher.remote import Node, node_folders
+from launcher.planner import NodeSpec, model_spec_from_folder, plan, plan_experts
+from launcher.remote import Node, expert_folders, node_folders
 from launcher.ssh import SshClient
 from launcher.topology import (
     cable_graph,
@@ -137,6 +137,27 @@ def choose_split(model: Path, nodes: list[Node], context: int) -> list[int]:
     return cut
 
 
+def choose_experts(model: Path, nodes: list[Node], context: int) -> list[int]:
+    """The routed experts per node the model's expert node folders were cut for; the plan
+    (replicated weights, those experts and the whole KV cache on every node) must fit."""
+    specs = [
+        NodeSpec(n.name, int(n.facts.get("memory_total", 0)), n.facts.get("memory_available"))
+        for n in nodes
+    ]
+    planned = plan_experts(specs, model_spec_from_folder(model), context=context)
+    cut = expert_folders(model, len(nodes))
+    if cut is None:
+        counts = ",".join(map(str, planned.experts or [])) or "..."
+        raise LaunchError(
+            f"{model} has no expert node folders for {len(nodes)} nodes: cut them with "
+            f"mlxdist quantize {model} {model}-{len(nodes)}x --parallel expert --experts "
+            f"{counts}, then launch that folder"
+        )
+    if not planned.fits:
+        raise LaunchError(f"the model {planned.message}")
+    return cut
+
+
 def start_agents_cluster(
     model: Path,
     hosts: Path | None,
@@ -145,6 +166,7 @@ def start_agents_cluster(
     secret: bytes,
     context: int,
     port: int | None,
+    parallel: str = "pipeline",
 ):
     """Finds the nodes, checks the plan, pushes each node its folder, starts the ranks."""
     from rich.console import Console
@@ -161,6 +183,10 @@ def start_agents_cluster(
             )
     nodes = ring(nodes, keep_order=hosts is not None)
     ring_ips = cable_addresses(nodes, console)
+    if parallel == "expert":
+        experts = choose_experts(model, nodes, context)
+        split = [model_spec_from_folder(model).num_layers] * len(nodes)
+        return _start(model, nodes, split, ring_ips, context, port, console, experts)
     split = choose_split(model, nodes, context)
     return _start(model, nodes, split, ring_ips, context, port, console)
 
@@ -192,16 +218,28 @@ def replan_agents(model: Path, context: int, port: int | None, failed):
     return _start(model, nodes, split, None, context, port, console)
 
 
-def _start(model: Path, nodes: list[Node], split: list[int], ring_ips, context, port, console):
-    """Pushes each node its share, starts the ranks, waits until they have loaded."""
+def _start(
+    model: Path,
+    nodes: list[Node],
+    split: list[int],
+    ring_ips,
+    context,
+    port,
+    console,
+    experts: list[int] | None = None,
+):
+    """Pushes each node its share, starts the ranks, waits until they have loaded.
+
+    experts: routed experts per node (expert parallelism; every node runs every layer)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     from launcher.local import wait_ready
     from launcher.remote import HTTP_PORT, push_for_split, push_shards, start_remote
 
+    shares = [f"experts {e}" for e in experts] if experts else [f"layers {k}" for k in split]
     console.print(
         f"{len(nodes)} nodes: "
-        + ", ".join(f"{n.name} ({n.address}) layers {k}" for n, k in zip(nodes, split))
+        + ", ".join(f"{n.name} ({n.address}) {s}" for n, s in zip(nodes, shares))
         + (f"; ring over the cables {ring_ips}" if ring_ips else "")
     )
     with Progress(
@@ -218,7 +256,7 @@ def _start(model: Path, nodes: list[Node], split: list[int], ring_ips, context, 
                 tasks[name] = bar.add_task(f"push {name}", total=total)
             bar.update(tasks[name], completed=done)
 
-        if node_folders(model, len(nodes)) == split:
+        if experts or node_folders(model, len(nodes)) == split:
             folders = push_shards(model, nodes, progress)
         else:  # a plan made again after a failure: no node folders were cut for it
             folders = push_for_split(model, nodes, split, progress)
@@ -230,6 +268,7 @@ def _start(model: Path, nodes: list[Node], split: list[int], ring_ips, context, 
         http_port=port or HTTP_PORT,
         ring_ips=ring_ips,
         max_context=context,  # the plan holds this much KV cache: longer requests are refused
+        experts=experts,
     )
     try:
         with console.status(f"loading {model.name} on {len(nodes)} nodes..."):

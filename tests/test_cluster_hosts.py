@@ -5,6 +5,7 @@ same tests run on loopback with separate ports, and say so."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -211,6 +212,37 @@ def launch_from(machine, out: Path, hosts_file: Path, env: dict):
         text=True,
         timeout=300,
     )
+
+
+def test_expert_launch_across_three_hosts_equals_one_process(cluster, tiny_r1):
+    """Expert parallelism through the agents: each host gets only its expert node folder (every
+    layer, a third of the routed experts) and the answer is one process's."""
+    hosts, interface, env, _, work = cluster
+    out = work / "tiny-r1-3x"
+    cut = subprocess.run(
+        cli("quantize", str(tiny_r1), str(out), "--nodes", "3", "--parallel", "expert"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert cut.returncode == 0, cut.stderr
+    args = launch_args(out, "--cluster", "alpha", "--interface", interface, "--parallel", "expert")
+    done = subprocess.run(
+        hosts[0].cmd(*args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    print(done.stderr[-3000:])
+    assert done.returncode == 0, done.stderr
+    assert "experts 3" in done.stderr  # the plan names each node's experts
+    assert done.stdout.rstrip("\n") == reference_text(out)
+    held = []  # each host's one folder, in whatever order the ring put the hosts
+    for i in range(1, 4):
+        manifests = sorted((work / f"node{i}" / "models" / out.name).rglob("manifest.json"))
+        assert len(manifests) == 1, manifests
+        manifest = json.loads(manifests[0].read_text())
+        assert manifest["parallel"] == "expert"
+        held.append(manifest["experts"])
+    assert sorted(held) == [[0, 3], [3, 6], [6, 8]]
+    assert_no_rank_left(hosts)
 
 
 def test_launch_from_a_hosts_file(cluster, tmp_path):

@@ -138,3 +138,45 @@ def test_agent_rank_argv_carries_max_context():
     assert "--max-context" not in rank_argv("py", Path("/models/m"), StartRank(**base))
     with pytest.raises(ValueError):
         StartRank(**base, max_context=0)
+
+
+@pytest.mark.parametrize(
+    "fields,expected",
+    [
+        ({}, ["--split", "2,2"]),
+        ({"parallel": "expert"}, ["--parallel", "expert", "--ranks", "2"]),
+        (
+            {"parallel": "expert", "experts": [5, 3]},
+            ["--parallel", "expert", "--ranks", "2", "--experts", "5,3"],
+        ),
+    ],
+)
+def test_agent_rank_argv_gives_the_mode(fields, expected):
+    from pathlib import Path
+
+    from launcher.agent import StartRank, rank_argv
+
+    base = {"model": "m", "split": [2, 2], "rank": 1, "http_host": "10.0.0.1"}
+    base |= {"http_port": 8080, "name": "m", "hostfile": [["10.0.0.1:1"], ["10.0.0.2:1"]]}
+    argv = rank_argv("py", Path("/models/m"), StartRank(**base, **fields))
+    i = argv.index("--host")
+    assert argv[5:i] == expected
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"parallel": "tensor"},  # the agents start pipeline and expert ranks only
+        {"experts": [4, 4]},  # counts without expert mode
+        {"parallel": "expert", "experts": [8]},  # one count per rank
+        {"parallel": "expert", "experts": [0, 8]},
+        {"parallel": "expert", "experts": ["4", "4"]},  # strict: no strings
+    ],
+)
+def test_agent_refuses_bad_mode_fields(fields):
+    from launcher.agent import StartRank
+
+    base = {"model": "m", "split": [2, 2], "rank": 1, "http_host": "10.0.0.1"}
+    base |= {"http_port": 8080, "name": "m", "hostfile": [["10.0.0.1:1"], ["10.0.0.2:1"]]}
+    with pytest.raises(ValueError):
+        StartRank(**base, **fields)
