@@ -74,6 +74,12 @@ class ExpertShard(nn.Module):
         flat = np.array(inds.reshape(-1))
         pairs = np.flatnonzero((flat >= lo) & (flat < hi))
         xf = x.reshape(-1, x.shape[-1])
+        if xf.shape[0] == 1:  # one token (decode): its local slots, summed, no scatter
+            if not pairs.size:
+                return mx.zeros_like(x)
+            out = self.switch_mlp(xf, mx.array(flat[pairs] - lo)[None])[0]
+            w = scores.reshape(-1)[mx.array(pairs)]
+            return (out * w[:, None]).sum(axis=0).astype(x.dtype).reshape(x.shape)
         # Summed in float32 and rounded once, as the whole layer sums its slots.
         y = mx.zeros(xf.shape, mx.float32)
         if pairs.size:
