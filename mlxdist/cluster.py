@@ -118,12 +118,17 @@ def cable_addresses(nodes: list[Node], console) -> list[list[str]] | None:
     return found.ips
 
 
-def choose_split(model: Path, nodes: list[Node], context: int) -> list[int]:
-    """The split the model's node folders were cut for; it must fit the nodes' memory."""
-    specs = [
+def _specs(nodes: list[Node]) -> list[NodeSpec]:
+    """What the planner needs of each node: its name and memory."""
+    return [
         NodeSpec(n.name, int(n.facts.get("memory_total", 0)), n.facts.get("memory_available"))
         for n in nodes
     ]
+
+
+def choose_split(model: Path, nodes: list[Node], context: int) -> list[int]:
+    """The split the model's node folders were cut for; it must fit the nodes' memory."""
+    specs = _specs(nodes)
     planned = plan(specs, model_spec_from_folder(model), context=context)
     cut = node_folders(model, len(nodes))
     if cut is None:
@@ -140,10 +145,7 @@ def choose_split(model: Path, nodes: list[Node], context: int) -> list[int]:
 def choose_experts(model: Path, nodes: list[Node], context: int) -> list[int]:
     """The routed experts per node the model's expert node folders were cut for; the plan
     (replicated weights, those experts and the whole KV cache on every node) must fit."""
-    specs = [
-        NodeSpec(n.name, int(n.facts.get("memory_total", 0)), n.facts.get("memory_available"))
-        for n in nodes
-    ]
+    specs = _specs(nodes)
     planned = plan_experts(specs, model_spec_from_folder(model), context=context)
     cut = expert_folders(model, len(nodes))
     if cut is None:
@@ -204,10 +206,7 @@ def replan_agents(model: Path, context: int, port: int | None, failed):
         raise LaunchError("no node remains to plan on: launch again when the nodes are back")
     nodes = _with_facts(nodes)
     names = ", ".join(n.name for n in nodes)
-    specs = [
-        NodeSpec(n.name, int(n.facts.get("memory_total", 0)), n.facts.get("memory_available"))
-        for n in nodes
-    ]
+    specs = _specs(nodes)
     planned = plan(specs, model_spec_from_folder(model), context=context)
     if not planned.fits:
         raise LaunchError(

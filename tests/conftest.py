@@ -63,6 +63,26 @@ def local_cluster(model: Path, split: list[int], run_dir: Path | None = None, **
             print(f"--- rank {rank} log ---\n{log.read_text(errors='replace')[-2000:]}")
 
 
+def greedy_reference(model, tokenizer, question: str, max_tokens: int):
+    """One mlx-lm process's chat prompt for question, its greedy tokens up to end-of-sequence
+    or max_tokens, and the float32 logits at the prompt's last position."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.generate import generate_step
+
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    tokens = []
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens):
+        if token in tokenizer.eos_token_ids:
+            break
+        tokens.append(token)
+    logits = np.array(model(mx.array([prompt]))[0, -1].astype(mx.float32))
+    return prompt, tokens, logits
+
+
 def complete_ids(url: str, prompt: list[int], max_tokens: int) -> list[int]:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
     r = httpx.post(url + "/v1/completions", json=body | {"return_token_ids": True}, timeout=300)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import cluster_logits, complete_ids, local_cluster
+from conftest import cluster_logits, complete_ids, greedy_reference, local_cluster
 from mlx_lm import load
-from mlx_lm.generate import generate_step
 
 MAX_TOKENS = 16
 QUESTION = "What is the capital of France?"
@@ -38,17 +37,7 @@ def reference(name: str, request, refs: dict):
         model, tokenizer = load(str(path))
         if name == "tiny_r1":
             model.set_dtype(mx.float32)  # CPU expert matmul runs only in float32
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False
-        )
-        prompt = tokenizer.encode(text, add_special_tokens=False)
-        tokens = []
-        for token, _ in generate_step(mx.array(prompt), model, max_tokens=MAX_TOKENS):
-            if token in tokenizer.eos_token_ids:
-                break
-            tokens.append(token)
-        logits = model(mx.array([prompt]))[0, -1].astype(mx.float32)
-        refs[name] = (prompt, tokens, np.array(logits))
+        refs[name] = greedy_reference(model, tokenizer, QUESTION, MAX_TOKENS)
     return refs[name]
 
 

@@ -12,10 +12,9 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import cluster_logits, complete_ids, local_cluster, run_cli
+from conftest import cluster_logits, complete_ids, greedy_reference, local_cluster, run_cli
 from mlx.utils import tree_flatten
 from mlx_lm import load
-from mlx_lm.generate import generate_step
 
 from launcher.local import LaunchError, start_local, wait_ready
 from mlxdist.expert import load_expert_stage
@@ -40,16 +39,7 @@ def reference(tiny_r1_no_mtp):
     """One mlx-lm process: prompt, greedy tokens, last logits, routed-expert and other bytes."""
     model, tokenizer = load(str(tiny_r1_no_mtp))
     model.set_dtype(mx.float32)  # CPU expert matmul runs only in float32
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False
-    )
-    prompt = tokenizer.encode(text, add_special_tokens=False)
-    tokens = []
-    for token, _ in generate_step(mx.array(prompt), model, max_tokens=MAX_TOKENS):
-        if token in tokenizer.eos_token_ids:
-            break
-        tokens.append(token)
-    logits = np.array(model(mx.array([prompt]))[0, -1].astype(mx.float32))
+    prompt, tokens, logits = greedy_reference(model, tokenizer, QUESTION, MAX_TOKENS)
     params = tree_flatten(model.parameters())
     experts = sum(v.nbytes for k, v in params if ".switch_mlp." in k)
     others = sum(v.nbytes for k, v in params if ".switch_mlp." not in k)
