@@ -20,11 +20,23 @@ import httpx
 
 @dataclass
 class Run:
-    tokens: int  # answer tokens received
-    first: float  # seconds from sending to the first token
-    last: float  # seconds from sending to the last token
+    start: float  # time.perf_counter() when the request was sent
+    arrivals: list[float]  # each answer token's time.perf_counter() as it arrived
     server_tps: float = 0.0  # decode tokens/s as rank 0 timed it (usage)
-    arrivals: list[float] = field(default_factory=list)  # each token's time.perf_counter()
+
+    @property
+    def tokens(self) -> int:
+        return len(self.arrivals)
+
+    @property
+    def first(self) -> float:
+        """Seconds from sending to the first token."""
+        return self.arrivals[0] - self.start
+
+    @property
+    def last(self) -> float:
+        """Seconds from sending to the last token."""
+        return self.arrivals[-1] - self.start
 
     @property
     def decode_tps(self) -> float:
@@ -71,8 +83,7 @@ def stream_once(url: str, prompt: list[int], max_tokens: int, timeout: float = 6
         "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
-    first = last = None
-    count, server_tps, arrivals = 0, 0.0, []
+    server_tps, arrivals = 0.0, []
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -85,15 +96,10 @@ def stream_once(url: str, prompt: list[int], max_tokens: int, timeout: float = 6
                 server_tps = data["usage"].get("decode_tokens_per_second", 0.0)
             ids = data["choices"][0].get("token_ids") if data["choices"] else None
             if ids:
-                at = time.perf_counter()
-                now = at - start
-                first = now if first is None else first
-                last = now
-                count += len(ids)
-                arrivals += [at] * len(ids)
-    if first is None:
+                arrivals += [time.perf_counter()] * len(ids)
+    if not arrivals:
         raise RuntimeError("the server answered no tokens")
-    return Run(count, first, last, server_tps, arrivals)
+    return Run(start, arrivals, server_tps)
 
 
 def aggregate_tps(url: str, vocab: int, streams: int, prompt_tokens: int, tokens: int) -> float:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllLinear
-from mlx_lm.sample_utils import make_sampler
 
 from quantize.checkpoint import CheckpointError
 from quantize.nodes import expert_ranges
@@ -19,6 +18,7 @@ from quantize.nodes import expert_ranges
 from .expert import shards
 from .pipeline import _CTRL, CMD_STATS, CMD_STEP, CMD_STOP, LOGITS, NEW, SAMPLE, Step, gather_stats
 from .ringwait import RingWaiter
+from .sampling import Sampler
 from .stage import Stage, check_tensor_split
 
 # Lock step runs one sequence at a time, so the control vector's slot field is free to carry a
@@ -79,7 +79,7 @@ class LockstepRunner:
         self.rank = group.rank()
         self.size = group.size()
         self.cache = stage.make_cache()
-        self.sampler = make_sampler(0.0)
+        self.sampler = Sampler()
         self.data_bytes = 0  # token ids and the layers' all_sum payloads
         self.control_bytes = 0  # control vectors
         self.steps = 0
@@ -102,9 +102,7 @@ class LockstepRunner:
         if step.flags & NEW:
             self.cache = self.stage.make_cache()
             if self.rank == 0:
-                self.sampler = make_sampler(step.temp, step.top_p)
-                if step.seed >= 0:
-                    mx.random.seed(step.seed)
+                self.sampler = Sampler(step.temp, step.top_p, step.seed)
         self.steps += 1
         before = self._layer_bytes()
         h = self.stage.forward(self.stage.embed(tokens), self.cache)

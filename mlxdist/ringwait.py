@@ -15,6 +15,7 @@ import os
 import select
 import socket
 import stat
+from pathlib import Path
 
 _DIRS = ("/dev/fd", "/proc/self/fd")
 
@@ -24,7 +25,7 @@ def _hostfile_addresses() -> set[tuple[str, int]]:
     if not path:
         return set()
     try:
-        hosts = json.loads(open(path).read())
+        hosts = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return set()
     out = set()

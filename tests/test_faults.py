@@ -186,6 +186,7 @@ def test_killed_agent_is_named_and_launch_replans_on_the_other_hosts(tiny_r1, tm
     """Three hosts in namespaces, the chat on a fourth; mac1's whole agent is killed mid-answer."""
     from test_cluster_hosts import (
         Machine,
+        assert_no_rank_left,
         prepare,
         rank_processes,
         start_agents,
@@ -244,10 +245,7 @@ def test_killed_agent_is_named_and_launch_replans_on_the_other_hosts(tiny_r1, tm
         finally:
             chat.close(force=True)
             stop_agents(agents)
-        t0 = time.monotonic()
-        while rank_processes(machines) and time.monotonic() - t0 < 10:
-            time.sleep(0.2)
-        assert rank_processes(machines) == []
+        assert_no_rank_left(machines)
 
 
 def test_launch_chat_stays_open_with_its_conversation_after_a_rank_dies(tiny_r1, tmp_path):
