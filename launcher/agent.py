@@ -36,8 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quantize.checkpoint import CheckpointError, read_config, sha256_file
-from quantize.nodes import check_expert_node, check_node, even_split, node_manifest
+from quantize.checkpoint import CheckpointError, sha256_file
+from quantize.nodes import check_expert_node, check_node, even_experts, node_manifest
 
 from .auth import AuthError, Verifier
 from .hostfile import ring_hostfile
@@ -596,9 +596,7 @@ def _model_folder(root: Path, req: StartRank) -> Path:
         raise Refused(400, f"model {req.model!r} is not a model folder in the models folder")
     try:
         if req.parallel == "expert":
-            counts = req.experts or even_split(
-                int(read_config(folder).get("n_routed_experts") or 0), len(req.split)
-            )
+            counts = req.experts or even_experts(folder, len(req.split))
             check_expert_node(folder, counts, req.rank)
         else:
             check_node(folder, req.split, req.rank)

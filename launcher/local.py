@@ -16,8 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from quantize.checkpoint import read_config
-from quantize.nodes import even_split, expert_node_folder, node_folder
+from quantize.nodes import even_experts, expert_node_folder, node_folder
 
 from .hostfile import free_ports, write_hostfile
 
@@ -106,11 +105,6 @@ def _die_with_parent() -> None:
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _even_experts(model: Path, ranks: int) -> list[int]:
-    experts = read_config(model).get("n_routed_experts") or ranks
-    return even_split(experts, ranks)
-
-
 def start_local(
     model: Path,
     split: list[int],
@@ -152,7 +146,7 @@ def start_local(
     for rank in range(n):
         # A model cut for this split (or these experts) gives each rank its own node folder.
         if parallel == "expert":
-            folder = expert_node_folder(model, experts or _even_experts(model, n), rank)
+            folder = expert_node_folder(model, experts or even_experts(model, n), rank)
         elif parallel == "pipeline":
             folder = node_folder(model, split, rank)
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import CheckpointError, sha256_file
+from .checkpoint import CheckpointError, read_config, sha256_file
 
 NODE_FORMAT = "mlxdist-node"
 
@@ -18,6 +18,11 @@ def even_split(num_layers: int, nodes: int) -> list[int]:
         raise ValueError(f"cannot split {num_layers} layers over {nodes} nodes")
     base, extra = divmod(num_layers, nodes)
     return [base + (1 if r < extra else 0) for r in range(nodes)]
+
+
+def even_experts(model: Path, ranks: int) -> list[int]:
+    """The model's routed experts per rank, as even as possible (ValueError when it has none)."""
+    return even_split(int(read_config(model).get("n_routed_experts") or 0), ranks)
 
 
 def expert_ranges(num_experts: int, counts: list[int]) -> list[tuple[int, int]]:
