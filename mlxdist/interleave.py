@@ -26,7 +26,8 @@ class Interleaver:
         self.co = coordinator
         self.runner = coordinator.runner
         self.depth = self.runner.size  # steps in flight: one per stage keeps every stage busy
-        self.free_slots = list(range(coordinator.max_sequences - 1, -1, -1))
+        # Slot 0 stays for jobs run alone (logits), which start it afresh between steps.
+        self.free_slots = list(range(coordinator.max_sequences, 0, -1))
         self.ready: deque[Sequence] = deque()  # may take their next step
         self.in_flight: deque[Sequence] = deque()  # wait for a reply, in the order sent
         self.open = 0

@@ -127,7 +127,7 @@ class LockstepRunner:
             ctrl[_TOKEN] = tokens[0]
         if self.size > 1:
             ctrl = self._all_sum(ctrl, control=True)
-        step = Step.decode(ctrl)
+        step = Step.decode(ctrl.tolist())
         if step.cmd != CMD_STEP:
             return step, None
         if step.length == 1:

@@ -1,8 +1,10 @@
 """The pipeline around the ring: rank 0 -> 1 -> ... -> N-1 -> 0.
 
-Each step, a rank receives a small control vector and the hidden states from the rank before it,
-runs its layers and passes both on. The last rank computes the logits, samples, and sends only
-the token id (or, when asked, the logits) back to rank 0, its ring neighbour.
+Each step, a rank receives the hidden states from the rank before it, runs its layers and passes
+them on. A step's control vector (its length, flags, slot) goes before its hidden states only when
+the receiver cannot foresee it: the steady round of decode steps travels as hidden states alone
+(see `link.py`). The last rank computes the logits, samples, and sends only the token id (or,
+when asked, the logits) back to rank 0, its ring neighbour.
 
 Every step names a sequence slot, and every rank keeps one KV cache per slot, so rank 0 can put
 the next step of one sequence into the ring while the later ranks still work on another's.
@@ -18,14 +20,15 @@ import mlx.core as mx
 
 from quantize.memory import peak_rss
 
+from .link import BACK, DONE, NEXT, Link, escape, unescape
 from .ringwait import RingWaiter
 from .sampling import Sampler
 from .stage import Stage
 
-CMD_STEP, CMD_STOP, CMD_STATS, CMD_FREE = 1, 2, 3, 4
+CMD_STEP, CMD_STOP, CMD_STATS = 1, 2, 3
 NEW, SAMPLE, LOGITS = 1, 2, 4  # step flags: new sequence, reply with a token, reply with logits
 _DTYPES = [mx.float32, mx.float16, mx.bfloat16]
-_CTRL = 8
+_CTRL = 9
 
 
 def _f2i(x: float) -> int:
@@ -48,16 +51,16 @@ class Step:
     top_p: float = 1.0
     cmd: int = CMD_STEP
     slot: int = 0  # which sequence: every rank keeps a KV cache per slot
+    freed: int = 0  # slots whose sequences ended since the last control vector, a bit mask
 
     def encode(self) -> mx.array:
         fields = [self.cmd, self.length, self.flags, _DTYPES.index(self.dtype), self.seed]
-        fields += [_f2i(self.temp), _f2i(self.top_p), self.slot]
+        fields += [_f2i(self.temp), _f2i(self.top_p), self.slot, self.freed]
         return mx.array(fields, dtype=mx.int32)
 
     @classmethod
-    def decode(cls, ctrl: mx.array) -> Step:
-        c = ctrl.tolist()
-        return cls(c[1], c[2], _DTYPES[c[3]], c[4], _i2f(c[5]), _i2f(c[6]), c[0], c[7])
+    def decode(cls, c: list[int]) -> Step:
+        return cls(c[1], c[2], _DTYPES[c[3]], c[4], _i2f(c[5]), _i2f(c[6]), c[0], c[7], c[8])
 
 
 def gather_stats(runner, open_caches: int) -> list[dict]:
@@ -88,6 +91,8 @@ class Runner:
         self.data_bytes = 0  # hidden states, token ids, logits
         self.control_bytes = 0  # control vectors
         self.steps = 0
+        self.inbox = Link(stage.hidden_size, _CTRL)  # what the previous rank sends next
+        self.outbox = Link(stage.hidden_size, _CTRL)  # what the next rank expects
         self.waiter = RingWaiter() if self.size > 1 else None
 
     @property
@@ -122,8 +127,7 @@ class Runner:
         if not self.stage.is_last:
             mx.eval(h)
             step.dtype = h.dtype  # layers may promote it (e.g. float32 norms on float16 input)
-            self._send(step.encode(), self.rank + 1, control=True)
-            self._send(h, self.rank + 1)
+            self._pass_on(step, h)
             return None
         if not step.flags & (SAMPLE | LOGITS):
             mx.eval([c.state for c in cache])
@@ -138,6 +142,42 @@ class Runner:
         if self.rank != 0:
             self._send(out, 0)
         return out
+
+    def _pass_on(self, step: Step, h: mx.array) -> None:
+        link = self.outbox
+        if link.bare(step.slot, step.length, step.flags, step.dtype, SAMPLE):
+            link.took(step.slot, BACK)
+        else:
+            self._send_control(step)
+        self._send(h, self.rank + 1)
+
+    def _send_control(self, step: Step) -> None:
+        """A step's or a command's control vector to the next rank: plain while it expects no
+        decode step, else dressed as a hidden state."""
+        link = self.outbox
+        step.freed, link.leaving = link.leaving, 0
+        words = step.encode()
+        if link.due:
+            words = escape(words.tolist(), self.stage.hidden_size, link.dtype)
+        self._send(words, self.rank + 1, control=True)
+        _record(link, step)
+
+    def _next_step(self) -> tuple[Step, mx.array | None]:
+        """Ranks 1..N-1: the next step or command, and the hidden states when they came bare."""
+        link, prev = self.inbox, self.rank - 1
+        if link.due:
+            x = self._recv((1, 1, self.stage.hidden_size), link.dtype, prev)
+            words = unescape(x)
+            if words is None:
+                slot = link.due[0]
+                link.took(slot, BACK)
+                return Step(1, SAMPLE, link.dtype, slot=slot), x
+        else:
+            words = self._recv((_CTRL,), mx.int32, prev).tolist()
+        step = Step.decode(words[:_CTRL])
+        for slot in _record(link, step):
+            self._release(slot)
+        return step, None
 
     def send(self, tokens: list[int], step: Step) -> bool:
         """Rank 0: embeds tokens, runs its own layers and puts the step into the ring.
@@ -168,10 +208,14 @@ class Runner:
         return self.receive() if self.send(tokens, step) else None
 
     def free(self, slot: int) -> None:
-        """Rank 0: every rank drops the KV cache of a finished sequence."""
+        """Rank 0: every rank drops the KV cache of a finished sequence (the others when the
+        next control vector tells them, see `link.py`)."""
+        self._release(slot)
+
+    def _release(self, slot: int) -> None:
         self._drop(slot)
-        if self.size > 1:
-            self._send(Step(0, 0, cmd=CMD_FREE, slot=slot).encode(), 1, control=True)
+        if self.size > 1 and not self.stage.is_last:
+            self.outbox.leaving |= 1 << slot
 
     def _drop(self, slot: int) -> None:
         self.caches.pop(slot, None)
@@ -183,7 +227,7 @@ class Runner:
     def stop(self) -> None:
         """Rank 0: tells every other rank to leave its loop."""
         if self.size > 1:
-            self._send(Step(0, 0, cmd=CMD_STOP).encode(), 1, control=True)
+            self._send_control(Step(0, 0, cmd=CMD_STOP))
 
     def _gather_stats(self) -> list[dict]:
         return gather_stats(self, sum(1 for c in self.caches.values() if c and c[0].offset > 0))
@@ -193,7 +237,7 @@ class Runner:
         itself uncounted)."""
         counts = (self.data_bytes, self.control_bytes)
         if self.size > 1:
-            self._send(Step(0, 0, cmd=CMD_STATS).encode(), 1, control=True)
+            self._send_control(Step(0, 0, cmd=CMD_STATS))
         self.data_bytes, self.control_bytes = counts
         return self._gather_stats()
 
@@ -201,18 +245,26 @@ class Runner:
         """Ranks 1..N-1: take steps from the previous rank until told to stop."""
         prev = self.rank - 1
         while True:
-            step = Step.decode(self._recv((_CTRL,), mx.int32, prev))
-            if step.cmd in (CMD_STOP, CMD_STATS, CMD_FREE):
+            step, h = self._next_step()
+            if step.cmd in (CMD_STOP, CMD_STATS):
                 if not self.stage.is_last:
                     counts = (self.data_bytes, self.control_bytes)
-                    self._send(step.encode(), self.rank + 1, control=True)
+                    self._send_control(step)
                     self.data_bytes, self.control_bytes = counts
                 if step.cmd == CMD_STOP:
                     return
-                if step.cmd == CMD_FREE:
-                    self._drop(step.slot)
-                else:
-                    self._gather_stats()  # every rank joins the all_gather rank 0 started
+                self._gather_stats()  # every rank joins the all_gather rank 0 started
                 continue
-            h = self._recv((1, step.length, self.stage.hidden_size), step.dtype, prev)
+            if h is None:
+                h = self._recv((1, step.length, self.stage.hidden_size), step.dtype, prev)
             self._apply(step, h)
+
+
+def _record(link: Link, step: Step) -> list[int]:
+    """Both ends of a link, after a control vector: which decode steps it now expects.
+    Returns the slots whose sequences ended."""
+    freed = link.left(step.freed)
+    if step.cmd == CMD_STEP:
+        then = BACK if step.flags & SAMPLE else DONE if step.flags & LOGITS else NEXT
+        link.took(step.slot, then, step.dtype)
+    return freed

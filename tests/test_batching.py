@@ -48,9 +48,14 @@ def cluster(request, tiny_r1):
         yield url, len(request.param)
 
 
-def test_concurrent_answers_equal_their_solo_answers(cluster):
+def _stats(url: str) -> dict:
+    return httpx.get(url + "/mlxdist/stats", timeout=60).json()
+
+
+def test_concurrent_answers_equal_their_solo_answers(cluster, tiny_r1):
     url, ranks = cluster
     alone = [_answer(url, body) for body in PROMPTS]
+    before = _stats(url)["ranks"]
     together: list = [None] * len(PROMPTS)
     # the last request joins while the others are under way
     gate = threading.Event()
@@ -70,9 +75,17 @@ def test_concurrent_answers_equal_their_solo_answers(cluster):
         print(f"{body['prompt'][:20]!r:24} alone {solo!r}  together {mixed!r}")
     assert together == alone
     assert all(text for text, _ in alone[:4])  # the answers compared are not empty
-    stats = httpx.get(url + "/mlxdist/stats", timeout=60).json()
+    stats = _stats(url)
     print(f"{ranks} ranks: at most {stats['in_flight_peak']} steps in the ring at once")
     assert stats["in_flight_peak"] == ranks  # one step per stage: every stage had work
+    # Control vectors go per request, not per token: interleaved decode steps follow the round
+    # both ends of a link foresee, so they go as hidden states alone. A request's start, and
+    # its end while others decode, each send at most one hidden state's worth of control.
+    hidden = json.loads((tiny_r1 / "config.json").read_text())["hidden_size"] * 4
+    steps = stats["ranks"][0]["steps"] - before[0]["steps"]
+    control = stats["ranks"][0]["control_bytes"] - before[0]["control_bytes"]
+    print(f"rank 0: {steps} steps, {control} control bytes ({control / hidden:.1f} hidden states)")
+    assert control <= 2 * len(PROMPTS) * hidden
 
 
 def test_every_rank_frees_the_caches_of_finished_answers(cluster):
@@ -91,3 +104,35 @@ def test_every_rank_frees_the_caches_of_finished_answers(cluster):
     for b, a in zip(before, after):
         assert a["open_caches"] <= 1, a  # slot 0's empty cache may stay
         assert a["steps"] > b["steps"]
+
+
+def test_a_logits_request_leaves_streaming_answers_unchanged(cluster):
+    """A job run alone (the logits of a prompt) between interleaved steps must not touch the
+    KV cache of any answer under way."""
+    url, _ = cluster
+    body = {"prompt": "The quick brown fox", "max_tokens": 60, "ignore_eos": True, "stream": True}
+    solo = _answer(url, body)
+    mixed: list = []
+    started = threading.Event()
+
+    def ask() -> None:
+        text, reason = "", None
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                started.set()
+                choice = json.loads(line[6:])["choices"][0]
+                text += choice.get("text") or ""
+                reason = choice.get("finish_reason") or reason
+        mixed.append((text, reason))
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    assert started.wait(60)
+    for _ in range(3):
+        r = httpx.post(url + "/mlxdist/logits", json={"prompt": [1, 2, 3, 4, 5]}, timeout=60)
+        r.raise_for_status()
+    thread.join(300)
+    assert mixed == [solo]
+    assert solo[1] == "length" and solo[0]

@@ -1,6 +1,6 @@
-"""The lean pipeline: per decoded token, each stage boundary carries one hidden state (plus a
-32-byte control vector) and only the sampled token id travels back to rank 0; no rank
-all-gathers hidden states or computes logits it does not need."""
+"""The lean pipeline: per decoded token, each stage boundary carries one hidden state and nothing
+else (the decode round is foreseen, so no control vector goes), and only the sampled token id
+travels back to rank 0; no rank all-gathers hidden states or computes logits it does not need."""
 
 from __future__ import annotations
 
@@ -51,6 +51,6 @@ def test_bytes_sent_per_decoded_token(tiny_r1):
     total = sum(v[0] for v in per_token.values())
     print(f"total data per token {total:.0f} B = {boundaries} hidden states of {hidden} B + 4 B")
     for r in range(boundaries):
-        assert per_token[r] == (hidden, 32)  # one hidden state and its control vector
+        assert per_token[r] == (hidden, 0)  # one hidden state, no control vector
     assert per_token[boundaries] == (4, 0)  # the last rank sends back only a token id
     assert total <= boundaries * hidden + 4
