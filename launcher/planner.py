@@ -99,7 +99,7 @@ class NodePlan:
     memory_bytes: int  # what the node has (available if reported, else total)
     usable_bytes: int  # memory_bytes less the headroom
     free_bytes: int  # usable_bytes - total_bytes; negative when short
-    experts: list[int] | None = None  # expert mode: the routed experts [lo, hi) it holds
+    experts: int | None = None  # expert mode: how many routed experts it holds
     activation_bytes: int | None = None  # expert mode: a prefill step's activations
 
 
@@ -411,7 +411,7 @@ def plan_experts(
     ]
     usable = [m - headroom_bytes(n, headroom) for n, m in zip(ranked, memory)]
     counts = best_expert_counts(model.num_experts, model.bytes_per_expert, fixed, usable)
-    rows, lo = [], 0
+    rows = []
     for r, (node, c) in enumerate(zip(ranked, counts)):
         weights = model.replicated_bytes + c * model.bytes_per_expert
         total = weights + kv + act
@@ -427,11 +427,10 @@ def plan_experts(
                 memory_bytes=memory[r],
                 usable_bytes=usable[r],
                 free_bytes=usable[r] - total,
-                experts=[lo, lo + c],
+                experts=c,
                 activation_bytes=act,
             )
         )
-        lo += c
     shortfalls = {row.name: -row.free_bytes for row in rows if row.free_bytes < 0}
     return Plan(
         model=model.name,

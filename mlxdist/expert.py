@@ -1,13 +1,19 @@
 """Expert parallelism: every rank holds every layer but only its own routed experts.
 
-The router, dense MLPs, embeddings and norms are replicated; attention heads and shared experts
-are cut over the ranks where they divide (or, as asked, replicated). Each MoE layer computes the
-contributions of the rank's experts [lo, hi) and combines them across ranks with one all_sum;
-replicated shared experts are added by rank 0 only, so they count exactly once.
+The router, embeddings and norms are replicated; attention heads and dense MLPs are cut over the
+ranks where they divide (or, as asked, replicated). Each MoE layer computes the contributions of
+the rank's experts (a few of every group, see quantize.nodes.expert_sets) and combines them
+across ranks with one all_sum.
+
+A token's routed slots rarely split evenly over the ranks, and the all_sum waits for the busiest.
+So every rank holds the shared experts whole, in N pieces, and each token's pieces go to the
+ranks with the fewest routed slots (every rank runs the router, so all agree without a word);
+replicated shared experts are otherwise added by rank 0 alone, so they count exactly once.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import struct
@@ -20,7 +26,14 @@ from mlx.nn.layers.distributed import shard_inplace, shard_linear
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from quantize.checkpoint import CheckpointError, inspect_model, layer_of, weight_map
-from quantize.nodes import even_split, expert_ranges, node_manifest
+from quantize.nodes import (
+    PLACEMENT,
+    even_split,
+    model_expert_sets,
+    node_manifest,
+    row_runs,
+    spans,
+)
 
 from .stage import Stage, build_model, evaluate, read_tensors
 
@@ -39,55 +52,119 @@ _DTYPES = {
 
 
 class ExpertShard(nn.Module):
-    """A DeepSeek MoE layer holding routed experts [lo, hi) of all the router chooses from."""
+    """A DeepSeek MoE layer holding some of the routed experts the router chooses from."""
 
-    def __init__(self, moe: nn.Module, lo: int, hi: int, group: mx.distributed.Group | None):
+    def __init__(
+        self,
+        moe: nn.Module,
+        sets: list[list[int]],
+        rank: int,
+        group: mx.distributed.Group | None,
+    ):
         super().__init__()
         self.gate = moe.gate
         sw = moe.switch_mlp
-        self.switch_mlp = SwitchGLU(sw.gate_proj.input_dims, sw.gate_proj.output_dims, hi - lo)
+        held = sets[rank]
+        self.switch_mlp = SwitchGLU(sw.gate_proj.input_dims, sw.gate_proj.output_dims, len(held))
         if "shared_experts" in moe:
             self.shared_experts = moe.shared_experts
-        self._lo, self._hi = lo, hi
+        num = sum(len(h) for h in sets)
+        self._owner = np.zeros(num, np.int64)  # expert -> the rank that holds it
+        self._local = np.zeros(num, np.int64)  # expert -> its row among its rank's
+        for r, h in enumerate(sets):
+            self._owner[h] = r
+            self._local[h] = np.arange(len(h))
+        self._ranks = len(sets)
+        self._expert_hidden = sw.gate_proj.output_dims
+        self._k = moe.num_experts_per_tok
+        self._rank = rank
         self._group = group
-        self._shared_cut = False  # shared experts cut over the group: every rank adds its part
         self.sent = 0  # bytes this rank contributed to all_sum
+
+    def split_shared(self, n: int) -> None:
+        """Holds the shared experts as n pieces of their hidden units, handed out per token."""
+        whole = self.shared_experts
+        # a piece's work per token, in routed experts' worth (R1: 1 shared expert, 1/n each)
+        self._piece_weight = whole.gate_proj.weight.shape[0] / self._expert_hidden / n
+        self.pieces = []
+        for j in range(n):
+            piece = copy.deepcopy(whole)
+            part = _Part(j, n)
+            shard_inplace(piece.gate_proj, "all-to-sharded", group=part)
+            shard_inplace(piece.up_proj, "all-to-sharded", group=part)
+            shard_inplace(piece.down_proj, "sharded-to-all", group=part)
+            self.pieces.append(piece)
+        del self.shared_experts
 
     def __call__(self, x: mx.array) -> mx.array:
         inds, scores = self.gate(x)
-        y = self._local_part(x, inds, scores)
+        y, flat = self._local_part(x, inds, scores)
         group = self._group
-        first = group is None or group.rank() == 0
-        if "shared_experts" in self and (first or self._shared_cut):
+        if "pieces" in self:
+            for j in self._my_pieces(flat):
+                y = y + self.pieces[j](x)
+        elif "shared_experts" in self and self._rank == 0:
             y = y + self.shared_experts(x)
         if group is not None and group.size() > 1:
             self.sent += y.nbytes
             y = mx.distributed.all_sum(y, group=group)
         return y
 
-    def _local_part(self, x: mx.array, inds: mx.array, scores: mx.array) -> mx.array:
-        """The weighted sum over the (token, slot) pairs routed to this rank's experts only."""
-        lo, hi = self._lo, self._hi
+    def _my_pieces(self, flat: np.ndarray) -> list[int]:
+        """The shared pieces this rank computes: each in turn to the rank with the least work
+        (routed slots, plus pieces already given; a piece weighs 1/n of the shared experts,
+        taken as one expert each), ties to the piece's own rank. Every rank gets the same."""
+        n = len(self.pieces)
+        load = np.bincount(self._owner[flat], minlength=self._ranks).astype(float).tolist()
+        weight = flat.size // self._k * self._piece_weight
+        mine = []
+        for j in range(n):
+            least = min(load)
+            r = j if load[j] == least else load.index(least)
+            load[r] += weight
+            if r == self._rank:
+                mine.append(j)
+        return mine
+
+    def _local_part(
+        self, x: mx.array, inds: mx.array, scores: mx.array
+    ) -> tuple[mx.array, np.ndarray]:
+        """The weighted sum over the (token, slot) pairs routed to this rank's experts only,
+        and the router's choice read back."""
         k = inds.shape[-1]
         # The router's choice is read back (one sync per layer) so that slots routed elsewhere
         # cost nothing here; measured cheaper than computing them with weight 0.
         flat = np.array(inds.reshape(-1))
-        pairs = np.flatnonzero((flat >= lo) & (flat < hi))
+        pairs = np.flatnonzero(self._owner[flat] == self._rank)
+        rows_of = self._local[flat[pairs]]
         xf = x.reshape(-1, x.shape[-1])
         if xf.shape[0] == 1:  # one token (decode): its local slots, summed, no scatter
             if not pairs.size:
-                return mx.zeros_like(x)
-            out = self.switch_mlp(xf, mx.array(flat[pairs] - lo)[None])[0]
+                return mx.zeros_like(x), flat
+            out = self.switch_mlp(xf, mx.array(rows_of)[None])[0]
             w = scores.reshape(-1)[mx.array(pairs)]
-            return (out * w[:, None]).sum(axis=0).astype(x.dtype).reshape(x.shape)
+            return (out * w[:, None]).sum(axis=0).astype(x.dtype).reshape(x.shape), flat
         # Summed in float32 and rounded once, as the whole layer sums its slots.
         y = mx.zeros(xf.shape, mx.float32)
         if pairs.size:
             rows = mx.array(pairs // k)
-            out = self.switch_mlp(xf[rows], mx.array(flat[pairs] - lo)[:, None])[:, 0]
+            out = self.switch_mlp(xf[rows], mx.array(rows_of)[:, None])[:, 0]
             w = scores.reshape(-1)[mx.array(pairs)]
             y = y.at[rows].add(out * w[:, None])
-        return y.astype(x.dtype).reshape(x.shape)
+        return y.astype(x.dtype).reshape(x.shape), flat
+
+
+class _Part:
+    """Piece j of n, in the shape of a group for mlx's shard_inplace (which asks only these)."""
+
+    def __init__(self, j: int, n: int):
+        self._j, self._n = j, n
+
+    def rank(self) -> int:
+        return self._j
+
+    def size(self) -> int:
+        return self._n
 
 
 def shards(model: nn.Module) -> list[ExpertShard]:
@@ -95,10 +172,10 @@ def shards(model: nn.Module) -> list[ExpertShard]:
 
 
 def shard_attention(model: nn.Module, group: mx.distributed.Group) -> None:
-    """Cuts every layer's attention heads over the group, as mlx-lm's shard() does (one more
-    all_sum per layer, after o_proj), and the shared experts' hidden units (summed by the MoE
-    layer's own all_sum, so no more traffic). What does not divide by the group's size stays
-    replicated; dense MLPs stay replicated."""
+    """Cuts every layer's attention heads and dense MLP over the group, as mlx-lm's shard()
+    does (one more all_sum per layer), and holds the shared experts in pieces handed out per
+    token (summed by the MoE layer's own all_sum, so no more traffic). What does not divide by
+    the group's size stays replicated."""
     n, r = group.size(), group.rank()
     for layer in model.model.layers:
         attn = layer.self_attn
@@ -113,17 +190,17 @@ def shard_attention(model: nn.Module, group: mx.distributed.Group) -> None:
             attn.unembed_out.apply(lambda w, heads=heads: w[heads])
             attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
         moe = layer.mlp
-        if isinstance(moe, ExpertShard) and "shared_experts" in moe:
-            shared = moe.shared_experts
-            if shared.gate_proj.weight.shape[0] % n:
-                continue  # hidden units that do not divide stay replicated, added by rank 0
-            shard_inplace(shared.gate_proj, "all-to-sharded", group=group)
-            shard_inplace(shared.up_proj, "all-to-sharded", group=group)
-            shard_inplace(shared.down_proj, "sharded-to-all", group=group)
-            moe._shared_cut = True
+        if not isinstance(moe, ExpertShard):  # a dense MLP (R1's first 3 layers): as mlx-lm
+            if moe.gate_proj.weight.shape[0] % n == 0:
+                moe.gate_proj = shard_linear(moe.gate_proj, "all-to-sharded", group=group)
+                moe.up_proj = shard_linear(moe.up_proj, "all-to-sharded", group=group)
+                moe.down_proj = shard_linear(moe.down_proj, "sharded-to-all", group=group)
+            continue
+        if "shared_experts" in moe and moe.shared_experts.gate_proj.weight.shape[0] % n == 0:
+            moe.split_shared(n)  # else whole, added by rank 0
 
 
-def _check_expert_node(path: Path, lo: int, hi: int, num_experts: int) -> bool:
+def _check_expert_node(path: Path, held: list[int], num_experts: int) -> bool:
     """True when path is a node folder cut for exactly these experts; refuses any other cut."""
     manifest = node_manifest(path)
     if manifest is None:
@@ -133,18 +210,23 @@ def _check_expert_node(path: Path, lo: int, hi: int, num_experts: int) -> bool:
             f"{path} was cut for a pipeline split, not for expert parallelism: launch the "
             f"whole model, or cut it again with mlxdist quantize for expert mode"
         )
-    held = [int(e) for e in manifest.get("experts", [])]
-    if held != [lo, hi] or manifest.get("n_routed_experts") != num_experts:
+    if manifest.get("placement") != PLACEMENT:
         raise CheckpointError(
-            f"{path} holds experts {held} of {manifest.get('n_routed_experts')}, but this rank "
-            f"needs experts [{lo}, {hi}) of {num_experts}: launch with the --experts the folder "
-            f"was cut for, or cut it again"
+            f"{path} was cut by an older mlxdist, with another choice of experts per node: "
+            f"cut it again with mlxdist quantize --parallel expert"
+        )
+    cut = [int(e) for e in manifest.get("experts", [])]
+    if cut != held or manifest.get("n_routed_experts") != num_experts:
+        raise CheckpointError(
+            f"{path} holds experts {spans(cut)} of {manifest.get('n_routed_experts')}, but this "
+            f"rank needs experts {spans(held)} of {num_experts}: launch with the --experts the "
+            f"folder was cut for, or cut it again"
         )
     return True
 
 
-def read_rows(file: Path, key: str, lo: int, hi: int) -> mx.array:
-    """Rows [lo, hi) of a tensor in a safetensors file, reading only those bytes from disk."""
+def read_rows(file: Path, key: str, rows: list[int]) -> mx.array:
+    """Rows of a tensor in a safetensors file (ascending), reading only those bytes from disk."""
     with open(file, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         entry = json.loads(f.read(n))[key]
@@ -152,25 +234,29 @@ def read_rows(file: Path, key: str, lo: int, hi: int) -> mx.array:
         shape = entry["shape"]
         begin, end = entry["data_offsets"]
         row = (end - begin) // shape[0]
-        f.seek(8 + n + begin + lo * row)
-        data = np.fromfile(f, dtype=np_dtype, count=(hi - lo) * row // np.dtype(np_dtype).itemsize)
-    out = mx.array(data.reshape([hi - lo, *shape[1:]]))
+        parts = []
+        for first, count in row_runs(rows):
+            f.seek(8 + n + begin + first * row)
+            count_items = count * row // np.dtype(np_dtype).itemsize
+            parts.append(np.fromfile(f, dtype=np_dtype, count=count_items))
+    data = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    out = mx.array(data.reshape([len(rows), *shape[1:]]))
     return out.view(view) if view is not None else out
 
 
-def _keep(key: str, num_layers: int, lo: int, hi: int) -> bool:
+def _keep(key: str, num_layers: int, local: dict[int, int]) -> bool:
     layer = layer_of(key)
     if layer is not None and layer >= num_layers:
         return False  # R1's multi-token-prediction layer
     m = _EXPERT_RE.search(key)
-    return m is None or lo <= int(m.group(1)) < hi
+    return m is None or int(m.group(1)) in local
 
 
-def _renumber(key: str, lo: int) -> str:
+def _renumber(key: str, local: dict[int, int]) -> str:
     m = _EXPERT_RE.search(key)
     if m is None:
         return key
-    return f"{key[: m.start()]}.mlp.experts.{int(m.group(1)) - lo}.{key[m.end() :]}"
+    return f"{key[: m.start()]}.mlp.experts.{local[int(m.group(1))]}.{key[m.end() :]}"
 
 
 def load_expert_stage(
@@ -182,7 +268,7 @@ def load_expert_stage(
     dtype: mx.Dtype | None = None,
     attention: str = "sharded",
 ) -> Stage:
-    """Every layer, with routed experts [lo, hi) of rank's share only, read alone from disk.
+    """Every layer, with rank's share of the routed experts only, read alone from disk.
     attention "sharded" (measured faster) also cuts attention heads and shared experts over
     the group where they divide; "replicated" keeps them whole on every rank."""
     info = inspect_model(path)
@@ -191,28 +277,32 @@ def load_expert_stage(
     if not num_experts:
         raise CheckpointError(f"{path} has no routed experts: use --parallel pipeline or tensor")
     try:
-        lo, hi = expert_ranges(num_experts, counts or even_split(num_experts, size))[rank]
+        sets = model_expert_sets(config, counts or even_split(num_experts, size))
     except ValueError as e:
         raise CheckpointError(f"--experts: {e}") from None
-    presliced = _check_expert_node(path, lo, hi, num_experts)
+    held = sets[rank]
+    local = {e: i for i, e in enumerate(held)}
+    presliced = _check_expert_node(path, held, num_experts)
     num_layers = info.num_layers
 
     def keep(k: str) -> bool:
-        return _keep(k, num_layers, lo, hi) and (presliced or _STACKED not in k)
+        return _keep(k, num_layers, local) and (presliced or _STACKED not in k)
 
-    # Per-expert tensors (R1's format) are renumbered from 0; stacked ones are read by rows.
-    weights = {_renumber(k, lo): v for k, v in read_tensors(path, keep).items()}
+    # Per-expert tensors (R1's format) are renumbered from 0 (a node folder's, already are);
+    # stacked ones are read by rows.
+    weights = read_tensors(path, keep)
     if not presliced:
+        weights = {_renumber(k, local): v for k, v in weights.items()}
         for k, f in weight_map(path).items():
-            if _STACKED in k and _keep(k, num_layers, lo, hi):
-                weights[k] = read_rows(path / f, k, lo, hi)
+            if _STACKED in k and _keep(k, num_layers, local):
+                weights[k] = read_rows(path / f, k, held)
 
     def prepare(model: nn.Module) -> None:
         # sanitize stacks experts 0..n_routed_experts-1: here, the ones this rank holds.
-        model.args.n_routed_experts = hi - lo
+        model.args.n_routed_experts = len(held)
         for layer in model.model.layers:
             if hasattr(layer.mlp, "switch_mlp"):
-                layer.mlp = ExpertShard(layer.mlp, lo, hi, group)
+                layer.mlp = ExpertShard(layer.mlp, sets, rank, group)
 
     model = build_model(config, weights, prepare)
     model.load_weights(list(weights.items()), strict=True)
@@ -220,4 +310,4 @@ def load_expert_stage(
     if attention == "sharded" and group is not None and group.size() > 1:
         shard_attention(model, group)
     evaluate(model, config, model.model.layers, dtype)
-    return Stage(model, config, 0, num_layers, True, True, experts=(lo, hi))
+    return Stage(model, config, 0, num_layers, True, True, experts=tuple(held))

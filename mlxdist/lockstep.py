@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllLinear
 
 from quantize.checkpoint import CheckpointError
-from quantize.nodes import expert_ranges
+from quantize.nodes import expert_sets
 
 from .expert import shards
 from .pipeline import _CTRL, CMD_STATS, CMD_STEP, CMD_STOP, LOGITS, NEW, SAMPLE, Step, gather_stats
@@ -40,7 +40,7 @@ def parallel_options(config: dict, parallel: str, experts: str | None, ranks: in
     if experts:
         try:
             counts = [int(c) for c in experts.split(",")]
-            expert_ranges(num_experts, counts)
+            expert_sets(num_experts, counts)
         except ValueError as e:
             raise ValueError(f"--experts {experts}: {e}") from None
         if ranks and ranks != len(counts):

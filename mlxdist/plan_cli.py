@@ -191,11 +191,10 @@ def print_expert_plan(p: Plan, console: Console) -> None:
         else:
             table.add_column(col, justify="right", no_wrap=True)
     for row in p.nodes:
-        lo, hi = row.experts
         table.add_row(
             str(row.rank),
             row.name,
-            f"{hi - lo} ({lo}-{hi - 1})",
+            str(row.experts),
             _gb(row.weights_bytes),
             f"{row.kv_bytes / 1e9:.2f}",
             f"{row.activation_bytes / 1e9:.2f}",

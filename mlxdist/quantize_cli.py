@@ -22,11 +22,13 @@ from quantize.convert import QuantizeError, Settings, make_plan, run
 from quantize.estimate import estimate
 from quantize.nodes import (
     even_split,
-    expert_ranges,
+    expert_sets,
+    model_expert_sets,
     parse_experts,
     parse_split,
     read_expert_plan_file,
     read_plan_file,
+    spans,
 )
 from quantize.recipes import R1_RECIPES, default_spec, parse_override
 from quantize.source import config_only, resolve_source
@@ -81,7 +83,7 @@ def choose_experts(
             raise ValueError(f"--nodes {nodes} but --experts gives {len(counts)} nodes")
         if len(counts) < 2:
             raise ValueError("expert mode needs at least 2 nodes")
-        expert_ranges(num, counts)  # a plan file's counts must cover the model's experts
+        expert_sets(num, counts)  # a plan file's counts must cover the model's experts
     except ValueError as e:
         raise QuantizeError(str(e)) from None
     return counts
@@ -135,7 +137,7 @@ def dry_run(src: str, settings: Settings, cut: dict) -> None:
         table.add_row(label, f"{e.total_bytes / 1e9:.1f}", f"{e.bits_per_weight:.2f}")
     console.print(table)
     if settings.experts:
-        _expert_shares(chosen, settings.experts, config["n_routed_experts"], name)
+        _expert_shares(chosen, settings.experts, config, name)
         return
     split = settings.split or [num_layers]
     nodes = Table(title=f"each node's share ({name})")
@@ -148,14 +150,15 @@ def dry_run(src: str, settings: Settings, cut: dict) -> None:
     console.print(nodes)
 
 
-def _expert_shares(chosen, counts: list[int], num: int, name: str) -> None:
+def _expert_shares(chosen, counts: list[int], config: dict, name: str) -> None:
     nodes = Table(title=f"each node's share, expert parallel ({name})")
     for col in ("node", "experts", "size GB"):
         nodes.add_column(col, justify="right")
-    for r, ((lo, hi), b) in enumerate(
-        zip(expert_ranges(num, counts), chosen.expert_node_bytes(counts))
-    ):
-        nodes.add_row(str(r), f"{lo}-{hi - 1}", f"{b / 1e9:.2f}")
+    sets = model_expert_sets(config, counts)
+    for r, (held, b) in enumerate(zip(sets, chosen.expert_node_bytes(counts))):
+        nodes.add_row(str(r), str(len(held)), f"{b / 1e9:.2f}")
+    if config.get("n_group", 1) > 1:
+        console.print(f"each node holds a few experts of every group; node 0: {spans(sets[0])}")
     console.print(nodes)
 
 

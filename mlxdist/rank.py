@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_rss()
     what = f"layers {stage.start}-{stage.end - 1}"
     if stage.experts:
-        what += f", routed experts {stage.experts[0]}-{stage.experts[1] - 1}"
+        from quantize.nodes import spans
+
+        what += f", routed experts {spans(list(stage.experts))}"
     _log(
         rank,
         f"loaded {what} ({args.parallel}) from {args.model} "
@@ -145,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     # Every rank has loaded once this returns; rank 0 also learns the others' memory.
     name = (args.node or socket.gethostname()).encode()
     host = list(name[:_HOST_BYTES].ljust(_HOST_BYTES, b"\0"))
-    lo, hi = stage.experts or (-1, -1)
     cut = int(cut_sums(stage.model) > 0)  # attention heads cut over the ranks
-    mine = [rank, base, peak, held, stage.expert_nbytes(), stage.start, stage.end, lo, hi, cut]
-    figures = mx.array([mine + host], dtype=mx.int64)
+    mine = [rank, base, peak, held, stage.expert_nbytes(), stage.start, stage.end, cut]
+    mask = _expert_mask(stage)
+    figures = mx.array([mine + mask + host], dtype=mx.int64)
     if size > 1:
         figures = mx.distributed.all_gather(figures, group=group)
     mx.eval(figures)
@@ -158,6 +160,22 @@ def main(argv: list[str] | None = None) -> int:
             beats.bye()  # a leave on purpose, not a failure
         return 0
     return _serve_api(args, runner, figures.tolist(), listener, inflight, beats)
+
+
+def _expert_mask(stage) -> list[int]:
+    """The routed experts a rank holds as bits in 63-bit words (one word more than the model's
+    experts need, all zero, when it holds none; every rank's row has the same length)."""
+    words = [0] * (-(-int(stage.config.get("n_routed_experts") or 0) // 63) + 1)
+    for e in stage.experts or ():
+        words[e // 63] |= 1 << e % 63
+    words[-1] = 1 if stage.experts else 0  # set when the rank is an expert-parallel one
+    return words
+
+
+def _held(words: list[int]) -> list[int] | None:
+    if not words[-1]:
+        return None
+    return [w * 63 + b for w, word in enumerate(words[:-1]) for b in range(63) if word >> b & 1]
 
 
 def _start_heartbeat(args: argparse.Namespace, rank: int, size: int):
@@ -189,14 +207,16 @@ def _start_heartbeat(args: argparse.Namespace, rank: int, size: int):
 
 
 def _nodes(figures: list) -> list[dict]:
-    """Each rank's host, layers, routed experts [lo, hi) and memory, for /health."""
+    """Each rank's host, layers, routed experts held and memory, for /health."""
     nodes = []
-    for r, _, p, w, ew, start, end, lo, hi, cut, *host in figures:
+    for r, _, p, w, ew, start, end, cut, *rest in figures:
+        host, words = rest[-_HOST_BYTES:], rest[:-_HOST_BYTES]
         name = bytes(int(c) for c in host).rstrip(b"\0").decode(errors="replace")
         node = {"rank": r, "host": name, "layers": [start, end - 1], "weights": w}
-        if lo >= 0:
+        held = _held(words)
+        if held is not None:
             attention = "sharded" if cut else "replicated"
-            node |= {"experts": [lo, hi], "expert_weights": ew, "attention": attention}
+            node |= {"experts": held, "expert_weights": ew, "attention": attention}
         nodes.append(node | {"peak_rss": p})
     return nodes
 

@@ -28,7 +28,7 @@ class Stage:
     end: int  # one past the last layer held
     is_first: bool  # holds the embeddings
     is_last: bool  # holds the final norm and the head
-    experts: tuple[int, int] | None = None  # routed experts [lo, hi) held, in expert parallelism
+    experts: tuple[int, ...] | None = None  # routed experts held, in expert parallelism
 
     @property
     def inner(self) -> nn.Module:

@@ -23,7 +23,7 @@ from .checkpoint import (
     weight_map,
 )
 from .memory import peak_rss, rss_now
-from .nodes import expert_ranges
+from .nodes import PLACEMENT, expert_sets, model_expert_sets, row_runs
 from .recipes import default_spec, make_predicate, parse_override
 from .safetensors_out import PieceFile, TensorSlot, layout, to_bytes
 from .units import SOURCE_DTYPES, Source, Unit, is_routed_expert, make_units, plan_slots
@@ -240,25 +240,26 @@ def _check_experts(settings: Settings, config: dict) -> None:
     if len(counts) < 2:
         raise QuantizeError("expert parallelism needs at least 2 nodes")
     try:
-        expert_ranges(num, counts)
+        expert_sets(num, counts)
     except ValueError as e:
         raise QuantizeError(str(e)) from None
 
 
 def _expert_cuts(files: list[OutFile], settings: Settings, config: dict) -> list[OutFile]:
     """Each node's files of expert slices, nodes/<r>/model-experts-*: every stacked
-    expert tensor, rows [lo, hi), under its own name; at most max_file_bytes a file."""
+    expert tensor, the node's rows (see expert_sets), under its own name; at most
+    max_file_bytes a file."""
     num = config["n_routed_experts"]
     stacked = [s for f in files if f.segment == "experts" for s in f.slots]
     for s in stacked:
         if not s.shape or s.shape[0] != num:
             raise QuantizeError(f"{s.name} has shape {s.shape}: not {num} stacked experts")
     cuts = []
-    for rank, (lo, hi) in enumerate(expert_ranges(num, settings.experts)):
+    for rank, held in enumerate(model_expert_sets(config, settings.experts)):
         chunks: list[list[TensorSlot]] = []
         size = 0
         for s in stacked:
-            part = TensorSlot(s.name, (hi - lo, *s.shape[1:]), s.dtype)
+            part = TensorSlot(s.name, (len(held), *s.shape[1:]), s.dtype)
             if not chunks or (size and size + part.nbytes > settings.max_file_bytes):
                 chunks.append([])
                 size = 0
@@ -422,28 +423,33 @@ def _cut_experts(
     save_progress: Callable[[], None],
     on_cut: Callable[[int, int], None] | None,
 ) -> None:
-    """Copies each node's rows [lo, hi) of every stacked expert tensor out of the whole files:
-    a stacked tensor's rows are contiguous, so a slice is one byte range, copied as it is."""
+    """Copies each node's rows of every stacked expert tensor out of the whole files: a stacked
+    tensor's rows are contiguous, so each run of the node's rows is one byte range, copied as
+    it is."""
     if not plan.cuts:
         return
     whole = {f.name: f for f in plan.files}
     offsets = {name: layout(f.slots)[1] for name, f in whole.items() if f.segment == "experts"}
     total = sum(c.nbytes for c in plan.cuts)
     done = total - sum(c.nbytes for c in cuts)
-    ranges = expert_ranges(plan.config["n_routed_experts"], plan.experts)
+    sets = model_expert_sets(plan.config, plan.experts)
     for cut in cuts:
-        lo, hi = ranges[int(cut.segment.removeprefix("node"))]
+        runs = row_runs(sets[int(cut.segment.removeprefix("node"))])
         (out / cut.name).parent.mkdir(parents=True, exist_ok=True)
         pf = PieceFile(out / cut.name, cut.slots)
         try:
             for part in cut.slots:
                 fname = plan.file_of[part.name]
                 row = plan.slot(part.name).nbytes // plan.slot(part.name).shape[0]
-                start = offsets[fname][part.name] + lo * row
-                for n in _copy_range(out / fname, start, (hi - lo) * row, pf, part.name):
-                    done += n
-                    if on_cut:
-                        on_cut(done, total)
+                at = 0  # where in the node's tensor this run goes
+                for first, count in runs:
+                    start = offsets[fname][part.name] + first * row
+                    pieces = _copy_range(out / fname, start, count * row, pf, part.name, at)
+                    for n in pieces:
+                        done += n
+                        if on_cut:
+                            on_cut(done, total)
+                    at += count * row
             records[cut.name] = {"size": pf.size, "sha256": pf.finish()}
         except BaseException:
             pf.abandon()
@@ -451,16 +457,16 @@ def _cut_experts(
         save_progress()
 
 
-def _copy_range(src: Path, start: int, length: int, pf: PieceFile, name: str):
-    """Copies length bytes of src from start into tensor name of pf, 64 MiB at a time (memory
-    stays flat however large the tensor); yields the bytes of each piece as it is copied."""
+def _copy_range(src: Path, start: int, length: int, pf: PieceFile, name: str, at: int = 0):
+    """Copies length bytes of src from start into tensor name of pf at byte at, 64 MiB at a
+    time (memory stays flat however large the tensor); yields the bytes of each piece."""
     with open(src, "rb") as f:
         copied = 0
         while copied < length:
             data = os.pread(f.fileno(), min(64 << 20, length - copied), start + copied)
             if not data:
                 raise QuantizeError(f"{src} ends early: quantize again with --force")
-            pf.write_at(name, copied, memoryview(data))
+            pf.write_at(name, at + copied, memoryview(data))
             copied += len(data)
             yield len(data)
 
@@ -516,7 +522,7 @@ def _write_expert_nodes(src: Path, out: Path, plan: Plan, records: dict) -> list
     num_layers = plan.config["num_hidden_layers"]
     shared = [f for f in plan.files if f.segment == "shared"]
     nodes = []
-    for rank, (lo, hi) in enumerate(expert_ranges(num, plan.experts)):
+    for rank, held in enumerate(model_expert_sets(plan.config, plan.experts)):
         folder = out / "nodes" / str(rank)
         folder.mkdir(parents=True, exist_ok=True)
         for f in shared:
@@ -534,7 +540,8 @@ def _write_expert_nodes(src: Path, out: Path, plan: Plan, records: dict) -> list
                 "fingerprint": plan.fingerprint,
             },
             "layers": [0, num_layers],
-            "experts": [lo, hi],
+            "experts": held,
+            "placement": PLACEMENT,
             "n_routed_experts": num,
             "embeddings": True,
             "head": True,
@@ -547,7 +554,7 @@ def _write_expert_nodes(src: Path, out: Path, plan: Plan, records: dict) -> list
             {
                 "rank": rank,
                 "layers": manifest["layers"],
-                "experts": [lo, hi],
+                "experts": held,
                 "files": [f.name for f in shared] + [c.name for c in own],
             }
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError, read_config, sha256_file
 
 NODE_FORMAT = "mlxdist-node"
+PLACEMENT = "spread"  # expert node folders: each holds a few experts of every group
 
 
 def even_split(num_layers: int, nodes: int) -> list[int]:
@@ -25,15 +26,44 @@ def even_experts(model: Path, ranks: int) -> list[int]:
     return even_split(int(read_config(model).get("n_routed_experts") or 0), ranks)
 
 
-def expert_ranges(num_experts: int, counts: list[int]) -> list[tuple[int, int]]:
-    """The routed experts [lo, hi) each rank holds in expert parallelism, from experts per rank."""
+def expert_sets(num_experts: int, counts: list[int], groups: int = 1) -> list[list[int]]:
+    """The routed experts each rank holds in expert parallelism (ascending), from experts per
+    rank. R1's router first picks a few groups of experts for a token, so a rank holding whole
+    groups would get all of a token's experts or none, and the all_sum waits for the busiest:
+    ranks take a few experts of every group instead (on 8 ranks, R1's busiest rank computes
+    2.5 of a token's 8 experts on average instead of 3.5, simulated)."""
     if sum(counts) != num_experts or any(c < 1 for c in counts):
         raise ValueError(f"expert counts {counts} must be positive and add up to {num_experts}")
-    ranges, lo = [], 0
+    order = list(range(num_experts))
+    if groups > 1 and num_experts % groups == 0:
+        size = num_experts // groups
+        order.sort(key=lambda e: (e % size, e // size))  # group by group, a few at a time
+    sets, lo = [], 0
     for c in counts:
-        ranges.append((lo, lo + c))
+        sets.append(sorted(order[lo : lo + c]))
         lo += c
-    return ranges
+    return sets
+
+
+def model_expert_sets(config: dict, counts: list[int]) -> list[list[int]]:
+    """expert_sets for a model's config."""
+    return expert_sets(int(config["n_routed_experts"]), counts, int(config.get("n_group") or 1))
+
+
+def row_runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Ascending rows as runs of consecutive ones: (first row, count)."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][0] + runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((r, 1))
+    return runs
+
+
+def spans(ids: list[int]) -> str:
+    """Ascending expert ids as text: "0-3,32-35"."""
+    return ",".join(f"{a}-{a + n - 1}" if n > 1 else str(a) for a, n in row_runs(ids))
 
 
 def parse_experts(text: str, num_experts: int) -> list[int]:

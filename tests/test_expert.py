@@ -85,17 +85,15 @@ def test_each_rank_holds_only_its_share(cluster, reference):
         assert len({n["weights"] for n in nodes}) == 1
         assert nodes[0]["weights"] < experts + others and "experts" not in nodes[0]
         return
-    ranges = [n["experts"] for n in nodes]
-    assert ranges[0][0] == 0 and ranges[-1][1] == 8
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    held = [n["experts"] for n in nodes]
+    assert sorted(e for h in held for e in h) == list(range(8))  # each expert on one rank
     for n in nodes:
-        lo, hi = n["experts"]
         rest = n["weights"] - n["expert_weights"]
         print(
-            f"rank {n['rank']}: experts [{lo}, {hi}) {n['expert_weights']} bytes, other {rest} "
+            f"rank {n['rank']}: experts {n['experts']} {n['expert_weights']} bytes, other {rest} "
             f"bytes (attention {n['attention']}), whole model {experts + others}"
         )
-        assert n["expert_weights"] * 8 == experts * (hi - lo)
+        assert n["expert_weights"] * 8 == experts * len(n["experts"])
         assert rest == nodes[0]["weights"] - nodes[0]["expert_weights"]
         assert n["attention"] == health["expected_attention"]
         if n["attention"] == "replicated":
@@ -126,14 +124,15 @@ def mlx_format(tiny_r1, tmp_path_factory):
     return out, dict(tree_flatten(stage.model.parameters()))
 
 
-def _node_folder(src, out, stage, lo: int, hi: int):
-    """A per-node folder cut for experts [lo, hi), as `mlxdist quantize` writes for expert mode."""
+def _node_folder(src, out, stage, held: list[int], placement: str = "spread"):
+    """A per-node folder cut for experts held, as `mlxdist quantize` writes for expert mode."""
     out.mkdir()
     mx.save_safetensors(
         str(out / "model.safetensors"), dict(tree_flatten(stage.model.parameters()))
     )
     shutil.copy(src / "config.json", out / "config.json")
-    manifest = {"format": "mlxdist-node", "parallel": "expert", "experts": [lo, hi]}
+    manifest = {"format": "mlxdist-node", "parallel": "expert", "experts": held}
+    manifest["placement"] = placement
     (out / "manifest.json").write_text(json.dumps(manifest | {"n_routed_experts": 8}))
     return out
 
@@ -142,19 +141,22 @@ def test_stacked_experts_are_read_by_rows_and_node_folders_checked(mlx_format, t
     path, whole = mlx_format
     stage = load_expert_stage(path, [3, 5], 1, 2)
     mine = dict(tree_flatten(stage.model.parameters()))
-    assert stage.experts == (3, 8)
+    held = [2, 3, 5, 6, 7]  # tiny-r1's 2 groups of 4: rank 0 takes 0, 4, 1; rank 1 the rest
+    assert stage.experts == tuple(held)
     for k, v in whole.items():
-        expected = v[3:8] if ".switch_mlp." in k else v
+        expected = v[mx.array(held)] if ".switch_mlp." in k else v
         assert mine[k].shape == expected.shape and mx.array_equal(mine[k], expected), k
 
-    # A folder already cut for these experts is read as it is; one cut for others is refused.
-    folder = _node_folder(path, tmp_path / "node", stage, 3, 8)
+    # A folder already cut for these experts is read as it is; one cut for others is refused,
+    # and so is one cut with whole groups per node (before experts were spread).
+    folder = _node_folder(path, tmp_path / "node", stage, held)
     again = dict(tree_flatten(load_expert_stage(folder, [3, 5], 1, 2).model.parameters()))
     assert all(mx.array_equal(again[k], v) for k, v in mine.items())
-    with pytest.raises(
-        CheckpointError, match=r"holds experts \[3, 8\] of 8.*needs experts \[4, 8\)"
-    ):
+    with pytest.raises(CheckpointError, match=r"holds experts 2-3,5-7 of 8.*needs experts 2-3,6-7"):
         load_expert_stage(folder, [4, 4], 1, 2)
+    old = _node_folder(path, tmp_path / "old", stage, held, placement=None)
+    with pytest.raises(CheckpointError, match="cut it again"):
+        load_expert_stage(old, [3, 5], 1, 2)
 
 
 def test_launch_cli_runs_expert_mode_and_refuses_bad_options(tiny_r1, tiny_r1_no_mtp, reference):

@@ -10,7 +10,7 @@ from mlxdist.cli import UserError, _parse_split
 from mlxdist.pipeline import CMD_STOP, LOGITS, NEW, SAMPLE, Step
 from mlxdist.stage import _needed, stage_range
 from quantize.checkpoint import layer_of
-from quantize.nodes import even_split, expert_ranges
+from quantize.nodes import even_split, expert_sets, row_runs, spans
 
 
 @pytest.mark.parametrize(
@@ -22,17 +22,32 @@ def test_even_split(layers, ranks, expected):
 
 
 @pytest.mark.parametrize(
-    "experts,counts,expected",
-    [(8, [4, 4], [(0, 4), (4, 8)]), (8, [3, 3, 2], [(0, 3), (3, 6), (6, 8)]), (4, [4], [(0, 4)])],
+    "experts,counts,groups,expected",
+    [
+        (8, [4, 4], 1, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        (8, [4, 4], 2, [[0, 1, 4, 5], [2, 3, 6, 7]]),  # half of each group of 4
+        (8, [3, 3, 2], 2, [[0, 1, 4], [2, 5, 6], [3, 7]]),
+        (8, [3, 3, 2], 3, [[0, 1, 2], [3, 4, 5], [6, 7]]),  # groups that do not divide: in order
+        (4, [4], 2, [[0, 1, 2, 3]]),
+        (16, [4, 4, 4, 4], 4, [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]),
+    ],
 )
-def test_expert_ranges(experts, counts, expected):
-    assert expert_ranges(experts, counts) == expected
+def test_expert_sets(experts, counts, groups, expected):
+    assert expert_sets(experts, counts, groups) == expected
 
 
 @pytest.mark.parametrize("experts,counts", [(8, [4, 3]), (8, [8, 0]), (8, [5, 4])])
-def test_expert_ranges_refuses_counts_that_do_not_cover(experts, counts):
+def test_expert_sets_refuse_counts_that_do_not_cover(experts, counts):
     with pytest.raises(ValueError, match="add up to"):
-        expert_ranges(experts, counts)
+        expert_sets(experts, counts)
+
+
+@pytest.mark.parametrize(
+    "rows,runs,text",
+    [([0, 1, 4, 5], [(0, 2), (4, 2)], "0-1,4-5"), ([3], [(3, 1)], "3"), ([], [], "")],
+)
+def test_row_runs_and_spans(rows, runs, text):
+    assert row_runs(rows) == runs and spans(rows) == text
 
 
 @pytest.mark.parametrize(
