@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from .generate import generate_tokens, last_logits
 from .sequence import Sequence
 
-# Sequences rank 0 keeps open at once; later requests wait in the queue.
+# Sequences rank 0 keeps open at once; later requests wait in the queue. At most 30: a control
+# vector names the slots that ended as bits of one int32 (slot 0 is kept for jobs run alone).
 MAX_SEQUENCES = 16
 
 

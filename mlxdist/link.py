@@ -4,10 +4,13 @@ control vector.
 Rank 0 puts a sequence's next decode step into the ring when that sequence's token comes back,
 and tokens come back in the order their steps went out. So, between requests joining and
 leaving, the decode steps on a link follow a fixed round: both ends keep the same queue of the
-slots whose next step is due, and a step that is the head of that queue's plain decode step
-(one token, no flags beyond SAMPLE, the link's dtype) goes as its hidden state alone. Anything
+slots whose next step is due, and a plain decode step (one token, no flags beyond SAMPLE, the
+link's dtype) for the slot at the head of that queue goes as its hidden state alone. Anything
 else goes with its control vector first: as the plain vector when nothing is expected, or as an
 escape message the size of a hidden state, marked by two NaN words no arithmetic produces.
+A prompt chunk's sequence is expected next (its next chunk or last token follows at once), and
+the sequences that ended are named in the next control vector, so an answer's end costs no
+message of its own.
 """
 
 from __future__ import annotations
@@ -53,8 +56,7 @@ class Link:
             self.due.appendleft(slot)
 
     def left(self, mask: int) -> list[int]:
-        """Both ends, when a control vector says which sequences ended: they are due no more.
-        Frees ride on the next control vector, so an answer's end costs no message."""
+        """Both ends, when a control vector says which sequences ended: they are due no more."""
         slots = [s for s in range(mask.bit_length()) if mask >> s & 1]
         for s in slots:
             self.took(s, DONE)

@@ -51,7 +51,7 @@ class Step:
     top_p: float = 1.0
     cmd: int = CMD_STEP
     slot: int = 0  # which sequence: every rank keeps a KV cache per slot
-    freed: int = 0  # slots whose sequences ended since the last control vector, a bit mask
+    freed: int = 0  # slots whose sequences ended since the last control vector: bits of an int32
 
     def encode(self) -> mx.array:
         fields = [self.cmd, self.length, self.flags, _DTYPES.index(self.dtype), self.seed]
