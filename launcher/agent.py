@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quantize.checkpoint import CheckpointError, sha256_file
+from quantize.checkpoint import CheckpointError, read_config, sha256_file
 from quantize.nodes import check_expert_node, check_node, even_experts, node_manifest
 
 from .auth import AuthError, Verifier
@@ -108,8 +108,9 @@ class StartRank(BaseModel):
     heartbeat_port: int | None = Field(None, ge=1024, le=65535)
     heartbeat_token: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
     node: str | None = None  # the launcher's name for this host, in failure reports
-    # expert: len(split) ranks run every layer, each with its routed experts (counts per rank)
-    parallel: Literal["pipeline", "expert"] = "pipeline"
+    # expert: len(split) ranks run every layer, each with its routed experts (counts per rank);
+    # tensor: len(split) ranks each hold 1/N of every layer, read from the whole model
+    parallel: Literal["pipeline", "expert", "tensor"] = "pipeline"
     experts: list[Annotated[int, Field(ge=1, le=100_000)]] | None = Field(None, max_length=64)
 
     @field_validator("http_host")
@@ -598,6 +599,8 @@ def _model_folder(root: Path, req: StartRank) -> Path:
         if req.parallel == "expert":
             counts = req.experts or even_experts(folder, len(req.split))
             check_expert_node(folder, counts, req.rank)
+        elif req.parallel == "tensor":  # every rank reads its cut of the whole model
+            check_node(folder, [read_config(folder)["num_hidden_layers"]], 0)
         else:
             check_node(folder, req.split, req.rank)
     except (CheckpointError, ValueError) as e:  # a node folder cut for another split or rank

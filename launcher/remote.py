@@ -117,6 +117,23 @@ def push_shards(
     return remote
 
 
+def push_whole(
+    model: Path, nodes: list[Node], progress: Callable[[str, int, int], None] | None = None
+) -> list[str]:
+    """The whole model to every host (tensor parallelism: each rank reads its cut of every
+    tensor); node folders and the manifest that lists them stay behind."""
+    files = sorted(p for p in model.iterdir() if p.is_file() and p.name != "manifest.json")
+    remote = []
+    for node in nodes:
+        if isinstance(node.client, SshClient):
+            remote.append(str(model.resolve()))  # as mlx.launch: the same path on that host
+            continue
+        rel = f"{model.name}/whole"
+        _push(node, files, rel, progress)
+        remote.append(rel)
+    return remote
+
+
 def _push(node: Node, files: list[Path], rel: str, progress) -> None:
     """Sends files into rel/ under the node agent's models folder, each with its progress."""
     for f in files:
@@ -162,11 +179,13 @@ def start_remote(
     ring_ips: list[list[str]] | None = None,
     max_context: int | None = None,
     experts: list[int] | None = None,
+    parallel: str = "pipeline",
 ) -> RemoteCluster:
     """Starts rank r on nodes[r] from its folder; rank 0 serves the API on its host.
 
     ring_ips[r]: rank r's addresses on the cable(s) from rank r-1; else each node's address.
-    experts: routed experts per rank for expert parallelism (split then only counts the ranks).
+    experts: routed experts per rank for expert parallelism (split then only counts the ranks,
+    as in tensor parallelism).
     """
     ips = ring_ips or [[n.address] for n in nodes]
     # Hosts sharing an address (all on one machine, as in a loopback test) need their own ports.
@@ -199,6 +218,7 @@ def start_remote(
                 **({"heartbeat_port": http_port + 1, "heartbeat_token": token} if beats else {}),
                 **({"node": node.name} if _NODE_NAME.fullmatch(node.name) else {}),
                 **({"parallel": "expert", "experts": experts} if experts else {}),
+                **({"parallel": parallel} if parallel == "tensor" else {}),
             )
             run_ids.append(started["id"])
     except AgentError as e:

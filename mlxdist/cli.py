@@ -86,8 +86,6 @@ def launch(
             raise UserError("--local and --split are for one machine; not with --hosts/--cluster")
         if hosts and cluster:
             raise UserError("give --hosts or --cluster, not both")
-        if parallel == "tensor" and (hosts or cluster):
-            raise UserError("--parallel tensor runs with --local only for now")
         if experts and (hosts or cluster):
             raise UserError("--experts is for --local: across hosts the node folders' cut holds")
         path = _launch_model(model)
@@ -376,8 +374,8 @@ def bench(
     try:
         if hosts and (local or split):
             raise UserError("--local and --split are for one machine; not with --hosts")
-        if hosts and (parallel == "tensor" or experts):
-            raise UserError("--parallel tensor and --experts are for --local only for now")
+        if hosts and experts:
+            raise UserError("--experts is for --local; across hosts the expert node folders decide")
         path = _launch_model(model)
         if hosts:
             from .cluster import start_agents_cluster

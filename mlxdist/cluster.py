@@ -9,7 +9,13 @@ from launcher.discovery import browse
 from launcher.hostfacts import ThunderboltPort
 from launcher.hosts import read_hosts
 from launcher.local import LaunchError
-from launcher.planner import NodeSpec, model_spec_from_folder, plan, plan_experts
+from launcher.planner import (
+    DEFAULT_HEADROOM,
+    NodeSpec,
+    model_spec_from_folder,
+    plan,
+    plan_experts,
+)
 from launcher.remote import Node, expert_folders, node_folders
 from launcher.ssh import SshClient
 from launcher.topology import (
@@ -19,6 +25,7 @@ from launcher.topology import (
     ring_order,
     setup_commands,
 )
+from quantize.checkpoint import CheckpointError, read_config
 
 AGENT_PORT = 52417
 
@@ -160,6 +167,30 @@ def choose_experts(model: Path, nodes: list[Node], context: int) -> list[int]:
     return cut
 
 
+def choose_tensor(model: Path, nodes: list[Node], context: int) -> list[int]:
+    """Checks a tensor-parallel launch: heads that divide by the nodes, and each node's cut of
+    the weights (1/N of the model) and of the KV cache within its memory. Returns the split
+    (every node runs every layer)."""
+    from .stage import check_tensor_split
+
+    try:
+        check_tensor_split(read_config(model), len(nodes))
+    except CheckpointError as e:
+        raise LaunchError(str(e)) from None
+    spec = model_spec_from_folder(model)
+    kv = spec.kv_bytes_per_token_per_layer * spec.num_layers * context
+    need = (spec.total_bytes + kv) // len(nodes)
+    for node in _specs(nodes):
+        have = node.memory_available if node.memory_available is not None else node.memory_total
+        if need > have * (1 - DEFAULT_HEADROOM):
+            raise LaunchError(
+                f"tensor parallelism needs {need / 1e9:.1f} GB on each node (1/{len(nodes)} of "
+                f"the weights and KV cache) but {node.name} has {have / 1e9:.1f} GB: add nodes, "
+                f"or use --parallel pipeline or expert, which the planner fits to each node"
+            )
+    return [spec.num_layers] * len(nodes)
+
+
 def start_agents_cluster(
     model: Path,
     hosts: Path | None,
@@ -185,6 +216,9 @@ def start_agents_cluster(
             )
     nodes = ring(nodes, keep_order=hosts is not None)
     ring_ips = cable_addresses(nodes, console)
+    if parallel == "tensor":
+        split = choose_tensor(model, nodes, context)
+        return _start(model, nodes, split, ring_ips, context, port, console, tensor=True)
     if parallel == "expert":
         experts = choose_experts(model, nodes, context)
         split = [model_spec_from_folder(model).num_layers] * len(nodes)
@@ -226,16 +260,20 @@ def _start(
     port,
     console,
     experts: list[int] | None = None,
+    tensor: bool = False,
 ):
     """Pushes each node its share, starts the ranks, waits until they have loaded.
 
-    experts: routed experts per node (expert parallelism; every node runs every layer)."""
+    experts: routed experts per node (expert parallelism; every node runs every layer).
+    tensor: every node runs 1/N of every layer, from the whole model."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
     from launcher.local import wait_ready
-    from launcher.remote import HTTP_PORT, push_for_split, push_shards, start_remote
+    from launcher.remote import HTTP_PORT, push_for_split, push_shards, push_whole, start_remote
 
     shares = [f"experts {e}" for e in experts] if experts else [f"layers {k}" for k in split]
+    if tensor:
+        shares = [f"1/{len(nodes)} of every layer"] * len(nodes)
     console.print(
         f"{len(nodes)} nodes: "
         + ", ".join(f"{n.name} ({n.address}) {s}" for n, s in zip(nodes, shares))
@@ -255,7 +293,9 @@ def _start(
                 tasks[name] = bar.add_task(f"push {name}", total=total)
             bar.update(tasks[name], completed=done)
 
-        if experts or node_folders(model, len(nodes)) == split:
+        if tensor:
+            folders = push_whole(model, nodes, progress)
+        elif experts or node_folders(model, len(nodes)) == split:
             folders = push_shards(model, nodes, progress)
         else:  # a plan made again after a failure: no node folders were cut for it
             folders = push_for_split(model, nodes, split, progress)
@@ -268,6 +308,7 @@ def _start(
         ring_ips=ring_ips,
         max_context=context,  # the plan holds this much KV cache: longer requests are refused
         experts=experts,
+        parallel="tensor" if tensor else "pipeline",
     )
     try:
         with console.status(f"loading {model.name} on {len(nodes)} nodes..."):

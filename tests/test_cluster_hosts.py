@@ -265,6 +265,50 @@ exec ip netns exec "$host" sh -c "$1"
 """
 
 
+def test_tensor_launch_across_two_hosts_equals_two_local_ranks(cluster, tiny_r1, tmp_path):
+    """Tensor parallelism through the agents: each host is pushed the whole model, each rank
+    holds half of every layer, and the answer is that of two tensor ranks on one machine
+    (themselves checked against one process in test_expert.py)."""
+    hosts, interface, env, _, work = cluster
+    here = subprocess.run(
+        launch_args(tiny_r1, "--local", "2", "--parallel", "tensor"),
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert here.returncode == 0, here.stderr
+    assert here.stdout.strip(), "the local answer should say something"
+    hosts_file = write_hosts_file(tmp_path, hosts[1:3], lambda m: [])
+    args = launch_args(tiny_r1, "--hosts", str(hosts_file), "--parallel", "tensor")
+    done = subprocess.run(
+        hosts[0].cmd(*args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    print(done.stderr[-3000:])
+    assert done.returncode == 0, done.stderr
+    assert "1/2 of every layer" in done.stderr
+    assert done.stdout == here.stdout
+    for i in (1, 2):  # the whole model on each host, the third host untouched
+        pushed = work / f"node{i}" / "models" / tiny_r1.name / "whole"
+        assert sorted(p.name for p in pushed.iterdir()) == sorted(
+            p.name for p in tiny_r1.iterdir() if p.is_file()
+        )
+    assert not (work / "node3" / "models" / tiny_r1.name).exists()
+    assert_no_rank_left(hosts)
+
+    # tiny-r1's 4 heads do not divide over 3 hosts: one line says so, before anything is sent
+    args = launch_args(
+        tiny_r1, "--cluster", "alpha", "--interface", interface, "--parallel", "tensor"
+    )
+    refused = subprocess.run(
+        hosts[0].cmd(*args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "num_attention_heads=4 does not divide by 3" in refused.stderr.strip().splitlines()[-1]
+    assert not (work / "node3" / "models" / tiny_r1.name).exists()
+
+
 def test_launch_over_ssh_where_no_agent_runs(cluster, tmp_path):
     hosts, _, env, out, _ = cluster
     if not hosts[0].name:
