@@ -1,7 +1,7 @@
 """Expert parallelism: every rank holds every layer but only its own routed experts.
 
 The router, embeddings and norms are replicated; attention heads and dense MLPs are cut over the
-ranks where they divide (or, as asked, replicated). Each MoE layer computes the contributions of
+ranks where they divide (or, as asked, kept whole). Each MoE layer computes the contributions of
 the rank's experts (a few of every group, see quantize.nodes.expert_sets) and combines them
 across ranks with one all_sum.
 
@@ -173,9 +173,7 @@ def shards(model: nn.Module) -> list[ExpertShard]:
 
 def shard_attention(model: nn.Module, group: mx.distributed.Group) -> None:
     """Cuts every layer's attention heads and dense MLP over the group, as mlx-lm's shard()
-    does (one more all_sum per layer), and holds the shared experts in pieces handed out per
-    token (summed by the MoE layer's own all_sum, so no more traffic). What does not divide by
-    the group's size stays replicated."""
+    does (one more all_sum per layer). What does not divide by the group's size stays whole."""
     n, r = group.size(), group.rank()
     for layer in model.model.layers:
         attn = layer.self_attn
@@ -195,9 +193,14 @@ def shard_attention(model: nn.Module, group: mx.distributed.Group) -> None:
                 moe.gate_proj = shard_linear(moe.gate_proj, "all-to-sharded", group=group)
                 moe.up_proj = shard_linear(moe.up_proj, "all-to-sharded", group=group)
                 moe.down_proj = shard_linear(moe.down_proj, "sharded-to-all", group=group)
-            continue
+
+
+def split_shared(model: nn.Module, n: int) -> None:
+    """Holds each MoE layer's shared experts in n pieces handed out per token (summed by the
+    layer's own all_sum, so no more traffic); whole where they do not divide, added by rank 0."""
+    for moe in shards(model):
         if "shared_experts" in moe and moe.shared_experts.gate_proj.weight.shape[0] % n == 0:
-            moe.split_shared(n)  # else whole, added by rank 0
+            moe.split_shared(n)
 
 
 def _check_expert_node(path: Path, held: list[int], num_experts: int) -> bool:
@@ -307,7 +310,9 @@ def load_expert_stage(
     model = build_model(config, weights, prepare)
     model.load_weights(list(weights.items()), strict=True)
     del weights
-    if attention == "sharded" and group is not None and group.size() > 1:
-        shard_attention(model, group)
+    if group is not None and group.size() > 1:
+        split_shared(model, group.size())
+        if attention == "sharded":
+            shard_attention(model, group)
     evaluate(model, config, model.model.layers, dtype)
     return Stage(model, config, 0, num_layers, True, True, experts=tuple(held))
