@@ -112,8 +112,9 @@ class ExpertShard(nn.Module):
 
     def _my_pieces(self, flat: np.ndarray) -> list[int]:
         """The shared pieces this rank computes: each in turn to the rank with the least work
-        (routed slots, plus pieces already given; a piece weighs 1/n of the shared experts,
-        taken as one expert each), ties to the piece's own rank. Every rank gets the same."""
+        so far (its routed slots, plus the pieces already given it, each worth its share of
+        hidden units against a routed expert's), ties to the piece's own rank. Every rank
+        reaches the same answer from the same router output."""
         n = len(self.pieces)
         load = np.bincount(self._owner[flat], minlength=self._ranks).astype(float).tolist()
         weight = flat.size // self._k * self._piece_weight
