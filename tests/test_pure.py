@@ -181,8 +181,9 @@ def test_agent_rank_argv_gives_the_mode(fields, expected):
 @pytest.mark.parametrize(
     "fields",
     [
-        {"parallel": "tensor"},  # the agents start pipeline and expert ranks only
+        {"parallel": "sequence"},  # the agents start pipeline, expert and tensor ranks only
         {"experts": [4, 4]},  # counts without expert mode
+        {"parallel": "tensor", "experts": [4, 4]},
         {"parallel": "expert", "experts": [8]},  # one count per rank
         {"parallel": "expert", "experts": [0, 8]},
         {"parallel": "expert", "experts": ["4", "4"]},  # strict: no strings
