@@ -120,6 +120,7 @@ class Interleaver:
     def _fail_all(self, message: str) -> None:
         for seq in [*self.in_flight, *self.ready]:
             seq.job.emit("error", message=message)
+            self.runner.free(seq.slot)  # its caches, and the links' round, let go of it
             self.free_slots.append(seq.slot)
         self.in_flight.clear()
         self.ready.clear()
