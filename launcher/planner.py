@@ -55,6 +55,15 @@ class NodeSpec:
     memory_available: int | None = None  # bytes, when the node reports it
     chip: str | None = None  # e.g. "M3 Ultra", for the performance model (launcher/perfmodel.py)
 
+    @property
+    def memory_bytes(self) -> int:
+        """What the node has: available if it reports it, else total."""
+        return self.memory_available if self.memory_available is not None else self.memory_total
+
+    def usable_bytes(self, headroom: float = DEFAULT_HEADROOM) -> int:
+        """What the node has less the headroom."""
+        return self.memory_bytes - headroom_bytes(self, headroom)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -310,10 +319,7 @@ def _plan_ranked(
             f"cannot split {n_layers} layers over {ranks} nodes: use at most {n_layers}"
         )
     kv_layer = model.kv_bytes_per_token_per_layer * context * batch
-    memory = [
-        n.memory_available if n.memory_available is not None else n.memory_total for n in nodes
-    ]
-    usable = [m - headroom_bytes(n, headroom) for n, m in zip(nodes, memory)]
+    usable = [n.usable_bytes(headroom) for n in nodes]
     fixed = [fixed_bytes(r, ranks, model) for r in range(ranks)]
     split = best_split([b + kv_layer for b in model.layer_bytes], fixed, usable)
     rows, start = [], 0
@@ -329,7 +335,7 @@ def _plan_ranked(
                 weights_bytes=weights,
                 kv_bytes=kv,
                 total_bytes=weights + kv,
-                memory_bytes=memory[r],
+                memory_bytes=node.memory_bytes,
                 usable_bytes=usable[r],
                 free_bytes=usable[r] - weights - kv,
             )
@@ -406,10 +412,7 @@ def plan_experts(
     kv = model.kv_bytes_per_token_per_layer * context * batch * model.num_layers
     act = activation_bytes_at(model.activation, context, batch)
     fixed = model.replicated_bytes + kv + act
-    memory = [
-        n.memory_available if n.memory_available is not None else n.memory_total for n in ranked
-    ]
-    usable = [m - headroom_bytes(n, headroom) for n, m in zip(ranked, memory)]
+    usable = [n.usable_bytes(headroom) for n in ranked]
     counts = best_expert_counts(model.num_experts, model.bytes_per_expert, fixed, usable)
     rows = []
     for r, (node, c) in enumerate(zip(ranked, counts)):
@@ -424,7 +427,7 @@ def plan_experts(
                 weights_bytes=weights,
                 kv_bytes=kv,
                 total_bytes=total,
-                memory_bytes=memory[r],
+                memory_bytes=node.memory_bytes,
                 usable_bytes=usable[r],
                 free_bytes=usable[r] - total,
                 experts=c,

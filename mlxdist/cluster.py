@@ -10,7 +10,6 @@ from launcher.hostfacts import ThunderboltPort
 from launcher.hosts import read_hosts
 from launcher.local import LaunchError
 from launcher.planner import (
-    DEFAULT_HEADROOM,
     NodeSpec,
     model_spec_from_folder,
     plan,
@@ -181,12 +180,12 @@ def choose_tensor(model: Path, nodes: list[Node], context: int) -> list[int]:
     kv = spec.kv_bytes_per_token_per_layer * spec.num_layers * context
     need = (spec.total_bytes + kv) // len(nodes)
     for node in _specs(nodes):
-        have = node.memory_available if node.memory_available is not None else node.memory_total
-        if need > have * (1 - DEFAULT_HEADROOM):
+        if need > node.usable_bytes():  # the planner's headroom, as for the other modes
             raise LaunchError(
                 f"tensor parallelism needs {need / 1e9:.1f} GB on each node (1/{len(nodes)} of "
-                f"the weights and KV cache) but {node.name} has {have / 1e9:.1f} GB: add nodes, "
-                f"or use --parallel pipeline or expert, which the planner fits to each node"
+                f"the weights and KV cache) but {node.name} has {node.usable_bytes() / 1e9:.1f} "
+                f"GB to spare: add nodes, or use --parallel pipeline or expert, which the planner "
+                f"fits to each node"
             )
     return [spec.num_layers] * len(nodes)
 

@@ -681,3 +681,28 @@ def test_mlxdist_plan_parallel_expert_command():
     wrong = run_cli(*args, "--parallel", "experts")
     assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
     assert wrong.stderr.strip() == "error: --parallel 'experts' must be pipeline or expert"
+
+
+def test_tensor_launch_check_uses_the_planners_headroom(tiny_r1):
+    """choose_tensor: heads must divide, and 1/N of the weights and KV cache must fit each
+    node's memory less the planner's headroom (10% of its total)."""
+    from launcher.local import LaunchError
+    from launcher.remote import Node
+    from mlxdist.cluster import choose_tensor
+
+    spec = model_spec_from_folder(tiny_r1)
+    kv = spec.kv_bytes_per_token_per_layer * spec.num_layers * 64
+    need = (spec.total_bytes + kv) // 2
+
+    def node(name: str, total: int, available: int) -> Node:
+        facts = {"memory_total": total, "memory_available": available}
+        return Node(name, "10.0.0.1", None, facts)
+
+    total = 10 * need
+    roomy = node("a", total, need + total // 10)  # exactly enough after the headroom
+    assert choose_tensor(tiny_r1, [roomy, roomy], 64) == [spec.num_layers] * 2
+    short = node("b", total, need + total // 10 - 1)
+    with pytest.raises(LaunchError, match=r"but b has .* GB to spare"):
+        choose_tensor(tiny_r1, [roomy, short], 64)
+    with pytest.raises(LaunchError, match="num_attention_heads=4 does not divide by 3"):
+        choose_tensor(tiny_r1, [roomy] * 3, 64)
