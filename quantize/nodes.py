@@ -68,22 +68,21 @@ def spans(ids: list[int]) -> str:
 
 def parse_experts(text: str, num_experts: int) -> list[int]:
     """Experts per node from "3,3,2": positive, adding up to the model's routed experts."""
-    try:
-        parts = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--experts {text!r} must be expert counts such as 3,3,2") from None
-    if any(p < 1 for p in parts) or sum(parts) != num_experts:
-        raise ValueError(f"--experts {text} must be positive and add up to {num_experts} experts")
-    return parts
+    return _parse_counts(text, num_experts, "--experts", "expert", "3,3,2")
 
 
 def parse_split(text: str, num_layers: int) -> list[int]:
+    """Layers per node from "10,20": positive, adding up to the model's layers."""
+    return _parse_counts(text, num_layers, "split", "layer", "10,20")
+
+
+def _parse_counts(text: str, total: int, name: str, unit: str, example: str) -> list[int]:
     try:
         parts = [int(s) for s in text.split(",")]
     except ValueError:
-        raise ValueError(f"split {text!r} must be layer counts such as 10,20") from None
-    if any(p < 1 for p in parts) or sum(parts) != num_layers:
-        raise ValueError(f"split {text} must be positive and add up to {num_layers} layers")
+        raise ValueError(f"{name} {text!r} must be {unit} counts such as {example}") from None
+    if any(p < 1 for p in parts) or sum(parts) != total:
+        raise ValueError(f"{name} {text} must be positive and add up to {total} {unit}s")
     return parts
 
 
