@@ -142,69 +142,44 @@ def _gb(n: int) -> str:
 
 
 def print_plan(p: Plan, console: Console) -> None:
-    if p.parallel == "expert":
-        print_expert_plan(p, console)
-        return
-    table = Table(
-        title=f"{p.model}: {sum(p.split)} layers, {p.context} tokens of context x {p.batch}",
-        show_edge=False,
-        pad_edge=False,
-        caption=f"GB = 10^9 bytes; memory is what each node has less "
-        f"{DEFAULT_HEADROOM:.0%} headroom for macOS and other apps",
-    )
-    columns = ("rank", "node", "layers", "weights GB", "KV GB", "total GB", "memory GB", "free GB")
+    """The plan as a table of nodes, and its verdict in one line: a pipeline split, or each
+    node's routed experts (expert parallelism, with the activations it holds)."""
+    expert = p.parallel == "expert"
+    if expert:
+        title = (
+            f"{p.model}, expert parallel: {sum(p.experts)} routed experts shared out, "
+            f"{p.context} tokens of context x {p.batch}"
+        )
+        caption = (
+            f"GB = 10^9 bytes; every node holds every layer and the whole KV cache; memory "
+            f"is what each node has less {DEFAULT_HEADROOM:.0%} headroom"
+        )
+        share, counts = "experts", p.experts
+    else:
+        title = f"{p.model}: {sum(p.split)} layers, {p.context} tokens of context x {p.batch}"
+        caption = (
+            f"GB = 10^9 bytes; memory is what each node has less "
+            f"{DEFAULT_HEADROOM:.0%} headroom for macOS and other apps"
+        )
+        share, counts = "layers", p.split
+    table = Table(title=title, show_edge=False, pad_edge=False, caption=caption)
+    columns = ["rank", "node", share, "weights GB", "KV GB"]
+    columns += ["act. GB"] * expert + ["total GB", "memory GB", "free GB"]
     for col in columns:
         if col == "node":
             table.add_column(col, overflow="fold")
         else:
             table.add_column(col, justify="right", no_wrap=True)
     for row in p.nodes:
-        table.add_row(
-            str(row.rank),
-            row.name,
-            str(row.layers),
-            _gb(row.weights_bytes),
-            f"{row.kv_bytes / 1e9:.2f}",  # small at short contexts: 0.0 would read as none
-            _gb(row.total_bytes),
-            _gb(row.usable_bytes),
-            _gb(row.free_bytes),
-            style=None if row.free_bytes >= 0 else "red",
-        )
+        cells = [str(row.rank), row.name, str(row.experts if expert else row.layers)]
+        # KV in hundredths: small at short contexts, where 0.0 would read as none
+        cells += [_gb(row.weights_bytes), f"{row.kv_bytes / 1e9:.2f}"]
+        if expert:
+            cells.append(f"{row.activation_bytes / 1e9:.2f}")
+        cells += [_gb(row.total_bytes), _gb(row.usable_bytes), _gb(row.free_bytes)]
+        table.add_row(*cells, style=None if row.free_bytes >= 0 else "red")
     console.print(table)
-    line = f"split {','.join(map(str, p.split))}: {p.message}"
-    console.print(line, style=None if p.fits else "red", soft_wrap=True, highlight=False)
-
-
-def print_expert_plan(p: Plan, console: Console) -> None:
-    table = Table(
-        title=f"{p.model}, expert parallel: {sum(p.experts)} routed experts shared out, "
-        f"{p.context} tokens of context x {p.batch}",
-        show_edge=False,
-        pad_edge=False,
-        caption=f"GB = 10^9 bytes; every node holds every layer and the whole KV cache; memory "
-        f"is what each node has less {DEFAULT_HEADROOM:.0%} headroom",
-    )
-    columns = ("rank", "node", "experts", "weights GB", "KV GB", "act. GB", "total GB")
-    for col in (*columns, "memory GB", "free GB"):
-        if col == "node":
-            table.add_column(col, overflow="fold")
-        else:
-            table.add_column(col, justify="right", no_wrap=True)
-    for row in p.nodes:
-        table.add_row(
-            str(row.rank),
-            row.name,
-            str(row.experts),
-            _gb(row.weights_bytes),
-            f"{row.kv_bytes / 1e9:.2f}",
-            f"{row.activation_bytes / 1e9:.2f}",
-            _gb(row.total_bytes),
-            _gb(row.usable_bytes),
-            _gb(row.free_bytes),
-            style=None if row.free_bytes >= 0 else "red",
-        )
-    console.print(table)
-    line = f"experts {','.join(map(str, p.experts))}: {p.message}"
+    line = f"{'experts' if expert else 'split'} {','.join(map(str, counts))}: {p.message}"
     console.print(line, style=None if p.fits else "red", soft_wrap=True, highlight=False)
 
 
