@@ -27,7 +27,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 
 from quantize.checkpoint import CheckpointError, inspect_model, layer_of, weight_map
 from quantize.nodes import (
-    PLACEMENT,
+    check_placement,
     even_split,
     model_expert_sets,
     node_manifest,
@@ -214,11 +214,7 @@ def _check_expert_node(path: Path, held: list[int], num_experts: int) -> bool:
             f"{path} was cut for a pipeline split, not for expert parallelism: launch the "
             f"whole model, or cut it again with mlxdist quantize for expert mode"
         )
-    if manifest.get("placement") != PLACEMENT:
-        raise CheckpointError(
-            f"{path} was cut by an older mlxdist, with another choice of experts per node: "
-            f"cut it again with mlxdist quantize --parallel expert"
-        )
+    check_placement(path, manifest)
     cut = [int(e) for e in manifest.get("experts", [])]
     if cut != held or manifest.get("n_routed_experts") != num_experts:
         raise CheckpointError(

@@ -161,12 +161,23 @@ def check_expert_node(folder: Path, counts: list[int], rank: int) -> None:
             "for expert parallelism: launch without --parallel expert, or cut again with "
             "mlxdist quantize --parallel expert"
         )
+    check_placement(folder, manifest)
     if plan["experts"] != list(counts) or plan["rank"] != rank:
         raise CheckpointError(
             f"{folder} was cut for rank {plan['rank']} of experts {plan['experts']}, but this "
             f"launch needs rank {rank} of experts {list(counts)}: launch with --experts "
             f"{','.join(map(str, plan['experts']))}, or cut again with mlxdist quantize "
             "--parallel expert --experts"
+        )
+
+
+def check_placement(folder: Path, manifest: dict) -> None:
+    """Refuses an expert node folder whose experts were chosen another way (before they were
+    spread over the groups): its rows would be read as the wrong experts."""
+    if manifest.get("placement") != PLACEMENT:
+        raise CheckpointError(
+            f"{folder} was cut by an older mlxdist, with another choice of experts per node: "
+            f"cut it again with mlxdist quantize --parallel expert"
         )
 
 

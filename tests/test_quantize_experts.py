@@ -128,6 +128,18 @@ def test_check_expert_node_refuses_another_cut(cut):
     assert node_folder(cut, [4], 0) == cut  # a one-stage pipeline never picks an expert folder
 
 
+def test_folder_cut_before_experts_were_spread_is_refused(cut, tmp_path):
+    """A node folder from before experts were spread over the groups holds other experts in
+    its rows: the agent refuses it before starting a rank, in one line."""
+    node = tmp_path / "old"
+    node.mkdir()
+    manifest = json.loads((cut / "nodes" / "1" / "manifest.json").read_text())
+    del manifest["placement"]
+    (node / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="cut by an older mlxdist.*cut it again"):
+        check_expert_node(node, COUNTS, 1)
+
+
 def test_pipeline_folder_is_refused_for_expert_mode(tiny_r1, tmp_path):
     settings = Settings(bits=4, split=[2, 2])
     run(tiny_r1, tmp_path / "pipe", make_plan(tiny_r1, settings))
