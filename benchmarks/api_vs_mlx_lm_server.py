@@ -29,7 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from launcher.hostfile import free_ports  # noqa: E402
-from mlxdist.models import resolve_model  # noqa: E402
+from mlxdist.cli.models import resolve_model  # noqa: E402
 
 PROMPT = "Write a long story about a dragon who learns to bake bread."
 

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from launcher.hostfile import free_ports, write_hostfile  # noqa: E402
 from launcher.local import start_local, wait_ready  # noqa: E402
-from mlxdist.bench import aggregate_tps, bench  # noqa: E402
+from mlxdist.client.bench import aggregate_tps, bench  # noqa: E402
 from quantize.checkpoint import inspect_model  # noqa: E402
 from quantize.nodes import even_split  # noqa: E402
 

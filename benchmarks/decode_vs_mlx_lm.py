@@ -22,7 +22,7 @@ from mlx_lm.sample_utils import make_sampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from launcher.local import start_local, wait_ready  # noqa: E402
-from mlxdist.models import resolve_model  # noqa: E402
+from mlxdist.cli.models import resolve_model  # noqa: E402
 from quantize.checkpoint import inspect_model  # noqa: E402
 
 PROMPT = "Write a long story about a dragon who learns to bake bread."

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from launcher.local import start_local, wait_ready  # noqa: E402
-from mlxdist.bench import stream_once  # noqa: E402
+from mlxdist.client.bench import stream_once  # noqa: E402
 from quantize.checkpoint import inspect_model  # noqa: E402
 from quantize.nodes import even_split  # noqa: E402
 

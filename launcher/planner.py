@@ -28,6 +28,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from launcher.chips import chip_of_node_name
 from quantize.checkpoint import layer_of, read_config, safetensors_header, weight_map
 from quantize.units import is_routed_expert
 
@@ -513,8 +514,6 @@ def parse_simulate(spec: str) -> list[NodeSpec]:
     """Nodes from "6x192GB", "2x512GB,4x192GB" or "m3ultra-512,m2ultra-192" (sizes in GB as
     Apple sells them). Unnamed nodes are node<rank>; a named group of N is name0..name<N-1>.
     A name that spells an Apple chip ("6xM2Ultra-192GB", "m3ultra-512") also gives the chip."""
-    from .perfmodel import chip_of_node_name  # perfmodel imports this module
-
     nodes: list[NodeSpec] = []
     for group in spec.split(","):
         m = _GROUP_RE.match(group.strip())

@@ -70,21 +70,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _load(args, group):
     """This rank's stage and the runner that drives it."""
     if args.parallel == "pipeline":
-        from .pipeline import Runner
-        from .stage import load_stage
+        from mlxdist.runtime.pipeline import Runner
+        from mlxdist.runtime.stage import load_stage
 
         return Runner(load_stage(args.model, args.split, group.rank()), group)
-    from .lockstep import LockstepRunner
+    from mlxdist.runtime.lockstep import LockstepRunner
 
     if args.parallel == "expert":
-        from .expert import load_expert_stage
+        from mlxdist.runtime.expert import load_expert_stage
 
         rank, size = group.rank(), args.ranks
         stage = load_expert_stage(
             args.model, args.experts, rank, size, group, attention=args.attention
         )
     else:
-        from .stage import load_tensor_stage
+        from mlxdist.runtime.stage import load_tensor_stage
 
         stage = load_tensor_stage(args.model, group)
     return LockstepRunner(stage, group, args.parallel)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from quantize.checkpoint import CheckpointError
     from quantize.memory import peak_rss
 
-    from .lockstep import cut_sums
+    from mlxdist.runtime.lockstep import cut_sums
 
     size = args.ranks
     group = mx.distributed.init(strict=size > 1, backend=args.backend if size > 1 else "any")
@@ -182,13 +182,13 @@ def _start_heartbeat(args: argparse.Namespace, rank: int, size: int):
     """(its side of the heartbeat, and on rank 0 the jobs to fail when another rank fails)."""
     if not args.heartbeat or size < 2:
         return None, None
-    from .heartbeat import Follower, Monitor, parse_address
+    from mlxdist.runtime.heartbeat import Follower, Monitor, parse_address
 
     address = parse_address(args.heartbeat)
     node = args.node or socket.gethostname()
     if rank != 0:
         return Follower(address, rank, node), None
-    from .api import Inflight
+    from mlxdist.serving.api import Inflight
 
     inflight = Inflight()
 
@@ -232,8 +232,8 @@ def _serve_api(
     import uvicorn
     from mlx_lm.utils import load_tokenizer
 
-    from .api import create_app
-    from .coordinator import Coordinator
+    from mlxdist.serving.api import create_app
+    from mlxdist.serving.coordinator import Coordinator
 
     stage = runner.stage
     tokenizer = load_tokenizer(args.model, eos_token_ids=stage.config.get("eos_token_id"))

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from mlxdist.client import base_url
-from mlxdist.openai_schema import ChatRequest, validation_error
-from mlxdist.reasoning import ReasoningSplitter, prompt_opens_think, split_reasoning
-from mlxdist.repl import load_conversation, read_message
-from mlxdist.stops import StopMatcher
+from mlxdist.client.api_client import base_url
+from mlxdist.client.chat import load_conversation, read_message
+from mlxdist.serving.openai_schema import ChatRequest, validation_error
+from mlxdist.serving.reasoning import ReasoningSplitter, prompt_opens_think, split_reasoning
+from mlxdist.serving.stops import StopMatcher
 
 # (output, prompt ended with <think>, reasoning, content)
 SPLITS = [

@@ -17,8 +17,8 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 
 from launcher.local import LaunchError, start_local, wait_ready
-from mlxdist.expert import load_expert_stage
-from mlxdist.stage import load_stage
+from mlxdist.runtime.expert import load_expert_stage
+from mlxdist.runtime.stage import load_stage
 from quantize.checkpoint import CheckpointError
 
 MAX_TOKENS = 8

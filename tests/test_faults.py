@@ -30,7 +30,7 @@ from launcher.local import (
     verdict,
     wait_ready,
 )
-from mlxdist.heartbeat import TOKEN_ENV, Monitor, parse_address
+from mlxdist.runtime.heartbeat import TOKEN_ENV, Monitor, parse_address
 
 LONG = {"prompt": "Tell me a long story", "max_tokens": 100000, "temperature": 0.0}
 

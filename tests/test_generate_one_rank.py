@@ -8,9 +8,9 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
-from mlxdist.generate import generate_tokens
-from mlxdist.pipeline import Runner
-from mlxdist.stage import load_stage
+from mlxdist.runtime.pipeline import Runner
+from mlxdist.runtime.stage import load_stage
+from mlxdist.serving.generate import generate_tokens
 
 PROMPT = "Once upon a time"
 

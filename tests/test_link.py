@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from mlxdist.link import BACK, DONE, NEXT, Link, escape, fits, unescape
+from mlxdist.runtime.link import BACK, DONE, NEXT, Link, escape, fits, unescape
 
 SAMPLE = 2  # the pipeline's decode flags
 F32 = mx.float32

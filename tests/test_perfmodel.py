@@ -7,7 +7,7 @@ import random
 import pytest
 from conftest import ROOT
 
-from launcher import perfmodel
+from launcher import chips, perfmodel
 from launcher.perfmodel import (
     EFFICIENCY,
     MESSAGE_OVERHEAD,
@@ -17,7 +17,7 @@ from launcher.perfmodel import (
     predict_decode,
 )
 from launcher.planner import GIB, NodeSpec, parse_simulate
-from mlxdist.plan_cli import plan_command
+from mlxdist.cli.plan import plan_command
 from quantize.checkpoint import read_config
 
 DATA = ROOT / "tests" / "data"
@@ -118,7 +118,7 @@ def test_every_case_states_its_source_and_assumptions():
         assert case["source"].startswith("anchors.md")
         assert case["assumed"] and case["role"]
         for name in case["nodes"]:
-            perfmodel.chip(name)
+            chips.chip(name)
 
 
 # --- bytes per token ----------------------------------------------------------------------------
@@ -165,8 +165,8 @@ def test_an_already_quantised_config_keeps_its_widths():
 
 
 def test_more_bandwidth_is_faster(r1):
-    chips = sorted(perfmodel.CHIPS.values(), key=lambda c: c.bandwidth)
-    speeds = [predict_decode([c], r1).tokens_per_s for c in chips]
+    ranked = sorted(chips.CHIPS.values(), key=lambda c: c.bandwidth)
+    speeds = [predict_decode([c], r1).tokens_per_s for c in ranked]
     assert speeds == sorted(speeds)
     assert predict_decode(["M4 Pro"], r1).tokens_per_s < predict_decode(["M4 Max"], r1).tokens_per_s
     # tokens/s scale with the efficiency on one node
@@ -243,13 +243,13 @@ def test_expected_busiest_node_matches_sampling():
 
 
 def test_chip_table_from_apple_specs():
-    bw = {name: c.bandwidth / GB for name, c in perfmodel.CHIPS.items()}
+    bw = {name: c.bandwidth / GB for name, c in chips.CHIPS.items()}
     assert bw["M2 Ultra"] == 800 and bw["M3 Ultra"] == 819 and bw["M1 Ultra"] == 800
     assert bw["M4 Pro"] == 273 and bw["M4 Max"] == 546 and bw["M2 Max"] == 400
     assert bw["M3 Max"] == 400 and bw["M3 Max 30c"] == 300
-    assert perfmodel.chip("m3ultra") is perfmodel.chip("M3 Ultra") is perfmodel.chip("M3-Ultra")
+    assert chips.chip("m3ultra") is chips.chip("M3 Ultra") is chips.chip("M3-Ultra")
     with pytest.raises(ValueError, match="unknown chip"):
-        perfmodel.chip("M9 Hyper")
+        chips.chip("M9 Hyper")
 
 
 def test_rdma_needs_thunderbolt_5(r1):

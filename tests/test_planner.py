@@ -26,7 +26,7 @@ from launcher.planner import (
     plan_from_json,
     plan_to_json,
 )
-from mlxdist.plan_cli import nodes_from_hosts, plan_command
+from mlxdist.cli.plan import nodes_from_hosts, plan_command
 from quantize.checkpoint import read_config
 from quantize.nodes import even_split, read_expert_plan_file, read_plan_file
 
@@ -686,9 +686,9 @@ def test_mlxdist_plan_parallel_expert_command():
 def test_tensor_launch_check_uses_the_planners_headroom(tiny_r1):
     """choose_tensor: heads must divide, and 1/N of the weights and KV cache must fit each
     node's memory less the planner's headroom (10% of its total)."""
+    from launcher.cluster import choose_tensor
     from launcher.local import LaunchError
     from launcher.remote import Node
-    from mlxdist.cluster import choose_tensor
 
     spec = model_spec_from_folder(tiny_r1)
     kv = spec.kv_bytes_per_token_per_layer * spec.num_layers * 64

@@ -7,8 +7,8 @@ import pytest
 
 from launcher.hostfile import free_ports, ring_hostfile
 from mlxdist.cli import UserError, _parse_split
-from mlxdist.pipeline import CMD_STOP, LOGITS, NEW, SAMPLE, Step
-from mlxdist.stage import _needed, stage_range
+from mlxdist.runtime.pipeline import CMD_STOP, LOGITS, NEW, SAMPLE, Step
+from mlxdist.runtime.stage import _needed, stage_range
 from quantize.checkpoint import layer_of
 from quantize.nodes import even_split, expert_sets, row_runs, spans
 

@@ -126,7 +126,7 @@ def test_cluster_from_node_folders_equals_whole_folder(cut, tmp_path):
 
 
 def test_node_folder_cut_for_another_plan_is_refused(cut):
-    from mlxdist.stage import load_stage
+    from mlxdist.runtime.stage import load_stage
 
     with pytest.raises(CheckpointError, match=r"cut for rank 1 of split \[2, 1, 1\]"):
         load_stage(cut / "nodes" / "1", [2, 2], 1)

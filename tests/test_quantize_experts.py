@@ -184,7 +184,7 @@ def test_interrupted_cut_resumes_to_the_same_files(tiny_r1, cut, tmp_path):
     ],
 )
 def test_expert_cut_arguments(cut_args, message):
-    from mlxdist.quantize_cli import choose_cut
+    from mlxdist.cli.quantize import choose_cut
 
     config = json.loads((ROOT / "tests" / "data" / "deepseek-r1-config.json").read_text())
     config = config | {"n_routed_experts": 8}
@@ -193,7 +193,7 @@ def test_expert_cut_arguments(cut_args, message):
 
 
 def test_expert_cut_from_a_plan_file(tmp_path):
-    from mlxdist.quantize_cli import choose_cut
+    from mlxdist.cli.quantize import choose_cut
 
     config = {"num_hidden_layers": 4, "n_routed_experts": 8, "model_type": "deepseek_v3"}
     plan = tmp_path / "plan.json"

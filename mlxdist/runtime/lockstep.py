@@ -12,50 +12,25 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllLinear
 
-from quantize.checkpoint import CheckpointError
-from quantize.nodes import expert_sets
-
-from .expert import shards
-from .pipeline import _CTRL, CMD_STATS, CMD_STEP, CMD_STOP, LOGITS, NEW, SAMPLE, Step, gather_stats
-from .ringwait import RingWaiter
-from .sampling import Sampler
-from .stage import Stage, check_tensor_split
+from mlxdist.runtime.expert import shards
+from mlxdist.runtime.pipeline import (
+    _CTRL,
+    CMD_STATS,
+    CMD_STEP,
+    CMD_STOP,
+    LOGITS,
+    NEW,
+    SAMPLE,
+    Step,
+    gather_stats,
+)
+from mlxdist.runtime.ringwait import RingWaiter
+from mlxdist.runtime.sampling import Sampler
+from mlxdist.runtime.stage import Stage
 
 # Lock step runs one sequence at a time, so the control vector's slot field is free to carry a
 # decode step's one token id.
 _TOKEN = 7
-
-
-def parallel_options(config: dict, parallel: str, experts: str | None, ranks: int | None) -> dict:
-    """start_local's options for a launch's --parallel, --experts and --local, checked before
-    anything starts; raises ValueError with the line to show. {} for pipeline mode."""
-    if parallel not in ("pipeline", "expert", "tensor"):
-        raise ValueError(f"--parallel {parallel}: choose pipeline, expert or tensor")
-    if experts and parallel != "expert":
-        raise ValueError("--experts is for --parallel expert")
-    if parallel == "pipeline":
-        return {}
-    num_experts = config.get("n_routed_experts") or 0
-    counts = None
-    if experts:
-        try:
-            counts = [int(c) for c in experts.split(",")]
-            expert_sets(num_experts, counts)
-        except ValueError as e:
-            raise ValueError(f"--experts {experts}: {e}") from None
-        if ranks and ranks != len(counts):
-            raise ValueError(f"--experts gives {len(counts)} ranks but --local {ranks}")
-    ranks = ranks or (len(counts) if counts else 2)
-    if parallel == "expert" and not num_experts:
-        raise ValueError("this model has no routed experts: use --parallel pipeline or tensor")
-    if parallel == "expert" and ranks > num_experts:
-        raise ValueError(f"{ranks} ranks are more than the model's {num_experts} routed experts")
-    if parallel == "tensor":
-        try:
-            check_tensor_split(config, ranks)
-        except CheckpointError as e:
-            raise ValueError(str(e)) from None
-    return {"parallel": parallel, "experts": counts, "ranks": ranks}
 
 
 def cut_sums(model: nn.Module) -> int:

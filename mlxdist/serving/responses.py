@@ -6,8 +6,8 @@ import json
 import time
 import uuid
 
-from .openai_schema import Sampling
-from .reasoning import ReasoningSplitter
+from mlxdist.serving.openai_schema import Sampling
+from mlxdist.serving.reasoning import ReasoningSplitter
 
 
 class Output:

@@ -25,6 +25,7 @@ import numpy as np
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
 from mlx_lm.models.switch_layers import SwitchGLU
 
+from mlxdist.runtime.stage import Stage, build_model, evaluate, read_tensors
 from quantize.checkpoint import CheckpointError, inspect_model, layer_of, weight_map
 from quantize.nodes import (
     check_placement,
@@ -34,8 +35,6 @@ from quantize.nodes import (
     row_runs,
     spans,
 )
-
-from .stage import Stage, build_model, evaluate, read_tensors
 
 _EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+)\.")
 _STACKED = ".mlp.switch_mlp."

@@ -8,7 +8,9 @@ from launcher.agent_client import AgentClient, AgentError
 from launcher.discovery import browse
 from launcher.hostfacts import ThunderboltPort
 from launcher.hosts import read_hosts
+from launcher.interfaces import listen_addresses
 from launcher.local import LaunchError
+from launcher.modes import check_tensor_split
 from launcher.planner import (
     NodeSpec,
     model_spec_from_folder,
@@ -43,8 +45,6 @@ def discover_nodes(
 ) -> list[Node]:
     """The agents of this cluster that zeroconf finds on these interfaces' addresses."""
     from launcher.hostfacts import collect
-
-    from .agent_cli import listen_addresses
 
     addresses = listen_addresses(collect(), interfaces)
     agents = [a for a in browse(cluster, addresses, timeout) if a.addresses]
@@ -170,8 +170,6 @@ def choose_tensor(model: Path, nodes: list[Node], context: int) -> list[int]:
     """Checks a tensor-parallel launch: heads that divide by the nodes, and each node's cut of
     the weights (1/N of the model) and of the KV cache within its memory. Returns the split
     (every node runs every layer)."""
-    from .stage import check_tensor_split
-
     try:
         check_tensor_split(read_config(model), len(nodes))
     except CheckpointError as e:

@@ -26,10 +26,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from launcher.agent_client import AgentError
     from launcher.hosts import HostsError
     from launcher.local import LaunchError
+    from mlxdist.client.api_client import ClientError
     from quantize.checkpoint import CheckpointError
     from quantize.gguf import GGUFError
-
-    from .client import ClientError
 
     return (UserError, CheckpointError, GGUFError, LaunchError, ClientError, AgentError, HostsError)
 
@@ -90,7 +89,7 @@ def launch(
             raise UserError("--experts is for --local: across hosts the node folders' cut holds")
         path = _launch_model(model)
         if hosts or cluster:
-            from .cluster import replan_agents, start_agents_cluster
+            from launcher.cluster import replan_agents, start_agents_cluster
 
             secret = _secret(secret_file)
             running = start_agents_cluster(
@@ -116,10 +115,9 @@ def _secret(path: Path | None) -> bytes:
 
 
 def _launch_model(model: str | None) -> Path:
+    from mlxdist.cli.models import resolve_model
     from quantize.checkpoint import inspect_model
     from quantize.nodes import damaged_files, node_manifest
-
-    from .models import resolve_model
 
     path = resolve_model(model)
     inspect_model(path)
@@ -144,9 +142,8 @@ def _launch_model(model: str | None) -> Path:
 def _parallel_options(
     path: Path, parallel: str, experts: str | None, split: str | None, local: int | None
 ) -> dict:
+    from launcher.modes import parallel_options
     from quantize.checkpoint import read_config
-
-    from .lockstep import parallel_options
 
     if split and parallel != "pipeline":
         raise UserError(f"--split is for pipeline mode: --parallel {parallel} runs every layer")
@@ -196,8 +193,8 @@ def _converse(running, prompt: str | None, chat: bool, params: dict, replan=None
     """Answers the prompt or opens the chat; every rank is stopped however it ends.
 
     replan(failed cluster) -> a new cluster: the chat goes on there after a node fails."""
-    from .client import ClientError
-    from .repl import answer, cluster_failure, repl
+    from mlxdist.client.api_client import ClientError
+    from mlxdist.client.chat import answer, cluster_failure, repl
 
     current = [running]
 
@@ -255,7 +252,7 @@ def serve(
             raise UserError("--local, --split, --host and --max-context are not for --hosts")
         path = _launch_model(model)
         if hosts:
-            from .cluster import start_agents_cluster
+            from launcher.cluster import start_agents_cluster
 
             secret = _secret(secret_file)
             running = start_agents_cluster(path, hosts, None, [], secret, context, port)
@@ -327,8 +324,8 @@ def chat(
     ),
 ) -> None:
     """Open the chat against a running mlxdist cluster or any OpenAI-compatible server."""
-    from .client import headers_for, list_models
-    from .repl import repl
+    from mlxdist.client.api_client import headers_for, list_models
+    from mlxdist.client.chat import repl
 
     headers = headers_for(api_key)
     try:
@@ -367,9 +364,8 @@ def bench(
 ) -> None:
     """Start the cluster, measure prompt and decode speed, memory and traffic, then stop it."""
     from launcher.secret import SecretError
-
-    from .bench import bench as measure
-    from .bench import render
+    from mlxdist.client.bench import bench as measure
+    from mlxdist.client.bench import render
 
     try:
         if hosts and (local or split):
@@ -378,7 +374,7 @@ def bench(
             raise UserError("--experts is for --local; across hosts the expert node folders decide")
         path = _launch_model(model)
         if hosts:
-            from .cluster import start_agents_cluster
+            from launcher.cluster import start_agents_cluster
 
             secret = _secret(secret_file)
             running = start_agents_cluster(path, hosts, None, [], secret, 4096, None, parallel)
@@ -431,11 +427,10 @@ def quantize_cmd(
     force: bool = typer.Option(False, help="overwrite a non-empty OUT"),
 ) -> None:
     """Quantise a checkpoint to MLX weights and cut it into per-node folders."""
+    from mlxdist.cli import quantize as quantize_cli
     from quantize.convert import QuantizeError, Settings
     from quantize.recipes import RecipeError
     from quantize.source import SourceError
-
-    from . import quantize_cli
 
     try:
         settings = Settings(bits, group_size, mode, recipe, list(override))
@@ -473,7 +468,7 @@ def plan_cmd(
     parallel: str = typer.Option("pipeline", help="pipeline (layers) or expert (routed experts)"),
 ) -> None:
     """Plan who holds what: layers (or experts) per node weighted by memory."""
-    from .plan_cli import plan_command
+    from mlxdist.cli.plan import plan_command
 
     try:
         code = plan_command(
@@ -501,8 +496,7 @@ def init(
 ) -> None:
     """Create the cluster secret that every agent and launcher shares."""
     from launcher.secret import SecretError
-
-    from .agent_cli import init as run_init
+    from mlxdist.cli.agent import init as run_init
 
     try:
         run_init(secret_file, force)
@@ -520,13 +514,13 @@ def agent(
 ) -> None:
     """Run this node's agent: advertised by zeroconf, starts ranks when a launcher asks."""
     from launcher.hostfacts import HostFactsError
+    from launcher.interfaces import InterfaceError
     from launcher.secret import SecretError
-
-    from .agent_cli import AgentSetupError, run_agent
+    from mlxdist.cli.agent import run_agent
 
     try:
         run_agent(cluster, interface, port, secret_file, models_dir)
-    except (SecretError, AgentSetupError, HostFactsError, OSError) as e:
+    except (SecretError, InterfaceError, HostFactsError, OSError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
@@ -540,14 +534,13 @@ def status(
     timeout: float = typer.Option(3.0, help="seconds to listen for agents"),
 ) -> None:
     """Agents of the cluster, their memory, links and running ranks, as a table."""
+    from launcher.interfaces import InterfaceError
     from launcher.secret import SecretError
-
-    from .agent_cli import AgentSetupError
-    from .agent_cli import status as run_status
+    from mlxdist.cli.agent import status as run_status
 
     try:
         code = run_status(cluster, interface, secret_file, timeout)
-    except (*_user_errors(), SecretError, AgentSetupError) as e:
+    except (*_user_errors(), SecretError, InterfaceError) as e:
         _fail(str(e))
     raise typer.Exit(code)
 
@@ -560,7 +553,7 @@ def make_r1_cmd(
     seed: int = typer.Option(0, help="random seed"),
 ) -> None:
     """Write a toy checkpoint in DeepSeek-R1's exact on-disk format."""
-    from .testing.tiny_r1 import PRESETS, make_r1, parse_set
+    from mlxdist.testing.tiny_r1 import PRESETS, make_r1, parse_set
 
     if preset not in PRESETS:
         _fail(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")

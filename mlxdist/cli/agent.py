@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -10,17 +9,14 @@ from rich.table import Table
 
 import mlxdist
 from launcher.agent import create_agent_app, serve_agent
-from launcher.agent_client import AgentClient, AgentError
+from launcher.agent_client import AgentError
+from launcher.cluster import discover_nodes
 from launcher.discovery import Advertiser
 from launcher.hostfacts import HostFacts, collect
+from launcher.interfaces import listen_addresses
 from launcher.secret import config_dir, create_secret, default_secret_path, load_secret
 
-AGENT_PORT = 52417
 console = Console(stderr=True, soft_wrap=True)
-
-
-class AgentSetupError(Exception):
-    """The agent cannot start as asked; the message says what to do."""
 
 
 def init(secret_file: Path | None, force: bool) -> None:
@@ -30,33 +26,6 @@ def init(secret_file: Path | None, force: bool) -> None:
         "give every Mac of the cluster the same file, only its owner able to read it, e.g.:\n"
         f"  scp {path} other-mac:.mlxdist/secret && ssh other-mac chmod 600 .mlxdist/secret"
     )
-
-
-def _ip(address: str) -> str:
-    return address.split("/")[0]
-
-
-def listen_addresses(facts: HostFacts, interfaces: list[str]) -> list[str]:
-    """The IPs of the chosen interfaces: the Thunderbolt bridge by default on macOS, and never
-    every interface without being asked."""
-    if not interfaces:
-        if sys.platform == "darwin" and facts.addresses.get("bridge0"):
-            interfaces = ["bridge0"]
-        elif sys.platform == "darwin":
-            interfaces = [p.interface for p in facts.thunderbolt if p.ip]
-        if not interfaces:
-            raise AgentSetupError(
-                "give --interface: the agent listens only on interfaces you name "
-                "(on a Mac, the Thunderbolt Bridge, bridge0, by default)"
-            )
-    addresses = []
-    for name in interfaces:
-        ips = [_ip(a) for a in facts.addresses.get(name, []) if ":" not in a]
-        if not ips:
-            known = ", ".join(sorted(facts.addresses)) or "none"
-            raise AgentSetupError(f"interface {name} has no IPv4 address (interfaces: {known})")
-        addresses += ips
-    return addresses
 
 
 def agent_facts(facts: HostFacts, cluster: str, port: int, addresses: list[str]) -> dict:
@@ -105,8 +74,6 @@ def run_agent(
 
 def status(cluster: str, interfaces: list[str], secret_file: Path | None, timeout: float) -> int:
     """A table of the cluster's agents: memory, links and running ranks."""
-    from .cluster import discover_nodes
-
     secret = load_secret(secret_file)
     nodes = discover_nodes(cluster, interfaces, secret, timeout)
     table = Table(title=f"cluster {cluster!r}: {len(nodes)} agents")
@@ -133,7 +100,3 @@ def status(cluster: str, interfaces: list[str], secret_file: Path | None, timeou
     # Piped output keeps whole cells: a table cut at 80 columns loses its addresses.
     (out if out.is_terminal else Console(width=200)).print(table)
     return 0 if nodes else 1
-
-
-def client_for(address: str, port: int, secret: bytes) -> AgentClient:
-    return AgentClient(f"http://{address}:{port}", secret)

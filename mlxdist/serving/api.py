@@ -17,8 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .coordinator import Coordinator, Job
-from .openai_schema import (
+from mlxdist.serving.coordinator import Coordinator
+from mlxdist.serving.job import Job
+from mlxdist.serving.openai_schema import (
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -28,8 +29,8 @@ from .openai_schema import (
     error_response,
     validation_error,
 )
-from .reasoning import prompt_opens_think
-from .responses import Output, finish_reason, sse
+from mlxdist.serving.reasoning import prompt_opens_think
+from mlxdist.serving.responses import Output, finish_reason, sse
 
 MAX_STOPS = 16
 EXPLAIN_WAIT = 2.0  # how long a ring error waits for the heartbeat to name the node behind it

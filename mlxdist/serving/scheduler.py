@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import queue
 from collections import deque
-from typing import TYPE_CHECKING
 
-from .generate import PREFILL_CHUNK
-from .pipeline import NEW, SAMPLE, Step
-from .sequence import Sequence
-
-if TYPE_CHECKING:
-    from .coordinator import Coordinator
+from mlxdist.runtime.pipeline import NEW, SAMPLE, Step
+from mlxdist.serving.generate import PREFILL_CHUNK
+from mlxdist.serving.sequence import Sequence
 
 
 class Interleaver:
-    def __init__(self, coordinator: Coordinator):
+    def __init__(self, coordinator):
         self.co = coordinator
         self.runner = coordinator.runner
         self.depth = self.runner.size  # steps in flight: one per stage keeps every stage busy

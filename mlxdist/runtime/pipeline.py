@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from mlxdist.runtime.link import BACK, DONE, NEXT, Link, escape, unescape
+from mlxdist.runtime.ringwait import RingWaiter
+from mlxdist.runtime.sampling import Sampler
+from mlxdist.runtime.stage import Stage
 from quantize.memory import peak_rss
-
-from .link import BACK, DONE, NEXT, Link, escape, unescape
-from .ringwait import RingWaiter
-from .sampling import Sampler
-from .stage import Stage
 
 CMD_STEP, CMD_STOP, CMD_STATS = 1, 2, 3
 NEW, SAMPLE, LOGITS = 1, 2, 4  # step flags: new sequence, reply with a token, reply with logits

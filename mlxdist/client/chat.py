@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .client import ClientError, stream_chat, stream_completion
+from mlxdist.client.api_client import ClientError, stream_chat, stream_completion
 
 HELP = '''commands:
   /help             this list

@@ -7,41 +7,16 @@ ring (see `interleave.py`); a lone rank, or ranks in lock step, take jobs one af
 
 from __future__ import annotations
 
-import asyncio
 import queue
-import threading
 import time
-from dataclasses import dataclass, field
 
-from .generate import generate_tokens, last_logits
-from .sequence import Sequence
+from mlxdist.serving.generate import generate_tokens, last_logits
+from mlxdist.serving.job import Job
+from mlxdist.serving.sequence import Sequence
 
 # Sequences rank 0 keeps open at once; later requests wait in the queue. At most 30: a control
 # vector names the slots that ended as bits of one int32 (slot 0 is kept for jobs run alone).
 MAX_SEQUENCES = 16
-
-
-@dataclass
-class Job:
-    prompt: list[int]
-    max_tokens: int
-    temp: float = 0.0
-    top_p: float = 1.0
-    seed: int = -1
-    stop: list[str] = field(default_factory=list)
-    logits: bool = False  # return the last position's logits instead of generating
-    stats: bool = False  # return every rank's traffic counters instead of generating
-    ignore_eos: bool = False  # go on past end-of-sequence tokens to max_tokens
-    loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.perf_counter)
-
-    def emit(self, kind: str, **data) -> None:
-        if self.loop is None:
-            self.events.put_nowait((kind, data))
-        else:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, data))
 
 
 class Coordinator:
@@ -73,7 +48,7 @@ class Coordinator:
         """Serves jobs until shutdown; then stops the other ranks."""
         try:
             if self.interleaves:
-                from .interleave import Interleaver
+                from mlxdist.serving.scheduler import Interleaver
 
                 Interleaver(self).run()
             else:

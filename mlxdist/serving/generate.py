@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import mlx.core as mx
 
-from .pipeline import LOGITS, NEW, SAMPLE, Runner, Step
+from mlxdist.runtime.pipeline import LOGITS, NEW, SAMPLE, Runner, Step
 
 # As mlx-lm's generate_step: the prompt but its last token is prefilled in chunks of this size,
 # then the last token is a step of its own, so the numbers match a single process exactly.

@@ -13,7 +13,8 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import _get_classes, infer_quant_config
 
-from quantize.checkpoint import CheckpointError, inspect_model, layer_of, weight_map
+from launcher.modes import check_tensor_split
+from quantize.checkpoint import inspect_model, layer_of, weight_map
 from quantize.nodes import check_node
 
 # Models whose attention applies the mask with mx.where, so it must be an array, not "causal".
@@ -192,23 +193,6 @@ def run_dtype(config: dict) -> mx.Dtype | None:
     if unquantised_experts and mx.default_device() == mx.cpu:
         return mx.float32
     return None
-
-
-def check_tensor_split(config: dict, size: int) -> None:
-    """Refuses a model that mlx-lm cannot shard over size ranks."""
-    model_class, _ = _get_classes(config)
-    if not hasattr(model_class, "shard"):
-        raise CheckpointError(
-            f"mlx-lm's {config['model_type']} model has no shard(): "
-            f"use --parallel pipeline or expert"
-        )
-    for field in ("num_attention_heads", "num_key_value_heads"):
-        heads = config.get(field)
-        if heads and heads % size:
-            raise CheckpointError(
-                f"{field}={heads} does not divide by {size} ranks: launch tensor mode on a "
-                f"number of ranks that divides it, or use --parallel pipeline"
-            )
 
 
 def load_tensor_stage(path: str | Path, group: mx.distributed.Group) -> Stage:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
-from .stops import StopMatcher
-
-if TYPE_CHECKING:
-    from .coordinator import Job
+from mlxdist.serving.job import Job
+from mlxdist.serving.stops import StopMatcher
 
 
 class Sequence:

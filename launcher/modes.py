@@ -1,0 +1,65 @@
+"""How a launch cuts the model (--parallel, --experts, --local), checked before anything starts.
+
+Reads only config.json's fields: the CLI validates flags without loading MLX's model code
+(tensor mode alone imports the model family's mlx-lm module, to ask whether it can shard)."""
+
+from __future__ import annotations
+
+import importlib
+
+from quantize.checkpoint import CheckpointError
+from quantize.nodes import expert_sets
+
+MODES = ("pipeline", "expert", "tensor")
+
+
+def check_tensor_split(config: dict, size: int) -> None:
+    """Refuses a model that mlx-lm cannot shard over size ranks."""
+    model_type = config["model_type"]
+    try:
+        module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    except ImportError:
+        raise CheckpointError(f"mlx-lm has no {model_type} model") from None
+    if not hasattr(module.Model, "shard"):
+        raise CheckpointError(
+            f"mlx-lm's {model_type} model has no shard(): use --parallel pipeline or expert"
+        )
+    for field in ("num_attention_heads", "num_key_value_heads"):
+        heads = config.get(field)
+        if heads and heads % size:
+            raise CheckpointError(
+                f"{field}={heads} does not divide by {size} ranks: launch tensor mode on a "
+                f"number of ranks that divides it, or use --parallel pipeline"
+            )
+
+
+def parallel_options(config: dict, parallel: str, experts: str | None, ranks: int | None) -> dict:
+    """start_local's options for a launch's --parallel, --experts and --local, checked before
+    anything starts; raises ValueError with the line to show. {} for pipeline mode."""
+    if parallel not in MODES:
+        raise ValueError(f"--parallel {parallel}: choose pipeline, expert or tensor")
+    if experts and parallel != "expert":
+        raise ValueError("--experts is for --parallel expert")
+    if parallel == "pipeline":
+        return {}
+    num_experts = config.get("n_routed_experts") or 0
+    counts = None
+    if experts:
+        try:
+            counts = [int(c) for c in experts.split(",")]
+            expert_sets(num_experts, counts)
+        except ValueError as e:
+            raise ValueError(f"--experts {experts}: {e}") from None
+        if ranks and ranks != len(counts):
+            raise ValueError(f"--experts gives {len(counts)} ranks but --local {ranks}")
+    ranks = ranks or (len(counts) if counts else 2)
+    if parallel == "expert" and not num_experts:
+        raise ValueError("this model has no routed experts: use --parallel pipeline or tensor")
+    if parallel == "expert" and ranks > num_experts:
+        raise ValueError(f"{ranks} ranks are more than the model's {num_experts} routed experts")
+    if parallel == "tensor":
+        try:
+            check_tensor_split(config, ranks)
+        except CheckpointError as e:
+            raise ValueError(str(e)) from None
+    return {"parallel": parallel, "experts": counts, "ranks": ranks}

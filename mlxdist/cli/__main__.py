@@ -1,0 +1,5 @@
+import sys
+
+from mlxdist.cli import main
+
+sys.exit(main())

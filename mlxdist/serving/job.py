@@ -1,0 +1,31 @@
+"""One request as rank 0's loop sees it: what to generate, and the queue its events go to."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    max_tokens: int
+    temp: float = 0.0
+    top_p: float = 1.0
+    seed: int = -1
+    stop: list[str] = field(default_factory=list)
+    logits: bool = False  # return the last position's logits instead of generating
+    stats: bool = False  # return every rank's traffic counters instead of generating
+    ignore_eos: bool = False  # go on past end-of-sequence tokens to max_tokens
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def emit(self, kind: str, **data) -> None:
+        if self.loop is None:
+            self.events.put_nowait((kind, data))
+        else:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, data))
