@@ -11,13 +11,14 @@ from typing import Any
 import httpx
 
 from quantize.checkpoint import sha256_file
+from quantize.errors import UserError
 
 from .auth import sign
 
 MiB = 2**20
 
 
-class AgentError(Exception):
+class AgentError(UserError):
     """The agent refused a request or could not be reached; the message is the agent's."""
 
     def __init__(self, message: str, status: int | None = None):

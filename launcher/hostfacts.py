@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from quantize.errors import UserError
+
 DEFAULT_NODE_ID_PATH = Path.home() / ".mlxdist" / "node_id"
 FAKE_THUNDERBOLT_ENV = "MLXDIST_FAKE_THUNDERBOLT"
 
@@ -29,7 +31,7 @@ Runner = Callable[[list[str]], str]
 Reader = Callable[[str], str]
 
 
-class HostFactsError(Exception):
+class HostFactsError(UserError):
     """A command's output could not be understood; the message says which and why."""
 
 

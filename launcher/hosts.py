@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantize.errors import UserError
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -16,7 +18,7 @@ BACKENDS = ("ring", "jaccl", "mpi")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-class HostsError(ValueError):
+class HostsError(UserError, ValueError):
     """A hosts file that cannot be used; the message names the field."""
 
 

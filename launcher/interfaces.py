@@ -6,9 +6,10 @@ from __future__ import annotations
 import sys
 
 from launcher.hostfacts import HostFacts
+from quantize.errors import UserError
 
 
-class InterfaceError(Exception):
+class InterfaceError(UserError):
     """No usable address on the interfaces asked for; the message says what to give."""
 
 

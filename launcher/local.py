@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from quantize.errors import UserError
 from quantize.nodes import even_experts, expert_node_folder, node_folder
 
 from .hostfile import free_ports, write_hostfile
@@ -27,7 +28,7 @@ HEARTBEAT_TOKEN_ENV = "MLXDIST_HEARTBEAT_TOKEN"
 _VERDICT = "[rank 0] node failure: "
 
 
-class LaunchError(Exception):
+class LaunchError(UserError):
     """The cluster could not be started; the message says which rank and why."""
 
 

@@ -7,10 +7,12 @@ import secrets
 import stat
 from pathlib import Path
 
+from quantize.errors import UserError
+
 SECRET_BYTES = 32
 
 
-class SecretError(Exception):
+class SecretError(UserError):
     """The secret file is missing, unsafe or unreadable; the message says what to do."""
 
 

@@ -9,6 +9,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 # Decoder models whose mlx-lm code has the embed_tokens / layers / norm / head shape that the
 # pipeline runtime drives. Each one is proven by the cluster-equals-single-process test.
 SUPPORTED_MODEL_TYPES = ("llama", "deepseek_v3")
@@ -16,7 +18,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "deepseek_v3")
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A model folder that cannot be used; the message says what to do."""
 
 

@@ -22,6 +22,7 @@ from .checkpoint import (
     sha256_file,
     weight_map,
 )
+from .errors import UserError
 from .memory import peak_rss, rss_now
 from .nodes import PLACEMENT, expert_sets, model_expert_sets, row_runs
 from .recipes import default_spec, make_predicate, parse_override
@@ -44,7 +45,7 @@ TOKENIZER_FILES = (
 _DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
-class QuantizeError(Exception):
+class QuantizeError(UserError):
     """The conversion cannot go on; the message says why and what to do."""
 
 

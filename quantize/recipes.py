@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import mlx.nn as nn
 
+from .errors import UserError
+
 Spec = dict | None
 
 # Group size and bits each MLX quantisation mode takes when not given (as mlx-lm).
@@ -28,7 +30,7 @@ MLX_LM_RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
 RECIPES = (*R1_RECIPES, *MLX_LM_RECIPES)
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """Bad quantisation settings; the message says which and why."""
 
 

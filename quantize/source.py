@@ -25,6 +25,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+from .errors import UserError
+
 try:  # huggingface_hub 2.x talks HTTP through httpx2, 1.x through httpx
     import httpx2 as _http
 except ImportError:  # pragma: no cover
@@ -47,7 +49,7 @@ DEFAULT_PATTERNS = [
 _NETWORK_ERRORS = (_http.TransportError, ConnectionError, TimeoutError)
 
 
-class SourceError(Exception):
+class SourceError(UserError):
     """A SRC that cannot be used; the one-line message says what to do."""
 
 

@@ -7,10 +7,12 @@ from collections.abc import Iterator
 
 import httpx
 
+from quantize.errors import UserError
+
 TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 
 
-class ClientError(Exception):
+class ClientError(UserError):
     """The server could not be reached or answered with an error. lost: the server went away or
     said a node of its cluster failed (its launcher knows more); named: the message is the
     server's own word on which node failed."""
