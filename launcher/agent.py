@@ -41,7 +41,7 @@ from quantize.nodes import check_expert_node, check_node, even_experts, node_man
 
 from .auth import AuthError, Verifier
 from .hostfile import ring_hostfile
-from .rankargs import mode_args
+from .rankspec import HEARTBEAT_TOKEN_ENV, RANK_MODULE, RankSpec
 
 MiB = 2**20
 STOP_TIMEOUT = 5.0
@@ -349,27 +349,26 @@ def _pdeathsig() -> Callable[[], None] | None:
     return die_with_agent
 
 
+def rank_spec(model: Path, req: StartRank) -> RankSpec:
+    """The rank a validated request asks for, from the model folder the agent resolved."""
+    return RankSpec.for_split(
+        str(model),
+        req.split,
+        req.parallel,
+        req.experts,
+        name=req.name,
+        host=req.http_host,
+        port=req.http_port,
+        backend=req.backend,
+        max_context=req.max_context,
+        heartbeat=_heartbeat(req) if req.heartbeat_port else None,
+        node=req.node,
+    )
+
+
 def rank_argv(python: str, model: Path, req: StartRank) -> list[str]:
     """The rank's command line: fixed flags, each followed by one validated value."""
-    return [
-        python,
-        "-m",
-        "mlxdist.rank",
-        "--model",
-        str(model),
-        *mode_args(req.parallel, req.split, req.experts),
-        "--host",
-        req.http_host,
-        "--port",
-        str(req.http_port),
-        "--name",
-        req.name,
-        "--backend",
-        req.backend,
-        *(["--max-context", str(req.max_context)] if req.max_context else []),
-        *(["--heartbeat", _heartbeat(req)] if req.heartbeat_port else []),
-        *(["--node", req.node] if req.node else []),
-    ]
+    return [python, "-m", RANK_MODULE, *rank_spec(model, req).to_argv()]
 
 
 def _heartbeat(req: StartRank) -> str:
@@ -414,7 +413,7 @@ class Runs:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
         env |= {"MLX_RANK": str(req.rank), "MLX_WORLD_SIZE": str(len(req.split))}
         if req.heartbeat_token:  # in the environment, not on a command line others can read
-            env["MLXDIST_HEARTBEAT_TOKEN"] = req.heartbeat_token
+            env[HEARTBEAT_TOKEN_ENV] = req.heartbeat_token
         if len(req.split) > 1:  # as mlx.launch: a single rank runs without a ring
             hostfile = folder / "hostfile.json"
             hostfile.write_text(ring_hostfile(req.hostfile))

@@ -17,6 +17,7 @@ from launcher.planner import (
     plan,
     plan_experts,
 )
+from launcher.rankspec import AGENT_PORT
 from launcher.remote import Node, expert_folders, node_folders
 from launcher.ssh import SshClient
 from launcher.topology import (
@@ -27,8 +28,6 @@ from launcher.topology import (
     setup_commands,
 )
 from quantize.checkpoint import CheckpointError, read_config
-
-AGENT_PORT = 52417
 
 
 def _with_facts(nodes: list[Node]) -> list[Node]:

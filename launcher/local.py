@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -20,11 +20,8 @@ from quantize.errors import UserError
 from quantize.nodes import even_experts, expert_node_folder, node_folder
 
 from .hostfile import free_ports, write_hostfile
+from .rankspec import HEARTBEAT_TOKEN_ENV, NODE_FAILED, PEER_GONE, RANK_MODULE, RankSpec
 
-# What a rank tells the launcher through its exit code and log (a process boundary, no import).
-NODE_FAILED = 4  # rank 0: another rank failed; its log's last "node failure:" line names it
-PEER_GONE = 5  # any other rank: it left because rank 0 went away
-HEARTBEAT_TOKEN_ENV = "MLXDIST_HEARTBEAT_TOKEN"
 _VERDICT = "[rank 0] node failure: "
 
 
@@ -132,16 +129,17 @@ def start_local(
     ports = free_ports(n + 2)
     http_port = port or ports[-1]
     hostfile = write_hostfile(run_dir / "hostfile.json", [[f"127.0.0.1:{p}"] for p in ports[:n]])
-    cmd = [sys.executable, "-m", "mlxdist.rank", "--host", host, "--port", str(http_port)]
-    if parallel == "pipeline":
-        cmd += ["--split", ",".join(map(str, split))]
-    else:
-        cmd += ["--parallel", parallel, "--ranks", str(n)]
-    if experts:
-        cmd += ["--experts", ",".join(map(str, experts))]
-    if attention:
-        cmd += ["--attention", attention]
-    cmd += ["--name", name or Path(model).name, "--heartbeat", f"127.0.0.1:{ports[n]}"]
+    spec = RankSpec.for_split(
+        str(model),
+        split,
+        parallel,
+        experts,
+        attention=attention or "sharded",
+        name=name or Path(model).name,
+        host=host,
+        port=http_port,
+        heartbeat=f"127.0.0.1:{ports[n]}",
+    )
     token = secrets.token_hex(16)
     procs, logs = [], []
     for rank in range(n):
@@ -152,7 +150,7 @@ def start_local(
             folder = node_folder(model, split, rank)
         else:
             folder = Path(model)
-        rank_cmd = [*cmd, "--model", str(folder)]
+        rank_cmd = [sys.executable, "-m", RANK_MODULE, *replace(spec, model=str(folder)).to_argv()]
         rank_env = dict(os.environ, **(env or {}))
         rank_env |= {"MLX_RANK": str(rank), "MLX_WORLD_SIZE": str(n), HEARTBEAT_TOKEN_ENV: token}
         if n > 1:  # as mlx.launch: a single rank runs without a ring

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from launcher.chips import chip_of_node_name
+from launcher.rankspec import PREFILL_CHUNK
 from quantize.checkpoint import layer_of, read_config, safetensors_header, weight_map
 from quantize.units import is_routed_expert
 
@@ -36,7 +37,6 @@ GIB = 2**30
 DEFAULT_HEADROOM = 0.1
 _ACTIVATION_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
-PREFILL_CHUNK = 2048  # prompt tokens per step, as mlxdist/generate.py and mlx-lm prefill
 
 
 @dataclass(frozen=True)

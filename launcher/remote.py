@@ -14,7 +14,8 @@ from quantize.nodes import node_manifest
 
 from .agent_client import AgentClient, AgentError
 from .hostfile import mlx_launch_hostfile, ring_hostfile
-from .local import NODE_FAILED, PEER_GONE, LaunchError, describe_failure, verdict
+from .local import LaunchError, describe_failure, verdict
+from .rankspec import NODE_FAILED, PEER_GONE
 from .ssh import SshClient
 
 RING_PORT = 32323  # mlx.launch's first ring port

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .agent_client import AgentError
-from .rankargs import mode_args
+from .rankspec import RANK_MODULE, RankSpec
 
 
 def rank_script(
@@ -34,6 +34,21 @@ def rank_script(
         script += 'export MLX_HOSTFILE="$f"; '
     script += "exec " + " ".join(shlex.quote(a) for a in [python, *argv])
     return script
+
+
+def rank_spec(p: dict) -> RankSpec:
+    """The rank an agent's start_rank request p asks for (ranks over ssh have no heartbeat)."""
+    return RankSpec.for_split(
+        p["model"],
+        p["split"],
+        p.get("parallel", "pipeline"),
+        p.get("experts"),
+        host=p["http_host"],
+        port=int(p["http_port"]),
+        name=p["name"],
+        backend=p.get("backend", "ring"),
+        max_context=int(p["max_context"]) if p.get("max_context") else None,
+    )
 
 
 @dataclass
@@ -63,13 +78,7 @@ class SshClient:
 
     def start_rank(self, **p) -> dict:
         run_id = uuid.uuid4().hex[:12]
-        argv = ["-m", "mlxdist.rank", "--model", p["model"]]
-        argv += mode_args(p.get("parallel", "pipeline"), p["split"], p.get("experts"))
-        argv += ["--host", p["http_host"]]
-        argv += ["--port", str(p["http_port"]), "--name", p["name"]]
-        argv += ["--backend", p.get("backend", "ring")]
-        if p.get("max_context"):
-            argv += ["--max-context", str(int(p["max_context"]))]
+        argv = ["-m", RANK_MODULE, *rank_spec(p).to_argv()]
         pidfile = f"/tmp/mlxdist-{run_id}.pid"
         world = len(p["split"])
         script = rank_script(p["rank"], world, p["hostfile"], self.python, argv, pidfile)

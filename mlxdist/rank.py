@@ -13,9 +13,11 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import asdict
+
+from launcher.rankspec import NODE_FAILED, RankSpec
 
 _HOST_BYTES = 64  # a rank's host name, as bytes gathered with its memory figures
-NODE_FAILED = 4  # rank 0's exit code when another rank failed; its log's last line names it
 
 
 def _watch_parent(parent: int) -> None:
@@ -30,40 +32,11 @@ def _log(rank: int, msg: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mlxdist.rank")
-    p.add_argument("--model", required=True)
-    p.add_argument("--split", help="layers per rank, e.g. 15,15 (pipeline)")
-    p.add_argument("--parallel", choices=("pipeline", "expert", "tensor"), default="pipeline")
-    p.add_argument("--ranks", type=int, help="ranks in the group (expert and tensor)")
-    p.add_argument("--experts", help="routed experts per rank, e.g. 3,3,2 (expert)")
-    p.add_argument(
-        "--attention",
-        choices=("replicated", "sharded"),
-        default="sharded",
-        help="expert mode: attention heads and shared experts cut over the ranks where they "
-        "divide (measured faster), or whole on every rank",
-    )
-    p.add_argument("--name", default=None, help="model name shown by the API")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--backend", default="ring")
-    p.add_argument("--heartbeat", default=None, help="HOST:PORT where rank 0 hears the ranks")
-    p.add_argument("--node", default=None, help="this host's name, as the launcher calls it")
-    p.add_argument(
-        "--max-context",
-        type=int,
-        default=int(os.environ.get("MLXDIST_MAX_CONTEXT", "0")) or None,
-        help="tokens of prompt and answer a request may use (default: the model's own limit)",
-    )
-    args = p.parse_args(argv)
-    if args.parallel == "pipeline":
-        if not args.split:
-            p.error("--split is needed in pipeline mode")
-        args.split = [int(s) for s in args.split.split(",")]
-        args.ranks = len(args.split)
-    elif not args.ranks or args.ranks < 1:
-        p.error(f"--ranks is needed in {args.parallel} mode")
-    args.experts = [int(s) for s in args.experts.split(",")] if args.experts else None
+    """The rank's settings (RankSpec.from_argv), its split and experts as lists."""
+    spec = RankSpec.from_argv(argv)
+    args = argparse.Namespace(**asdict(spec))
+    args.split = list(spec.split) if spec.split else None
+    args.experts = list(spec.experts) if spec.experts else None
     return args
 
 
@@ -102,10 +75,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlx.core as mx
 
+    from mlxdist.runtime.lockstep import cut_sums
     from quantize.checkpoint import CheckpointError
     from quantize.memory import peak_rss
-
-    from mlxdist.runtime.lockstep import cut_sums
 
     size = args.ranks
     group = mx.distributed.init(strict=size > 1, backend=args.backend if size > 1 else "any")

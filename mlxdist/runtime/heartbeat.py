@@ -19,14 +19,15 @@ import threading
 import time
 from collections.abc import Callable
 
+from launcher.rankspec import HEARTBEAT_TOKEN_ENV as TOKEN_ENV
+from launcher.rankspec import PEER_GONE
+
 INTERVAL = 1.0
 TIMEOUT = 5.0  # no beat for this long once rank 0 serves: the peer is stopped or hung
 # While loading, MLX's ring set-up holds the interpreter lock (no beat leaves) until every rank
 # has joined, and rank 0 then loads the tokenizer and starts its server: silence is judged more
 # leniently until rank 0 says it is ready.
 LOAD_TIMEOUT = 120.0
-TOKEN_ENV = "MLXDIST_HEARTBEAT_TOKEN"
-PEER_GONE = 5  # the exit code of a rank whose rank 0 went away
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -6,15 +6,11 @@ from collections.abc import Iterator
 
 import mlx.core as mx
 
-from mlxdist.runtime.pipeline import LOGITS, NEW, SAMPLE, Runner, Step
-
-# As mlx-lm's generate_step: the prompt but its last token is prefilled in chunks of this size,
-# then the last token is a step of its own, so the numbers match a single process exactly.
-PREFILL_CHUNK = 2048
+from mlxdist.runtime.pipeline import LOGITS, NEW, SAMPLE, Step
 
 
 def generate_tokens(
-    runner: Runner,
+    runner: StepRunner,
     prompt: list[int],
     max_tokens: int,
     *,
@@ -24,16 +20,12 @@ def generate_tokens(
     eos_ids: set[int] | frozenset[int] = frozenset(),
 ) -> Iterator[int]:
     """Yields sampled token ids until an end-of-sequence token or max_tokens."""
-    if not prompt:
-        raise ValueError("the prompt has no tokens")
+    steps = prefill_steps(prompt)
     if max_tokens <= 0:
         return
     sampling = {"seed": seed, "temp": temp, "top_p": top_p}
-    head, flags = prompt[:-1], NEW
-    for i in range(0, len(head), PREFILL_CHUNK):
-        runner.step(head[i : i + PREFILL_CHUNK], Step(0, flags, **sampling))
-        flags = 0
-    token = runner.step(prompt[-1:], Step(0, flags | SAMPLE, **sampling))
+    for tokens, flags in steps:
+        token = runner.step(tokens, Step(0, flags, **sampling))
     if runner.size == 1:
         yield from _decode_overlapped(runner, token, max_tokens, eos_ids)
         return
@@ -46,11 +38,11 @@ def generate_tokens(
 
 
 def _decode_overlapped(
-    runner: Runner, token: mx.array, max_tokens: int, eos_ids: set[int] | frozenset[int]
+    runner: StepRunner, token: mx.array, max_tokens: int, eos_ids: set[int] | frozenset[int]
 ) -> Iterator[int]:
     """One rank, no ring: as mlx-lm's generate_step, the next step is built and queued while
     the current one computes, so Python's share of a step overlaps MLX's. The same operations
-    as Runner.step on the last rank, so the same tokens."""
+    as pipeline.Runner.step on the last rank, so the same tokens."""
     stage = runner.stage
 
     def step(y: mx.array) -> mx.array:
@@ -70,6 +62,6 @@ def _decode_overlapped(
         token = following
 
 
-def last_logits(runner: Runner, prompt: list[int]) -> mx.array:
+def last_logits(runner: StepRunner, prompt: list[int]) -> mx.array:
     """The logits at the last position of prompt, from one pass over the whole prompt."""
     return runner.step(prompt, Step(0, NEW | LOGITS))

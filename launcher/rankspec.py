@@ -1,0 +1,157 @@
+"""The contract between every starter of a rank (local, agent, ssh) and the rank itself: its
+settings, its command line `python -m mlxdist.rank FLAGS`, and what it tells its starter back.
+
+Imported by the rank process too: the standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+RANK_MODULE = "mlxdist.rank"  # a rank is `python -m RANK_MODULE *RankSpec.to_argv()`
+NODE_FAILED = 4  # rank 0's exit code when another rank failed; its log's last line names it
+PEER_GONE = 5  # the exit code of any other rank that left because rank 0 went away
+HEARTBEAT_TOKEN_ENV = "MLXDIST_HEARTBEAT_TOKEN"  # in the environment: no one reads it in `ps`
+MAX_CONTEXT_ENV = "MLXDIST_MAX_CONTEXT"  # the rank's --max-context when none is given
+AGENT_PORT = 52417  # a host's agent, unless hosts.toml gives its agent_port
+# As mlx-lm's generate_step: the prompt but its last token is prefilled in chunks of this size,
+# then the last token is a step of its own, so the numbers match a single process exactly.
+PREFILL_CHUNK = 2048
+
+PARALLEL = ("pipeline", "expert", "tensor")
+ATTENTION = ("replicated", "sharded")
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """One rank's settings. A pipeline rank has a split (its ranks are len(split)); an expert or
+    tensor rank has ranks and, in expert mode, maybe its routed experts per rank."""
+
+    model: str
+    parallel: str = "pipeline"
+    split: tuple[int, ...] | None = None  # layers per rank
+    ranks: int | None = None
+    experts: tuple[int, ...] | None = None  # routed experts per rank (default: as even as can be)
+    attention: str = "sharded"
+    name: str | None = None  # the model's name in the API (default: its folder's)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    backend: str = "ring"
+    heartbeat: str | None = None  # HOST:PORT where rank 0 hears the ranks
+    node: str | None = None  # this host's name, as the launcher calls it
+    max_context: int | None = None  # None: MAX_CONTEXT_ENV's, else the model's own limit
+
+    def __post_init__(self) -> None:
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}")
+        if self.parallel == "pipeline":
+            if not self.split:
+                raise ValueError("--split is needed in pipeline mode")
+            object.__setattr__(self, "split", tuple(self.split))
+            object.__setattr__(self, "ranks", len(self.split))
+        elif self.split is not None:
+            raise ValueError(f"a split is for pipeline mode; {self.parallel} mode takes ranks")
+        elif not self.ranks or self.ranks < 1:
+            raise ValueError(f"--ranks is needed in {self.parallel} mode")
+        object.__setattr__(self, "experts", tuple(self.experts) if self.experts else None)
+
+    @classmethod
+    def for_split(
+        cls,
+        model: str,
+        split: Sequence[int],
+        parallel: str = "pipeline",
+        experts: Sequence[int] | None = None,
+        **settings,
+    ) -> RankSpec:
+        """A rank of a launch given as layers per rank; in expert and tensor mode only the
+        number of ranks counts."""
+        if parallel == "pipeline":
+            return cls(model, parallel, split=tuple(split), experts=experts, **settings)
+        return cls(model, parallel, ranks=len(split), experts=experts, **settings)
+
+    def to_argv(self) -> list[str]:
+        """The flags after `python -m mlxdist.rank`, each followed by its one value."""
+        argv = ["--model", self.model]
+        if self.parallel == "pipeline":
+            argv += ["--split", _join(self.split)]
+        else:
+            argv += ["--parallel", self.parallel, "--ranks", str(self.ranks)]
+        if self.experts:
+            argv += ["--experts", _join(self.experts)]
+        argv += ["--host", self.host, "--port", str(self.port)]
+        if self.name is not None:
+            argv += ["--name", self.name]
+        argv += ["--backend", self.backend]
+        if self.attention != "sharded":
+            argv += ["--attention", self.attention]
+        if self.max_context:
+            argv += ["--max-context", str(self.max_context)]
+        if self.heartbeat:
+            argv += ["--heartbeat", self.heartbeat]
+        if self.node:
+            argv += ["--node", self.node]
+        return argv
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str] | None = None) -> RankSpec:
+        """The spec a rank's flags give (sys.argv's when None); exits with a usage error, as
+        argparse does, for flags it cannot take."""
+        p = _parser()
+        a = p.parse_args(argv)
+        if a.parallel == "pipeline":
+            if not a.split:
+                p.error("--split is needed in pipeline mode")
+            split = _ints(p, "--split", a.split)
+        elif not a.ranks or a.ranks < 1:
+            p.error(f"--ranks is needed in {a.parallel} mode")
+        else:
+            split = None
+        experts = _ints(p, "--experts", a.experts) if a.experts else None
+        settings = {f.name: getattr(a, f.name) for f in fields(cls)}
+        return cls(**settings | {"split": split, "experts": experts})
+
+
+def _join(counts: Sequence[int]) -> str:
+    return ",".join(str(n) for n in counts)
+
+
+def _ints(p: argparse.ArgumentParser, flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        p.error(f"{flag} takes whole numbers separated by commas, not {text!r}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=RANK_MODULE)
+    p.add_argument("--model", required=True)
+    p.add_argument("--split", help="layers per rank, e.g. 15,15 (pipeline)")
+    p.add_argument("--parallel", choices=PARALLEL, default="pipeline")
+    p.add_argument("--ranks", type=int, help="ranks in the group (expert and tensor)")
+    p.add_argument("--experts", help="routed experts per rank, e.g. 3,3,2 (expert)")
+    p.add_argument(
+        "--attention",
+        choices=ATTENTION,
+        default="sharded",
+        help="expert mode: attention heads and shared experts cut over the ranks where they "
+        "divide (measured faster), or whole on every rank",
+    )
+    p.add_argument("--name", default=None, help="model name shown by the API")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--backend", default="ring")
+    p.add_argument("--heartbeat", default=None, help="HOST:PORT where rank 0 hears the ranks")
+    p.add_argument("--node", default=None, help="this host's name, as the launcher calls it")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=int(os.environ.get(MAX_CONTEXT_ENV, "0")) or None,
+        help="tokens of prompt and answer a request may use (default: the model's own limit)",
+    )
+    return p
