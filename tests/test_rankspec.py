@@ -1,0 +1,229 @@
+"""The rank's command line: RankSpec both ways, and every starter's argv read back by the rank."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from launcher import local
+from launcher.agent import Runs, StartRank
+from launcher.rankspec import MAX_CONTEXT_ENV, RANK_MODULE, RankSpec
+from launcher.ssh import SshClient
+
+BASE = ["--host", "127.0.0.1", "--port", "8080"]
+
+# (spec, its argv): one row per mode, and every optional flag at least once.
+SPECS = [
+    (RankSpec("/m", split=(2, 3)), ["--model", "/m", "--split", "2,3", *BASE, "--backend", "ring"]),
+    (
+        RankSpec("/m", "expert", ranks=3),
+        ["--model", "/m", "--parallel", "expert", "--ranks", "3", *BASE, "--backend", "ring"],
+    ),
+    (
+        RankSpec("/m", "expert", ranks=2, experts=(5, 3), attention="replicated"),
+        ["--model", "/m", "--parallel", "expert", "--ranks", "2", "--experts", "5,3", *BASE]
+        + ["--backend", "ring", "--attention", "replicated"],
+    ),
+    (
+        RankSpec("/m", "tensor", ranks=2, name="tiny", host="10.0.0.1", port=18080),
+        ["--model", "/m", "--parallel", "tensor", "--ranks", "2", "--host", "10.0.0.1"]
+        + ["--port", "18080", "--name", "tiny", "--backend", "ring"],
+    ),
+    (
+        RankSpec("/m", split=(4,), max_context=4096, heartbeat="[fe80::1%en0]:9", node="mac-1"),
+        ["--model", "/m", "--split", "4", *BASE, "--backend", "ring", "--max-context", "4096"]
+        + ["--heartbeat", "[fe80::1%en0]:9", "--node", "mac-1"],
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def no_context_env(monkeypatch):
+    monkeypatch.delenv(MAX_CONTEXT_ENV, raising=False)
+
+
+@pytest.mark.parametrize("spec,argv", SPECS)
+def test_argv_of_a_known_spec(spec, argv):
+    assert spec.to_argv() == argv
+
+
+@pytest.mark.parametrize("spec", [s for s, _ in SPECS])
+def test_round_trip(spec):
+    assert RankSpec.from_argv(spec.to_argv()) == spec
+
+
+def test_pipeline_ranks_are_the_split():
+    assert RankSpec("/m", split=[2, 2, 2]) == RankSpec("/m", split=(2, 2, 2), ranks=3)
+    assert RankSpec("/m", split=[2, 2, 2]).ranks == 3
+    assert RankSpec.from_argv(["--model", "/m", "--split", "1,2", "--ranks", "7"]).ranks == 2
+
+
+def test_for_split_counts_ranks_outside_pipeline_mode():
+    assert RankSpec.for_split("/m", [2, 2]) == RankSpec("/m", split=(2, 2))
+    assert RankSpec.for_split("/m", [2, 2], "tensor") == RankSpec("/m", "tensor", ranks=2)
+    spec = RankSpec.for_split("/m", [2, 2, 2], "expert", [3, 3, 2])
+    assert (spec.split, spec.ranks, spec.experts) == (None, 3, (3, 3, 2))
+
+
+def test_max_context_defaults_to_the_environment(monkeypatch):
+    monkeypatch.setenv(MAX_CONTEXT_ENV, "512")
+    assert RankSpec.from_argv(["--model", "/m", "--split", "2"]).max_context == 512
+    assert (
+        RankSpec.from_argv(["--model", "/m", "--split", "2", "--max-context", "9"]).max_context == 9
+    )
+    monkeypatch.setenv(MAX_CONTEXT_ENV, "0")
+    assert RankSpec.from_argv(["--model", "/m", "--split", "2"]).max_context is None
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "/m"], "--split is needed in pipeline mode"),
+        (["--model", "/m", "--split", ""], "--split is needed in pipeline mode"),
+        (["--model", "/m", "--parallel", "expert"], "--ranks is needed in expert mode"),
+        (["--model", "/m", "--parallel", "tensor", "--ranks", "0"], "--ranks is needed in tensor"),
+        (["--split", "2,2"], "the following arguments are required: --model"),
+        (["--model", "/m", "--split", "2,x"], "--split takes whole numbers"),
+        (["--model", "/m", "--split", "2", "--experts", "3,"], "--experts takes whole numbers"),
+        (["--model", "/m", "--parallel", "sequence", "--ranks", "2"], "invalid choice"),
+        (["--model", "/m", "--split", "2", "--attention", "half"], "invalid choice"),
+        (["--model", "/m", "--split", "2", "--port", "http"], "invalid int value"),
+        (["--model", "/m", "--split", "2", "--colour", "red"], "unrecognized arguments"),
+    ],
+)
+def test_bad_argv_is_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        RankSpec.from_argv(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"split": None},
+        {"split": ()},
+        {"parallel": "expert", "ranks": None},
+        {"parallel": "tensor", "ranks": 2, "split": (1, 1)},
+        {"parallel": "sequence"},
+        {"attention": "half"},
+    ],
+)
+def test_bad_spec_is_refused(fields):
+    with pytest.raises(ValueError):
+        RankSpec(**{"model": "/m", "split": (2, 2)} | fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# The three starters, each caught where it would start its process
+
+
+class _Popen:
+    def __init__(self, args, **_):
+        self.args = args
+        self.pid = 4242
+
+    def poll(self):
+        return None
+
+
+@pytest.fixture
+def started(monkeypatch):
+    calls: list[list[str]] = []
+
+    def popen(args, **kw):
+        calls.append(list(args))
+        return _Popen(args, **kw)
+
+    monkeypatch.setattr("subprocess.Popen", popen)
+    return calls
+
+
+def _rank_flags(command: list[str]) -> list[str]:
+    """The flags after `PYTHON -m mlxdist.rank`."""
+    assert command[1:3] == ["-m", RANK_MODULE]
+    return command[3:]
+
+
+def local_argv(started, tmp_path, req: dict) -> list[list[str]]:
+    local.start_local(
+        Path(req["model"]),
+        req["split"],
+        host=req["http_host"],
+        port=req["http_port"],
+        name=req["name"],
+        run_dir=tmp_path / "local",
+        parallel=req.get("parallel", "pipeline"),
+        experts=req.get("experts"),
+    )
+    return [_rank_flags(c) for c in started]
+
+
+def agent_argv(started, tmp_path, req: dict) -> list[list[str]]:
+    runs = Runs(tmp_path / "runs", "/py")
+    (tmp_path / "runs").mkdir()
+    hostfile = [[f"10.0.0.{r + 1}:5000"] for r in range(len(req["split"]))]
+    for rank in range(len(req["split"])):
+        runs.start(Path(req["model"]), StartRank(**req, rank=rank, hostfile=hostfile))
+    return [_rank_flags(c) for c in started]
+
+
+def ssh_argv(started, tmp_path, req: dict) -> list[list[str]]:
+    client = SshClient("me@mac", python="/py", logs=tmp_path)
+    hostfile = [[f"10.0.0.{r + 1}:5000"] for r in range(len(req["split"]))]
+    for rank in range(len(req["split"])):
+        client.start_rank(**req, rank=rank, hostfile=hostfile)
+    scripts = [c[-1] for c in started]
+    return [_rank_flags(shlex.split(s.split("exec ", 1)[1])) for s in scripts]
+
+
+REQUESTS = [
+    {"split": [2, 2]},
+    {"split": [1, 2, 1]},
+    {"split": [4, 4], "parallel": "expert"},
+    {"split": [4, 4, 4], "parallel": "expert", "experts": [3, 3, 2]},
+    {"split": [4, 4], "parallel": "tensor"},
+]
+
+
+@pytest.mark.parametrize("fields", REQUESTS)
+@pytest.mark.parametrize("starter", [local_argv, agent_argv, ssh_argv])
+def test_every_starter_gives_the_spec_of_the_request(starter, fields, started, tmp_path):
+    model = tmp_path / "tiny"  # local reads its routed experts when none are given
+    model.mkdir()
+    (model / "config.json").write_text('{"n_routed_experts": 8, "num_hidden_layers": 4}')
+    req = {"model": str(model), "http_host": "127.0.0.1", "http_port": 18080, "name": "tiny"}
+    req |= fields
+    expected = RankSpec.for_split(
+        str(model),
+        req["split"],
+        req.get("parallel", "pipeline"),
+        req.get("experts"),
+        name="tiny",
+        port=18080,
+    )
+    argvs = starter(started, tmp_path, req)
+    assert len(argvs) == len(req["split"])
+    for argv in argvs:
+        spec = RankSpec.from_argv(argv)
+        assert spec.to_argv() == argv
+        if starter is local_argv:  # local ranks always beat to rank 0 on loopback
+            assert spec.heartbeat.startswith("127.0.0.1:")
+            spec = replace(spec, heartbeat=None)
+        assert spec == expected
+
+
+def test_agent_and_ssh_carry_max_context_and_the_agent_its_heartbeat(started, tmp_path):
+    req = {"model": "/models/tiny", "split": [2, 2], "http_host": "10.0.0.1"}
+    req |= {"http_port": 18080, "name": "tiny", "max_context": 4096}
+    expected = RankSpec("/models/tiny", split=(2, 2), name="tiny", host="10.0.0.1", port=18080)
+    expected = replace(expected, max_context=4096)
+    [ssh0, ssh1] = ssh_argv(started, tmp_path, req)
+    assert RankSpec.from_argv(ssh0) == RankSpec.from_argv(ssh1) == expected
+    started.clear()
+    beats = {"heartbeat_port": 18081, "heartbeat_token": "ab" * 16, "node": "mac-1"}
+    [agent0, _] = agent_argv(started, tmp_path, req | beats)
+    assert RankSpec.from_argv(agent0) == replace(expected, heartbeat="10.0.0.1:18081", node="mac-1")
