@@ -3,7 +3,7 @@
 Rank 0 broadcasts each step's control vector and token ids with all_sum (the others add zeros:
 the ring backend sends and receives only between neighbours, but all_sum reaches every rank).
 Then all ranks run the same layers on the same tokens; the layers' own all_sums combine their
-parts. Only rank 0 computes logits and samples. The interface is pipeline.Runner's.
+parts. Only rank 0 computes logits and samples. A StepRunner: one step at a time, no interleaving.
 """
 
 from __future__ import annotations
@@ -13,20 +13,12 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllLinear
 
 from mlxdist.runtime.expert import shards
-from mlxdist.runtime.pipeline import (
-    _CTRL,
-    CMD_STATS,
-    CMD_STEP,
-    CMD_STOP,
-    LOGITS,
-    NEW,
-    SAMPLE,
-    Step,
-    gather_stats,
-)
+from mlxdist.runtime.pipeline import gather_stats
 from mlxdist.runtime.ringwait import RingWaiter
+from mlxdist.runtime.runner import StepRunner
 from mlxdist.runtime.sampling import Sampler
 from mlxdist.runtime.stage import Stage
+from mlxdist.runtime.step import _CTRL, CMD_STATS, CMD_STEP, CMD_STOP, LOGITS, NEW, SAMPLE, Step
 
 # Lock step runs one sequence at a time, so the control vector's slot field is free to carry a
 # decode step's one token id.
@@ -43,7 +35,7 @@ def cut_sums(model: nn.Module) -> int:
     )
 
 
-class LockstepRunner:
+class LockstepRunner(StepRunner):
     """One rank of an expert- or tensor-parallel group: the whole model's layers, its KV cache,
     and (on rank 0) sampling."""
 
