@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from launcher import local
-from launcher.agent import Runs, StartRank
+from launcher.agent import StartRank
+from launcher.agent.app import Runs
 from launcher.rankspec import MAX_CONTEXT_ENV, RANK_MODULE, RankSpec
 from launcher.ssh import SshClient
 

@@ -39,9 +39,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from quantize.checkpoint import CheckpointError, read_config, sha256_file
 from quantize.nodes import check_expert_node, check_node, even_experts, node_manifest
 
-from .auth import AuthError, Verifier
-from .hostfile import ring_hostfile
-from .rankspec import HEARTBEAT_TOKEN_ENV, RANK_MODULE, RankSpec
+from ..auth import AuthError, Verifier
+from ..hostfile import ring_hostfile
+from ..rankspec import HEARTBEAT_TOKEN_ENV, RANK_MODULE, RankSpec
 
 MiB = 2**20
 STOP_TIMEOUT = 5.0
