@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 
 import httpx
+from httpx_sse import EventSource, SSEError
 
 from quantize.errors import UserError
 
@@ -70,17 +71,15 @@ def stream_completion(
 
 def _stream(url: str, body: dict, headers: dict | None, chat: bool) -> Iterator[tuple[str, dict]]:
     done: dict = {"finish_reason": None, "usage": None}
+    headers = {**(headers or {}), "Accept": "text/event-stream"}
     try:
         with httpx.stream("POST", url, json=body, headers=headers, timeout=TIMEOUT) as r:
             if r.status_code != 200:
                 r.read()
                 lost = r.status_code == 503
                 raise ClientError(f"{url} answered {r.status_code}: {_detail(r)}", lost=lost)
-            for line in r.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+            for data in event_data(r):
+                if data.strip() == "[DONE]":
                     break
                 event = json.loads(data)
                 if event.get("error"):
@@ -95,6 +94,8 @@ def _stream(url: str, body: dict, headers: dict | None, chat: bool) -> Iterator[
                     yield from _pieces(choice, chat)
                     if choice.get("finish_reason"):
                         done["finish_reason"] = choice["finish_reason"]
+    except SSEError as e:  # an httpx.HTTPError too, but the server is there: not lost
+        raise ClientError(f"{url} did not answer with server-sent events ({e})") from None
     except httpx.HTTPError as e:
         raise ClientError(
             f"lost the connection to {url}: {e or type(e).__name__}", lost=True
@@ -102,6 +103,15 @@ def _stream(url: str, body: dict, headers: dict | None, chat: bool) -> Iterator[
     except json.JSONDecodeError:
         raise ClientError(f"{url} sent an event that is not JSON") from None
     yield "done", done
+
+
+def event_data(response: httpx.Response) -> Iterator[str]:
+    """The data of each server-sent event in a streamed response, parsed as the SSE spec says
+    (multi-line data joined by newlines, comments and other fields left out); events without
+    data are skipped. Raises SSEError if the response is not an event stream."""
+    for event in EventSource(response).iter_sse():
+        if event.data:
+            yield event.data
 
 
 def _pieces(choice: dict, chat: bool) -> Iterator[tuple[str, dict]]:

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
+from mlxdist.client.api_client import event_data
+
 
 @dataclass
 class Run:
@@ -86,10 +88,10 @@ def stream_once(url: str, prompt: list[int], max_tokens: int, timeout: float = 6
     server_tps, arrivals = 0.0, []
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        for text in event_data(r):
+            if text == "[DONE]":
                 continue
-            data = json.loads(line[6:])
+            data = json.loads(text)
             if "error" in data:
                 raise RuntimeError(data["error"]["message"])
             if data.get("usage"):
