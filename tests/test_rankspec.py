@@ -10,7 +10,7 @@ import pytest
 
 from launcher import local
 from launcher.agent import StartRank
-from launcher.agent.app import Runs
+from launcher.agent.ranks import Runs
 from launcher.rankspec import MAX_CONTEXT_ENV, RANK_MODULE, RankSpec
 from launcher.ssh import SshClient
 

@@ -6,6 +6,8 @@ Nothing a request carries becomes a command or a flag: a rank is always
 `python -m mlxdist.rank` with validated values, and files land only inside models_dir.
 """
 
-from .app import StartRank, create_agent_app, rank_argv, serve_agent
+from .app import create_agent_app, serve_agent
+from .ranks import rank_argv
+from .requests import StartRank
 
 __all__ = ["StartRank", "create_agent_app", "rank_argv", "serve_agent"]

@@ -1,0 +1,108 @@
+"""The agent's request bodies: every value checked before it reaches a command line or a path."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..hostfile import ring_hostfile
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # never starts with "-": not a flag
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_PORT = re.compile(r"[0-9]{1,5}")
+_SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,15}")  # en0, bridge0, 4
+
+
+def _check_ip(value: str) -> str:
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+    scope = getattr(ip, "scope_id", None)  # ipaddress takes any text after "%" as the scope
+    if scope is not None and not _SCOPE.fullmatch(scope):
+        raise ValueError(f"{value!r}: the scope must be an interface name or number")
+    return str(ip)
+
+
+def _check_ring_entry(entry: str) -> None:
+    host, _, port = entry.rpartition(":")
+    if not _PORT.fullmatch(port):
+        raise ValueError(f"{entry!r} is not ip:port")
+    _check_ip(host.removeprefix("[").removesuffix("]"))
+
+
+class StartRank(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field(min_length=1, max_length=1024)
+    split: list[Annotated[int, Field(ge=1, le=1000)]] = Field(min_length=1, max_length=64)
+    rank: int = Field(ge=0)
+    hostfile: list[list[Annotated[str, Field(max_length=64)]]] = Field(
+        default_factory=list, max_length=64
+    )
+    http_host: str = Field(max_length=64)
+    http_port: int = Field(ge=1024, le=65535)
+    name: str
+    backend: Literal["ring"] = "ring"
+    max_context: int | None = Field(None, ge=1, le=10_000_000)
+    # Rank 0 hears every rank's heartbeat on http_host:heartbeat_port; the token shows it is one.
+    heartbeat_port: int | None = Field(None, ge=1024, le=65535)
+    heartbeat_token: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
+    node: str | None = None  # the launcher's name for this host, in failure reports
+    # expert: len(split) ranks run every layer, each with its routed experts (counts per rank);
+    # tensor: len(split) ranks each hold 1/N of every layer, read from the whole model
+    parallel: Literal["pipeline", "expert", "tensor"] = "pipeline"
+    experts: list[Annotated[int, Field(ge=1, le=100_000)]] | None = Field(None, max_length=64)
+
+    @field_validator("http_host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _check_ip(value)
+
+    @field_validator("name", "node")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not _NAME.fullmatch(value):
+            raise ValueError("name must be 1-64 letters, digits, '.', '_' or '-', not starting '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _ranks(self) -> StartRank:
+        size = len(self.split)
+        if self.experts is not None and (self.parallel != "expert" or len(self.experts) != size):
+            raise ValueError("experts gives one count per rank, in expert mode only")
+        if self.rank >= size:
+            raise ValueError(f"rank {self.rank} is not below the {size} ranks of the split")
+        if size > 1 and len(self.hostfile) != size:
+            raise ValueError(f"hostfile needs one entry per rank ({size})")
+        if size == 1 and len(self.hostfile) > 1:
+            raise ValueError("a single rank takes no hostfile")
+        if self.hostfile:
+            for entries in self.hostfile:
+                if len(entries) > 16:
+                    raise ValueError("at most 16 addresses per rank")
+                for entry in entries:
+                    _check_ring_entry(entry)
+            ring_hostfile(self.hostfile)
+        return self
+
+
+class CompleteFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    path: str = Field(min_length=1, max_length=1024)
+    size: int = Field(ge=0)
+    sha256: str
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, value: str) -> str:
+        value = value.lower()
+        if not _SHA256.fullmatch(value):
+            raise ValueError("sha256 must be 64 hex digits")
+        return value
