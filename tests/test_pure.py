@@ -6,10 +6,11 @@ import mlx.core as mx
 import pytest
 
 from launcher.hostfile import free_ports, ring_hostfile
-from mlxdist.cli import UserError, _parse_split
+from mlxdist.cli.launch import _parse_split
 from mlxdist.runtime.pipeline import CMD_STOP, LOGITS, NEW, SAMPLE, Step
 from mlxdist.runtime.stage import _needed, stage_range
 from quantize.checkpoint import layer_of
+from quantize.errors import UserError
 from quantize.nodes import even_split, expert_sets, row_runs, spans
 
 

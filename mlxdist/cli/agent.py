@@ -3,23 +3,64 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
 import mlxdist
-from launcher.agent import create_agent_app, serve_agent
-from launcher.agent_client import AgentError
-from launcher.cluster import discover_nodes
-from launcher.discovery import Advertiser
-from launcher.hostfacts import HostFacts, collect
-from launcher.interfaces import listen_addresses
-from launcher.secret import config_dir, create_secret, default_secret_path, load_secret
+from mlxdist.cli.app import app
+from quantize.errors import UserError
+
+if TYPE_CHECKING:
+    from launcher.hostfacts import HostFacts
 
 console = Console(stderr=True, soft_wrap=True)
 
 
+@app.command("init")
+def init_cmd(
+    secret_file: Path | None = typer.Option(
+        None, "--secret-file", help="default ~/.mlxdist/secret"
+    ),
+    force: bool = typer.Option(False, help="replace an existing secret"),
+) -> None:
+    """Create the cluster secret that every agent and launcher shares."""
+    init(secret_file, force)
+
+
+@app.command("agent")
+def agent_cmd(
+    cluster: str = typer.Option("default", help="cluster name: launchers find only their own"),
+    interface: list[str] = typer.Option([], help="interface to listen and advertise on"),
+    port: int = typer.Option(52417, help="the agent's port"),
+    secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
+    models_dir: Path | None = typer.Option(None, "--models-dir", help="where shards are kept"),
+) -> None:
+    """Run this node's agent: advertised by zeroconf, starts ranks when a launcher asks."""
+    try:
+        run_agent(cluster, interface, port, secret_file, models_dir)
+    except OSError as e:  # e.g. the port is taken
+        raise UserError(str(e)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@app.command("status")
+def status_cmd(
+    cluster: str = typer.Option("default", help="cluster name"),
+    interface: list[str] = typer.Option([], help="interface to discover agents on"),
+    secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
+    timeout: float = typer.Option(3.0, help="seconds to listen for agents"),
+) -> None:
+    """Agents of the cluster, their memory, links and running ranks, as a table."""
+    raise typer.Exit(status(cluster, interface, secret_file, timeout))
+
+
 def init(secret_file: Path | None, force: bool) -> None:
+    from launcher.secret import create_secret, default_secret_path
+
     path = create_secret(secret_file or default_secret_path(), force=force)
     console.print(f"created the cluster secret {path} (mode 0600)")
     console.print(
@@ -49,6 +90,12 @@ def run_agent(
     secret_file: Path | None,
     models_dir: Path | None,
 ) -> None:
+    from launcher.agent import create_agent_app, serve_agent
+    from launcher.discovery import Advertiser
+    from launcher.hostfacts import collect
+    from launcher.interfaces import listen_addresses
+    from launcher.secret import config_dir, load_secret
+
     secret = load_secret(secret_file)
     facts = collect(node_id_path=config_dir() / "node_id")
     addresses = listen_addresses(facts, interfaces)
@@ -74,6 +121,10 @@ def run_agent(
 
 def status(cluster: str, interfaces: list[str], secret_file: Path | None, timeout: float) -> int:
     """A table of the cluster's agents: memory, links and running ranks."""
+    from launcher.agent_client import AgentError
+    from launcher.cluster import discover_nodes
+    from launcher.secret import load_secret
+
     secret = load_secret(secret_file)
     nodes = discover_nodes(cluster, interfaces, secret, timeout)
     table = Table(title=f"cluster {cluster!r}: {len(nodes)} agents")

@@ -1,32 +1,57 @@
-"""The user's side of `mlxdist plan`: which node holds which layers, as a table or JSON."""
+"""`mlxdist plan`: which node holds which layers, as a table or JSON."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
-from launcher import perfmodel
-from launcher.hosts import read_hosts
-from launcher.planner import (
-    DEFAULT_HEADROOM,
-    GIB,
-    ModelSpec,
-    NodeSpec,
-    Plan,
-    model_spec_from_folder,
-    parse_simulate,
-    plan,
-    plan_experts,
-    plan_to_json,
-)
-from quantize.checkpoint import CheckpointError, read_config
+from mlxdist.cli.app import app
+from quantize.errors import UserError
+
+if TYPE_CHECKING:
+    from launcher.planner import ModelSpec, NodeSpec, Plan
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Argument(..., help="model folder or a bare config.json"),
+    hosts: Path | None = typer.Option(None, help="hosts.toml with each host's memory_gb"),
+    simulate: str | None = typer.Option(None, help='a cluster that is not here, e.g. "6x192GB"'),
+    context: int = typer.Option(4096, min=1, help="tokens of context to hold in the KV cache"),
+    batch: int = typer.Option(1, min=1, help="sequences decoded at once"),
+    bits: int = typer.Option(4, help="width planned for a model not yet quantised"),
+    as_json: bool = typer.Option(False, "--json", help="the plan as JSON (for quantize --plan)"),
+    link: str = typer.Option("tb5", help="link for the prediction: tb5, tb4 or rdma"),
+    parallel: str = typer.Option("pipeline", help="pipeline (layers) or expert (routed experts)"),
+) -> None:
+    """Plan who holds what: layers (or experts) per node weighted by memory."""
+    try:
+        code = plan_command(
+            model,
+            str(hosts) if hosts else None,
+            simulate,
+            context,
+            batch,
+            bits,
+            as_json,
+            link,
+            parallel=parallel,
+        )
+    except ValueError as e:  # plan_command's faults: the options, the hosts file, the model
+        raise UserError(str(e)) from None
+    raise typer.Exit(code)
 
 
 def nodes_from_hosts(path: str | Path) -> list[NodeSpec]:
     """Nodes in rank order from a hosts.toml, each with its memory_gb (GB as Apple sells them)."""
+    from launcher.hosts import read_hosts
+    from launcher.planner import GIB, NodeSpec
+
     nodes = []
     for h in read_hosts(path).hosts:
         if h.memory_gb is None:
@@ -52,6 +77,16 @@ def plan_command(
     """Prints the plan (layers per node, or experts per node with parallel="expert") and the
     predicted decode speed over `link` (tb5, tb4 or rdma); 0 when the model fits, 1 when it
     does not. Faults raise ValueError."""
+    from launcher import perfmodel
+    from launcher.planner import (
+        model_spec_from_folder,
+        parse_simulate,
+        plan,
+        plan_experts,
+        plan_to_json,
+    )
+    from quantize.checkpoint import CheckpointError
+
     if parallel not in ("pipeline", "expert"):
         raise ValueError(f"--parallel {parallel!r} must be pipeline or expert")
     if (hosts is None) == (simulate is None):
@@ -83,6 +118,10 @@ def predict_for_plan(
     pipeline with the plan's split; tensor and expert with whether their shares fit. Nodes
     without a chip take perfmodel's default for their memory. {"error": ...} when the model's
     architecture cannot be built to count its bytes."""
+    from launcher import perfmodel
+    from launcher.planner import plan_experts
+    from quantize.checkpoint import CheckpointError, read_config
+
     try:
         active = perfmodel.bytes_per_token(read_config(model), bits=bits)
     except (CheckpointError, ValueError, KeyError, ImportError) as e:
@@ -144,6 +183,8 @@ def _gb(n: int) -> str:
 def print_plan(p: Plan, console: Console) -> None:
     """The plan as a table of nodes, and its verdict in one line: a pipeline split, or each
     node's routed experts (expert parallelism, with the activations it holds)."""
+    from launcher.planner import DEFAULT_HEADROOM
+
     expert = p.parallel == "expert"
     if expert:
         title = (

@@ -1,39 +1,69 @@
-"""The user's side of `mlxdist quantize`: sources, the split, a progress bar, tables."""
+"""`mlxdist quantize`: sources, the split, a progress bar, tables."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 
-from quantize.checkpoint import human_bytes, inspect_model
-from quantize.convert import QuantizeError, Settings, make_plan, run
-from quantize.estimate import estimate
-from quantize.nodes import (
-    even_split,
-    expert_sets,
-    model_expert_sets,
-    parse_experts,
-    parse_split,
-    read_expert_plan_file,
-    read_plan_file,
-    spans,
-)
-from quantize.recipes import R1_RECIPES, default_spec, parse_override
-from quantize.source import config_only, resolve_source
+from mlxdist.cli.app import app
+from quantize.errors import UserError
+
+if TYPE_CHECKING:
+    from quantize.convert import Settings
 
 console = Console(stderr=True, soft_wrap=True)  # one fact per line, however narrow
+
+
+@app.command("quantize")
+def quantize_cmd(
+    src: str = typer.Argument(..., help="model folder, .gguf file, or Hugging Face repo id"),
+    out: Path | None = typer.Argument(None, help="output folder (not needed with --dry-run)"),
+    bits: int | None = typer.Option(None, help="bits per weight (default: 4 for affine)"),
+    group_size: int | None = typer.Option(None, "--group-size", help="default: 64 for affine"),
+    mode: str = typer.Option("affine", help="affine, mxfp4, nvfp4 or mxfp8"),
+    recipe: str | None = typer.Option(None, help="r1-4bit, r1-3bit, or mlx-lm's mixed_3_6 ..."),
+    override: list[str] = typer.Option(
+        [], "--override", help="PATTERN=BITS[:GROUP[:MODE]] or PATTERN=none, e.g. '*.o_proj=8'"
+    ),
+    nodes: int | None = typer.Option(None, help="also cut per-node folders, split evenly"),
+    split: str | None = typer.Option(None, help="also cut per-node folders: layers per node"),
+    plan: Path | None = typer.Option(None, help="also cut per-node folders for this plan file"),
+    parallel: str = typer.Option(
+        "pipeline", help="node folders for a pipeline (layers) or expert (routed experts)"
+    ),
+    experts: str | None = typer.Option(None, help="routed experts per node, e.g. 86,85,85"),
+    max_file_size: float = typer.Option(5.0, "--max-file-size", help="GB per output file"),
+    dry: bool = typer.Option(False, "--dry-run", help="print sizes from config.json only"),
+    force: bool = typer.Option(False, help="overwrite a non-empty OUT"),
+) -> None:
+    """Quantise a checkpoint to MLX weights and cut it into per-node folders."""
+    from quantize.convert import Settings
+
+    try:
+        settings = Settings(bits, group_size, mode, recipe, list(override))
+        settings.max_file_bytes = int(max_file_size * 1e9)
+        cut = {
+            "nodes": nodes,
+            "split": split,
+            "plan": plan,
+            "parallel": parallel,
+            "experts": experts,
+        }
+        if dry:
+            dry_run(src, settings, cut)
+            return
+        if out is None:
+            raise UserError("give OUT, the folder to write the model into (or --dry-run)")
+        quantize(src, out, settings, force, cut)
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
 
 
 def choose_cut(
@@ -46,6 +76,8 @@ def choose_cut(
 ) -> tuple[list[int] | None, list[int] | None]:
     """(layers per node, None) for pipeline folders, (None, experts per node) for expert
     folders, or (None, None) for none."""
+    from quantize.convert import QuantizeError
+
     if parallel not in ("pipeline", "expert"):
         raise QuantizeError(f"--parallel {parallel!r} must be pipeline or expert")
     if parallel == "pipeline":
@@ -58,6 +90,9 @@ def choose_cut(
 def choose_experts(
     config: dict, nodes: int | None, split: str | None, plan: Path | None, experts: str | None
 ) -> list[int]:
+    from quantize.convert import QuantizeError
+    from quantize.nodes import even_split, expert_sets, parse_experts, read_expert_plan_file
+
     num = config.get("n_routed_experts") or 0
     if split is not None:
         raise QuantizeError("--split cuts layers for a pipeline: use --experts with expert mode")
@@ -92,6 +127,9 @@ def choose_experts(
 def choose_split(
     num_layers: int, nodes: int | None, split: str | None, plan: Path | None
 ) -> list[int] | None:
+    from quantize.convert import QuantizeError
+    from quantize.nodes import even_split, parse_split, read_plan_file
+
     given = [x is not None for x in (nodes, split, plan)]
     if sum(given) > 1:
         raise QuantizeError("give at most one of --nodes, --split and --plan")
@@ -112,6 +150,12 @@ def choose_split(
 
 def dry_run(src: str, settings: Settings, cut: dict) -> None:
     """Prints sizes per recipe and each node's share, reading only config.json."""
+    from quantize.checkpoint import inspect_model
+    from quantize.convert import QuantizeError
+    from quantize.estimate import estimate
+    from quantize.recipes import R1_RECIPES, default_spec, parse_override
+    from quantize.source import config_only
+
     path = config_only(src)
     if path.suffix == ".gguf":
         raise QuantizeError("--dry-run reads a config.json; a GGUF file is already quantised")
@@ -151,6 +195,8 @@ def dry_run(src: str, settings: Settings, cut: dict) -> None:
 
 
 def _expert_shares(chosen, counts: list[int], config: dict, name: str) -> None:
+    from quantize.nodes import model_expert_sets, spans
+
     nodes = Table(title=f"each node's share, expert parallel ({name})")
     for col in ("node", "experts", "size GB"):
         nodes.add_column(col, justify="right")
@@ -163,6 +209,9 @@ def _expert_shares(chosen, counts: list[int], config: dict, name: str) -> None:
 
 
 def quantize(src: str, out: Path, settings: Settings, force: bool, cut: dict) -> None:
+    from quantize.checkpoint import inspect_model
+    from quantize.source import resolve_source
+
     source = resolve_source(src)
     tmp = None
     try:
@@ -181,6 +230,18 @@ def quantize(src: str, out: Path, settings: Settings, force: bool, cut: dict) ->
 
 
 def _convert(source: Path, out: Path, settings: Settings, force: bool) -> None:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from quantize.checkpoint import human_bytes
+    from quantize.convert import make_plan, run
+
     plan = make_plan(source, settings)
     columns = (
         TextColumn("{task.description}"),

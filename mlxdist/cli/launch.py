@@ -1,0 +1,334 @@
+"""`mlxdist launch`, `mlxdist serve` and `mlxdist bench`: start the cluster, then talk to it."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import typer
+
+from mlxdist.cli.app import app
+from quantize.errors import UserError
+
+
+def _parse_split(split: str | None, ranks: int, num_layers: int) -> list[int]:
+    from quantize.nodes import even_split, parse_split
+
+    if split is not None:
+        try:
+            return parse_split(split, num_layers)
+        except ValueError as e:
+            raise UserError(f"--{e}") from None
+    if ranks < 1:
+        raise UserError("--local needs at least 1 rank")
+    if ranks > num_layers:
+        raise UserError(
+            f"cannot split {num_layers} layers over {ranks} ranks: use at most {num_layers}"
+        )
+    return even_split(num_layers, ranks)
+
+
+@app.command()
+def launch(
+    model: str | None = typer.Argument(None, help="model folder or .gguf file (default: demo)"),
+    local: int | None = typer.Option(None, "--local", help="ranks on this machine (default 2)"),
+    hosts: Path | None = typer.Option(None, help="hosts.toml: one rank per host, via agents"),
+    cluster: str | None = typer.Option(None, help="agents of this cluster, found by zeroconf"),
+    interface: list[str] = typer.Option([], help="interface to discover agents on"),
+    secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
+    split: str | None = typer.Option(None, help="layers per rank, e.g. 10,20 (--local)"),
+    context: int = typer.Option(4096, min=1, help="tokens of context to plan memory for"),
+    prompt: str | None = typer.Option(None, help="answer this prompt and exit"),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=0),
+    temp: float = typer.Option(0.0, "--temp", min=0.0, help="sampling temperature; 0 is greedy"),
+    seed: int | None = typer.Option(None, min=0),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="apply the chat template"),
+    port: int | None = typer.Option(None, help="coordinator HTTP port"),
+    replan: bool = typer.Option(
+        False, help="when a node fails, plan again on the others and go on with the chat"
+    ),
+    parallel: str = typer.Option(
+        "pipeline", help="pipeline (layers per rank), expert (routed experts per rank) or tensor"
+    ),
+    experts: str | None = typer.Option(None, help="routed experts per rank, e.g. 3,3,2 (expert)"),
+) -> None:
+    """Start one rank per host (or N on this machine), then answer --prompt or open a chat."""
+    params = {"max_tokens": max_tokens, "temperature": temp}
+    if seed is not None:
+        params["seed"] = seed
+    try:
+        if (hosts or cluster) and (local or split):
+            raise UserError("--local and --split are for one machine; not with --hosts/--cluster")
+        if hosts and cluster:
+            raise UserError("give --hosts or --cluster, not both")
+        if experts and (hosts or cluster):
+            raise UserError("--experts is for --local: across hosts the node folders' cut holds")
+        path = _launch_model(model)
+        if hosts or cluster:
+            from launcher.cluster import replan_agents, start_agents_cluster
+
+            secret = _secret(secret_file)
+            running = start_agents_cluster(
+                path, hosts, cluster, interface, secret, context, port, parallel
+            )
+            again = partial(replan_agents, path, context, port)
+        else:
+            modes = _parallel_options(path, parallel, experts, split, local)
+            running = _start_here(path, local or modes.get("ranks", 2), split, port, modes)
+            again = partial(_replan_here, path, port, parallel)
+        _converse(running, prompt, chat, params, again if replan else None)
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: every rank stopped", err=True)
+        raise typer.Exit(130) from None
+
+
+def _secret(path: Path | None) -> bytes:
+    from launcher.secret import load_secret
+
+    return load_secret(path)
+
+
+def _launch_model(model: str | None) -> Path:
+    from mlxdist.cli.models import resolve_model
+    from quantize.checkpoint import inspect_model
+    from quantize.nodes import damaged_files, node_manifest
+
+    path = resolve_model(model)
+    inspect_model(path)
+    manifest = node_manifest(path)
+    if manifest is not None:
+        p = manifest["plan"]
+        raise UserError(
+            f"{path} is one node's folder (rank {p['rank']} of split {p['split']}): "
+            f"launch the whole output folder, {path.parent.parent}"
+        )
+    # Before anything starts: a damaged shard is named now, not found as a crash mid-load.
+    damaged = damaged_files(path)
+    if damaged:
+        raise UserError(
+            f"{path / damaged[0]} does not match the sha256 in {path / 'manifest.json'}"
+            + (f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else "")
+            + ": copy it again, or quantize again (with --force) to rewrite it"
+        )
+    return path
+
+
+def _parallel_options(
+    path: Path, parallel: str, experts: str | None, split: str | None, local: int | None
+) -> dict:
+    from launcher.modes import parallel_options
+    from quantize.checkpoint import read_config
+
+    if split and parallel != "pipeline":
+        raise UserError(f"--split is for pipeline mode: --parallel {parallel} runs every layer")
+    try:
+        return parallel_options(read_config(path), parallel, experts, local)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _start_here(
+    path: Path, ranks: int, split: str | None, port: int | None, modes: dict | None = None
+):
+    from launcher.local import start_local, wait_ready
+    from quantize.checkpoint import inspect_model
+
+    modes = dict(modes or {})
+    modes.pop("ranks", None)
+    num_layers = inspect_model(path).num_layers
+    parts = _parse_split(split, ranks, num_layers) if not modes else [num_layers] * ranks
+    running = start_local(path, parts, port=port, **modes)
+    what = f"layers {parts}" if not modes else f"{modes['parallel']} parallel"
+    try:
+        typer.echo(f"loading {path.name} on {len(parts)} ranks ({what})...", err=True)
+        wait_ready(running)
+    except BaseException:
+        running.stop()
+        raise
+    return running
+
+
+def _replan_here(path: Path, port: int | None, parallel: str, failed) -> object:
+    """Local ranks again, one fewer than before (the failed rank's share spread over the rest);
+    expert mode stays expert with the experts evened out, tensor mode falls back to layers."""
+    from quantize.checkpoint import inspect_model
+    from quantize.nodes import even_split
+
+    ranks = len(failed.procs) - 1
+    if ranks < 1:
+        raise UserError("no rank remains to plan on: launch again")
+    if parallel == "expert" and ranks > 1:
+        return _start_here(path, ranks, None, port, {"parallel": "expert"})
+    split = even_split(inspect_model(path).num_layers, ranks)
+    return _start_here(path, ranks, ",".join(map(str, split)), port)
+
+
+def _converse(running, prompt: str | None, chat: bool, params: dict, replan=None) -> None:
+    """Answers the prompt or opens the chat; every rank is stopped however it ends.
+
+    replan(failed cluster) -> a new cluster: the chat goes on there after a node fails."""
+    from mlxdist.client.api_client import ClientError
+    from mlxdist.client.chat import answer, cluster_failure, repl
+
+    current = [running]
+
+    def watch() -> str | None:
+        return current[0].failure()
+
+    def relaunch(failure: str) -> str:
+        cluster_failure(watch)  # the launcher's own look names the failed nodes
+        current[0].stop()
+        typer.echo("planning again on the remaining nodes...", err=True)
+        try:
+            current[0] = replan(current[0])
+        except UserError as e:
+            raise ClientError(str(e)) from None
+        return current[0].url
+
+    try:
+        if prompt is not None:
+            try:
+                answer(running.url, prompt, chat, params)
+            except ClientError as e:
+                if e.lost and (failure := cluster_failure(watch)):
+                    raise UserError(f"the cluster failed: {failure}") from None
+                raise
+        else:
+            repl(running.url, params, watch=watch, relaunch=relaunch if replan else None)
+    finally:
+        current[0].stop()
+
+
+@app.command()
+def serve(
+    model: str | None = typer.Argument(None, help="model folder or .gguf file (default: demo)"),
+    local: int | None = typer.Option(None, "--local", help="ranks on this machine (default 2)"),
+    hosts: Path | None = typer.Option(None, help="hosts.toml: one rank per host, via agents"),
+    secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
+    split: str | None = typer.Option(None, help="layers per rank, e.g. 10,20 (--local)"),
+    context: int = typer.Option(4096, min=1, help="tokens of context to plan memory for"),
+    max_context: int | None = typer.Option(
+        None, "--max-context", min=1, help="most tokens per request (--local; default: model's)"
+    ),
+    host: str | None = typer.Option(
+        None, help="address the API listens on (--local; default 127.0.0.1, this machine only)"
+    ),
+    port: int = typer.Option(8080, min=1, max=65535, help="the API's port"),
+) -> None:
+    """Run the cluster with its OpenAI-style HTTP API only, until Ctrl-C."""
+    try:
+        if hosts and (local or split or host or max_context):
+            raise UserError("--local, --split, --host and --max-context are not for --hosts")
+        path = _launch_model(model)
+        if hosts:
+            from launcher.cluster import start_agents_cluster
+
+            secret = _secret(secret_file)
+            running = start_agents_cluster(path, hosts, None, [], secret, context, port)
+        else:
+            running = _serve_here(path, local or 2, split, host or "127.0.0.1", port, max_context)
+        _serve_until_stopped(running, path.name)
+    except KeyboardInterrupt:
+        typer.echo("\nstopped: every rank stopped", err=True)
+
+
+def _serve_here(
+    path: Path, ranks: int, split: str | None, host: str, port: int, max_context: int | None
+):
+    import os
+    import socket
+
+    from launcher.local import start_local, wait_ready
+    from quantize.checkpoint import inspect_model
+
+    parts = _parse_split(split, ranks, inspect_model(path).num_layers)
+    try:  # another server on the port would answer the readiness check in our place
+        socket.create_server((host, port)).close()
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise UserError(f"cannot listen on {host}:{port}: {reason}") from None
+    env = {"MLXDIST_MAX_CONTEXT": str(max_context)} if max_context else None
+    running = start_local(path, parts, host=host, port=port, env=env)
+    try:
+        typer.echo(f"loading {path.name} on {len(parts)} ranks (layers {parts})...", err=True)
+        wait_ready(running)
+    except BaseException:
+        running.stop()
+        raise
+    return running
+
+
+def _rank_failure(running) -> str | None:
+    return running.failure()
+
+
+def _serve_until_stopped(running, name: str) -> None:
+    import signal
+    import time
+
+    def stop(*_) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a service manager's stop, as Ctrl-C
+    try:
+        typer.echo(f"serving {name} at {running.url}/v1 (Ctrl-C stops every rank)")
+        while (failure := _rank_failure(running)) is None:
+            time.sleep(1.0)
+        raise UserError(failure)
+    finally:
+        running.stop()
+
+
+@app.command()
+def bench(
+    model: str | None = typer.Argument(None, help="model folder or .gguf file (default: demo)"),
+    local: int | None = typer.Option(None, "--local", help="ranks on this machine (default 2)"),
+    hosts: Path | None = typer.Option(None, help="hosts.toml: one rank per host, via agents"),
+    secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
+    split: str | None = typer.Option(None, help="layers per rank, e.g. 10,20 (--local)"),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", min=1, help="prompt length"),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", min=2, help="tokens to answer"),
+    streams: int = typer.Option(4, min=1, help="concurrent streams for the aggregate figure"),
+    as_json: bool = typer.Option(False, "--json", help="print the figures as JSON"),
+    parallel: str = typer.Option(
+        "pipeline", help="pipeline (layers per rank), expert (routed experts per rank) or tensor"
+    ),
+    experts: str | None = typer.Option(None, help="routed experts per rank, e.g. 3,3,2 (expert)"),
+) -> None:
+    """Start the cluster, measure prompt and decode speed, memory and traffic, then stop it."""
+    from mlxdist.client.bench import bench as measure
+    from mlxdist.client.bench import render
+
+    try:
+        if hosts and (local or split):
+            raise UserError("--local and --split are for one machine; not with --hosts")
+        if hosts and experts:
+            raise UserError("--experts is for --local; across hosts the expert node folders decide")
+        path = _launch_model(model)
+        if hosts:
+            from launcher.cluster import start_agents_cluster
+
+            secret = _secret(secret_file)
+            running = start_agents_cluster(path, hosts, None, [], secret, 4096, None, parallel)
+        else:
+            modes = _parallel_options(path, parallel, experts, split, local)
+            running = _start_here(path, local or modes.get("ranks", 2), split, None, modes)
+        try:
+            result = measure(
+                running.url,
+                prompt_tokens=prompt_tokens,
+                decode_tokens=decode_tokens,
+                streams=streams,
+                parallel=parallel,
+            )
+        finally:
+            running.stop()
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: every rank stopped", err=True)
+        raise typer.Exit(130) from None
+    if as_json:
+        typer.echo(result.to_json())
+    else:
+        from rich.console import Console
+
+        render(result, Console(width=200, soft_wrap=True))
