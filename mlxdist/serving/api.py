@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from mlxdist.serving.coordinator import Coordinator
+from mlxdist.serving.events import Done, Event, Failed, Gone, Token
 from mlxdist.serving.job import Job
 from mlxdist.serving.openai_schema import (
     APIError,
@@ -62,7 +63,7 @@ class Inflight:
             jobs = list(self.jobs.values())
         for job in jobs:
             job.cancelled.set()
-            job.emit("error", message=message)
+            job.emit(Failed(message))
 
     def wait_idle(self, timeout: float) -> bool:
         """True once every job in flight has been answered (its error sent), within timeout."""
@@ -198,8 +199,8 @@ def create_app(
     async def logits(req: LogitsRequest):
         job = Job(prompt=check_ids(req.prompt), max_tokens=0, logits=True)
         job.loop = asyncio.get_running_loop()
-        kind, data = await one_event(job)
-        return {"logits": data["values"]}
+        event = await one_event(job)
+        return {"logits": event.values}
 
     @app.get("/mlxdist/stats")
     async def stats():
@@ -207,23 +208,23 @@ def create_app(
         peak memory, and the most steps the ring has held at once."""
         job = Job(prompt=[], max_tokens=0, stats=True, loop=asyncio.get_running_loop())
         coordinator.submit(job)
-        kind, data = await job.events.get()
-        if kind == "error":
-            raise APIError(500, data["message"], kind="server_error")
-        return data
+        event = await job.events.get()
+        if isinstance(event, Failed):
+            raise APIError(500, event.message, kind="server_error")
+        return {"ranks": event.ranks, "in_flight_peak": event.in_flight_peak}
 
-    async def failed(data: dict) -> APIError:
-        message, code = await inflight.explain(data["message"], wait)
+    async def failed(event: Failed) -> APIError:
+        message, code = await inflight.explain(event.message, wait)
         return APIError(503 if code else 500, message, code=code, kind="server_error")
 
-    async def one_event(job: Job) -> tuple[str, dict]:
+    async def one_event(job: Job) -> Event:
         inflight.add(job)
         try:
             coordinator.submit(job)
-            kind, data = await job.events.get()
-            if kind == "error":
-                raise await failed(data)
-            return kind, data
+            event = await job.events.get()
+            if isinstance(event, Failed):
+                raise await failed(event)
+            return event
         finally:
             inflight.remove(job)
 
@@ -239,15 +240,15 @@ def create_app(
         watcher = asyncio.create_task(_watch_disconnect(request, job))
         try:
             while True:
-                ev, data = await job.events.get()
-                if ev == "gone":
-                    return JSONResponse({}, status_code=499)  # no one is there to read it
-                if ev == "error":
-                    raise await failed(data)
-                if ev == "token":
-                    out.token(data)
-                elif ev == "done":
-                    return JSONResponse(out.whole(data))
+                match await job.events.get():
+                    case Gone():
+                        return JSONResponse({}, status_code=499)  # no one is there to read it
+                    case Failed() as failure:
+                        raise await failed(failure)
+                    case Token() as token:
+                        out.token(token)
+                    case Done() as done:
+                        return JSONResponse(out.whole(done))
         finally:
             watcher.cancel()
             job.cancelled.set()  # done already, or the client is gone
@@ -261,7 +262,7 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
     job.cancelled.set()
-    job.events.put_nowait(("gone", {}))
+    job.events.put_nowait(Gone())
 
 
 async def _stream(job: Job, out: Output, inflight: Inflight, wait: float) -> AsyncIterator[str]:
@@ -270,22 +271,22 @@ async def _stream(job: Job, out: Output, inflight: Inflight, wait: float) -> Asy
         if out.chat:
             yield out.chunk({"role": "assistant", "content": ""})
         while True:
-            ev, data = await job.events.get()
-            if ev == "error":
-                message, code = await inflight.explain(data["message"], wait)
-                yield sse(error_body(message, "server_error", code=code))
-                break
-            if ev == "token":
-                r, c = out.token(data)
-                for piece in out.deltas(r, c, [data["id"]] if with_ids else None):
-                    yield piece
-            elif ev == "done":
-                for piece in out.deltas(*out.tail(data)):
-                    yield piece
-                yield out.chunk(reason=finish_reason(data["finish_reason"]))
-                if out.req.include_usage():
-                    yield out.usage_chunk(data)
-                break
+            match await job.events.get():
+                case Failed(message=message):
+                    message, code = await inflight.explain(message, wait)
+                    yield sse(error_body(message, "server_error", code=code))
+                    break
+                case Token() as token:
+                    r, c = out.token(token)
+                    for piece in out.deltas(r, c, [token.id] if with_ids else None):
+                        yield piece
+                case Done() as done:
+                    for piece in out.deltas(*out.tail(done)):
+                        yield piece
+                    yield out.chunk(reason=finish_reason(done.finish_reason))
+                    if out.req.include_usage():
+                        yield out.usage_chunk(done)
+                    break
         yield "data: [DONE]\n\n"
     finally:
         # A client that went away mid-stream stops the generation at the next token.

@@ -2,7 +2,7 @@
 
 MLX work (and so every collective) stays on the one thread that calls `Coordinator.run`.
 With two or more pipeline ranks, the answers of concurrent requests are interleaved round the
-ring (see `interleave.py`); a lone rank, or ranks in lock step, take jobs one after another.
+ring (see `scheduler.py`); a lone rank, or ranks in lock step, take jobs one after another.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from __future__ import annotations
 import queue
 import time
 
+from mlxdist.runtime.runner import InterleavingRunner, StepRunner
+from mlxdist.serving.events import Failed, Logits, Stats
 from mlxdist.serving.generate import generate_tokens, last_logits
 from mlxdist.serving.job import Job
+from mlxdist.serving.scheduler import Interleaver
 from mlxdist.serving.sequence import Sequence
 
 # Sequences rank 0 keeps open at once; later requests wait in the queue. At most 30: a control
@@ -20,18 +23,37 @@ MAX_SEQUENCES = 16
 
 
 class Coordinator:
-    def __init__(self, runner, tokenizer, eos_ids: set[int], max_sequences: int = MAX_SEQUENCES):
+    def __init__(
+        self,
+        runner: StepRunner,
+        tokenizer,
+        eos_ids: set[int],
+        max_sequences: int = MAX_SEQUENCES,
+    ):
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_sequences = max_sequences
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.in_flight_peak = 0  # most steps in the ring at once, for /mlxdist/stats
+        self.scheduler: Interleaver | None = None
+        if self.interleaves:
+            self.scheduler = Interleaver(
+                runner, self.jobs, self.sequence, self.run_alone, max_sequences
+            )
 
     @property
     def interleaves(self) -> bool:
         """Whether concurrent answers share the ring (a pipeline of two or more ranks)."""
-        return self.runner.size > 1 and hasattr(self.runner, "send")
+        return self.runner.size > 1 and isinstance(self.runner, InterleavingRunner)
+
+    @property
+    def in_flight_peak(self) -> int:
+        """The most steps the ring has held at once, for /mlxdist/stats."""
+        return self.scheduler.in_flight_peak if self.scheduler else 0
+
+    def sequence(self, job: Job, slot: int = 0) -> Sequence:
+        """A job's answer as it grows, in the given sequence slot."""
+        return Sequence(job, self.tokenizer, self.eos_ids, slot)
 
     def submit(self, job: Job) -> None:
         job.submitted = time.perf_counter()
@@ -47,10 +69,8 @@ class Coordinator:
     def run(self) -> None:
         """Serves jobs until shutdown; then stops the other ranks."""
         try:
-            if self.interleaves:
-                from mlxdist.serving.scheduler import Interleaver
-
-                Interleaver(self).run()
+            if self.scheduler is not None:
+                self.scheduler.run()
             else:
                 while (job := self.jobs.get()) is not None:
                     if not job.cancelled.is_set():
@@ -62,16 +82,16 @@ class Coordinator:
         """Runs one job to its end with the ring to itself."""
         try:
             if job.logits:
-                job.emit("logits", values=last_logits(self.runner, job.prompt).tolist())
+                job.emit(Logits(last_logits(self.runner, job.prompt).tolist()))
             elif job.stats:
-                job.emit("stats", ranks=self.runner.stats(), in_flight_peak=self.in_flight_peak)
+                job.emit(Stats(self.runner.stats(), self.in_flight_peak))
             else:
                 self._generate(job)
         except Exception as e:  # a failed job must not take the loop down with it
-            job.emit("error", message=f"{type(e).__name__}: {e}")
+            job.emit(Failed(f"{type(e).__name__}: {e}"))
 
     def _generate(self, job: Job) -> None:
-        seq = Sequence(job, self.tokenizer, self.eos_ids)
+        seq = self.sequence(job)
         tokens = generate_tokens(
             self.runner,
             job.prompt,

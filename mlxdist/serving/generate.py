@@ -6,7 +6,9 @@ from collections.abc import Iterator
 
 import mlx.core as mx
 
-from mlxdist.runtime.pipeline import LOGITS, NEW, SAMPLE, Step
+from mlxdist.runtime.runner import StepRunner
+from mlxdist.runtime.step import LOGITS, NEW, SAMPLE, Step
+from mlxdist.serving.schedule import prefill_steps
 
 
 def generate_tokens(

@@ -7,6 +7,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from mlxdist.serving.events import Event
+
 
 @dataclass
 class Job:
@@ -20,12 +22,13 @@ class Job:
     stats: bool = False  # return every rank's traffic counters instead of generating
     ignore_eos: bool = False  # go on past end-of-sequence tokens to max_tokens
     loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
-    def emit(self, kind: str, **data) -> None:
+    def emit(self, event: Event) -> None:
+        """Puts event on the job's queue (from any thread, when the job has a loop)."""
         if self.loop is None:
-            self.events.put_nowait((kind, data))
+            self.events.put_nowait(event)
         else:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, data))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)

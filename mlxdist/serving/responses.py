@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 
+from mlxdist.serving.events import Done, Token
 from mlxdist.serving.openai_schema import Sampling
 from mlxdist.serving.reasoning import ReasoningSplitter
 
@@ -32,18 +33,18 @@ class Output:
             r, c = r + r2, c + c2
         return r, c
 
-    def token(self, data: dict) -> tuple[str, str]:
+    def token(self, token: Token) -> tuple[str, str]:
         """Takes one token's event; returns its (reasoning, content) text."""
-        self.ids.append(data["id"])
+        self.ids.append(token.id)
         if self.splitter is not None and self.splitter.thinking:
             self.reasoning_tokens += 1
-        r, c = self._split(data["text"])
+        r, c = self._split(token.text)
         self.reasoning.append(r)
         self.content.append(c)
         return r, c
 
-    def tail(self, data: dict) -> tuple[str, str]:
-        r, c = self._split(data["text"], last=True)
+    def tail(self, done: Done) -> tuple[str, str]:
+        r, c = self._split(done.text, last=True)
         self.reasoning.append(r)
         self.content.append(c)
         return r, c
@@ -54,23 +55,23 @@ class Output:
         )
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def usage(self, data: dict) -> dict:
+    def usage(self, done: Done) -> dict:
         usage = {
-            "prompt_tokens": data["prompt_tokens"],
-            "completion_tokens": data["completion_tokens"],
-            "total_tokens": data["prompt_tokens"] + data["completion_tokens"],
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
             # mlxdist's timings, in seconds from the request's arrival
-            "queue_time": round(data["queue_time"], 6),
-            "time_to_first_token": round(data["time_to_first_token"], 6),
-            "decode_tokens_per_second": round(data["decode_tokens_per_second"], 3),
+            "queue_time": round(done.queue_time, 6),
+            "time_to_first_token": round(done.time_to_first_token, 6),
+            "decode_tokens_per_second": round(done.decode_tokens_per_second, 3),
         }
         if self.splitter is not None:
             usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
         return usage
 
-    def whole(self, done: dict) -> dict:
+    def whole(self, done: Done) -> dict:
         self.tail(done)
-        choice: dict = {"index": 0, "finish_reason": finish_reason(done["finish_reason"])}
+        choice: dict = {"index": 0, "finish_reason": finish_reason(done.finish_reason)}
         content = "".join(self.content)
         if self.chat:
             choice["message"] = {"role": "assistant", "content": content}
@@ -97,7 +98,7 @@ class Output:
             choice["token_ids"] = ids
         return sse(self._head() | {"choices": [choice]})
 
-    def usage_chunk(self, done: dict) -> str:
+    def usage_chunk(self, done: Done) -> str:
         """The last chunk, when the client asked for usage: no choices, the counts."""
         return sse(self._head() | {"choices": [], "usage": self.usage(done)})
 

@@ -11,39 +11,57 @@ from __future__ import annotations
 
 import queue
 from collections import deque
+from collections.abc import Callable
 
-from mlxdist.runtime.pipeline import NEW, SAMPLE, Step
-from mlxdist.serving.generate import PREFILL_CHUNK
+from mlxdist.runtime.runner import InterleavingRunner
+from mlxdist.runtime.step import SAMPLE, Step
+from mlxdist.serving.events import Failed
+from mlxdist.serving.job import Job
+from mlxdist.serving.schedule import prefill_steps
 from mlxdist.serving.sequence import Sequence
 
 
 class Interleaver:
-    def __init__(self, coordinator):
-        self.co = coordinator
-        self.runner = coordinator.runner
-        self.depth = self.runner.size  # steps in flight: one per stage keeps every stage busy
+    """Takes jobs from `jobs` (None: stop once every open answer is done) and answers them.
+
+    new_sequence(job, slot) makes a job's Sequence; run_alone(job) runs a job (logits, stats)
+    with the ring to itself, between steps."""
+
+    def __init__(
+        self,
+        runner: InterleavingRunner,
+        jobs: queue.Queue[Job | None],
+        new_sequence: Callable[[Job, int], Sequence],
+        run_alone: Callable[[Job], None],
+        max_sequences: int,
+    ):
+        self.runner = runner
+        self.jobs = jobs
+        self.new_sequence = new_sequence
+        self.run_alone = run_alone
+        self.depth = runner.size  # steps in flight: one per stage keeps every stage busy
         # Slot 0 stays for jobs run alone (logits), which start it afresh between steps.
-        self.free_slots = list(range(coordinator.max_sequences, 0, -1))
+        self.free_slots = list(range(max_sequences, 0, -1))
         self.ready: deque[Sequence] = deque()  # may take their next step
         self.in_flight: deque[Sequence] = deque()  # wait for a reply, in the order sent
+        self.in_flight_peak = 0  # most steps in the ring at once, for /mlxdist/stats
         self.open = 0
         self.stopping = False
 
     def run(self) -> None:
         while not (self.stopping and self.open == 0):
-            self._admit(block=self.open == 0 and not self.stopping)
             try:
+                self._admit(block=self.open == 0 and not self.stopping)  # may drain the ring
                 self._launch()
                 if self.in_flight:
-                    seq = self.in_flight.popleft()
-                    self._deliver(seq, self.runner.receive().item())
+                    self._deliver_oldest()
             except Exception as e:  # the ring is in an unknown state: every open answer fails
                 self._fail_all(f"{type(e).__name__}: {e}")
 
     def _admit(self, block: bool) -> None:
         while self.free_slots and not self.stopping:
             try:
-                job = self.co.jobs.get(block=block)
+                job = self.jobs.get(block=block)
             except queue.Empty:
                 return
             block = False
@@ -53,47 +71,42 @@ class Interleaver:
                 continue
             elif job.logits or job.stats:
                 self._drain()
-                self.co.run_alone(job)
+                self.run_alone(job)
             elif job.max_tokens <= 0:
-                Sequence(job, self.co.tokenizer, self.co.eos_ids).finish()
+                self.new_sequence(job, 0).finish()
             else:
-                seq = Sequence(job, self.co.tokenizer, self.co.eos_ids, self.free_slots.pop())
+                seq = self.new_sequence(job, self.free_slots.pop())
                 self.open += 1
                 self.ready.append(seq)
 
     def _launch(self) -> None:
         """Puts steps into the ring, round robin over the ready sequences, up to the depth."""
         while self.ready and len(self.in_flight) < self.depth:
-            seq = self.ready.popleft()
+            seq = self.ready[0]  # stays listed until sent: a step that raises fails it too
             if seq.job.cancelled.is_set():
+                self.ready.popleft()
                 seq.reason = "cancelled"
                 self._close(seq)
                 continue
             if self._send(seq):
-                self.in_flight.append(seq)
-                self.co.in_flight_peak = max(self.co.in_flight_peak, len(self.in_flight))
-            else:
-                self.ready.appendleft(seq)  # a prefill chunk: its next chunk may follow at once
+                self.in_flight.append(self.ready.popleft())
+                self.in_flight_peak = max(self.in_flight_peak, len(self.in_flight))
+            # else a prefill chunk: the sequence's next chunk may follow at once
 
     def _send(self, seq: Sequence) -> bool:
         """Sends the sequence's next step; True when it has a token to come back."""
-        job, runner = seq.job, self.runner
-        prompt = job.prompt
-        if seq.sent < len(prompt) - 1:  # as mlx-lm: all but the last prompt token, in chunks
-            chunk = prompt[seq.sent : min(seq.sent + PREFILL_CHUNK, len(prompt) - 1)]
-            step = self._step(seq, NEW if seq.sent == 0 else 0)
-            seq.sent += len(chunk)
-            return runner.send(chunk, step)
-        if seq.sent == len(prompt) - 1:
-            step = self._step(seq, SAMPLE | (NEW if seq.sent == 0 else 0))
-            seq.sent += 1
-            return runner.send(prompt[-1:], step)
-        return runner.send(seq.tokens[-1:], Step(0, SAMPLE, slot=seq.slot))
-
-    @staticmethod
-    def _step(seq: Sequence, flags: int) -> Step:
         job = seq.job
-        return Step(0, flags, seed=job.seed, temp=job.temp, top_p=job.top_p, slot=seq.slot)
+        if seq.prefill is None:
+            seq.prefill = deque(prefill_steps(job.prompt))
+        if seq.prefill:
+            tokens, flags = seq.prefill.popleft()
+            step = Step(0, flags, seed=job.seed, temp=job.temp, top_p=job.top_p, slot=seq.slot)
+            return self.runner.send(tokens, step)
+        return self.runner.send(seq.tokens[-1:], Step(0, SAMPLE, slot=seq.slot))
+
+    def _deliver_oldest(self) -> None:
+        token = self.runner.receive().item()  # its sequence stays listed if this raises
+        self._deliver(self.in_flight.popleft(), token)
 
     def _deliver(self, seq: Sequence, token: int) -> None:
         if seq.add(token):
@@ -110,12 +123,11 @@ class Interleaver:
     def _drain(self) -> None:
         """Collects every reply still due, so that a job can have the ring to itself."""
         while self.in_flight:
-            seq = self.in_flight.popleft()
-            self._deliver(seq, self.runner.receive().item())
+            self._deliver_oldest()
 
     def _fail_all(self, message: str) -> None:
         for seq in [*self.in_flight, *self.ready]:
-            seq.job.emit("error", message=message)
+            seq.job.emit(Failed(message))
             self.runner.free(seq.slot)  # its caches, and the links' round, let go of it
             self.free_slots.append(seq.slot)
         self.in_flight.clear()

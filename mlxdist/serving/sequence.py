@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 
+from mlxdist.serving.events import Done, Token
 from mlxdist.serving.job import Job
 from mlxdist.serving.stops import StopMatcher
 
@@ -19,7 +21,7 @@ class Sequence:
         self.reason = "length"
         self.start = time.perf_counter()
         self.first: float | None = None
-        self.sent = 0  # prompt tokens put into the ring so far
+        self.prefill: deque[tuple[list[int], int]] | None = None  # prompt steps still to send
 
     def add(self, t: int) -> bool:
         """Takes the next sampled token; returns True when the answer is complete."""
@@ -30,7 +32,7 @@ class Sequence:
             return True
         self.tokens.append(t)
         self.detok.add_token(t)
-        self.job.emit("token", id=t, text=self.stops.feed(self.detok.last_segment))
+        self.job.emit(Token(t, self.stops.feed(self.detok.last_segment)))
         if self.stops.stopped:
             self.reason = "stop"
             return True
@@ -48,13 +50,14 @@ class Sequence:
         decode_time = end - first
         n = len(self.tokens)
         self.job.emit(
-            "done",
-            text=tail,
-            finish_reason=self.reason,
-            tokens=self.tokens,
-            prompt_tokens=len(self.job.prompt),
-            completion_tokens=n,
-            queue_time=self.start - self.job.submitted,
-            time_to_first_token=first - self.job.submitted,
-            decode_tokens_per_second=(n - 1) / decode_time if decode_time > 0 else 0.0,
+            Done(
+                text=tail,
+                finish_reason=self.reason,
+                tokens=self.tokens,
+                prompt_tokens=len(self.job.prompt),
+                completion_tokens=n,
+                queue_time=self.start - self.job.submitted,
+                time_to_first_token=first - self.job.submitted,
+                decode_tokens_per_second=(n - 1) / decode_time if decode_time > 0 else 0.0,
+            )
         )
