@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 import mlxdist
+from launcher.rankspec import AGENT_PORT
 from mlxdist.cli.app import app
 from quantize.errors import UserError
 
@@ -34,7 +35,7 @@ def init_cmd(
 def agent_cmd(
     cluster: str = typer.Option("default", help="cluster name: launchers find only their own"),
     interface: list[str] = typer.Option([], help="interface to listen and advertise on"),
-    port: int = typer.Option(52417, help="the agent's port"),
+    port: int = typer.Option(AGENT_PORT, help="the agent's port"),
     secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
     models_dir: Path | None = typer.Option(None, "--models-dir", help="where shards are kept"),
 ) -> None:
