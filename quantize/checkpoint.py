@@ -89,7 +89,14 @@ def weight_map(path: Path) -> dict[str, str]:
 
 
 def safetensors_header(file: Path) -> dict:
-    """The tensor entries of a safetensors file, reading only its header."""
+    """The tensor entries of a safetensors file (dtype, shape, data_offsets), reading only its
+    header."""
+    return safetensors_layout(file)[1]
+
+
+def safetensors_layout(file: Path) -> tuple[int, dict]:
+    """Where a safetensors file's tensor data starts, and its tensor entries: the one parser of
+    the format's header. An entry's data_offsets count from that start."""
     try:
         with open(file, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
@@ -97,7 +104,7 @@ def safetensors_header(file: Path) -> dict:
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from None
     header.pop("__metadata__", None)
-    return header
+    return 8 + n, header
 
 
 def human_bytes(n: int) -> str:

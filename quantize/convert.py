@@ -18,7 +18,7 @@ from .checkpoint import (
     CheckpointError,
     human_bytes,
     inspect_model,
-    safetensors_header,
+    safetensors_layout,
     sha256_file,
     weight_map,
 )
@@ -104,9 +104,8 @@ def check_source(path: Path, wm: dict[str, str]) -> None:
         file = path / f
         if not file.is_file():
             raise CheckpointError(f"the index names {f}, which is missing from {path}")
-        header = safetensors_header(file)
+        data_start, header = safetensors_layout(file)
         size = file.stat().st_size
-        data_start = 8 + int.from_bytes(file.open("rb").read(8), "little")
         for name, entry in header.items():
             if entry["dtype"] not in SOURCE_DTYPES:
                 raise CheckpointError(

@@ -14,9 +14,7 @@ replicated shared experts are otherwise added by rank 0 alone, so they count exa
 from __future__ import annotations
 
 import copy
-import json
 import re
-import struct
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,7 +24,13 @@ from mlx.nn.layers.distributed import shard_inplace, shard_linear
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from mlxdist.runtime.stage import Stage, build_model, evaluate, read_tensors
-from quantize.checkpoint import CheckpointError, inspect_model, layer_of, weight_map
+from quantize.checkpoint import (
+    CheckpointError,
+    inspect_model,
+    layer_of,
+    safetensors_layout,
+    weight_map,
+)
 from quantize.nodes import (
     check_placement,
     even_split,
@@ -226,16 +230,16 @@ def _check_expert_node(path: Path, held: list[int], num_experts: int) -> bool:
 
 def read_rows(file: Path, key: str, rows: list[int]) -> mx.array:
     """Rows of a tensor in a safetensors file (ascending), reading only those bytes from disk."""
+    data_start, header = safetensors_layout(file)
+    entry = header[key]
+    np_dtype, view = _DTYPES[entry["dtype"]]
+    shape = entry["shape"]
+    begin, end = entry["data_offsets"]
+    row = (end - begin) // shape[0]
+    parts = []
     with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        entry = json.loads(f.read(n))[key]
-        np_dtype, view = _DTYPES[entry["dtype"]]
-        shape = entry["shape"]
-        begin, end = entry["data_offsets"]
-        row = (end - begin) // shape[0]
-        parts = []
         for first, count in row_runs(rows):
-            f.seek(8 + n + begin + first * row)
+            f.seek(data_start + begin + first * row)
             count_items = count * row // np.dtype(np_dtype).itemsize
             parts.append(np.fromfile(f, dtype=np_dtype, count=count_items))
     data = np.concatenate(parts) if len(parts) > 1 else parts[0]
