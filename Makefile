@@ -1,10 +1,11 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
+# `make test-fast`: lint and every test not marked `cluster` (no rank, agent or namespace).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest -q
+
+test-fast: lint
+	$(BIN)/pytest -q -m "not cluster"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,20 +1,62 @@
-"""Shared fixtures: the two real test models, and local clusters of real rank processes."""
+"""Shared fixtures: the two real test models, and local clusters of real rank processes.
+
+Tests that start ranks, agents or network namespaces are marked `cluster`; a run that selects
+none of them (`make test-fast`, `pytest -m "not cluster"`) is guarded against starting any."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from launcher.local import start_local, wait_ready
 from quantize.gguf import default_smollm2_gguf, import_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
+FAST_TIER = Path(__file__).resolve().parent / "fast_tier"
+
+
+def _load_guard():
+    spec = importlib.util.spec_from_file_location("fast_tier_guard", FAST_TIER / "sitecustomize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fast_tier_guard(request, tmp_path_factory):
+    """When no selected test is marked `cluster`, nothing in the run may start a rank, an agent
+    or a network namespace, in this process or any Python process it starts (tests/fast_tier).
+    Yields the file where refused starts are noted, or None when the guard is off."""
+    if any(item.get_closest_marker("cluster") for item in request.session.items):
+        yield None
+        return
+    notes = tmp_path_factory.mktemp("fast-tier") / "refused.txt"
+    notes.touch()
+    guard = _load_guard()
+    with pytest.MonkeyPatch.context() as mp:  # undone after the run
+        path = [str(FAST_TIER), *filter(None, [os.environ.get("PYTHONPATH")])]
+        mp.setenv("PYTHONPATH", os.pathsep.join(path))
+        mp.setenv(guard.NOTES_ENV, str(notes))
+        guard.install(str(notes), mp.setattr, pty=True)
+        yield notes
+
+
+@pytest.fixture(autouse=True)
+def _fails_on_a_refused_start(fast_tier_guard):
+    """Fails the test in which any process tried to start what the fast tier refuses, even when
+    the process caught the refusal (an `mlxdist` command that ends with an error line)."""
+    yield
+    if fast_tier_guard is not None and (refused := fast_tier_guard.read_text()):
+        fast_tier_guard.write_text("")
+        pytest.fail(f"a test that is not marked `cluster` started:\n{refused}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -111,16 +153,13 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None, **kw):
 
 
 def rank_pids(marker: str) -> list[int]:
-    """Live rank processes whose command line mentions marker (a test's own model path)."""
+    """Live rank processes whose command line mentions marker (a test's own model path).
+
+    The command line is its arguments each followed by a space, so "path " matches a last one."""
     pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().split(") ")[-1][:1]
-        except OSError:
-            continue
-        if "mlxdist.rank" in cmdline and marker in cmdline and state != "Z":
-            pids.append(int(entry.name))
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmdline = "".join(arg + " " for arg in p.info["cmdline"] or [])
+        if "mlxdist.rank" in cmdline and marker in cmdline:
+            if p.info["status"] != psutil.STATUS_ZOMBIE:
+                pids.append(p.pid)
     return pids

@@ -1,13 +1,16 @@
 """Linux network namespaces as stand-in Macs: each host its own namespace with a link-local
 169.254.x.y address on one Ethernet bridge, as Macs on a Thunderbolt bridge. Root only; every
-namespace, and every process in one, is removed on exit even when a test fails."""
+namespace, and every process in one, is removed on exit even when a test fails. Linux only:
+`available()` says why not elsewhere, and the tests that need namespaces skip with that reason."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
 
 
@@ -26,6 +29,10 @@ def _ip(*args: str) -> None:
 
 def available() -> str | None:
     """None when namespaces can be made here; else why not."""
+    if sys.platform != "linux":
+        return "network namespaces are Linux only"
+    if shutil.which("ip") is None:
+        return "network namespaces need the ip command (iproute2)"
     if os.geteuid() != 0:
         return "network namespaces need root"
     probe = f"mxprobe{os.getpid() % 100000}"

@@ -20,6 +20,8 @@ from conftest import local_cluster
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
+pytestmark = pytest.mark.cluster
+
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

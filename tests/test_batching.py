@@ -14,6 +14,8 @@ import httpx
 import pytest
 from conftest import local_cluster
 
+pytestmark = pytest.mark.cluster
+
 PROMPTS = [
     {"prompt": "The quick brown fox", "max_tokens": 12},
     {"prompt": "Once upon a time", "max_tokens": 7, "stream": True},

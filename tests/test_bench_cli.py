@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import rank_pids, run_cli
 
 
+@pytest.mark.cluster
 def test_bench_json_reports_speed_memory_and_traffic(tiny_r1):
     r = run_cli(
         "bench", str(tiny_r1), "--local", "3", "--json",
@@ -27,6 +29,7 @@ def test_bench_json_reports_speed_memory_and_traffic(tiny_r1):
     assert not rank_pids(str(tiny_r1) + " ")  # every rank stopped
 
 
+@pytest.mark.cluster
 def test_bench_prints_tables(tiny_r1):
     r = run_cli(
         "bench", str(tiny_r1), "--local", "2",
@@ -44,6 +47,7 @@ def test_bench_refuses_local_with_hosts(tiny_r1, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: --local")
 
 
+@pytest.mark.cluster
 def test_bench_expert_mode_reports_its_all_sum_traffic(tiny_r1):
     r = run_cli(
         "bench", str(tiny_r1), "--local", "2", "--parallel", "expert", "--json",

@@ -22,9 +22,11 @@ from test_cluster_hosts import (
     stop_agents,
 )
 
-pytestmark = pytest.mark.skipif(
-    available() is not None, reason="cables need network namespaces (root)"
-)
+WHY_NOT = available()
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(WHY_NOT is not None, reason=f"cables need network namespaces: {WHY_NOT}"),
+]
 
 
 def fake_ports(work, hosts, cables) -> list[dict]:

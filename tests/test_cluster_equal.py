@@ -12,6 +12,8 @@ import pytest
 from conftest import cluster_logits, complete_ids, greedy_reference, local_cluster
 from mlx_lm import load
 
+pytestmark = pytest.mark.cluster
+
 MAX_TOKENS = 16
 QUESTION = "What is the capital of France?"
 

@@ -56,6 +56,7 @@ def cluster(request, tiny_r1):
         yield mode, url, health | {"expected_attention": expected}
 
 
+@pytest.mark.cluster
 def test_greedy_tokens_equal_single_process(cluster, reference):
     mode, url, health = cluster
     prompt, expected, *_ = reference
@@ -66,6 +67,7 @@ def test_greedy_tokens_equal_single_process(cluster, reference):
     assert got == expected
 
 
+@pytest.mark.cluster
 def test_last_logits_agree(cluster, reference):
     mode, url, health = cluster
     prompt, _, expected, *_ = reference
@@ -76,6 +78,7 @@ def test_last_logits_agree(cluster, reference):
     assert diff <= 1e-4
 
 
+@pytest.mark.cluster
 def test_each_rank_holds_only_its_share(cluster, reference):
     mode, _, health = cluster
     *_, experts, others = reference
@@ -102,6 +105,7 @@ def test_each_rank_holds_only_its_share(cluster, reference):
             assert rest < others
 
 
+@pytest.mark.cluster
 def test_tensor_mode_refuses_heads_that_do_not_divide(tiny_r1, tmp_path):
     cluster = start_local(tiny_r1, [1, 1, 1], run_dir=tmp_path, parallel="tensor")
     try:
@@ -159,6 +163,7 @@ def test_stacked_experts_are_read_by_rows_and_node_folders_checked(mlx_format, t
         load_expert_stage(old, [3, 5], 1, 2)
 
 
+@pytest.mark.cluster
 def test_launch_cli_runs_expert_mode_and_refuses_bad_options(tiny_r1, tiny_r1_no_mtp, reference):
     from mlx_lm.utils import load_tokenizer
 

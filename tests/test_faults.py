@@ -106,6 +106,7 @@ def wait_exit(procs, timeout: float) -> float:
     return time.monotonic() - t0
 
 
+@pytest.mark.cluster
 def test_killed_rank_is_named_to_every_client_and_every_rank_exits(tiny_r1, tmp_path):
     cluster = start_local(tiny_r1, [2, 2], run_dir=tmp_path)
     try:
@@ -138,6 +139,7 @@ def test_killed_rank_is_named_to_every_client_and_every_rank_exits(tiny_r1, tmp_
         cluster.stop()
 
 
+@pytest.mark.cluster
 def test_stopped_rank_is_found_by_heartbeat(tiny_r1, tmp_path):
     cluster = start_local(tiny_r1, [1, 2, 1], run_dir=tmp_path)
     try:
@@ -159,6 +161,7 @@ def test_stopped_rank_is_found_by_heartbeat(tiny_r1, tmp_path):
     assert victim.returncode is not None  # the launcher ends the stopped rank too
 
 
+@pytest.mark.cluster
 def test_stopped_rank_0_does_not_hold_the_others(tiny_r1, tmp_path):
     cluster = start_local(tiny_r1, [2, 2], run_dir=tmp_path)
     try:
@@ -181,7 +184,8 @@ def wait_listening(machine, port: int = 52417, timeout: float = 30) -> None:
         time.sleep(0.3)
 
 
-@pytest.mark.skipif(available() is not None, reason="needs network namespaces (root)")
+@pytest.mark.skipif(available() is not None, reason="needs network namespaces (Linux, root)")
+@pytest.mark.cluster
 def test_killed_agent_is_named_and_launch_replans_on_the_other_hosts(tiny_r1, tmp_path):
     """Three hosts in namespaces, the chat on a fourth; mac1's whole agent is killed mid-answer."""
     from test_cluster_hosts import (
@@ -248,6 +252,7 @@ def test_killed_agent_is_named_and_launch_replans_on_the_other_hosts(tiny_r1, tm
         assert_no_rank_left(machines)
 
 
+@pytest.mark.cluster
 def test_launch_chat_stays_open_with_its_conversation_after_a_rank_dies(tiny_r1, tmp_path):
     chat = spawn("launch", str(tiny_r1), "--local", "2", "--max-tokens", "4")
     marker = str(tiny_r1)

@@ -28,6 +28,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.cluster
 def test_demo_model_answers_paris(tmp_path):
     # The default model is the demo model, prepared on first use into MLXDIST_HOME.
     question = "What is the capital of France?"
@@ -83,12 +84,14 @@ def test_corrupt_gguf(tmp_path, kind):
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 
+@pytest.mark.cluster
 def test_no_rank_outlives_a_normal_end(tiny_r1):
     result = run_cli("launch", str(tiny_r1), "--local", "2", "--prompt", "hi", "--max-tokens", "3")
     assert result.returncode == 0, result.stderr
     assert rank_pids(str(tiny_r1)) == []
 
 
+@pytest.mark.cluster
 def test_no_rank_outlives_ctrl_c(tiny_r1):
     child = pexpect.spawn(
         sys.executable,
@@ -112,6 +115,11 @@ def test_no_rank_outlives_ctrl_c(tiny_r1):
     assert rank_pids(str(tiny_r1)) == []
 
 
+@pytest.mark.skipif(
+    sys.platform != "linux",
+    reason="a SIGKILLed launcher's ranks die by prctl's parent-death signal, Linux only",
+)
+@pytest.mark.cluster
 def test_no_rank_outlives_a_launcher_killed_outright(tiny_r1, tmp_path):
     model = tmp_path / "killed"
     shutil.copytree(tiny_r1, model)
@@ -134,6 +142,7 @@ def test_no_rank_outlives_a_launcher_killed_outright(tiny_r1, tmp_path):
     assert rank_pids(str(model)) == []
 
 
+@pytest.mark.cluster
 def test_rank_that_crashes_while_loading(tiny_r1, tmp_path):
     model = tmp_path / "damaged"
     shutil.copytree(tiny_r1, model)

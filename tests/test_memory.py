@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import local_cluster
+
+pytestmark = pytest.mark.cluster
 
 
 def test_rank_memory_is_its_share(r1_1gb):

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 from conftest import local_cluster
+
+pytestmark = pytest.mark.cluster
 
 SPLIT = [2, 1, 1]
 

@@ -112,6 +112,7 @@ def test_node_folders_hold_only_their_range(cut):
     print("each node folder holds exactly its layers")
 
 
+@pytest.mark.cluster
 def test_cluster_from_node_folders_equals_whole_folder(cut, tmp_path):
     prompt = [0, 5, 17, 300, 42]
     expected = greedy(cut, prompt, 12)
@@ -229,6 +230,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="mount -t tmpfs is Linux only")
 def test_too_little_disk_is_found_before_writing(tiny_r1, small_disk):
     out = small_disk / "out"
     result = run_cli("quantize", str(tiny_r1), str(out), "--bits", "8")

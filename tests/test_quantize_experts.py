@@ -241,6 +241,7 @@ def _expert_answer(model: Path, prompt: list[int]) -> tuple[list[int], list[floa
     return *answer, health | {"logs": logs}
 
 
+@pytest.mark.cluster
 def test_expert_cluster_runs_from_the_node_folders(cut, tmp_path):
     """Three expert-parallel ranks each load their own node folder (only their experts on disk)
     and answer exactly as three expert ranks reading their rows from the whole model do, and
