@@ -56,16 +56,22 @@ def by_role(role: str) -> dict:
 # --- published figures --------------------------------------------------------------------------
 
 
+CALIBRATION = ("calibrates efficiency", "calibrates message overhead")
+CHECKS = [c for c in FIGURES if c["role"] not in CALIBRATION]  # not used to fit the constants
+
+
 def test_predictions_against_published_figures():
-    """Prints predicted vs published for every case; each within 30%, except a case marked
-    outside the target, which must really be outside it (and over-predicted: the model is a
-    bound from bandwidth and latency, and that case is slow for another reason)."""
+    """The 5 published figures not used to fit the constants (the 2 that were are checked by
+    test_constants_are_the_documented_calibration, not here): 4 within 30%, and 1 marked outside
+    the target, which must really be outside it (and over-predicted: the model is a bound from
+    bandwidth and latency, and that case is slow for another reason). Prints every figure."""
     rows, failures = [], []
     for case in FIGURES:
         pred = predict_case(case)
         error = pred.tokens_per_s / case["published"] - 1
-        outside = "outside_target" in case
-        if outside:
+        if case["role"] in CALIBRATION:
+            verdict = "fitted to it, not a check"
+        elif "outside_target" in case:
             verdict = "OUTSIDE TARGET (reported)"
             if abs(error) <= TARGET:
                 failures.append(f"{case['id']} is marked outside the target but is within it")
@@ -87,10 +93,17 @@ def test_predictions_against_published_figures():
             f"{case['id']:29} {case['mode']:8} {pred.link:4} {case['published']:9.2f} "
             f"{pred.tokens_per_s:9.2f} {error:+7.1%}  {role}{verdict}"
         )
+    within = sum(verdict == "ok" for _, _, _, verdict in rows)
+    outside = sum("outside_target" in case for case in CHECKS)
+    print(
+        f"\n{within} of {len(CHECKS)} validation figures within {TARGET:.0%}, {outside} reported "
+        f"outside; {len(FIGURES) - len(CHECKS)} calibration figures not counted"
+    )
     for case, _, _, _ in rows:
         if "outside_target" in case:
             print(f"\n{case['id']} is outside the target: {case['outside_target']}")
     assert not failures, failures
+    assert (len(CHECKS), within, outside) == (5, 4, 1)
 
 
 def test_r1_one_m3_ultra_within_the_quoted_range_give_or_take(r1):
