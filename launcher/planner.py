@@ -561,7 +561,3 @@ def plan_to_json(p: Plan) -> dict:
         "nodes": [asdict(row) for row in p.nodes],
     }
 
-
-def plan_from_json(data: dict) -> Plan:
-    fields = {k: data[k] for k in Plan.__dataclass_fields__ if k != "nodes" and k in data}
-    return Plan(**fields, nodes=[NodePlan(**row) for row in data["nodes"]])

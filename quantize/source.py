@@ -88,16 +88,6 @@ def config_only(spec: str, *, revision: str | None = None) -> Path:
     return folder / "config.json"
 
 
-def needed_files(index: dict, keys: set[str]) -> list[str]:
-    """The safetensors files of a model.safetensors.index.json that hold the tensors in keys."""
-    weight_map = index.get("weight_map", {})
-    missing = sorted(k for k in keys if k not in weight_map)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise SourceError(f"the weight index has no tensor {', '.join(missing[:3])}{more}")
-    return sorted({weight_map[k] for k in keys})
-
-
 def _local(spec: str, allow_json: bool = False) -> Path | None:
     """spec as an existing folder or usable file, None if it does not exist at all."""
     path = Path(spec).expanduser()

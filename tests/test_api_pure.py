@@ -9,7 +9,7 @@ import pytest
 from mlxdist.client.api_client import base_url
 from mlxdist.client.chat import load_conversation, read_message
 from mlxdist.serving.openai_schema import ChatRequest, validation_error
-from mlxdist.serving.reasoning import ReasoningSplitter, prompt_opens_think, split_reasoning
+from mlxdist.serving.reasoning import ReasoningSplitter, prompt_opens_think
 from mlxdist.serving.stops import StopMatcher
 
 # (output, prompt ended with <think>, reasoning, content)
@@ -31,9 +31,17 @@ SPLITS = [
 ]
 
 
+def split_whole(text: str, in_think: bool) -> tuple[str, str]:
+    """The whole output fed at once, then finished: as the server splits a one-piece answer."""
+    splitter = ReasoningSplitter(in_think)
+    r1, c1 = splitter.feed(text)
+    r2, c2 = splitter.finish()
+    return r1 + r2, c1 + c2
+
+
 @pytest.mark.parametrize("text,in_think,reasoning,content", SPLITS)
 def test_reasoning_split_whole(text, in_think, reasoning, content):
-    assert split_reasoning(text, in_think) == (reasoning, content)
+    assert split_whole(text, in_think) == (reasoning, content)
 
 
 def _pieces(text: str, cuts: list[int]) -> list[str]:

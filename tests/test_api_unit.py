@@ -18,7 +18,7 @@ from mlx_lm.utils import load_tokenizer
 
 from mlxdist.serving.api import Inflight, create_app
 from mlxdist.serving.coordinator import Coordinator
-from mlxdist.serving.reasoning import split_reasoning
+from mlxdist.serving.reasoning import ReasoningSplitter
 
 NAME = "tiny-r1"
 VOCAB = 1024
@@ -98,10 +98,18 @@ def streamed_chat(chunks: list) -> tuple[str, str, str | None, dict | None]:
     return reasoning, content, reason, usage
 
 
+def split_whole(text: str, in_think: bool) -> tuple[str, str]:
+    """(reasoning, content) of a whole answer, split as the server splits one."""
+    splitter = ReasoningSplitter(in_think)
+    r1, c1 = splitter.feed(text)
+    r2, c2 = splitter.finish()
+    return r1 + r2, c1 + c2
+
+
 def test_chat_whole_and_streamed_equal_the_models_answer(client, tokenizer):
     prompt = chat_ids(tokenizer, QUESTION)
     ids = answer(prompt, 12)
-    expected = split_reasoning(decoded(tokenizer, ids), True)  # R1's template opens <think>
+    expected = split_whole(decoded(tokenizer, ids), True)  # R1's template opens <think>
     body = {"model": NAME, "messages": QUESTION, "max_tokens": 12, "temperature": 0}
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200

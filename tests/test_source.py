@@ -22,7 +22,7 @@ import pytest
 from huggingface_hub import constants
 
 from quantize.checkpoint import safetensors_header
-from quantize.source import DEFAULT_PATTERNS, SourceError, config_only, needed_files, resolve_source
+from quantize.source import DEFAULT_PATTERNS, SourceError, config_only, resolve_source
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "org/tiny-r1"
@@ -469,55 +469,3 @@ def test_config_only_offline(offline, repo_files):
         config_only(REPO)
     snapshot = write_hf_cache(offline, repo_files, cached={"config.json"})
     assert config_only(REPO) == snapshot / "config.json"
-
-
-# --- needed_files ----------------------------------------------------------------------------
-
-INDEX = {
-    "metadata": {"total_size": 0},
-    "weight_map": {
-        "model.embed_tokens.weight": "model-00001-of-00003.safetensors",
-        "model.layers.0.self_attn.q_proj.weight": "model-00001-of-00003.safetensors",
-        "model.layers.1.mlp.gate_proj.weight": "model-00002-of-00003.safetensors",
-        "model.layers.1.mlp.up_proj.weight": "model-00003-of-00003.safetensors",
-        "model.norm.weight": "model-00003-of-00003.safetensors",
-        "lm_head.weight": "model-00003-of-00003.safetensors",
-    },
-}
-
-
-@pytest.mark.parametrize(
-    "keys, files",
-    [
-        (set(), []),
-        ({"model.embed_tokens.weight"}, ["model-00001-of-00003.safetensors"]),
-        (
-            {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"},
-            ["model-00001-of-00003.safetensors"],
-        ),
-        (
-            {"model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"},
-            ["model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"],
-        ),
-        (set(INDEX["weight_map"]), [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]),
-    ],
-)
-def test_needed_files(keys, files):
-    assert needed_files(INDEX, keys) == files
-
-
-def test_needed_files_unknown_tensor():
-    with pytest.raises(SourceError, match="the weight index has no tensor model.layers.9.x"):
-        needed_files(INDEX, {"model.norm.weight", "model.layers.9.x"})
-
-
-def test_needed_files_on_tiny_r1(tiny_r1):
-    index = json.loads((tiny_r1 / "model.safetensors.index.json").read_text())
-    layer0 = {k for k in index["weight_map"] if k.startswith("model.layers.0.")}
-    files = needed_files(index, layer0)
-    assert files and all(f in index["weight_map"].values() for f in files)
-    for name in files:
-        assert set(safetensors_header(tiny_r1 / name)) & layer0
-    assert needed_files(index, set(index["weight_map"])) == sorted(
-        set(index["weight_map"].values())
-    )

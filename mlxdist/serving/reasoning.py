@@ -75,10 +75,3 @@ class ReasoningSplitter:
         held, self.held = self.held, ""
         return (held, "") if self.state == _THINK else ("", held)
 
-
-def split_reasoning(text: str, in_think: bool = False) -> tuple[str, str]:
-    """The whole output's (reasoning, content)."""
-    splitter = ReasoningSplitter(in_think)
-    r1, c1 = splitter.feed(text)
-    r2, c2 = splitter.finish()
-    return r1 + r2, c1 + c2
