@@ -31,12 +31,6 @@ class Agent:
     def url(self) -> str:
         return f"http://{self.addresses[0]}:{self.port}"
 
-    def json_field(self, key: str, default=None):
-        try:
-            return json.loads(self.txt[key])
-        except (KeyError, json.JSONDecodeError):
-            return default
-
 
 def txt_record(cluster: str, node_id: str, port: int, facts: dict) -> dict[str, str]:
     """The TXT record: cluster, node id and the host facts a planner needs, each value short."""

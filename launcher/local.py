@@ -59,9 +59,6 @@ class Cluster:
     run_dir: Path
     logs: list[Path] = field(default_factory=list)
 
-    def alive(self) -> bool:
-        return all(p.poll() is None for p in self.procs)
-
     def failure(self) -> str | None:
         """Names the rank that failed first: its peers then fail too, only because it went away."""
         exited = [r for r, p in enumerate(self.procs) if p.poll() is not None]

@@ -57,7 +57,6 @@ class LinkSpec:
     bandwidth: float  # bytes/s one message moves at
     latency: float  # seconds per message on the wire and through the network stack
     thunderbolt: int  # the Thunderbolt generation it needs at both ends
-    rdma: bool = False
 
 
 # Assumptions, from public figures (none fitted here):
@@ -72,7 +71,7 @@ class LinkSpec:
 LINKS: dict[str, LinkSpec] = {
     "tb4": LinkSpec("tb4", 2.5 * GB, 300e-6, 4),
     "tb5": LinkSpec("tb5", 5.0 * GB, 300e-6, 5),
-    "rdma": LinkSpec("rdma", 7.4 * GB, 8e-6, 5, rdma=True),
+    "rdma": LinkSpec("rdma", 7.4 * GB, 8e-6, 5),
 }
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from mlxdist.testing.tiny_r1 import (
     ASSISTANT,
+    BLOCK,
     BOS,
     END_THINK,
     EOS,
@@ -20,7 +21,6 @@ from mlxdist.testing.tiny_r1 import (
     USER,
     TensorSpec,
     build_config,
-    dequant_fp8,
     encode_e4m3,
     make_r1,
     parse_set,
@@ -250,6 +250,14 @@ def test_fp8_encoder_matches_mlx():
     x = x.astype(np.float32)
     assert np.array_equal(encode_e4m3(x), np.array(mx.to_fp8(mx.array(x))))
     assert np.array_equal(to_bf16(x), np.array(mx.array(x).astype(mx.bfloat16).view(mx.uint16)))
+
+
+def dequant_fp8(weight_u8: mx.array, scale_inv: mx.array) -> mx.array:
+    """Dequantise an R1 FP8 weight (uint8 E4M3 bytes) with its 128x128 block scale_inv."""
+    m, n = weight_u8.shape
+    w = mx.from_fp8(weight_u8, dtype=mx.float32)
+    scale = mx.repeat(mx.repeat(scale_inv.astype(mx.float32), BLOCK, axis=0), BLOCK, axis=1)
+    return w * scale[:m, :n]
 
 
 def test_dequantised_weights_match_true_weights(tiny):

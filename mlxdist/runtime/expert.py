@@ -315,4 +315,4 @@ def load_expert_stage(
         if attention == "sharded":
             shard_attention(model, group)
     evaluate(model, config, model.model.layers, dtype)
-    return Stage(model, config, 0, num_layers, True, True, experts=tuple(held))
+    return Stage(model, config, 0, num_layers, True, experts=tuple(held))

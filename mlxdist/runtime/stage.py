@@ -27,7 +27,6 @@ class Stage:
     config: dict
     start: int  # first layer held
     end: int  # one past the last layer held
-    is_first: bool  # holds the embeddings
     is_last: bool  # holds the final norm and the head
     experts: tuple[int, ...] | None = None  # routed experts held, in expert parallelism
 
@@ -119,7 +118,7 @@ def load_stage(
     model.load_weights(list(weights.items()), strict=True)
     del weights
     evaluate(model, info.config, inner.layers[start:end], dtype)
-    return Stage(model, info.config, start, end, first, last)
+    return Stage(model, info.config, start, end, last)
 
 
 def read_tensors(path: Path, keep: Callable[[str], bool]) -> dict[str, mx.array]:
@@ -207,4 +206,4 @@ def load_tensor_stage(path: str | Path, group: mx.distributed.Group) -> Stage:
     del weights
     model.shard(group)
     evaluate(model, info.config, model.model.layers, None)
-    return Stage(model, info.config, 0, num_layers, True, True)
+    return Stage(model, info.config, 0, num_layers, True)

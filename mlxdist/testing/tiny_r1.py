@@ -20,12 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import mlx.core as mx
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -448,16 +445,6 @@ def quantize_fp8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         np.multiply(rows, np.repeat(inv.astype(np.float32), BLOCK)[:n], out=scaled[r0 : r0 + BLOCK])
     # |scaled| can exceed 448 by one ulp, which still rounds to 448.
     return encode_e4m3(scaled), scale
-
-
-def dequant_fp8(weight_u8: mx.array, scale_inv: mx.array) -> mx.array:
-    """Dequantise an R1 FP8 weight (uint8 E4M3 bytes) with its 128x128 block scale_inv."""
-    import mlx.core as mx  # the generator itself runs without MLX
-
-    m, n = weight_u8.shape
-    w = mx.from_fp8(weight_u8, dtype=mx.float32)
-    scale = mx.repeat(mx.repeat(scale_inv.astype(mx.float32), BLOCK, axis=0), BLOCK, axis=1)
-    return w * scale[:m, :n]
 
 
 # ---------------------------------------------------------------- safetensors
