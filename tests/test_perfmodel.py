@@ -107,7 +107,7 @@ def test_predictions_against_published_figures():
 
 
 def test_r1_one_m3_ultra_within_the_quoted_range_give_or_take(r1):
-    """anchors.md quotes 'about 17-20' for one M3 Ultra; the model says about 21."""
+    """The quoted figure for one M3 Ultra is 'about 17-20'; the model says about 21."""
     case = FIGURES[0]
     low, high = case["published_range"]
     pred = predict_case(case).tokens_per_s
@@ -128,7 +128,7 @@ def test_constants_are_the_documented_calibration(r1):
 
 def test_every_case_states_its_source_and_assumptions():
     for case in FIGURES:
-        assert case["source"].startswith("anchors.md")
+        assert case["source"].startswith("quoted: ") and case["found_at"]
         assert case["assumed"] and case["role"]
         for name in case["nodes"]:
             chips.chip(name)
@@ -138,7 +138,7 @@ def test_every_case_states_its_source_and_assumptions():
 
 
 def test_r1_bytes_per_token_at_4_bits(r1):
-    # 37B active parameters at about 4.5 bits: about 21 GB (anchors.md).
+    # 37B active parameters at about 4.5 bits: about 21 GB (the quoted figure).
     assert 20.0 * GB < r1.total < 21.5 * GB
     assert 36e9 < r1.total * 8 / 4.5 < 38e9
     assert len(r1.layers) == 61  # the multi-token-prediction layer is never read
