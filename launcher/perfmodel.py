@@ -28,8 +28,8 @@ Calibration, once each, on published figures kept in tests/data/published_figure
   efficiency: the time left after the bytes and the RDMA latency, over the 122 all_sums per
   token: 77 us. It stands for what any distributed operation costs beyond the wire (the GPU's
   queue drained and handed to the network and back), so pipeline hops pay it too.
-`calibrate_efficiency` and `calibrate_message_overhead` redo both from the figures; the tests check
-that the constants are theirs. Every other figure is a check, not a fit.
+tests/test_perfmodel.py redoes both from the figures and checks that the constants are theirs.
+Every other figure is a check, not a fit.
 """
 
 from __future__ import annotations
@@ -394,30 +394,6 @@ def _compositions(k: int, n: int):
             prev = b
         out.append(k + n - 1 - prev - 1)
         yield tuple(out)
-
-
-# --- calibration --------------------------------------------------------------------------------
-
-
-def calibrate_efficiency(tokens_per_s: float, model: ActiveBytes, on: str | ChipSpec) -> float:
-    """The efficiency that makes one node of chip `on` decode `model` at tokens_per_s."""
-    return tokens_per_s * model.total / chip(on).bandwidth
-
-
-def calibrate_message_overhead(
-    tokens_per_s: float,
-    nodes: list[str | ChipSpec | NodeSpec],
-    model: ActiveBytes,
-    mode: str,
-    link_name: str,
-    efficiency: float = EFFICIENCY,
-) -> float:
-    """The per-operation overhead that makes a multi-node case decode at tokens_per_s, with the
-    efficiency already fixed: the time not spent reading or on the wire, over the operations."""
-    base = predict_decode(nodes, model, None, mode, link_name, efficiency=efficiency, overhead=0)
-    if base.messages == 0:
-        raise ValueError("one node sends no messages: calibrate the overhead on a cluster")
-    return (1 / tokens_per_s - base.seconds_per_token) / base.messages
 
 
 # --- memory each node holds outside a pipeline ---------------------------------------------------

@@ -11,9 +11,8 @@ from launcher import chips, perfmodel
 from launcher.perfmodel import (
     EFFICIENCY,
     MESSAGE_OVERHEAD,
+    ActiveBytes,
     bytes_per_token,
-    calibrate_efficiency,
-    calibrate_message_overhead,
     predict_decode,
 )
 from launcher.planner import GIB, NodeSpec, parse_simulate
@@ -112,6 +111,21 @@ def test_r1_one_m3_ultra_within_the_quoted_range_give_or_take(r1):
     low, high = case["published_range"]
     pred = predict_case(case).tokens_per_s
     assert low * (1 - TARGET) <= pred <= high * (1 + TARGET)
+
+
+def calibrate_efficiency(tokens_per_s: float, model: ActiveBytes, on: str) -> float:
+    """The efficiency that makes one node of chip `on` decode `model` at tokens_per_s."""
+    return tokens_per_s * model.total / chips.chip(on).bandwidth
+
+
+def calibrate_message_overhead(
+    tokens_per_s: float, nodes: list[str], model: ActiveBytes, mode: str, link_name: str
+) -> float:
+    """The per-operation overhead that makes a multi-node case decode at tokens_per_s, with the
+    efficiency already fixed: the time not spent reading or on the wire, over the operations."""
+    base = predict_decode(nodes, model, None, mode, link_name, efficiency=EFFICIENCY, overhead=0)
+    assert base.messages > 0, "one node sends no messages: calibrate the overhead on a cluster"
+    return (1 / tokens_per_s - base.seconds_per_token) / base.messages
 
 
 def test_constants_are_the_documented_calibration(r1):
