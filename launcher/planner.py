@@ -560,4 +560,3 @@ def plan_to_json(p: Plan) -> dict:
         "dropped": list(p.dropped),
         "nodes": [asdict(row) for row in p.nodes],
     }
-

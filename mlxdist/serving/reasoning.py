@@ -74,4 +74,3 @@ class ReasoningSplitter:
         """What was held back, once the output has ended."""
         held, self.held = self.held, ""
         return (held, "") if self.state == _THINK else ("", held)
-
