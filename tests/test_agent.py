@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from conftest import ROOT
 from starlette.testclient import TestClient
@@ -245,6 +246,7 @@ def test_secret_file(tmp_path, monkeypatch):
 # --- round trips -----------------------------------------------------------------------------
 
 
+@pytest.mark.cluster
 def test_facts_health_and_models(agent):
     node = agent.models / "cut" / "nodes" / "0"
     node.mkdir(parents=True)
@@ -277,6 +279,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.cluster
 def test_push_file_resumes_after_interruption(agent, tmp_path):
     local = tmp_path / "shard.safetensors"
     local.write_bytes(os.urandom(6 * CHUNK + 1234))
@@ -313,6 +316,7 @@ def test_push_file_resumes_after_interruption(agent, tmp_path):
         assert (agent.models / "pushed" / "empty").read_bytes() == b""
 
 
+@pytest.mark.cluster
 def test_push_file_resumed_from_other_bytes_starts_again(agent, tmp_path):
     old, new = tmp_path / "old", tmp_path / "new"
     old.write_bytes(os.urandom(4 * CHUNK))
@@ -330,6 +334,7 @@ def test_push_file_resumed_from_other_bytes_starts_again(agent, tmp_path):
     assert (agent.models / rel).read_bytes() == new.read_bytes()
 
 
+@pytest.mark.cluster
 def test_upload_offsets_and_mismatches(agent):
     rel = "checks/file.bin"
     partial = agent.models / "checks" / "file.bin.partial"
@@ -369,8 +374,10 @@ def test_upload_offsets_and_mismatches(agent):
 # --- refusals --------------------------------------------------------------------------------
 
 
+@pytest.mark.cluster
 def test_unsigned_or_forged_requests_change_nothing(agent):
     before = snapshot(agent.root.parent)
+    ranks_before = agent.client().ranks()  # in any order: a rank another test ran may be listed
     put = "/files/chunk?path=forged.bin&offset=0"
     assert httpx.get(agent.url + "/facts").status_code == 401
     r = httpx.get(agent.url + "/no/such/path")
@@ -390,9 +397,10 @@ def test_unsigned_or_forged_requests_change_nothing(agent):
     bad = {"X-Mlxdist-Timestamp": "soon", "X-Mlxdist-Nonce": "n", "X-Mlxdist-Signature": "s"}
     assert httpx.put(agent.url + put, content=b"x", headers=bad).status_code == 401
     assert snapshot(agent.root.parent) == before
-    assert agent.client().ranks() == []
+    assert agent.client().ranks() == ranks_before
 
 
+@pytest.mark.cluster
 def test_replayed_request_is_refused(agent):
     put = "/files/chunk?path=replay.bin&offset=0"
     req = httpx.Request("PUT", agent.url + put, content=b"first")
@@ -427,6 +435,7 @@ BAD_PATHS = [
 ]
 
 
+@pytest.mark.cluster
 def test_upload_paths_are_confined(agent):
     outside = agent.root.parent / "outside"
     models = agent.models
@@ -455,6 +464,7 @@ def test_upload_paths_are_confined(agent):
         (models / link).unlink()
 
 
+@pytest.mark.cluster
 def test_oversize_body_is_refused(agent):
     before = snapshot(agent.root.parent)
     with agent.client() as c:
@@ -477,6 +487,7 @@ def test_oversize_body_is_refused(agent):
     assert snapshot(agent.root.parent) == before
 
 
+@pytest.mark.cluster
 def test_slow_body_is_cut_off(agent):
     target = "/files/chunk?path=slow.bin&offset=0"
     t0 = time.monotonic()
@@ -542,25 +553,30 @@ BAD_RANKS = [
 ]
 
 
+@pytest.mark.cluster
 def test_start_rank_refuses_bad_requests(agent):
+    """Starts nothing; holds in any order (the module's agent may hold a rank already stopped)."""
     before = snapshot(agent.root.parent)
+    runs_before = sorted(agent.runs.iterdir())
     with agent.client() as c:
+        ranks_before = c.ranks()
+        assert not any(r["alive"] for r in ranks_before)
         for change in BAD_RANKS:
             e = error_of(lambda ch=change: c.start_rank(**rank_request(**ch)))
             assert e.status == 400, (change, str(e))
         e = error_of(lambda: c.start_rank(**rank_request(model="missing")))
         assert "not a model folder" in str(e)
-        assert c.ranks() == []
+        assert c.ranks() == ranks_before
         assert error_of(lambda: c.log("0123456789ab")).status == 404
         assert error_of(lambda: c.stop("0123456789ab")).status == 404
-        assert c.stop_all() == []
+        assert c.stop_all() == ranks_before
         assert error_of(lambda: c.request("POST", "/ranks", content=b"{not json")).status == 400
         assert error_of(lambda: c.request("POST", "/ranks", body=[1])).status == 400
         assert (
             error_of(lambda: c.request("GET", "/ranks/x/log", params={"tail": "x"})).status == 400
         )
     assert snapshot(agent.root.parent) == before
-    assert list(agent.runs.iterdir()) == []
+    assert sorted(agent.runs.iterdir()) == runs_before
 
 
 def test_rank_request_and_argv():
@@ -586,17 +602,11 @@ def test_rank_request_and_argv():
     ]
 
 
-def proc_environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return dict(x.decode().split("=", 1) for x in raw if b"=" in x)
-
-
 def pid_alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1]
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return state != "Z"
 
 
 def wait_health(port: int, timeout: float = 120) -> dict:
@@ -612,7 +622,7 @@ def wait_health(port: int, timeout: float = 120) -> dict:
     raise AssertionError(f"no rank answered on port {port}")
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.cluster
 def test_rank_starts_serves_and_stops(agent):
     http_port = free_ports(1)[0]
     with agent.client() as c:
@@ -620,8 +630,7 @@ def test_rank_starts_serves_and_stops(agent):
         pid = started["pid"]
         try:
             assert wait_health(http_port)["model"] == "tiny-agent"
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
-            assert [x.decode() for x in cmdline[1:]] == [
+            assert psutil.Process(pid).cmdline()[1:] == [
                 "-m",
                 "mlxdist.rank",
                 "--model",
@@ -637,7 +646,7 @@ def test_rank_starts_serves_and_stops(agent):
                 "--backend",
                 "ring",
             ]
-            env = proc_environ(pid)
+            env = psutil.Process(pid).environ()
             assert (env["MLX_RANK"], env["MLX_WORLD_SIZE"]) == ("0", "1")
             assert "MLX_HOSTFILE" not in env
             [run] = c.ranks()
@@ -669,8 +678,20 @@ def test_rank_starts_serves_and_stops(agent):
         assert c.ranks()[0]["alive"] is False
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize(
+    "how",
+    [
+        signal.SIGTERM,
+        pytest.param(
+            signal.SIGKILL,
+            marks=pytest.mark.skipif(
+                sys.platform != "linux",
+                reason="a SIGKILLed agent's ranks die by prctl's parent-death signal, Linux only",
+            ),
+        ),
+    ],
+)
+@pytest.mark.cluster
 def test_ranks_die_with_their_agent(tmp_path, how):
     make_r1(tmp_path / "agent" / "models" / "tiny", preset="tiny")
     http_port = free_ports(1)[0]
@@ -685,6 +706,7 @@ def test_ranks_die_with_their_agent(tmp_path, how):
     assert not pid_alive(started["pid"])
 
 
+@pytest.mark.cluster
 def test_app_shutdown_stops_its_ranks(tmp_path):
     make_r1(tmp_path / "models" / "tiny", preset="tiny")
     secret = b"s" * 32

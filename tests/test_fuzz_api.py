@@ -16,6 +16,8 @@ from conftest import local_cluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+pytestmark = pytest.mark.cluster
+
 HISTOGRAM: Counter[int] = Counter()
 REFERENCE_PROMPT = [1, 2, 3, 4, 5]
 SETTINGS = dict(
@@ -209,8 +211,7 @@ CONTENT_TYPES = st.sampled_from(
 # --- the tests -------------------------------------------------------------------------------
 
 
-def test_fuzz_completions(server, reference):
-    http, health = server
+def fuzz_completions(http: httpx.Client, health: dict) -> None:
     vocab, model = health["vocab_size"], health["model"]
     required = {"prompt": prompts(vocab)}
 
@@ -222,8 +223,7 @@ def test_fuzz_completions(server, reference):
     run()
 
 
-def test_fuzz_chat(server, reference):
-    http, health = server
+def fuzz_chat(http: httpx.Client, health: dict) -> None:
     vocab, model = health["vocab_size"], health["model"]
     optional = sampling(vocab, model) | {
         "reasoning_format": st.sampled_from(["deepseek", "none", "other"]) | ANY_JSON
@@ -237,8 +237,7 @@ def test_fuzz_chat(server, reference):
     run()
 
 
-def test_fuzz_any_json_and_raw_bodies(server, reference):
-    http, _ = server
+def fuzz_any_json_and_raw_bodies(http: httpx.Client, health: dict) -> None:
     path = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/mlxdist/logits"])
 
     @settings(max_examples=350, **SETTINGS)
@@ -261,7 +260,33 @@ def test_fuzz_any_json_and_raw_bodies(server, reference):
     run()
 
 
+FUZZERS = [fuzz_completions, fuzz_chat, fuzz_any_json_and_raw_bodies]
+FUZZED: set = set()  # the fuzzers run to the end against the module's cluster so far
+
+
+def fuzz(server, fuzzer) -> None:
+    fuzzer(*server)
+    FUZZED.add(fuzzer)
+
+
+def test_fuzz_completions(server, reference):
+    fuzz(server, fuzz_completions)
+
+
+def test_fuzz_chat(server, reference):
+    fuzz(server, fuzz_chat)
+
+
+def test_fuzz_any_json_and_raw_bodies(server, reference):
+    fuzz(server, fuzz_any_json_and_raw_bodies)
+
+
 def test_zz_same_answer_after_fuzzing(server, reference):
+    """Holds alone and in any order: first runs every fuzzer that has not yet run to the end
+    against the module's cluster (all three when run alone), then asks again."""
+    for fuzzer in FUZZERS:
+        if fuzzer not in FUZZED:
+            fuzz(server, fuzzer)
     http, health = server
     assert http.get("/health").json()["status"] == "ok"
     assert greedy(http) == reference

@@ -6,10 +6,13 @@ server, and leaves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pexpect
@@ -35,8 +38,9 @@ def spawn(*args: str, env: dict | None = None, timeout: float = 60) -> pexpect.s
     )
 
 
-@pytest.fixture(scope="module")
-def served(tiny_r1):
+@contextlib.contextmanager
+def _serve(tiny_r1: Path):
+    """`mlxdist serve` of tiny_r1 on 2 local ranks: (the process, its URL)."""
     port = free_ports(1)[0]
     args = ["serve", str(tiny_r1), "--local", "2", "--port", str(port), "--max-context", "2048"]
     server = spawn(*args, timeout=120)
@@ -47,6 +51,22 @@ def served(tiny_r1):
         server.close(force=True)
 
 
+@pytest.fixture(scope="module")
+def served(tiny_r1):
+    with _serve(tiny_r1) as server:
+        yield server
+
+
+@pytest.fixture
+def served_for_the_chat(tiny_r1, tmp_path):
+    """A server of the chat test's own, which that test stops (the module's one stays up for the
+    other tests, whatever the order), on a copy of tiny-r1: its ranks are told apart by path."""
+    model = Path(shutil.copytree(tiny_r1, tmp_path / "served" / tiny_r1.name))
+    with _serve(model) as (server, url):
+        yield server, url, model
+
+
+@pytest.mark.cluster
 def test_serve_answers_on_localhost_only(served):
     _, url = served
     health = httpx.get(url + "/health").json()
@@ -55,6 +75,7 @@ def test_serve_answers_on_localhost_only(served):
     assert url.startswith("http://127.0.0.1:")  # never all interfaces by default
 
 
+@pytest.mark.cluster
 def test_serve_refuses_a_port_in_use(served, tiny_r1):
     _, url = served
     port = url.rsplit(":", 1)[1]
@@ -76,8 +97,9 @@ def _command(chat: pexpect.spawn, line: str, reply: str) -> None:
     chat.expect_exact(">>> ")
 
 
-def test_chat_conversation_ctrl_c_reset_lost_server_quit(served, tiny_r1, tmp_path):
-    server, url = served
+@pytest.mark.cluster
+def test_chat_conversation_ctrl_c_reset_lost_server_quit(served_for_the_chat, tmp_path):
+    server, url, model = served_for_the_chat
     chat = spawn("chat", "--url", url, "--max-tokens", "8", env={"MLXDIST_CONFIG": str(tmp_path)})
     try:
         chat.expect_exact("/help lists the commands")
@@ -127,7 +149,7 @@ def test_chat_conversation_ctrl_c_reset_lost_server_quit(served, tiny_r1, tmp_pa
         server.expect(pexpect.EOF)
         server.close()
         assert server.exitstatus == 0 and "every rank stopped" in server.before
-        assert rank_pids(str(tiny_r1)) == []
+        assert rank_pids(str(model)) == []
         chat.sendline("Anyone?")
         chat.expect_exact("error: lost the connection")
         chat.expect_exact(">>> ")
