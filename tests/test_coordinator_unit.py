@@ -290,3 +290,29 @@ def test_logits_and_stats_run_alone_between_steps_and_change_no_answer(kind):
     assert [(s.tokens, s.step.slot, s.step.flags) for s in logits_steps] == [
         ([4, 5, 6], 0, NEW | LOGITS)
     ]
+
+
+def test_a_ring_failing_while_a_job_waits_to_run_alone_fails_that_job_too():
+    answering = [Job(PROMPT, 20), Job([8, 9], 20), Job([5, 4], 20)]  # steps in flight
+    stats = Job([], 0, stats=True)
+    asked = []
+
+    def ask(runner, tokens, step):
+        if len(runner.sent) == 6:
+            co.submit(stats)  # taken at the next admission, which drains the ring first
+            co.shutdown()
+            asked.append(step)
+
+    co = coordinator("pipeline", before_send=ask)
+    receive = co.runner.receive
+
+    def broken_receive():
+        if asked and co.jobs.qsize() == 1:  # the stats job taken, the shutdown still queued
+            raise RuntimeError("the ring broke")
+        return receive()
+
+    co.runner.receive = broken_receive
+    serve(co, *answering, stop=False)
+    failed = Failed("RuntimeError: the ring broke")
+    assert events(stats) == [failed]
+    assert [events(job)[-1] for job in answering] == [failed] * 3

@@ -70,7 +70,11 @@ class Interleaver:
             elif job.cancelled.is_set():
                 continue
             elif job.logits or job.stats:
-                self._drain()
+                try:
+                    self._drain()
+                except Exception as e:  # this job is off the queue: it fails with the others
+                    job.emit(Failed(f"{type(e).__name__}: {e}"))
+                    raise
                 self.run_alone(job)
             elif job.max_tokens <= 0:
                 self.new_sequence(job, 0).finish()
