@@ -1,11 +1,9 @@
 """How a launch cuts the model (--parallel, --experts, --local), checked before anything starts.
 
 Reads only config.json's fields: the CLI validates flags without loading MLX's model code
-(tensor mode alone imports the model family's mlx-lm module, to ask whether it can shard)."""
+(tensor mode alone asks mlx-lm for the model family's class, to see whether it can shard)."""
 
 from __future__ import annotations
-
-import importlib
 
 from quantize.checkpoint import CheckpointError
 from quantize.nodes import expert_sets
@@ -15,12 +13,14 @@ MODES = ("pipeline", "expert", "tensor")
 
 def check_tensor_split(config: dict, size: int) -> None:
     """Refuses a model that mlx-lm cannot shard over size ranks."""
+    from mlx_lm.utils import _get_classes  # mlx-lm's own lookup, with its model-type remapping
+
     model_type = config["model_type"]
     try:
-        module = importlib.import_module(f"mlx_lm.models.{model_type}")
-    except ImportError:
+        model_class, _ = _get_classes(config)
+    except ValueError:
         raise CheckpointError(f"mlx-lm has no {model_type} model") from None
-    if not hasattr(module.Model, "shard"):
+    if not hasattr(model_class, "shard"):
         raise CheckpointError(
             f"mlx-lm's {model_type} model has no shard(): use --parallel pipeline or expert"
         )
