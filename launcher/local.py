@@ -112,13 +112,15 @@ def start_local(
     parallel: str = "pipeline",
     experts: list[int] | None = None,
     attention: str | None = None,
+    max_context: int | None = None,
 ) -> Cluster:
     """Starts len(split) ranks on this machine over the ring backend on loopback.
 
     parallel "expert" or "tensor": every rank runs every layer and only len(split) counts;
     experts gives the routed experts per rank (default: as even as possible); attention
     "sharded" or "replicated" for expert mode's attention heads and shared experts (default:
-    the rank's, sharded where they divide).
+    the rank's, sharded where they divide). max_context: tokens a request may use (default:
+    the model's own limit).
     """
     n = len(split)
     run_dir = Path(run_dir or tempfile.mkdtemp(prefix="mlxdist-run-"))
@@ -136,6 +138,7 @@ def start_local(
         host=host,
         port=http_port,
         heartbeat=f"127.0.0.1:{ports[n]}",
+        max_context=max_context,
     )
     token = secrets.token_hex(16)
     procs, logs = [], []

@@ -58,6 +58,8 @@ class RankSpec:
             raise ValueError(f"a split is for pipeline mode; {self.parallel} mode takes ranks")
         elif not self.ranks or self.ranks < 1:
             raise ValueError(f"--ranks is needed in {self.parallel} mode")
+        if self.experts and self.parallel != "expert":
+            raise ValueError(f"--experts is for expert mode, not {self.parallel}")
         object.__setattr__(self, "experts", tuple(self.experts) if self.experts else None)
 
     @classmethod
@@ -114,7 +116,10 @@ class RankSpec:
             split = None
         experts = _ints(p, "--experts", a.experts) if a.experts else None
         settings = {f.name: getattr(a, f.name) for f in fields(cls)}
-        return cls(**settings | {"split": split, "experts": experts})
+        try:
+            return cls(**settings | {"split": split, "experts": experts})
+        except ValueError as e:
+            p.error(str(e))
 
 
 def _join(counts: Sequence[int]) -> str:

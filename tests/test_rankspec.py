@@ -93,6 +93,11 @@ def test_max_context_defaults_to_the_environment(monkeypatch):
         (["--model", "/m", "--split", "2", "--attention", "half"], "invalid choice"),
         (["--model", "/m", "--split", "2", "--port", "http"], "invalid int value"),
         (["--model", "/m", "--split", "2", "--colour", "red"], "unrecognized arguments"),
+        (["--model", "/m", "--split", "2", "--experts", "3"], "--experts is for expert mode"),
+        (
+            ["--model", "/m", "--parallel", "tensor", "--ranks", "2", "--experts", "1,1"],
+            "expert mode",
+        ),
     ],
 )
 def test_bad_argv_is_refused(argv, message, capsys):
@@ -111,6 +116,8 @@ def test_bad_argv_is_refused(argv, message, capsys):
         {"parallel": "tensor", "ranks": 2, "split": (1, 1)},
         {"parallel": "sequence"},
         {"attention": "half"},
+        {"experts": (4, 4)},
+        {"parallel": "tensor", "ranks": 2, "split": None, "experts": (4, 4)},
     ],
 )
 def test_bad_spec_is_refused(fields):

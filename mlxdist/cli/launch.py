@@ -247,8 +247,7 @@ def _serve_here(
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else str(e)
         raise UserError(f"cannot listen on {host}:{port}: {reason}") from None
-    env = {"MLXDIST_MAX_CONTEXT": str(max_context)} if max_context else None
-    running = start_local(path, parts, host=host, port=port, env=env)
+    running = start_local(path, parts, host=host, port=port, max_context=max_context)
     try:
         typer.echo(f"loading {path.name} on {len(parts)} ranks (layers {parts})...", err=True)
         wait_ready(running)
