@@ -5,10 +5,9 @@ Reads only config.json's fields: the CLI validates flags without loading MLX's m
 
 from __future__ import annotations
 
+from launcher.rankspec import PARALLEL
 from quantize.checkpoint import CheckpointError
 from quantize.nodes import expert_sets
-
-MODES = ("pipeline", "expert", "tensor")
 
 
 def check_tensor_split(config: dict, size: int) -> None:
@@ -36,7 +35,7 @@ def check_tensor_split(config: dict, size: int) -> None:
 def parallel_options(config: dict, parallel: str, experts: str | None, ranks: int | None) -> dict:
     """start_local's options for a launch's --parallel, --experts and --local, checked before
     anything starts; raises ValueError with the line to show. {} for pipeline mode."""
-    if parallel not in MODES:
+    if parallel not in PARALLEL:
         raise ValueError(f"--parallel {parallel}: choose pipeline, expert or tensor")
     if experts and parallel != "expert":
         raise ValueError("--experts is for --parallel expert")

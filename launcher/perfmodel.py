@@ -41,11 +41,12 @@ from dataclasses import dataclass, field
 
 from .chips import ChipSpec, chip, default_chip
 from .planner import ModelSpec, NodeSpec, kv_bytes_per_token_per_layer
+from .rankspec import PARALLEL
 
 EFFICIENCY = 0.53  # fraction of peak memory bandwidth reached while decoding (see above)
 MESSAGE_OVERHEAD = 77e-6  # seconds per distributed operation on the token's path (see above)
 GB = 10**9
-MODES = ("pipeline", "tensor", "expert")
+MODES = PARALLEL  # the modes a launch can run, each predicted
 
 
 # --- chips and links ----------------------------------------------------------------------------
