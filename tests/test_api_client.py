@@ -1,12 +1,22 @@
 """The client's reading of server-sent events, against canned answers (httpx.MockTransport)."""
 
+import io
 from contextlib import contextmanager
 
 import httpx
 import pytest
+from rich.console import Console
 
 from mlxdist.client import api_client
-from mlxdist.client.api_client import ClientError, stream_chat, stream_completion
+from mlxdist.client.api_client import (
+    ClientError,
+    End,
+    Reasoning,
+    Text,
+    stream_chat,
+    stream_completion,
+)
+from mlxdist.client.chat import Answer, show_answer
 
 URL = "http://server:8000"
 
@@ -52,9 +62,9 @@ def test_multi_line_data_comments_and_fields_parse_as_the_spec_says(answer):
     )
     events = list(stream_chat(URL, [{"role": "user", "content": "hi"}]))
     assert events == [
-        ("text", {"text": "Hel"}),
-        ("text", {"text": "lo"}),
-        ("done", {"finish_reason": "stop", "usage": {"completion_tokens": 2}}),
+        Text("Hel"),
+        Text("lo"),
+        End("stop", {"completion_tokens": 2}),
     ]
     assert requests[0].headers["accept"] == "text/event-stream"
 
@@ -66,13 +76,13 @@ def test_completion_text_and_reasoning_come_apart(answer):
         "data: [DONE]\n\n"
     )
     assert list(stream_chat(URL, []))[:2] == [
-        ("reasoning", {"text": "think"}),
-        ("text", {"text": "say"}),
+        Reasoning("think"),
+        Text("say"),
     ]
     answer('data: {"choices": [{"text": "once", "finish_reason": "length"}]}\n\n')
     assert list(stream_completion(URL, "a")) == [
-        ("text", {"text": "once"}),
-        ("done", {"finish_reason": "length", "usage": None}),
+        Text("once"),
+        End("length", None),
     ]
 
 
@@ -97,3 +107,28 @@ def test_an_answer_that_is_not_an_event_stream_is_an_error_not_a_lost_server(ans
     with pytest.raises(ClientError, match="did not answer with server-sent events") as caught:
         list(stream_chat(URL, []))
     assert not caught.value.lost
+
+
+@pytest.mark.parametrize(
+    ("show_think", "printed"),
+    [(True, "weigh it\n\nParis\n"), (False, "(thinking...)\nParis\n")],
+)
+def test_the_chat_prints_the_pieces_and_keeps_the_end(show_think, printed):
+    def pieces():
+        yield Reasoning("weigh ")
+        yield Reasoning("it")
+        yield Text("Par")
+        yield Text("is")
+        yield End("stop", {"completion_tokens": 4, "prompt_tokens": 9})
+        raise AssertionError("nothing is read after the end")
+
+    out = Console(file=io.StringIO(), highlight=False, soft_wrap=True)
+    kept = Answer()
+    show_answer(out, pieces(), kept, show_think)
+    assert out.file.getvalue() == printed
+    assert (kept.text, "".join(kept.reasoning), kept.pieces) == ("Paris", "weigh it", 4)
+    assert (kept.finish_reason, kept.completion_tokens(), kept.prompt_tokens()) == (
+        "stop",
+        4,
+        9,
+    )

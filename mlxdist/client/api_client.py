@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import httpx
 from httpx_sse import EventSource, SSEError
@@ -22,6 +23,31 @@ class ClientError(UserError):
         super().__init__(message)
         self.lost = lost or named
         self.named = named
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """A piece of the model's reasoning (DeepSeek's `reasoning_content`)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Text:
+    """A piece of the answer."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class End:
+    """The stream ended: why, and the server's token counts (None from one that does not count)."""
+
+    finish_reason: str | None = None
+    usage: dict | None = None
+
+
+Piece = Reasoning | Text | End
 
 
 def base_url(url: str) -> str:
@@ -53,9 +79,8 @@ def list_models(url: str, headers: dict | None = None) -> list[str]:
 
 def stream_chat(
     url: str, messages: list[dict], headers: dict | None = None, **params
-) -> Iterator[tuple[str, dict]]:
-    """Yields ("reasoning", {"text"}) and ("text", {"text"}) as the answer streams, then
-    ("done", {"finish_reason", "usage"}); usage is None from a server that does not count."""
+) -> Iterator[Piece]:
+    """Yields Reasoning and Text pieces as the answer streams, then one End."""
     body = {"messages": messages, "stream": True, **params}
     body["stream_options"] = {"include_usage": True}
     yield from _stream(f"{base_url(url)}/v1/chat/completions", body, headers, chat=True)
@@ -63,13 +88,13 @@ def stream_chat(
 
 def stream_completion(
     url: str, prompt: str, headers: dict | None = None, **params
-) -> Iterator[tuple[str, dict]]:
+) -> Iterator[Piece]:
     body = {"prompt": prompt, "stream": True, **params}
     body["stream_options"] = {"include_usage": True}
     yield from _stream(f"{base_url(url)}/v1/completions", body, headers, chat=False)
 
 
-def _stream(url: str, body: dict, headers: dict | None, chat: bool) -> Iterator[tuple[str, dict]]:
+def _stream(url: str, body: dict, headers: dict | None, chat: bool) -> Iterator[Piece]:
     done: dict = {"finish_reason": None, "usage": None}
     headers = {**(headers or {}), "Accept": "text/event-stream"}
     try:
@@ -102,7 +127,7 @@ def _stream(url: str, body: dict, headers: dict | None, chat: bool) -> Iterator[
         ) from None
     except json.JSONDecodeError:
         raise ClientError(f"{url} sent an event that is not JSON") from None
-    yield "done", done
+    yield End(**done)
 
 
 def event_data(response: httpx.Response) -> Iterator[str]:
@@ -114,18 +139,18 @@ def event_data(response: httpx.Response) -> Iterator[str]:
             yield event.data
 
 
-def _pieces(choice: dict, chat: bool) -> Iterator[tuple[str, dict]]:
+def _pieces(choice: dict, chat: bool) -> Iterator[Piece]:
     if not chat:
         if choice.get("text"):
-            yield "text", {"text": choice["text"]}
+            yield Text(choice["text"])
         return
     delta = choice.get("delta") or {}
     # DeepSeek's name first; some servers call it "reasoning"
     reasoning = delta.get("reasoning_content") or delta.get("reasoning")
     if reasoning:
-        yield "reasoning", {"text": reasoning}
+        yield Reasoning(reasoning)
     if delta.get("content"):
-        yield "text", {"text": delta["content"]}
+        yield Text(delta["content"])
 
 
 def _detail(r: httpx.Response) -> str:

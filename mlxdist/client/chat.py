@@ -17,7 +17,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mlxdist.client.api_client import ClientError, stream_chat, stream_completion
+from mlxdist.client.api_client import (
+    ClientError,
+    End,
+    Reasoning,
+    Text,
+    stream_chat,
+    stream_completion,
+)
 
 HELP = '''commands:
   /help             this list
@@ -124,27 +131,27 @@ class Session:
 
 def show_answer(out: Console, events, answer: Answer, show_think: bool) -> None:
     """Prints the answer as it streams: reasoning dimmed (or one marker when hidden)."""
-    shown = None  # what was printed last: "reasoning" or "text"
+    shown = None  # the kind of piece printed last: Reasoning or Text
     try:
-        for kind, data in events:
-            if kind == "done":
-                answer.usage, answer.finish_reason = data["usage"], data["finish_reason"]
+        for piece in events:
+            if isinstance(piece, End):
+                answer.usage, answer.finish_reason = piece.usage, piece.finish_reason
                 break
             answer.last = time.perf_counter()
             answer.first = answer.first or answer.last
             answer.pieces += 1
-            if kind == "reasoning":
-                answer.reasoning.append(data["text"])
+            if isinstance(piece, Reasoning):
+                answer.reasoning.append(piece.text)
                 if show_think:
-                    out.out(data["text"], style="dim", end="")
+                    out.out(piece.text, style="dim", end="")
                 elif shown is None:
                     out.out("(thinking...)", style="dim", end="")
             else:
-                if shown == "reasoning":
+                if shown is Reasoning:
                     out.out("\n\n" if show_think else "\n", end="")
-                answer.content.append(data["text"])
-                out.out(data["text"], end="")
-            shown = kind
+                answer.content.append(piece.text)
+                out.out(piece.text, end="")
+            shown = type(piece)
     finally:
         events.close()  # Ctrl-C: closing the connection cancels the generation on every rank
         if shown is not None:
@@ -161,12 +168,12 @@ def answer(url: str, prompt: str, chat: bool, params: dict) -> str:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     text = []
     try:
-        for kind, data in events:
-            if kind == "reasoning":
-                err.out(data["text"], style="dim", end="")
-            elif kind == "text":
-                text.append(data["text"])
-                sys.stdout.write(data["text"])
+        for piece in events:
+            if isinstance(piece, Reasoning):
+                err.out(piece.text, style="dim", end="")
+            elif isinstance(piece, Text):
+                text.append(piece.text)
+                sys.stdout.write(piece.text)
                 sys.stdout.flush()
     finally:
         events.close()
