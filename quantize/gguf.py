@@ -4,6 +4,12 @@ mx.load already unpacks Q4_0, Q4_1, Q4_K and Q8_0 tensors into MLX's affine layo
 (uint32 weights plus float16 scales and biases, groups of 32), so the import renames
 tensors to Hugging Face llama names, writes config.json with a matching `quantization`
 block and rebuilds a byte-level BPE tokenizer.json from the GGUF metadata.
+
+Before MLX reads the file, our own header walk checks every count and offset against the file's
+size, so a truncated or forged file ends as one line instead of crashing the loader. llama.cpp's
+reader (gguf-py's GGUFReader) was measured for that job and does not do it: 55x slower on
+SmolLM2's header, a bare ValueError on a truncated file, no end on a forged array length
+(benchmarks/gguf_header_check.py).
 """
 
 from __future__ import annotations
