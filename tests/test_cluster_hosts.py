@@ -51,7 +51,15 @@ def machines(tmp_path_factory):
             yield [Machine(h.name, h.ip, 52417) for h in hosts], "eth0"
         return
     print(f"\nnetwork namespaces unavailable ({why}): running on loopback with separate ports")
-    yield [Machine("", "127.0.0.1", 52417 + i) for i in range(4)], "lo"
+    yield [Machine("", "127.0.0.1", 52417 + i) for i in range(4)], loopback_interface()
+
+
+def loopback_interface() -> str:
+    """The interface that holds 127.0.0.1: lo on Linux, lo0 on macOS."""
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == "127.0.0.1" for a in addresses):
+            return name
+    raise RuntimeError("no interface holds 127.0.0.1")
 
 
 def start_agents(hosts, interface, work: Path, clusters: list[str], extra_env=None) -> list:
