@@ -7,13 +7,11 @@ layers (or experts, or tensor shard); rank 0 then serves the API and drives the 
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
 import threading
 import time
-from dataclasses import asdict
 
 from launcher.rankspec import NODE_FAILED, RankSpec
 
@@ -31,44 +29,34 @@ def _log(rank: int, msg: str) -> None:
     print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The rank's settings (RankSpec.from_argv), its split and experts as lists."""
-    spec = RankSpec.from_argv(argv)
-    args = argparse.Namespace(**asdict(spec))
-    args.split = list(spec.split) if spec.split else None
-    args.experts = list(spec.experts) if spec.experts else None
-    return args
-
-
-def _load(args, group):
+def _load(spec: RankSpec, group):
     """This rank's stage and the runner that drives it."""
-    if args.parallel == "pipeline":
+    if spec.parallel == "pipeline":
         from mlxdist.runtime.pipeline import Runner
         from mlxdist.runtime.stage import load_stage
 
-        return Runner(load_stage(args.model, args.split, group.rank()), group)
+        return Runner(load_stage(spec.model, list(spec.split), group.rank()), group)
     from mlxdist.runtime.lockstep import LockstepRunner
 
-    if args.parallel == "expert":
+    if spec.parallel == "expert":
         from mlxdist.runtime.expert import load_expert_stage
 
-        rank, size = group.rank(), args.ranks
-        stage = load_expert_stage(
-            args.model, args.experts, rank, size, group, attention=args.attention
-        )
+        rank, size = group.rank(), spec.ranks
+        experts = list(spec.experts) if spec.experts else None
+        stage = load_expert_stage(spec.model, experts, rank, size, group, attention=spec.attention)
     else:
         from mlxdist.runtime.stage import load_tensor_stage
 
-        stage = load_tensor_stage(args.model, group)
-    return LockstepRunner(stage, group, args.parallel)
+        stage = load_tensor_stage(spec.model, group)
+    return LockstepRunner(stage, group, spec.parallel)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    spec = RankSpec.from_argv(argv)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     rank = int(os.environ.get("MLX_RANK", "0"))
     try:
-        beats, inflight = _start_heartbeat(args, rank, args.ranks)
+        beats, inflight = _start_heartbeat(spec, rank, spec.ranks)
     except (OSError, ValueError) as e:
         _log(rank, f"cannot start the heartbeat: {e}")
         return 2
@@ -79,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from quantize.checkpoint import CheckpointError
     from quantize.memory import peak_rss
 
-    size = args.ranks
-    group = mx.distributed.init(strict=size > 1, backend=args.backend if size > 1 else "any")
+    size = spec.ranks
+    group = mx.distributed.init(strict=size > 1, backend=spec.backend if size > 1 else "any")
     rank = group.rank()
     if group.size() != size:
         _log(rank, f"the launch has {size} ranks but the group has {group.size()}")
@@ -89,15 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         # Held from the start, so a port already in use fails the launch before any loading.
         try:
-            listener = socket.create_server((args.host, args.port))
+            listener = socket.create_server((spec.host, spec.port))
         except OSError as e:
             reason = os.strerror(e.errno) if e.errno else str(e)
-            _log(rank, f"cannot listen on {args.host}:{args.port}: {reason}")
+            _log(rank, f"cannot listen on {spec.host}:{spec.port}: {reason}")
             return 2
     base = peak_rss()
     t0 = time.perf_counter()
     try:
-        runner = _load(args, group)
+        runner = _load(spec, group)
     except CheckpointError as e:
         _log(rank, f"error: {e}")
         return 2
@@ -112,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         what += f", routed experts {spans(list(stage.experts))}"
     _log(
         rank,
-        f"loaded {what} ({args.parallel}) from {args.model} "
+        f"loaded {what} ({spec.parallel}) from {spec.model} "
         f"({held / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s; "
         f"peak rss {peak / 2**20:.1f} MiB (before weights {base / 2**20:.1f} MiB)",
     )
     # Every rank has loaded once this returns; rank 0 also learns the others' memory.
-    name = (args.node or socket.gethostname()).encode()
+    name = (spec.node or socket.gethostname()).encode()
     host = list(name[:_HOST_BYTES].ljust(_HOST_BYTES, b"\0"))
     cut = int(cut_sums(stage.model) > 0)  # attention heads cut over the ranks
     mine = [rank, base, peak, held, stage.expert_nbytes(), stage.start, stage.end, cut]
@@ -131,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if beats:
             beats.bye()  # a leave on purpose, not a failure
         return 0
-    return _serve_api(args, runner, figures.tolist(), listener, inflight, beats)
+    return _serve_api(spec, runner, figures.tolist(), listener, inflight, beats)
 
 
 def _expert_mask(stage) -> list[int]:
@@ -150,14 +138,14 @@ def _held(words: list[int]) -> list[int] | None:
     return [w * 63 + b for w, word in enumerate(words[:-1]) for b in range(63) if word >> b & 1]
 
 
-def _start_heartbeat(args: argparse.Namespace, rank: int, size: int):
+def _start_heartbeat(spec: RankSpec, rank: int, size: int):
     """(its side of the heartbeat, and on rank 0 the jobs to fail when another rank fails)."""
-    if not args.heartbeat or size < 2:
+    if not spec.heartbeat or size < 2:
         return None, None
     from mlxdist.runtime.heartbeat import Follower, Monitor, parse_address
 
-    address = parse_address(args.heartbeat)
-    node = args.node or socket.gethostname()
+    address = parse_address(spec.heartbeat)
+    node = spec.node or socket.gethostname()
     if rank != 0:
         return Follower(address, rank, node), None
     from mlxdist.serving.api import Inflight
@@ -194,7 +182,7 @@ def _nodes(figures: list) -> list[dict]:
 
 
 def _serve_api(
-    args: argparse.Namespace,
+    spec: RankSpec,
     runner,
     figures: list,
     listener: socket.socket,
@@ -208,17 +196,18 @@ def _serve_api(
     from mlxdist.serving.coordinator import Coordinator
 
     stage = runner.stage
-    tokenizer = load_tokenizer(args.model, eos_token_ids=stage.config.get("eos_token_id"))
+    tokenizer = load_tokenizer(spec.model, eos_token_ids=stage.config.get("eos_token_id"))
     coordinator = Coordinator(runner, tokenizer, set(tokenizer.eos_token_ids))
     context = stage.config.get("max_position_embeddings")
-    if args.max_context:
-        context = min(context, args.max_context) if context else args.max_context
+    split = list(spec.split) if spec.split else None
+    if spec.max_context:
+        context = min(context, spec.max_context) if context else spec.max_context
     nodes = _nodes(figures)
     info = {
-        "ranks": args.ranks,
-        "parallel": args.parallel,
-        "split": args.split,
-        "plan": {"split": args.split, "layers": [n["layers"] for n in nodes]},
+        "ranks": spec.ranks,
+        "parallel": spec.parallel,
+        "split": split,
+        "plan": {"split": split, "layers": [n["layers"] for n in nodes]},
         "nodes": nodes,
         "context": context,
         "vocab_size": stage.vocab_size,
@@ -228,15 +217,15 @@ def _serve_api(
             for r, b, p, w, *_ in figures
         ],
     }
-    name = args.name or os.path.basename(os.path.normpath(args.model))
+    name = spec.name or os.path.basename(os.path.normpath(spec.model))
     app = create_app(coordinator, name, info, inflight)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    config = uvicorn.Config(app, host=spec.host, port=spec.port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     if monitor:
         monitor.ready()  # from here on, a few seconds of silence is a failure
     thread.start()
-    _log(0, f"serving on http://{args.host}:{args.port}")
+    _log(0, f"serving on http://{spec.host}:{spec.port}")
     try:
         coordinator.run()
     finally:
