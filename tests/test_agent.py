@@ -22,7 +22,8 @@ import pytest
 from conftest import ROOT
 from starlette.testclient import TestClient
 
-from launcher.agent import StartRank, create_agent_app, rank_argv
+from launcher.agent import StartRank, create_agent_app
+from launcher.agent.ranks import rank_argv
 from launcher.agent_client import AgentClient, AgentError
 from launcher.auth import AuthError, Verifier, sign
 from launcher.hostfile import free_ports

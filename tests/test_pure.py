@@ -7,8 +7,8 @@ import pytest
 
 from launcher.hostfile import free_ports, ring_hostfile
 from mlxdist.cli.launch import _parse_split
-from mlxdist.runtime.pipeline import CMD_STOP, LOGITS, NEW, SAMPLE, Step
 from mlxdist.runtime.stage import _needed, stage_range
+from mlxdist.runtime.step import CMD_STOP, LOGITS, NEW, SAMPLE, Step
 from quantize.checkpoint import layer_of
 from quantize.errors import UserError
 from quantize.nodes import even_split, expert_sets, row_runs, spans
@@ -145,7 +145,8 @@ def test_step_round_trip(step):
 def test_agent_rank_argv_carries_max_context():
     from pathlib import Path
 
-    from launcher.agent import StartRank, rank_argv
+    from launcher.agent import StartRank
+    from launcher.agent.ranks import rank_argv
 
     base = {"model": "m", "split": [2, 2], "rank": 1, "http_host": "10.0.0.1"}
     base |= {"http_port": 8080, "name": "m", "hostfile": [["10.0.0.1:1"], ["10.0.0.2:1"]]}
@@ -170,7 +171,8 @@ def test_agent_rank_argv_carries_max_context():
 def test_agent_rank_argv_gives_the_mode(fields, expected):
     from pathlib import Path
 
-    from launcher.agent import StartRank, rank_argv
+    from launcher.agent import StartRank
+    from launcher.agent.ranks import rank_argv
 
     base = {"model": "m", "split": [2, 2], "rank": 1, "http_host": "10.0.0.1"}
     base |= {"http_port": 8080, "name": "m", "hostfile": [["10.0.0.1:1"], ["10.0.0.2:1"]]}

@@ -7,7 +7,6 @@ Nothing a request carries becomes a command or a flag: a rank is always
 """
 
 from .app import create_agent_app, serve_agent
-from .ranks import rank_argv
 from .requests import StartRank
 
-__all__ = ["StartRank", "create_agent_app", "rank_argv", "serve_agent"]
+__all__ = ["StartRank", "create_agent_app", "serve_agent"]
