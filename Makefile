@@ -1,5 +1,6 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
-# `make test-fast`: lint and every test not marked `cluster` (no rank, agent or namespace).
+# `make test-fast`: lint and the unit tier: no rank, agent or namespace (`cluster`), no run of a
+# whole command on the 1 GB test model (`heavy`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -29,7 +30,7 @@ test: lint
 	$(BIN)/pytest -q
 
 test-fast: lint
-	$(BIN)/pytest -q -m "not cluster"
+	$(BIN)/pytest -q -m "not cluster and not heavy"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,8 @@
 """Shared fixtures: the two real test models, and local clusters of real rank processes.
 
 Tests that start ranks, agents or network namespaces are marked `cluster`; a run that selects
-none of them (`make test-fast`, `pytest -m "not cluster"`) is guarded against starting any."""
+none of them (`make test-fast`, `pytest -m "not cluster"`) is guarded against starting any. Whole
+commands on the 1 GB model are marked `heavy`, which `make test-fast` leaves out too."""
 
 from __future__ import annotations
 

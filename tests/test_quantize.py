@@ -238,6 +238,7 @@ def test_too_little_disk_is_found_before_writing(tiny_r1, small_disk):
     assert not list(out.glob("*.safetensors*"))
 
 
+@pytest.mark.heavy
 def test_interrupt_then_resume(r1_1gb, tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "mlxdist.cli", "quantize", str(r1_1gb), str(out)]
@@ -274,6 +275,7 @@ def test_interrupt_then_resume(r1_1gb, tmp_path):
     assert [e["sha256"] for e in again["files"]] == [e["sha256"] for e in manifest["files"]]
 
 
+@pytest.mark.heavy
 def test_peak_memory_stays_under_three_layers(r1_1gb, tmp_path):
     result = run_cli("quantize", str(r1_1gb), str(tmp_path / "out"), timeout=300)
     assert result.returncode == 0, result.stderr
