@@ -16,6 +16,7 @@ import httpx
 import mlx.core as mx
 import openai
 import pytest
+from bad_requests import BAD, LONG
 from conftest import local_cluster
 from mlx_lm import load
 from mlx_lm.generate import generate_step
@@ -274,24 +275,6 @@ def test_health_and_models(r1):
 
 
 # ---------------------------------------------------------------- bad requests
-
-LONG = [{"role": "user", "content": "word " * 6000}]
-BAD = [
-    ("malformed JSON", "chat", b'{"messages": [', 400, "not valid JSON"),
-    ("not an object", "chat", b"[1, 2]", 400, "must be a JSON object"),
-    ("no body", "chat", b"", 400, "no body"),
-    ("max_tokens a string", "chat", {"messages": QUESTION, "max_tokens": "8"}, 400, "max_tokens"),
-    ("messages a string", "chat", {"messages": "hello"}, 400, "messages"),
-    ("temperature a word", "chat", {"messages": QUESTION, "temperature": "hot"}, 400, "temperat"),
-    ("content a number", "chat", {"messages": [{"role": "user", "content": 7}]}, 400, "content"),
-    ("negative max_tokens", "chat", {"messages": QUESTION, "max_tokens": -1}, 400, "max_tokens"),
-    ("unknown model", "chat", {"model": "gpt-4o", "messages": QUESTION}, 404, "'gpt-4o'"),
-    ("prompt past the context", "chat", {"messages": LONG}, 400, "context is 4096 tokens"),
-    ("ids past the vocabulary", "complete", {"prompt": [5, 10**6]}, 400, "outside the vocab"),
-    ("no messages", "chat", {"messages": []}, 400, "messages"),
-    ("unknown role", "chat", {"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
-    ("n above 1", "chat", {"messages": QUESTION, "n": 2}, 400, "n:"),
-]
 
 
 @pytest.mark.parametrize("what,endpoint,body,status,fragment", BAD, ids=[b[0] for b in BAD])

@@ -130,17 +130,23 @@ def _parallel_options(
 def _start_here(
     path: Path, ranks: int, split: str | None, port: int | None, modes: dict | None = None
 ):
-    from launcher.local import start_local, wait_ready
+    from launcher.local import start_local
     from quantize.checkpoint import inspect_model
 
     modes = dict(modes or {})
     modes.pop("ranks", None)
     num_layers = inspect_model(path).num_layers
     parts = _parse_split(split, ranks, num_layers) if not modes else [num_layers] * ranks
-    running = start_local(path, parts, port=port, **modes)
     what = f"layers {parts}" if not modes else f"{modes['parallel']} parallel"
+    return _loaded(start_local(path, parts, port=port, **modes), path, len(parts), what)
+
+
+def _loaded(running, path: Path, ranks: int, what: str):
+    """The cluster once every rank has loaded; stopped if loading fails or is interrupted."""
+    from launcher.local import wait_ready
+
     try:
-        typer.echo(f"loading {path.name} on {len(parts)} ranks ({what})...", err=True)
+        typer.echo(f"loading {path.name} on {ranks} ranks ({what})...", err=True)
         wait_ready(running)
     except BaseException:
         running.stop()
@@ -238,7 +244,7 @@ def _serve_here(
     import os
     import socket
 
-    from launcher.local import start_local, wait_ready
+    from launcher.local import start_local
     from quantize.checkpoint import inspect_model
 
     parts = _parse_split(split, ranks, inspect_model(path).num_layers)
@@ -248,13 +254,7 @@ def _serve_here(
         reason = os.strerror(e.errno) if e.errno else str(e)
         raise UserError(f"cannot listen on {host}:{port}: {reason}") from None
     running = start_local(path, parts, host=host, port=port, max_context=max_context)
-    try:
-        typer.echo(f"loading {path.name} on {len(parts)} ranks (layers {parts})...", err=True)
-        wait_ready(running)
-    except BaseException:
-        running.stop()
-        raise
-    return running
+    return _loaded(running, path, len(parts), f"layers {parts}")
 
 
 def _rank_failure(running) -> str | None:
