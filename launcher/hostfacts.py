@@ -70,6 +70,9 @@ class HostFacts:
     addresses: dict[str, list[str]]  # interface -> IPv4 addresses as "a.b.c.d/prefix"
     # bridge -> member interfaces; tells setup commands which ports sit in the Thunderbolt Bridge
     bridges: dict[str, list[str]] = field(default_factory=dict)
+    rdma_devices: list[str] = field(default_factory=list)  # "rdma_en2", as ibv_devices lists them
+    wired_limit_mb: int = 0  # sysctl iogpu.wired_limit_mb: 0 leaves Metal at its own limit
+    gpu_working_set: int = 0  # Metal's recommended working set in bytes; 0 when unknown
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,6 +84,7 @@ class HostFacts:
         values["thunderbolt"] = [ThunderboltPort.from_dict(p) for p in d.get("thunderbolt", [])]
         values["addresses"] = {k: list(v) for k, v in d.get("addresses", {}).items()}
         values["bridges"] = {k: list(v) for k, v in d.get("bridges", {}).items()}
+        values["rdma_devices"] = [str(x) for x in d.get("rdma_devices", [])]
         return cls(**values)
 
 
@@ -206,6 +210,16 @@ def parse_bridge_members(text: str) -> dict[str, list[str]]:
     return out
 
 
+def parse_ibv_devices(text: str) -> list[str]:
+    """`ibv_devices` -> the RDMA devices MLX's JACCL can use ("rdma_en2", ...), in listed order.
+
+    The table's first column is the device name; macOS 26.2+ names Thunderbolt RDMA devices
+    after their interface with an "rdma_" prefix, which is what mlx.distributed_config looks for.
+    """
+    names = [line.split()[0] for line in text.splitlines() if line.split()]
+    return [n for n in names if n.startswith("rdma_")]
+
+
 def parse_gpu_cores(json_text: str) -> int:
     """`system_profiler SPDisplaysDataType -json` -> GPU core count (sppci_cores), 0 if absent."""
     for gpu in json.loads(json_text).get("SPDisplaysDataType", []):
@@ -300,11 +314,14 @@ def load_node_id(path: Path = DEFAULT_NODE_ID_PATH) -> str:
 
 
 def run_command(argv: list[str], timeout: float = 30.0) -> str:
-    """Stdout of a fixed command (no shell); a failure becomes a HostFactsError."""
+    """Stdout of a fixed command (no shell); a failure becomes a HostFactsError. sysctl's
+    answer stands when it names an unknown key (it exits 1 but prints the known ones)."""
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.SubprocessError) as e:
         raise HostFactsError(f"{argv[0]} failed: {e}") from e
+    if done.returncode != 0 and not (argv[0].endswith("sysctl") and done.stdout.strip()):
+        raise HostFactsError(f"{argv[0]} failed with exit code {done.returncode}")
     return done.stdout
 
 
@@ -319,29 +336,83 @@ SYSCTL_KEYS = [
     "machdep.cpu.brand_string",
     "kern.osproductversion",
     "kern.hostname",
+    "iogpu.wired_limit_mb",  # absent before macOS 14: sysctl then names it unknown and exits 1
 ]
+
+# Each command collect_macos runs, under the file name a capture keeps its output in
+# (`mlxdist doctor --capture DIR` writes them, `--from DIR` replays them).
+MACOS_COMMANDS: dict[str, list[str]] = {
+    "sysctl.txt": ["/usr/sbin/sysctl", *SYSCTL_KEYS],
+    "ifconfig.txt": ["/sbin/ifconfig"],
+    "networksetup-listallhardwareports.txt": ["/usr/sbin/networksetup", "-listallhardwareports"],
+    "system_profiler-SPThunderboltDataType.json": [
+        "/usr/sbin/system_profiler",
+        "SPThunderboltDataType",
+        "-json",
+    ],
+    "system_profiler-SPDisplaysDataType.json": [
+        "/usr/sbin/system_profiler",
+        "SPDisplaysDataType",
+        "-json",
+    ],
+    "vm_stat.txt": ["/usr/bin/vm_stat"],
+    "ibv_devices.txt": ["ibv_devices"],  # on PATH from macOS 26.2; missing means no RDMA
+}
+OPTIONAL_COMMANDS = {"ibv_devices.txt"}
+
+
+def capture_name(argv: list[str]) -> str:
+    """The capture file name of a command collect_macos runs."""
+    for name, known in MACOS_COMMANDS.items():
+        if known == argv:
+            return name
+    raise KeyError(f"not a host-facts command: {argv}")
+
+
+def metal_working_set() -> int:
+    """Metal's recommended working set in bytes, as MLX reports it; 0 without Metal."""
+    try:
+        import mlx.core as mx
+
+        return int(mx.device_info().get("max_recommended_working_set_size", 0))
+    except (ImportError, AttributeError, RuntimeError):
+        return 0
+
+
+def _optional(run: Runner, argv: list[str]) -> str:
+    try:
+        return run(argv)
+    except HostFactsError:
+        return ""
 
 
 def collect_macos(
-    run: Runner = run_command, node_id_path: Path = DEFAULT_NODE_ID_PATH
+    run: Runner = run_command,
+    node_id_path: Path = DEFAULT_NODE_ID_PATH,
+    working_set: Callable[[], int] = metal_working_set,
 ) -> HostFacts:
-    sysctl = parse_sysctl(run(["/usr/sbin/sysctl", *SYSCTL_KEYS]))
-    ifconfig = run(["/sbin/ifconfig"])
+    cmd = MACOS_COMMANDS
+    sysctl = parse_sysctl(run(cmd["sysctl.txt"]))
+    ifconfig = run(cmd["ifconfig.txt"])
     addresses = parse_ifconfig(ifconfig)
-    buses = parse_thunderbolt(run(["/usr/sbin/system_profiler", "SPThunderboltDataType", "-json"]))
-    hardware_ports = parse_hardware_ports(run(["/usr/sbin/networksetup", "-listallhardwareports"]))
-    displays = run(["/usr/sbin/system_profiler", "SPDisplaysDataType", "-json"])
+    buses = parse_thunderbolt(run(cmd["system_profiler-SPThunderboltDataType.json"]))
+    hardware_ports = parse_hardware_ports(run(cmd["networksetup-listallhardwareports.txt"]))
+    displays = run(cmd["system_profiler-SPDisplaysDataType.json"])
+    wired = sysctl.get("iogpu.wired_limit_mb", "0")
     return HostFacts(
         node_id=load_node_id(node_id_path),
         hostname=sysctl.get("kern.hostname") or socket.gethostname(),
         chip=sysctl.get("machdep.cpu.brand_string", ""),
         memory_total=int(sysctl["hw.memsize"]),
-        memory_available=parse_vm_stat(run(["/usr/bin/vm_stat"]), int(sysctl["hw.pagesize"])),
+        memory_available=parse_vm_stat(run(cmd["vm_stat.txt"]), int(sysctl["hw.pagesize"])),
         gpu_cores=parse_gpu_cores(displays),
         os=f"macOS {sysctl.get('kern.osproductversion', '')}".strip(),
         thunderbolt=thunderbolt_ports(buses, hardware_ports, addresses),
         addresses=addresses,
         bridges=parse_bridge_members(ifconfig),
+        rdma_devices=parse_ibv_devices(_optional(run, cmd["ibv_devices.txt"])),
+        wired_limit_mb=int(wired) if wired.isdigit() else 0,
+        gpu_working_set=working_set(),
     )
 
 

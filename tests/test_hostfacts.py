@@ -14,6 +14,7 @@ from launcher.hostfacts import (
     HostFacts,
     HostFactsError,
     ThunderboltPort,
+    capture_name,
     collect_linux,
     collect_macos,
     load_node_id,
@@ -32,6 +33,8 @@ from launcher.hostfacts import (
 DATA = Path(__file__).parent / "data"
 MACOS = DATA / "macos"
 LINUX = DATA / "linux"
+TB_JSON = "system_profiler-SPThunderboltDataType.json"
+DISPLAYS_JSON = "system_profiler-SPDisplaysDataType.json"
 
 # Thunderbolt domain uuids of the cabled buses (receptacle N is bus N-1).
 S1_R1, S1_R2 = "6F1C2B7A-3D41-4E0B-9A55-0C8E2F4D1A01", "A83E90D2-5B17-4C6A-8E3F-7D21C4B9E602"
@@ -98,16 +101,14 @@ def test_parse_vm_stat_rejects_other_output():
     ],
 )
 def test_parse_thunderbolt(host, peers):
-    buses = parse_thunderbolt(read(host, "thunderbolt.json"))
+    buses = parse_thunderbolt(read(host, "system_profiler-SPThunderboltDataType.json"))
     assert {b["receptacle"]: b["peer_uuids"] for b in buses} == peers
     assert len({b["domain_uuid"] for b in buses}) == 6  # one domain per bus
     assert all(b["bus"] == f"thunderboltusb4_bus_{int(b['receptacle']) - 1}" for b in buses)
 
 
 def test_parse_thunderbolt_speeds_and_errors():
-    speeds = {
-        b["receptacle"]: b["speed"] for b in parse_thunderbolt(read("studio-1", "thunderbolt.json"))
-    }
+    speeds = {b["receptacle"]: b["speed"] for b in parse_thunderbolt(read("studio-1", TB_JSON))}
     assert speeds["1"] == "80 Gb/s"  # M3 Ultra to M3 Ultra over Thunderbolt 5
     assert speeds["2"] == "40 Gb/s"  # to the M2 Ultra (Thunderbolt 4)
     assert speeds["6"] == "Up to 120 Gb/s"
@@ -117,7 +118,7 @@ def test_parse_thunderbolt_speeds_and_errors():
 
 
 def test_parse_hardware_ports():
-    ports = parse_hardware_ports(read("studio-1", "hardware-ports.txt"))
+    ports = parse_hardware_ports(read("studio-1", "networksetup-listallhardwareports.txt"))
     assert ports == {
         "Ethernet": "en0",
         "Thunderbolt Bridge": "bridge0",
@@ -191,8 +192,8 @@ def test_parse_bridge_members(host, name, members):
 @pytest.mark.parametrize(
     "text,cores",
     [
-        ((MACOS / "studio-1" / "displays.json").read_text(), 80),  # with a display attached
-        ((MACOS / "studio-3" / "displays.json").read_text(), 76),
+        (read("studio-1", DISPLAYS_JSON), 80),  # with a display attached
+        (read("studio-3", DISPLAYS_JSON), 76),
         ('{"SPDisplaysDataType": [{"_name": "Kernel Driver"}]}', 0),
         ("{}", 0),
     ],
@@ -228,20 +229,16 @@ def test_parse_cpu_model():
 
 
 def macos_runner(host: str, ifconfig: str = "ifconfig.txt"):
-    files = {
-        "/usr/sbin/sysctl": "sysctl.txt",
-        "/usr/bin/vm_stat": "vm_stat.txt",
-        "/sbin/ifconfig": ifconfig,
-        "/usr/sbin/networksetup": "hardware-ports.txt",
-        "SPThunderboltDataType": "thunderbolt.json",
-        "SPDisplaysDataType": "displays.json",
-    }
+    """Replays a capture folder the way `mlxdist doctor --from` does: one file per command."""
     calls = []
 
     def run(argv: list[str]) -> str:
         calls.append(argv)
-        key = argv[1] if argv[0] == "/usr/sbin/system_profiler" else argv[0]
-        return read(host, files[key])
+        name = capture_name(argv)
+        path = MACOS / host / (ifconfig if name == "ifconfig.txt" else name)
+        if not path.exists():
+            raise HostFactsError(f"{argv[0]} failed: not in the capture")
+        return path.read_text()
 
     return run, calls
 
@@ -249,7 +246,8 @@ def macos_runner(host: str, ifconfig: str = "ifconfig.txt"):
 def test_collect_macos(tmp_path):
     run, calls = macos_runner("studio-1")
     facts = collect_macos(run, tmp_path / "node_id")
-    assert all(isinstance(argv, list) and argv[0].startswith("/") for argv in calls)
+    assert all(argv[0].startswith("/") for argv in calls if argv != ["ibv_devices"])
+    assert (facts.rdma_devices, facts.wired_limit_mb, facts.gpu_working_set) == ([], 0, 0)
     assert facts.hostname == "studio-1"
     assert (facts.chip, facts.gpu_cores, facts.os) == ("Apple M3 Ultra", 80, "macOS 15.3.2")
     assert (facts.memory_total, facts.memory_available) == (549755813888, 500894154752)

@@ -31,6 +31,8 @@ from launcher.topology import (
 )
 
 MACOS = Path(__file__).parent / "data" / "macos"
+TB_JSON = "system_profiler-SPThunderboltDataType.json"
+PORTS_TXT = "networksetup-listallhardwareports.txt"
 HOSTS = ["studio-1", "studio-2", "studio-3"]
 RING_LINKS = [
     Link("studio-1", "en2", "studio-2", "en3"),
@@ -47,8 +49,12 @@ def captured(ifconfig: dict[str, str] | None = None):
         addresses[host] = parse_ifconfig(text)
         bridges[host] = parse_bridge_members(text)
         ports[host] = thunderbolt_ports(
-            parse_thunderbolt((MACOS / host / "thunderbolt.json").read_text()),
-            parse_hardware_ports((MACOS / host / "hardware-ports.txt").read_text()),
+            parse_thunderbolt(
+                (MACOS / host / "system_profiler-SPThunderboltDataType.json").read_text()
+            ),
+            parse_hardware_ports(
+                (MACOS / host / "networksetup-listallhardwareports.txt").read_text()
+            ),
             addresses[host],
         )
     return ports, addresses, bridges
