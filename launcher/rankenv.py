@@ -1,0 +1,61 @@
+"""The environment a rank starts with: what `mlx.launch` gives a rank of each backend.
+
+Every starter (local, agent, ssh) builds it here so a rank started by mlxdist sees exactly what
+one started by mlx.launch from the same hostfile would. As mlx.launch does, the result comes in
+two parts: plain variables, and variables that name a file holding some content (the starter
+writes the file where the rank runs and sets the variable to its path).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .hostfile import ring_hostfile
+
+BACKENDS = ("ring", "jaccl")  # what a rank can be started on; "auto" is resolved before this
+JACCL_PORT = 32323  # mlx.launch's --starting-port: the JACCL coordinator listens on it
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    env: dict[str, str]  # variables set as they are
+    files: dict[str, str] = field(default_factory=dict)  # variable -> content of its file
+
+    def items(self, paths: dict[str, str]) -> dict[str, str]:
+        """Every variable, the file ones pointing at paths[name] where their content was written."""
+        return {**self.env, **{name: paths[name] for name in self.files}}
+
+
+def rank_env(
+    rank: int,
+    world: int,
+    backend: str = "ring",
+    ring: list[list[str]] | None = None,
+    rdma: list[list[str | None]] | None = None,
+    coordinator: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> RankEnv:
+    """What rank `rank` of `world` gets.
+
+    ring: every rank's "ip:port" entries (the ring hostfile), for the ring backend.
+    rdma: the N x N matrix of RDMA device names (None on the diagonal), for jaccl.
+    coordinator: "ip:port" of rank 0's JACCL coordinator, for jaccl.
+    extra: the hostfile's own variables ("envs"), set first as mlx.launch does.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    env = dict(extra or {})
+    files: dict[str, str] = {}
+    if backend == "ring":
+        if world > 1:
+            files["MLX_HOSTFILE"] = ring_hostfile(ring or [])
+    elif world > 1:
+        if rdma is None or len(rdma) != world or any(len(row) != world for row in rdma):
+            raise ValueError(f"jaccl needs a {world} x {world} matrix of RDMA devices")
+        if not coordinator:
+            raise ValueError("jaccl needs rank 0's coordinator address")
+        env["MLX_JACCL_COORDINATOR"] = coordinator
+        files["MLX_IBV_DEVICES"] = json.dumps(rdma)
+    env["MLX_RANK"] = str(rank)
+    return RankEnv(env, files)
