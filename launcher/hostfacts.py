@@ -369,6 +369,32 @@ def capture_name(argv: list[str]) -> str:
     raise KeyError(f"not a host-facts command: {argv}")
 
 
+def replay_runner(folder: Path) -> Runner:
+    """A Runner answering each command from its file in a capture folder, as on that Mac; a
+    file that is missing fails as the command would."""
+
+    def run(argv: list[str]) -> str:
+        path = Path(folder) / capture_name(argv)
+        try:
+            return path.read_text()
+        except OSError:
+            raise HostFactsError(f"{argv[0]}: no {path.name} in {folder}") from None
+
+    return run
+
+
+def capturing_runner(run: Runner, folder: Path) -> Runner:
+    """A Runner that also keeps each command's output under its capture name in folder."""
+
+    def capture(argv: list[str]) -> str:
+        text = run(argv)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / capture_name(argv)).write_text(text)
+        return text
+
+    return capture
+
+
 def metal_working_set() -> int:
     """Metal's recommended working set in bytes, as MLX reports it; 0 without Metal."""
     try:

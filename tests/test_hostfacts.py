@@ -11,10 +11,12 @@ import pytest
 
 from launcher.hostfacts import (
     FAKE_THUNDERBOLT_ENV,
+    MACOS_COMMANDS,
     HostFacts,
     HostFactsError,
     ThunderboltPort,
     capture_name,
+    capturing_runner,
     collect_linux,
     collect_macos,
     load_node_id,
@@ -28,6 +30,7 @@ from launcher.hostfacts import (
     parse_sysctl,
     parse_thunderbolt,
     parse_vm_stat,
+    replay_runner,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -229,18 +232,26 @@ def test_parse_cpu_model():
 
 
 def macos_runner(host: str, ifconfig: str = "ifconfig.txt"):
-    """Replays a capture folder the way `mlxdist doctor --from` does: one file per command."""
+    """Replays a capture folder (as `mlxdist doctor --from` does), ifconfig from another file."""
     calls = []
+    replay = replay_runner(MACOS / host)
 
     def run(argv: list[str]) -> str:
         calls.append(argv)
-        name = capture_name(argv)
-        path = MACOS / host / (ifconfig if name == "ifconfig.txt" else name)
-        if not path.exists():
-            raise HostFactsError(f"{argv[0]} failed: not in the capture")
-        return path.read_text()
+        if capture_name(argv) == "ifconfig.txt":
+            return read(host, ifconfig)
+        return replay(argv)
 
     return run, calls
+
+
+def test_capture_then_replay(tmp_path):
+    run, _ = macos_runner("studio-1")
+    kept = collect_macos(capturing_runner(run, tmp_path / "capture"), tmp_path / "id")
+    names = sorted(p.name for p in (tmp_path / "capture").iterdir())
+    assert names == sorted(set(MACOS_COMMANDS) - {"ibv_devices.txt"})  # not in this capture
+    again = collect_macos(replay_runner(tmp_path / "capture"), tmp_path / "id")
+    assert again == kept
 
 
 def test_collect_macos(tmp_path):
