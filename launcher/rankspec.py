@@ -15,6 +15,9 @@ RANK_MODULE = "mlxdist.rank"  # a rank is `python -m RANK_MODULE *RankSpec.to_ar
 NODE_FAILED = 4  # rank 0's exit code when another rank failed; its log's last line names it
 PEER_GONE = 5  # the exit code of any other rank that left because rank 0 went away
 HEARTBEAT_TOKEN_ENV = "MLXDIST_HEARTBEAT_TOKEN"  # in the environment: no one reads it in `ps`
+# Set by a starter whose rank must leave when its stdin closes (ssh: the launcher holds it open).
+STDIN_LIFELINE_ENV = "MLXDIST_STDIN_LIFELINE"
+PARENT_PID_ENV = "MLXDIST_PARENT_PID"  # the starter's pid, so a rank sees a parent gone early
 MAX_CONTEXT_ENV = "MLXDIST_MAX_CONTEXT"  # the rank's --max-context when none is given
 AGENT_PORT = 52417  # a host's agent, unless hosts.toml gives its agent_port
 # As mlx-lm's generate_step: the prompt but its last token is prefilled in chunks of this size,

@@ -13,16 +13,43 @@ import sys
 import threading
 import time
 
-from launcher.rankspec import NODE_FAILED, RankSpec
+from launcher.rankspec import NODE_FAILED, PARENT_PID_ENV, STDIN_LIFELINE_ENV, RankSpec
 
 _HOST_BYTES = 64  # a rank's host name, as bytes gathered with its memory figures
+PARENT_GONE = 3  # the exit code of a rank whose starter went away
 
 
 def _watch_parent(parent: int) -> None:
     # A rank never outlives the process that started it, even one killed without cleanup.
     while os.getppid() == parent:
         time.sleep(0.5)
-    os._exit(3)
+    _leave("the process that started it is gone")
+
+
+def _watch_stdin() -> None:
+    # Started over ssh: the launcher holds this pipe open, so its end means the launcher is gone
+    # (ssh passes the end on, while the remote parent, sshd, stays).
+    try:
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    _leave("its stdin closed: the launcher is gone")
+
+
+def _leave(why: str) -> None:
+    _log(int(os.environ.get("MLX_RANK", "0")), f"leaving: {why}")
+    os._exit(PARENT_GONE)
+
+
+def _start_watches() -> None:
+    """A rank leaves when its starter is gone: its parent changes (the starter's pid, when it
+    gave one, in case it died before this runs), or its stdin closes when it is a lifeline."""
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    parent_pid = int(parent) if parent.isdigit() else os.getppid()
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    if os.environ.get(STDIN_LIFELINE_ENV) == "1":
+        threading.Thread(target=_watch_stdin, daemon=True).start()
 
 
 def _log(rank: int, msg: str) -> None:
@@ -53,7 +80,7 @@ def _load(spec: RankSpec, group):
 
 def main(argv: list[str] | None = None) -> int:
     spec = RankSpec.from_argv(argv)
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    _start_watches()
     rank = int(os.environ.get("MLX_RANK", "0"))
     try:
         beats, inflight = _start_heartbeat(spec, rank, spec.ranks)

@@ -23,7 +23,7 @@ from conftest import ROOT
 from starlette.testclient import TestClient
 
 from launcher.agent import StartRank, create_agent_app
-from launcher.agent.ranks import rank_argv
+from launcher.agent.ranks import NO_PDEATHSIG_ENV, rank_argv
 from launcher.agent_client import AgentClient, AgentError
 from launcher.auth import AuthError, Verifier, sign
 from launcher.hostfile import free_ports
@@ -680,20 +680,25 @@ def test_rank_starts_serves_and_stops(agent):
 
 
 @pytest.mark.parametrize(
-    "how",
+    "how, pdeathsig",
     [
-        signal.SIGTERM,
+        (signal.SIGTERM, True),
         pytest.param(
             signal.SIGKILL,
+            True,
             marks=pytest.mark.skipif(
                 sys.platform != "linux",
                 reason="a SIGKILLed agent's ranks die by prctl's parent-death signal, Linux only",
             ),
         ),
+        # macOS has no parent-death signal: the rank's own watch of its parent is all.
+        (signal.SIGKILL, False),
     ],
 )
 @pytest.mark.cluster
-def test_ranks_die_with_their_agent(tmp_path, how):
+def test_ranks_die_with_their_agent(tmp_path, monkeypatch, how, pdeathsig):
+    if not pdeathsig:
+        monkeypatch.setenv(NO_PDEATHSIG_ENV, "1")  # the agent inherits it
     make_r1(tmp_path / "agent" / "models" / "tiny", preset="tiny")
     http_port = free_ports(1)[0]
     with running_agent(tmp_path / "agent") as a:
@@ -705,6 +710,9 @@ def test_ranks_die_with_their_agent(tmp_path, how):
     while pid_alive(started["pid"]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not pid_alive(started["pid"])
+    if not pdeathsig:  # it left on its own, not by a signal
+        log = (a.runs / started["id"] / "rank.log").read_text()
+        assert "leaving: the process that started it is gone" in log
 
 
 @pytest.mark.cluster

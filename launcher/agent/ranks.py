@@ -18,7 +18,7 @@ from quantize.checkpoint import CheckpointError, read_config
 from quantize.nodes import check_expert_node, check_node, even_experts
 
 from ..hostfile import ring_hostfile
-from ..rankspec import HEARTBEAT_TOKEN_ENV, RANK_MODULE, RankSpec
+from ..rankspec import HEARTBEAT_TOKEN_ENV, PARENT_PID_ENV, RANK_MODULE, RankSpec
 from .errors import Refused
 from .requests import StartRank
 from .uploads import confine
@@ -47,8 +47,13 @@ def model_folder(root: Path, req: StartRank) -> Path:
     return folder
 
 
+NO_PDEATHSIG_ENV = "MLXDIST_NO_PDEATHSIG"  # "1": ranks rely on their own watch, as on macOS
+
+
 def _pdeathsig() -> Callable[[], None] | None:
-    if sys.platform != "linux":
+    """Linux's parent-death signal for the ranks, unless NO_PDEATHSIG_ENV turns it off (macOS
+    has none: there a rank's own watch of its parent is all, and tests take that path too)."""
+    if sys.platform != "linux" or os.environ.get(NO_PDEATHSIG_ENV) == "1":
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, not in the child
 
@@ -121,6 +126,7 @@ class Runs:
         folder.mkdir(mode=0o700)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
         env |= {"MLX_RANK": str(req.rank), "MLX_WORLD_SIZE": str(len(req.split))}
+        env[PARENT_PID_ENV] = str(os.getpid())
         if req.heartbeat_token:  # in the environment, not on a command line others can read
             env[HEARTBEAT_TOKEN_ENV] = req.heartbeat_token
         if len(req.split) > 1:  # as mlx.launch: a single rank runs without a ring
