@@ -51,7 +51,11 @@ def discover_nodes(
     # Hosts may share a name (cloned machines); the node id tells them apart.
     names = [f"{n}-{a.node_id[:6]}" if names.count(n) > 1 else n for n, a in zip(names, agents)]
     nodes = [Node(n, a.addresses[0], AgentClient(a.url, secret)) for n, a in zip(names, agents)]
-    return _with_facts(nodes)
+    _with_facts(nodes)
+    # Facts unlike the advertised digest are stale (the agent restarted, or zeroconf kept an old
+    # advertisement): ask once more; the signed answer stands.
+    _with_facts([n for n, a in zip(nodes, agents) if not a.advertised(n.facts)])
+    return nodes
 
 
 def nodes_from_hosts(path: Path, secret: bytes) -> list[Node]:

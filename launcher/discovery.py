@@ -1,16 +1,37 @@
-"""Agents find each other with zeroconf (mDNS), only on the interfaces they are given."""
+"""Agents find each other with zeroconf (mDNS), only on the interfaces they are given.
+
+The advertisement stays small whatever the Mac: who the agent is (cluster, node id, port, host,
+versions) and a digest of its facts. The full facts (every Thunderbolt port, memory, RDMA
+devices) come from the agent's signed API; the digest tells a launcher whether what it fetched
+is what was advertised.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
+from quantize.errors import UserError
+
 SERVICE = "_mlxdist._tcp.local."
-_MAX_TXT = 255  # bytes per TXT value (DNS character-string)
+MAX_ENTRY = 255  # bytes of one TXT entry, "key=value" whole: a DNS character-string's length byte
+# RFC 6763 6.2: a TXT record under 400 bytes fits one 512-byte DNS message with the rest of
+# the answer; ours is about 200.
+MAX_TXT = 400
+MAX_LABEL = 63  # bytes of the service instance name, one DNS label
+DIGEST_CHARS = 16
+# The facts that do not change while an agent runs; memory_available does, so it is left out.
+STABLE_FACTS = ("chip", "memory_total", "thunderbolt", "rdma_devices")
+
+
+class AdvertiseError(UserError):
+    """The advertisement cannot be made to fit; the message says which part and what to do."""
 
 
 @dataclass
@@ -31,47 +52,88 @@ class Agent:
     def url(self) -> str:
         return f"http://{self.addresses[0]}:{self.port}"
 
+    def advertised(self, facts: Mapping) -> bool:
+        """True when facts are what this agent advertised (an agent of an older version that
+        advertises no digest is taken at its word)."""
+        digest = self.txt.get("facts")
+        return digest is None or digest == facts_digest(facts)
 
-def txt_record(cluster: str, node_id: str, port: int, facts: dict) -> dict[str, str]:
-    """The TXT record: cluster, node id and the host facts a planner needs, each value short."""
+
+def facts_digest(facts: Mapping) -> str:
+    """The first hex digits of sha256 over the canonical JSON of the stable facts."""
+    stable = {k: facts.get(k) for k in STABLE_FACTS}
+    text = json.dumps(stable, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:DIGEST_CHARS]
+
+
+def _entry_bytes(key: str, value: str) -> int:
+    return len(f"{key}={value}".encode())
+
+
+def _cut(key: str, value: str, room: int) -> str:
+    """value shortened (on a character boundary) so that key=value takes at most room bytes."""
+    while value and _entry_bytes(key, value) > room:
+        value = value[:-1]
+    return value
+
+
+def txt_size(txt: Mapping[str, str]) -> int:
+    """Bytes of the TXT record on the wire: each entry and its length byte."""
+    return sum(1 + _entry_bytes(k, v) for k, v in txt.items())
+
+
+def txt_record(cluster: str, node_id: str, port: int, facts: Mapping) -> dict[str, str]:
+    """The TXT record: who the agent is, its versions and the digest of its facts.
+
+    A long host name is cut to fit; a cluster name or node id that cannot fit is an
+    AdvertiseError (they are how launchers find and tell agents apart, so they stay whole).
+    """
+    label = f"{node_id}.{SERVICE}".split(".")[0]
+    if len(label.encode()) > MAX_LABEL:
+        raise AdvertiseError(
+            f"node id {node_id!r} is over {MAX_LABEL} bytes, too long for a service name: "
+            "remove ~/.mlxdist/node_id to make a new one"
+        )
     txt = {
         "cluster": cluster,
         "id": node_id,
         "port": str(port),
-        "host": facts.get("hostname", ""),
-        "chip": facts.get("chip", ""),
-        "mem": str(facts.get("memory_total", 0)),
-        "avail": str(facts.get("memory_available", 0)),
-        "gpu": str(facts.get("gpu_cores", 0)),
-        "os": facts.get("os", ""),
-        "mlx": facts.get("mlx_version", ""),
-        "ver": facts.get("mlxdist_version", ""),
+        "os": str(facts.get("os", "")),
+        "mlx": str(facts.get("mlx_version", "")),
+        "mlxdist": str(facts.get("mlxdist_version", "")),
+        "facts": facts_digest(facts),
     }
-    ports = [
-        [p.get("interface"), p.get("ip"), p.get("domain_uuid"), p.get("peer_uuids", [])]
-        for p in facts.get("thunderbolt", [])
-    ]
-    if ports:
-        txt["tb"] = json.dumps(ports, separators=(",", ":"))
     for key, value in txt.items():
-        if len(value.encode()) > _MAX_TXT:
-            raise ValueError(f"TXT value {key} is over {_MAX_TXT} bytes")
+        if _entry_bytes(key, value) > MAX_ENTRY:
+            what = "cluster name" if key == "cluster" else f"TXT entry {key}"
+            raise AdvertiseError(
+                f"the {what} {value[:40]!r}... is {_entry_bytes(key, value)} bytes with its key; "
+                f"at most {MAX_ENTRY} fit a TXT entry: choose a shorter one"
+            )
+    room = min(MAX_ENTRY, MAX_TXT - txt_size(txt) - 1)
+    txt["host"] = _cut("host", str(facts.get("hostname", "")), room)
+    if txt_size(txt) > MAX_TXT:
+        raise AdvertiseError(
+            f"the advertisement is {txt_size(txt)} bytes, over the {MAX_TXT} one DNS message "
+            f"holds: shorten the cluster name ({len(cluster.encode())} bytes)"
+        )
     return txt
 
 
 class Advertiser:
     """Keeps one agent advertised until closed."""
 
-    def __init__(self, cluster: str, node_id: str, addresses: list[str], port: int, facts: dict):
+    def __init__(self, cluster: str, node_id: str, addresses: list[str], port: int, facts: Mapping):
         if not addresses:
             raise ValueError("an agent needs at least one address to advertise on")
+        properties = txt_record(cluster, node_id, port, facts)  # before any socket is opened
         self.zc = Zeroconf(interfaces=addresses)
         self.info = ServiceInfo(
             SERVICE,
             f"{node_id}.{SERVICE}",
             addresses=[socket.inet_aton(a) for a in addresses],
             port=port,
-            properties=txt_record(cluster, node_id, port, facts),
+            properties=properties,
             server=f"{node_id}.local.",
         )
         self.zc.register_service(self.info)

@@ -26,6 +26,7 @@ from quantize.errors import UserError
 
 DEFAULT_NODE_ID_PATH = Path.home() / ".mlxdist" / "node_id"
 FAKE_THUNDERBOLT_ENV = "MLXDIST_FAKE_THUNDERBOLT"
+FACTS_FROM_ENV = "MLXDIST_FACTS_FROM"  # a capture folder: its Mac's facts (tests' stand-in Macs)
 
 Runner = Callable[[list[str]], str]
 Reader = Callable[[str], str]
@@ -73,6 +74,7 @@ class HostFacts:
     rdma_devices: list[str] = field(default_factory=list)  # "rdma_en2", as ibv_devices lists them
     wired_limit_mb: int = 0  # sysctl iogpu.wired_limit_mb: 0 leaves Metal at its own limit
     gpu_working_set: int = 0  # Metal's recommended working set in bytes; 0 when unknown
+    lan: list[str] = field(default_factory=list)  # Ethernet and Wi-Fi devices, wired first
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +87,7 @@ class HostFacts:
         values["addresses"] = {k: list(v) for k, v in d.get("addresses", {}).items()}
         values["bridges"] = {k: list(v) for k, v in d.get("bridges", {}).items()}
         values["rdma_devices"] = [str(x) for x in d.get("rdma_devices", [])]
+        values["lan"] = [str(x) for x in d.get("lan", [])]
         return cls(**values)
 
 
@@ -287,6 +290,20 @@ def thunderbolt_ports(
     return ports
 
 
+def lan_devices(hardware_ports: Mapping[str, str]) -> list[str]:
+    """The LAN among networksetup's hardware ports: Ethernet (adapters too: "Thunderbolt
+    Ethernet", "USB 10/100/1000 LAN") before Wi-Fi; never a Thunderbolt port or the bridge."""
+    wired, wireless = [], []
+    for name, device in hardware_ports.items():
+        if re.fullmatch(r"Thunderbolt \d+|Thunderbolt Bridge", name) or device.startswith("bridge"):
+            continue
+        if "Ethernet" in name or re.search(r"\bLAN\b", name):
+            wired.append(device)
+        elif name in ("Wi-Fi", "AirPort"):
+            wireless.append(device)
+    return wired + wireless
+
+
 def first_ip(addresses: Mapping[str, list[str]], iface: str) -> str | None:
     addrs = addresses.get(iface, [])
     return str(ipaddress.ip_interface(addrs[0]).ip) if addrs else None
@@ -439,6 +456,7 @@ def collect_macos(
         rdma_devices=parse_ibv_devices(_optional(run, cmd["ibv_devices.txt"])),
         wired_limit_mb=int(wired) if wired.isdigit() else 0,
         gpu_working_set=working_set(),
+        lan=lan_devices(hardware_ports),
     )
 
 
@@ -480,8 +498,23 @@ def collect_linux(
     )
 
 
+def replayed_here(folder: Path, node_id_path: Path, addresses: dict[str, list[str]]) -> HostFacts:
+    """A capture folder's Mac on this machine's own addresses, so an agent can listen: a
+    stand-in Mac for tests in network namespaces."""
+    facts = collect_macos(replay_runner(folder), node_id_path, working_set=lambda: 0)
+    facts.addresses, facts.bridges = addresses, {}
+    for port in facts.thunderbolt:
+        port.ip = first_ip(addresses, port.interface)
+    return facts
+
+
 def collect(node_id_path: Path = DEFAULT_NODE_ID_PATH) -> HostFacts:
-    """Facts about this machine, by platform."""
+    """Facts about this machine, by platform; with MLXDIST_FACTS_FROM=DIR, the Mac captured in
+    DIR on this machine's addresses."""
+    folder = os.environ.get(FACTS_FROM_ENV)
+    if folder:
+        here = collect_macos if sys.platform == "darwin" else collect_linux
+        return replayed_here(Path(folder), node_id_path, here(node_id_path=node_id_path).addresses)
     if sys.platform == "darwin":
         return collect_macos(node_id_path=node_id_path)
     if sys.platform.startswith("linux"):

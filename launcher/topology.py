@@ -17,6 +17,9 @@ from .hostfacts import ThunderboltPort
 
 Addresses = Mapping[str, Mapping[str, list[str]]]  # host -> iface -> ["a.b.c.d/prefix", ...]
 NETMASK_30 = "255.255.255.252"
+# Off, macOS no longer puts the ports back in bridge0; left on over a loop of 3+ Macs, the
+# bridge forwards broadcasts round the loop (a storm).
+DISABLE_BRIDGE = 'sudo networksetup -setnetworkserviceenabled "Thunderbolt Bridge" off'
 
 
 @dataclass(frozen=True, order=True)
@@ -276,10 +279,11 @@ def setup_commands(
 
     With addresses, cables that already work are left alone, a /30 one end still holds is
     completed on the other end, and new /30s (counted up from base) avoid every subnet in use.
-    Each port leaves the Thunderbolt Bridge first: bridged ports carry no IP of their own and a
-    bridged ring loops. bridges (host -> bridge -> members, from parse_bridge_members) says
-    which ports are members; a host missing from it is assumed to have every port in bridge0,
-    as macOS sets up. Hosts with nothing to do are left out.
+    Each host first turns the Thunderbolt Bridge service off and takes its ports out of the
+    bridge: bridged ports carry no IP of their own and a bridged ring loops. bridges (host ->
+    bridge -> members, from parse_bridge_members) says which ports are members; a host missing
+    from it is assumed to have every port in bridge0, as macOS sets up, and a host with no
+    bridge at all has no service to turn off. Hosts with nothing to do are left out.
     """
     addresses = addresses or {}
     taken = [
@@ -317,7 +321,8 @@ def _bridges_of(iface: str, bridges: Mapping[str, list[str]] | None) -> Iterator
 def _host_commands(
     ends: list[tuple[str, str, str]], bridges: Mapping[str, list[str]] | None
 ) -> list[str]:
-    commands = [
+    commands = [] if bridges == {} else [DISABLE_BRIDGE]
+    commands += [
         f"sudo ifconfig {bridge} deletem {iface}"
         for iface, _, _ in ends
         for bridge in _bridges_of(iface, bridges)

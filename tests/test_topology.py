@@ -22,6 +22,7 @@ from launcher.hostfacts import (
 )
 from launcher.hostfile import ring_hostfile
 from launcher.topology import (
+    DISABLE_BRIDGE,
     Link,
     cable_graph,
     explain_no_ring,
@@ -115,6 +116,7 @@ def test_after_reboot_only_the_rebooted_mac_gets_commands():
     # studio-1 and studio-2 still hold .10/30 and .5/30: studio-3 takes the other ends.
     assert setup_commands(order, ring.missing, addresses=addresses, bridges=bridges) == {
         "studio-3": [
+            DISABLE_BRIDGE,
             "sudo ifconfig bridge0 deletem en2",
             "sudo ifconfig bridge0 deletem en4",
             "sudo ifconfig en2 inet 192.168.200.9 netmask 255.255.255.252",
@@ -129,6 +131,7 @@ def test_fresh_cluster_setup_commands():
     order = ["studio-1", "studio-2", "studio-3"]
     assert setup_commands(order, RING_LINKS) == {
         "studio-1": [
+            DISABLE_BRIDGE,
             "sudo ifconfig bridge0 deletem en2",
             "sudo ifconfig bridge0 deletem en3",
             "sudo ifconfig en2 inet 192.168.200.1 netmask 255.255.255.252",
@@ -137,6 +140,7 @@ def test_fresh_cluster_setup_commands():
             "sudo route change 192.168.200.6 -interface en3",
         ],
         "studio-2": [
+            DISABLE_BRIDGE,
             "sudo ifconfig bridge0 deletem en3",
             "sudo ifconfig bridge0 deletem en2",
             "sudo ifconfig en3 inet 192.168.200.2 netmask 255.255.255.252",
@@ -145,6 +149,7 @@ def test_fresh_cluster_setup_commands():
             "sudo route change 192.168.200.10 -interface en2",
         ],
         "studio-3": [
+            DISABLE_BRIDGE,
             "sudo ifconfig bridge0 deletem en2",
             "sudo ifconfig bridge0 deletem en4",
             "sudo ifconfig en2 inet 192.168.200.6 netmask 255.255.255.252",
@@ -172,11 +177,13 @@ def test_setup_only_for_the_cables_missing_addresses():
     # .0/30, .4/30 and .8/30 are taken; d's 169.254/16 on the port is no /30 to complete.
     assert commands == {
         "c": [
+            DISABLE_BRIDGE,
             "sudo ifconfig bridge0 deletem d2",
             "sudo ifconfig d2 inet 192.168.200.13 netmask 255.255.255.252",
             "sudo route change 192.168.200.14 -interface d2",
         ],
         "d": [
+            DISABLE_BRIDGE,
             "sudo ifconfig bridge0 deletem c2",
             "sudo ifconfig c2 inet 192.168.200.14 netmask 255.255.255.252",
             "sudo route change 192.168.200.13 -interface c2",
@@ -191,15 +198,41 @@ def test_setup_leaves_ports_outside_the_bridge_alone():
     bridges = {"a": {"bridge0": ["b0", "x9"]}, "b": {"bridge0": []}}
     assert setup_commands(["a", "b"], links, bridges=bridges) == {
         "a": [
+            DISABLE_BRIDGE,
             "sudo ifconfig bridge0 deletem b0",
             "sudo ifconfig b0 inet 192.168.200.1 netmask 255.255.255.252",
             "sudo route change 192.168.200.2 -interface b0",
         ],
         "b": [
+            DISABLE_BRIDGE,
             "sudo ifconfig a0 inet 192.168.200.2 netmask 255.255.255.252",
             "sudo route change 192.168.200.1 -interface a0",
         ],
     }
+
+
+def test_setup_turns_the_thunderbolt_bridge_service_off_first():
+    # Spelt out once: the service as macOS names it, turned off before any port leaves bridge0.
+    commands = setup_commands(["studio-1", "studio-2", "studio-3"], RING_LINKS)
+    for lines in commands.values():
+        assert lines[0] == 'sudo networksetup -setnetworkserviceenabled "Thunderbolt Bridge" off'
+        assert sum("networksetup" in line for line in lines) == 1
+        assert all(line.startswith("sudo ") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "bridges,expected_first",
+    [
+        ({"a": {}, "b": {}}, "sudo ifconfig b0 inet 192.168.200.1 netmask 255.255.255.252"),
+        ({"a": {"bridge0": []}, "b": {}}, DISABLE_BRIDGE),
+        ({"a": {"bridge0": ["b0"]}, "b": {}}, DISABLE_BRIDGE),
+        (None, DISABLE_BRIDGE),  # unknown: macOS's own setup, every port in bridge0
+    ],
+    ids=["no-bridge", "empty-bridge", "bridged-port", "unknown"],
+)
+def test_setup_turns_the_service_off_only_where_a_bridge_exists(bridges, expected_first):
+    commands = setup_commands(["a", "b"], links_of("a-b"), bridges=bridges)
+    assert commands["a"][0] == expected_first
 
 
 @pytest.mark.parametrize(
