@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,7 +95,12 @@ def create_agent_app(
 
     @app.get("/health")
     def health() -> dict:
-        return {"ok": True, "ranks": sum(r.proc.poll() is None for r in runs.all())}
+        # time: lets `mlxdist doctor` measure the clock skew against the signing window.
+        return {
+            "ok": True,
+            "ranks": sum(r.proc.poll() is None for r in runs.all()),
+            "time": time.time(),
+        }
 
     @app.get("/facts")
     def get_facts() -> dict:
