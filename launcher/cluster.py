@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from launcher.agent_client import AgentClient, AgentError
+from launcher.backend import BackendChoice, BackendError, choose_backend
 from launcher.discovery import browse
 from launcher.hostfacts import ThunderboltPort
 from launcher.hosts import read_hosts
@@ -64,7 +65,7 @@ def nodes_from_hosts(path: Path, secret: bytes) -> list[Node]:
     nodes = []
     for h in hosts.hosts:
         url = f"http://{h.address}:{h.agent_port or AGENT_PORT}"
-        node = Node(h.name, h.address, AgentClient(url, secret))
+        node = Node(h.name, h.address, AgentClient(url, secret), ssh=h.ssh)
         try:
             node.facts = node.client.facts()
         except AgentError as e:
@@ -125,6 +126,27 @@ def cable_addresses(nodes: list[Node], console) -> list[list[str]] | None:
             "on each Mac (they are lost on reboot), then launch again"
         )
     return found.ips
+
+
+def choose_nodes_backend(nodes: list[Node], asked: str, console) -> BackendChoice:
+    """The backend for these nodes in rank order, its reason printed in one line; the setup
+    commands that jaccl needs are printed (never run) when there are any."""
+    ports = _ports(nodes)
+    links = cable_graph(ports) if any(ports.values()) else []
+    facts = {n.name: n.facts for n in nodes}
+    try:
+        choice = choose_backend([n.name for n in nodes], facts, links, asked)
+    except BackendError as e:
+        _print_setup(e.setup, console)
+        raise
+    console.print(choice.why)
+    _print_setup(choice.setup, console)
+    return choice
+
+
+def _print_setup(setup: dict[str, list[str]], console) -> None:
+    for host, commands in setup.items():
+        console.print(f"on {host}:\n  " + "\n  ".join(commands))
 
 
 def _specs(nodes: list[Node]) -> list[NodeSpec]:
@@ -200,8 +222,11 @@ def start_agents_cluster(
     context: int,
     port: int | None,
     parallel: str = "pipeline",
+    backend: str | None = None,
 ):
-    """Finds the nodes, checks the plan, pushes each node its folder, starts the ranks."""
+    """Finds the nodes, checks the plan, pushes each node its folder, starts the ranks.
+
+    backend: ring, jaccl or auto (default: the hosts file's, else auto)."""
     from rich.console import Console
 
     console = Console(stderr=True, soft_wrap=True)
@@ -215,16 +240,21 @@ def start_agents_cluster(
                 f"{cluster} on each Mac, on the interface given here"
             )
     nodes = ring(nodes, keep_order=hosts is not None)
-    ring_ips = cable_addresses(nodes, console)
+    asked = backend or (read_hosts(hosts).backend if hosts is not None else "auto")
+    chosen = choose_nodes_backend(nodes, asked, console)
+    # jaccl sends over the RDMA devices; only the ring needs the cables' own addresses.
+    ring_ips = cable_addresses(nodes, console) if chosen.backend == "ring" else None
     if parallel == "tensor":
         split = choose_tensor(model, nodes, context)
-        return _start(model, nodes, split, ring_ips, context, port, console, tensor=True)
+        return _start(
+            model, nodes, split, ring_ips, context, port, console, tensor=True, chosen=chosen
+        )
     if parallel == "expert":
         experts = choose_experts(model, nodes, context)
         split = [model_spec_from_folder(model).num_layers] * len(nodes)
-        return _start(model, nodes, split, ring_ips, context, port, console, experts)
+        return _start(model, nodes, split, ring_ips, context, port, console, experts, chosen=chosen)
     split = choose_split(model, nodes, context)
-    return _start(model, nodes, split, ring_ips, context, port, console)
+    return _start(model, nodes, split, ring_ips, context, port, console, chosen=chosen)
 
 
 def replan_agents(model: Path, context: int, port: int | None, failed):
@@ -247,8 +277,10 @@ def replan_agents(model: Path, context: int, port: int | None, failed):
             f"the model does not fit on the remaining nodes ({names}): {planned.message}"
         )
     split = node_folders(model, len(nodes)) or planned.split
-    # The cables' ring is broken where the node went: the ring runs over the hosts' addresses.
-    return _start(model, nodes, split, None, context, port, console)
+    # The cables' ring is broken where the node went: the ring runs over the hosts' addresses;
+    # a mesh without the node is still one, so jaccl stays where it still can.
+    chosen = choose_nodes_backend(nodes, "ring" if failed.backend == "ring" else "auto", console)
+    return _start(model, nodes, split, None, context, port, console, chosen=chosen)
 
 
 def _start(
@@ -261,6 +293,7 @@ def _start(
     console,
     experts: list[int] | None = None,
     tensor: bool = False,
+    chosen: BackendChoice | None = None,
 ):
     """Pushes each node its share, starts the ranks, waits until they have loaded.
 
@@ -309,6 +342,8 @@ def _start(
         max_context=context,  # the plan holds this much KV cache: longer requests are refused
         experts=experts,
         parallel="tensor" if tensor else "pipeline",
+        backend=chosen.backend if chosen else "ring",
+        rdma=chosen.rdma if chosen else None,
     )
     try:
         with console.status(f"loading {model.name} on {len(nodes)} nodes..."):

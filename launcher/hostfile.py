@@ -19,6 +19,15 @@ def ring_hostfile(addresses: list[list[str]]) -> str:
     return json.dumps(addresses)
 
 
+def ring_entries(ips: list[list[str]], first_port: int) -> list[list[str]]:
+    """Each rank's "ip:port" entries for its addresses ips[r], numbered as mlx.launch numbers
+    them: one port per address, counting up from first_port over the ranks in order."""
+    ports = iter(range(first_port, first_port + sum(len(x) for x in ips)))
+    entries = [[f"{ip}:{next(ports)}" for ip in rank_ips] for rank_ips in ips]
+    ring_hostfile(entries)  # validates
+    return entries
+
+
 def write_hostfile(path: Path, addresses: list[list[str]]) -> Path:
     path.write_text(ring_hostfile(addresses))
     return path
@@ -38,7 +47,22 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def mlx_launch_hostfile(hosts: list[tuple[str, list[str]]], backend: str = "ring") -> str:
-    """The hostfile mlx.launch reads: [(ssh destination, [ips])] in rank order."""
-    entries = [{"ssh": ssh, "ips": ips, "rdma": []} for ssh, ips in hosts]
-    return json.dumps({"backend": backend, "envs": [], "hosts": entries}, indent=2)
+def mlx_launch_hostfile(
+    hosts: list[tuple[str, list[str]]],
+    backend: str = "ring",
+    rdma: list[list[str | list[str] | None]] | None = None,
+    envs: list[str] | None = None,
+) -> str:
+    """The hostfile mlx.launch reads: [(ssh destination, [ips])] in rank order.
+
+    ips: for ring, where each rank listens; for jaccl, rank 0's first is the coordinator's
+    address. rdma (jaccl): rank i's device to rank j in rdma[i][j], None on the diagonal.
+    envs: "NAME=value" set for every rank.
+    """
+    if rdma is not None and (
+        len(rdma) != len(hosts) or any(len(row) != len(hosts) for row in rdma)
+    ):
+        raise ValueError(f"the RDMA matrix must be {len(hosts)} x {len(hosts)}")
+    rows = rdma or [[] for _ in hosts]
+    entries = [{"ssh": ssh, "ips": ips, "rdma": row} for (ssh, ips), row in zip(hosts, rows)]
+    return json.dumps({"backend": backend, "envs": envs or [], "hosts": entries}, indent=2)

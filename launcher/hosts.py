@@ -14,7 +14,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-BACKENDS = ("ring", "jaccl", "mpi")
+BACKENDS = ("ring", "jaccl", "auto")  # auto: jaccl where every cable can carry it, else ring
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -71,7 +71,7 @@ def parse_hosts(text: str) -> HostsFile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise HostsError(f"not valid TOML ({e})") from None
-    backend = data.get("backend", "ring")
+    backend = data.get("backend", "auto")
     if backend not in BACKENDS:
         raise HostsError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     raw = data.get("hosts")

@@ -19,7 +19,8 @@ import httpx
 from quantize.errors import UserError
 from quantize.nodes import even_experts, expert_node_folder, node_folder
 
-from .hostfile import free_ports, write_hostfile
+from .hostfile import free_ports
+from .rankenv import rank_env, write_files
 from .rankspec import HEARTBEAT_TOKEN_ENV, NODE_FAILED, PEER_GONE, RANK_MODULE, RankSpec
 
 _VERDICT = "[rank 0] node failure: "
@@ -127,7 +128,7 @@ def start_local(
     run_dir.mkdir(parents=True, exist_ok=True)
     ports = free_ports(n + 2)
     http_port = port or ports[-1]
-    hostfile = write_hostfile(run_dir / "hostfile.json", [[f"127.0.0.1:{p}"] for p in ports[:n]])
+    ring = [[f"127.0.0.1:{p}"] for p in ports[:n]]
     spec = RankSpec.for_split(
         str(model),
         split,
@@ -151,16 +152,16 @@ def start_local(
         else:
             folder = Path(model)
         rank_cmd = [sys.executable, "-m", RANK_MODULE, *replace(spec, model=str(folder)).to_argv()]
-        rank_env = dict(os.environ, **(env or {}))
-        rank_env |= {"MLX_RANK": str(rank), "MLX_WORLD_SIZE": str(n), HEARTBEAT_TOKEN_ENV: token}
-        if n > 1:  # as mlx.launch: a single rank runs without a ring
-            rank_env["MLX_HOSTFILE"] = str(hostfile)
+        variables = dict(os.environ) | (env or {}) | {HEARTBEAT_TOKEN_ENV: token}
+        # As mlx.launch gives a ring rank (the hostfile in run_dir, reusable with mlx.launch);
+        # a single rank runs without a ring.
+        variables |= write_files(rank_env(rank, n, "ring", ring), run_dir)
         log = run_dir / f"rank-{rank}.log"
         with open(log, "wb") as out:
             procs.append(
                 subprocess.Popen(
                     rank_cmd,
-                    env=rank_env,
+                    env=variables,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,

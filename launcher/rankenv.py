@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .hostfile import ring_hostfile
+from .rankspec import BACKENDS  # what a rank can be started on; "auto" is resolved before this
 
-BACKENDS = ("ring", "jaccl")  # what a rank can be started on; "auto" is resolved before this
 JACCL_PORT = 32323  # mlx.launch's --starting-port: the JACCL coordinator listens on it
+# What the hostfile mlxdist writes for jaccl lists in "envs" (MLX's docs suggest it for JACCL):
+# every starter sets it too, so a rank gets the same whether mlx.launch or mlxdist starts it.
+JACCL_ENVS = {"MLX_METAL_FAST_SYNCH": "1"}
+FILE_NAMES = {"MLX_HOSTFILE": "hostfile.json", "MLX_IBV_DEVICES": "ibv_devices.json"}
+
+
+def backend_envs(backend: str) -> dict[str, str]:
+    """The variables a backend's hostfile sets for every rank ("envs")."""
+    return dict(JACCL_ENVS) if backend == "jaccl" else {}
 
 
 @dataclass(frozen=True)
@@ -32,7 +42,7 @@ def rank_env(
     world: int,
     backend: str = "ring",
     ring: list[list[str]] | None = None,
-    rdma: list[list[str | None]] | None = None,
+    rdma: list[list[str | list[str] | None]] | None = None,
     coordinator: str | None = None,
     extra: dict[str, str] | None = None,
 ) -> RankEnv:
@@ -41,11 +51,12 @@ def rank_env(
     ring: every rank's "ip:port" entries (the ring hostfile), for the ring backend.
     rdma: the N x N matrix of RDMA device names (None on the diagonal), for jaccl.
     coordinator: "ip:port" of rank 0's JACCL coordinator, for jaccl.
-    extra: the hostfile's own variables ("envs"), set first as mlx.launch does.
+    extra: more of the hostfile's own variables ("envs"), set first as mlx.launch does, after
+    the backend's own (backend_envs).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    env = dict(extra or {})
+    env = backend_envs(backend) | (extra or {})
     files: dict[str, str] = {}
     if backend == "ring":
         if world > 1:
@@ -59,3 +70,13 @@ def rank_env(
         files["MLX_IBV_DEVICES"] = json.dumps(rdma)
     env["MLX_RANK"] = str(rank)
     return RankEnv(env, files)
+
+
+def write_files(renv: RankEnv, folder: Path) -> dict[str, str]:
+    """Writes each file variable's content into folder; returns every variable to set."""
+    paths = {}
+    for name, content in renv.files.items():
+        path = folder / FILE_NAMES.get(name, f"{name.lower()}.json")
+        path.write_text(content)
+        paths[name] = str(path)
+    return renv.items(paths)

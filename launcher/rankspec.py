@@ -25,6 +25,7 @@ AGENT_PORT = 52417  # a host's agent, unless hosts.toml gives its agent_port
 PREFILL_CHUNK = 2048
 
 PARALLEL = ("pipeline", "expert", "tensor")
+BACKENDS = ("ring", "jaccl")  # MLX's: TCP over any network, RDMA over Thunderbolt 5
 ATTENTION = ("replicated", "sharded")
 
 
@@ -52,6 +53,8 @@ class RankSpec:
             raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}")
         if self.parallel == "pipeline":
             if not self.split:
                 raise ValueError("--split is needed in pipeline mode")
@@ -153,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model name shown by the API")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--backend", default="ring")
+    p.add_argument("--backend", choices=BACKENDS, default="ring")
     p.add_argument("--heartbeat", default=None, help="HOST:PORT where rank 0 hears the ranks")
     p.add_argument("--node", default=None, help="this host's name, as the launcher calls it")
     p.add_argument(

@@ -13,8 +13,9 @@ from quantize.checkpoint import layer_of, weight_map
 from quantize.nodes import node_manifest
 
 from .agent_client import AgentClient, AgentError
-from .hostfile import mlx_launch_hostfile, ring_hostfile
+from .hostfile import mlx_launch_hostfile, ring_entries
 from .local import LaunchError, describe_failure, verdict
+from .rankenv import JACCL_PORT, backend_envs
 from .rankspec import NODE_FAILED, PEER_GONE
 from .ssh import SshClient
 
@@ -29,6 +30,12 @@ class Node:
     address: str  # where the other ranks and the launcher reach this host
     client: AgentClient
     facts: dict = field(default_factory=dict)
+    ssh: str | None = None  # hosts.toml's ssh destination ("me@studio-1.local"), if given
+
+    @property
+    def destination(self) -> str:
+        """Where mlx.launch would ssh to: the destination the user gave, else the address."""
+        return self.ssh or self.address
 
 
 @dataclass
@@ -38,6 +45,7 @@ class RemoteCluster:
     url: str
     hostfile: str
     failed_nodes: list[str] = field(default_factory=list)  # named by failure()
+    backend: str = "ring"
 
     def failure(self) -> str | None:
         """Names the node that failed first: its peers then fail too, only because it went away."""
@@ -168,6 +176,35 @@ def push_for_split(
     return remote
 
 
+def rank_links(
+    hosts: list[tuple[str, str]],
+    backend: str = "ring",
+    ring_ips: list[list[str]] | None = None,
+    rdma: list[list[str | list[str] | None]] | None = None,
+    ring_port: int = RING_PORT,
+) -> tuple[str, dict]:
+    """How the ranks of hosts [(ssh destination, address)] reach each other: the hostfile
+    mlx.launch would read for them, and the start_rank values every rank gets (backend, and the
+    ring's hostfile or jaccl's RDMA devices and coordinator).
+
+    ring_ips[r]: rank r's addresses on the cable(s) from rank r-1; else each host's address.
+    rdma (jaccl): rdma[i][j] is rank i's device to rank j; rank 0's address is the coordinator's.
+    """
+    backend = backend if len(hosts) > 1 else "ring"  # one rank talks to no one
+    jaccl = backend == "jaccl"
+    if jaccl and rdma is None:
+        raise ValueError("jaccl needs the RDMA device matrix")
+    ips = [[address] for _, address in hosts] if jaccl or not ring_ips else ring_ips
+    envs = [f"{k}={v}" for k, v in backend_envs(backend).items()]
+    rows = [(destination, rank_ips) for (destination, _), rank_ips in zip(hosts, ips)]
+    text = mlx_launch_hostfile(rows, backend, rdma if jaccl else None, envs)
+    if jaccl:
+        coordinator = f"{hosts[0][1]}:{JACCL_PORT}"
+        return text, {"backend": backend, "hostfile": [], "rdma": rdma, "coordinator": coordinator}
+    ring = ring_entries(ips, ring_port) if len(hosts) > 1 else []
+    return text, {"backend": backend, "hostfile": ring}
+
+
 def start_remote(
     nodes: list[Node],
     folders: list[str],
@@ -181,28 +218,26 @@ def start_remote(
     max_context: int | None = None,
     experts: list[int] | None = None,
     parallel: str = "pipeline",
+    backend: str = "ring",
+    rdma: list[list[str | list[str] | None]] | None = None,
 ) -> RemoteCluster:
     """Starts rank r on nodes[r] from its folder; rank 0 serves the API on its host.
 
-    ring_ips[r]: rank r's addresses on the cable(s) from rank r-1; else each node's address.
+    ring_ips, backend, rdma: as rank_links takes them.
     experts: routed experts per rank for expert parallelism (split then only counts the ranks,
     as in tensor parallelism).
     """
-    ips = ring_ips or [[n.address] for n in nodes]
-    # Hosts sharing an address (all on one machine, as in a loopback test) need their own ports.
-    shared = len({n.address for n in nodes}) < len(nodes)
-    hostfile = [
-        [f"{ip}:{ring_port + (r if shared else 0)}" for ip in rank_ips]
-        for r, rank_ips in enumerate(ips)
-    ]
-    ring_hostfile(hostfile)  # validates
-    text = mlx_launch_hostfile([(n.name, rank_ips) for n, rank_ips in zip(nodes, ips)])
+    text, links = rank_links(
+        [(n.destination, n.address) for n in nodes], backend, ring_ips, rdma, ring_port
+    )
+    backend = links["backend"]
     if run_dir is not None:
         (run_dir / "hostfile.json").write_text(text)  # reusable with mlx.launch
     run_ids: list[str] = []
-    cluster = RemoteCluster(nodes, run_ids, f"http://{nodes[0].address}:{http_port}", text)
-    # Heartbeats need every rank to take part; a host reached over ssh starts its rank without.
-    beats = len(nodes) > 1 and not any(isinstance(n.client, SshClient) for n in nodes)
+    url = f"http://{nodes[0].address}:{http_port}"
+    cluster = RemoteCluster(nodes, run_ids, url, text, backend=backend)
+    # Every rank beats, those over ssh too (their token goes on the ssh client's stdin).
+    beats = len(nodes) > 1
     token = secrets.token_hex(16)
     try:
         for rank, (node, folder) in enumerate(zip(nodes, folders)):
@@ -210,11 +245,10 @@ def start_remote(
                 model=folder,
                 split=split,
                 rank=rank,
-                hostfile=hostfile if len(nodes) > 1 else [],
                 http_host=nodes[0].address,
                 http_port=http_port,
                 name=name,
-                backend="ring",
+                **links,
                 **({"max_context": max_context} if max_context else {}),
                 **({"heartbeat_port": http_port + 1, "heartbeat_token": token} if beats else {}),
                 **({"node": node.name} if _NODE_NAME.fullmatch(node.name) else {}),

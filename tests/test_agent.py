@@ -648,7 +648,8 @@ def test_rank_starts_serves_and_stops(agent):
                 "ring",
             ]
             env = psutil.Process(pid).environ()
-            assert (env["MLX_RANK"], env["MLX_WORLD_SIZE"]) == ("0", "1")
+            assert env["MLX_RANK"] == "0"
+            assert "MLX_WORLD_SIZE" not in env  # mlx.launch sets no such variable
             assert "MLX_HOSTFILE" not in env
             [run] = c.ranks()
             assert run == {

@@ -11,7 +11,7 @@ from launcher.hosts import HostsError, parse_hosts, read_hosts
 
 def test_example_file_parses():
     hosts = read_hosts(ROOT / "hosts.example.toml")
-    assert hosts.backend == "ring"
+    assert hosts.backend == "auto"
     assert [h.name for h in hosts.hosts] == ["studio-1", "studio-2"]
     first = hosts.hosts[0]
     assert (first.address, first.memory_gb, first.rank, first.agent_port) == (

@@ -17,7 +17,7 @@ from pathlib import Path
 from quantize.checkpoint import CheckpointError, read_config
 from quantize.nodes import check_expert_node, check_node, even_experts
 
-from ..hostfile import ring_hostfile
+from ..rankenv import rank_env, write_files
 from ..rankspec import HEARTBEAT_TOKEN_ENV, PARENT_PID_ENV, RANK_MODULE, RankSpec
 from .errors import Refused
 from .requests import StartRank
@@ -125,14 +125,15 @@ class Runs:
         folder = self.runs_dir / run_id
         folder.mkdir(mode=0o700)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
-        env |= {"MLX_RANK": str(req.rank), "MLX_WORLD_SIZE": str(len(req.split))}
         env[PARENT_PID_ENV] = str(os.getpid())
         if req.heartbeat_token:  # in the environment, not on a command line others can read
             env[HEARTBEAT_TOKEN_ENV] = req.heartbeat_token
-        if len(req.split) > 1:  # as mlx.launch: a single rank runs without a ring
-            hostfile = folder / "hostfile.json"
-            hostfile.write_text(ring_hostfile(req.hostfile))
-            env["MLX_HOSTFILE"] = str(hostfile)
+        # As mlx.launch gives a rank of this backend, its files (ring hostfile, RDMA devices) in
+        # the run's folder; a single rank runs without a ring.
+        mine = rank_env(
+            req.rank, len(req.split), req.backend, req.hostfile, req.rdma, req.coordinator
+        )
+        env |= write_files(mine, folder)
         log = folder / "rank.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(

@@ -14,6 +14,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # never starts with "-":
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PORT = re.compile(r"[0-9]{1,5}")
 _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,15}")  # en0, bridge0, 4
+_RDMA = re.compile(r"rdma_[a-z0-9]{1,15}")  # rdma_en2: macOS names the device after its port
 
 
 def _check_ip(value: str) -> str:
@@ -34,6 +35,25 @@ def _check_ring_entry(entry: str) -> None:
     _check_ip(host.removeprefix("[").removesuffix("]"))
 
 
+def _check_rdma(rdma: list[list], size: int) -> None:
+    """An N x N matrix of RDMA devices: null on the diagonal, a device (or one per cable) else."""
+    if len(rdma) != size or any(len(row) != size for row in rdma):
+        raise ValueError(f"rdma must be a {size} x {size} matrix, one row per rank")
+    for i, row in enumerate(rdma):
+        for j, cell in enumerate(row):
+            if i == j:
+                if cell is not None:
+                    raise ValueError("rdma: a rank's device to itself must be null")
+                continue
+            names = cell if isinstance(cell, list) else [cell]
+            if (
+                not names
+                or len(names) > 16
+                or not all(isinstance(n, str) and _RDMA.fullmatch(n) for n in names)
+            ):
+                raise ValueError(f"rdma[{i}][{j}] must name a device such as rdma_en2")
+
+
 class StartRank(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -46,7 +66,11 @@ class StartRank(BaseModel):
     http_host: str = Field(max_length=64)
     http_port: int = Field(ge=1024, le=65535)
     name: str
-    backend: Literal["ring"] = "ring"
+    backend: Literal["ring", "jaccl"] = "ring"
+    # jaccl: rank i's RDMA device to rank j (rdma[i][j], null on the diagonal) and rank 0's
+    # coordinator "ip:port"; the ring backend takes the hostfile instead.
+    rdma: list[list[str | list[str] | None]] | None = Field(None, max_length=64)
+    coordinator: str | None = Field(None, max_length=64)
     max_context: int | None = Field(None, ge=1, le=10_000_000)
     # Rank 0 hears every rank's heartbeat on http_host:heartbeat_port; the token shows it is one.
     heartbeat_port: int | None = Field(None, ge=1024, le=65535)
@@ -78,6 +102,10 @@ class StartRank(BaseModel):
             raise ValueError("experts gives one count per rank, in expert mode only")
         if self.rank >= size:
             raise ValueError(f"rank {self.rank} is not below the {size} ranks of the split")
+        if self.backend == "jaccl":
+            return self._jaccl(size)
+        if self.rdma is not None or self.coordinator is not None:
+            raise ValueError("rdma and coordinator are for the jaccl backend")
         if size > 1 and len(self.hostfile) != size:
             raise ValueError(f"hostfile needs one entry per rank ({size})")
         if size == 1 and len(self.hostfile) > 1:
@@ -89,6 +117,21 @@ class StartRank(BaseModel):
                 for entry in entries:
                     _check_ring_entry(entry)
             ring_hostfile(self.hostfile)
+        return self
+
+    def _jaccl(self, size: int) -> StartRank:
+        if self.hostfile:
+            raise ValueError("jaccl takes rdma and coordinator, not a ring hostfile")
+        if size == 1:
+            if self.rdma is not None or self.coordinator is not None:
+                raise ValueError("a single rank takes no rdma or coordinator")
+            return self
+        if self.rdma is None or self.coordinator is None:
+            raise ValueError("jaccl needs rdma (a device matrix) and coordinator (ip:port)")
+        _check_rdma(self.rdma, size)
+        _check_ring_entry(self.coordinator)
+        if not 0 < int(self.coordinator.rpartition(":")[2]) < 65536:
+            raise ValueError(f"coordinator {self.coordinator!r} has no valid port")
         return self
 
 

@@ -10,6 +10,17 @@ import typer
 from mlxdist.cli.app import app
 from quantize.errors import UserError
 
+BACKEND_HELP = "ring, jaccl (RDMA over Thunderbolt 5) or auto (default: hosts file's, else auto)"
+
+
+def _backend(backend: str | None, across_hosts: bool) -> str | None:
+    """--backend checked: one of ring, jaccl, auto; on one machine the ranks run on the ring."""
+    if backend is not None and backend not in ("ring", "jaccl", "auto"):
+        raise UserError(f"--backend must be ring, jaccl or auto, not {backend!r}")
+    if backend == "jaccl" and not across_hosts:
+        raise UserError("--backend jaccl is for Macs cabled over Thunderbolt 5 (--hosts/--cluster)")
+    return backend
+
 
 def _parse_split(split: str | None, ranks: int, num_layers: int) -> list[int]:
     from quantize.nodes import even_split, parse_split
@@ -51,6 +62,7 @@ def launch(
         "pipeline", help="pipeline (layers per rank), expert (routed experts per rank) or tensor"
     ),
     experts: str | None = typer.Option(None, help="routed experts per rank, e.g. 3,3,2 (expert)"),
+    backend: str | None = typer.Option(None, help=BACKEND_HELP),
 ) -> None:
     """Start one rank per host (or N on this machine), then answer --prompt or open a chat."""
     params = {"max_tokens": max_tokens, "temperature": temp}
@@ -63,13 +75,14 @@ def launch(
             raise UserError("give --hosts or --cluster, not both")
         if experts and (hosts or cluster):
             raise UserError("--experts is for --local: across hosts the node folders' cut holds")
+        backend = _backend(backend, bool(hosts or cluster))
         path = _launch_model(model)
         if hosts or cluster:
             from launcher.cluster import replan_agents, start_agents_cluster
 
             secret = _secret(secret_file)
             running = start_agents_cluster(
-                path, hosts, cluster, interface, secret, context, port, parallel
+                path, hosts, cluster, interface, secret, context, port, parallel, backend
             )
             again = partial(replan_agents, path, context, port)
         else:
@@ -220,17 +233,21 @@ def serve(
         None, help="address the API listens on (--local; default 127.0.0.1, this machine only)"
     ),
     port: int = typer.Option(8080, min=1, max=65535, help="the API's port"),
+    backend: str | None = typer.Option(None, help=BACKEND_HELP),
 ) -> None:
     """Run the cluster with its OpenAI-style HTTP API only, until Ctrl-C."""
     try:
         if hosts and (local or split or host or max_context):
             raise UserError("--local, --split, --host and --max-context are not for --hosts")
+        backend = _backend(backend, bool(hosts))
         path = _launch_model(model)
         if hosts:
             from launcher.cluster import start_agents_cluster
 
             secret = _secret(secret_file)
-            running = start_agents_cluster(path, hosts, None, [], secret, context, port)
+            running = start_agents_cluster(
+                path, hosts, None, [], secret, context, port, backend=backend
+            )
         else:
             running = _serve_here(path, local or 2, split, host or "127.0.0.1", port, max_context)
         _serve_until_stopped(running, path.name)
@@ -293,6 +310,7 @@ def bench(
         "pipeline", help="pipeline (layers per rank), expert (routed experts per rank) or tensor"
     ),
     experts: str | None = typer.Option(None, help="routed experts per rank, e.g. 3,3,2 (expert)"),
+    backend: str | None = typer.Option(None, help=BACKEND_HELP),
 ) -> None:
     """Start the cluster, measure prompt and decode speed, memory and traffic, then stop it."""
     from mlxdist.client.bench import bench as measure
@@ -303,12 +321,15 @@ def bench(
             raise UserError("--local and --split are for one machine; not with --hosts")
         if hosts and experts:
             raise UserError("--experts is for --local; across hosts the expert node folders decide")
+        backend = _backend(backend, bool(hosts))
         path = _launch_model(model)
         if hosts:
             from launcher.cluster import start_agents_cluster
 
             secret = _secret(secret_file)
-            running = start_agents_cluster(path, hosts, None, [], secret, 4096, None, parallel)
+            running = start_agents_cluster(
+                path, hosts, None, [], secret, 4096, None, parallel, backend
+            )
         else:
             modes = _parallel_options(path, parallel, experts, split, local)
             running = _start_here(path, local or modes.get("ranks", 2), split, None, modes)

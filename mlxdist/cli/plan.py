@@ -22,6 +22,8 @@ def plan_cmd(
     model: str = typer.Argument(..., help="model folder or a bare config.json"),
     hosts: Path | None = typer.Option(None, help="hosts.toml with each host's memory_gb"),
     simulate: str | None = typer.Option(None, help='a cluster that is not here, e.g. "6x192GB"'),
+    cluster: str | None = typer.Option(None, help="the agents of this cluster, found by zeroconf"),
+    interface: list[str] = typer.Option([], help="interface to discover agents on (--cluster)"),
     context: int = typer.Option(4096, min=1, help="tokens of context to hold in the KV cache"),
     batch: int = typer.Option(1, min=1, help="sequences decoded at once"),
     bits: int = typer.Option(4, help="width planned for a model not yet quantised"),
@@ -41,6 +43,8 @@ def plan_cmd(
             as_json,
             link,
             parallel=parallel,
+            cluster=cluster,
+            interfaces=interface,
         )
     except ValueError as e:  # plan_command's faults: the options, the hosts file, the model
         raise UserError(str(e)) from None
@@ -63,6 +67,23 @@ def nodes_from_hosts(path: str | Path) -> list[NodeSpec]:
     return nodes
 
 
+def nodes_from_cluster(cluster: str, interfaces: list[str]) -> list[NodeSpec]:
+    """The agents of a cluster that zeroconf finds, as a launch plans with them: in the order
+    their cables give (by name when they give none), with the facts each agent reports."""
+    from launcher.cluster import _specs, discover_nodes, ring
+    from launcher.local import LaunchError
+    from launcher.secret import load_secret
+
+    found = discover_nodes(cluster, interfaces, load_secret(None))
+    if not found:
+        raise ValueError(f"no agent of cluster {cluster!r} answered on the interfaces given")
+    try:
+        found = ring(found, keep_order=False)
+    except LaunchError:  # no ring through the cables: a plan still says what fits
+        found = sorted(found, key=lambda n: n.name)
+    return _specs(found)
+
+
 def plan_command(
     model: str,
     hosts: str | None,
@@ -73,6 +94,8 @@ def plan_command(
     as_json: bool,
     link: str = "tb5",
     parallel: str = "pipeline",
+    cluster: str | None = None,
+    interfaces: list[str] | None = None,
 ) -> int:
     """Prints the plan (layers per node, or experts per node with parallel="expert") and the
     predicted decode speed over `link` (tb5, tb4 or rdma); 0 when the model fits, 1 when it
@@ -89,10 +112,16 @@ def plan_command(
 
     if parallel not in ("pipeline", "expert"):
         raise ValueError(f"--parallel {parallel!r} must be pipeline or expert")
-    if (hosts is None) == (simulate is None):
-        raise ValueError("give exactly one of --hosts FILE and --simulate, e.g. --simulate 6x192GB")
+    if sum(x is not None for x in (hosts, simulate, cluster)) != 1:
+        raise ValueError(
+            "give exactly one of --hosts FILE and --simulate, e.g. --simulate 6x192GB, "
+            "or --cluster NAME"
+        )
     perfmodel.link(link)  # an unknown link is the user's fault, found before any work
-    nodes = nodes_from_hosts(hosts) if hosts is not None else parse_simulate(simulate)
+    if cluster is not None:
+        nodes = nodes_from_cluster(cluster, interfaces or [])
+    else:
+        nodes = nodes_from_hosts(hosts) if hosts is not None else parse_simulate(simulate)
     try:
         spec = model_spec_from_folder(model, bits=bits)
     except CheckpointError as e:

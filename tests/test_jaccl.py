@@ -1,0 +1,402 @@
+"""JACCL (RDMA over Thunderbolt 5): the backend chosen from the nodes' facts and cables, the
+hostfile mlxdist writes checked by MLX's own launcher code, and the environment each rank gets
+compared with what mlx.launch gives a rank of the same hostfile."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlx._distributed_utils import config as mlx_config
+from mlx._distributed_utils import launch as mlx_launch
+from mlx._distributed_utils.common import Host, Hostfile
+from pydantic import ValidationError
+
+from launcher.agent.ranks import Runs
+from launcher.agent.requests import StartRank
+from launcher.backend import BackendError, choose_backend, rdma_matrix
+from launcher.hostfacts import ThunderboltPort
+from launcher.hosts import parse_hosts
+from launcher.remote import rank_links
+from launcher.topology import cable_graph
+
+FILE_VARIABLES = ("MLX_HOSTFILE", "MLX_IBV_DEVICES")
+# The command each rank runs in the comparison: its MLX_* variables and their files, as JSON.
+PRINT_ENV = (
+    "import json, os\n"
+    "env = {k: v for k, v in os.environ.items() if k.startswith('MLX_')}\n"
+    f"files = {{k: open(env[k]).read() for k in {FILE_VARIABLES!r} if k in env}}\n"
+    "print(json.dumps({'env': env, 'files': files}))\n"
+)
+
+
+# ---- simulated clusters ----
+
+
+def cluster(
+    n: int,
+    cables: list[tuple[int, int]] | None = None,
+    chip: str = "Apple M3 Ultra",
+    rdma: bool = True,
+) -> tuple[list[str], dict[str, dict]]:
+    """Macs studio-1..n, cabled as cables says (rank pairs; default every pair once): each
+    cable takes the next free port en2, en3, ... at both ends."""
+    names = [f"studio-{i + 1}" for i in range(n)]
+    cables = cables if cables is not None else [(i, j) for i in range(n) for j in range(i + 1, n)]
+    ports: dict[str, list[dict]] = {name: [] for name in names}
+    for i, j in cables:
+        a, b = names[i], names[j]
+        ia, ib = f"en{2 + len(ports[a])}", f"en{2 + len(ports[b])}"
+        ports[a].append({"interface": ia, "domain_uuid": f"{a}-{ia}", "peer_uuids": [f"{b}-{ib}"]})
+        ports[b].append({"interface": ib, "domain_uuid": f"{b}-{ib}", "peer_uuids": [f"{a}-{ia}"]})
+    facts = {
+        name: {
+            "chip": chip,
+            "thunderbolt": ports[name],
+            "rdma_devices": [f"rdma_{p['interface']}" for p in ports[name]] if rdma else [],
+            "bridges": {},
+        }
+        for name in names
+    }
+    return names, facts
+
+
+def links_of(facts: dict[str, dict]):
+    return cable_graph(
+        {h: [ThunderboltPort.from_dict(p) for p in f["thunderbolt"]] for h, f in facts.items()}
+    )
+
+
+def without_device(facts: dict, host: str, device: str) -> dict:
+    changed = json.loads(json.dumps(facts))
+    changed[host]["rdma_devices"].remove(device)
+    return changed
+
+
+def with_speed(facts: dict, host: str, iface: str, speed: str) -> dict:
+    changed = json.loads(json.dumps(facts))
+    for p in changed[host]["thunderbolt"]:
+        if p["interface"] == iface:
+            p["speed"] = speed
+    return changed
+
+
+MESH3 = cluster(3)
+RING4 = cluster(4, [(0, 1), (1, 2), (2, 3), (3, 0)])
+
+# (name, cluster, asked, backend chosen, words its one line must hold)
+CHOICES = [
+    ("mesh of M3 Ultras with RDMA", MESH3, "auto", "jaccl", "every pair of the 3 nodes"),
+    ("two M4 Max", cluster(2, chip="Apple M4 Max"), "auto", "jaccl", "Thunderbolt 5"),
+    ("ring asked", MESH3, "ring", "ring", "asked for"),
+    ("jaccl asked and possible", MESH3, "jaccl", "jaccl", "every pair"),
+    (
+        "one device missing",
+        (MESH3[0], without_device(MESH3[1], "studio-3", "rdma_en3")),
+        "auto",
+        "ring",
+        "studio-3 has no RDMA device rdma_en3 (enable RDMA in recovery mode: rdma_ctl enable)",
+    ),
+    ("RDMA off everywhere", cluster(3, rdma=False), "auto", "ring", "has no RDMA device rdma_en2"),
+    (
+        "M2 Ultras",
+        cluster(3, chip="Apple M2 Ultra"),
+        "auto",
+        "ring",
+        "Thunderbolt 4",
+    ),
+    (
+        "a TB5 Mac whose port runs at 40 Gb/s",
+        (MESH3[0], with_speed(MESH3[1], "studio-2", "en3", "40 Gb/s")),
+        "auto",
+        "ring",
+        "studio-2 en3 has Thunderbolt 4",
+    ),
+    (
+        "no chip named, but both buses report Thunderbolt 5 speeds",
+        (
+            cluster(2, chip="")[0],
+            with_speed(
+                with_speed(cluster(2, chip="")[1], "studio-1", "en2", "80 Gb/s"),
+                "studio-2",
+                "en2",
+                "Up to 120 Gb/s",
+            ),
+        ),
+        "auto",
+        "jaccl",
+        "Thunderbolt 5",
+    ),
+    ("unknown chip", cluster(2, chip="Intel Xeon"), "auto", "ring", "no known Thunderbolt"),
+    ("cables form a ring of 4", RING4, "auto", "ring", "a ring, not a full mesh"),
+    ("no cables", cluster(3, cables=[]), "auto", "ring", "no Thunderbolt cables"),
+    ("one node", cluster(1), "jaccl", "ring", "one node"),
+]
+
+
+@pytest.mark.parametrize("case", CHOICES, ids=[c[0] for c in CHOICES])
+def test_choose_backend(case):
+    _, (names, facts), asked, backend, words = case
+    chosen = choose_backend(names, facts, links_of(facts), asked)
+    assert chosen.backend == backend
+    assert chosen.why.startswith(f"{backend}: ") and words in chosen.why
+    assert "\n" not in chosen.why
+    assert (chosen.rdma is not None) == (backend == "jaccl")
+
+
+IMPOSSIBLE = [
+    (
+        "device missing",
+        (MESH3[0], without_device(MESH3[1], "studio-2", "rdma_en2")),
+        "studio-2 has no RDMA device rdma_en2",
+        {"studio-2": ["rdma_ctl enable"]},
+    ),
+    ("ring of 4", RING4, "every pair of Macs cabled, and studio-1 and studio-3 are not", {}),
+    ("Thunderbolt 4", cluster(2, chip="M1 Ultra"), "RDMA needs Thunderbolt 5", {}),
+]
+
+
+@pytest.mark.parametrize("case", IMPOSSIBLE, ids=[c[0] for c in IMPOSSIBLE])
+def test_jaccl_asked_but_impossible_names_what_is_missing(case):
+    _, (names, facts), words, setup = case
+    with pytest.raises(BackendError, match="^cannot use jaccl: ") as caught:
+        choose_backend(names, facts, links_of(facts), "jaccl")
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+    commands = {h: [c.split("  #")[0] for c in cs] for h, cs in caught.value.setup.items()}
+    assert commands == setup
+
+
+def test_bridge_over_the_cables_prints_the_command_that_turns_it_off():
+    names, facts = MESH3
+    facts = json.loads(json.dumps(facts))
+    facts["studio-1"]["bridges"] = {"bridge0": ["en2", "en3"]}
+    chosen = choose_backend(names, facts, links_of(facts), "auto")
+    assert chosen.backend == "jaccl"
+    assert chosen.setup == {
+        "studio-1": ['sudo networksetup -setnetworkserviceenabled "Thunderbolt Bridge" off']
+    }
+
+
+# ---- the RDMA matrix, as mlx.distributed_config writes it ----
+
+
+def mlx_config_rdma(names, facts, tmp_path, monkeypatch) -> list[list]:
+    """The rdma lists MLX's own configure_jaccl writes for this cabling (its ssh steps left out:
+    the cabling is given as its parsed Thunderbolt hosts)."""
+    tb_hosts = []
+    for name in names:
+        ports = [
+            mlx_config.ThunderboltPort(p["interface"], p["domain_uuid"], p["peer_uuids"][0])
+            for p in facts[name]["thunderbolt"]
+        ]
+        tb_hosts.append(mlx_config.ThunderboltHost(name, sorted(ports, key=lambda x: x.iface)))
+    index = {p.uuid: (i, j) for i, h in enumerate(tb_hosts) for j, p in enumerate(h.ports)}
+    hosts = [Host(i, name, [f"10.0.0.{i + 1}"], []) for i, name in enumerate(names)]
+    monkeypatch.setattr(mlx_config, "add_ips", lambda hosts, verbose=False: None)
+    monkeypatch.setattr(mlx_config.IPConfigurator, "setup", lambda self, **kw: None)
+    out = tmp_path / "mlx-config.json"
+    args = argparse.Namespace(verbose=False, env=[], auto_setup=False, output_hostfile=str(out))
+    ips = mlx_config.IPConfigurator(hosts, tb_hosts, index)
+    mlx_config.configure_jaccl(args, hosts, ips, [mlx_config.SSHInfo(True, False)] * len(hosts))
+    return [h.rdma for h in Hostfile.from_file(out).hosts]
+
+
+MATRICES = [
+    ("mesh of 3", MESH3),
+    ("mesh of 4", cluster(4)),
+    ("two cables between 2", cluster(2, [(0, 1), (0, 1)])),
+    # studio-1 cables studio-2 on en2 and en11 (en3..en10 go to the others): MLX sorts the
+    # ports by name, "en11" before "en2", and takes as many cables per pair as the fewest any
+    # pair has (one), so the pair's cable is en11 and, on studio-2's side, that cable's port.
+    (
+        "a pair with two cables among single ones",
+        cluster(4, [(0, 1)] + [(0, 2), (0, 3)] * 4 + [(0, 1), (1, 2), (1, 3), (2, 3)]),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", MATRICES, ids=[c[0] for c in MATRICES])
+def test_rdma_matrix_equals_mlx_distributed_config(case, tmp_path, monkeypatch):
+    _, (names, facts) = case
+    ours = rdma_matrix(names, links_of(facts))
+    assert ours == mlx_config_rdma(names, facts, tmp_path, monkeypatch)
+
+
+# ---- the hostfile and each rank's environment, against mlx.launch ----
+
+
+def mlx_launch_ranks(hostfile: Path, tmp_path: Path, monkeypatch) -> list[dict]:
+    """What mlx.launch gives each rank of hostfile: its launcher run as `mlx.launch --hostfile
+    FILE -- python -c PRINT_ENV` up to where it would start the ranks, then each rank's own
+    launch script (MLX's make_launch_script, as for a local host) run with bash."""
+    captured = []
+    monkeypatch.setattr(
+        mlx_launch, "_launch_with_io", lambda cls, arguments, verbose: captured.extend(arguments)
+    )
+    command = [sys.executable, "-c", PRINT_ENV]
+    monkeypatch.setattr(sys, "argv", ["mlx.launch", "--hostfile", str(hostfile), "--", *command])
+    mlx_launch.main()
+    assert captured, "mlx.launch started no rank"
+    ranks = []
+    for (rank, _host, python, cwd, files, env, cmd), _ in captured:
+        script = mlx_launch.RemoteProcess.make_launch_script(
+            rank, python, cwd, files, env, cmd, True
+        )
+        scratch = tmp_path / f"mlx-{rank}"
+        scratch.mkdir()
+        out = subprocess.run(
+            ["/bin/bash", "-c", script],
+            env={"PATH": os.environ["PATH"], "TMPDIR": str(scratch)},
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        ranks.append(json.loads(out.stdout.strip().splitlines()[-1]))  # after the pidfile line
+    return ranks
+
+
+def agent_ranks(links: dict, world: int, tmp_path: Path) -> list[dict]:
+    """What the agent gives each rank started with these start_rank values: each rank is a real
+    process started by the agent's Runs (a stand-in interpreter that sleeps, since a jaccl rank
+    cannot start on Linux), its environment read from the running process, then stopped."""
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nexec sleep 60\n")
+    python.chmod(0o755)
+    runs = Runs(tmp_path / "runs", str(python))
+    (tmp_path / "runs").mkdir()
+    ranks = []
+    for rank in range(world):
+        body = {"model": "m", "split": [1] * world, "rank": rank, "name": "t"}
+        req = StartRank(**body, http_host="10.0.0.1", http_port=18080, **links)
+        run = runs.start(tmp_path, req)
+        try:
+            proc = psutil.Process(run.proc.pid)
+            deadline = time.monotonic() + 10
+            while proc.cmdline()[:1] != ["sleep"]:  # until the exec: before it, the agent's own
+                assert time.monotonic() < deadline, proc.cmdline()
+                time.sleep(0.01)
+            env = {k: v for k, v in proc.environ().items() if k.startswith("MLX_")}
+        finally:
+            runs.stop([run])
+        files = {k: Path(env[k]).read_text() for k in FILE_VARIABLES if k in env}
+        ranks.append({"env": env, "files": files})
+    return ranks
+
+
+def comparable(rank: dict) -> dict:
+    """A rank's MLX_* variables, each naming a file given by that file's content instead (echo
+    in mlx.launch's script ends it with a newline)."""
+    files = {k: v.rstrip("\n") for k, v in rank["files"].items()}
+    return {k: files.get(k, v) for k, v in rank["env"].items()}
+
+
+def test_jaccl_hostfile_passes_mlx_parser_and_launch_checks(tmp_path, monkeypatch):
+    names, facts = MESH3
+    chosen = choose_backend(names, facts, links_of(facts), "auto")
+    hosts = [(f"me@{n}.local", f"192.168.1.{i + 1}") for i, n in enumerate(names)]
+    text, _ = rank_links(hosts, chosen.backend, rdma=chosen.rdma)
+    path = tmp_path / "hostfile.json"
+    path.write_text(text)
+    parsed = Hostfile.from_file(path)
+    assert parsed.backend == "jaccl" and parsed.envs == ["MLX_METAL_FAST_SYNCH=1"]
+    assert [h.ssh_hostname for h in parsed.hosts] == [d for d, _ in hosts]
+    assert parsed.hosts[0].ips == ["192.168.1.1"]  # the coordinator's
+    assert [h.rdma[i] for i, h in enumerate(parsed.hosts)] == [None] * 3
+    assert parsed.hosts[2].rdma[0] == "rdma_en2"  # studio-3's first cable goes to studio-1
+    ranks = mlx_launch_ranks(path, tmp_path, monkeypatch)  # passes launch_jaccl's checks
+    assert [r["env"]["MLX_RANK"] for r in ranks] == ["0", "1", "2"]
+    assert {r["env"]["MLX_JACCL_COORDINATOR"] for r in ranks} == {"192.168.1.1:32323"}
+
+
+def test_mlx_launch_refuses_the_hostfile_a_ring_of_cables_would_need(tmp_path, monkeypatch):
+    """Why plain jaccl is refused over a ring of 4: MLX's launcher itself rejects a matrix with
+    a pair that has no device."""
+    names, _ = RING4
+    rdma = [[None if i == j else "rdma_en2" for j in range(4)] for i in range(4)]
+    rdma[0][2] = None
+    text, _ = rank_links([(n, f"10.0.0.{i + 1}") for i, n in enumerate(names)], "jaccl", rdma=rdma)
+    path = tmp_path / "hostfile.json"
+    path.write_text(text)
+    monkeypatch.setattr(sys, "argv", ["mlx.launch", "--hostfile", str(path), "--", "true"])
+    with pytest.raises(SystemExit):
+        mlx_launch.main()
+
+
+@pytest.mark.cluster  # the agent starts (stand-in) rank processes
+@pytest.mark.parametrize("backend", ["jaccl", "ring"])
+def test_rank_environment_equals_mlx_launch(backend, tmp_path, monkeypatch):
+    names, facts = MESH3
+    chosen = choose_backend(names, facts, links_of(facts), backend)
+    hosts = [(f"me@{n}.local", f"192.168.1.{i + 1}") for i, n in enumerate(names)]
+    text, links = rank_links(hosts, chosen.backend, rdma=chosen.rdma)
+    path = tmp_path / "hostfile.json"
+    path.write_text(text)
+    theirs = mlx_launch_ranks(path, tmp_path, monkeypatch)
+    ours = agent_ranks(links, len(names), tmp_path)
+    assert [comparable(r) for r in ours] == [comparable(r) for r in theirs]
+    wanted = {"ring": "MLX_HOSTFILE", "jaccl": "MLX_IBV_DEVICES"}[backend]
+    assert all(wanted in r["files"] for r in ours)  # the comparison held the backend's file
+
+
+# ---- requests and hosts.toml ----
+
+GOOD_RDMA = [[None, "rdma_en2"], ["rdma_en2", None]]
+JACCL = {"backend": "jaccl", "rdma": GOOD_RDMA, "coordinator": "10.0.0.1:32323"}
+BAD_JACCL = [
+    ("no matrix", {"rdma": None}),
+    ("no coordinator", {"coordinator": None}),
+    ("a ring hostfile too", {"hostfile": [["10.0.0.1:5000"], ["10.0.0.2:5001"]]}),
+    ("not N x N", {"rdma": [[None, "rdma_en2"]]}),
+    ("a short row", {"rdma": [[None], ["rdma_en2", None]]}),
+    ("device to itself", {"rdma": [["rdma_en2", "rdma_en2"], ["rdma_en2", None]]}),
+    ("no device to a peer", {"rdma": [[None, None], ["rdma_en2", None]]}),
+    ("a flag", {"rdma": [[None, "--evil"], ["rdma_en2", None]]}),
+    ("a path", {"rdma": [[None, "rdma_../../x"], ["rdma_en2", None]]}),
+    ("a capital", {"rdma": [[None, "rdma_EN2"], ["rdma_en2", None]]}),
+    ("not a device", {"rdma": [[None, "en2"], ["rdma_en2", None]]}),
+    ("an empty cable list", {"rdma": [[None, []], ["rdma_en2", None]]}),
+    ("a number", {"rdma": [[None, 2], ["rdma_en2", None]]}),
+    ("coordinator a name", {"coordinator": "studio-1:32323"}),
+    ("coordinator no port", {"coordinator": "10.0.0.1"}),
+    ("coordinator port 0", {"coordinator": "10.0.0.1:0"}),
+    ("coordinator port too big", {"coordinator": "10.0.0.1:99999"}),
+    ("coordinator a flag", {"coordinator": "--x:1"}),
+    ("rdma on the ring", {"backend": "ring", "hostfile": [["10.0.0.1:1"], ["10.0.0.2:2"]]}),
+    ("a backend MLX has but we do not start", {"backend": "jaccl-ring"}),
+]
+
+
+def start_body(**changes) -> dict:
+    body = {"model": "m", "split": [1, 1], "rank": 1, "http_host": "10.0.0.1", "name": "t"}
+    return body | {"http_port": 18080} | JACCL | changes
+
+
+def test_start_rank_takes_a_jaccl_rank():
+    req = StartRank(**start_body())
+    assert (req.backend, req.rdma, req.coordinator) == ("jaccl", GOOD_RDMA, "10.0.0.1:32323")
+    lists = [[None, ["rdma_en2", "rdma_en3"]], [["rdma_en2", "rdma_en3"], None]]
+    assert StartRank(**start_body(rdma=lists)).rdma == lists  # two cables per pair
+
+
+@pytest.mark.parametrize("change", BAD_JACCL, ids=[c[0] for c in BAD_JACCL])
+def test_start_rank_refuses_bad_jaccl_requests(change):
+    with pytest.raises(ValidationError):
+        StartRank(**start_body(**change[1]))
+
+
+@pytest.mark.parametrize("backend", ["ring", "jaccl", "auto"])
+def test_hosts_file_backend(backend):
+    hosts = parse_hosts(f'backend = "{backend}"\n[[hosts]]\nname = "a"\naddress = "10.0.0.1"\n')
+    assert hosts.backend == backend
+
+
+def test_hosts_file_backend_defaults_to_auto():
+    assert parse_hosts('[[hosts]]\nname = "a"\naddress = "10.0.0.1"\n').backend == "auto"
