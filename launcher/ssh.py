@@ -1,10 +1,12 @@
 """Ranks on hosts without an agent, started over ssh the way mlx.launch does: one remote
-shell per rank that writes the hostfile, records its pid, and execs the rank entrypoint.
-The model folder must already be at the same path on that host (as mlx.launch assumes)."""
+shell per rank that writes the rank's files, records its pid, and execs the rank entrypoint.
+The model folder must already be at the same path on that host (as mlx.launch assumes).
+
+The launcher keeps each ssh client's stdin open: the first line on it is the heartbeat token
+(never on a command line), and its end, when the launcher goes, tells the rank to leave."""
 
 from __future__ import annotations
 
-import json
 import shlex
 import subprocess
 import sys
@@ -14,30 +16,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .agent_client import AgentError
-from .rankspec import RANK_MODULE, RankSpec
+from .rankenv import RankEnv, rank_env
+from .rankspec import (
+    HEARTBEAT_TOKEN_ENV,
+    PARENT_PID_ENV,
+    RANK_MODULE,
+    STDIN_LIFELINE_ENV,
+    RankSpec,
+)
 
 
-def rank_script(
-    rank: int,
-    world: int,
-    hostfile: list[list[str]],
-    python: str,
-    argv: list[str],
-    pidfile: str,
-) -> str:
-    """The remote shell script for one rank; every value is quoted."""
+def rank_script(env: RankEnv, python: str, argv: list[str], pidfile: str) -> str:
+    """The remote shell script for one rank; every value is quoted, and the token is read from
+    stdin into the environment."""
     script = f"echo $$ > {shlex.quote(pidfile)}; "
-    script += f"export MLX_RANK={rank} MLX_WORLD_SIZE={world}; "
-    if world > 1:
-        script += "f=$(mktemp); "
-        script += f'printf %s {shlex.quote(json.dumps(hostfile))} > "$f"; '
-        script += 'export MLX_HOSTFILE="$f"; '
+    script += f'IFS= read -r t; [ -z "$t" ] || export {HEARTBEAT_TOKEN_ENV}="$t"; '
+    paths = {}
+    for i, (name, content) in enumerate(env.files.items()):
+        script += f'f{i}=$(mktemp); printf %s {shlex.quote(content)} > "$f{i}"; '
+        paths[name] = f"$f{i}"
+    plain = {**env.env, STDIN_LIFELINE_ENV: "1"}
+    script += "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in plain.items())
+    script += "".join(f' {name}="{path}"' for name, path in paths.items())
+    script += f" {PARENT_PID_ENV}=$PPID; "  # sshd: the rank's parent once the shell execs it
     script += "exec " + " ".join(shlex.quote(a) for a in [python, *argv])
     return script
 
 
+def remote_env(p: dict) -> RankEnv:
+    """The environment of the rank an agent's start_rank request p asks for."""
+    return rank_env(
+        p["rank"],
+        len(p["split"]),
+        p.get("backend", "ring"),
+        p.get("hostfile") or None,
+        p.get("rdma"),
+        p.get("coordinator"),
+    )
+
+
 def rank_spec(p: dict) -> RankSpec:
-    """The rank an agent's start_rank request p asks for (ranks over ssh have no heartbeat)."""
+    """The rank an agent's start_rank request p asks for."""
+    beats = p.get("heartbeat_port")
+    host = f"[{p['http_host']}]" if ":" in p["http_host"] else p["http_host"]
     return RankSpec.for_split(
         p["model"],
         p["split"],
@@ -48,6 +69,8 @@ def rank_spec(p: dict) -> RankSpec:
         name=p["name"],
         backend=p.get("backend", "ring"),
         max_context=int(p["max_context"]) if p.get("max_context") else None,
+        heartbeat=f"{host}:{int(beats)}" if beats else None,
+        node=p.get("node"),
     )
 
 
@@ -80,13 +103,17 @@ class SshClient:
         run_id = uuid.uuid4().hex[:12]
         argv = ["-m", RANK_MODULE, *rank_spec(p).to_argv()]
         pidfile = f"/tmp/mlxdist-{run_id}.pid"
-        world = len(p["split"])
-        script = rank_script(p["rank"], world, p["hostfile"], self.python, argv, pidfile)
+        script = rank_script(remote_env(p), self.python, argv, pidfile)
         log = self.logs / f"{run_id}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                self._argv(script), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                self._argv(script), stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT
             )
+        try:  # held open from here on: the rank's lifeline
+            proc.stdin.write(f"{p.get('heartbeat_token') or ''}\n".encode())
+            proc.stdin.flush()
+        except OSError:
+            pass  # ssh already gone: ranks() reports it with its log
         self.runs.append(_Run(run_id, p["rank"], proc, log, pidfile))
         return {"id": run_id, "pid": proc.pid}
 
@@ -112,10 +139,21 @@ class SshClient:
             if r.proc.poll() is None:
                 pid = shlex.quote(r.pidfile)
                 kill = f"kill $(cat {pid}) 2>/dev/null; rm -f {pid}"
-                subprocess.run(self._argv(kill), capture_output=True, timeout=30)
+                subprocess.run(
+                    self._argv(kill), stdin=subprocess.DEVNULL, capture_output=True, timeout=30
+                )
         for r in self.runs:
+            _close(r.proc)  # a rank the kill missed leaves by its lifeline
             try:
                 r.proc.wait(10)
             except subprocess.TimeoutExpired:
                 r.proc.kill()
                 r.proc.wait()
+
+
+def _close(proc: subprocess.Popen) -> None:
+    try:
+        if proc.stdin:
+            proc.stdin.close()
+    except OSError:
+        pass

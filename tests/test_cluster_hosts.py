@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from conftest import ROOT
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 from netns import available, bridged_hosts, pids_in
+
+from launcher.rankspec import HEARTBEAT_TOKEN_ENV
 
 pytestmark = pytest.mark.cluster
 
@@ -260,13 +263,23 @@ def test_launch_from_a_hosts_file(cluster, tmp_path):
 
 STAND_IN_SSH = """#!/bin/sh
 # Stand-in for ssh (no sshd here): runs the remote command in the network namespace that the
-# destination names, as ssh would run it in the remote host's shell.
+# destination names, as ssh would run it in the remote host's shell. Not exec'd: as over ssh, the
+# rank is no child of the launcher, and its stdin is the one the launcher holds.
 while [ "$1" != "--" ]; do shift; done
 shift
 host="${1#*@}"
 shift
-exec ip netns exec "$host" sh -c "$1"
+ip netns exec "$host" sh -c "$1"
 """
+
+
+def stand_in_ssh(folder: Path) -> str:
+    """A PATH with the ssh stand-in first."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(STAND_IN_SSH)
+    (bin_dir / "ssh").chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
 
 
 def test_tensor_launch_across_two_hosts_equals_two_local_ranks(cluster, tiny_r1, tmp_path):
@@ -317,17 +330,54 @@ def test_launch_over_ssh_where_no_agent_runs(cluster, tmp_path):
     hosts, _, env, out, _ = cluster
     if not hosts[0].name:
         pytest.skip("the ssh stand-in runs commands in network namespaces")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "ssh").write_text(STAND_IN_SSH)
-    (bin_dir / "ssh").chmod(0o755)
-    hosts_file = write_hosts_file(
-        tmp_path,
-        hosts[1:],
-        lambda m: ["agent_port = 52999", f'ssh = "root@{m.name}"', "memory_gb = 24"],
-    )
-    done = launch_from(hosts[0], out, hosts_file, dict(env, PATH=f"{bin_dir}:{env['PATH']}"))
+    hosts_file = ssh_hosts_file(tmp_path, hosts[1:])
+    done = launch_from(hosts[0], out, hosts_file, dict(env, PATH=stand_in_ssh(tmp_path)))
     print(done.stderr[-2000:])
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip("\n") == reference_text(out)
     assert_no_rank_left(hosts)
+
+
+def ssh_hosts_file(folder: Path, machines) -> Path:
+    """A hosts.toml whose hosts run no agent: their ranks start over ssh."""
+    fields = ["agent_port = 52999", "memory_gb = 24"]
+    return write_hosts_file(folder, machines, lambda m: [*fields, f'ssh = "root@{m.name}"'])
+
+
+def test_ssh_ranks_beat_and_leave_with_a_killed_launcher(cluster, tmp_path):
+    """Ranks over ssh beat to rank 0 (the token in their environment, on no command line), and
+    when the launcher is killed with SIGKILL, its ssh clients' stdin closes and every rank leaves,
+    though no parent of theirs died."""
+    hosts, _, env, out, _ = cluster
+    if not hosts[0].name:
+        pytest.skip("the ssh stand-in runs commands in network namespaces")
+    env = dict(env, PATH=stand_in_ssh(tmp_path), TMPDIR=str(tmp_path))  # ssh logs land here
+    args = cli("serve", str(out), "--hosts", str(ssh_hosts_file(tmp_path, hosts[1:])))
+    with open(tmp_path / "launcher.log", "wb") as log:
+        launcher = subprocess.Popen(
+            hosts[0].cmd(*args), env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=log
+        )
+    try:
+        line, deadline = "", time.monotonic() + 300
+        while not line.startswith("serving") and launcher.poll() is None:
+            left = deadline - time.monotonic()
+            if left > 0 and select.select([launcher.stdout], [], [], left)[0]:
+                line = launcher.stdout.readline().decode()
+            else:
+                break
+        assert line.startswith("serving"), (tmp_path / "launcher.log").read_text()[-3000:]
+        ranks = [psutil.Process(p) for p in rank_processes(hosts)]
+        ranks = [p for p in ranks if p.cmdline()[1:3] == ["-m", "mlxdist.rank"]]  # not ssh's
+        assert len(ranks) == 3
+        commands = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])]
+        for p in ranks:
+            assert "--heartbeat" in p.cmdline()
+            token = p.environ()[HEARTBEAT_TOKEN_ENV]
+            assert len(token) == 32 and not any(token in c for c in commands)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert_no_rank_left(hosts)
+    logs = [p.read_text() for p in tmp_path.glob("mlxdist-ssh-*/*.log")]
+    assert len(logs) == 3
+    assert any("leaving: its stdin closed" in text for text in logs), logs

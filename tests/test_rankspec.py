@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shlex
 from dataclasses import replace
 from pathlib import Path
@@ -133,18 +134,33 @@ class _Popen:
     def __init__(self, args, **_):
         self.args = args
         self.pid = 4242
+        self.stdin = io.BytesIO()  # what an ssh starter writes to its remote shell
 
     def poll(self):
         return None
 
 
+class _Started(list):
+    """Each command line started; stdin: what was written to each one's stdin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stdin: list[io.BytesIO] = []
+
+    def clear(self) -> None:
+        super().clear()
+        self.stdin.clear()
+
+
 @pytest.fixture
 def started(monkeypatch):
-    calls: list[list[str]] = []
+    calls = _Started()
 
     def popen(args, **kw):
         calls.append(list(args))
-        return _Popen(args, **kw)
+        proc = _Popen(args, **kw)
+        calls.stdin.append(proc.stdin)
+        return proc
 
     monkeypatch.setattr("subprocess.Popen", popen)
     return calls
@@ -224,7 +240,7 @@ def test_every_starter_gives_the_spec_of_the_request(starter, fields, started, t
         assert spec == expected
 
 
-def test_agent_and_ssh_carry_max_context_and_the_agent_its_heartbeat(started, tmp_path):
+def test_agent_and_ssh_carry_max_context_and_their_heartbeat(started, tmp_path):
     req = {"model": "/models/tiny", "split": [2, 2], "http_host": "10.0.0.1"}
     req |= {"http_port": 18080, "name": "tiny", "max_context": 4096}
     expected = RankSpec("/models/tiny", split=(2, 2), name="tiny", host="10.0.0.1", port=18080)
@@ -233,5 +249,12 @@ def test_agent_and_ssh_carry_max_context_and_the_agent_its_heartbeat(started, tm
     assert RankSpec.from_argv(ssh0) == RankSpec.from_argv(ssh1) == expected
     started.clear()
     beats = {"heartbeat_port": 18081, "heartbeat_token": "ab" * 16, "node": "mac-1"}
+    beating = replace(expected, heartbeat="10.0.0.1:18081", node="mac-1")
     [agent0, _] = agent_argv(started, tmp_path, req | beats)
-    assert RankSpec.from_argv(agent0) == replace(expected, heartbeat="10.0.0.1:18081", node="mac-1")
+    assert RankSpec.from_argv(agent0) == beating
+    started.clear()
+    [ssh0, _] = ssh_argv(started, tmp_path, req | beats)
+    assert RankSpec.from_argv(ssh0) == beating
+    # The token reaches the remote shell on its stdin, never on a command line.
+    assert not any("ab" * 16 in word for call in started for word in call)
+    assert [w.getvalue() for w in started.stdin] == [b"ab" * 16 + b"\n"] * 2
