@@ -18,7 +18,8 @@ class ChipSpec:
 
 # Peak memory bandwidth as Apple's product and tech-spec pages state it (Mac Studio, Mac mini,
 # MacBook Pro; the M3 Max with the 30-core GPU is the binned part, the M4 Max with the 32-core GPU
-# likewise). Thunderbolt generation from the same pages.
+# likewise; the Pro and plain chips as in the MacBook Pro, Mac mini and iMac). Thunderbolt
+# generation from the same pages.
 CHIPS: dict[str, ChipSpec] = {
     c.name: c
     for c in (
@@ -32,6 +33,13 @@ CHIPS: dict[str, ChipSpec] = {
         ChipSpec("M4 Max", 546 * GB, 5),
         ChipSpec("M4 Max 32c", 410 * GB, 5),
         ChipSpec("M4 Pro", 273 * GB, 5),
+        ChipSpec("M1 Pro", 200 * GB, 4),
+        ChipSpec("M2 Pro", 200 * GB, 4),
+        ChipSpec("M3 Pro", 150 * GB, 4),
+        ChipSpec("M1", 68.25 * GB, 4),
+        ChipSpec("M2", 100 * GB, 4),
+        ChipSpec("M3", 100 * GB, 4),
+        ChipSpec("M4", 120 * GB, 4),
     )
 }
 DEFAULT_CHIP = "M2 Ultra"  # an unnamed node up to 192 GB (the Mac Studio this project targets)
@@ -39,10 +47,11 @@ DEFAULT_BIG_CHIP = "M3 Ultra"  # an unnamed node above 192 GB: only the M3 Ultra
 
 
 def chip(name: str | ChipSpec) -> ChipSpec:
-    """A chip by name, spelt as on Apple's pages or squashed: "M3 Ultra", "m3ultra", "M3Ultra"."""
+    """A chip by name, spelt as on Apple's pages, as `sysctl machdep.cpu.brand_string` gives it
+    ("Apple M3 Ultra") or squashed: "M3 Ultra", "apple  m3 ultra", "m3ultra", "M3Ultra"."""
     if isinstance(name, ChipSpec):
         return name
-    key = _squash(name)
+    key = _squash(name).removeprefix("apple")
     for c in CHIPS.values():
         if _squash(c.name) == key:
             return c
@@ -50,11 +59,24 @@ def chip(name: str | ChipSpec) -> ChipSpec:
 
 
 def chip_of_node_name(name: str) -> ChipSpec | None:
-    """The chip a --simulate name such as "m3ultra" or "M4Pro" spells, if any."""
+    """The chip a --simulate name such as "m3ultra" or "M4Pro" (or a brand string such as
+    "Apple M3 Ultra") spells, if any."""
     try:
         return chip(name)
     except ValueError:
         return None
+
+
+def reported_chip(brand: str) -> tuple[str | None, str | None]:
+    """A node's reported chip (its brand string) as (the table's name, a note when unknown).
+    An empty brand says nothing, so it gets no note; any other name not in the table is noted,
+    never dropped silently."""
+    if not brand.strip():
+        return None, None
+    known = chip_of_node_name(brand)
+    if known is not None:
+        return known.name, None
+    return None, f"chip {brand.strip()!r} is not in launcher/chips.py"
 
 
 def default_chip(memory_bytes: int) -> ChipSpec:

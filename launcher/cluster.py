@@ -150,11 +150,10 @@ def _print_setup(setup: dict[str, list[str]], console) -> None:
 
 
 def _specs(nodes: list[Node]) -> list[NodeSpec]:
-    """What the planner needs of each node: its name and memory."""
-    return [
-        NodeSpec(n.name, int(n.facts.get("memory_total", 0)), n.facts.get("memory_available"))
-        for n in nodes
-    ]
+    """What the planner needs of each node: its name, memory, chip and GPU memory limit."""
+    from launcher.planner import node_spec_from_facts
+
+    return [node_spec_from_facts(n.name, n.facts) for n in nodes]
 
 
 def choose_split(model: Path, nodes: list[Node], context: int) -> list[int]:

@@ -39,7 +39,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .chips import ChipSpec, chip, default_chip
+from .chips import ChipSpec, chip, chip_of_node_name, default_chip
 from .planner import ModelSpec, NodeSpec, kv_bytes_per_token_per_layer
 from .rankspec import PARALLEL
 
@@ -77,10 +77,11 @@ LINKS: dict[str, LinkSpec] = {
 
 
 def node_chip(node: str | ChipSpec | NodeSpec) -> ChipSpec:
+    """A node's chip; one that reports no chip, or one not in the table (the planner notes it),
+    is taken by its memory (chips.default_chip)."""
     if isinstance(node, NodeSpec):
-        if node.chip is not None:
-            return chip(node.chip)
-        return default_chip(node.memory_total)
+        known = chip_of_node_name(node.chip) if node.chip else None
+        return known or default_chip(node.memory_total)
     return chip(node)
 
 
@@ -152,10 +153,12 @@ def bytes_per_token(
     group_size: int | None = None,
     mode: str = "affine",
     recipe: str | None = None,
+    quantize: bool = True,
 ) -> ActiveBytes:
     """Built as quantize.estimate does: mlx-lm's model made lazily from config.json alone,
-    quantised lazily with the conversion's own predicate, each parameter's bytes summed; routed
-    experts (SwitchGLU's stacked weights) count num_experts_per_tok / experts of their bytes."""
+    quantised lazily with the conversion's own predicate (quantize=False: as stored, for a
+    folder launched unquantised), each parameter's bytes summed; routed experts (SwitchGLU's
+    stacked weights) count num_experts_per_tok / experts of their bytes."""
     from quantize.checkpoint import layer_of
     from quantize.estimate import stored_parameters
 
@@ -164,7 +167,9 @@ def bytes_per_token(
     n_layers = config["num_hidden_layers"]
     parts = [dict(attention=0, mlp=0, routed=0, experts=0, replicated=0) for _ in range(n_layers)]
     embed = head = 0
-    stored = stored_parameters(config, bits=bits, group_size=group_size, mode=mode, recipe=recipe)
+    stored = stored_parameters(
+        config, bits=bits, group_size=group_size, mode=mode, recipe=recipe, quantize=quantize
+    )
     for name, v, n in stored:
         layer = layer_of(name)
         if layer is None:

@@ -9,6 +9,12 @@ Decisions, in one place:
   Every figure the planner prints is in GB of 10**9 bytes, as the rest of mlxdist.
 - Headroom, for macOS and other apps, defaults to 10% of each node's memory; a value of 1 or
   more is bytes. It is taken from the available memory when a node reports one, else the total.
+- GPU memory: a node with a GPU limit (launcher/gpumem.py: the iogpu wired limit in force, else
+  Metal's recommended working set, else an estimate from its memory) has for usable memory the
+  smaller of that limit and its memory less the headroom. A plan that fits only above the limits
+  does not fit; its message says so and gives the `sudo sysctl iogpu.wired_limit_mb=N` per node
+  (N: the node's memory less the headroom) that would make it fit (Plan.raise_wired).
+- A node whose reported chip is not in launcher/chips.py is named in the plan's notes.
 - A node too small for even one layer makes the plan "does not fit", naming it; with
   drop_small=True it is left out instead, but only when the model then fits without it.
 - The split minimises, lexicographically, the nodes' fill ratios (load / usable memory) sorted
@@ -25,10 +31,18 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from launcher.chips import chip_of_node_name
+from launcher.chips import chip_of_node_name, default_chip, reported_chip
+from launcher.gpumem import (
+    ESTIMATE,
+    estimated_working_set,
+    gpu_limit,
+    sysctl_command,
+    wired_limit_mb_to_fit,
+)
 from launcher.rankspec import PREFILL_CHUNK
 from quantize.checkpoint import layer_of, read_config, safetensors_header, weight_map
 from quantize.units import is_routed_expert
@@ -54,7 +68,10 @@ class NodeSpec:
     name: str
     memory_total: int  # bytes
     memory_available: int | None = None  # bytes, when the node reports it
-    chip: str | None = None  # e.g. "M3 Ultra", for the performance model (launcher/perfmodel.py)
+    # e.g. "M3 Ultra" or "Apple M3 Ultra", for the performance model (launcher/perfmodel.py)
+    chip: str | None = None
+    gpu_limit: int | None = None  # bytes Metal lets the GPU hold; None: no limit (no Metal)
+    gpu_limit_from: str = ""  # launcher.gpumem: WIRED, METAL or ESTIMATE
 
     @property
     def memory_bytes(self) -> int:
@@ -62,8 +79,9 @@ class NodeSpec:
         return self.memory_available if self.memory_available is not None else self.memory_total
 
     def usable_bytes(self, headroom: float = DEFAULT_HEADROOM) -> int:
-        """What the node has less the headroom."""
-        return self.memory_bytes - headroom_bytes(self, headroom)
+        """What the node has less the headroom, and no more than its GPU limit."""
+        usable = self.memory_bytes - headroom_bytes(self, headroom)
+        return usable if self.gpu_limit is None else min(usable, self.gpu_limit)
 
 
 @dataclass(frozen=True)
@@ -111,6 +129,8 @@ class NodePlan:
     free_bytes: int  # usable_bytes - total_bytes; negative when short
     experts: int | None = None  # expert mode: how many routed experts it holds
     activation_bytes: int | None = None  # expert mode: a prefill step's activations
+    gpu_limit_bytes: int | None = None  # Metal's limit on the node, when it has one
+    gpu_limit_from: str = ""  # launcher.gpumem: WIRED, METAL or ESTIMATE
 
 
 @dataclass(frozen=True)
@@ -127,6 +147,8 @@ class Plan:
     dropped: list[str] = field(default_factory=list)
     parallel: str = "pipeline"  # or "expert": then split is [all layers] on every node
     experts: list[int] = field(default_factory=list)  # expert mode: routed experts per node
+    notes: list[str] = field(default_factory=list)  # e.g. a node's chip not in the chip table
+    raise_wired: dict[str, int] = field(default_factory=dict)  # node -> wired_limit_mb to fit
 
 
 # --- the model's side ---------------------------------------------------------------------------
@@ -283,6 +305,21 @@ def plan(
     if context < 0 or batch < 1:
         raise ValueError("context must be 0 or more tokens and batch at least 1")
     ranked = _in_order(nodes, order)
+
+    def planned(these: list[NodeSpec]) -> Plan:
+        return _plan_pipeline(these, model, context, batch, headroom, drop_small)
+
+    return _within_gpu_limits(planned, ranked, headroom)
+
+
+def _plan_pipeline(
+    ranked: list[NodeSpec],
+    model: ModelSpec,
+    context: int,
+    batch: int,
+    headroom: float,
+    drop_small: bool,
+) -> Plan:
     first = _plan_ranked(ranked, model, context, batch, headroom)
     if first.fits or not drop_small:
         return first
@@ -339,6 +376,8 @@ def _plan_ranked(
                 memory_bytes=node.memory_bytes,
                 usable_bytes=usable[r],
                 free_bytes=usable[r] - weights - kv,
+                gpu_limit_bytes=node.gpu_limit,
+                gpu_limit_from=node.gpu_limit_from,
             )
         )
         start += n
@@ -385,6 +424,87 @@ def best_split(layer_cost: list[int], fixed: list[int], usable: list[int]) -> li
     return best[n][1]
 
 
+# --- GPU limits and notes -----------------------------------------------------------------------
+
+
+def _within_gpu_limits(planned, nodes: list[NodeSpec], headroom: float) -> Plan:
+    """planned(nodes), with the nodes' notes; when it does not fit but would above the GPU
+    limits, its message says so and raise_wired holds the sysctl per node that makes it fit."""
+    result = planned(nodes)
+    notes = chip_notes(nodes)
+    if result.fits or all(n.gpu_limit is None for n in nodes):
+        return replace(result, notes=notes)
+    unlimited = planned([replace(n, gpu_limit=None) for n in nodes])
+    if not unlimited.fits:
+        return replace(result, notes=notes)
+    by_name = {n.name: n for n in nodes}
+    raise_wired = {
+        row.name: wired_limit_mb_to_fit(
+            by_name[row.name].memory_total, headroom_bytes(by_name[row.name], headroom)
+        )
+        for row in unlimited.nodes
+        if by_name[row.name].gpu_limit is not None and row.total_bytes > by_name[row.name].gpu_limit
+    }
+    over = [row for row in unlimited.nodes if row.name in raise_wired]
+    needs = "; ".join(
+        f"{row.name} needs {row.total_bytes / 1e9:.1f} GB, limit "
+        f"{by_name[row.name].gpu_limit / 1e9:.1f} GB{_limit_from(by_name[row.name])}"
+        for row in over
+    )
+    commands = "; ".join(
+        f"{sysctl_command(mb)} on {', '.join(n for n, m in raise_wired.items() if m == mb)}"
+        for mb in sorted(set(raise_wired.values()))
+    )
+    message = (
+        f"does not fit under the GPU memory limits ({needs}); raise them (until restart) "
+        f"and it fits: {commands}"
+    )
+    return replace(result, message=message, notes=notes, raise_wired=raise_wired)
+
+
+def _limit_from(node: NodeSpec) -> str:
+    return " (est.)" if node.gpu_limit_from == ESTIMATE else ""
+
+
+def chip_notes(nodes: list[NodeSpec]) -> list[str]:
+    """One note per node whose reported chip is not in the chip table (never dropped silently)."""
+    notes = []
+    for n in nodes:
+        _, note = reported_chip(n.chip or "")
+        if note:
+            assumed = default_chip(n.memory_total).name
+            notes.append(f"{n.name}: {note}; the performance model assumes {assumed}")
+    return notes
+
+
+def node_spec_from_facts(name: str, facts: Mapping) -> NodeSpec:
+    """What the planner needs of a node from its facts (HostFacts.to_dict(), or only the memory
+    for a host without an agent): memory, the chip it reports, and its GPU limit (none on a
+    node that reports another OS than macOS: MLX runs there without Metal)."""
+    total = int(facts.get("memory_total", 0))
+    available = facts.get("memory_available")
+    os_name = str(facts.get("os", ""))
+    node = NodeSpec(
+        name,
+        total,
+        None if available is None else int(available),
+        chip=str(facts.get("chip", "")).strip() or None,
+    )
+    if os_name and not os_name.startswith("macOS"):
+        return node
+    limit, source = gpu_limit(
+        total, int(facts.get("wired_limit_mb") or 0), int(facts.get("gpu_working_set") or 0)
+    )
+    return replace(node, gpu_limit=limit, gpu_limit_from=source)
+
+
+def with_estimated_gpu_limit(node: NodeSpec) -> NodeSpec:
+    """A node given by hand (--simulate, hosts.toml memory_gb): its GPU limit estimated."""
+    return replace(
+        node, gpu_limit=estimated_working_set(node.memory_total), gpu_limit_from=ESTIMATE
+    )
+
+
 # --- expert parallelism -------------------------------------------------------------------------
 
 
@@ -410,6 +530,16 @@ def plan_experts(
             f"cannot share {model.num_experts} experts over {len(ranked)} nodes: "
             f"use at most {model.num_experts}"
         )
+
+    def planned(these: list[NodeSpec]) -> Plan:
+        return _plan_experts(these, model, context, batch, headroom)
+
+    return _within_gpu_limits(planned, ranked, headroom)
+
+
+def _plan_experts(
+    ranked: list[NodeSpec], model: ModelSpec, context: int, batch: int, headroom: float
+) -> Plan:
     kv = model.kv_bytes_per_token_per_layer * context * batch * model.num_layers
     act = activation_bytes_at(model.activation, context, batch)
     fixed = model.replicated_bytes + kv + act
@@ -433,6 +563,8 @@ def plan_experts(
                 free_bytes=usable[r] - total,
                 experts=c,
                 activation_bytes=act,
+                gpu_limit_bytes=node.gpu_limit,
+                gpu_limit_from=node.gpu_limit_from,
             )
         )
     shortfalls = {row.name: -row.free_bytes for row in rows if row.free_bytes < 0}
@@ -541,6 +673,11 @@ def parse_simulate(spec: str) -> list[NodeSpec]:
     return nodes
 
 
+def simulated_nodes(spec: str) -> list[NodeSpec]:
+    """parse_simulate's nodes as Macs: each with its GPU limit estimated from its memory."""
+    return [with_estimated_gpu_limit(n) for n in parse_simulate(spec)]
+
+
 # --- plan files ---------------------------------------------------------------------------------
 
 
@@ -558,5 +695,7 @@ def plan_to_json(p: Plan) -> dict:
         "context": p.context,
         "batch": p.batch,
         "dropped": list(p.dropped),
+        "notes": list(p.notes),
+        "raise_wired": dict(p.raise_wired),
         "nodes": [asdict(row) for row in p.nodes],
     }

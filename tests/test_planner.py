@@ -647,12 +647,12 @@ def test_expert_plan_json_round_trip_and_quantize_reads_it(tmp_path, r1_4bit):
 
 
 def test_plan_command_expert_table(capsys):
-    assert plan_command(str(R1_CONFIG), None, "4x128GB", 4096, 1, 4, False, parallel="expert") == 0
+    assert plan_command(str(R1_CONFIG), None, "6x192GB", 4096, 1, 4, False, parallel="expert") == 0
     out = capsys.readouterr().out
     print(out)
-    for col in ("experts", "weights GB", "KV GB", "act. GB", "total GB", "free GB"):
+    for col in ("experts", "weights GB", "KV GB", "act. GB", "total GB", "GPU limit GB", "free GB"):
         assert col in out
-    assert re.search(r"│ +64 │", out) and "experts 64,64,64,64: fits" in out
+    assert re.search(r"│ +43 │", out) and "experts 43,43,43,43,42,42: fits" in out
     assert "expert" in out.split("predicted decode")[1]  # the performance model's expert mode
     assert "pipeline (this split)" not in out
 
@@ -672,21 +672,21 @@ def test_plan_command_expert_does_not_fit_returns_1(capsys):
 
 
 def test_pipeline_plan_prints_the_expert_rows_memory_as_the_expert_planner_counts_it(capsys):
-    # 4 x 106 GB, 102.4 GB usable each: the pipeline fits (94.4 GB a node on average); expert
-    # mode needs FIXED + 64 experts = 105.6 GB on every node
-    assert plan_command(str(R1_CONFIG), None, "4x106GB", 4096, 1, 4, True) == 0
+    # 4 x 128 GB under Metal's working set, 96 GiB = 103.1 GB usable each: the pipeline fits
+    # (94.4 GB a node on average); expert mode needs FIXED + 64 experts = 105.6 GB on every node
+    assert plan_command(str(R1_CONFIG), None, "4x128GB", 4096, 1, 4, True) == 0
     modes = json.loads(capsys.readouterr().out)["prediction"]["modes"]
     assert modes["pipeline"]["fits"] is True and modes["expert"]["fits"] is False
 
 
 def test_mlxdist_plan_parallel_expert_command():
-    args = ("plan", str(R1_CONFIG), "--simulate", "4x128GB", "--json")
+    args = ("plan", str(R1_CONFIG), "--simulate", "6x192GB", "--json")
     result = run_cli(*args, "--parallel", "expert")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["experts"] == [64] * 4
+    assert json.loads(result.stdout)["experts"] == [43, 43, 43, 43, 42, 42]
     wrong = run_cli(*args, "--parallel", "experts")
     assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
-    assert wrong.stderr.strip() == "error: --parallel 'experts' must be pipeline or expert"
+    assert wrong.stderr.strip() == "error: --parallel 'experts' must be auto, pipeline or expert"
 
 
 def test_tensor_launch_check_uses_the_planners_headroom(tiny_r1):

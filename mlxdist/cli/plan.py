@@ -29,7 +29,9 @@ def plan_cmd(
     bits: int = typer.Option(4, help="width planned for a model not yet quantised"),
     as_json: bool = typer.Option(False, "--json", help="the plan as JSON (for quantize --plan)"),
     link: str = typer.Option("tb5", help="link for the prediction: tb5, tb4 or rdma"),
-    parallel: str = typer.Option("pipeline", help="pipeline (layers) or expert (routed experts)"),
+    parallel: str = typer.Option(
+        "auto", help="auto (the mode predicted fastest), pipeline (layers) or expert (experts)"
+    ),
 ) -> None:
     """Plan who holds what: layers (or experts) per node weighted by memory."""
     try:
@@ -54,7 +56,7 @@ def plan_cmd(
 def nodes_from_hosts(path: str | Path) -> list[NodeSpec]:
     """Nodes in rank order from a hosts.toml, each with its memory_gb (GB as Apple sells them)."""
     from launcher.hosts import read_hosts
-    from launcher.planner import GIB, NodeSpec
+    from launcher.planner import GIB, NodeSpec, with_estimated_gpu_limit
 
     nodes = []
     for h in read_hosts(path).hosts:
@@ -63,7 +65,7 @@ def nodes_from_hosts(path: str | Path) -> list[NodeSpec]:
                 f"host {h.name} has no memory_gb in {path}: until mlxdist agents report memory, "
                 "planning needs it, e.g. memory_gb = 192"
             )
-        nodes.append(NodeSpec(h.name, int(h.memory_gb * GIB)))
+        nodes.append(with_estimated_gpu_limit(NodeSpec(h.name, int(h.memory_gb * GIB))))
     return nodes
 
 
@@ -98,20 +100,22 @@ def plan_command(
     interfaces: list[str] | None = None,
 ) -> int:
     """Prints the plan (layers per node, or experts per node with parallel="expert") and the
-    predicted decode speed over `link` (tb5, tb4 or rdma); 0 when the model fits, 1 when it
-    does not. Faults raise ValueError."""
+    predicted decode speed over `link` (tb5, tb4 or rdma); with parallel="auto" also the mode
+    predicted fastest (launcher/autoparallel.py), and the plan of that mode (a tensor choice
+    shows the pipeline's table beside it). 0 when the model fits, 1 when it does not. Faults
+    raise ValueError."""
     from launcher import perfmodel
     from launcher.planner import (
         model_spec_from_folder,
-        parse_simulate,
         plan,
         plan_experts,
         plan_to_json,
+        simulated_nodes,
     )
     from quantize.checkpoint import CheckpointError
 
-    if parallel not in ("pipeline", "expert"):
-        raise ValueError(f"--parallel {parallel!r} must be pipeline or expert")
+    if parallel not in ("auto", "pipeline", "expert"):
+        raise ValueError(f"--parallel {parallel!r} must be auto, pipeline or expert")
     if sum(x is not None for x in (hosts, simulate, cluster)) != 1:
         raise ValueError(
             "give exactly one of --hosts FILE and --simulate, e.g. --simulate 6x192GB, "
@@ -121,23 +125,59 @@ def plan_command(
     if cluster is not None:
         nodes = nodes_from_cluster(cluster, interfaces or [])
     else:
-        nodes = nodes_from_hosts(hosts) if hosts is not None else parse_simulate(simulate)
+        nodes = nodes_from_hosts(hosts) if hosts is not None else simulated_nodes(simulate)
     try:
         spec = model_spec_from_folder(model, bits=bits)
     except CheckpointError as e:
         raise ValueError(str(e)) from None
-    planner = plan_experts if parallel == "expert" else plan
+    choice = (
+        auto_choice(model, bits, nodes, spec, link, context, batch) if parallel == "auto" else None
+    )
+    mode = choice.mode if choice else parallel
+    planner = plan_experts if mode == "expert" else plan
     result = planner(nodes, spec, context=context, batch=batch)
     forecast = predict_for_plan(model, bits, nodes, spec, result, link)
+    fits = result.fits
+    if choice is not None and mode == "tensor":
+        fits = next(o.fits for o in choice.outcomes if o.mode == "tensor")
     if as_json:
-        print(json.dumps({**plan_to_json(result), "prediction": forecast}, indent=2))
+        extra = {"choice": {"mode": mode, "line": choice.line}} if choice else {}
+        print(json.dumps({**plan_to_json(result), "prediction": forecast, **extra}, indent=2))
     else:
         console = Console()
         if not console.is_terminal:
             console.width = 100  # a pipe or a log: no terminal to fit
         print_plan(result, console)
         print_prediction(forecast, console)
-    return 0 if result.fits else 1
+        for note in result.notes:
+            console.print(f"note: {note}", soft_wrap=True, highlight=False)
+        if choice is not None:
+            console.print(choice.line, soft_wrap=True, highlight=False)
+    return 0 if fits else 1
+
+
+def auto_choice(
+    model: str,
+    bits: int,
+    nodes: list[NodeSpec],
+    spec: ModelSpec,
+    link: str,
+    context: int,
+    batch: int,
+):
+    """The mode `--parallel auto` picks for these nodes over `link`; None when the model's
+    architecture cannot be built to count its bytes (the plan then stays a pipeline)."""
+    from launcher import perfmodel
+    from launcher.autoparallel import choose_parallel, tensor_refusal
+    from quantize.checkpoint import CheckpointError, read_config
+
+    try:
+        config = read_config(model)
+        active = perfmodel.bytes_per_token(config, bits=bits)
+    except (CheckpointError, ValueError, KeyError, ImportError):
+        return None
+    refusal = tensor_refusal(config, len(nodes))
+    return choose_parallel(nodes, spec, active, link, context, batch, tensor_refusal=refusal)
 
 
 def predict_for_plan(
@@ -148,6 +188,7 @@ def predict_for_plan(
     without a chip take perfmodel's default for their memory. {"error": ...} when the model's
     architecture cannot be built to count its bytes."""
     from launcher import perfmodel
+    from launcher.chips import chip_of_node_name
     from launcher.planner import plan_experts
     from quantize.checkpoint import CheckpointError, read_config
 
@@ -177,7 +218,7 @@ def predict_for_plan(
                 kv //= len(ranked)
             fits = all(held + kv <= row.usable_bytes for row in p.nodes)
         modes[mode] = {
-            "tokens_per_s": round(pred.tokens_per_s, 2),
+            "tokens_per_s": pred.tokens_per_s,
             "seconds_per_token": pred.seconds_per_token,
             "comm_seconds": pred.comm_seconds,
             "messages": pred.messages,
@@ -197,7 +238,7 @@ def predict_for_plan(
                 "name": n.name,
                 "chip": c.name,
                 "bandwidth_gb_s": c.bandwidth / 1e9,
-                "assumed": n.chip is None,
+                "assumed": chip_of_node_name(n.chip or "") is None,
             }
             for n, c in zip(ranked, chips)
         ],
@@ -207,6 +248,17 @@ def predict_for_plan(
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.1f}"
+
+
+def _gpu_limit(row) -> str:
+    """The node's GPU limit, marked where it comes from: "est." (from its memory), "wired"
+    (sudo sysctl iogpu.wired_limit_mb), nothing for Metal's own figure; "-" without Metal."""
+    from launcher.gpumem import ESTIMATE, WIRED
+
+    if row.gpu_limit_bytes is None:
+        return "-"
+    mark = {ESTIMATE: " est.", WIRED: " wired"}.get(row.gpu_limit_from, "")
+    return _gb(row.gpu_limit_bytes) + mark
 
 
 def print_plan(p: Plan, console: Console) -> None:
@@ -222,19 +274,20 @@ def print_plan(p: Plan, console: Console) -> None:
         )
         caption = (
             f"GB = 10^9 bytes; every node holds every layer and the whole KV cache; memory "
-            f"is what each node has less {DEFAULT_HEADROOM:.0%} headroom"
+            f"is what each node has less {DEFAULT_HEADROOM:.0%} headroom, at most its GPU limit"
         )
         share, counts = "experts", p.experts
     else:
         title = f"{p.model}: {sum(p.split)} layers, {p.context} tokens of context x {p.batch}"
         caption = (
             f"GB = 10^9 bytes; memory is what each node has less "
-            f"{DEFAULT_HEADROOM:.0%} headroom for macOS and other apps"
+            f"{DEFAULT_HEADROOM:.0%} headroom for macOS and other apps, at most its GPU limit "
+            "(Metal's working set; est. = estimated from memory)"
         )
         share, counts = "layers", p.split
     table = Table(title=title, show_edge=False, pad_edge=False, caption=caption)
     columns = ["rank", "node", share, "weights GB", "KV GB"]
-    columns += ["act. GB"] * expert + ["total GB", "memory GB", "free GB"]
+    columns += ["act. GB"] * expert + ["total GB", "memory GB", "GPU limit GB", "free GB"]
     for col in columns:
         if col == "node":
             table.add_column(col, overflow="fold")
@@ -246,7 +299,8 @@ def print_plan(p: Plan, console: Console) -> None:
         cells += [_gb(row.weights_bytes), f"{row.kv_bytes / 1e9:.2f}"]
         if expert:
             cells.append(f"{row.activation_bytes / 1e9:.2f}")
-        cells += [_gb(row.total_bytes), _gb(row.usable_bytes), _gb(row.free_bytes)]
+        cells += [_gb(row.total_bytes), _gb(row.usable_bytes), _gpu_limit(row)]
+        cells.append(_gb(row.free_bytes))
         table.add_row(*cells, style=None if row.free_bytes >= 0 else "red")
     console.print(table)
     line = f"{'experts' if expert else 'split'} {','.join(map(str, counts))}: {p.message}"
