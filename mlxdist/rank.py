@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlx.core as mx
 
     from mlxdist.runtime.lockstep import cut_sums
+    from mlxdist.runtime.wired import set_recommended_wired_limit
     from quantize.checkpoint import CheckpointError
     from quantize.memory import peak_rss
 
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     base = peak_rss()
     t0 = time.perf_counter()
+    set_recommended_wired_limit()  # as mlx-lm: weights stay wired, not paged (no-op without Metal)
     try:
         runner = _load(spec, group)
     except CheckpointError as e:
