@@ -400,3 +400,117 @@ def test_hosts_file_backend(backend):
 
 def test_hosts_file_backend_defaults_to_auto():
     assert parse_hosts('[[hosts]]\nname = "a"\naddress = "10.0.0.1"\n').backend == "auto"
+
+
+# ---- through a real agent: the hostfile names hosts.toml's ssh destination ----
+
+# argv: root, port, the interpreter the agent starts ranks with
+AGENT = """
+import sys
+from pathlib import Path
+from launcher.agent import create_agent_app, serve_agent
+from launcher.secret import load_secret
+
+root = Path(sys.argv[1])
+app = create_agent_app(
+    load_secret(root / "secret"), root / "models", lambda: {"hostname": "stand-in"},
+    python=sys.argv[3], runs_dir=root / "runs",
+)
+serve_agent(app, ["127.0.0.1", "127.0.0.2"], int(sys.argv[2]), log_level="warning")
+"""
+
+
+@pytest.mark.cluster  # an agent process, and the (stand-in) ranks it starts
+def test_start_remote_over_jaccl_through_an_agent(tmp_path):
+    """Two hosts of a hosts.toml (one with an ssh destination) served by one real agent on two
+    loopback addresses; the ranks it starts sleep in place of a rank, since jaccl needs a Mac."""
+    from launcher.agent_client import AgentError
+    from launcher.cluster import nodes_from_hosts
+    from launcher.hostfile import free_ports
+    from launcher.local import LaunchError
+    from launcher.remote import start_remote
+    from launcher.secret import create_secret, load_secret
+    from mlxdist.testing.tiny_r1 import make_r1
+    from quantize.checkpoint import read_config
+
+    root = tmp_path / "agent"
+    make_r1(root / "models" / "tiny", preset="tiny")
+    secret = load_secret(create_secret(root / "secret"))
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nexec sleep 60\n")
+    python.chmod(0o755)
+    port = free_ports(1)[0]
+    cmd = [sys.executable, "-c", AGENT, str(root), str(port), str(python)]
+    log = open(tmp_path / "agent.log", "wb")
+    agent = subprocess.Popen(cmd, cwd=Path(__file__).parent.parent, stdout=log, stderr=log)
+    try:
+        hosts_toml = tmp_path / "hosts.toml"
+        hosts_toml.write_text(
+            'backend = "jaccl"\n'
+            f'[[hosts]]\nname = "studio-1"\naddress = "127.0.0.1"\nagent_port = {port}\n'
+            'ssh = "me@studio-1.local"\n'
+            f'[[hosts]]\nname = "studio-2"\naddress = "127.0.0.2"\nagent_port = {port}\n'
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                nodes = nodes_from_hosts(hosts_toml, secret)
+                break
+            except LaunchError:  # the agent is still starting
+                assert agent.poll() is None, (tmp_path / "agent.log").read_text()
+                assert time.monotonic() < deadline, "the agent did not start"
+                time.sleep(0.2)
+        layers = read_config(root / "models" / "tiny")["num_hidden_layers"]
+        rdma = [[None, "rdma_en2"], ["rdma_en3", None]]
+        running = start_remote(
+            nodes,
+            ["tiny", "tiny"],
+            [layers] * 2,
+            name="t",
+            parallel="tensor",
+            backend="jaccl",
+            rdma=rdma,
+        )
+        try:
+            hostfile = json.loads(running.hostfile)
+            assert [h["ssh"] for h in hostfile["hosts"]] == ["me@studio-1.local", "127.0.0.2"]
+            assert [h["rdma"] for h in hostfile["hosts"]] == rdma
+            assert hostfile["backend"] == "jaccl"
+            runs = sorted(nodes[0].client.ranks(), key=lambda r: r["rank"])
+            assert [r["rank"] for r in runs] == [0, 1]
+            for rank, run in enumerate(runs):
+                proc = psutil.Process(run["pid"])
+                while proc.cmdline()[:1] != ["sleep"]:  # until the exec
+                    assert time.monotonic() < deadline + 30, proc.cmdline()
+                    time.sleep(0.01)
+                env = proc.environ()
+                assert env["MLX_RANK"] == str(rank)
+                assert env["MLX_JACCL_COORDINATOR"] == "127.0.0.1:32323"
+                assert json.loads(Path(env["MLX_IBV_DEVICES"]).read_text()) == rdma
+                assert "MLX_HOSTFILE" not in env
+        finally:
+            running.stop()
+    except AgentError as e:
+        raise AssertionError((tmp_path / "agent.log").read_text()) from e
+    finally:
+        agent.terminate()
+        agent.wait(15)
+        log.close()
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["launch", "--local", "2", "--backend", "jaccl"], "--backend jaccl is for Macs cabled"),
+        (["serve", "--backend", "jaccl"], "--backend jaccl is for Macs cabled"),
+        (["bench", "--backend", "tcp"], "--backend must be ring, jaccl or auto, not 'tcp'"),
+    ],
+)
+def test_backend_option_refuses_what_cannot_run(args, words):
+    from typer.testing import CliRunner
+
+    from mlxdist.cli import app
+
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 1, done.output
+    assert words in done.output and "Traceback" not in done.output
