@@ -9,6 +9,7 @@ is what was advertised.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import socket
 import time
@@ -153,6 +154,19 @@ def _decode(properties: dict) -> dict[str, str]:
     return out
 
 
+def _common_bits(a: str, b: str) -> int:
+    x = int(ipaddress.IPv4Address(a)) ^ int(ipaddress.IPv4Address(b))
+    return 32 - x.bit_length()
+
+
+def nearest_first(addresses: list[str], local: list[str]) -> list[str]:
+    """An agent's addresses, those sharing the most leading bits with one of ours first: over
+    cables alone a peer's other /30s are out of reach (no routing between cables)."""
+    if not local:
+        return list(addresses)
+    return sorted(addresses, key=lambda a: -max(_common_bits(a, mine) for mine in local))
+
+
 def browse(cluster: str, interfaces: list[str], timeout: float = 3.0) -> list[Agent]:
     """Agents of this cluster seen on the interfaces within timeout seconds, by node id."""
     zc = Zeroconf(interfaces=interfaces)
@@ -174,6 +188,7 @@ def browse(cluster: str, interfaces: list[str], timeout: float = 3.0) -> list[Ag
             if txt.get("cluster") != cluster:
                 continue
             addresses = [socket.inet_ntoa(a) for a in info.addresses if len(a) == 4]
+            addresses = nearest_first(addresses, interfaces)
             agents[txt.get("id", name)] = Agent(
                 txt.get("id", name), cluster, addresses, int(info.port or 0), txt
             )

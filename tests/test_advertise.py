@@ -18,6 +18,7 @@ from launcher.discovery import (
     AdvertiseError,
     Agent,
     facts_digest,
+    nearest_first,
     txt_record,
     txt_size,
 )
@@ -313,3 +314,27 @@ def test_a_capture_replayed_on_this_machines_addresses(tmp_path):
     assert facts.addresses == here and facts.bridges == {}
     assert len(facts.thunderbolt) == 6 and all(p.ip is None for p in facts.thunderbolt)
     assert listen_addresses(facts, ["eth0"]) == ["169.254.100.2"]
+
+
+@pytest.mark.parametrize(
+    "addresses,local,expected",
+    [
+        # Over cables alone: studio-2 advertises both its /30 ends; studio-1 reaches only .2.
+        (
+            ["192.168.200.9", "192.168.200.2"],
+            ["192.168.200.1", "192.168.200.5"],
+            ["192.168.200.2", "192.168.200.9"],
+        ),
+        (
+            ["192.168.200.6", "192.168.200.10"],
+            ["192.168.200.1", "192.168.200.5"],
+            ["192.168.200.6", "192.168.200.10"],
+        ),
+        # A LAN address before a link-local one.
+        (["169.254.31.7", "10.20.0.12"], ["10.20.0.11"], ["10.20.0.12", "169.254.31.7"]),
+        (["10.0.0.2", "10.0.0.3"], [], ["10.0.0.2", "10.0.0.3"]),
+    ],
+    ids=["cable-a", "cable-b", "lan", "no-local"],
+)
+def test_an_agents_reachable_address_comes_first(addresses, local, expected):
+    assert nearest_first(addresses, local) == expected

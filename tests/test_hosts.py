@@ -15,7 +15,7 @@ def test_example_file_parses():
     assert [h.name for h in hosts.hosts] == ["studio-1", "studio-2"]
     first = hosts.hosts[0]
     assert (first.address, first.memory_gb, first.rank, first.agent_port) == (
-        "169.254.10.1",
+        "10.20.0.11",
         192,
         0,
         52417,
