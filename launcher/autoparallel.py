@@ -6,10 +6,11 @@ headroom, under each GPU limit) and, if it can run, predicted (launcher/perfmode
 that fits wins, ties to the earlier of PARALLEL's order. When none fits, the pipeline is chosen:
 its plan then says which node is short and by how much.
 
-The link: RDMA (JACCL) when every node has an RDMA device, else a ring over TCP on Thunderbolt
-(TB5, or TB4 when a chip has only Thunderbolt 4: perfmodel.usable_link). Ranks on one machine
-(--local) share its memory bandwidth: the pipeline's stages read one after another at the whole
-bandwidth, while tensor and expert ranks read at once and each gets 1/N of it, over LOOPBACK.
+The link follows the backend (launcher/backend.py): RDMA for jaccl, else a ring over TCP on
+Thunderbolt (TB5, or TB4 when a chip has only Thunderbolt 4: perfmodel.usable_link). Ranks on
+one machine (--local) share its memory bandwidth: the pipeline's stages read one after another
+at the whole bandwidth, while tensor and expert ranks read at once and each gets 1/N of it,
+over LOOPBACK.
 """
 
 from __future__ import annotations
@@ -151,12 +152,10 @@ def _line(best: ModeOutcome | None, outcomes: list[ModeOutcome], nodes: int) -> 
 # --- the inputs, from a model folder and the nodes' facts ---------------------------------------
 
 
-def link_for(facts: Sequence[Mapping]) -> str:
-    """rdma when every node reports an RDMA device, else tb5 (perfmodel takes TB4 where a chip
-    has only Thunderbolt 4)."""
-    if len(facts) > 1 and all(f.get("rdma_devices") for f in facts):
-        return "rdma"
-    return "tb5"
+def link_for(backend: str) -> str:
+    """The link a backend sends over: RDMA for jaccl, else TCP on Thunderbolt (tb5; perfmodel
+    takes TB4 where a chip has only Thunderbolt 4)."""
+    return "rdma" if backend == "jaccl" else "tb5"
 
 
 def model_inputs(model: Path, nodes: int) -> tuple[ModelSpec, ActiveBytes, str | None]:
@@ -187,12 +186,10 @@ def tensor_refusal(config: Mapping, nodes: int) -> str | None:
     return None
 
 
-def choose_for_nodes(
-    model: Path, nodes: Sequence[NodeSpec], facts: Sequence[Mapping], context: int
-) -> Choice:
-    """--parallel auto across hosts: nodes in rank order, with their facts."""
+def choose_for_nodes(model: Path, nodes: Sequence[NodeSpec], link: str, context: int) -> Choice:
+    """--parallel auto across hosts: the nodes in rank order, over the backend's link."""
     spec, active, refusal = model_inputs(model, len(nodes))
-    return choose_parallel(nodes, spec, active, link_for(facts), context, tensor_refusal=refusal)
+    return choose_parallel(nodes, spec, active, link, context, tensor_refusal=refusal)
 
 
 def local_nodes(machine: NodeSpec, ranks: int) -> list[NodeSpec]:

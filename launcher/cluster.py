@@ -243,6 +243,12 @@ def start_agents_cluster(
     chosen = choose_nodes_backend(nodes, asked, console)
     # jaccl sends over the RDMA devices; only the ring needs the cables' own addresses.
     ring_ips = cable_addresses(nodes, console) if chosen.backend == "ring" else None
+    if parallel == "auto":  # the mode the performance model predicts fastest on these links
+        from launcher.autoparallel import choose_for_nodes, link_for
+
+        pick = choose_for_nodes(model, _specs(nodes), link_for(chosen.backend), context)
+        console.print(pick.line, highlight=False)
+        parallel = pick.mode
     if parallel == "tensor":
         split = choose_tensor(model, nodes, context)
         return _start(

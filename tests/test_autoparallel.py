@@ -153,17 +153,9 @@ def test_ranks_on_one_machine_share_it(r1):
     assert apart.mode == "tensor"
 
 
-@pytest.mark.parametrize(
-    "facts,link",
-    [
-        ([{"rdma_devices": ["rdma_en2"]}, {"rdma_devices": ["rdma_en3"]}], "rdma"),
-        ([{"rdma_devices": ["rdma_en2"]}, {"rdma_devices": []}], "tb5"),
-        ([{}, {}], "tb5"),
-        ([{"rdma_devices": ["rdma_en2"]}], "tb5"),  # one node sends nothing
-    ],
-)
-def test_the_link_is_rdma_only_when_every_node_has_it(facts, link):
-    assert link_for(facts) == link
+@pytest.mark.parametrize("backend,link", [("jaccl", "rdma"), ("ring", "tb5")])
+def test_the_link_follows_the_backend(backend, link):
+    assert link_for(backend) == link
 
 
 # --- mlxdist plan shows the same choice ---------------------------------------------------------

@@ -124,7 +124,8 @@ def test_a_launcher_error_deep_in_launch_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr("mlxdist.cli.launch._launch_model", lambda model: tmp_path)
     monkeypatch.setattr("mlxdist.cli.launch._parallel_options", lambda *_: {})
     monkeypatch.setattr("mlxdist.cli.launch._start_here", fails)
-    assert_one_error(run("launch", "--local", "2", "--prompt", "hi"), "rank 1 exited")
+    launch = ("launch", "--local", "2", "--parallel", "pipeline", "--prompt", "hi")
+    assert_one_error(run(*launch), "rank 1 exited")
 
 
 @pytest.fixture
@@ -146,7 +147,7 @@ def test_a_rank_failure_while_serving_is_one_line(monkeypatch, tmp_path, keeps_s
     monkeypatch.setattr("mlxdist.cli.launch._launch_model", lambda model: tmp_path)
     monkeypatch.setattr("mlxdist.cli.launch._serve_here", lambda *_: Running())
     monkeypatch.setattr("mlxdist.cli.launch._rank_failure", lambda running: "rank 1 died")
-    assert_one_error(run("serve"), "rank 1 died")
+    assert_one_error(run("serve", "--parallel", "pipeline"), "rank 1 died")
     assert Running.stopped
 
 

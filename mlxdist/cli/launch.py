@@ -13,6 +13,12 @@ from quantize.errors import UserError
 BACKEND_HELP = "ring, jaccl (RDMA over Thunderbolt 5) or auto (default: hosts file's, else auto)"
 
 
+PARALLEL_HELP = (
+    "auto (the mode the performance model predicts fastest here, the default), pipeline "
+    "(layers per rank), expert (routed experts per rank) or tensor"
+)
+
+
 def _backend(backend: str | None, across_hosts: bool) -> str | None:
     """--backend checked: one of ring, jaccl, auto; on one machine the ranks run on the ring."""
     if backend is not None and backend not in ("ring", "jaccl", "auto"):
@@ -58,9 +64,7 @@ def launch(
     replan: bool = typer.Option(
         False, help="when a node fails, plan again on the others and go on with the chat"
     ),
-    parallel: str = typer.Option(
-        "pipeline", help="pipeline (layers per rank), expert (routed experts per rank) or tensor"
-    ),
+    parallel: str = typer.Option("auto", help=PARALLEL_HELP),
     experts: str | None = typer.Option(None, help="routed experts per rank, e.g. 3,3,2 (expert)"),
     backend: str | None = typer.Option(None, help=BACKEND_HELP),
 ) -> None:
@@ -86,6 +90,7 @@ def launch(
             )
             again = partial(replan_agents, path, context, port)
         else:
+            parallel = _auto_here(path, parallel, experts, split, local, context)
             modes = _parallel_options(path, parallel, experts, split, local)
             running = _start_here(path, local or modes.get("ranks", 2), split, port, modes)
             again = partial(_replan_here, path, port, parallel)
@@ -124,6 +129,37 @@ def _launch_model(model: str | None) -> Path:
             + ": copy it again, or quantize again (with --force) to rewrite it"
         )
     return path
+
+
+def _auto_here(
+    path: Path,
+    parallel: str,
+    experts: str | None,
+    split: str | None,
+    local: int | None,
+    context: int,
+) -> str:
+    """--parallel for ranks on this machine, auto resolved: --split means the pipeline,
+    --experts expert mode, else the mode launcher/autoparallel.py predicts fastest for N ranks
+    sharing this machine, said in one line before anything starts."""
+    if parallel != "auto":
+        return parallel
+    if split or experts:
+        return "pipeline" if split else "expert"
+    from launcher.autoparallel import choose_local
+    from launcher.hostfacts import collect
+    from launcher.planner import node_spec_from_facts
+
+    if local is not None and local < 1:
+        raise UserError("--local needs at least 1 rank")
+    machine = node_spec_from_facts("here", collect().to_dict())
+    try:
+        choice = choose_local(path, machine, local or 2, context)
+    except ValueError as e:  # e.g. more ranks than layers: the launch itself says it
+        typer.echo(f"auto: pipeline ({e})", err=True)
+        return "pipeline"
+    typer.echo(choice.line, err=True)
+    return choice.mode
 
 
 def _parallel_options(
@@ -234,6 +270,7 @@ def serve(
     ),
     port: int = typer.Option(8080, min=1, max=65535, help="the API's port"),
     backend: str | None = typer.Option(None, help=BACKEND_HELP),
+    parallel: str = typer.Option("auto", help=PARALLEL_HELP),
 ) -> None:
     """Run the cluster with its OpenAI-style HTTP API only, until Ctrl-C."""
     try:
@@ -246,17 +283,30 @@ def serve(
 
             secret = _secret(secret_file)
             running = start_agents_cluster(
-                path, hosts, None, [], secret, context, port, backend=backend
+                path, hosts, None, [], secret, context, port, parallel, backend=backend
             )
         else:
-            running = _serve_here(path, local or 2, split, host or "127.0.0.1", port, max_context)
+            parallel = _auto_here(path, parallel, None, split, local, context)
+            modes = (
+                _parallel_options(path, parallel, None, split, local)
+                if parallel != "pipeline"
+                else {}
+            )
+            where = (host or "127.0.0.1", port)
+            running = _serve_here(path, local or 2, split, *where, max_context, modes)
         _serve_until_stopped(running, path.name)
     except KeyboardInterrupt:
         typer.echo("\nstopped: every rank stopped", err=True)
 
 
 def _serve_here(
-    path: Path, ranks: int, split: str | None, host: str, port: int, max_context: int | None
+    path: Path,
+    ranks: int,
+    split: str | None,
+    host: str,
+    port: int,
+    max_context: int | None,
+    modes: dict | None = None,
 ):
     import os
     import socket
@@ -264,14 +314,23 @@ def _serve_here(
     from launcher.local import start_local
     from quantize.checkpoint import inspect_model
 
-    parts = _parse_split(split, ranks, inspect_model(path).num_layers)
+    modes = {k: v for k, v in (modes or {}).items() if k != "ranks"}
+    num_layers = inspect_model(path).num_layers
+    parts = _parse_split(split, ranks, num_layers) if not modes else [num_layers] * ranks
     try:  # another server on the port would answer the readiness check in our place
         socket.create_server((host, port)).close()
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else str(e)
         raise UserError(f"cannot listen on {host}:{port}: {reason}") from None
-    running = start_local(path, parts, host=host, port=port, max_context=max_context)
-    return _loaded(running, path, len(parts), f"layers {parts}")
+    running = start_local(path, parts, host=host, port=port, max_context=max_context, **modes)
+    what = f"layers {parts}" if not modes else f"{modes['parallel']} parallel"
+    return _loaded(running, path, len(parts), what)
+
+
+def _served_parallel(url: str) -> str:
+    import httpx
+
+    return httpx.get(url + "/health", timeout=30).json().get("parallel", "pipeline")
 
 
 def _rank_failure(running) -> str | None:
@@ -306,9 +365,7 @@ def bench(
     decode_tokens: int = typer.Option(64, "--decode-tokens", min=2, help="tokens to answer"),
     streams: int = typer.Option(4, min=1, help="concurrent streams for the aggregate figure"),
     as_json: bool = typer.Option(False, "--json", help="print the figures as JSON"),
-    parallel: str = typer.Option(
-        "pipeline", help="pipeline (layers per rank), expert (routed experts per rank) or tensor"
-    ),
+    parallel: str = typer.Option("auto", help=PARALLEL_HELP),
     experts: str | None = typer.Option(None, help="routed experts per rank, e.g. 3,3,2 (expert)"),
     backend: str | None = typer.Option(None, help=BACKEND_HELP),
 ) -> None:
@@ -331,9 +388,12 @@ def bench(
                 path, hosts, None, [], secret, 4096, None, parallel, backend
             )
         else:
+            parallel = _auto_here(path, parallel, experts, split, local, 4096)
             modes = _parallel_options(path, parallel, experts, split, local)
             running = _start_here(path, local or modes.get("ranks", 2), split, None, modes)
         try:
+            if parallel == "auto":  # the launcher chose across the hosts: the ranks say what
+                parallel = _served_parallel(running.url)
             result = measure(
                 running.url,
                 prompt_tokens=prompt_tokens,
