@@ -62,4 +62,3 @@ def test_mlx_launch_hostfile_format():
     data = json.loads(text)
     assert data["backend"] == "ring"
     assert data["hosts"][1] == {"ssh": "me@b", "ips": ["169.254.0.2"], "rdma": []}
-
