@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from quantize.errors import UserError
 
 from .chips import chip_of_node_name
+from .topology import DISABLE_BRIDGE as BRIDGE_OFF
 from .topology import Link
 
 CHOICES = ("ring", "jaccl", "auto")
 RDMA_SETUP = "rdma_ctl enable  # in macOS Recovery (Options > Utilities > Terminal), then restart"
-BRIDGE_OFF = 'sudo networksetup -setnetworkserviceenabled "Thunderbolt Bridge" off'
 _SPEED = re.compile(r"(\d+)\s*Gb/s")
 
 Facts = Mapping[str, Mapping]  # node name -> its facts (HostFacts.to_dict()), in rank order

@@ -32,6 +32,7 @@ from launcher.hostfacts import (
     parse_vm_stat,
 )
 from launcher.planner import DEFAULT_HEADROOM
+from launcher.topology import DISABLE_BRIDGE
 
 OK, WARN, FAIL, MISSING = "ok", "warn", "fail", "missing"
 SIGNING_WINDOW = 30.0  # seconds: launcher.auth.Verifier's default, which every agent uses
@@ -39,7 +40,6 @@ RDMA_MACOS = (26, 2)  # Thunderbolt RDMA (MLX's JACCL backend) arrived in macOS 
 MIN_MLX = (0, 32)  # as pyproject.toml requires
 GB = 10**9
 MiB = 2**20
-DISABLE_BRIDGE = 'sudo networksetup -setnetworkserviceenabled "Thunderbolt Bridge" off'
 SET_CLOCK = "sudo sntp -sS time.apple.com"
 
 SYSCTL = "sysctl.txt"

@@ -43,6 +43,9 @@ class ThunderboltPort:
     ip: str | None  # first IPv4 address on the interface, without prefix
     domain_uuid: str  # this port's own Thunderbolt domain (one per bus on Apple Silicon)
     peer_uuids: list[str] = field(default_factory=list)  # domains of the Macs cabled to it
+    # The receptacle's speed as system_profiler gives it: the negotiated rate with a cable in
+    # ("80 Gb/s" is Thunderbolt 5, "40 Gb/s" 4), "Up to 120 Gb/s" on an idle port.
+    speed: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +58,7 @@ class ThunderboltPort:
             ip=d.get("ip"),
             domain_uuid=d["domain_uuid"],
             peer_uuids=list(d.get("peer_uuids", [])),
+            speed=str(d.get("speed", "")),
         )
 
 
@@ -286,7 +290,11 @@ def thunderbolt_ports(
         if iface is None:
             continue
         ip = first_ip(addresses, iface)
-        ports.append(ThunderboltPort(iface, name, ip, bus["domain_uuid"], list(bus["peer_uuids"])))
+        ports.append(
+            ThunderboltPort(
+                iface, name, ip, bus["domain_uuid"], list(bus["peer_uuids"]), bus.get("speed", "")
+            )
+        )
     return ports
 
 

@@ -273,8 +273,13 @@ def test_collect_macos(tmp_path):
         ("en7", "Thunderbolt 6", None),
     ]
     assert facts.thunderbolt[0] == ThunderboltPort(
-        "en2", "Thunderbolt 1", "192.168.200.1", S1_R1, [S2_R2]
+        "en2", "Thunderbolt 1", "192.168.200.1", S1_R1, [S2_R2], "80 Gb/s"
     )
+    # The negotiated rate of a cabled port (to studio-3, an M2 Ultra: Thunderbolt 4, 40 Gb/s);
+    # port 4 holds a drive at 40 Gb/s; an idle port says what it could reach.
+    idle = "Up to 120 Gb/s"
+    speeds = [p.speed for p in facts.thunderbolt]
+    assert speeds == ["80 Gb/s", "40 Gb/s", idle, "40 Gb/s", idle, idle]
 
 
 def test_host_facts_round_trip(tmp_path):
