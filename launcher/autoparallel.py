@@ -59,10 +59,12 @@ def choose_parallel(
     headroom: float = DEFAULT_HEADROOM,
     tensor_refusal: str | None = None,
     shared_bandwidth: bool = False,
+    not_ready: Mapping[str, str] | None = None,
 ) -> Choice:
     """The fastest mode that fits. tensor_refusal: why the model cannot be sharded over these
     nodes (heads that do not divide, a family without shard()), None when it can.
-    shared_bandwidth: the nodes are ranks on one machine (--local)."""
+    shared_bandwidth: the nodes are ranks on one machine (--local).
+    not_ready: modes the model folder was not cut for, each with why (still predicted)."""
     nodes = list(nodes)
     outcomes = [
         _outcome(
@@ -80,6 +82,9 @@ def choose_parallel(
         for mode in PARALLEL
         if mode == "pipeline" or len(nodes) > 1
     ]
+    for i, o in enumerate(outcomes):
+        if o.runs and o.mode in (not_ready or {}):
+            outcomes[i] = replace(o, fits=False, why_not=not_ready[o.mode])
     running = [o for o in outcomes if o.runs]
     best = max(running, key=lambda o: o.tokens_per_s) if running else None
     return Choice(best.mode if best else "pipeline", outcomes, _line(best, outcomes, len(nodes)))
@@ -186,10 +191,33 @@ def tensor_refusal(config: Mapping, nodes: int) -> str | None:
     return None
 
 
+def folder_readiness(model: Path, nodes: int) -> dict[str, str]:
+    """The modes the model folder is not cut for across `nodes` hosts, each with why: a pipeline
+    and expert mode need its node folders for that many nodes, tensor mode the whole model."""
+    from quantize.nodes import node_manifest, parallel_of
+
+    first = node_manifest(Path(model) / "nodes" / "0")
+    cut = parallel_of(first) if first else None
+    counts = (first or {}).get("plan", {}).get("experts" if cut == "expert" else "split") or []
+    why = {}
+    for mode in ("pipeline", "expert"):
+        if cut != mode or len(counts) != nodes:
+            why[mode] = f"not cut for {nodes} nodes"
+    if not any(Path(model).glob("*.safetensors")):
+        why["tensor"] = "no whole model in the folder"
+    return why
+
+
 def choose_for_nodes(model: Path, nodes: Sequence[NodeSpec], link: str, context: int) -> Choice:
-    """--parallel auto across hosts: the nodes in rank order, over the backend's link."""
+    """--parallel auto across hosts: the nodes in rank order, over the backend's link. Only the
+    modes the folder is cut for compete; if it is cut for none, the fastest is named (its launch
+    then says how to cut the folder for it)."""
     spec, active, refusal = model_inputs(model, len(nodes))
-    return choose_parallel(nodes, spec, active, link, context, tensor_refusal=refusal)
+    why = folder_readiness(model, len(nodes))
+    not_ready = why if len(why) < len(PARALLEL) else {}
+    return choose_parallel(
+        nodes, spec, active, link, context, tensor_refusal=refusal, not_ready=not_ready
+    )
 
 
 def local_nodes(machine: NodeSpec, ranks: int) -> list[NodeSpec]:

@@ -191,3 +191,60 @@ def test_plan_auto_json_names_the_mode(capsys):
     modes = data["prediction"]["modes"]
     assert f"{modes['pipeline']['tokens_per_s']:.1f} tok/s" in data["choice"]["line"]
     assert perfmodel.MODES == ("pipeline", "expert", "tensor")
+
+
+# --- across hosts, only the modes the folder is cut for compete ---------------------------------
+
+
+def _cut(folder, parallel: str | None, counts: list[int], whole: bool = True):
+    """A model folder as mlxdist quantize leaves it: the whole model, and node folders whose
+    manifests say what they were cut for."""
+    from quantize.nodes import NODE_FORMAT
+
+    folder.mkdir(parents=True)
+    if whole:
+        (folder / "model.safetensors").write_bytes(b"")
+    if parallel:
+        node = folder / "nodes" / "0"
+        node.mkdir(parents=True)
+        key = "experts" if parallel == "expert" else "split"
+        manifest = {"format": NODE_FORMAT, "parallel": parallel, "plan": {key: counts}}
+        node.joinpath("manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "parallel,counts,whole,nodes,expected",
+    [
+        ("pipeline", [31, 30], True, 2, {"expert": "not cut for 2 nodes"}),
+        (
+            "pipeline",
+            [20, 21, 20],
+            True,
+            2,
+            {"pipeline": "not cut for 2 nodes"} | {"expert": "not cut for 2 nodes"},
+        ),
+        ("expert", [128, 128], True, 2, {"pipeline": "not cut for 2 nodes"}),
+        (None, [], True, 4, {"pipeline": "not cut for 4 nodes", "expert": "not cut for 4 nodes"}),
+        (
+            "expert",
+            [64] * 4,
+            False,
+            4,
+            {"pipeline": "not cut for 4 nodes", "tensor": "no whole model in the folder"},
+        ),
+    ],
+)
+def test_folder_readiness(tmp_path, parallel, counts, whole, nodes, expected):
+    from launcher.autoparallel import folder_readiness
+
+    assert folder_readiness(_cut(tmp_path / "m", parallel, counts, whole), nodes) == expected
+
+
+def test_a_mode_the_folder_is_not_cut_for_does_not_win(r1):
+    fastest = choose(r1, "4xM3Ultra-512GB", "rdma")
+    assert fastest.mode == "tensor"
+    cut = choose(r1, "4xM3Ultra-512GB", "rdma", not_ready={"tensor": "no whole model"})
+    assert cut.mode == "expert"  # the next fastest that fits, as predicted
+    assert speeds(cut) == speeds(fastest)
+    assert "tensor" in cut.line and "no whole model" in cut.line
