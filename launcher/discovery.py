@@ -27,8 +27,10 @@ MAX_ENTRY = 255  # bytes of one TXT entry, "key=value" whole: a DNS character-st
 MAX_TXT = 400
 MAX_LABEL = 63  # bytes of the service instance name, one DNS label
 DIGEST_CHARS = 16
-# The facts that do not change while an agent runs; memory_available does, so it is left out.
+# The facts that do not change while an agent runs; memory_available does, so it is left out,
+# and so are a port's address and speed (the ring setup and a re-plugged cable change them).
 STABLE_FACTS = ("chip", "memory_total", "thunderbolt", "rdma_devices")
+STABLE_PORT = ("interface", "domain_uuid", "peer_uuids")
 
 
 class AdvertiseError(UserError):
@@ -63,6 +65,10 @@ class Agent:
 def facts_digest(facts: Mapping) -> str:
     """The first hex digits of sha256 over the canonical JSON of the stable facts."""
     stable = {k: facts.get(k) for k in STABLE_FACTS}
+    ports = stable["thunderbolt"] if isinstance(stable["thunderbolt"], list) else []
+    stable["thunderbolt"] = [
+        {k: p.get(k) for k in STABLE_PORT} for p in ports if isinstance(p, Mapping)
+    ]
     text = json.dumps(stable, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:DIGEST_CHARS]
 

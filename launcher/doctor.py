@@ -120,12 +120,12 @@ def _text(r: Readings, check: str, name: str) -> str:
 def _parsed(check: str, name: str, parse: Callable, text: str):
     try:
         return parse(text)
-    except (HostFactsError, ValueError, KeyError, TypeError) as e:
+    except (HostFactsError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise _Missing(Row(check, MISSING, f"{name} could not be read: {e}")) from None
 
 
 def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+    return tuple(int(x) for x in re.findall(r"\d+", str(text))[:3])
 
 
 def _sysctl(r: Readings, check: str) -> dict[str, str]:
@@ -213,8 +213,14 @@ def check_chip(r: Readings) -> Row:
     if cores is not None:
         gpu = f", {_parsed('chip', DISPLAYS, parse_gpu_cores, cores)} GPU cores"
     tb = _tb_of_chip(brand)
-    tb_text = f", Thunderbolt {tb}" if tb else ""
-    return Row("chip", OK, f"{brand}{gpu}{tb_text}")
+    if tb is None:  # the performance model then assumes a chip from the memory
+        return Row(
+            "chip",
+            WARN,
+            f"{brand}{gpu}: not in mlxdist's chip table (launcher/chips.py), so plans predict "
+            "its speed from a chip of its memory size; report it with a --capture",
+        )
+    return Row("chip", OK, f"{brand}{gpu}, Thunderbolt {tb}")
 
 
 def check_mlx(r: Readings) -> Row:

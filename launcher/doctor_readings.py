@@ -106,8 +106,9 @@ def load_mlx(folder: Path) -> MlxReading | None:
     """What MLX saw on the captured Mac; None when the capture has no (readable) mlx.json."""
     try:
         data = json.loads((Path(folder) / MLX_FILE).read_text())
+        version = data.get("version")
         return MlxReading(
-            data.get("version"),
+            str(version) if version is not None else None,
             bool(data.get("metal")),
             int(data.get("max_recommended_working_set_size") or 0),
         )

@@ -138,29 +138,44 @@ def parse_thunderbolt(json_text: str) -> list[dict]:
     A connected Mac appears in the bus's _items with its own domain_uuid_key; a drive or a
     display has none, so it is not a peer.
     """
-    try:
-        data = json.loads(json_text)
-    except json.JSONDecodeError as e:
-        raise HostFactsError(
-            f"system_profiler SPThunderboltDataType output is not JSON: {e}"
-        ) from e
     buses = []
-    for bus in data.get("SPThunderboltDataType", []):
+    for bus in _profiler_items(json_text, "SPThunderboltDataType"):
         domain = bus.get("domain_uuid_key")
-        if not domain:
+        if not domain or not isinstance(domain, str):
             continue
-        receptacle = bus.get("receptacle_1_tag", {})
-        peers = [i["domain_uuid_key"] for i in bus.get("_items", []) if i.get("domain_uuid_key")]
+        receptacle = _dict(bus.get("receptacle_1_tag"))
+        items = [i for i in _list(bus.get("_items")) if isinstance(i, dict)]
+        peers = [str(i["domain_uuid_key"]) for i in items if i.get("domain_uuid_key")]
         buses.append(
             {
-                "bus": bus.get("_name", ""),
+                "bus": str(bus.get("_name", "")),
                 "receptacle": receptacle.get("receptacle_id_key"),
                 "domain_uuid": domain,
                 "peer_uuids": peers,
-                "speed": receptacle.get("current_speed_key", ""),
+                "speed": str(receptacle.get("current_speed_key", "")),
             }
         )
     return buses
+
+
+def _profiler_items(json_text: str, data_type: str) -> list[dict]:
+    """The entries of `system_profiler DATATYPE -json` output; a HostFactsError when it is not
+    that shape (so a damaged capture is one line, not a traceback)."""
+    try:
+        data = json.loads(json_text)
+    except json.JSONDecodeError as e:
+        raise HostFactsError(f"system_profiler {data_type} output is not JSON: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get(data_type, []), list):
+        raise HostFactsError(f"system_profiler {data_type} output has no {data_type} list")
+    return [entry for entry in data.get(data_type, []) if isinstance(entry, dict)]
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value) -> list:
+    return value if isinstance(value, list) else []
 
 
 def parse_hardware_ports(text: str) -> dict[str, str]:
@@ -229,7 +244,7 @@ def parse_ibv_devices(text: str) -> list[str]:
 
 def parse_gpu_cores(json_text: str) -> int:
     """`system_profiler SPDisplaysDataType -json` -> GPU core count (sppci_cores), 0 if absent."""
-    for gpu in json.loads(json_text).get("SPDisplaysDataType", []):
+    for gpu in _profiler_items(json_text, "SPDisplaysDataType"):
         cores = str(gpu.get("sppci_cores", ""))
         if cores.isdigit():
             return int(cores)

@@ -44,15 +44,22 @@ def _routable(ip: str) -> bool:
 
 def default_interfaces(facts: HostFacts) -> tuple[list[str], str | None]:
     """(interfaces, warning): the first LAN interface with a routable IPv4 that is neither a
-    Thunderbolt port nor a bridge; else every Thunderbolt port with an IPv4; else bridge0, with
-    a warning. ([], None) when there is none of these."""
+    Thunderbolt port nor a bridge; else every Thunderbolt port with a routable IPv4 (its /30);
+    else bridge0, with a warning. ([], None) when there is none of these. Link-local addresses
+    count only on bridge0."""
     ports = {p.interface for p in facts.thunderbolt}
     for name in facts.lan:
         if name in ports or name.startswith("bridge"):
             continue
         if any(_routable(ip) for ip in _ipv4(facts, name)):
             return [name], None
-    cables = [p.interface for p in facts.thunderbolt if p.ip and _ipv4(facts, p.interface)]
+    # A cable's own address is one the setup gave it; a self-assigned 169.254 one is replaced
+    # when the setup runs (ifconfig inet without alias), which would cut the agent off.
+    cables = [
+        p.interface
+        for p in facts.thunderbolt
+        if any(_routable(ip) for ip in _ipv4(facts, p.interface))
+    ]
     if cables:
         return cables, None
     if _ipv4(facts, "bridge0"):

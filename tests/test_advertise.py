@@ -181,6 +181,9 @@ def test_the_digest_covers_the_stable_facts_only(tmp_path):
     assert facts_digest(json.loads(json.dumps(facts))) == digest  # as the signed API returns it
     assert facts_digest(facts | {"memory_available": 1}) == digest
     assert facts_digest(facts | {"listen": ["10.0.0.1"]}) == digest
+    addressed = json.loads(json.dumps(facts))  # the ring setup gave a cable its /30
+    addressed["thunderbolt"][4] |= {"ip": "192.168.200.9", "speed": "80 Gb/s"}
+    assert facts_digest(addressed) == digest
     moved = json.loads(json.dumps(facts))
     moved["thunderbolt"][4]["peer_uuids"] = ["A-NEW-CABLE"]
     for changed in (moved, facts | {"memory_total": 1}, facts | {"rdma_devices": ["rdma_en2"]}):
@@ -263,6 +266,9 @@ CABLES = {"en2": ["192.168.200.1/30"], "en3": ["192.168.200.10/30"]}
         (host([], {"en2": ["192.168.200.1/30"]}), ["en2"], None),
         (host(["en0"], BRIDGE), ["bridge0"], BRIDGE_WARNING),
         (host(["en0"], {"lo0": ["127.0.0.1/8"]}), [], None),
+        # Self-assigned on an unbridged port: the ring setup replaces it, cutting the agent off.
+        (host([], {"en2": ["169.254.7.9/16"]} | BRIDGE), ["bridge0"], BRIDGE_WARNING),
+        (host([], {"en2": ["169.254.7.9/16"]}), [], None),
     ],
     ids=[
         "ethernet",
@@ -274,6 +280,8 @@ CABLES = {"en2": ["192.168.200.1/30"], "en3": ["192.168.200.10/30"]}
         "one-cable",
         "bridge-last",
         "nothing",
+        "self-assigned-cable",
+        "self-assigned-cable-only",
     ],
 )
 def test_default_interfaces(facts, interfaces, warning):

@@ -263,8 +263,10 @@ def test_capture_keeps_each_output_and_replays_the_same(tmp_path):
     assert load_mlx(out) == MlxReading("0.32.4", True, 123)
     _, captured, _ = doctor("--from", str(out), config=tmp_path)
     _, original, _ = doctor("--from", str(MACOS / "studio-2"), config=tmp_path)
-    assert {k: v for k, v in captured.items() if k not in ("MLX", "Metal", "memory")} == {
-        k: v for k, v in original.items() if k not in ("MLX", "Metal", "memory")
+    # What MLX saw (and so the advertised MLX version) is in the capture only.
+    mlx_rows = ("MLX", "Metal", "memory", "advertisement")
+    assert {k: v for k, v in captured.items() if k not in mlx_rows} == {
+        k: v for k, v in original.items() if k not in mlx_rows
     }
     (out / MLX_FILE).write_text("not json")
     assert load_mlx(out) is None
@@ -448,3 +450,33 @@ def test_doctor_against_real_agents(tmp_path):
         for proc in procs:
             proc.terminate()
             proc.wait(15)
+
+
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("system_profiler-SPDisplaysDataType.json", "[]"),
+        ("system_profiler-SPThunderboltDataType.json", "[]"),
+        ("system_profiler-SPThunderboltDataType.json", '{"SPThunderboltDataType": [1]}'),
+        ("system_profiler-SPThunderboltDataType.json", '{"SPThunderboltDataType": {"a": 1}}'),
+        ("mlx.json", '{"version": 5}'),
+        ("sysctl.txt", "\x00\x01 garbage"),
+    ],
+)
+def test_a_damaged_capture_file_is_a_row_not_a_traceback(tmp_path, name, text):
+    folder = tmp_path / "mac"
+    shutil.copytree(MACOS / "studio-1", folder)
+    (folder / name).write_text(text)
+    code, rows, out = doctor("--from", str(folder), config=tmp_path)
+    assert "Traceback" not in out and code in (0, 1)
+    assert len(rows) == len(doctor("--from", str(MACOS / "studio-1"), config=tmp_path)[1])
+
+
+def test_a_chip_not_in_the_table_is_a_warning(tmp_path):
+    folder = tmp_path / "mac"
+    shutil.copytree(MACOS / "studio-1", folder)
+    sysctl = (folder / "sysctl.txt").read_text().replace("Apple M3 Ultra", "Apple M9 Giga")
+    (folder / "sysctl.txt").write_text(sysctl)
+    _, rows, _ = doctor("--from", str(folder), config=tmp_path)
+    assert rows["chip"][0] == WARN and "Apple M9 Giga" in rows["chip"][1]
+    assert "not in mlxdist's chip table" in rows["chip"][1]

@@ -201,6 +201,8 @@ def _advertisement(
     data = agent_facts(facts, name, AGENT_PORT, [])
     if mlx is not None and mlx.version:
         data["mlx_version"] = mlx.version
+    elif not live:  # a capture without mlx.json: its MLX is unknown, not this machine's
+        data["mlx_version"] = ""
     try:
         txt = txt_record(name, facts.node_id, AGENT_PORT, data)
     except ValueError as e:
