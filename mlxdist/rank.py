@@ -19,11 +19,24 @@ _HOST_BYTES = 64  # a rank's host name, as bytes gathered with its memory figure
 PARENT_GONE = 3  # the exit code of a rank whose starter went away
 
 
-def _watch_parent(parent: int) -> None:
-    # A rank never outlives the process that started it, even one killed without cleanup.
-    while os.getppid() == parent:
+def _watch_parent(starter: int | None) -> None:
+    # A rank never outlives the process that started it, even one killed without cleanup: its
+    # parent changes (it is re-parented), or the starter it was told of is gone (a starter that
+    # died before this ran, or one that ran the rank through a wrapper that forks).
+    parent = os.getppid()
+    while os.getppid() == parent and (starter is None or _alive(starter)):
         time.sleep(0.5)
     _leave("the process that started it is gone")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _watch_stdin() -> None:
@@ -45,9 +58,9 @@ def _leave(why: str) -> None:
 def _start_watches() -> None:
     """A rank leaves when its starter is gone: its parent changes (the starter's pid, when it
     gave one, in case it died before this runs), or its stdin closes when it is a lifeline."""
-    parent = os.environ.get(PARENT_PID_ENV, "")
-    parent_pid = int(parent) if parent.isdigit() else os.getppid()
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    starter = os.environ.get(PARENT_PID_ENV, "")
+    starter_pid = int(starter) if starter.isdigit() and int(starter) > 1 else None
+    threading.Thread(target=_watch_parent, args=(starter_pid,), daemon=True).start()
     if os.environ.get(STDIN_LIFELINE_ENV) == "1":
         threading.Thread(target=_watch_stdin, daemon=True).start()
 

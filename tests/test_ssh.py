@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from conftest import ROOT
 
@@ -128,3 +129,30 @@ def test_a_rank_whose_starter_died_before_it_ran_leaves():
     gone.wait()  # a pid no parent of ours has
     proc = watched({PARENT_PID_ENV: str(gone.pid)})
     assert proc.wait(10) == 3
+
+
+def test_a_rank_run_through_a_forking_wrapper_stays_while_its_starter_lives():
+    """The starter (as an agent would) gives its pid; the rank's parent is a wrapper that
+    forked it (a shell that does not exec). The rank stays while the starter lives, and leaves
+    when the starter goes even though the wrapper stays."""
+    starter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    env = {k: v for k, v in os.environ.items() if k not in (PARENT_PID_ENV, STDIN_LIFELINE_ENV)}
+    wrapper = subprocess.Popen(
+        ["bash", "-c", f'"{sys.executable}" -c "{WATCHED}"; sleep 30'],
+        cwd=ROOT,
+        env=env | {PARENT_PID_ENV: str(starter.pid)},
+        stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(1.5)
+        [rank] = psutil.Process(wrapper.pid).children()
+        assert rank.is_running() and rank.status() != psutil.STATUS_ZOMBIE
+        starter.kill()
+        starter.wait()
+        rank.wait(10)  # not our child: psutil gives no exit code, only that it ended
+        assert wrapper.poll() is None  # the wrapper, its parent, is still there
+    finally:
+        for p in (starter, wrapper):
+            p.kill()
+            p.wait()
+    assert b"leaving: the process that started it is gone" in wrapper.stderr.read()
