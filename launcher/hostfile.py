@@ -55,8 +55,9 @@ def mlx_launch_hostfile(
 ) -> str:
     """The hostfile mlx.launch reads: [(ssh destination, [ips])] in rank order.
 
-    ips: for ring, where each rank listens; for jaccl, rank 0's first is the coordinator's
-    address. rdma (jaccl): rank i's device to rank j in rdma[i][j], None on the diagonal.
+    ips: for ring, where each rank listens; for jaccl and jaccl-ring, rank 0's first is the
+    coordinator's address. rdma (jaccl, jaccl-ring): rank i's device to rank j in rdma[i][j],
+    None on the diagonal (jaccl-ring: and between ranks that are not ring neighbours).
     envs: "NAME=value" set for every rank.
     """
     if rdma is not None and (

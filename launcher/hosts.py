@@ -14,7 +14,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-BACKENDS = ("ring", "jaccl", "auto")  # auto: jaccl where every cable can carry it, else ring
+# auto: jaccl on a mesh of RDMA cables, else jaccl-ring on a ring of them, else ring
+BACKENDS = ("ring", "jaccl", "jaccl-ring", "auto")
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 

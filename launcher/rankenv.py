@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .hostfile import ring_hostfile
-from .rankspec import BACKENDS  # what a rank can be started on; "auto" is resolved before this
+
+# What a rank can be started on ("auto" is resolved before this): MLX's ring and jaccl, and
+# jaccl-ring, which mlx.launch starts as jaccl with MLX_JACCL_RING=1 (the rank's C++ backend is
+# jaccl, which then connects each rank to its two ring neighbours only).
+BACKENDS = ("ring", "jaccl", "jaccl-ring")
 
 JACCL_PORT = 32323  # mlx.launch's --starting-port: the JACCL coordinator listens on it
 # What the hostfile mlxdist writes for jaccl lists in "envs" (MLX's docs suggest it for JACCL):
@@ -22,9 +26,14 @@ JACCL_ENVS = {"MLX_METAL_FAST_SYNCH": "1"}
 FILE_NAMES = {"MLX_HOSTFILE": "hostfile.json", "MLX_IBV_DEVICES": "ibv_devices.json"}
 
 
+def mlx_backend(backend: str) -> str:
+    """The name mx.distributed.init takes for a backend (RankSpec.backend)."""
+    return "jaccl" if backend == "jaccl-ring" else backend
+
+
 def backend_envs(backend: str) -> dict[str, str]:
     """The variables a backend's hostfile sets for every rank ("envs")."""
-    return dict(JACCL_ENVS) if backend == "jaccl" else {}
+    return dict(JACCL_ENVS) if mlx_backend(backend) == "jaccl" else {}
 
 
 @dataclass(frozen=True)
@@ -49,8 +58,9 @@ def rank_env(
     """What rank `rank` of `world` gets.
 
     ring: every rank's "ip:port" entries (the ring hostfile), for the ring backend.
-    rdma: the N x N matrix of RDMA device names (None on the diagonal), for jaccl.
-    coordinator: "ip:port" of rank 0's JACCL coordinator, for jaccl.
+    rdma: the N x N matrix of RDMA device names (None on the diagonal, and for jaccl-ring where
+    two ranks are not ring neighbours), for jaccl and jaccl-ring.
+    coordinator: "ip:port" of rank 0's JACCL coordinator, for jaccl and jaccl-ring.
     extra: more of the hostfile's own variables ("envs"), set first as mlx.launch does, after
     the backend's own (backend_envs).
     """
@@ -63,10 +73,12 @@ def rank_env(
             files["MLX_HOSTFILE"] = ring_hostfile(ring or [])
     elif world > 1:
         if rdma is None or len(rdma) != world or any(len(row) != world for row in rdma):
-            raise ValueError(f"jaccl needs a {world} x {world} matrix of RDMA devices")
+            raise ValueError(f"{backend} needs a {world} x {world} matrix of RDMA devices")
         if not coordinator:
-            raise ValueError("jaccl needs rank 0's coordinator address")
+            raise ValueError(f"{backend} needs rank 0's coordinator address")
         env["MLX_JACCL_COORDINATOR"] = coordinator
+        if backend == "jaccl-ring":
+            env["MLX_JACCL_RING"] = "1"
         files["MLX_IBV_DEVICES"] = json.dumps(rdma)
     env["MLX_RANK"] = str(rank)
     return RankEnv(env, files)

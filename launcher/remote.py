@@ -13,6 +13,7 @@ from quantize.checkpoint import layer_of, weight_map
 from quantize.nodes import node_manifest
 
 from .agent_client import AgentClient, AgentError
+from .backend import RDMA_BACKENDS
 from .hostfile import mlx_launch_hostfile, ring_entries
 from .local import LaunchError, describe_failure, verdict
 from .rankenv import JACCL_PORT, backend_envs
@@ -185,15 +186,16 @@ def rank_links(
 ) -> tuple[str, dict]:
     """How the ranks of hosts [(ssh destination, address)] reach each other: the hostfile
     mlx.launch would read for them, and the start_rank values every rank gets (backend, and the
-    ring's hostfile or jaccl's RDMA devices and coordinator).
+    ring's hostfile or the RDMA devices and coordinator of jaccl and jaccl-ring).
 
     ring_ips[r]: rank r's addresses on the cable(s) from rank r-1; else each host's address.
-    rdma (jaccl): rdma[i][j] is rank i's device to rank j; rank 0's address is the coordinator's.
+    rdma (jaccl, jaccl-ring): rdma[i][j] is rank i's device to rank j; rank 0's address is the
+    coordinator's.
     """
     backend = backend if len(hosts) > 1 else "ring"  # one rank talks to no one
-    jaccl = backend == "jaccl"
+    jaccl = backend in RDMA_BACKENDS
     if jaccl and rdma is None:
-        raise ValueError("jaccl needs the RDMA device matrix")
+        raise ValueError(f"{backend} needs the RDMA device matrix")
     ips = [[address] for _, address in hosts] if jaccl or not ring_ips else ring_ips
     envs = [f"{k}={v}" for k, v in backend_envs(backend).items()]
     rows = [(destination, rank_ips) for (destination, _), rank_ips in zip(hosts, ips)]

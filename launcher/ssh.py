@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .agent_client import AgentError
-from .rankenv import RankEnv, rank_env
+from .rankenv import RankEnv, mlx_backend, rank_env
 from .rankspec import (
     HEARTBEAT_TOKEN_ENV,
     PARENT_PID_ENV,
@@ -67,7 +67,7 @@ def rank_spec(p: dict) -> RankSpec:
         host=p["http_host"],
         port=int(p["http_port"]),
         name=p["name"],
-        backend=p.get("backend", "ring"),
+        backend=mlx_backend(p.get("backend", "ring")),  # jaccl-ring: jaccl, MLX_JACCL_RING=1
         max_context=int(p["max_context"]) if p.get("max_context") else None,
         heartbeat=f"{host}:{int(beats)}" if beats else None,
         node=p.get("node"),

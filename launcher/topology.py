@@ -318,15 +318,22 @@ def _bridges_of(iface: str, bridges: Mapping[str, list[str]] | None) -> Iterator
     yield from (b for b, members in sorted(bridges.items()) if iface in members)
 
 
+def bridge_commands(ifaces: Iterable[str], bridges: Mapping[str, list[str]] | None) -> list[str]:
+    """One host's commands that turn the Thunderbolt Bridge service off and take these cabled
+    ports out of their bridges; printed for a person, never run. bridges: the host's bridge ->
+    members (None: every port in bridge0, as macOS sets up; {}: no bridge, nothing to do)."""
+    commands = [] if bridges == {} else [DISABLE_BRIDGE]
+    return commands + [
+        f"sudo ifconfig {bridge} deletem {iface}"
+        for iface in ifaces
+        for bridge in _bridges_of(iface, bridges)
+    ]
+
+
 def _host_commands(
     ends: list[tuple[str, str, str]], bridges: Mapping[str, list[str]] | None
 ) -> list[str]:
-    commands = [] if bridges == {} else [DISABLE_BRIDGE]
-    commands += [
-        f"sudo ifconfig {bridge} deletem {iface}"
-        for iface, _, _ in ends
-        for bridge in _bridges_of(iface, bridges)
-    ]
+    commands = bridge_commands([iface for iface, _, _ in ends], bridges)
     for iface, ip, peer_ip in ends:
         commands.append(f"sudo ifconfig {iface} inet {ip} netmask {NETMASK_30}")
         commands.append(f"sudo route change {peer_ip} -interface {iface}")

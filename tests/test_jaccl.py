@@ -1,6 +1,7 @@
-"""JACCL (RDMA over Thunderbolt 5): the backend chosen from the nodes' facts and cables, the
-hostfile mlxdist writes checked by MLX's own launcher code, and the environment each rank gets
-compared with what mlx.launch gives a rank of the same hostfile."""
+"""JACCL (RDMA over Thunderbolt 5) on a full mesh (jaccl) and on a ring of cables (jaccl-ring):
+the backend chosen from the nodes' facts and cables, the hostfile mlxdist writes checked by
+MLX's own launcher code, and the environment each rank gets compared with what mlx.launch gives
+a rank of the same hostfile."""
 
 from __future__ import annotations
 
@@ -21,11 +22,17 @@ from pydantic import ValidationError
 
 from launcher.agent.ranks import Runs
 from launcher.agent.requests import StartRank
-from launcher.backend import BackendError, choose_backend, rdma_matrix
+from launcher.backend import (
+    RDMA_BACKENDS,
+    BackendError,
+    choose_backend,
+    rdma_matrix,
+    rdma_ring_matrix,
+)
 from launcher.hostfacts import ThunderboltPort
 from launcher.hosts import parse_hosts
 from launcher.remote import rank_links
-from launcher.topology import cable_graph
+from launcher.topology import DISABLE_BRIDGE, cable_graph, setup_commands
 
 FILE_VARIABLES = ("MLX_HOSTFILE", "MLX_IBV_DEVICES")
 # The command each rank runs in the comparison: its MLX_* variables and their files, as JSON.
@@ -80,6 +87,17 @@ def without_device(facts: dict, host: str, device: str) -> dict:
     return changed
 
 
+def with_bridge(facts: dict, host: str, members: list[str], bridge: str = "bridge0") -> dict:
+    changed = json.loads(json.dumps(facts))
+    changed[host]["bridges"] = {bridge: members}
+    return changed
+
+
+def reordered(case, ranks: list[int]):
+    names, facts = case
+    return [names[r] for r in ranks], facts
+
+
 def with_speed(facts: dict, host: str, iface: str, speed: str) -> dict:
     changed = json.loads(json.dumps(facts))
     for p in changed[host]["thunderbolt"]:
@@ -89,7 +107,9 @@ def with_speed(facts: dict, host: str, iface: str, speed: str) -> dict:
 
 
 MESH3 = cluster(3)
+MESH4 = cluster(4)
 RING4 = cluster(4, [(0, 1), (1, 2), (2, 3), (3, 0)])
+CHAIN3 = cluster(3, [(0, 1), (1, 2)])
 
 # (name, cluster, asked, backend chosen, words its one line must hold)
 CHOICES = [
@@ -135,9 +155,85 @@ CHOICES = [
         "Thunderbolt 5",
     ),
     ("unknown chip", cluster(2, chip="Intel Xeon"), "auto", "ring", "no known Thunderbolt"),
-    ("cables form a ring of 4", RING4, "auto", "ring", "a ring, not a full mesh"),
     ("no cables", cluster(3, cables=[]), "auto", "ring", "no Thunderbolt cables"),
     ("one node", cluster(1), "jaccl", "ring", "one node"),
+    # ---- jaccl-ring: each rank cabled to the next ----
+    (
+        "cables form a ring of 4",
+        RING4,
+        "auto",
+        "jaccl-ring",
+        "each of the 4 nodes is cabled to the next over Thunderbolt 5 with RDMA; not jaccl, as "
+        "jaccl needs every pair of Macs cabled, and studio-1 and studio-3 are not (and 1 more "
+        "pair)",
+    ),
+    (
+        "ring of 6 Mac Studios",
+        cluster(6, [(i, (i + 1) % 6) for i in range(6)]),
+        "auto",
+        "jaccl-ring",
+        "each of the 6 nodes",
+    ),
+    ("jaccl-ring asked on a ring", RING4, "jaccl-ring", "jaccl-ring", "each of the 4 nodes"),
+    ("jaccl-ring asked on a mesh", MESH4, "jaccl-ring", "jaccl-ring", "cabled to the next"),
+    (
+        "a mesh whose cable off the ring has no RDMA device: the ring still has",
+        (MESH4[0], without_device(MESH4[1], "studio-1", "rdma_en3")),  # studio-1 to studio-3
+        "auto",
+        "jaccl-ring",
+        "not jaccl, as studio-1 has no RDMA device rdma_en3",
+    ),
+    (
+        "a ring cable without a device",
+        (RING4[0], without_device(RING4[1], "studio-2", "rdma_en3")),
+        "auto",
+        "ring",
+        "studio-2 has no RDMA device rdma_en3",
+    ),
+    (
+        "a ring of M2 Ultras",
+        cluster(4, [(0, 1), (1, 2), (2, 3), (3, 0)], "Apple M2 Ultra"),
+        "auto",
+        "ring",
+        "RDMA needs Thunderbolt 5",
+    ),
+    (
+        "a chain, no ring",
+        CHAIN3,
+        "auto",
+        "ring",
+        "the cables form neither a full mesh nor a ring in rank order (studio-1 and studio-3 are "
+        "neighbours but not cabled)",
+    ),
+    (
+        "a ring listed out of the cables' order",
+        reordered(RING4, [0, 2, 1, 3]),
+        "auto",
+        "ring",
+        "list the hosts in the order of the cables' ring",
+    ),
+    # ---- a Thunderbolt Bridge still over the cables blocks RDMA (a loop of 3+ storms) ----
+    (
+        "a bridged mesh",
+        (MESH3[0], with_bridge(MESH3[1], "studio-1", ["en2", "en3"])),
+        "auto",
+        "ring",
+        "studio-1 en2 is still in bridge0, and a bridge over the cables loops traffic",
+    ),
+    (
+        "a bridged ring",
+        (RING4[0], with_bridge(RING4[1], "studio-3", ["en3"])),
+        "auto",
+        "ring",
+        "studio-3 en3 is still in bridge0",
+    ),
+    (
+        "a bridge over no cabled port",
+        (RING4[0], with_bridge(RING4[1], "studio-3", ["en0"])),
+        "auto",
+        "jaccl-ring",
+        "each of the 4 nodes",
+    ),
 ]
 
 
@@ -146,42 +242,111 @@ def test_choose_backend(case):
     _, (names, facts), asked, backend, words = case
     chosen = choose_backend(names, facts, links_of(facts), asked)
     assert chosen.backend == backend
-    assert chosen.why.startswith(f"{backend}: ") and words in chosen.why
+    assert chosen.why.startswith(f"{backend}: ") and words in chosen.why, chosen.why
     assert "\n" not in chosen.why
-    assert (chosen.rdma is not None) == (backend == "jaccl")
+    assert (chosen.rdma is not None) == (backend in RDMA_BACKENDS)
 
 
+BRIDGE_OFF = [
+    DISABLE_BRIDGE,
+    "sudo ifconfig bridge0 deletem en2",
+    "sudo ifconfig bridge0 deletem en3",
+]
+# (name, cluster, asked, words the error holds, setup commands printed per host)
 IMPOSSIBLE = [
     (
         "device missing",
         (MESH3[0], without_device(MESH3[1], "studio-2", "rdma_en2")),
+        "jaccl",
         "studio-2 has no RDMA device rdma_en2",
         {"studio-2": ["rdma_ctl enable"]},
     ),
-    ("ring of 4", RING4, "every pair of Macs cabled, and studio-1 and studio-3 are not", {}),
-    ("Thunderbolt 4", cluster(2, chip="M1 Ultra"), "RDMA needs Thunderbolt 5", {}),
+    (
+        "ring of 4",
+        RING4,
+        "jaccl",
+        "every pair of Macs cabled, and studio-1 and studio-3 are not (and 1 more pair) "
+        "(jaccl-ring can run over this ring: --backend jaccl-ring)",
+        {},
+    ),
+    ("Thunderbolt 4", cluster(2, chip="M1 Ultra"), "jaccl", "RDMA needs Thunderbolt 5", {}),
+    (
+        "jaccl-ring on a chain",
+        CHAIN3,
+        "jaccl-ring",
+        "cannot use jaccl-ring: jaccl-ring needs each rank cabled to the next, and studio-1 and "
+        "studio-3 are not",
+        {},
+    ),
+    (
+        "jaccl-ring, a ring cable without a device",
+        (RING4[0], without_device(RING4[1], "studio-4", "rdma_en2")),
+        "jaccl-ring",
+        "studio-4 has no RDMA device rdma_en2",
+        {"studio-4": ["rdma_ctl enable"]},
+    ),
+    (
+        "jaccl over a bridged mesh",
+        (MESH3[0], with_bridge(MESH3[1], "studio-2", ["en2", "en3"])),
+        "jaccl",
+        "studio-2 en2 is still in bridge0",
+        {"studio-2": BRIDGE_OFF},
+    ),
+    (
+        "jaccl-ring over a bridged ring, with a device missing too",
+        (
+            RING4[0],
+            without_device(
+                with_bridge(RING4[1], "studio-1", ["en2", "en3"]), "studio-1", "rdma_en2"
+            ),
+        ),
+        "jaccl-ring",
+        "studio-1 has no RDMA device rdma_en2",
+        {"studio-1": ["rdma_ctl enable", *BRIDGE_OFF]},
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", IMPOSSIBLE, ids=[c[0] for c in IMPOSSIBLE])
-def test_jaccl_asked_but_impossible_names_what_is_missing(case):
-    _, (names, facts), words, setup = case
-    with pytest.raises(BackendError, match="^cannot use jaccl: ") as caught:
-        choose_backend(names, facts, links_of(facts), "jaccl")
-    assert words in str(caught.value) and "\n" not in str(caught.value)
+def test_rdma_asked_but_impossible_names_what_is_missing(case):
+    _, (names, facts), asked, words, setup = case
+    with pytest.raises(BackendError, match=f"^cannot use {asked}: ") as caught:
+        choose_backend(names, facts, links_of(facts), asked)
+    assert words in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
     commands = {h: [c.split("  #")[0] for c in cs] for h, cs in caught.value.setup.items()}
     assert commands == setup
 
 
-def test_bridge_over_the_cables_prints_the_command_that_turns_it_off():
-    names, facts = MESH3
+BRIDGED = [
+    ("mesh of 3, one host bridged", MESH3, {"studio-1": {"bridge0": ["en2", "en3"]}}),
+    (
+        "ring of 4, two hosts bridged",
+        RING4,
+        {
+            "studio-2": {"bridge0": ["en2", "en3"]},
+            "studio-4": {"bridge0": ["en1", "en3"], "bridge1": ["en2"]},
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize("case", BRIDGED, ids=[c[0] for c in BRIDGED])
+def test_a_bridge_over_the_cables_prints_the_ring_setups_bridge_commands(case):
+    """Auto falls back to the ring and prints, per bridged host, the bridge lines the ring
+    setup prints for it (service off, each cabled port out of its bridge)."""
+    _, (names, facts), bridges = case
     facts = json.loads(json.dumps(facts))
-    facts["studio-1"]["bridges"] = {"bridge0": ["en2", "en3"]}
-    chosen = choose_backend(names, facts, links_of(facts), "auto")
-    assert chosen.backend == "jaccl"
-    assert chosen.setup == {
-        "studio-1": ['sudo networksetup -setnetworkserviceenabled "Thunderbolt Bridge" off']
-    }
+    for host, members in bridges.items():
+        facts[host]["bridges"] = members
+    links = links_of(facts)
+    chosen = choose_backend(names, facts, links, "auto")
+    assert chosen.backend == "ring" and "is still in bridge" in chosen.why
+    ring_setup = setup_commands(names, links, bridges={n: facts[n]["bridges"] for n in names})
+    assert set(chosen.setup) == set(bridges)
+    for host, commands in chosen.setup.items():
+        assert commands[0] == DISABLE_BRIDGE and len(commands) > 1
+        assert ring_setup[host][: len(commands)] == commands
+        assert "inet" in ring_setup[host][len(commands)]  # then the ring's own addresses
 
 
 # ---- the RDMA matrix, as mlx.distributed_config writes it ----
@@ -227,6 +392,58 @@ def test_rdma_matrix_equals_mlx_distributed_config(case, tmp_path, monkeypatch):
     _, (names, facts) = case
     ours = rdma_matrix(names, links_of(facts))
     assert ours == mlx_config_rdma(names, facts, tmp_path, monkeypatch)
+
+
+def mlx_config_ring(names, facts, tmp_path, monkeypatch) -> tuple[list[str], list[list]]:
+    """The ring order and rdma lists MLX's own configure_jaccl_ring writes for this cabling, on
+    the first full ring its extract_rings finds (its ssh steps left out, as above)."""
+    tb_hosts = []
+    for name in names:
+        ports = [
+            mlx_config.ThunderboltPort(p["interface"], p["domain_uuid"], p["peer_uuids"][0])
+            for p in facts[name]["thunderbolt"]
+        ]
+        tb_hosts.append(mlx_config.ThunderboltHost(name, sorted(ports, key=lambda x: x.iface)))
+    index = {p.uuid: (i, j) for i, h in enumerate(tb_hosts) for j, p in enumerate(h.ports)}
+    rings = mlx_config.extract_rings(mlx_config.make_connectivity_matrix(tb_hosts, index))
+    hosts = [Host(i, name, [f"10.0.0.{i + 1}"], []) for i, name in enumerate(names)]
+    assert mlx_config.check_valid_ring(hosts, rings, strict=False)
+    monkeypatch.setattr(mlx_config, "add_ips", lambda hosts, verbose=False: None)
+    monkeypatch.setattr(mlx_config.IPConfigurator, "setup", lambda self, **kw: None)
+    out = tmp_path / "mlx-config-ring.json"
+    args = argparse.Namespace(verbose=False, env=[], auto_setup=False, output_hostfile=str(out))
+    ips = mlx_config.IPConfigurator(hosts, tb_hosts, index)
+    sshinfo = [mlx_config.SSHInfo(True, False)] * len(hosts)
+    mlx_config.configure_jaccl_ring(args, hosts, ips, rings[0], sshinfo)
+    written = Hostfile.from_file(out)
+    assert written.backend == "jaccl-ring"
+    return [h.ssh_hostname for h in written.hosts], [h.rdma for h in written.hosts]
+
+
+RING_MATRICES = [
+    ("ring of 3", cluster(3, [(0, 1), (1, 2), (2, 0)])),
+    ("ring of 4", RING4),
+    ("ring of 6", cluster(6, [(i, (i + 1) % 6) for i in range(6)])),
+    ("ring of 4, two cables per neighbour", cluster(4, [(0, 1), (1, 2), (2, 3), (3, 0)] * 2)),
+    # one pair has two cables, the others one: one cable per pair, the first by port name
+    (
+        "ring of 5, one pair cabled twice",
+        cluster(5, [(0, 1), (1, 2), (2, 3), (3, 4), (4, 0), (2, 3)]),
+    ),
+    ("mesh of 4, as a ring", MESH4),
+    ("two Macs, two cables", cluster(2, [(0, 1), (0, 1)])),
+]
+
+
+@pytest.mark.parametrize("case", RING_MATRICES, ids=[c[0] for c in RING_MATRICES])
+def test_rdma_ring_matrix_equals_mlx_configure_jaccl_ring(case, tmp_path, monkeypatch):
+    _, (names, facts) = case
+    order, theirs = mlx_config_ring(names, facts, tmp_path, monkeypatch)
+    links = links_of(facts)
+    assert rdma_ring_matrix(order, links) == theirs
+    if len(names) > 2:  # two Macs are a mesh too: auto takes plain jaccl there
+        chosen = choose_backend(order, facts, links, "jaccl-ring")
+        assert (chosen.backend, chosen.rdma) == ("jaccl-ring", theirs)
 
 
 # ---- the hostfile and each rank's environment, against mlx.launch ----
@@ -316,6 +533,38 @@ def test_jaccl_hostfile_passes_mlx_parser_and_launch_checks(tmp_path, monkeypatc
     assert {r["env"]["MLX_JACCL_COORDINATOR"] for r in ranks} == {"192.168.1.1:32323"}
 
 
+def test_jaccl_ring_hostfile_passes_mlx_parser_and_launch_checks(tmp_path, monkeypatch):
+    names, facts = RING4
+    chosen = choose_backend(names, facts, links_of(facts), "auto")
+    hosts = [(f"me@{n}.local", f"192.168.1.{i + 1}") for i, n in enumerate(names)]
+    text, links = rank_links(hosts, chosen.backend, rdma=chosen.rdma)
+    path = tmp_path / "hostfile.json"
+    path.write_text(text)
+    parsed = Hostfile.from_file(path)
+    assert parsed.backend == "jaccl-ring" and parsed.envs == ["MLX_METAL_FAST_SYNCH=1"]
+    assert [h.ssh_hostname for h in parsed.hosts] == [d for d, _ in hosts]
+    assert [h.rdma for h in parsed.hosts] == chosen.rdma
+    assert [parsed.hosts[0].rdma[2], parsed.hosts[1].rdma[3]] == [None, None]  # across the ring
+    assert links["backend"] == "jaccl-ring" and links["coordinator"] == "192.168.1.1:32323"
+    ranks = mlx_launch_ranks(path, tmp_path, monkeypatch)  # passes launch_jaccl's checks
+    assert [r["env"]["MLX_RANK"] for r in ranks] == ["0", "1", "2", "3"]
+    assert {r["env"]["MLX_JACCL_RING"] for r in ranks} == {"1"}
+
+
+def test_mlx_launch_refuses_a_jaccl_ring_hostfile_missing_a_neighbour(tmp_path, monkeypatch):
+    """A null is fine across the ring, not between neighbours: MLX's launcher says so too."""
+    names, facts = RING4
+    rdma = choose_backend(names, facts, links_of(facts), "jaccl-ring").rdma
+    rdma[1][2] = None
+    hosts = [(n, f"10.0.0.{i + 1}") for i, n in enumerate(names)]
+    text, _ = rank_links(hosts, "jaccl-ring", rdma=rdma)
+    path = tmp_path / "hostfile.json"
+    path.write_text(text)
+    monkeypatch.setattr(sys, "argv", ["mlx.launch", "--hostfile", str(path), "--", "true"])
+    with pytest.raises(SystemExit):
+        mlx_launch.main()
+
+
 def test_mlx_launch_refuses_the_hostfile_a_ring_of_cables_would_need(tmp_path, monkeypatch):
     """Why plain jaccl is refused over a ring of 4: MLX's launcher itself rejects a matrix with
     a pair that has no device."""
@@ -331,10 +580,11 @@ def test_mlx_launch_refuses_the_hostfile_a_ring_of_cables_would_need(tmp_path, m
 
 
 @pytest.mark.cluster  # the agent starts (stand-in) rank processes
-@pytest.mark.parametrize("backend", ["jaccl", "ring"])
+@pytest.mark.parametrize("backend", ["jaccl", "jaccl-ring", "ring"])
 def test_rank_environment_equals_mlx_launch(backend, tmp_path, monkeypatch):
-    names, facts = MESH3
+    names, facts = RING4 if backend == "jaccl-ring" else MESH3
     chosen = choose_backend(names, facts, links_of(facts), backend)
+    assert chosen.backend == backend
     hosts = [(f"me@{n}.local", f"192.168.1.{i + 1}") for i, n in enumerate(names)]
     text, links = rank_links(hosts, chosen.backend, rdma=chosen.rdma)
     path = tmp_path / "hostfile.json"
@@ -342,8 +592,9 @@ def test_rank_environment_equals_mlx_launch(backend, tmp_path, monkeypatch):
     theirs = mlx_launch_ranks(path, tmp_path, monkeypatch)
     ours = agent_ranks(links, len(names), tmp_path)
     assert [comparable(r) for r in ours] == [comparable(r) for r in theirs]
-    wanted = {"ring": "MLX_HOSTFILE", "jaccl": "MLX_IBV_DEVICES"}[backend]
-    assert all(wanted in r["files"] for r in ours)  # the comparison held the backend's file
+    wanted = {"ring": "MLX_HOSTFILE", "jaccl": "MLX_IBV_DEVICES", "jaccl-ring": "MLX_IBV_DEVICES"}
+    assert all(wanted[backend] in r["files"] for r in ours)  # it held the backend's file
+    assert all(("MLX_JACCL_RING" in r["env"]) == (backend == "jaccl-ring") for r in ours)
 
 
 # ---- requests and hosts.toml ----
@@ -370,7 +621,32 @@ BAD_JACCL = [
     ("coordinator port too big", {"coordinator": "10.0.0.1:99999"}),
     ("coordinator a flag", {"coordinator": "--x:1"}),
     ("rdma on the ring", {"backend": "ring", "hostfile": [["10.0.0.1:1"], ["10.0.0.2:2"]]}),
-    ("a backend MLX has but we do not start", {"backend": "jaccl-ring"}),
+    ("a backend MLX has but we do not start", {"backend": "mpi"}),
+    ("jaccl-ring without a matrix", {"backend": "jaccl-ring", "rdma": None}),
+]
+# jaccl-ring over 4 ranks: each rank's devices to its two neighbours, null across the ring
+RING_RDMA = [
+    [None, "rdma_en2", None, "rdma_en3"],
+    ["rdma_en2", None, "rdma_en3", None],
+    [None, "rdma_en2", None, "rdma_en3"],
+    ["rdma_en3", None, "rdma_en2", None],
+]
+JACCL_RING = {"backend": "jaccl-ring", "rdma": RING_RDMA, "split": [1, 1, 1, 1]}
+
+
+def with_cell(matrix: list[list], i: int, j: int, cell) -> list[list]:
+    changed = json.loads(json.dumps(matrix))
+    changed[i][j] = cell
+    return changed
+
+
+BAD_JACCL_RING = [
+    ("a neighbour without a device", {"rdma": with_cell(RING_RDMA, 1, 2, None)}),
+    ("the last rank's next, the first, without one", {"rdma": with_cell(RING_RDMA, 3, 0, None)}),
+    ("a device to itself", {"rdma": with_cell(RING_RDMA, 2, 2, "rdma_en2")}),
+    ("a bad name across the ring", {"rdma": with_cell(RING_RDMA, 0, 2, "--evil")}),
+    ("nulls across the ring on plain jaccl", {"backend": "jaccl"}),
+    ("a ring hostfile too", {"hostfile": [["10.0.0.1:1"], ["10.0.0.2:2"]] * 2}),
 ]
 
 
@@ -392,7 +668,45 @@ def test_start_rank_refuses_bad_jaccl_requests(change):
         StartRank(**start_body(**change[1]))
 
 
-@pytest.mark.parametrize("backend", ["ring", "jaccl", "auto"])
+def test_start_rank_takes_a_jaccl_ring_rank():
+    req = StartRank(**start_body(**JACCL_RING))
+    assert (req.backend, req.rdma) == ("jaccl-ring", RING_RDMA)
+    mesh = [[None if i == j else "rdma_en2" for j in range(4)] for i in range(4)]
+    assert StartRank(**start_body(**JACCL_RING | {"rdma": mesh})).rdma == mesh  # devices across
+    two = [[None, "rdma_en2"], ["rdma_en2", None]]  # two ranks: each the other's both neighbours
+    assert StartRank(**start_body(backend="jaccl-ring", rdma=two)).rdma == two
+
+
+@pytest.mark.parametrize("change", BAD_JACCL_RING, ids=[c[0] for c in BAD_JACCL_RING])
+def test_start_rank_refuses_bad_jaccl_ring_requests(change):
+    with pytest.raises(ValidationError):
+        StartRank(**start_body(**JACCL_RING | change[1]))
+
+
+@pytest.mark.parametrize(
+    "backend,mlx", [("ring", "ring"), ("jaccl", "jaccl"), ("jaccl-ring", "jaccl")]
+)
+def test_a_rank_initialises_mlx_with_the_name_its_cpp_backend_has(backend, mlx, tmp_path):
+    """mx.distributed.init knows jaccl, not jaccl-ring: a jaccl-ring rank starts as jaccl (with
+    MLX_JACCL_RING=1 in its environment), from the agent and over ssh alike."""
+    from launcher.agent.ranks import rank_argv
+    from launcher.rankspec import RankSpec
+    from launcher.ssh import rank_spec as ssh_rank_spec
+
+    body = start_body(**(JACCL_RING if backend == "jaccl-ring" else {"backend": backend}))
+    if backend == "ring":
+        body = body | {
+            "rdma": None,
+            "coordinator": None,
+            "hostfile": [["10.0.0.1:1"], ["10.0.0.2:2"]],
+        }
+    req = StartRank(**body)
+    argv = rank_argv("python", tmp_path, req)
+    assert RankSpec.from_argv(argv[3:]).backend == mlx
+    assert ssh_rank_spec(body).backend == mlx
+
+
+@pytest.mark.parametrize("backend", ["ring", "jaccl", "jaccl-ring", "auto"])
 def test_hosts_file_backend(backend):
     hosts = parse_hosts(f'backend = "{backend}"\n[[hosts]]\nname = "a"\naddress = "10.0.0.1"\n')
     assert hosts.backend == backend
@@ -503,7 +817,14 @@ def test_start_remote_over_jaccl_through_an_agent(tmp_path):
     [
         (["launch", "--local", "2", "--backend", "jaccl"], "--backend jaccl is for Macs cabled"),
         (["serve", "--backend", "jaccl"], "--backend jaccl is for Macs cabled"),
-        (["bench", "--backend", "tcp"], "--backend must be ring, jaccl or auto, not 'tcp'"),
+        (
+            ["launch", "--local", "2", "--backend", "jaccl-ring"],
+            "--backend jaccl-ring is for Macs cabled",
+        ),
+        (
+            ["bench", "--backend", "tcp"],
+            "--backend must be ring, jaccl, jaccl-ring or auto, not 'tcp'",
+        ),
     ],
 )
 def test_backend_option_refuses_what_cannot_run(args, words):

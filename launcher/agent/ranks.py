@@ -17,7 +17,7 @@ from pathlib import Path
 from quantize.checkpoint import CheckpointError, read_config
 from quantize.nodes import check_expert_node, check_node, even_experts
 
-from ..rankenv import rank_env, write_files
+from ..rankenv import mlx_backend, rank_env, write_files
 from ..rankspec import HEARTBEAT_TOKEN_ENV, PARENT_PID_ENV, RANK_MODULE, RankSpec
 from .errors import Refused
 from .requests import StartRank
@@ -73,7 +73,7 @@ def rank_spec(model: Path, req: StartRank) -> RankSpec:
         name=req.name,
         host=req.http_host,
         port=req.http_port,
-        backend=req.backend,
+        backend=mlx_backend(req.backend),  # jaccl-ring: jaccl, with MLX_JACCL_RING=1
         max_context=req.max_context,
         heartbeat=_heartbeat(req) if req.heartbeat_port else None,
         node=req.node,

@@ -35,8 +35,9 @@ def _check_ring_entry(entry: str) -> None:
     _check_ip(host.removeprefix("[").removesuffix("]"))
 
 
-def _check_rdma(rdma: list[list], size: int) -> None:
-    """An N x N matrix of RDMA devices: null on the diagonal, a device (or one per cable) else."""
+def _check_rdma(rdma: list[list], size: int, ring: bool = False) -> None:
+    """An N x N matrix of RDMA devices: null on the diagonal, a device (or one per cable) else;
+    ring (jaccl-ring): null also allowed between ranks that are not ring neighbours."""
     if len(rdma) != size or any(len(row) != size for row in rdma):
         raise ValueError(f"rdma must be a {size} x {size} matrix, one row per rank")
     for i, row in enumerate(rdma):
@@ -45,6 +46,8 @@ def _check_rdma(rdma: list[list], size: int) -> None:
                 if cell is not None:
                     raise ValueError("rdma: a rank's device to itself must be null")
                 continue
+            if cell is None and ring and j not in ((i - 1) % size, (i + 1) % size):
+                continue  # jaccl-ring never talks to this rank
             names = cell if isinstance(cell, list) else [cell]
             if (
                 not names
@@ -66,9 +69,10 @@ class StartRank(BaseModel):
     http_host: str = Field(max_length=64)
     http_port: int = Field(ge=1024, le=65535)
     name: str
-    backend: Literal["ring", "jaccl"] = "ring"
-    # jaccl: rank i's RDMA device to rank j (rdma[i][j], null on the diagonal) and rank 0's
-    # coordinator "ip:port"; the ring backend takes the hostfile instead.
+    backend: Literal["ring", "jaccl", "jaccl-ring"] = "ring"
+    # jaccl, jaccl-ring: rank i's RDMA device to rank j (rdma[i][j], null on the diagonal and,
+    # for jaccl-ring, between ranks that are not ring neighbours) and rank 0's coordinator
+    # "ip:port"; the ring backend takes the hostfile instead.
     rdma: list[list[str | list[str] | None]] | None = Field(None, max_length=64)
     coordinator: str | None = Field(None, max_length=64)
     max_context: int | None = Field(None, ge=1, le=10_000_000)
@@ -102,10 +106,10 @@ class StartRank(BaseModel):
             raise ValueError("experts gives one count per rank, in expert mode only")
         if self.rank >= size:
             raise ValueError(f"rank {self.rank} is not below the {size} ranks of the split")
-        if self.backend == "jaccl":
+        if self.backend in ("jaccl", "jaccl-ring"):
             return self._jaccl(size)
         if self.rdma is not None or self.coordinator is not None:
-            raise ValueError("rdma and coordinator are for the jaccl backend")
+            raise ValueError("rdma and coordinator are for the jaccl and jaccl-ring backends")
         if size > 1 and len(self.hostfile) != size:
             raise ValueError(f"hostfile needs one entry per rank ({size})")
         if size == 1 and len(self.hostfile) > 1:
@@ -121,14 +125,16 @@ class StartRank(BaseModel):
 
     def _jaccl(self, size: int) -> StartRank:
         if self.hostfile:
-            raise ValueError("jaccl takes rdma and coordinator, not a ring hostfile")
+            raise ValueError(f"{self.backend} takes rdma and coordinator, not a ring hostfile")
         if size == 1:
             if self.rdma is not None or self.coordinator is not None:
                 raise ValueError("a single rank takes no rdma or coordinator")
             return self
         if self.rdma is None or self.coordinator is None:
-            raise ValueError("jaccl needs rdma (a device matrix) and coordinator (ip:port)")
-        _check_rdma(self.rdma, size)
+            raise ValueError(
+                f"{self.backend} needs rdma (a device matrix) and coordinator (ip:port)"
+            )
+        _check_rdma(self.rdma, size, ring=self.backend == "jaccl-ring")
         _check_ring_entry(self.coordinator)
         if not 0 < int(self.coordinator.rpartition(":")[2]) < 65536:
             raise ValueError(f"coordinator {self.coordinator!r} has no valid port")

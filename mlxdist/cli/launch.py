@@ -10,7 +10,10 @@ import typer
 from mlxdist.cli.app import app
 from quantize.errors import UserError
 
-BACKEND_HELP = "ring, jaccl (RDMA over Thunderbolt 5) or auto (default: hosts file's, else auto)"
+BACKEND_HELP = (
+    "ring, jaccl (RDMA over Thunderbolt 5, every pair cabled), jaccl-ring (RDMA over a ring of "
+    "cables) or auto (default: hosts file's, else auto)"
+)
 
 
 PARALLEL_HELP = (
@@ -20,11 +23,14 @@ PARALLEL_HELP = (
 
 
 def _backend(backend: str | None, across_hosts: bool) -> str | None:
-    """--backend checked: one of ring, jaccl, auto; on one machine the ranks run on the ring."""
-    if backend is not None and backend not in ("ring", "jaccl", "auto"):
-        raise UserError(f"--backend must be ring, jaccl or auto, not {backend!r}")
-    if backend == "jaccl" and not across_hosts:
-        raise UserError("--backend jaccl is for Macs cabled over Thunderbolt 5 (--hosts/--cluster)")
+    """--backend checked: ring, jaccl, jaccl-ring or auto; on one machine the ranks run on the
+    ring."""
+    if backend is not None and backend not in ("ring", "jaccl", "jaccl-ring", "auto"):
+        raise UserError(f"--backend must be ring, jaccl, jaccl-ring or auto, not {backend!r}")
+    if backend in ("jaccl", "jaccl-ring") and not across_hosts:
+        raise UserError(
+            f"--backend {backend} is for Macs cabled over Thunderbolt 5 (--hosts/--cluster)"
+        )
     return backend
 
 
