@@ -6,8 +6,10 @@ headroom, under each GPU limit) and, if it can run, predicted (launcher/perfmode
 that fits wins, ties to the earlier of PARALLEL's order. When none fits, the pipeline is chosen:
 its plan then says which node is short and by how much.
 
-The link follows the backend (launcher/backend.py): RDMA for jaccl, else a ring over TCP on
-Thunderbolt (TB5, or TB4 when a chip has only Thunderbolt 4: perfmodel.usable_link). Ranks on
+The link follows the backend (launcher/backend.py) and where the ring runs: RDMA for jaccl; a
+ring over TCP on the cables' own /30s is Thunderbolt (TB5, or TB4 when a chip has only
+Thunderbolt 4: perfmodel.usable_link); a ring over the hosts' own addresses (no cables reported,
+ssh hosts, a plan made again after a failure) is the LAN. Ranks on
 one machine (--local) share its memory bandwidth: the pipeline's stages read one after another
 at the whole bandwidth, while tensor and expert ranks read at once and each gets 1/N of it,
 over LOOPBACK.
@@ -19,14 +21,29 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from quantize.errors import UserError
+
 from .chips import ChipSpec
 from .perfmodel import GB, ActiveBytes, LinkSpec, held_per_node, node_chip, predict_decode
 from .planner import DEFAULT_HEADROOM, ModelSpec, NodeSpec, plan, plan_experts
 from .rankspec import PARALLEL
 
+CHOICES = ("auto", *PARALLEL)  # what --parallel takes
+
 # An assumption, not a measured figure: TCP over the loopback interface, tens of microseconds
 # per message. On one machine the choice hardly hangs on it: its ranks share one memory.
 LOOPBACK = LinkSpec("loopback", 10 * GB, 20e-6, 0)
+
+
+class ParallelError(UserError):
+    """A --parallel that no launch runs."""
+
+
+def check_parallel(parallel: str) -> str:
+    """--parallel checked: auto, pipeline, expert or tensor."""
+    if parallel not in CHOICES:
+        raise ParallelError(f"--parallel must be {', '.join(CHOICES)}, not {parallel!r}")
+    return parallel
 
 
 @dataclass(frozen=True)
@@ -67,7 +84,7 @@ def choose_parallel(
     not_ready: modes the model folder was not cut for, each with why (still predicted)."""
     nodes = list(nodes)
     outcomes = [
-        _outcome(
+        mode_outcome(
             mode,
             nodes,
             spec,
@@ -90,7 +107,19 @@ def choose_parallel(
     return Choice(best.mode if best else "pipeline", outcomes, _line(best, outcomes, len(nodes)))
 
 
-def _outcome(mode, nodes, spec, active, link, context, batch, headroom, refusal, shared):
+def mode_outcome(
+    mode: str,
+    nodes: Sequence[NodeSpec],
+    spec: ModelSpec,
+    active: ActiveBytes,
+    link: str | LinkSpec,
+    context: int,
+    batch: int = 1,
+    headroom: float = DEFAULT_HEADROOM,
+    refusal: str | None = None,
+    shared: bool = False,
+) -> ModeOutcome:
+    """One mode planned on the nodes and, if it can run, predicted."""
     if mode == "expert" and not spec.num_experts:
         return ModeOutcome(mode, None, False, "no routed experts")
     if mode == "expert" and len(nodes) > spec.num_experts:
@@ -157,23 +186,34 @@ def _line(best: ModeOutcome | None, outcomes: list[ModeOutcome], nodes: int) -> 
 # --- the inputs, from a model folder and the nodes' facts ---------------------------------------
 
 
-def link_for(backend: str) -> str:
-    """The link a backend sends over: RDMA for jaccl, else TCP on Thunderbolt (tb5; perfmodel
-    takes TB4 where a chip has only Thunderbolt 4)."""
-    return "rdma" if backend == "jaccl" else "tb5"
+def link_for(backend: str, over_cables: bool) -> str:
+    """The link a backend sends over: RDMA for jaccl (any of its forms); the ring's TCP over the
+    cables' own /30s is Thunderbolt (tb5; perfmodel takes TB4 where a chip has only
+    Thunderbolt 4), over the hosts' own addresses the LAN."""
+    if backend.startswith("jaccl"):
+        return "rdma"
+    return "tb5" if over_cables else "lan"
 
 
-def model_inputs(model: Path, nodes: int) -> tuple[ModelSpec, ActiveBytes, str | None]:
-    """The model's sizes, the bytes a token reads (as stored: an unquantised folder is read
-    unquantised) and why tensor parallelism cannot run over `nodes` ranks (None when it can)."""
+def model_inputs(
+    model: Path, nodes: int, bits: int | None = None
+) -> tuple[ModelSpec, ActiveBytes, str | None]:
+    """The model's sizes, the bytes a token reads and why tensor parallelism cannot run over
+    `nodes` ranks (None when it can). A quantised model is taken as stored; an unquantised one
+    at `bits` when given (a plan for a model to be quantised), else as stored (a launch)."""
     from quantize.checkpoint import read_config
 
     from .perfmodel import bytes_per_token
     from .planner import model_spec_from_folder
 
     config = read_config(model)
-    active = bytes_per_token(config, quantize="quantization" in config)
-    return model_spec_from_folder(model), active, tensor_refusal(config, nodes)
+    if bits is None or "quantization" in config:
+        active = bytes_per_token(config, quantize="quantization" in config)
+        spec = model_spec_from_folder(model)
+    else:
+        active = bytes_per_token(config, bits=bits)
+        spec = model_spec_from_folder(model, bits=bits)
+    return spec, active, tensor_refusal(config, nodes)
 
 
 def tensor_refusal(config: Mapping, nodes: int) -> str | None:
@@ -208,15 +248,23 @@ def folder_readiness(model: Path, nodes: int) -> dict[str, str]:
     return why
 
 
-def choose_for_nodes(model: Path, nodes: Sequence[NodeSpec], link: str, context: int) -> Choice:
-    """--parallel auto across hosts: the nodes in rank order, over the backend's link. Only the
-    modes the folder is cut for compete; if it is cut for none, the fastest is named (its launch
-    then says how to cut the folder for it)."""
-    spec, active, refusal = model_inputs(model, len(nodes))
-    why = folder_readiness(model, len(nodes))
+def choose_for_nodes(
+    model: Path,
+    nodes: Sequence[NodeSpec],
+    link: str,
+    context: int,
+    bits: int | None = None,
+    batch: int = 1,
+) -> Choice:
+    """--parallel auto across hosts: the nodes in rank order, over the backend's link. When
+    MODEL is a folder, only the modes it is cut for compete; if it is cut for none (or MODEL is
+    a bare config.json), the fastest is named (its launch then says how to cut the folder for
+    it). bits: see model_inputs."""
+    spec, active, refusal = model_inputs(model, len(nodes), bits)
+    why = folder_readiness(model, len(nodes)) if Path(model).is_dir() else {}
     not_ready = why if len(why) < len(PARALLEL) else {}
     return choose_parallel(
-        nodes, spec, active, link, context, tensor_refusal=refusal, not_ready=not_ready
+        nodes, spec, active, link, context, batch, tensor_refusal=refusal, not_ready=not_ready
     )
 
 

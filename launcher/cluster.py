@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.agent_client import AgentClient, AgentError
+from launcher.autoparallel import Choice, check_parallel, choose_for_nodes, link_for
 from launcher.backend import BackendChoice, BackendError, choose_backend
 from launcher.discovery import browse
 from launcher.hostfacts import ThunderboltPort
@@ -149,6 +151,47 @@ def _print_setup(setup: dict[str, list[str]], console) -> None:
         console.print(f"on {host}:\n  " + "\n  ".join(commands))
 
 
+def over_cables(nodes: list[Node], backend: str) -> bool:
+    """Whether the ring runs over the cables' own /30s (every node reports its cables), rather
+    than over the hosts' own addresses."""
+    return backend == "ring" and len(nodes) > 1 and all(_ports(nodes).values())
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a launch on these nodes runs, as launch and plan both decide it."""
+
+    backend: BackendChoice
+    over_cables: bool  # the ring on the cables' /30s (cable_addresses gives them)
+    link: str  # what the prediction sends over (perfmodel.LINKS)
+    parallel: str  # the mode to run
+    auto: Choice | None  # --parallel auto's choice, when asked
+
+
+def decide(
+    model: Path,
+    nodes: list[Node],
+    asked: str,
+    parallel: str,
+    context: int,
+    console,
+    link: str | None = None,
+    bits: int | None = None,
+) -> Decision:
+    """The backend for these nodes in rank order (its line printed), where the ring runs, the
+    link that gives (unless `link` names one), and with parallel "auto" the mode predicted
+    fastest (its line printed). bits: a plan's width for a model not yet quantised."""
+    check_parallel(parallel)
+    chosen = choose_nodes_backend(nodes, asked, console)
+    cables = over_cables(nodes, chosen.backend)
+    link = link or link_for(chosen.backend, cables)
+    pick = None
+    if parallel == "auto":  # the mode the performance model predicts fastest on these links
+        pick = choose_for_nodes(model, _specs(nodes), link, context, bits)
+        console.print(pick.line, highlight=False)
+    return Decision(chosen, cables, link, pick.mode if pick else parallel, pick)
+
+
 def _specs(nodes: list[Node]) -> list[NodeSpec]:
     """What the planner needs of each node: its name, memory, chip and GPU memory limit."""
     from launcher.planner import node_spec_from_facts
@@ -228,6 +271,7 @@ def start_agents_cluster(
     backend: ring, jaccl or auto (default: the hosts file's, else auto)."""
     from rich.console import Console
 
+    check_parallel(parallel)  # before any agent is asked
     console = Console(stderr=True, soft_wrap=True)
     if hosts is not None:
         nodes = nodes_from_hosts(hosts, secret)
@@ -240,15 +284,10 @@ def start_agents_cluster(
             )
     nodes = ring(nodes, keep_order=hosts is not None)
     asked = backend or (read_hosts(hosts).backend if hosts is not None else "auto")
-    chosen = choose_nodes_backend(nodes, asked, console)
+    decision = decide(model, nodes, asked, parallel, context, console)
+    chosen, parallel = decision.backend, decision.parallel
     # jaccl sends over the RDMA devices; only the ring needs the cables' own addresses.
-    ring_ips = cable_addresses(nodes, console) if chosen.backend == "ring" else None
-    if parallel == "auto":  # the mode the performance model predicts fastest on these links
-        from launcher.autoparallel import choose_for_nodes, link_for
-
-        pick = choose_for_nodes(model, _specs(nodes), link_for(chosen.backend), context)
-        console.print(pick.line, highlight=False)
-        parallel = pick.mode
+    ring_ips = cable_addresses(nodes, console) if decision.over_cables else None
     if parallel == "tensor":
         split = choose_tensor(model, nodes, context)
         return _start(

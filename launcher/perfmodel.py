@@ -69,10 +69,19 @@ class LinkSpec:
 # - RDMA over Thunderbolt 5 (JACCL, macOS 26.2+): single-digit microseconds (exo's Alex Cheema:
 #   "single digit microseconds"; 5-9 us reported by Stabilise.io); 8 us taken. Bandwidth: up to
 #   7.4 GB/s between nodes, as a published TB5/JACCL cluster write-up measured.
+# - LAN, the ring over the hosts' own addresses rather than the cables' /30s (no cables reported,
+#   ssh hosts, a plan made again after a failure): TCP over 10 Gigabit Ethernet, the port of a
+#   Mac Studio (https://www.apple.com/mac-studio/specs/; an assumption: a Mac mini has 1 GbE
+#   unless built with 10, a MacBook only Wi-Fi). Bandwidth: 10 Gb/s less TCP/IP and Ethernet
+#   framing at a 1500-byte MTU (1448 payload bytes in each 1538 on the wire): 1.18 GB/s.
+#   Latency: the 300 us of TCP over Thunderbolt above (Jeff Geerling, https://www.jeffgeerling.com/
+#   blog/2025/15-tb-vram-on-mac-studio-rdma-over-thunderbolt-5), which is the TCP/IP stack both
+#   share rather than the wire; a switch adds microseconds (an assumption; Wi-Fi: milliseconds).
 LINKS: dict[str, LinkSpec] = {
     "tb4": LinkSpec("tb4", 2.5 * GB, 300e-6, 4),
     "tb5": LinkSpec("tb5", 5.0 * GB, 300e-6, 5),
     "rdma": LinkSpec("rdma", 7.4 * GB, 8e-6, 5),
+    "lan": LinkSpec("lan", 10e9 / 8 * 1448 / 1538, 300e-6, 0),
 }
 
 

@@ -153,9 +153,47 @@ def test_ranks_on_one_machine_share_it(r1):
     assert apart.mode == "tensor"
 
 
-@pytest.mark.parametrize("backend,link", [("jaccl", "rdma"), ("ring", "tb5")])
-def test_the_link_follows_the_backend(backend, link):
-    assert link_for(backend) == link
+@pytest.mark.parametrize(
+    "backend,over_cables,link",
+    [
+        ("jaccl", False, "rdma"),
+        ("jaccl-ring", False, "rdma"),
+        ("ring", True, "tb5"),  # TCP on the cables' own /30s
+        ("ring", False, "lan"),  # no cables, ssh hosts, a replan: the hosts' own addresses
+    ],
+)
+def test_the_link_follows_the_backend_and_where_the_ring_runs(backend, over_cables, link):
+    assert link_for(backend, over_cables) == link
+
+
+def test_the_lan_link_is_10_gigabit_ethernet_under_tcp():
+    """The figures stated in perfmodel: 10 Gb/s less framing at a 1500-byte MTU, and the TCP
+    stack's 300 us that TCP over Thunderbolt pays too; no Thunderbolt needed at either end."""
+    lan, tb5 = perfmodel.LINKS["lan"], perfmodel.LINKS["tb5"]
+    assert lan.bandwidth == pytest.approx(1.177e9, rel=1e-3)
+    assert lan.latency == tb5.latency and lan.bandwidth < perfmodel.LINKS["tb4"].bandwidth
+    assert lan.thunderbolt == 0
+    assert perfmodel.usable_link(lan, [perfmodel.chip("M2Ultra")]) == (lan, None)
+
+
+@pytest.mark.parametrize(
+    "cluster,link,mode",
+    [
+        # over the LAN as over TCP on Thunderbolt: the all_sums' 300 us each sink tensor
+        ("4xM3Ultra-512GB", "lan", "pipeline"),
+        ("6xM2Ultra-192GB", "lan", "pipeline"),
+        # 8 x 64 GB: only the tensor cut fits under Metal's limits, whatever the link
+        ("8xM4Pro-64GB", "lan", "tensor"),
+    ],
+)
+def test_the_choice_over_the_lan(r1, cluster, link, mode):
+    c = choose(r1, cluster, link)
+    assert c.mode == mode and c.line.startswith(f"auto: {mode} parallel over lan, ")
+    # the LAN's lower bandwidth makes each mode no faster than over TCP on TB5's cables
+    tb5 = speeds(choose(r1, cluster, "tb5"))
+    for o in c.outcomes:
+        if o.tokens_per_s is not None:
+            assert o.tokens_per_s <= tb5[o.mode]
 
 
 # --- mlxdist plan shows the same choice ---------------------------------------------------------

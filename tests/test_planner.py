@@ -686,7 +686,9 @@ def test_mlxdist_plan_parallel_expert_command():
     assert json.loads(result.stdout)["experts"] == [43, 43, 43, 43, 42, 42]
     wrong = run_cli(*args, "--parallel", "experts")
     assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
-    assert wrong.stderr.strip() == "error: --parallel 'experts' must be auto, pipeline or expert"
+    assert wrong.stderr.strip() == (
+        "error: --parallel must be auto, pipeline, expert, tensor, not 'experts'"
+    )
 
 
 def test_tensor_launch_check_uses_the_planners_headroom(tiny_r1):

@@ -34,6 +34,13 @@ def _backend(backend: str | None, across_hosts: bool) -> str | None:
     return backend
 
 
+def _parallel(parallel: str) -> str:
+    """--parallel checked once, before anything starts: auto, pipeline, expert or tensor."""
+    from launcher.autoparallel import check_parallel
+
+    return check_parallel(parallel)
+
+
 def _parse_split(split: str | None, ranks: int, num_layers: int) -> list[int]:
     from quantize.nodes import even_split, parse_split
 
@@ -85,6 +92,7 @@ def launch(
             raise UserError("give --hosts or --cluster, not both")
         if experts and (hosts or cluster):
             raise UserError("--experts is for --local: across hosts the node folders' cut holds")
+        parallel = _parallel(parallel)
         backend = _backend(backend, bool(hosts or cluster))
         path = _launch_model(model)
         if hosts or cluster:
@@ -282,6 +290,7 @@ def serve(
     try:
         if hosts and (local or split or host or max_context):
             raise UserError("--local, --split, --host and --max-context are not for --hosts")
+        parallel = _parallel(parallel)
         backend = _backend(backend, bool(hosts))
         path = _launch_model(model)
         if hosts:
@@ -384,6 +393,7 @@ def bench(
             raise UserError("--local and --split are for one machine; not with --hosts")
         if hosts and experts:
             raise UserError("--experts is for --local; across hosts the expert node folders decide")
+        parallel = _parallel(parallel)
         backend = _backend(backend, bool(hosts))
         path = _launch_model(model)
         if hosts:

@@ -1,8 +1,16 @@
-"""`mlxdist plan`: which node holds which layers, as a table or JSON."""
+"""`mlxdist plan`: which node holds which layers, as a table or JSON.
+
+Over real nodes (--cluster, --hosts) the plan decides as `mlxdist launch` does, through the same
+functions (launcher/cluster.py): the ring along the cables, the backend from the nodes' facts,
+the link that gives, the folder's readiness and the auto choice. --simulate predicts over --link.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +22,12 @@ from mlxdist.cli.app import app
 from quantize.errors import UserError
 
 if TYPE_CHECKING:
+    from launcher.cluster import Decision
     from launcher.planner import ModelSpec, NodeSpec, Plan
+    from launcher.remote import Node
+
+# Seconds to wait for each agent of a hosts.toml: a plan is a quick look, not a launch.
+AGENT_TIMEOUT = 3.0
 
 
 @app.command("plan")
@@ -28,9 +41,21 @@ def plan_cmd(
     batch: int = typer.Option(1, min=1, help="sequences decoded at once"),
     bits: int = typer.Option(4, help="width planned for a model not yet quantised"),
     as_json: bool = typer.Option(False, "--json", help="the plan as JSON (for quantize --plan)"),
-    link: str = typer.Option("tb5", help="link for the prediction: tb5, tb4 or rdma"),
+    link: str | None = typer.Option(
+        None,
+        help="link for the prediction: tb5, tb4, rdma or lan (default: --simulate tb5; real "
+        "nodes: the link their backend gives, as launch decides it)",
+    ),
     parallel: str = typer.Option(
-        "auto", help="auto (the mode predicted fastest), pipeline (layers) or expert (experts)"
+        "auto",
+        help="auto (the mode predicted fastest), pipeline (layers), expert (experts) or tensor "
+        "(1/N of every layer: predicted, with whether it fits)",
+    ),
+    backend: str | None = typer.Option(
+        None, help="ring, jaccl, jaccl-ring or auto, as for launch (--cluster, --hosts)"
+    ),
+    secret_file: Path | None = typer.Option(
+        None, "--secret-file", help="the cluster secret, to ask the agents (--cluster, --hosts)"
     ),
 ) -> None:
     """Plan who holds what: layers (or experts) per node weighted by memory."""
@@ -47,43 +72,147 @@ def plan_cmd(
             parallel=parallel,
             cluster=cluster,
             interfaces=interface,
+            backend=backend,
+            secret_file=secret_file,
         )
     except ValueError as e:  # plan_command's faults: the options, the hosts file, the model
         raise UserError(str(e)) from None
     raise typer.Exit(code)
 
 
+@dataclass
+class FoundNodes:
+    """Real nodes as a launch finds them (their facts from their agents), and what a plan
+    noticed on the way that a launch would not get past."""
+
+    nodes: list[Node]
+    keep_order: bool  # hosts.toml's order (launch --hosts); else along the cables
+    backend: str  # the backend asked: --backend, else hosts.toml's, else auto
+    notes: list[str] = field(default_factory=list)
+
+
 def nodes_from_hosts(path: str | Path) -> list[NodeSpec]:
-    """Nodes in rank order from a hosts.toml, each with its memory_gb (GB as Apple sells them)."""
+    """Nodes in rank order from a hosts.toml alone, each with its memory_gb (GB as Apple sells
+    them), as a launch plans a host that runs no agent."""
+    from launcher.cluster import _specs
+
+    return _specs(hosts_nodes(path, None).nodes)
+
+
+def hosts_nodes(path: str | Path, secret: bytes | None, backend: str | None = None) -> FoundNodes:
+    """The hosts of a hosts.toml as launch --hosts takes them: each with the facts its agent
+    reports (asked at once, AGENT_TIMEOUT each), memory_gb where given; a host whose agent does
+    not answer (or with no secret to ask) is planned from its memory_gb, without its cables."""
     from launcher.hosts import read_hosts
-    from launcher.planner import GIB, NodeSpec, with_estimated_gpu_limit
+    from launcher.remote import Node
 
+    hosts = read_hosts(path)
+    notes = []
+    if secret is None:
+        answers: list[dict | str] = ["no cluster secret to ask its agent"] * len(hosts.hosts)
+        notes.append(f"no cluster secret: planned from {path} alone, without the nodes' cables")
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, len(hosts.hosts))) as pool:
+            answers = list(pool.map(lambda h: _agent_facts(h, secret), hosts.hosts))
     nodes = []
-    for h in read_hosts(path).hosts:
-        if h.memory_gb is None:
-            raise ValueError(
-                f"host {h.name} has no memory_gb in {path}: until mlxdist agents report memory, "
-                "planning needs it, e.g. memory_gb = 192"
-            )
-        nodes.append(with_estimated_gpu_limit(NodeSpec(h.name, int(h.memory_gb * GIB))))
-    return nodes
+    for h, answer in zip(hosts.hosts, answers):
+        facts = answer if isinstance(answer, dict) else {}
+        if not facts:
+            if h.memory_gb is None:
+                raise ValueError(
+                    f"host {h.name} has no memory_gb in {path} and {answer}: start mlxdist agent "
+                    "there, or give its memory, e.g. memory_gb = 192"
+                )
+            if secret is not None:
+                stop = "" if h.ssh else "; a launch stops here (no ssh destination either)"
+                notes.append(f"{h.name}: {answer}: planned from its memory_gb{stop}")
+        if h.memory_gb is not None:  # as launch: the hosts file's memory stands
+            facts["memory_total"] = facts["memory_available"] = int(h.memory_gb * 2**30)
+        nodes.append(Node(h.name, h.address, None, facts, ssh=h.ssh))  # type: ignore[arg-type]
+    return FoundNodes(nodes, True, backend or hosts.backend, notes)
 
 
-def nodes_from_cluster(cluster: str, interfaces: list[str]) -> list[NodeSpec]:
-    """The agents of a cluster that zeroconf finds, as a launch plans with them: in the order
-    their cables give (by name when they give none), with the facts each agent reports."""
-    from launcher.cluster import _specs, discover_nodes, ring
-    from launcher.local import LaunchError
-    from launcher.secret import load_secret
+def _agent_facts(host, secret: bytes) -> dict | str:
+    """The facts the host's agent reports, or why it gave none."""
+    from launcher.agent_client import AgentClient, AgentError
+    from launcher.rankspec import AGENT_PORT
 
-    found = discover_nodes(cluster, interfaces, load_secret(None))
+    url = f"http://{host.address}:{host.agent_port or AGENT_PORT}"
+    try:
+        with AgentClient(url, secret, timeout=AGENT_TIMEOUT) as client:
+            return client.facts()
+    except AgentError as e:
+        return f"its agent did not answer ({e})"
+
+
+def cluster_nodes(
+    cluster: str, interfaces: list[str], secret: bytes, backend: str | None = None
+) -> FoundNodes:
+    """The agents of a cluster that zeroconf finds, with the facts each reports."""
+    from launcher.cluster import discover_nodes
+
+    found = discover_nodes(cluster, interfaces, secret)
     if not found:
         raise ValueError(f"no agent of cluster {cluster!r} answered on the interfaces given")
+    return FoundNodes(found, False, backend or "auto")
+
+
+def _secret(path: Path | None, needed: bool) -> bytes | None:
+    from launcher.secret import SecretError, load_secret
+
     try:
-        found = ring(found, keep_order=False)
-    except LaunchError:  # no ring through the cables: a plan still says what fits
-        found = sorted(found, key=lambda n: n.name)
-    return _specs(found)
+        return load_secret(path)
+    except SecretError:
+        if needed or path is not None:
+            raise
+        return None
+
+
+@dataclass
+class Decided:
+    """A plan's nodes in rank order and what it prints beside the tables."""
+
+    nodes: list[NodeSpec]
+    decision: Decision
+    lines: list[str]  # cable setup, the backend's line and its setup commands, the auto line
+    notes: list[str]
+
+
+def decide_on_nodes(
+    model: str, found: FoundNodes, parallel: str, context: int, bits: int, link: str | None
+) -> Decided:
+    """What a launch on these nodes would run, decided by launch's own functions: the ring
+    along the cables, the backend, where the ring runs and its link (unless `link` overrides
+    it), the folder's readiness and the auto choice. Where a launch would stop (no ring through
+    the cables, cables without addresses), the plan says so and goes on."""
+    from rich.console import Console
+
+    from launcher.cluster import _specs, cable_addresses, decide, ring
+    from launcher.local import LaunchError
+
+    notes = list(found.notes)
+    try:
+        nodes = ring(found.nodes, keep_order=found.keep_order)
+    except LaunchError as e:
+        notes.append(f"{e}; a launch stops here, the plan takes the nodes by name")
+        nodes = sorted(found.nodes, key=lambda n: n.name)
+    said, commands = io.StringIO(), io.StringIO()
+    console = Console(file=said, width=100, soft_wrap=True)
+    decision = decide(Path(model), nodes, found.backend, parallel, context, console, link, bits)
+    lines = []
+    if decision.over_cables:
+        try:
+            cable_addresses(nodes, Console(file=commands, width=100, soft_wrap=True))
+        except LaunchError as e:  # the commands that give each cable its /30, then why
+            lines = commands.getvalue().splitlines() + [f"note: {e}"]
+    return Decided(_specs(nodes), decision, lines + said.getvalue().splitlines(), notes)
+
+
+def _bits_for_choice(model: str, bits: int) -> int | None:
+    """A folder that holds weights is taken as stored, as its launch runs it; a model still to
+    be quantised (a bare config.json, a folder without weights) at --bits."""
+    path = Path(model)
+    return None if path.is_dir() and any(path.glob("*.safetensors")) else bits
 
 
 def plan_command(
@@ -94,66 +223,227 @@ def plan_command(
     batch: int,
     bits: int,
     as_json: bool,
-    link: str = "tb5",
+    link: str | None = None,
     parallel: str = "pipeline",
     cluster: str | None = None,
     interfaces: list[str] | None = None,
+    backend: str | None = None,
+    secret_file: Path | None = None,
 ) -> int:
     """Prints the plan (layers per node, or experts per node with parallel="expert") and the
-    predicted decode speed over `link` (tb5, tb4 or rdma); with parallel="auto" also the mode
-    predicted fastest (launcher/autoparallel.py), and the plan of that mode (a tensor choice
-    shows the pipeline's table beside it). 0 when the model fits, 1 when it does not. Faults
-    raise ValueError."""
-    from launcher import perfmodel
-    from launcher.planner import (
-        model_spec_from_folder,
-        plan,
-        plan_experts,
-        plan_to_json,
-        simulated_nodes,
-    )
-    from quantize.checkpoint import CheckpointError
+    predicted decode speed; with parallel="auto" also the mode predicted fastest
+    (launcher/autoparallel.py), and the plan of that mode (a tensor mode shows the pipeline's
+    table beside its own line). --simulate predicts over `link` (tb5 unless given); real nodes
+    (--hosts, --cluster) over the link launch would use, unless `link` is given. 0 when the
+    model fits, 1 when it does not. Faults raise ValueError (or a UserError)."""
+    from launcher.autoparallel import check_parallel
 
-    if parallel not in ("auto", "pipeline", "expert"):
-        raise ValueError(f"--parallel {parallel!r} must be auto, pipeline or expert")
+    check_parallel(parallel)
     if sum(x is not None for x in (hosts, simulate, cluster)) != 1:
         raise ValueError(
             "give exactly one of --hosts FILE and --simulate, e.g. --simulate 6x192GB, "
             "or --cluster NAME"
         )
-    perfmodel.link(link)  # an unknown link is the user's fault, found before any work
+    if backend is not None and simulate is not None:
+        raise ValueError(
+            "--backend is for real nodes (--hosts, --cluster): --simulate takes --link"
+        )
+    _check_link(link)
+    if simulate is not None:
+        return simulated_plan(model, simulate, context, batch, bits, as_json, link, parallel)
     if cluster is not None:
-        nodes = nodes_from_cluster(cluster, interfaces or [])
+        found = cluster_nodes(cluster, interfaces or [], _secret(secret_file, True), backend)
     else:
-        nodes = nodes_from_hosts(hosts) if hosts is not None else simulated_nodes(simulate)
-    try:
-        spec = model_spec_from_folder(model, bits=bits)
-    except CheckpointError as e:
-        raise ValueError(str(e)) from None
+        found = hosts_nodes(str(hosts), _secret(secret_file, False), backend)
+    return plan_nodes(model, found, context, batch, bits, as_json, link, parallel)
+
+
+def _check_link(link: str | None) -> None:
+    from launcher import perfmodel
+
+    if link is not None:
+        perfmodel.link(link)  # an unknown link is the user's fault, found before any work
+
+
+def simulated_plan(
+    model: str,
+    simulate: str,
+    context: int,
+    batch: int,
+    bits: int,
+    as_json: bool,
+    link: str | None = None,
+    parallel: str = "pipeline",
+) -> int:
+    """The plan on a cluster that is not here, over `link` (tb5 unless given)."""
+    from launcher.planner import simulated_nodes
+
+    link = link or "tb5"
+    _check_link(link)
+    nodes = simulated_nodes(simulate)
+    spec = _model_spec(model, bits)
     choice = (
         auto_choice(model, bits, nodes, spec, link, context, batch) if parallel == "auto" else None
     )
-    mode = choice.mode if choice else parallel
+    mode = choice.mode if choice else ("pipeline" if parallel == "auto" else parallel)
+    lines = [choice.line] if choice else []
+    return report(model, bits, nodes, spec, mode, link, lines, [], context, batch, as_json, choice)
+
+
+def plan_nodes(
+    model: str,
+    found: FoundNodes,
+    context: int,
+    batch: int,
+    bits: int,
+    as_json: bool,
+    link: str | None = None,
+    parallel: str = "auto",
+) -> int:
+    """The plan on real nodes, decided as launch decides (decide_on_nodes); `link` overrides
+    the link launch would use."""
+    _check_link(link)
+    spec = _model_spec(model, bits)
+    asked = parallel if parallel != "auto" or _countable(model, bits) else "pipeline"
+    got = decide_on_nodes(model, found, asked, context, _bits_for_choice(model, bits), link)
+    d = got.decision
+    extra = {
+        "backend": {
+            "backend": d.backend.backend,
+            "why": d.backend.why,
+            "over_cables": d.over_cables,
+            "link": d.link,
+        }
+    }
+    return report(
+        model,
+        bits,
+        got.nodes,
+        spec,
+        d.parallel,
+        d.link,
+        got.lines,
+        got.notes,
+        context,
+        batch,
+        as_json,
+        d.auto,
+        extra,
+    )
+
+
+def _model_spec(model: str, bits: int) -> ModelSpec:
+    from launcher.planner import model_spec_from_folder
+    from quantize.checkpoint import CheckpointError
+
+    try:
+        return model_spec_from_folder(model, bits=bits)
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+
+
+def _countable(model: str, bits: int) -> bool:
+    """Whether the model's architecture can be built to count its bytes (an auto choice needs
+    it; without, the plan stays a pipeline)."""
+    from launcher import perfmodel
+    from quantize.checkpoint import CheckpointError, read_config
+
+    try:
+        perfmodel.bytes_per_token(read_config(model), bits=bits)
+    except (CheckpointError, ValueError, KeyError, ImportError):
+        return False
+    return True
+
+
+def report(
+    model: str,
+    bits: int,
+    nodes: list[NodeSpec],
+    spec: ModelSpec,
+    mode: str,
+    link: str,
+    lines: list[str],
+    notes: list[str],
+    context: int,
+    batch: int,
+    as_json: bool,
+    choice=None,
+    extra: dict | None = None,
+) -> int:
+    """Prints the plan of `mode` (a tensor mode: the pipeline's table and tensor's own line),
+    the prediction over `link`, the notes, then `lines` (the backend's and the auto choice's).
+    0 when `mode` fits, 1 when it does not."""
+    from launcher.planner import plan, plan_experts, plan_to_json
+
     planner = plan_experts if mode == "expert" else plan
     result = planner(nodes, spec, context=context, batch=batch)
     forecast = predict_for_plan(model, bits, nodes, spec, result, link)
-    fits = result.fits
-    if choice is not None and mode == "tensor":
-        fits = next(o.fits for o in choice.outcomes if o.mode == "tensor")
+    notes = notes + _readiness(model, mode, len(nodes))
+    fits, tensor = result.fits, None
+    if mode == "tensor":
+        tensor = tensor_outcome(model, bits, nodes, link, context, batch, choice)
+        fits = tensor.runs
     if as_json:
-        extra = {"choice": {"mode": mode, "line": choice.line}} if choice else {}
-        print(json.dumps({**plan_to_json(result), "prediction": forecast, **extra}, indent=2))
-    else:
-        console = Console()
-        if not console.is_terminal:
-            console.width = 100  # a pipe or a log: no terminal to fit
-        print_plan(result, console)
-        print_prediction(forecast, console)
-        for note in result.notes:
-            console.print(f"note: {note}", soft_wrap=True, highlight=False)
+        out = {**plan_to_json(result), "prediction": forecast, **(extra or {})}
         if choice is not None:
-            console.print(choice.line, soft_wrap=True, highlight=False)
+            out["choice"] = {"mode": mode, "line": choice.line}
+        if tensor is not None:
+            out["tensor"] = {
+                "fits": tensor.fits,
+                "tokens_per_s": tensor.tokens_per_s,
+                "why_not": tensor.why_not,
+                "line": tensor_line(tensor, len(nodes)),
+            }
+        out["notes"] = notes
+        print(json.dumps(out, indent=2))
+        return 0 if fits else 1
+    console = Console()
+    if not console.is_terminal:
+        console.width = 100  # a pipe or a log: no terminal to fit
+    print_plan(result, console)
+    print_prediction(forecast, console)
+    for note in result.notes + notes:
+        console.print(f"note: {note}", soft_wrap=True, highlight=False)
+    if tensor is not None:
+        style = None if tensor.runs else "red"
+        console.print(tensor_line(tensor, len(nodes)), style=style, soft_wrap=True, highlight=False)
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False)
     return 0 if fits else 1
+
+
+def _readiness(model: str, mode: str, nodes: int) -> list[str]:
+    """Why a launch of this folder cannot run `mode` as it is cut, if it cannot."""
+    from launcher.autoparallel import folder_readiness
+
+    if not Path(model).is_dir() or not any(Path(model).glob("*.safetensors")):
+        return []
+    why = folder_readiness(Path(model), nodes).get(mode)
+    return [f"the folder is {why}: a launch of it cannot run {mode} mode"] if why else []
+
+
+def tensor_outcome(model, bits, nodes, link, context, batch, choice=None):
+    """Tensor parallelism on these nodes: whether it can run and fits, and its prediction (the
+    auto choice's when there is one, so both say the same)."""
+    from launcher.autoparallel import mode_outcome, model_inputs
+
+    if choice is not None:
+        return next(o for o in choice.outcomes if o.mode == "tensor")
+    if len(nodes) < 2:
+        raise ValueError("--parallel tensor needs 2 nodes or more")
+    try:
+        spec, active, refusal = model_inputs(Path(model), len(nodes), _bits_for_choice(model, bits))
+    except (ValueError, KeyError, ImportError) as e:
+        raise ValueError(f"cannot predict tensor parallelism for {model}: {e}") from None
+    return mode_outcome("tensor", nodes, spec, active, link, context, batch, refusal=refusal)
+
+
+def tensor_line(o, nodes: int) -> str:
+    if o.tokens_per_s is None:
+        return f"tensor: {o.why_not}"
+    share = f"1/{nodes} of every layer on each node"
+    verdict = "fits" if o.fits else "does not fit"
+    return f"tensor parallel over {o.link}: {share} {verdict}, {o.tokens_per_s:.1f} tok/s predicted"
 
 
 def auto_choice(
@@ -165,8 +455,8 @@ def auto_choice(
     context: int,
     batch: int,
 ):
-    """The mode `--parallel auto` picks for these nodes over `link`; None when the model's
-    architecture cannot be built to count its bytes (the plan then stays a pipeline)."""
+    """The mode `--parallel auto` picks for these simulated nodes over `link`; None when the
+    model's architecture cannot be built to count its bytes (the plan then stays a pipeline)."""
     from launcher import perfmodel
     from launcher.autoparallel import choose_parallel, tensor_refusal
     from quantize.checkpoint import CheckpointError, read_config
