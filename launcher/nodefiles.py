@@ -1,0 +1,87 @@
+"""Which of a model's files each node needs: pure, from the safetensors index and the file list.
+
+Pipeline: the small files (config, tokenizer, index, ...) and the weight files holding the
+node's layers, plus the embedding on the first stage (and on the last when tied) and the final
+norm and head on the last; the same rule as the stage loader (mlxdist/runtime/stage.py).
+Expert and tensor: every rank reads every layer, so every node needs every file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quantize.checkpoint import layer_of
+
+WEIGHT_SUFFIX = ".safetensors"
+EVERY_FILE = {
+    "expert": "every node needs every file in expert mode (each rank reads every layer)",
+    "tensor": "every node needs every file in tensor mode (each rank reads a cut of every tensor)",
+}
+
+
+@dataclass(frozen=True)
+class Share:
+    """One node's files and what they weigh."""
+
+    rank: int
+    files: list[str]
+    bytes: int
+
+
+def is_small(name: str) -> bool:
+    """A file every node gets: anything at the top of the repo that is not a weight file (node
+    folders and the quantizer's manifest, which lists files a node does not get, stay behind)."""
+    return not name.endswith(WEIGHT_SUFFIX) and "/" not in name and name != "manifest.json"
+
+
+def stage_needs(key: str, start: int, end: int, first: bool, last: bool, tied: bool) -> bool:
+    """Whether a pipeline stage holding layers [start, end) reads tensor key."""
+    layer = layer_of(key)
+    if layer is not None:
+        return start <= layer < end
+    if "embed_tokens" in key:
+        return first or (last and tied)
+    return last  # final norm and head
+
+
+def node_files(
+    weights: dict[str, str],
+    repo_files: list[str],
+    mode: str,
+    split: list[int],
+    rank: int,
+    tied: bool = False,
+) -> list[str]:
+    """The files rank needs, sorted: weights maps tensor name to file (the index's weight_map),
+    repo_files lists every file of the model, split is layers per rank (pipeline) or one entry
+    per rank (expert, tensor)."""
+    small = [f for f in repo_files if is_small(f)]
+    if mode in EVERY_FILE:
+        return sorted(small + [f for f in repo_files if f.endswith(WEIGHT_SUFFIX) and "/" not in f])
+    if mode != "pipeline":
+        raise ValueError(f"unknown parallel mode {mode!r}")
+    start = sum(split[:rank])
+    end = start + split[rank]
+    first, last = rank == 0, rank == len(split) - 1
+    mine = {f for k, f in weights.items() if stage_needs(k, start, end, first, last, tied)}
+    return sorted(set(small) | mine)
+
+
+def shares(
+    weights: dict[str, str],
+    sizes: dict[str, int],
+    mode: str,
+    split: list[int],
+    tied: bool = False,
+) -> list[Share]:
+    """Every rank's files and bytes; sizes maps each of the model's files to its size."""
+    out = []
+    for rank in range(len(split)):
+        files = node_files(weights, list(sizes), mode, split, rank, tied)
+        out.append(Share(rank, files, sum(sizes[f] for f in files)))
+    return out
+
+
+def every_file_note(mode: str) -> str | None:
+    """The line a launch or plan prints when each node needs the whole model."""
+    return EVERY_FILE.get(mode)
