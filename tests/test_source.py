@@ -1,32 +1,28 @@
 """quantize.source against real huggingface_hub code, offline.
 
-The Hub is replaced in two ways, both without network: a Hugging Face cache written on disk in
-the layout huggingface_hub itself writes, and a small loopback HTTP server that answers the four
-Hub endpoints snapshot_download calls. A test checks that the two give identical caches.
+The Hub is replaced in two ways, both without network (tests/hub.py): a Hugging Face cache
+written on disk in the layout huggingface_hub itself writes, and a small loopback HTTP server
+that answers the Hub endpoints snapshot_download calls. A test checks that the two give
+identical caches.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import pytest
+from hub import COMMIT, REPO, cache_layout, model_files, running_hub, write_hf_cache
 from huggingface_hub import constants
 
 from quantize.checkpoint import safetensors_header
 from quantize.source import DEFAULT_PATTERNS, SourceError, config_only, resolve_source
 
 ROOT = Path(__file__).resolve().parent.parent
-REPO = "org/tiny-r1"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # Files a real repo carries that a conversion does not need.
 EXTRAS = {"README.md": b"# tiny-r1\n", ".gitattributes": b"*.safetensors filter=lfs\n"}
 EXTRAS["pytorch_model.bin"] = b"\0" * 1000
@@ -36,183 +32,15 @@ OFFLINE_HINT = (
 )
 
 
-# --- the Hub's file identities and cache layout ----------------------------------------------
-
-
-def is_lfs(name: str) -> bool:
-    return name.endswith((".safetensors", ".bin"))
-
-
-def git_blob_id(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def lfs_pointer(data: bytes) -> bytes:
-    sha = hashlib.sha256(data).hexdigest()
-    return (
-        f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {len(data)}\n".encode()
-    )
-
-
-def etag(name: str, data: bytes) -> str:
-    # The Hub's ETag, which names the blob: sha256 of the content for LFS files, git blob id else.
-    return hashlib.sha256(data).hexdigest() if is_lfs(name) else git_blob_id(data)
-
-
-def tree_entry(name: str, data: bytes) -> dict:
-    """One file of the Hub's /tree listing."""
-    if not is_lfs(name):
-        return {"type": "file", "path": name, "size": len(data), "oid": git_blob_id(data)}
-    lfs = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 130}
-    oid = git_blob_id(lfs_pointer(data))
-    return {"type": "file", "path": name, "size": len(data), "oid": oid, "lfs": lfs}
-
-
-def write_hf_cache(
-    cache: Path,
-    files: dict[str, bytes],
-    *,
-    repo_id: str = REPO,
-    commit: str = COMMIT,
-    cached: set[str] | None = None,
-    tree: bool = False,
-) -> Path:
-    """A Hugging Face cache holding repo_id at commit as refs/main; returns the snapshot folder.
-
-    cached: the files present (default all); tree: also the tree listing that
-    huggingface_hub >= 2 saves after an online snapshot_download.
-    """
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for name, data in files.items():
-        if cached is not None and name not in cached:
-            continue
-        blob = repo / "blobs" / etag(name, data)
-        blob.parent.mkdir(exist_ok=True)
-        blob.write_bytes(data)
-        link = snapshot / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir()
-    # No trailing newline: snapshot_download reads the commit hash from refs/ without stripping.
-    (repo / "refs" / "main").write_text(commit)
-    if tree:
-        listing = {name: _tree_cache_entry(name, data) for name, data in sorted(files.items())}
-        (repo / "trees").mkdir()
-        data = {"format_version": 1, "files": listing}
-        (repo / "trees" / f"{commit}.json").write_text(json.dumps(data, indent=1))
-    return snapshot
-
-
-def _tree_cache_entry(name: str, data: bytes) -> dict:
-    entry = tree_entry(name, data)
-    info = {"size": entry["size"], "blob_id": entry["oid"]}
-    if "lfs" in entry:
-        info |= {"lfs_sha256": entry["lfs"]["oid"], "lfs_size": entry["lfs"]["size"]}
-    return info
-
-
-def cache_layout(cache: Path) -> dict[str, str]:
-    """Every path under the cache's repo folders: symlink target, file text or blob marker."""
-    layout = {}
-    for path in sorted(cache.glob("models--*/**/*")):
-        rel = path.relative_to(cache).as_posix()
-        if path.is_symlink():
-            layout[rel] = "-> " + os.readlink(path)
-        elif path.is_file() and "/blobs/" in rel:
-            layout[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-        elif path.is_file():
-            layout[rel] = path.read_text()
-    return layout
-
-
-# --- a loopback Hub ------------------------------------------------------------------------
-
-
-class FakeHub:
-    """Answers repo info, tree listing and resolve (HEAD and GET) like huggingface.co does."""
-
-    def __init__(self) -> None:
-        self.repos: dict[str, dict[str, bytes]] = {}
-        self.gated: set[str] = set()
-        self.requests: list[str] = []
-        self.downloads: list[tuple[str, str]] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def fetched(self, repo_id: str = REPO) -> set[str]:
-        return {name for repo, name in self.downloads if repo == repo_id}
-
-
-def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-        def do_HEAD(self) -> None:
-            self._route(body=False)
-
-        def do_GET(self) -> None:
-            self._route(body=True)
-
-        def _route(self, body: bool) -> None:
-            hub.requests.append(f"{self.command} {self.path}")
-            parts = unquote(urlparse(self.path).path).strip("/").split("/")
-            if parts[:2] == ["api", "models"]:
-                parts = parts[2:]
-            repo_id, kind = "/".join(parts[:2]), parts[2]
-            if repo_id not in hub.repos:
-                return self._error(404, "RepoNotFound")
-            files = hub.repos[repo_id]
-            if kind == "revision":
-                siblings = [{"rfilename": name} for name in files]
-                return self._json({"id": repo_id, "sha": COMMIT, "siblings": siblings})
-            if kind == "tree":
-                return self._json([tree_entry(name, data) for name, data in files.items()])
-            if repo_id in hub.gated:
-                return self._error(403, "GatedRepo")
-            name = "/".join(parts[4:])
-            if body:
-                hub.downloads.append((repo_id, name))
-            self._send(
-                files[name], {"X-Repo-Commit": COMMIT, "ETag": f'"{etag(name, files[name])}"'}, body
-            )
-
-        def _json(self, obj: object) -> None:
-            self._send(json.dumps(obj).encode(), {"Content-Type": "application/json"}, True)
-
-        def _error(self, status: int, code: str) -> None:
-            body = json.dumps({"error": code}).encode()
-            self._send(body, {"X-Error-Code": code}, self.command == "GET", status)
-
-        def _send(self, data: bytes, headers: dict, body: bool, status: int = 200) -> None:
-            self.send_response(status)
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if body:
-                self.wfile.write(data)
-
-    return Handler
-
-
 @pytest.fixture(scope="module")
 def repo_files(tiny_r1) -> dict[str, bytes]:
-    files = {p.name: p.read_bytes() for p in sorted(tiny_r1.iterdir()) if p.is_file()}
-    return files | EXTRAS
+    return model_files(tiny_r1) | EXTRAS
 
 
 @pytest.fixture
 def hub(repo_files):
-    hub = FakeHub()
-    hub.repos[REPO] = repo_files
-    thread = threading.Thread(target=hub.server.serve_forever, daemon=True)
-    thread.start()
-    yield hub
-    hub.server.shutdown()
-    hub.server.server_close()
+    with running_hub({REPO: repo_files}) as hub:
+        yield hub
 
 
 @pytest.fixture
