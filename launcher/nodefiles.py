@@ -10,13 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantize.checkpoint import layer_of
+from quantize.checkpoint import human_bytes, layer_of
+from quantize.errors import UserError
+
+from .planner import NodeSpec
 
 WEIGHT_SUFFIX = ".safetensors"
 EVERY_FILE = {
     "expert": "every node needs every file in expert mode (each rank reads every layer)",
     "tensor": "every node needs every file in tensor mode (each rank reads a cut of every tensor)",
 }
+
+
+class DiskError(UserError):
+    """A node whose share of the model does not fit its free disk."""
 
 
 @dataclass(frozen=True)
@@ -85,3 +92,31 @@ def shares(
 def every_file_note(mode: str) -> str | None:
     """The line a launch or plan prints when each node needs the whole model."""
     return EVERY_FILE.get(mode)
+
+
+def disk_shortfalls(
+    nodes: list[NodeSpec], rows: list[Share], fetch: str, have: list[int] | None = None
+) -> list[str]:
+    """One phrase per node whose share (less the have[r] bytes already there) exceeds the free
+    disk where it lands: the Hugging Face cache when it fetches from the Hub, else its models
+    folder. A node that reports no free disk is not judged."""
+    short = []
+    for node, row in zip(nodes, rows):
+        free = node.hf_cache_free if fetch == "hub" else node.disk_free
+        need = row.bytes - (have[row.rank] if have else 0)
+        if free is not None and need > free:
+            where = "Hugging Face cache" if fetch == "hub" else "models folder"
+            short.append(
+                f"node {node.name} needs {human_bytes(need)} ({need} bytes) for its files but has "
+                f"{human_bytes(free)} ({free} bytes) free in its {where}"
+            )
+    return short
+
+
+def check_disk(
+    nodes: list[NodeSpec], rows: list[Share], fetch: str, have: list[int] | None = None
+) -> None:
+    """Refuses the launch, in one line, when any node's share does not fit its disk."""
+    short = disk_shortfalls(nodes, rows, fetch, have)
+    if short:
+        raise DiskError("; ".join(short) + ": free disk space there, or give it fewer layers")

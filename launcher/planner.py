@@ -72,6 +72,8 @@ class NodeSpec:
     chip: str | None = None
     gpu_limit: int | None = None  # bytes Metal lets the GPU hold; None: no limit (no Metal)
     gpu_limit_from: str = ""  # launcher.gpumem: WIRED, METAL or ESTIMATE
+    disk_free: int | None = None  # bytes free in its agent's models folder, when reported
+    hf_cache_free: int | None = None  # bytes free in its Hugging Face cache, when reported
 
     @property
     def memory_bytes(self) -> int:
@@ -489,6 +491,8 @@ def node_spec_from_facts(name: str, facts: Mapping) -> NodeSpec:
         total,
         None if available is None else int(available),
         chip=str(facts.get("chip", "")).strip() or None,
+        disk_free=_optional_int(facts.get("disk_free")),
+        hf_cache_free=_optional_int(facts.get("hf_cache_free")),
     )
     if os_name and not os_name.startswith("macOS"):
         return node
@@ -496,6 +500,10 @@ def node_spec_from_facts(name: str, facts: Mapping) -> NodeSpec:
         total, int(facts.get("wired_limit_mb") or 0), int(facts.get("gpu_working_set") or 0)
     )
     return replace(node, gpu_limit=limit, gpu_limit_from=source)
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
 
 
 def with_estimated_gpu_limit(node: NodeSpec) -> NodeSpec:

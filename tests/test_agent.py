@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -258,7 +259,9 @@ def test_facts_health_and_models(agent):
     manifest = {"format": "mlxdist-node", "plan": plan, "layers": [0, 2], "files": files}
     (node / "manifest.json").write_text(json.dumps(manifest))
     with agent.client() as c:
-        assert c.facts() == FACTS
+        facts = c.facts()
+        assert {k: facts[k] for k in FACTS} == FACTS  # plus the free disk, read when asked
+        assert 0 < facts["disk_free"] <= shutil.disk_usage(agent.models).total
         assert c.health()["ok"] is True
         models = {m["path"]: m for m in c.models()}
     assert models["tiny"]["config"]["model_type"] == "deepseek_v3"

@@ -6,7 +6,17 @@ import json
 
 import pytest
 
-from launcher.nodefiles import EVERY_FILE, node_files, shares
+from launcher.diskfree import disk_facts
+from launcher.nodefiles import (
+    EVERY_FILE,
+    DiskError,
+    Share,
+    check_disk,
+    disk_shortfalls,
+    node_files,
+    shares,
+)
+from launcher.planner import NodeSpec, node_spec_from_facts
 from mlxdist.runtime.stage import _needed
 from mlxdist.testing.tiny_r1 import R1_CONFIG, _entries, _shard_name, tensor_specs
 from quantize.checkpoint import weight_map
@@ -142,3 +152,49 @@ def test_r1_layout_each_node_gets_about_its_share(split):
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown parallel mode"):
         node_files({}, [], "sequence", [1], 0)
+
+
+def _nodes(*free: int | None) -> list[NodeSpec]:
+    return [NodeSpec(f"m{i}", 64 * 2**30, disk_free=f, hf_cache_free=f) for i, f in enumerate(free)]
+
+
+@pytest.mark.parametrize(
+    "free, have, short",
+    [
+        ((500, 500), None, []),
+        ((500, 299), None, ["m1"]),
+        ((99, 299), None, ["m0", "m1"]),
+        ((None, 60), [0, 250], []),  # no figure is no verdict; bytes already there count
+        ((100, 300), None, []),
+    ],
+)
+def test_disk_shortfalls_name_each_short_node(free, have, short):
+    rows = [Share(0, ["a"], 100), Share(1, ["b", "c"], 300)]
+    for fetch in ("push", "hub"):
+        found = disk_shortfalls(_nodes(*free), rows, fetch, have)
+        assert [line.split()[1] for line in found] == short
+    if short:
+        with pytest.raises(DiskError) as e:
+            check_disk(_nodes(*free), rows, "push", have)
+        assert "\n" not in str(e.value) and "models folder" in str(e.value)
+        assert f"({free[int(short[-1][1])]} bytes) free" in str(e.value)
+    else:
+        check_disk(_nodes(*free), rows, "push", have)
+
+
+def test_hub_fetch_is_judged_against_the_hf_cache():
+    node = NodeSpec("m0", 2**30, disk_free=10**12, hf_cache_free=10)
+    rows = [Share(0, ["a"], 100)]
+    assert disk_shortfalls([node], rows, "push") == []
+    [line] = disk_shortfalls([node], rows, "hub")
+    assert "Hugging Face cache" in line and "100 bytes" in line
+
+
+def test_free_disk_comes_through_the_facts(tmp_path):
+    import shutil
+
+    facts = {"memory_total": 2**36, "os": "Linux"} | disk_facts(tmp_path / "models")
+    node = node_spec_from_facts("n", facts)
+    assert 0 < node.disk_free <= shutil.disk_usage(tmp_path).total
+    assert node.hf_cache_free is not None and node.hf_cache_free > 0
+    assert node_spec_from_facts("n", {"memory_total": 2**36}).disk_free is None

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..auth import Verifier
+from ..diskfree import disk_facts
 from .errors import Refused
 from .ranks import MiB, Runs, model_folder, tail_lines
 from .requests import CompleteFile, StartRank
@@ -104,7 +105,7 @@ def create_agent_app(
 
     @app.get("/facts")
     def get_facts() -> dict:
-        return facts()
+        return {**facts(), **disk_facts(root)}  # free disk now, not when the agent started
 
     @app.get("/models")
     def models() -> dict:
