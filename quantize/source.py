@@ -1,6 +1,7 @@
-"""Resolve the SRC of `mlxdist quantize SRC OUT` to a local model folder or .gguf file.
+"""Resolve the model a command is given to a local model folder or .gguf file.
 
-SRC is a local folder, a .gguf file or a Hugging Face repo id. A repo is fetched with
+A model is a local folder, a .gguf file or a Hugging Face repo id, `org/name` or
+`org/name@revision` (a branch, tag or commit). A repo is fetched with
 `huggingface_hub.snapshot_download` into the user's own cache, so resuming, HF_HOME /
 HF_HUB_CACHE and HF_HUB_OFFLINE=1 behave exactly as in every other Hugging Face tool.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import constants, snapshot_download
@@ -46,6 +48,9 @@ DEFAULT_PATTERNS = [
     "*.safetensors",
 ]
 
+# What a plan reads of a repo: the sizes come from the index (and the safetensors headers).
+INDEX_PATTERNS = ["config.json", "model.safetensors.index.json"]
+
 _NETWORK_ERRORS = (_http.TransportError, ConnectionError, TimeoutError)
 
 
@@ -53,20 +58,79 @@ class SourceError(UserError):
     """A SRC that cannot be used; the one-line message says what to do."""
 
 
-def resolve_source(
-    spec: str, *, allow_patterns: list[str] | None = None, revision: str | None = None
-) -> Path:
-    """A local model folder or .gguf file for spec, fetching a Hugging Face repo if needed."""
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the user named it and where it is on this machine: repo and revision for a
+    Hugging Face repo (None for a local path), local_path the folder or file to read (for a
+    repo, its snapshot in the Hugging Face cache, holding the files fetched so far)."""
+
+    repo: str | None
+    revision: str | None
+    local_path: Path
+
+    @property
+    def label(self) -> str:
+        return _label(self.repo, self.revision) if self.repo else str(self.local_path)
+
+
+def parse_repo_spec(spec: str) -> tuple[str, str | None] | None:
+    """(repo id, revision) for `org/name` or `org/name@revision`; None when spec does not look
+    like a repo id (a path, a bare name). A spec with an @ that is no valid repo id is refused."""
+    repo, at, revision = spec.partition("@")
+    if not at:
+        try:
+            validate_repo_id(spec)
+        except HFValidationError:
+            return None
+        # A bare name ("gpt2") is a valid repo id too, but here it is far more likely a path.
+        return (spec, None) if spec.count("/") == 1 else None
+    why = None
+    if repo.count("/") != 1:
+        why = "a repo id is org/name"
+    elif not revision or revision != revision.strip() or any(c.isspace() for c in revision):
+        why = "the revision after @ is empty or holds spaces"
+    else:
+        try:
+            validate_repo_id(repo)
+        except HFValidationError:
+            why = "org and name take letters, digits, '-', '_' and '.'"
+    if why is not None:
+        raise SourceError(
+            f"{spec} is not a Hugging Face repo id ({why}): give org/name or org/name@revision "
+            "(a branch, tag or commit)"
+        )
+    return repo, revision
+
+
+def resolve_ref(spec: str, *, allow_patterns: list[str] | None = None) -> ModelRef:
+    """spec as a ModelRef: a local folder or .gguf file as is, a Hugging Face repo id (with its
+    @revision) fetched into the user's cache, the files matching allow_patterns (default: all a
+    model needs to run or be converted)."""
     local = _local(spec)
     if local is not None:
         if local.is_dir() and not (local / "config.json").is_file():
             raise SourceError(f"{local} has no config.json: is it a model folder?")
-        return local
-    repo_id = _repo_id(spec)
+        return ModelRef(None, None, local)
+    repo_id, revision = _repo_id(spec)
     patterns = list(allow_patterns) if allow_patterns is not None else DEFAULT_PATTERNS
     folder = _download(repo_id, revision, patterns)
     _check_complete(folder, _label(repo_id, revision), patterns)
-    return folder
+    return ModelRef(repo_id, revision, folder)
+
+
+def resolve_source(
+    spec: str, *, allow_patterns: list[str] | None = None, revision: str | None = None
+) -> Path:
+    """A local model folder or .gguf file for spec, fetching a Hugging Face repo if needed."""
+    if revision is not None:
+        spec = _with_revision(spec, revision)
+    return resolve_ref(spec, allow_patterns=allow_patterns).local_path
+
+
+def index_only(spec: str) -> ModelRef:
+    """spec with, for a Hugging Face repo, only config.json and the safetensors index fetched
+    (no weights): all a plan reads. A local path is as resolve_ref gives it."""
+    return resolve_ref(spec, allow_patterns=INDEX_PATTERNS)
 
 
 def config_only(spec: str, *, revision: str | None = None) -> Path:
@@ -82,10 +146,45 @@ def config_only(spec: str, *, revision: str | None = None) -> Path:
         if not config.is_file():
             raise SourceError(f"{local} has no config.json: is it a model folder?")
         return config
-    repo_id = _repo_id(spec)
+    if revision is not None:
+        spec = _with_revision(spec, revision)
+    repo_id, revision = _repo_id(spec)
     folder = _download(repo_id, revision, ["config.json"])
     _check_complete(folder, _label(repo_id, revision), ["config.json"])
     return folder / "config.json"
+
+
+def repo_of_snapshot(path: Path) -> tuple[str, str] | None:
+    """(repo id, commit) of a folder or file inside a Hugging Face cache snapshot
+    (.../models--org--name/snapshots/COMMIT/...), None for any other path."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 2):
+        if parts[i].startswith("models--") and parts[i + 1] == "snapshots":
+            org, _, name = parts[i][len("models--") :].partition("--")
+            return (f"{org}/{name}", parts[i + 2]) if name else None
+    return None
+
+
+def safetensors_headers(repo_id: str, revision: str) -> dict[str, dict]:
+    """Each safetensors file's header of a Hugging Face repo, {file: {tensor: {dtype, shape,
+    data_offsets}}}, fetched with byte-range requests (huggingface_hub's
+    get_safetensors_metadata): the headers only, never the weights."""
+    from huggingface_hub import get_safetensors_metadata
+
+    label = _label(repo_id, revision)
+    try:
+        meta = get_safetensors_metadata(repo_id, revision=revision)
+    except Exception as err:
+        mapped = _hub_error(repo_id, revision, err)
+        why = f"cannot read the safetensors headers of {label}: {_one_line(err)}"
+        raise mapped or SourceError(why) from err
+    return {
+        file: {
+            name: {"dtype": t.dtype, "shape": t.shape, "data_offsets": list(t.data_offsets)}
+            for name, t in fm.tensors.items()
+        }
+        for file, fm in meta.files_metadata.items()
+    }
 
 
 def _local(spec: str, allow_json: bool = False) -> Path | None:
@@ -102,18 +201,20 @@ def _local(spec: str, allow_json: bool = False) -> Path | None:
     return None
 
 
-def _repo_id(spec: str) -> str:
-    # A bare name ("gpt2") is a valid repo id too, but here it is far more likely a mistyped path.
-    try:
-        validate_repo_id(spec)
-    except HFValidationError:
-        pass
-    else:
-        if spec.count("/") == 1:
-            return spec
-    raise SourceError(
-        f"SRC {spec} does not exist: give a model folder, a .gguf file or a Hugging Face repo id"
-    )
+def _repo_id(spec: str) -> tuple[str, str | None]:
+    parsed = parse_repo_spec(spec)
+    if parsed is None:
+        raise SourceError(
+            f"SRC {spec} does not exist: give a model folder, a .gguf file or a Hugging Face "
+            "repo id"
+        )
+    return parsed
+
+
+def _with_revision(spec: str, revision: str) -> str:
+    if "@" in spec and not spec.endswith(f"@{revision}"):
+        raise SourceError(f"{spec} names its revision already: not also {revision}")
+    return spec if "@" in spec else f"{spec}@{revision}"
 
 
 def _label(repo_id: str, revision: str | None) -> str:
@@ -149,7 +250,7 @@ def _hub_error(repo_id: str, revision: str | None, err: Exception) -> SourceErro
         )
     if isinstance(err, RepositoryNotFoundError):
         return SourceError(
-            f"SRC {label} is neither a local path nor a Hugging Face repo you can access: "
+            f"{label} is neither a local path nor a Hugging Face repo you can access: "
             "check the spelling, or log in with `hf auth login` if it is private"
         )
     if isinstance(err, RevisionNotFoundError):

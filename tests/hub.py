@@ -189,6 +189,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             parts = [unquote(p) for p in urlparse(self.path).path.strip("/").split("/")]
             if parts[:2] == ["api", "models"]:
                 parts = parts[2:]
+            if len(parts) < 3:  # e.g. what newer huggingface_hub asks on the side
+                return self._error(404, "NotFound")
             repo_id, kind = "/".join(parts[:2]), parts[2]
             if repo_id not in hub.repos:
                 return self._error(404, "RepoNotFound")

@@ -16,11 +16,29 @@ import sys
 from pathlib import Path
 
 import pytest
-from hub import COMMIT, REPO, cache_layout, model_files, running_hub, write_hf_cache
+from hub import (
+    COMMIT,
+    REPO,
+    cache_layout,
+    cached_files,
+    model_files,
+    running_hub,
+    write_hf_cache,
+)
 from huggingface_hub import constants
 
 from quantize.checkpoint import safetensors_header
-from quantize.source import DEFAULT_PATTERNS, SourceError, config_only, resolve_source
+from quantize.source import (
+    DEFAULT_PATTERNS,
+    INDEX_PATTERNS,
+    ModelRef,
+    SourceError,
+    config_only,
+    parse_repo_spec,
+    repo_of_snapshot,
+    resolve_ref,
+    resolve_source,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Files a real repo carries that a conversion does not need.
@@ -59,10 +77,11 @@ def offline(monkeypatch, tmp_path) -> Path:
 
 _SCRIPT = """
 import json, sys
-from quantize.source import SourceError, config_only, resolve_source
-fn = config_only if sys.argv[1] == "config_only" else resolve_source
+from quantize import source
+from quantize.source import SourceError
 try:
-    print(fn(sys.argv[2], **json.loads(sys.argv[3])))
+    got = getattr(source, sys.argv[1])(sys.argv[2], **json.loads(sys.argv[3]))
+    print(json.dumps(got) if isinstance(got, dict) else got)
 except SourceError as err:
     print(f"SourceError: {err}")
     sys.exit(3)
@@ -215,7 +234,7 @@ def test_unknown_and_gated_repos(tmp_path, repo_files, hub):
     code, out = run_source("resolve_source", "org/missing", env)
     assert (code, out) == (
         3,
-        "SourceError: SRC org/missing is neither a local path nor a Hugging Face repo you can "
+        "SourceError: org/missing is neither a local path nor a Hugging Face repo you can "
         "access: check the spelling, or log in with `hf auth login` if it is private",
     )
     code, out = run_source("resolve_source", "org/gated", env)
@@ -297,3 +316,113 @@ def test_config_only_offline(offline, repo_files):
         config_only(REPO)
     snapshot = write_hf_cache(offline, repo_files, cached={"config.json"})
     assert config_only(REPO) == snapshot / "config.json"
+
+
+# --- org/name@revision -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, parsed",
+    [
+        ("org/tiny-r1", ("org/tiny-r1", None)),
+        ("org/tiny-r1@main", ("org/tiny-r1", "main")),
+        ("org/tiny-r1@v1.0", ("org/tiny-r1", "v1.0")),
+        (f"org/tiny-r1@{COMMIT}", ("org/tiny-r1", COMMIT)),
+        ("org/tiny-r1@refs/pr/1", ("org/tiny-r1", "refs/pr/1")),
+        (
+            "mlx-community/DeepSeek-R1-0528-4bit@main",
+            ("mlx-community/DeepSeek-R1-0528-4bit", "main"),
+        ),
+        ("tiny-r1", None),  # a bare name: a path mistyped, not gpt2-style ids
+        ("./models/x", None),
+        ("/abs/models/x", None),
+        ("a/b/c", None),
+        ("org/", None),
+    ],
+)
+def test_parse_repo_spec(spec, parsed):
+    assert parse_repo_spec(spec) == parsed
+
+
+@pytest.mark.parametrize(
+    "spec, why",
+    [
+        ("org/tiny-r1@", "the revision after @ is empty or holds spaces"),
+        ("org/tiny-r1@my branch", "the revision after @ is empty or holds spaces"),
+        ("org/ti ny@main", "org and name take letters, digits, '-', '_' and '.'"),
+        ("org/-tiny@main", "org and name take letters, digits, '-', '_' and '.'"),
+        ("tiny-r1@main", "a repo id is org/name"),
+        ("a/b/c@main", "a repo id is org/name"),
+    ],
+)
+def test_bad_repo_spec_is_one_line(spec, why):
+    with pytest.raises(SourceError) as err:
+        parse_repo_spec(spec)
+    assert str(err.value) == (
+        f"{spec} is not a Hugging Face repo id ({why}): give org/name or org/name@revision "
+        "(a branch, tag or commit)"
+    )
+
+
+@pytest.mark.parametrize("revision", ["main", "v1.0", COMMIT])
+def test_offline_revision_resolves_from_the_cache_refs(offline, repo_files, revision):
+    snapshot = write_hf_cache(offline, repo_files, refs=("main", "v1.0"))
+    ref = resolve_ref(f"{REPO}@{revision}")
+    assert ref == ModelRef(REPO, revision, snapshot)
+    assert resolve_source(REPO, revision=revision) == snapshot
+
+
+def test_offline_unknown_revision_is_one_line(offline, repo_files):
+    write_hf_cache(offline, repo_files)
+    with pytest.raises(SourceError) as err:
+        resolve_ref(f"{REPO}@v2")
+    assert str(err.value) == OFFLINE_HINT.replace(REPO, f"{REPO}@v2", 1)
+
+
+def test_a_revision_given_twice_must_agree(offline, repo_files):
+    snapshot = write_hf_cache(offline, repo_files, refs=("main", "v1.0"))
+    assert resolve_source(f"{REPO}@v1.0", revision="v1.0") == snapshot
+    with pytest.raises(SourceError, match="names its revision already: not also main"):
+        resolve_source(f"{REPO}@v1.0", revision="main")
+
+
+@pytest.mark.parametrize("revision", ["v1.0", "refs/pr/1", COMMIT])
+def test_revision_downloads_that_commit(tmp_path, repo_files, hub, revision):
+    hub.revisions |= {"v1.0", "refs/pr/1"}
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": hub.url}
+    code, out = run_source("config_only", f"{REPO}@{revision}", env)
+    assert code == 0, out
+    assert Path(out) == tmp_path / "models--org--tiny-r1" / "snapshots" / COMMIT / "config.json"
+    assert hub.fetched() == {"config.json"}
+
+
+def test_unknown_revision_on_the_hub_is_one_line(tmp_path, hub):
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": hub.url}
+    assert run_source("resolve_source", f"{REPO}@v9", env) == (
+        3,
+        "SourceError: org/tiny-r1@v9: the Hugging Face repo has no such revision",
+    )
+
+
+def test_index_only_fetches_config_and_index(tmp_path, repo_files, hub):
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": hub.url}
+    code, out = run_source("resolve_source", REPO, env, allow_patterns=INDEX_PATTERNS)
+    assert code == 0, out
+    assert hub.fetched() == {"config.json", "model.safetensors.index.json"}
+    assert cached_files(tmp_path) == hub.fetched()
+    assert repo_of_snapshot(Path(out)) == (REPO, COMMIT)
+
+
+def test_safetensors_headers_by_byte_ranges(tmp_path, tiny_r1, hub):
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_ENDPOINT": hub.url}
+    code, out = run_source("safetensors_headers", REPO, env, revision=COMMIT)
+    assert code == 0, out
+    headers = json.loads(out)
+    shards = sorted(p.name for p in tiny_r1.glob("*.safetensors"))
+    assert sorted(headers) == shards
+    for shard in shards:
+        on_disk = safetensors_header(tiny_r1 / shard)
+        on_disk.pop("__metadata__", None)
+        assert headers[shard] == on_disk
+    assert hub.fetched() == {"model.safetensors.index.json"}  # never a shard in whole
+    assert {name for _, name, _ in hub.ranges} == set(shards)
