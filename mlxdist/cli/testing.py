@@ -1,4 +1,4 @@
-"""`mlxdist testing make-r1`: the project's test models."""
+"""`mlxdist testing make-r1` and `make-model`: the project's test models."""
 
 from __future__ import annotations
 
@@ -25,5 +25,23 @@ def make_r1_cmd(
     try:
         path = make_r1(out, preset=preset, overrides=parse_set(set_), seed=seed)
     except ValueError as e:  # a bad --set
+        raise UserError(str(e)) from None
+    typer.echo(f"wrote {path}")
+
+
+@testing_app.command("make-model")
+def make_model_cmd(
+    family: str = typer.Argument(..., help="llama, mistral, qwen3, qwen3_moe, glm4_moe, ..."),
+    out: Path = typer.Argument(..., help="folder to write the checkpoint into"),
+    set_: list[str] = typer.Option([], "--set", help="override a config field: KEY=VALUE"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """Write a tiny random checkpoint of a model family in its own on-disk format."""
+    from mlxdist.testing.make_model import make_model
+    from mlxdist.testing.tiny_r1 import parse_set
+
+    try:
+        path = make_model(family, out, overrides=parse_set(set_), seed=seed)
+    except ValueError as e:  # an unknown family or a bad --set
         raise UserError(str(e)) from None
     typer.echo(f"wrote {path}")

@@ -17,7 +17,7 @@ from mlxdist.runtime.pipeline import gather_stats
 from mlxdist.runtime.ringwait import RingWaiter
 from mlxdist.runtime.runner import StepRunner
 from mlxdist.runtime.sampling import Sampler
-from mlxdist.runtime.stage import Stage
+from mlxdist.runtime.stage import Stage, cache_offset
 from mlxdist.runtime.step import _CTRL, CMD_STATS, CMD_STEP, CMD_STOP, LOGITS, NEW, SAMPLE, Step
 
 # Lock step runs one sequence at a time, so the control vector's slot field is free to carry a
@@ -116,7 +116,7 @@ class LockstepRunner(StepRunner):
             self._broadcast(Step(0, 0, cmd=CMD_STOP), None)
 
     def _gather_stats(self) -> list[dict]:
-        return gather_stats(self, int(bool(self.cache) and self.cache[0].offset > 0))
+        return gather_stats(self, int(cache_offset(self.cache) > 0))
 
     def stats(self) -> list[dict]:
         """Rank 0: every rank's bytes sent and steps taken so far (the request itself uncounted)."""

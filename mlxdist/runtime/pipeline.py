@@ -20,7 +20,7 @@ from mlxdist.runtime.link import BACK, DONE, NEXT, Link, escape, unescape
 from mlxdist.runtime.ringwait import RingWaiter
 from mlxdist.runtime.runner import InterleavingRunner
 from mlxdist.runtime.sampling import Sampler
-from mlxdist.runtime.stage import Stage
+from mlxdist.runtime.stage import Stage, cache_offset
 from mlxdist.runtime.step import _CTRL, CMD_STATS, CMD_STEP, CMD_STOP, LOGITS, NEW, SAMPLE, Step
 from quantize.memory import peak_rss
 
@@ -192,7 +192,7 @@ class Runner(InterleavingRunner):
             self._send_control(Step(0, 0, cmd=CMD_STOP))
 
     def _gather_stats(self) -> list[dict]:
-        return gather_stats(self, sum(1 for c in self.caches.values() if c and c[0].offset > 0))
+        return gather_stats(self, sum(1 for c in self.caches.values() if cache_offset(c) > 0))
 
     def stats(self) -> list[dict]:
         """Rank 0: every rank's bytes sent, steps taken and peak memory so far (the request

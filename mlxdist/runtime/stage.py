@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import CacheList, make_prompt_cache
 from mlx_lm.utils import _get_classes, infer_quant_config
 
 from launcher.modes import check_tensor_split
 from quantize.checkpoint import inspect_model, layer_of, weight_map
 from quantize.nodes import check_node
 
-# Models whose attention applies the mask with mx.where, so it must be an array, not "causal".
-_ARRAY_MASK = {"deepseek_v3"}
+# Models whose attention applies the mask with mx.where, so it must be an array, not "causal"
+# (their own __call__ asks create_attention_mask for return_array=True; nothing else tells).
+_ARRAY_MASK = {"deepseek_v3", "deepseek_v32"}
+
+# Where the families' config.json give their number of routed experts.
+_EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
 
 
 @dataclass
@@ -29,6 +34,13 @@ class Stage:
     end: int  # one past the last layer held
     is_last: bool  # holds the final norm and the head
     experts: tuple[int, ...] | None = None  # routed experts held, in expert parallelism
+    # One empty cache per layer of the whole model, as the family's own make_cache builds them
+    # (rotating caches for sliding-window layers, cache lists for indexed attention).
+    templates: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.templates:
+            self.templates = make_prompt_cache(self.model)
 
     @property
     def inner(self) -> nn.Module:
@@ -54,18 +66,26 @@ class Stage:
         params = tree_flatten(self.model.parameters())
         return sum(v.nbytes for k, v in params if ".switch_mlp." in k)
 
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+    def make_cache(self) -> list:
+        return [copy.deepcopy(c) for c in self.templates[self.start : self.end]]
 
     def embed(self, tokens: mx.array) -> mx.array:
         return self.inner.embed_tokens(tokens)
 
-    def forward(self, h: mx.array, cache: list[KVCache]) -> mx.array:
-        """Runs this stage's layers on hidden states h of shape (batch, length, hidden)."""
+    def forward(self, h: mx.array, cache: list) -> mx.array:
+        """Runs this stage's layers on hidden states h of shape (batch, length, hidden).
+
+        Each layer gets the mask its own cache makes, as the family's __call__ does: a causal
+        mask for a full cache, a windowed one for a rotating cache; layers whose caches are
+        alike share one."""
         as_array = self.config["model_type"] in _ARRAY_MASK
-        mask = create_attention_mask(h, cache[0], return_array=as_array)
+        masks: dict[tuple, object] = {}
         for layer, c in zip(self.layers, cache):
-            h = layer(h, mask, cache=c)
+            source = attention_cache(c)
+            kind = (type(source), getattr(source, "max_size", None))
+            if kind not in masks:
+                masks[kind] = create_attention_mask(h, source, return_array=as_array)
+            h = layer(h, masks[kind], cache=c)
         return h
 
     def logits(self, h: mx.array) -> mx.array:
@@ -73,6 +93,16 @@ class Stage:
         if hasattr(self.model, "lm_head"):
             return self.model.lm_head(h)
         return self.inner.embed_tokens.as_linear(h)
+
+
+def attention_cache(cache):
+    """The cache a layer's attention mask is made from: the first of a cache list."""
+    return cache[0] if isinstance(cache, CacheList) else cache
+
+
+def cache_offset(cache: list) -> int:
+    """How many positions a stage's cache holds (0 when empty)."""
+    return attention_cache(cache[0]).offset if cache else 0
 
 
 def stage_range(split: list[int], rank: int) -> tuple[int, int]:
@@ -105,6 +135,7 @@ def load_stage(
         path, lambda k: _needed(k, start, end, first, last, info.tied_embeddings)
     )
     model = build_model(info.config, weights)
+    templates = make_prompt_cache(model)  # before the layers are cut: it may read them
 
     inner = model.model
     inner.layers = inner.layers[:end]
@@ -118,7 +149,7 @@ def load_stage(
     model.load_weights(list(weights.items()), strict=True)
     del weights
     evaluate(model, info.config, inner.layers[start:end], dtype)
-    return Stage(model, info.config, start, end, last)
+    return Stage(model, info.config, start, end, last, templates=templates)
 
 
 def read_tensors(path: Path, keep: Callable[[str], bool]) -> dict[str, mx.array]:
@@ -144,7 +175,7 @@ def build_model(
     if prepare is not None:
         prepare(model)
     if hasattr(model, "sanitize"):
-        sanitized = model.sanitize(weights)
+        sanitized = dict(model.sanitize(weights))  # some return the very dict they were given
         weights.clear()
         weights.update(sanitized)
     _quantize_like(model, config, weights)
@@ -188,7 +219,8 @@ def _quantize_like(model: nn.Module, config: dict, weights: dict) -> None:
 def run_dtype(config: dict) -> mx.Dtype | None:
     """The dtype every stage runs in; the same on all ranks so hidden states agree."""
     # On the CPU, MLX's unquantised expert matmul (gather_mm) runs only in float32.
-    unquantised_experts = config.get("n_routed_experts") and "quantization" not in config
+    experts = any(config.get(k) for k in _EXPERT_COUNT_KEYS)
+    unquantised_experts = experts and "quantization" not in config
     if unquantised_experts and mx.default_device() == mx.cpu:
         return mx.float32
     return None

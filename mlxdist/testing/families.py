@@ -1,0 +1,168 @@
+"""The model families `mlxdist testing make-model` writes: each one's config.json fields (as the
+Hub's checkpoints spell them, only the sizes small), its special tokens and chat template, and
+how mlx-lm's parameter names map back to the names its checkpoints store (the inverse of the
+family's sanitize())."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Shared tiny sizes: every matrix dimension a multiple of 64, so group-64 quantisation covers it.
+_DENSE = {
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 4096,
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # what a user types: make-model FAMILY
+    config: dict[str, Any]  # config.json, tiny
+    bos: str | None
+    eos: str
+    added: tuple[str, ...]  # chat markers, after the BPE vocabulary
+    chat_template: str
+    moe: bool = False  # routed experts: stored in float32 (MLX's CPU expert matmul)
+    # Tensors in mlx-lm's names -> tensors in the checkpoint's names.
+    to_hub: Callable[[dict, dict], dict] = field(default=lambda w, c: w)
+
+
+# ---------------------------------------------------------------- the inverse of sanitize()
+
+
+def _unstack(
+    weights: dict, marker: str, names: dict[str, str], expert_dir: str = "experts"
+) -> dict:
+    """Stacked `{prefix}.{marker}.{proj}.weight` (experts first) -> one tensor per expert,
+    `{prefix}.{expert_dir}.{e}.{names[proj]}.weight`."""
+    out = {}
+    for key, value in weights.items():
+        head, sep, tail = key.partition(f".{marker}.")
+        proj = tail.split(".")[0]
+        if not sep or proj not in names:
+            out[key] = value
+            continue
+        rest = tail[len(proj) :]
+        for e in range(value.shape[0]):
+            out[f"{head}.{expert_dir}.{e}.{names[proj]}{rest}"] = value[e]
+    return out
+
+
+_SAME = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
+
+
+def _experts_split(weights: dict, config: dict) -> dict:
+    return _unstack(weights, "switch_mlp", _SAME)
+
+
+def _minimax(weights: dict, config: dict) -> dict:
+    return _unstack(weights, "switch_mlp", {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"})
+
+
+def _deepseek_v32(weights: dict, config: dict) -> dict:
+    """Experts one by one, and embed_q / unembed_out joined back into kv_b_proj."""
+    out = _experts_split(weights, config)
+    heads, nope = config["num_attention_heads"], config["qk_nope_head_dim"]
+    for key in [k for k in out if k.endswith(".self_attn.embed_q.weight")]:
+        prefix = key.removesuffix(".embed_q.weight")
+        wk = out.pop(key)  # (heads, kv_lora_rank, nope)
+        wv = out.pop(f"{prefix}.unembed_out.weight")  # (heads, v_head_dim, kv_lora_rank)
+        kv_b = np.concatenate([np.swapaxes(wk, -1, -2), wv], axis=1)
+        out[f"{prefix}.kv_b_proj.weight"] = kv_b.reshape(heads * (nope + wv.shape[1]), -1)
+    return out
+
+
+# ---------------------------------------------------------------- chat templates
+
+_LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+_MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_GLM_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n<think>' }}{% endif %}"
+)
+
+_HARMONY_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|start|>' + message['role'] + '<|message|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
+)
+
+_MINIMAX_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ ']~b]' + message['role'] + '\\n' + message['content'] + '[e~[\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ ']~b]ai\\n<think>\\n' }}{% endif %}"
+)
+
+_R1_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '<｜Assistant｜>' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+
+
+# ---------------------------------------------------------------- the families
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        "llama",
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            **_DENSE,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-05,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "factor": 8.0,
+                "high_freq_factor": 4.0,
+                "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 1024,
+                "rope_type": "llama3",
+            },
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+        },
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        added=("<|start_header_id|>", "<|end_header_id|>"),
+        chat_template=_LLAMA3_TEMPLATE,
+    ),
+}
+
+
+def family_names() -> list[str]:
+    return sorted(FAMILIES)

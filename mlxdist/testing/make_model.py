@@ -1,0 +1,130 @@
+"""A tiny random checkpoint of any supported family, in that family's on-disk format.
+
+The weights are mlx-lm's own random initialisation of the family's model class, renamed to the
+names the Hub's checkpoints store (what the family's sanitize() expects), saved in sharded
+safetensors with an index; the tokenizer is tiny-r1's byte-level BPE with the family's special
+tokens and chat template. The same arguments give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlxdist.testing.families import FAMILIES, Family
+from mlxdist.testing.tiny_r1 import CORPUS, _merge
+
+
+class UnknownFamily(ValueError):
+    pass
+
+
+def family_config(family: str, overrides: dict | None = None) -> dict:
+    if family not in FAMILIES:
+        raise UnknownFamily(f"unknown family {family!r}: choose one of {', '.join(FAMILIES)}")
+    spec = FAMILIES[family]
+    config = _merge(spec.config, overrides or {})
+    config["bos_token_id"] = 0 if spec.bos else None
+    config["eos_token_id"] = 1 if spec.bos else 0
+    return config
+
+
+def random_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
+    """mlx-lm's random initialisation of the family's model, as float32 arrays by mlx-lm name."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    mx.random.seed(seed)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(dict(config)))
+    params = tree_flatten(model.parameters())
+    mx.eval([v for _, v in params])
+    return {k: np.array(v.astype(mx.float32)) for k, v in params}
+
+
+def _layer(key: str) -> int:
+    parts = key.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else -1
+
+
+def _save(out: Path, weights: dict[str, np.ndarray], dtype: str, layers: int) -> None:
+    """Two shards, split at the middle layer as the Hub's indexes split by size, and an index."""
+    import mlx.core as mx
+
+    cast = mx.float32 if dtype == "float32" else mx.bfloat16
+    half = layers // 2
+    shards: list[dict[str, Any]] = [{}, {}]
+    for key in sorted(weights):
+        layer = _layer(key)
+        second = layer >= half or (layer < 0 and not key.startswith("model.embed_tokens"))
+        shards[second][key] = mx.array(weights[key]).astype(cast)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(out / name), shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        total += sum(v.nbytes for v in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _write_json(out / "model.safetensors.index.json", index, sort_keys=True)
+
+
+def build_tokenizer(spec: Family, vocab_size: int) -> Any:
+    """Byte-level BPE trained on tiny-r1's corpus: BOS (when the family has one) and EOS first,
+    the family's chat markers last."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.trainers import BpeTrainer
+
+    specials = [t for t in (spec.bos, spec.eos) if t]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=vocab_size - len(spec.added),
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in specials],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((p.strip() for p in CORPUS.split("\n\n")), trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec.added])
+    return tok
+
+
+def _write_tokenizer(out: Path, spec: Family, config: dict) -> None:
+    build_tokenizer(spec, config["vocab_size"]).save(str(out / "tokenizer.json"))
+    tokenizer_config = {
+        "add_bos_token": False,  # the chat template writes BOS itself
+        "bos_token": spec.bos,
+        "eos_token": spec.eos,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config["max_position_embeddings"],
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": spec.chat_template,
+    }
+    _write_json(out / "tokenizer_config.json", tokenizer_config)
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    _write_json(out / "generation_config.json", generation)
+
+
+def _write_json(path: Path, data: dict, sort_keys: bool = False) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n")
+
+
+def make_model(family: str, out: str | Path, overrides: dict | None = None, seed: int = 0) -> Path:
+    """Writes a tiny random checkpoint of family into out."""
+    out = Path(out)
+    config = family_config(family, overrides)
+    spec = FAMILIES[family]
+    if config["vocab_size"] < 2 + 256 + len(spec.added):
+        raise ValueError("vocab_size is too small for the byte-level tokenizer")
+    weights = spec.to_hub(random_weights(config, seed), config)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("model-*-of-*.safetensors"):
+        old.unlink()
+    _save(out, weights, "float32" if spec.moe else "bfloat16", config["num_hidden_layers"])
+    _write_json(out / "config.json", config)
+    _write_tokenizer(out, spec, config)
+    return out
