@@ -161,6 +161,24 @@ FAMILIES: dict[str, Family] = {
         added=("<|start_header_id|>", "<|end_header_id|>"),
         chat_template=_LLAMA3_TEMPLATE,
     ),
+    "mistral": Family(
+        "mistral",
+        {
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            **_DENSE,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-05,
+            "rope_theta": 1000000.0,
+            "sliding_window": None,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+        },
+        bos="<s>",
+        eos="</s>",
+        added=("[INST]", "[/INST]"),
+        chat_template=_MISTRAL_TEMPLATE,
+    ),
 }
 
 
