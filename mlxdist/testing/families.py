@@ -179,6 +179,25 @@ FAMILIES: dict[str, Family] = {
         added=("[INST]", "[/INST]"),
         chat_template=_MISTRAL_TEMPLATE,
     ),
+    "qwen3": Family(
+        "qwen3",
+        {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            **_DENSE,
+            "attention_bias": False,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000,
+            "rope_scaling": None,
+            "tie_word_embeddings": True,
+            "torch_dtype": "bfloat16",
+        },
+        bos=None,
+        eos="<|im_end|>",
+        added=("<|im_start|>", "<think>", "</think>"),
+        chat_template=_CHATML_TEMPLATE,
+    ),
 }
 
 
