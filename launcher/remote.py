@@ -9,13 +9,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantize.checkpoint import layer_of, weight_map
+from quantize.checkpoint import read_config, weight_map
 from quantize.nodes import node_manifest
 
 from .agent_client import AgentClient, AgentError
 from .backend import RDMA_BACKENDS
 from .hostfile import mlx_launch_hostfile, ring_entries
 from .local import LaunchError, describe_failure, verdict
+from .nodefiles import node_files
 from .rankenv import JACCL_PORT, backend_envs
 from .rankspec import NODE_FAILED, PEER_GONE
 from .ssh import SshClient
@@ -161,20 +162,34 @@ def push_for_split(
     split: list[int],
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[str]:
-    """For a split the model has no node folders for (a plan made again after a failure): each
-    host gets the model's small files and the weight files that hold its layers."""
-    weights = weight_map(model)
-    small = [p for p in model.iterdir() if p.is_file() and p.suffix != ".safetensors"]
-    small = [p for p in small if p.name != "manifest.json"]  # it lists files not sent
-    remote, start = [], 0
-    for rank, (node, layers) in enumerate(zip(nodes, split)):
-        end = start + layers
-        mine = {f for k, f in weights.items() if (i := layer_of(k)) is None or start <= i < end}
-        start = end
-        rel = f"{model.name}/split-{'-'.join(map(str, split))}/{rank}"
-        _push(node, sorted(small) + [model / name for name in sorted(mine)], rel, progress)
-        remote.append(rel)
-    return remote
+    """For a split the model has no node folders for (a plan made again after a failure, or a
+    whole model): each host gets the model's small files and the weight files that hold its
+    layers (launcher/nodefiles.py)."""
+    tied = bool(read_config(model).get("tie_word_embeddings", False))
+    files = [
+        node_files(weight_map(model), _top_files(model), "pipeline", split, rank, tied)
+        for rank in range(len(nodes))
+    ]
+    tag = f"split-{'-'.join(map(str, split))}"
+    return push_files(model, nodes, files, [f"{model.name}/{tag}/{r}" for r in range(len(nodes))])
+
+
+def _top_files(model: Path) -> list[str]:
+    return sorted(p.name for p in model.iterdir() if p.is_file())
+
+
+def push_files(
+    model: Path,
+    nodes: list[Node],
+    files: list[list[str]],
+    rels: list[str],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[str]:
+    """Sends node r files[r] of the model into rels[r] under its models folder, each file
+    once (a file its agent already holds whole is not sent again); returns rels."""
+    for node, mine, rel in zip(nodes, files, rels):
+        _push(node, [model / name for name in mine], rel, progress)
+    return list(rels)
 
 
 def rank_links(

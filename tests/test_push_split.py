@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from launcher.remote import Node, push_for_split
-from quantize.checkpoint import layer_of, safetensors_header
+from mlxdist.runtime.stage import _needed
+from quantize.checkpoint import safetensors_header
 
 F1, F2, F3 = (f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))
 SMALL = ["config.json", "model.safetensors.index.json", "tokenizer.json"]
@@ -50,6 +51,7 @@ def _folder(tmp_path: Path) -> Path:
     for name in [*SMALL, "manifest.json", *set(INDEX["weight_map"].values())]:
         (model / name).write_bytes(b"x")
     (model / "model.safetensors.index.json").write_text(json.dumps(INDEX))
+    (model / "config.json").write_text("{}")
     return model
 
 
@@ -58,7 +60,7 @@ def test_each_host_gets_the_small_files_and_the_files_of_its_layers(tmp_path):
     nodes = _nodes(2)
     folders = push_for_split(model, nodes, [1, 1])
     assert folders == ["m/split-1-1/0", "m/split-1-1/1"]
-    # Embeddings, norm and head are in the third file: every rank is sent it.
+    # Embeddings (rank 0), norm and head (the last rank) are in the third file: both get it.
     assert _sent(nodes[0]) == sorted([*SMALL, F1, F3])
     assert _sent(nodes[1]) == sorted([*SMALL, F2, F3])
     for node, folder in zip(nodes, folders):
@@ -76,11 +78,12 @@ def test_the_files_sent_hold_every_tensor_of_the_hosts_layers(tiny_r1):
     push_for_split(tiny_r1, nodes, split)
     index = json.loads((tiny_r1 / "model.safetensors.index.json").read_text())["weight_map"]
     start = 0
-    for node, layers in zip(nodes, split):
+    for rank, (node, layers) in enumerate(zip(nodes, split)):
         held = set()
         for local in node.client.files.values():
             if local.suffix == ".safetensors":
                 held |= set(safetensors_header(local))
-        needed = {k for k in index if (i := layer_of(k)) is None or start <= i < start + layers}
+        first, last = rank == 0, rank == len(split) - 1
+        needed = {k for k in index if _needed(k, start, start + layers, first, last, False)}
         assert needed <= held, sorted(needed - held)[:3]
         start += layers
