@@ -29,6 +29,8 @@ def family_config(family: str, overrides: dict | None = None) -> dict:
     config = _merge(spec.config, overrides or {})
     config["bos_token_id"] = 0 if spec.bos else None
     config["eos_token_id"] = 1 if spec.bos else 0
+    if spec.moe:  # stored in float32: MLX's CPU expert matmul takes nothing else
+        config["torch_dtype"] = "float32"
     return config
 
 
@@ -124,7 +126,7 @@ def make_model(family: str, out: str | Path, overrides: dict | None = None, seed
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("model-*-of-*.safetensors"):
         old.unlink()
-    _save(out, weights, "float32" if spec.moe else "bfloat16", config["num_hidden_layers"])
+    _save(out, weights, config["torch_dtype"], config["num_hidden_layers"])
     _write_json(out / "config.json", config)
     _write_tokenizer(out, spec, config)
     return out
