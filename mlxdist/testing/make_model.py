@@ -48,6 +48,25 @@ def random_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
     return {k: np.array(v.astype(mx.float32)) for k, v in params}
 
 
+def with_mtp(config: dict, seed: int) -> dict[str, np.ndarray]:
+    """Random weights, with the multi-token-prediction layers the checkpoint stores after the
+    last decoder layer (num_nextn_predict_layers of them, as DeepSeek and GLM write them: a
+    whole decoder layer plus its own embedding, norms, projection and head); mlx-lm drops them."""
+    extra = int(config.get("num_nextn_predict_layers") or 0)
+    n = config["num_hidden_layers"]
+    weights = random_weights(dict(config, num_hidden_layers=n + extra), seed)
+    h, v = config["hidden_size"], config["vocab_size"]
+    rng = np.random.default_rng(seed)
+    for layer in range(n, n + extra):
+        p = f"model.layers.{layer}"
+        weights[f"{p}.embed_tokens.weight"] = weights["model.embed_tokens.weight"].copy()
+        weights[f"{p}.shared_head.head.weight"] = rng.normal(0, 0.02, (v, h)).astype(np.float32)
+        weights[f"{p}.eh_proj.weight"] = rng.normal(0, 0.02, (h, 2 * h)).astype(np.float32)
+        for norm in ("enorm", "hnorm", "shared_head.norm"):
+            weights[f"{p}.{norm}.weight"] = np.ones(h, np.float32)
+    return weights
+
+
 def _layer(key: str) -> int:
     parts = key.split(".")
     return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else -1
@@ -122,7 +141,7 @@ def make_model(family: str, out: str | Path, overrides: dict | None = None, seed
     spec = FAMILIES[family]
     if config["vocab_size"] < 2 + 256 + len(spec.added):
         raise ValueError("vocab_size is too small for the byte-level tokenizer")
-    weights = spec.to_hub(random_weights(config, seed), config)
+    weights = spec.to_hub(with_mtp(config, seed), config)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("model-*-of-*.safetensors"):
         old.unlink()
