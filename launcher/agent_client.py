@@ -102,6 +102,23 @@ class AgentClient:
     def stop_all(self) -> list[dict]:
         return self.request("POST", "/ranks/stop-all", timeout=self.timeout + 10)["stopped"]
 
+    def fetch_start(
+        self, repo: str, files: list[str], revision: str | None = None, token: str | None = None
+    ) -> dict:
+        """Has the agent fetch files of a Hugging Face repo into its own cache; token (the
+        launcher's HF_TOKEN) goes only in the signed body, and only when there is one."""
+        body = {"repo": repo, "files": files}
+        body |= {"revision": revision} if revision else {}
+        body |= {"token": token} if token else {}
+        return self.request("POST", "/fetch", body=body)
+
+    def probe_hub(self, repo: str, revision: str | None = None, token: str | None = None) -> dict:
+        body = {"repo": repo} | ({"revision": revision} if revision else {})
+        return self.request("POST", "/fetch/probe", body=body | ({"token": token} if token else {}))
+
+    def fetch_status(self, fetch_id: str) -> dict:
+        return self.request("GET", f"/fetch/{fetch_id}")
+
     def file_status(self, rel: str) -> dict:
         return self.request("GET", "/files/status", params={"path": rel})
 

@@ -21,8 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..auth import Verifier
 from ..diskfree import disk_facts
 from .errors import Refused
+from .hubfetch import Fetches, probe
 from .ranks import MiB, Runs, model_folder, tail_lines
-from .requests import CompleteFile, StartRank
+from .requests import CompleteFile, FetchFiles, ProbeHub, StartRank
 from .signing import SignedOnly
 from .uploads import Uploads, list_models
 
@@ -73,6 +74,7 @@ def create_agent_app(
     runs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     runs = Runs(runs_dir, python)
     uploads = Uploads(root)
+    fetches = Fetches(root)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -150,6 +152,18 @@ def create_agent_app(
     @app.post("/files/complete")
     def file_complete(req: CompleteFile) -> dict:
         return uploads.complete(req.path, req.size, req.sha256)
+
+    @app.post("/fetch")
+    def fetch_start(req: FetchFiles) -> dict:
+        return fetches.start(req)
+
+    @app.post("/fetch/probe")
+    def fetch_probe(req: ProbeHub) -> dict:
+        return probe(req.repo, req.revision, req.token)
+
+    @app.get("/fetch/{fetch_id}")
+    def fetch_status(fetch_id: str) -> dict:
+        return fetches.get(fetch_id)
 
     return app
 

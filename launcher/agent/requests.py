@@ -155,3 +155,69 @@ class CompleteFile(BaseModel):
         if not _SHA256.fullmatch(value):
             raise ValueError("sha256 must be 64 hex digits")
         return value
+
+
+_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a branch, tag or commit hash
+_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")  # a file at the top of the repo
+_TOKEN = re.compile(r"[\x21-\x7e]{1,512}")  # printable, no spaces: never a header injection
+
+
+def _check_repo(value: str) -> str:
+    if not _REPO.fullmatch(value) or ".." in value:
+        raise ValueError("repo must be org/name")
+    return value
+
+
+def _check_revision(value: str | None) -> str | None:
+    if value is not None and (not _REVISION.fullmatch(value) or ".." in value):
+        raise ValueError("revision must be a branch, tag or commit hash")
+    return value
+
+
+def _check_token(value: str | None) -> str | None:
+    if value is not None and not _TOKEN.fullmatch(value):
+        raise ValueError("token must be printable characters without spaces")
+    return value
+
+
+class ProbeHub(BaseModel):
+    """Can the agent reach the Hub and see repo? token: as in FetchFiles."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    repo: str = Field(max_length=200)
+    revision: str | None = Field(None, max_length=128)
+    token: str | None = Field(None, max_length=512, repr=False)
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, value: str) -> str:
+        return _check_repo(value)
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str | None) -> str | None:
+        return _check_revision(value)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: str | None) -> str | None:
+        return _check_token(value)
+
+
+class FetchFiles(ProbeHub):
+    """Fetch these files of a Hugging Face repo into the agent's own cache; token, when given,
+    is the launcher's HF_TOKEN (it never appears in an answer or a log)."""
+
+    files: list[Annotated[str, Field(max_length=255)]] = Field(min_length=1, max_length=10_000)
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _FILE.fullmatch(name) or name.endswith(".incomplete"):
+                raise ValueError(f"{name[:80]!r} is not a file name at the top of a repo")
+        if len(set(value)) != len(value):
+            raise ValueError("files must not repeat")
+        return value

@@ -1,0 +1,242 @@
+"""An agent fetching its own files of a Hugging Face repo into its own Hugging Face cache.
+
+Files land as huggingface_hub lays them out (blobs/<etag>, snapshots/<commit>/<name>, refs/),
+so every Hugging Face tool on the host finds them. A download resumes from its
+blobs/<etag>.incomplete with a byte range; each file is checked against the size and hash the
+Hub's tree listing gives (sha256 for LFS files, the git blob id else) before it counts, and a
+file that differs is deleted and named. The rank's folder is models/hub/<org>--<name>--<commit>,
+whose entries link to the snapshot. A token, when given, lives only in this process's memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import HfApi, constants, hf_hub_url
+from huggingface_hub.utils import build_hf_headers, get_session
+
+from .errors import Refused
+from .requests import FetchFiles
+
+HUB_FOLDER = "hub"  # under the models folder
+_CHUNK = 1 << 20
+
+
+class FetchFailed(Exception):
+    """A fetch that cannot go on; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class HubFile:
+    name: str
+    size: int
+    etag: str  # the blob's name in the cache: sha256 for LFS files, the git blob id else
+    lfs: bool
+
+
+@dataclass
+class Fetch:
+    id: str
+    repo: str
+    revision: str
+    files: list[str]
+    state: str = "starting"  # starting, running, done, failed
+    error: str = ""
+    commit: str = ""
+    folder: str = ""  # relative to the models folder, once done
+    sizes: dict[str, int] = field(default_factory=dict)
+    done: dict[str, int] = field(default_factory=dict)
+    received: int = 0  # bytes that came over the network in this fetch
+    current: str = ""  # the file being written, and where
+    partial: Path | None = None
+
+    def info(self) -> dict:
+        done = dict(self.done)
+        partial = self.partial
+        if partial is not None:
+            done[self.current] = _size(partial)
+        return {
+            "id": self.id,
+            "repo": self.repo,
+            "revision": self.revision,
+            "commit": self.commit,
+            "state": self.state,
+            "error": self.error,
+            "folder": self.folder,
+            "total": sum(self.sizes.values()),
+            "done": sum(done.values()),
+            "received": self.received,
+            "files": {n: {"size": s, "done": done.get(n, 0)} for n, s in self.sizes.items()},
+        }
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def file_digest(path: Path, lfs: bool) -> str:
+    """What the Hub's listing names a file by: sha256 (LFS) or the git blob id."""
+    if not lfs:
+        return git_blob_id(path.read_bytes())  # small files only: configs, tokenizers
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def repo_cache(cache: Path, repo: str) -> Path:
+    return cache / f"models--{repo.replace('/', '--')}"
+
+
+class Fetches:
+    """The agent's fetches: each runs in its own thread; info() answers the launcher's polls."""
+
+    def __init__(self, models_root: Path, cache: Path | None = None):
+        self.root = models_root
+        self.cache = Path(cache or constants.HF_HUB_CACHE)
+        self._fetches: dict[str, Fetch] = {}
+        self._lock = threading.Lock()
+
+    def start(self, req: FetchFiles) -> dict:
+        fetch = Fetch(secrets.token_hex(8), req.repo, req.revision or "main", list(req.files))
+        with self._lock:
+            self._fetches[fetch.id] = fetch
+        token = req.token  # kept by the thread only, never in the fetch's record
+        threading.Thread(target=self._run, args=(fetch, token), daemon=True).start()
+        return fetch.info()
+
+    def get(self, fetch_id: str) -> dict:
+        with self._lock:
+            fetch = self._fetches.get(fetch_id)
+        if fetch is None:
+            raise Refused(404, f"no fetch {fetch_id!r}")
+        return fetch.info()
+
+    def _run(self, fetch: Fetch, token: str | None) -> None:
+        try:
+            hub = _listing(fetch, token)
+            fetch.state = "running"
+            repo = repo_cache(self.cache, fetch.repo)
+            for name in fetch.files:
+                fetch.done[name] = self._one(fetch, repo, hub[name], token)
+            _write_ref(repo, fetch.revision, fetch.commit)
+            fetch.folder = self._link(fetch, repo)
+            fetch.state = "done"
+        except FetchFailed as e:
+            fetch.error, fetch.state = str(e), "failed"
+        except Exception as e:  # network and Hub errors: named without what was sent
+            fetch.error = f"fetching {fetch.repo} failed: {type(e).__name__}: {_first_line(e)}"
+            fetch.state = "failed"
+        finally:
+            fetch.partial = None
+
+    def _one(self, fetch: Fetch, repo: Path, f: HubFile, token: str | None) -> int:
+        """One file into the cache, resumed when part of it is there; returns its size."""
+        blob = repo / "blobs" / f.etag
+        link = repo / "snapshots" / fetch.commit / f.name
+        if not blob.is_file():
+            partial = blob.with_name(f.etag + ".incomplete")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            fetch.current, fetch.partial = f.name, partial
+            self._download(fetch, f, partial, token)
+            fetch.partial = None
+            os.replace(partial, blob)
+        if _size(blob) != f.size or file_digest(blob, f.lfs) != f.etag:
+            blob.unlink(missing_ok=True)
+            link.unlink(missing_ok=True)
+            kind = "sha256" if f.lfs else "git blob id"
+            raise FetchFailed(
+                f"{f.name} of {fetch.repo} differs from the Hub's size or {kind}: refused and "
+                "deleted; fetch again, and if it differs again the repo or the network is at fault"
+            )
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        return f.size
+
+    def _download(self, fetch: Fetch, f: HubFile, partial: Path, token: str | None) -> None:
+        have = _size(partial)
+        if have >= f.size:
+            return
+        url = hf_hub_url(fetch.repo, f.name, revision=fetch.commit)
+        headers = build_hf_headers(token=token) | {"Range": f"bytes={have}-"}
+        with get_session().stream("GET", url, headers=headers, follow_redirects=True) as r:
+            if r.status_code == 200:
+                have = 0  # the server sent the whole file: start again
+            elif r.status_code != 206:
+                raise FetchFailed(f"{f.name} of {fetch.repo}: the Hub answered {r.status_code}")
+            with open(partial, "r+b" if have else "wb") as out:
+                out.seek(have)
+                out.truncate()
+                for block in r.iter_bytes(_CHUNK):
+                    out.write(block)
+                    fetch.received += len(block)
+
+    def _link(self, fetch: Fetch, repo: Path) -> str:
+        """models/hub/<org>--<name>--<commit>/<file> -> the snapshot's file."""
+        rel = f"{HUB_FOLDER}/{fetch.repo.replace('/', '--')}--{fetch.commit}"
+        folder = self.root / rel
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in fetch.files:
+            target = repo / "snapshots" / fetch.commit / name
+            entry = folder / name
+            if entry.is_symlink() or entry.exists():
+                entry.unlink()
+            entry.symlink_to(target)
+        return rel
+
+
+def probe(repo: str, revision: str | None, token: str | None, timeout: float = 5.0) -> dict:
+    """Whether this host reaches the Hub and sees repo at revision: one small request."""
+    try:
+        info = HfApi(token=token).model_info(repo, revision=revision, timeout=timeout)
+    except Exception as e:  # unreachable, refused, gated, missing: each a reason to push
+        return {"ok": False, "why": f"{type(e).__name__}: {_first_line(e)}"}
+    return {"ok": True, "why": "", "commit": info.sha or ""}
+
+
+def _listing(fetch: Fetch, token: str | None) -> dict[str, HubFile]:
+    """The commit the revision names, and the size and hash of each file asked for."""
+    api = HfApi(token=token)
+    fetch.commit = api.model_info(fetch.repo, revision=fetch.revision).sha or ""
+    if len(fetch.commit) != 40:
+        raise FetchFailed(f"the Hub gave no commit for {fetch.repo}@{fetch.revision}")
+    hub = {}
+    for entry in api.list_repo_tree(fetch.repo, revision=fetch.commit, recursive=True):
+        size = getattr(entry, "size", None)
+        if size is None:
+            continue  # a folder
+        lfs = entry.lfs is not None
+        hub[entry.path] = HubFile(entry.path, size, entry.lfs.sha256 if lfs else entry.blob_id, lfs)
+    missing = [n for n in fetch.files if n not in hub]
+    if missing:
+        raise FetchFailed(
+            f"{fetch.repo}@{fetch.revision} has no {', '.join(missing[:3])}: "
+            "is this the right repo and revision?"
+        )
+    fetch.sizes = {n: hub[n].size for n in fetch.files}
+    return hub
+
+
+def _write_ref(repo: Path, revision: str, commit: str) -> None:
+    if revision != commit:
+        ref = repo / "refs" / revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(commit)  # no newline, as huggingface_hub writes it
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]

@@ -1,0 +1,142 @@
+"""How each node gets its files (`--fetch hub|push|auto`): its agent downloads them from the
+Hub itself, or the launcher pushes them over the cables; progress per node and in total, with
+rate and time left.
+
+hub: every agent fetches only its files into its own Hugging Face cache (resumed, checked
+against the Hub's sizes and hashes); HF_TOKEN, when set, goes only in the signed request body.
+push: the launcher, which holds the model, sends each node only its files, each once.
+auto: hub when every agent reaches the Hub (one small request each), else push.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from quantize.checkpoint import human_bytes
+from quantize.errors import UserError
+
+from .agent_client import AgentError
+from .remote import Node
+
+FETCH_MODES = ("auto", "hub", "push")
+
+
+class FetchError(UserError):
+    """A node that could not get its files; the message names it and the file."""
+
+
+def check_fetch(mode: str) -> str:
+    if mode not in FETCH_MODES:
+        raise FetchError(f"--fetch {mode!r} is not one of {', '.join(FETCH_MODES)}")
+    return mode
+
+
+def hf_token() -> str | None:
+    """The launcher's HF_TOKEN, forwarded to the agents only when set."""
+    return os.environ.get("HF_TOKEN") or None
+
+
+def choose_fetch(
+    asked: str, nodes: list[Node], repo: str | None, revision: str | None = None
+) -> tuple[str, str]:
+    """The way the files go, and why, in one line's words. Only a repo id can come from the
+    Hub; auto asks every agent whether it reaches the Hub."""
+    check_fetch(asked)
+    if repo is None:
+        if asked == "hub":
+            raise FetchError(
+                "--fetch hub needs a Hugging Face repo id (org/name), not a local folder"
+            )
+        return "push", "the model is a local folder"
+    if asked != "auto":
+        return asked, f"--fetch {asked}"
+    for node in nodes:
+        try:
+            answer = node.client.probe_hub(repo, revision, hf_token())
+        except AgentError as e:
+            answer = {"ok": False, "why": str(e)}
+        if not answer.get("ok"):
+            return "push", f"{node.name} cannot reach the Hub ({answer.get('why', '')})"
+    return "hub", f"every node reaches the Hub and sees {repo}"
+
+
+@dataclass
+class Meter:
+    """Rate and time left from (time, bytes done) samples, over a sliding window."""
+
+    window: float = 10.0
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+    def add(self, t: float, done: int) -> None:
+        self.samples.append((t, done))
+        while len(self.samples) > 2 and t - self.samples[1][0] >= self.window:
+            self.samples.pop(0)
+
+    def rate(self) -> float:
+        """Bytes per second over the window; 0 until two samples differ in time."""
+        if len(self.samples) < 2:
+            return 0.0
+        (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
+        return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def left(self, total: int) -> float | None:
+        """Seconds left at the current rate; None while it is unknown."""
+        rate = self.rate()
+        done = self.samples[-1][1] if self.samples else 0
+        return (total - done) / rate if rate > 0 else None
+
+
+def progress_line(name: str, done: int, total: int, rate: float, left: float | None) -> str:
+    """One node's line, e.g. studio-1: 1.20 GB of 4.00 GB, 110.00 MB/s, 25 s left."""
+    eta = "time left unknown" if left is None else f"{left:.0f} s left"
+    if done >= total:
+        eta = "done"
+    return f"{name}: {human_bytes(done)} of {human_bytes(total)}, {human_bytes(int(rate))}/s, {eta}"
+
+
+Show = Callable[[list[tuple[str, int, int, float, float | None]]], None]
+
+
+def hub_fetch(
+    nodes: list[Node],
+    repo: str,
+    revision: str | None,
+    files: list[list[str]],
+    show: Show | None = None,
+    poll: float = 0.5,
+) -> list[dict]:
+    """Has every node's agent fetch its files; returns each node's final fetch record (its
+    folder, the bytes it received). show gets, per node and then the total, (name, done,
+    total, rate, seconds left) at every poll."""
+    token = hf_token()
+    ids = []
+    for node, mine in zip(nodes, files):
+        try:
+            ids.append(node.client.fetch_start(repo, mine, revision, token)["id"])
+        except AgentError as e:
+            raise FetchError(f"{node.name} could not start fetching {repo}: {e}") from None
+    meters = [Meter() for _ in nodes] + [Meter()]
+    while True:
+        infos = []
+        for node, fetch_id in zip(nodes, ids):
+            try:
+                infos.append(node.client.fetch_status(fetch_id))
+            except AgentError as e:
+                raise FetchError(f"{node.name} stopped answering while fetching: {e}") from None
+        now = time.monotonic()
+        rows = [(n.name, i["done"], i["total"]) for n, i in zip(nodes, infos)]
+        rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+        for meter, (_, done, _) in zip(meters, rows):
+            meter.add(now, done)
+        if show:
+            show([(n, d, t, m.rate(), m.left(t)) for (n, d, t), m in zip(rows, meters)])
+        failed = [(n, i) for n, i in zip(nodes, infos) if i["state"] == "failed"]
+        if failed:
+            node, info = failed[0]
+            raise FetchError(f"{node.name}: {info['error']}")
+        if all(i["state"] == "done" for i in infos):
+            return infos
+        time.sleep(poll)

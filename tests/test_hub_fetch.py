@@ -1,0 +1,311 @@
+"""Each node gets only its files: real agents (in network namespaces when this machine can make
+them, else on loopback ports) fetch their share of tiny-r1 from a loopback Hub that speaks the
+Hub's API (tests/hub.py), or are pushed it by the launcher."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import psutil
+import pytest
+from hub import REPO, FakeHub, _handler, model_files
+from netns import available, bridged_hosts
+
+from launcher.agent_client import AgentClient, AgentError
+from launcher.fetch import FetchError, hub_fetch, progress_line
+from launcher.nodefiles import node_files
+from launcher.remote import Node, push_files
+from launcher.secret import create_secret, load_secret
+from quantize.checkpoint import weight_map
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[1]
+SPLIT = [2, 2]
+HUB_IP = "169.254.100.250"  # the launcher's side of the namespaces' bridge
+PORT = 52460
+
+
+class SlowHub(FakeHub):
+    """A FakeHub on a given address that can send its files slowly (delay per 64 kB), so a
+    test can stop an agent halfway through a file."""
+
+    def __init__(self, ip: str) -> None:
+        super().__init__()
+        self.server.server_close()
+        self.delay = 0.0
+        self.auth: list[str] = []  # the Authorization header of every request
+        hub = self
+        base = _handler(self)
+
+        class Slow(base):
+            def _route(self, body: bool) -> None:
+                hub.auth.append(self.headers.get("Authorization", ""))
+                super()._route(body)
+
+            def _send(self, data: bytes, headers: dict, body: bool, status: int = 200) -> None:
+                if not (body and hub.delay and len(data) > 1 << 16):
+                    return super()._send(data, headers, body, status)
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                with contextlib.suppress(ConnectionError):  # the agent was stopped halfway
+                    for i in range(0, len(data), 1 << 16):
+                        self.wfile.write(data[i : i + (1 << 16)])
+                        self.wfile.flush()
+                        time.sleep(hub.delay)
+
+        self.server = ThreadingHTTPServer((ip, 0), Slow)
+        self.url = f"http://{ip}:{self.server.server_address[1]}"
+
+
+@contextlib.contextmanager
+def serving(hub: FakeHub):
+    thread = threading.Thread(target=hub.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield hub
+    finally:
+        hub.server.shutdown()
+        hub.server.server_close()
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def hosts_and_hub_address(n: int):
+    """n namespaces on a bridge, and an address of this namespace on that bridge (for the Hub);
+    on loopback when namespaces cannot be made here."""
+    why = available()
+    if why is not None:
+        print(f"\nnetwork namespaces unavailable ({why}): agents on loopback ports")
+        yield [("", "127.0.0.1", PORT + i) for i in range(n)], "127.0.0.1", "lo"
+        return
+    with bridged_hosts(n) as hosts:
+        switch = hosts[0].name.rsplit("h", 1)[0] + "sw"
+        ours, theirs = f"{switch}hub", f"{switch}hb"
+        _ip("link", "add", ours, "type", "veth", "peer", "name", theirs)
+        try:
+            _ip("link", "set", theirs, "netns", switch)
+            _ip("-n", switch, "link", "set", theirs, "master", "br0")
+            _ip("-n", switch, "link", "set", theirs, "up")
+            _ip("addr", "add", f"{HUB_IP}/24", "dev", ours)
+            _ip("link", "set", ours, "up")
+            yield [(h.name, h.ip, PORT) for h in hosts], HUB_IP, "eth0"
+        finally:
+            subprocess.run(["ip", "link", "del", ours], capture_output=True)
+
+
+class Agents:
+    """One `mlxdist agent` per host, each with its own models folder and Hugging Face cache."""
+
+    def __init__(self, hosts, interface: str, work: Path, hub_url: str):
+        self.hosts, self.interface, self.work, self.hub_url = hosts, interface, work, hub_url
+        secret = create_secret(work / "secret")
+        self.secret = load_secret(secret)
+        self.procs: list[subprocess.Popen | None] = [None] * len(hosts)
+        for i in range(len(hosts)):
+            (work / f"node{i}").mkdir()
+            shutil.copy(secret, work / f"node{i}" / "secret")
+            (work / f"node{i}" / "secret").chmod(0o600)
+            self.start(i)
+        self.nodes = [
+            Node(f"node{i}", ip, AgentClient(f"http://{ip}:{port}", self.secret))
+            for i, (_, ip, port) in enumerate(hosts)
+        ]
+        for node in self.nodes:
+            self.wait(node)
+
+    def config(self, i: int) -> Path:
+        return self.work / f"node{i}"
+
+    def cache(self, i: int) -> Path:
+        return self.config(i) / "hf"
+
+    def start(self, i: int) -> None:
+        ns, _, port = self.hosts[i]
+        env = dict(
+            os.environ,
+            MLXDIST_CONFIG=str(self.config(i)),
+            HF_HUB_CACHE=str(self.cache(i)),
+            HF_ENDPOINT=self.hub_url,
+            HF_HUB_DISABLE_TELEMETRY="1",
+        )
+        env.pop("HF_TOKEN", None)
+        argv = [sys.executable, "-m", "mlxdist.cli", "agent", "--cluster", "fetch"]
+        argv += ["--interface", self.interface, "--port", str(port)]
+        if ns:
+            argv = ["ip", "netns", "exec", ns, *argv]
+        log = open(self.config(i) / "agent.log", "a")
+        self.procs[i] = subprocess.Popen(argv, env=env, cwd=ROOT, stderr=log, stdout=log)
+
+    def wait(self, node: Node) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                node.client.health()
+                return
+            except AgentError:
+                assert time.monotonic() < deadline, "the agent did not start"
+                time.sleep(0.2)
+
+    def kill(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for i, proc in enumerate(self.procs):
+            if proc is None:
+                continue
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill(i)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_r1, tmp_path_factory):
+    work = tmp_path_factory.mktemp("hubfetch")
+    with hosts_and_hub_address(2) as (hosts, hub_ip, interface):
+        hub = SlowHub(hub_ip)
+        hub.repos[REPO] = model_files(tiny_r1)
+        with serving(hub):
+            agents = Agents(hosts, interface, work, hub.url)
+            try:
+                yield hub, agents, tiny_r1
+            finally:
+                agents.stop()
+
+
+def shares(model: Path) -> list[list[str]]:
+    repo = sorted(p.name for p in model.iterdir() if p.is_file())
+    return [node_files(weight_map(model), repo, "pipeline", SPLIT, r) for r in range(len(SPLIT))]
+
+
+def cached(cache: Path) -> dict[str, int]:
+    """The files of the repo's snapshot in a cache, with the bytes behind each."""
+    snapshots = cache / f"models--{REPO.replace('/', '--')}" / "snapshots"
+    return {p.name: p.stat().st_size for s in snapshots.iterdir() for p in s.iterdir()}
+
+
+def blob_bytes(cache: Path) -> int:
+    blobs = cache / f"models--{REPO.replace('/', '--')}" / "blobs"
+    return sum(p.stat().st_size for p in blobs.iterdir() if not p.name.endswith(".incomplete"))
+
+
+def test_each_node_fetches_only_its_files(world):
+    hub, agents, model = world
+    files = shares(model)
+    assert files[0] != files[1]  # the split gives the two nodes different weight files
+    lines: list[str] = []
+    infos = hub_fetch(
+        agents.nodes, REPO, None, files, show=lambda rows: lines.append(progress_line(*rows[-1]))
+    )
+    for i, (mine, info) in enumerate(zip(files, infos)):
+        share = sum((model / f).stat().st_size for f in mine)
+        assert cached(agents.cache(i)) == {f: (model / f).stat().st_size for f in mine}
+        assert blob_bytes(agents.cache(i)) == share == info["total"] == info["done"]
+        assert info["received"] == share
+        folder = agents.config(i) / "models" / info["folder"]
+        assert sorted(p.name for p in folder.iterdir()) == mine
+        print(f"\nnode{i}: received {info['received']} bytes, its share {share} bytes ({mine})")
+    assert lines and lines[-1].startswith("total:") and lines[-1].endswith("done")
+
+
+def test_an_interrupted_fetch_resumes(world):
+    hub, agents, model = world
+    big = max(shares(model)[1], key=lambda f: (model / f).stat().st_size)
+    size = (model / big).stat().st_size
+    for leftover in agents.cache(1).glob("models--*"):
+        shutil.rmtree(leftover)
+    hub.delay = 0.02
+    try:
+        started = agents.nodes[1].client.fetch_start(REPO, [big])
+        deadline = time.monotonic() + 60
+        while agents.nodes[1].client.fetch_status(started["id"])["done"] < size // 4:
+            assert time.monotonic() < deadline, "the fetch made no progress"
+            time.sleep(0.05)
+        agents.kill(1)  # the agent goes away halfway through the file
+    finally:
+        hub.delay = 0.0
+    [partial] = agents.cache(1).glob("models--*/blobs/*.incomplete")
+    kept = partial.stat().st_size
+    assert 0 < kept < size
+    agents.start(1)
+    agents.wait(agents.nodes[1])
+    [info] = hub_fetch([agents.nodes[1]], REPO, None, [[big]])
+    assert info["received"] == size - kept  # only the rest came over the network
+    assert (REPO, big, f"bytes={kept}-") in hub.ranges
+    assert cached(agents.cache(1))[big] == size == blob_bytes(agents.cache(1))
+    print(f"\nresumed {big} at byte {kept} of {size}")
+
+
+def test_a_file_whose_hash_differs_is_refused_and_named(world):
+    hub, agents, model = world
+    files = shares(model)
+    hub_fetch(agents.nodes[:1], REPO, None, files[:1])
+    weights = [f for f in files[0] if f.endswith(".safetensors")]
+    blob = (agents.cache(0) / "models--org--tiny-r1" / "snapshots").glob(f"*/{weights[0]}")
+    blob = next(blob).resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: a damaged disk or a tampered cache
+    blob.write_bytes(bytes(data))
+    with pytest.raises(FetchError) as e:
+        hub_fetch(agents.nodes[:1], REPO, None, files[:1])
+    assert weights[0] in str(e.value) and "sha256" in str(e.value) and "node0" in str(e.value)
+    assert not blob.exists()  # refused and deleted: the next fetch gets it whole again
+    [info] = hub_fetch(agents.nodes[:1], REPO, None, files[:1])
+    assert info["received"] == (model / weights[0]).stat().st_size
+
+
+def test_the_push_path_sends_each_node_only_its_files_once(world):
+    _, agents, model = world
+    files = shares(model)
+    sent: dict[str, int] = {}
+
+    def count(name: str, done: int, total: int) -> None:
+        sent[name] = done
+
+    rels = [f"{model.name}/pushed/{r}" for r in range(2)]
+    push_files(model, agents.nodes, files, rels, count)
+    for i, (mine, rel) in enumerate(zip(files, rels)):
+        folder = agents.config(i) / "models" / rel
+        assert sorted(p.name for p in folder.iterdir()) == mine
+        share = sum((model / f).stat().st_size for f in mine)
+        got = sum(v for k, v in sent.items() if k.startswith(f"node{i}: "))
+        assert got == share
+        print(f"\nnode{i}: pushed {got} bytes, its share {share} bytes")
+    sent.clear()
+    push_files(model, agents.nodes, files, rels, count)
+    assert sum(sent.values()) == 0  # held whole already: nothing is sent again
+
+
+def test_the_token_goes_to_the_hub_and_nowhere_else(world, monkeypatch):
+    hub, agents, model = world
+    token = "hf_" + os.urandom(12).hex()
+    monkeypatch.setenv("HF_TOKEN", token)
+    hub.auth.clear()
+    [info] = hub_fetch(agents.nodes[:1], REPO, None, [["config.json"]])
+    assert f"Bearer {token}" in hub.auth  # the agent used it
+    assert token not in repr(info)
+    assert token not in (agents.config(0) / "agent.log").read_text(errors="replace")
+    proc = agents.procs[0]
+    assert token not in " ".join(psutil.Process(proc.pid).cmdline())
+    assert token not in str(psutil.Process(proc.pid).environ())
