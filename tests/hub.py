@@ -120,7 +120,7 @@ def cache_layout(cache: Path) -> dict[str, str]:
 def cached_files(cache: Path, repo_id: str = REPO) -> set[str]:
     """The file names present in any snapshot of repo_id in the cache."""
     snapshots = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots"
-    return {p.relative_to(s).as_posix() for s in snapshots.iterdir() for p in s.rglob("*")}
+    return {p.relative_to(s).as_posix() for s in snapshots.glob("*") for p in s.rglob("*")}
 
 
 def model_files(folder: Path) -> dict[str, bytes]:

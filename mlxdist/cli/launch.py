@@ -4,17 +4,23 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from mlxdist.cli.app import app
 from quantize.errors import UserError
 
+if TYPE_CHECKING:
+    from quantize.source import ModelRef
+
 BACKEND_HELP = (
     "ring, jaccl (RDMA over Thunderbolt 5, every pair cabled), jaccl-ring (RDMA over a ring of "
     "cables) or auto (default: hosts file's, else auto)"
 )
 
+
+MODEL_HELP = "model folder, .gguf file or Hugging Face repo id org/name[@revision] (default: demo)"
 
 PARALLEL_HELP = (
     "auto (the mode the performance model predicts fastest here, the default), pipeline "
@@ -60,7 +66,7 @@ def _parse_split(split: str | None, ranks: int, num_layers: int) -> list[int]:
 
 @app.command()
 def launch(
-    model: str | None = typer.Argument(None, help="model folder or .gguf file (default: demo)"),
+    model: str | None = typer.Argument(None, help=MODEL_HELP),
     local: int | None = typer.Option(None, "--local", help="ranks on this machine (default 2)"),
     hosts: Path | None = typer.Option(None, help="hosts.toml: one rank per host, via agents"),
     cluster: str | None = typer.Option(None, help="agents of this cluster, found by zeroconf"),
@@ -94,7 +100,8 @@ def launch(
             raise UserError("--experts is for --local: across hosts the node folders' cut holds")
         parallel = _parallel(parallel)
         backend = _backend(backend, bool(hosts or cluster))
-        path = _launch_model(model)
+        ref = _model_ref(model)  # a repo id's revision stays with it, for fetches on the nodes
+        path = _launch_model(ref)
         if hosts or cluster:
             from launcher.cluster import replan_agents, start_agents_cluster
 
@@ -120,12 +127,22 @@ def _secret(path: Path | None) -> bytes:
     return load_secret(path)
 
 
-def _launch_model(model: str | None) -> Path:
+def _model_ref(model: str | None) -> ModelRef | None:
+    """The model named: a Hugging Face repo id (org/name[@revision]) is fetched whole into the
+    user's Hugging Face cache here, as mlx-lm does; a folder, .gguf or the demo (None) as is."""
+    from quantize.source import ModelRef, parse_repo_spec, resolve_ref
+
+    if model is None or Path(model).expanduser().exists() or parse_repo_spec(model) is None:
+        return ModelRef(None, None, Path(model).expanduser()) if model else None
+    return resolve_ref(model)
+
+
+def _launch_model(ref: ModelRef | None) -> Path:
     from mlxdist.cli.models import resolve_model
     from quantize.checkpoint import inspect_model
     from quantize.nodes import damaged_files, node_manifest
 
-    path = resolve_model(model)
+    path = resolve_model(str(ref.local_path) if ref else None)
     inspect_model(path)
     manifest = node_manifest(path)
     if manifest is not None:
@@ -270,7 +287,7 @@ def _converse(running, prompt: str | None, chat: bool, params: dict, replan=None
 
 @app.command()
 def serve(
-    model: str | None = typer.Argument(None, help="model folder or .gguf file (default: demo)"),
+    model: str | None = typer.Argument(None, help=MODEL_HELP),
     local: int | None = typer.Option(None, "--local", help="ranks on this machine (default 2)"),
     hosts: Path | None = typer.Option(None, help="hosts.toml: one rank per host, via agents"),
     secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
@@ -292,7 +309,8 @@ def serve(
             raise UserError("--local, --split, --host and --max-context are not for --hosts")
         parallel = _parallel(parallel)
         backend = _backend(backend, bool(hosts))
-        path = _launch_model(model)
+        ref = _model_ref(model)  # a repo id's revision stays with it, for fetches on the nodes
+        path = _launch_model(ref)
         if hosts:
             from launcher.cluster import start_agents_cluster
 
@@ -371,7 +389,7 @@ def _serve_until_stopped(running, name: str) -> None:
 
 @app.command()
 def bench(
-    model: str | None = typer.Argument(None, help="model folder or .gguf file (default: demo)"),
+    model: str | None = typer.Argument(None, help=MODEL_HELP),
     local: int | None = typer.Option(None, "--local", help="ranks on this machine (default 2)"),
     hosts: Path | None = typer.Option(None, help="hosts.toml: one rank per host, via agents"),
     secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
@@ -395,7 +413,8 @@ def bench(
             raise UserError("--experts is for --local; across hosts the expert node folders decide")
         parallel = _parallel(parallel)
         backend = _backend(backend, bool(hosts))
-        path = _launch_model(model)
+        ref = _model_ref(model)  # a repo id's revision stays with it, for fetches on the nodes
+        path = _launch_model(ref)
         if hosts:
             from launcher.cluster import start_agents_cluster
 

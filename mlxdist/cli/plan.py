@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +32,9 @@ AGENT_TIMEOUT = 3.0
 
 @app.command("plan")
 def plan_cmd(
-    model: str = typer.Argument(..., help="model folder or a bare config.json"),
+    model: str = typer.Argument(
+        ..., help="model folder, a bare config.json or a Hugging Face repo id org/name[@revision]"
+    ),
     hosts: Path | None = typer.Option(None, help="hosts.toml with each host's memory_gb"),
     simulate: str | None = typer.Option(None, help='a cluster that is not here, e.g. "6x192GB"'),
     cluster: str | None = typer.Option(None, help="the agents of this cluster, found by zeroconf"),
@@ -208,11 +210,50 @@ def decide_on_nodes(
     return Decided(_specs(nodes), decision, lines + said.getvalue().splitlines(), notes)
 
 
+def _plan_model(model: str) -> str:
+    """The model to plan as a local path. A Hugging Face repo id (org/name[@revision]) is
+    fetched into the user's cache with only config.json and its safetensors index, no weights;
+    a folder or a bare config.json is planned as it is."""
+    from quantize.source import index_only, parse_repo_spec
+
+    if Path(model).expanduser().exists() or parse_repo_spec(model) is None:
+        return model
+    ref = index_only(model)
+    _say_estimated(ref.label, ref.local_path)
+    return str(ref.local_path)
+
+
+def _say_estimated(label: str, folder: Path) -> None:
+    """One line on stderr when an already quantised repo is planned from its config: its
+    per-layer sizes are estimated (the weights, whose headers give them, are not fetched)."""
+    from quantize.checkpoint import read_config
+
+    if "quantization" not in read_config(folder) or any(folder.glob("*.safetensors")):
+        return
+    index = folder / "model.safetensors.index.json"
+    meta = json.loads(index.read_text()).get("metadata") or {} if index.is_file() else {}
+    total = meta.get("total_size")
+    whole = f"; its index gives {total / 1e9:.1f} GB in all" if total else ""
+    what = "its weights' sizes per layer are estimated"
+    typer.echo(f"note: {label} planned from config.json: {what}{whole}", err=True)
+
+
+def _holds_weights(path: Path) -> bool:
+    """A folder with safetensors weights, or a repo's snapshot with their index (a repo id is
+    planned from its index alone and holds its weights on the Hub)."""
+    from quantize.source import repo_of_snapshot
+
+    if not path.is_dir():
+        return False
+    if any(path.glob("*.safetensors")):
+        return True
+    return repo_of_snapshot(path) is not None and (path / "model.safetensors.index.json").is_file()
+
+
 def _bits_for_choice(model: str, bits: int) -> int | None:
     """A folder that holds weights is taken as stored, as its launch runs it; a model still to
     be quantised (a bare config.json, a folder without weights) at --bits."""
-    path = Path(model)
-    return None if path.is_dir() and any(path.glob("*.safetensors")) else bits
+    return None if _holds_weights(Path(model)) else bits
 
 
 def plan_command(
@@ -249,6 +290,7 @@ def plan_command(
             "--backend is for real nodes (--hosts, --cluster): --simulate takes --link"
         )
     _check_link(link)
+    model = _plan_model(model)
     if simulate is not None:
         return simulated_plan(model, simulate, context, batch, bits, as_json, link, parallel)
     if cluster is not None:
@@ -335,11 +377,14 @@ def plan_nodes(
 def _model_spec(model: str, bits: int) -> ModelSpec:
     from launcher.planner import model_spec_from_folder
     from quantize.checkpoint import CheckpointError
+    from quantize.source import repo_of_snapshot
 
     try:
-        return model_spec_from_folder(model, bits=bits)
+        spec = model_spec_from_folder(model, bits=bits)
     except CheckpointError as e:
         raise ValueError(str(e)) from None
+    repo = repo_of_snapshot(Path(model))  # a repo's snapshot is named by its commit
+    return replace(spec, name=repo[0]) if repo else spec
 
 
 def _countable(model: str, bits: int) -> bool:
@@ -416,7 +461,7 @@ def _readiness(model: str, mode: str, nodes: int) -> list[str]:
     """Why a launch of this folder cannot run `mode` as it is cut, if it cannot."""
     from launcher.autoparallel import folder_readiness
 
-    if not Path(model).is_dir() or not any(Path(model).glob("*.safetensors")):
+    if not _holds_weights(Path(model)):
         return []
     why = folder_readiness(Path(model), nodes).get(mode)
     return [f"the folder is {why}: a launch of it cannot run {mode} mode"] if why else []
