@@ -13,7 +13,10 @@ from .errors import UserError
 
 # Decoder models whose mlx-lm code has the embed_tokens / layers / norm / head shape that the
 # pipeline runtime drives. Each one is proven by the cluster-equals-single-process test.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen3", "qwen3_moe", "glm4_moe", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = (
+    *("llama", "mistral", "qwen3", "qwen3_moe", "glm4_moe"),
+    *("minimax_m2", "minimax", "deepseek_v3"),
+)
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

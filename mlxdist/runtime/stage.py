@@ -134,7 +134,7 @@ def load_stage(
     weights = read_tensors(
         path, lambda k: _needed(k, start, end, first, last, info.tied_embeddings)
     )
-    model = build_model(info.config, weights)
+    model = build_model(info.config, weights, first_layer=start)
     templates = make_prompt_cache(model)  # before the layers are cut: it may read them
 
     inner = model.model
@@ -166,21 +166,41 @@ def read_tensors(path: Path, keep: Callable[[str], bool]) -> dict[str, mx.array]
 
 
 def build_model(
-    config: dict, weights: dict, prepare: Callable[[nn.Module], None] | None = None
+    config: dict,
+    weights: dict,
+    prepare: Callable[[nn.Module], None] | None = None,
+    first_layer: int = 0,
 ) -> nn.Module:
     """The mlx-lm model for config, its checkpoint tensors renamed by sanitize (in place),
-    quantised where they were saved quantised. prepare(model) may change modules before that."""
+    quantised where they were saved quantised. prepare(model) may change modules before that.
+
+    weights hold layers from first_layer on: sanitize sees them numbered from 0, since some
+    decide by layer 0's tensors whether to convert at all (MiniMax's), then they go back."""
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     if prepare is not None:
         prepare(model)
     if hasattr(model, "sanitize"):
-        sanitized = dict(model.sanitize(weights))  # some return the very dict they were given
+        # dict(): some sanitize() return the very dict they were given.
+        sanitized = dict(model.sanitize(_renumber(weights, -first_layer)))
         weights.clear()
-        weights.update(sanitized)
+        weights.update(_renumber(sanitized, first_layer))
     _quantize_like(model, config, weights)
     model.eval()
     return model
+
+
+def _renumber(weights: dict, delta: int) -> dict:
+    """The same tensors with every decoder layer's number moved by delta."""
+    if not delta:
+        return weights
+    out = {}
+    for key, value in weights.items():
+        layer = layer_of(key)
+        if layer is not None:
+            key = key.replace(f"layers.{layer}.", f"layers.{layer + delta}.", 1)
+        out[key] = value
+    return out
 
 
 def evaluate(model: nn.Module, config: dict, layers: list, dtype: mx.Dtype | None) -> None:

@@ -35,6 +35,8 @@ class Family:
     moe: bool = False  # routed experts: stored in float32 (MLX's CPU expert matmul)
     # Tensors in mlx-lm's names -> tensors in the checkpoint's names.
     to_hub: Callable[[dict, dict], dict] = field(default=lambda w, c: w)
+    # Which tensors (name, value) the checkpoint stores in FP8 with a weight_scale_inv.
+    fp8: Callable[[str, np.ndarray], bool] = field(default=lambda k, v: False)
 
 
 # ---------------------------------------------------------------- the inverse of sanitize()
@@ -80,6 +82,19 @@ def _deepseek_v32(weights: dict, config: dict) -> dict:
         kv_b = np.concatenate([np.swapaxes(wk, -1, -2), wv], axis=1)
         out[f"{prefix}.kv_b_proj.weight"] = kv_b.reshape(heads * (nope + wv.shape[1]), -1)
     return out
+
+
+# The linear layers' weights that DeepSeek's and MiniMax's FP8 checkpoints store in FP8; the
+# embedding, the head, norms and routers stay in bfloat16.
+_FP8_LINEARS = {
+    *("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa"),
+    *("kv_b_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "wq_b", "wk"),
+}
+
+
+def _fp8_linear(key: str, value: np.ndarray) -> bool:
+    parts = key.split(".")
+    return value.ndim == 2 and parts[-1] == "weight" and parts[-2] in _FP8_LINEARS
 
 
 # ---------------------------------------------------------------- chat templates
@@ -259,6 +274,41 @@ FAMILIES: dict[str, Family] = {
         chat_template=_GLM_TEMPLATE,
         moe=True,
         to_hub=_experts_split,
+    ),
+    "minimax": Family(
+        "minimax",
+        {
+            "architectures": ["MiniMaxM2ForCausalLM"],
+            "model_type": "minimax_m2",
+            **_DENSE,
+            "intermediate_size": 64,
+            "hidden_act": "silu",
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "qk_norm_type": "per_layer",
+            "quantization_config": {
+                "activation_scheme": "dynamic",
+                "fmt": "float8_e4m3fn",
+                "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"],
+                "quant_method": "fp8",
+                "weight_block_size": [128, 128],
+            },
+            "rms_norm_eps": 1e-06,
+            "rope_theta": 5000000,
+            "rotary_dim": 32,
+            "scoring_func": "sigmoid",
+            "shared_intermediate_size": 0,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+            "use_qk_norm": True,
+            "use_routing_bias": True,
+        },
+        bos="]~!b[",
+        eos="[e~[",
+        added=("]~b]", "<think>", "</think>"),
+        chat_template=_MINIMAX_TEMPLATE,
+        to_hub=_minimax,
+        fp8=_fp8_linear,
     ),
 }
 

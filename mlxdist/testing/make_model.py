@@ -9,13 +9,14 @@ tokens and chat template. The same arguments give byte-identical files.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mlxdist.testing.families import FAMILIES, Family
-from mlxdist.testing.tiny_r1 import CORPUS, _merge
+from mlxdist.testing.tiny_r1 import CORPUS, _merge, quantize_fp8, to_bf16
 
 
 class UnknownFamily(ValueError):
@@ -72,23 +73,54 @@ def _layer(key: str) -> int:
     return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else -1
 
 
-def _save(out: Path, weights: dict[str, np.ndarray], dtype: str, layers: int) -> None:
-    """Two shards, split at the middle layer as the Hub's indexes split by size, and an index."""
-    import mlx.core as mx
+def _encode(
+    key: str, value: np.ndarray, dtype: str, fp8: Callable[[str, np.ndarray], bool]
+) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """One tensor as stored: FP8 E4M3 with its 128x128 block weight_scale_inv where the family
+    keeps it so, else in the checkpoint's dtype."""
+    if fp8(key, value):
+        codes, scale_inv = quantize_fp8(np.ascontiguousarray(value, np.float32))
+        return {
+            key: ("F8_E4M3", value.shape, codes.tobytes()),
+            f"{key}_scale_inv": ("F32", scale_inv.shape, scale_inv.tobytes()),
+        }
+    if dtype == "float32":
+        return {key: ("F32", value.shape, np.ascontiguousarray(value, np.float32).tobytes())}
+    return {key: ("BF16", value.shape, to_bf16(value).tobytes())}
 
-    cast = mx.float32 if dtype == "float32" else mx.bfloat16
-    half = layers // 2
+
+def _write_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) -> int:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    pos = 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [pos, pos + len(data)],
+        }
+        pos += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for _, _, data in tensors.values():
+            f.write(data)
+    return pos
+
+
+def _save(out: Path, weights: dict[str, np.ndarray], spec: Family, config: dict) -> None:
+    """Two shards, split at the middle layer as the Hub's indexes split by size, and an index."""
+    half = config["num_hidden_layers"] // 2
     shards: list[dict[str, Any]] = [{}, {}]
     for key in sorted(weights):
         layer = _layer(key)
         second = layer >= half or (layer < 0 and not key.startswith("model.embed_tokens"))
-        shards[second][key] = mx.array(weights[key]).astype(cast)
+        shards[second].update(_encode(key, weights[key], config["torch_dtype"], spec.fp8))
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(out / name), shard, metadata={"format": "pt"})
+        total += _write_safetensors(out / name, shard)
         weight_map.update(dict.fromkeys(shard, name))
-        total += sum(v.nbytes for v in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     _write_json(out / "model.safetensors.index.json", index, sort_keys=True)
 
@@ -145,7 +177,7 @@ def make_model(family: str, out: str | Path, overrides: dict | None = None, seed
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("model-*-of-*.safetensors"):
         old.unlink()
-    _save(out, weights, config["torch_dtype"], config["num_hidden_layers"])
+    _save(out, weights, spec, config)
     _write_json(out / "config.json", config)
     _write_tokenizer(out, spec, config)
     return out
