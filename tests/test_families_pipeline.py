@@ -12,7 +12,7 @@ pytestmark = pytest.mark.cluster
 
 MAX_TOKENS = 12
 QUESTION = "What is the capital of France?"
-FAMILIES = ["llama", "mistral", "qwen3", "qwen3_moe", "glm4_moe", "minimax"]
+FAMILIES = ["llama", "mistral", "qwen3", "qwen3_moe", "glm4_moe", "minimax", "deepseek_v32"]
 SPLITS = [[2, 2], [1, 2, 1]]
 
 

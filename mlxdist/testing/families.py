@@ -11,6 +11,17 @@ from typing import Any
 
 import numpy as np
 
+from mlxdist.testing.tiny_r1 import (
+    ASSISTANT,
+    BOS,
+    END_THINK,
+    EOS,
+    PRESETS,
+    R1_CONFIG,
+    THINK,
+    USER,
+)
+
 # Shared tiny sizes: every matrix dimension a multiple of 64, so group-64 quantisation covers it.
 _DENSE = {
     "vocab_size": 512,
@@ -308,6 +319,24 @@ FAMILIES: dict[str, Family] = {
         added=("]~b]", "<think>", "</think>"),
         chat_template=_MINIMAX_TEMPLATE,
         to_hub=_minimax,
+        fp8=_fp8_linear,
+    ),
+    "deepseek_v32": Family(
+        "deepseek_v32",
+        {
+            **{k: v for k, v in R1_CONFIG.items() if k != "auto_map"},
+            **PRESETS["tiny"],
+            "architectures": ["DeepseekV32ForCausalLM"],
+            "model_type": "deepseek_v32",
+            "index_head_dim": 64,
+            "index_n_heads": 2,
+            "index_topk": 8,  # below the test prompt's length, so the sparse path runs
+        },
+        bos=BOS,
+        eos=EOS,
+        added=(USER, ASSISTANT, THINK, END_THINK),
+        chat_template=_R1_TEMPLATE,
+        to_hub=_deepseek_v32,
         fp8=_fp8_linear,
     ),
 }
