@@ -9,11 +9,21 @@ from launcher.agent_client import AgentClient, AgentError
 from launcher.autoparallel import Choice, check_parallel, choose_for_nodes, link_for
 from launcher.backend import BackendChoice, BackendError, choose_backend
 from launcher.discovery import browse
+from launcher.fetch import (
+    check_fetch,
+    choose_fetch,
+    hub_fetch,
+    hub_shares,
+    missing_bytes,
+    repo_sizes,
+    whole_model,
+)
 from launcher.hostfacts import ThunderboltPort
 from launcher.hosts import read_hosts
 from launcher.interfaces import listen_addresses
 from launcher.local import LaunchError
 from launcher.modes import check_tensor_split
+from launcher.nodefiles import every_file_note
 from launcher.planner import (
     NodeSpec,
     model_spec_from_folder,
@@ -265,13 +275,19 @@ def start_agents_cluster(
     port: int | None,
     parallel: str = "pipeline",
     backend: str | None = None,
+    fetch: str = "auto",
+    ref=None,
 ):
-    """Finds the nodes, checks the plan, pushes each node its folder, starts the ranks.
+    """Finds the nodes, checks the plan, gets each node its files, starts the ranks.
 
-    backend: ring, jaccl or auto (default: the hosts file's, else auto)."""
+    backend: ring, jaccl or auto (default: the hosts file's, else auto).
+    fetch: hub, push or auto (launcher/fetch.py); ref: the quantize.source.ModelRef the user
+    named, whose repo the nodes may fetch from (model then holds at least its config and index).
+    """
     from rich.console import Console
 
     check_parallel(parallel)  # before any agent is asked
+    check_fetch(fetch)
     console = Console(stderr=True, soft_wrap=True)
     if hosts is not None:
         nodes = nodes_from_hosts(hosts, secret)
@@ -288,17 +304,16 @@ def start_agents_cluster(
     chosen, parallel = decision.backend, decision.parallel
     # jaccl sends over the RDMA devices; only the ring needs the cables' own addresses.
     ring_ips = cable_addresses(nodes, console) if decision.over_cables else None
+    how = {"chosen": chosen, "fetch": fetch, "ref": ref}
     if parallel == "tensor":
         split = choose_tensor(model, nodes, context)
-        return _start(
-            model, nodes, split, ring_ips, context, port, console, tensor=True, chosen=chosen
-        )
+        return _start(model, nodes, split, ring_ips, context, port, console, tensor=True, **how)
     if parallel == "expert":
         experts = choose_experts(model, nodes, context)
         split = [model_spec_from_folder(model).num_layers] * len(nodes)
-        return _start(model, nodes, split, ring_ips, context, port, console, experts, chosen=chosen)
+        return _start(model, nodes, split, ring_ips, context, port, console, experts, **how)
     split = choose_split(model, nodes, context)
-    return _start(model, nodes, split, ring_ips, context, port, console, chosen=chosen)
+    return _start(model, nodes, split, ring_ips, context, port, console, **how)
 
 
 def replan_agents(model: Path, context: int, port: int | None, failed):
@@ -324,7 +339,105 @@ def replan_agents(model: Path, context: int, port: int | None, failed):
     # The cables' ring is broken where the node went: the ring runs over the hosts' addresses;
     # a mesh without the node is still one, so jaccl stays where it still can.
     chosen = choose_nodes_backend(nodes, "ring" if failed.backend == "ring" else "auto", console)
-    return _start(model, nodes, split, None, context, port, console, chosen=chosen)
+    how = {"chosen": chosen, "fetch": failed.fetch, "ref": failed.ref}
+    return _start(model, nodes, split, None, context, port, console, **how)
+
+
+def _progress(console):
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+    columns += (TransferSpeedColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=console, transient=True)
+
+
+def _from_hub(model: Path, ref, nodes: list[Node], split: list[int], mode: str, console):
+    """Every node's agent fetches its own files from the Hub; returns their folders."""
+    rows = hub_shares(model, repo_sizes(ref.repo, ref.revision), mode, split)
+    note = every_file_note(mode)
+    if note:
+        console.print(note, highlight=False)
+    with _progress(console) as bar:
+        tasks = {n.name: bar.add_task(f"hub {n.name}", total=r.bytes) for n, r in zip(nodes, rows)}
+        tasks["total"] = bar.add_task("hub total", total=sum(r.bytes for r in rows))
+
+        def show(lines) -> None:
+            for name, done, total, _, _ in lines:
+                bar.update(tasks[name], completed=done, total=total)
+
+        infos = hub_fetch(nodes, ref.repo, ref.revision, [r.files for r in rows], show)
+    for node, row, info in zip(nodes, rows, infos):
+        console.print(
+            f"{node.name}: {info['received']} bytes received of its share of {row.bytes} bytes",
+            highlight=False,
+        )
+    return [info["folder"] for info in infos]
+
+
+def _push(model: Path, nodes: list[Node], split: list[int], mode: str, console) -> list[str]:
+    """The launcher sends each node only its files (its node folder when the model was cut for
+    this split, else the files holding its part), after checking each node's free disk."""
+    from launcher.remote import push_for_split, push_shards, push_whole
+
+    cut = mode == "expert" or (mode == "pipeline" and node_folders(model, len(nodes)) == split)
+    if mode == "tensor":
+        console.print(every_file_note(mode), highlight=False)
+    _check_push_disk(model, nodes, split, mode, cut)
+    with _progress(console) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"push {name}", total=total)
+            bar.update(tasks[name], completed=done)
+
+        if mode == "tensor":
+            return push_whole(model, nodes, progress)
+        if cut:
+            return push_shards(model, nodes, progress)
+        # a plan made again after a failure, or a whole model: no node folders were cut for it
+        return push_for_split(model, nodes, split, progress)
+
+
+def _check_push_disk(model: Path, nodes: list[Node], split: list[int], mode: str, cut: bool):
+    """Refuses a push whose files (less those a node already holds) do not fit a node's disk."""
+    from launcher.nodefiles import Share, check_disk, node_files
+    from launcher.remote import whole_files
+    from quantize.checkpoint import weight_map
+
+    rows = []
+    tied = bool(read_config(model).get("tie_word_embeddings", False))
+    for rank, node in enumerate(nodes):
+        if isinstance(node.client, SshClient):
+            files, rel = [], ""  # mlx.launch's way: the model is already on that host
+        elif mode == "tensor":
+            files, rel = whole_files(model), f"{model.name}/whole"
+        elif cut:
+            folder = model / "nodes" / str(rank)
+            files, rel = (
+                sorted(p for p in folder.iterdir() if p.is_file()),
+                f"{model.name}/nodes/{rank}",
+            )
+        else:
+            names = node_files(
+                weight_map(model),
+                [p.name for p in whole_files(model)],
+                "pipeline",
+                split,
+                rank,
+                tied,
+            )
+            files = [model / n for n in names]
+            rel = f"{model.name}/split-{'-'.join(map(str, split))}/{rank}"
+        rows.append(Share(rank, [], missing_bytes(node, files, rel) if files else 0))
+    check_disk(_specs(nodes), rows, "push")
 
 
 def _start(
@@ -338,15 +451,16 @@ def _start(
     experts: list[int] | None = None,
     tensor: bool = False,
     chosen: BackendChoice | None = None,
+    fetch: str = "push",
+    ref=None,
 ):
-    """Pushes each node its share, starts the ranks, waits until they have loaded.
+    """Gets each node its files (from the Hub or pushed), starts the ranks, waits until they
+    have loaded.
 
     experts: routed experts per node (expert parallelism; every node runs every layer).
     tensor: every node runs 1/N of every layer, from the whole model."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
-
     from launcher.local import wait_ready
-    from launcher.remote import HTTP_PORT, push_for_split, push_shards, push_whole, start_remote
+    from launcher.remote import HTTP_PORT, start_remote
 
     shares = [f"experts {e}" for e in experts] if experts else [f"layers {k}" for k in split]
     if tensor:
@@ -356,26 +470,16 @@ def _start(
         + ", ".join(f"{n.name} ({n.address}) {s}" for n, s in zip(nodes, shares))
         + (f"; ring over the cables {ring_ips}" if ring_ips else "")
     )
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(f"push {name}", total=total)
-            bar.update(tasks[name], completed=done)
-
-        if tensor:
-            folders = push_whole(model, nodes, progress)
-        elif experts or node_folders(model, len(nodes)) == split:
-            folders = push_shards(model, nodes, progress)
-        else:  # a plan made again after a failure: no node folders were cut for it
-            folders = push_for_split(model, nodes, split, progress)
+    mode = "tensor" if tensor else "expert" if experts else "pipeline"
+    repo = ref.repo if ref is not None else None
+    how, why = choose_fetch(fetch, nodes, repo, ref.revision if repo else None)
+    console.print(f"files: {how} ({why})", highlight=False)
+    if how == "hub":
+        folders = _from_hub(model, ref, nodes, split, mode, console)
+    else:
+        if repo:  # the launcher fetches the whole model once, then pushes each node its part
+            model = whole_model(ref)
+        folders = _push(model, nodes, split, mode, console)
     running = start_remote(
         nodes,
         folders,
@@ -389,6 +493,7 @@ def _start(
         backend=chosen.backend if chosen else "ring",
         rdma=chosen.rdma if chosen else None,
     )
+    running.fetch, running.ref = how, ref
     try:
         with console.status(f"loading {model.name} on {len(nodes)} nodes..."):
             wait_ready(running)

@@ -14,11 +14,13 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from quantize.checkpoint import human_bytes
+from quantize.checkpoint import human_bytes, read_config, weight_map
 from quantize.errors import UserError
 
-from .agent_client import AgentError
+from .agent_client import AgentClient, AgentError
+from .nodefiles import Share, shares
 from .remote import Node
 
 FETCH_MODES = ("auto", "hub", "push")
@@ -51,6 +53,13 @@ def choose_fetch(
                 "--fetch hub needs a Hugging Face repo id (org/name), not a local folder"
             )
         return "push", "the model is a local folder"
+    no_agent = [n.name for n in nodes if not isinstance(n.client, AgentClient)]
+    if no_agent and asked != "push":
+        if asked == "hub":
+            raise FetchError(
+                f"--fetch hub needs an agent on every node; {', '.join(no_agent)} has none (ssh)"
+            )
+        return "push", f"{', '.join(no_agent)} has no agent to fetch with"
     if asked != "auto":
         return asked, f"--fetch {asked}"
     for node in nodes:
@@ -140,3 +149,45 @@ def hub_fetch(
         if all(i["state"] == "done" for i in infos):
             return infos
         time.sleep(poll)
+
+
+def whole_model(ref) -> Path:
+    """The launcher's own copy of the whole repo (fetched once into its Hugging Face cache),
+    for the push path; ref: quantize.source.ModelRef."""
+    from quantize.source import resolve_ref
+
+    spec = f"{ref.repo}@{ref.revision}" if ref.revision else ref.repo
+    return resolve_ref(spec).local_path
+
+
+def repo_sizes(repo: str, revision: str | None) -> dict[str, int]:
+    """Each file at the top of a Hugging Face repo with its size, from the Hub's listing."""
+    from huggingface_hub import HfApi
+
+    try:
+        tree = HfApi(token=hf_token()).list_repo_tree(repo, revision=revision)
+        return {e.path: e.size for e in tree if getattr(e, "size", None) is not None}
+    except Exception as e:  # unreachable, refused, gated: one line
+        why = type(e).__name__
+        raise FetchError(f"cannot list the files of {repo} on the Hub ({why})") from None
+
+
+def hub_shares(model: Path, sizes: dict[str, int], mode: str, split: list[int]) -> list[Share]:
+    """Each node's files of the repo, from the index in model (config.json and the index)."""
+    tied = bool(read_config(model).get("tie_word_embeddings", False))
+    return shares(weight_map(model), sizes, mode, split, tied)
+
+
+def missing_bytes(node: Node, files: list[Path], rel: str) -> int:
+    """What a push would still send to node: files its agent does not already hold whole."""
+    need = 0
+    for f in files:
+        size = f.stat().st_size
+        try:
+            status = node.client.file_status(f"{rel}/{f.name}")
+        except AgentError:
+            status = {"complete": False, "size": 0}
+        if not (status.get("complete") and status.get("size") == size):
+            held = 0 if status.get("complete") else status.get("size", 0)
+            need += max(0, size - held)
+    return need

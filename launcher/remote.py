@@ -48,6 +48,8 @@ class RemoteCluster:
     hostfile: str
     failed_nodes: list[str] = field(default_factory=list)  # named by failure()
     backend: str = "ring"
+    fetch: str = "push"  # how the nodes got their files, for a plan made again after a failure
+    ref: object = None  # the quantize.source.ModelRef launched, when a repo
 
     def failure(self) -> str | None:
         """Names the node that failed first: its peers then fail too, only because it went away."""
@@ -133,7 +135,7 @@ def push_whole(
 ) -> list[str]:
     """The whole model to every host (tensor parallelism: each rank reads its cut of every
     tensor); node folders and the manifest that lists them stay behind."""
-    files = sorted(p for p in model.iterdir() if p.is_file() and p.name != "manifest.json")
+    files = whole_files(model)
     remote = []
     for node in nodes:
         if isinstance(node.client, SshClient):
@@ -143,6 +145,11 @@ def push_whole(
         _push(node, files, rel, progress)
         remote.append(rel)
     return remote
+
+
+def whole_files(model: Path) -> list[Path]:
+    """A model folder's own files; node folders and the manifest that lists them stay behind."""
+    return sorted(p for p in model.iterdir() if p.is_file() and p.name != "manifest.json")
 
 
 def _push(node: Node, files: list[Path], rel: str, progress) -> None:

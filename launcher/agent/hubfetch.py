@@ -20,6 +20,9 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants, hf_hub_url
 from huggingface_hub.utils import build_hf_headers, get_session
 
+from quantize.checkpoint import human_bytes
+
+from ..diskfree import free_bytes
 from .errors import Refused
 from .requests import FetchFiles
 
@@ -130,6 +133,7 @@ class Fetches:
             hub = _listing(fetch, token)
             fetch.state = "running"
             repo = repo_cache(self.cache, fetch.repo)
+            _check_room(fetch, repo, hub, self.cache)
             for name in fetch.files:
                 fetch.done[name] = self._one(fetch, repo, hub[name], token)
             _write_ref(repo, fetch.revision, fetch.commit)
@@ -229,6 +233,23 @@ def _listing(fetch: Fetch, token: str | None) -> dict[str, HubFile]:
         )
     fetch.sizes = {n: hub[n].size for n in fetch.files}
     return hub
+
+
+def _check_room(fetch: Fetch, repo: Path, hub: dict[str, HubFile], cache: Path) -> None:
+    """Refuses, before a byte comes, a share that does not fit the cache's free disk (counting
+    what is already there: whole files and partial ones)."""
+    need = 0
+    for name in fetch.files:
+        blob = repo / "blobs" / hub[name].etag
+        if not blob.is_file():
+            need += hub[name].size - _size(blob.with_name(blob.name + ".incomplete"))
+    free = free_bytes(cache)
+    if need > free:
+        raise FetchFailed(
+            f"needs {human_bytes(need)} ({need} bytes) for its files of {fetch.repo} but has "
+            f"{human_bytes(free)} ({free} bytes) free in its Hugging Face cache {cache}: free "
+            "disk space there, or give this node fewer layers"
+        )
 
 
 def _write_ref(repo: Path, revision: str, commit: str) -> None:
