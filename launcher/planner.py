@@ -242,16 +242,26 @@ def model_spec_from_folder(path: str | Path, bits: int = 4) -> ModelSpec:
     name = path.name if path.is_dir() else config.get("model_type", path.name)
     if "quantization" in config and path.is_dir() and any(path.glob("*.safetensors")):
         return _spec_from_headers(path, config, name)
+    if "quantization" in config and path.is_dir():  # a repo planned from its index alone
+        from quantize.source import snapshot_headers
+
+        headers = snapshot_headers(path)  # by byte ranges from the Hub, no weights
+        if headers is not None:
+            return _spec_from_headers(path, config, name, headers)
     return model_spec_from_config(config, bits=bits, name=name)
 
 
-def _spec_from_headers(path: Path, config: dict, name: str) -> ModelSpec:
+def _spec_from_headers(
+    path: Path, config: dict, name: str, headers: dict[str, dict] | None = None
+) -> ModelSpec:
     num_layers = config["num_hidden_layers"]
     layers = [0] * num_layers
     experts = [0] * num_layers
     embed = tail = 0
-    for file in sorted(set(weight_map(path).values())):
-        for key, entry in safetensors_header(path / file).items():
+    files = sorted(headers) if headers is not None else sorted(set(weight_map(path).values()))
+    for file in files:
+        header = headers[file] if headers is not None else safetensors_header(path / file)
+        for key, entry in header.items():
             start, end = entry["data_offsets"]
             layer = layer_of(key)
             if layer is not None:

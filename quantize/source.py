@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,25 @@ def repo_of_snapshot(path: Path) -> tuple[str, str] | None:
             org, _, name = parts[i][len("models--") :].partition("--")
             return (f"{org}/{name}", parts[i + 2]) if name else None
     return None
+
+
+def snapshot_headers(path: Path) -> dict[str, dict] | None:
+    """The safetensors headers of the repo whose Hugging Face cache snapshot `path` is, for a
+    repo planned from its index alone: fetched by byte ranges once per process (a snapshot is
+    a commit, which never changes). None outside the cache, offline, or when the Hub cannot
+    tell (the caller then estimates and says so)."""
+    found = repo_of_snapshot(path)
+    if found is None or constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        return _headers_at(*found)
+    except SourceError:
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _headers_at(repo_id: str, commit: str) -> dict[str, dict]:
+    return safetensors_headers(repo_id, commit)
 
 
 def safetensors_headers(repo_id: str, revision: str) -> dict[str, dict]:

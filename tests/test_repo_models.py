@@ -121,3 +121,86 @@ def test_launch_a_repo_at_a_commit_offline_answers_as_the_folder(tmp_path, tiny_
     assert answer.strip() and answer == from_folder.stderr.split("...\n", 1)[1]
     assert from_repo.stdout == from_folder.stdout
     assert rank_pids(str(snapshot)) == []
+
+
+def quantised_llama(folder):
+    """A small already quantised llama folder in two shards with an index, as mlx-community
+    repos are laid out; the tensors' sizes differ per layer so that a plan can tell them apart."""
+    import mlx.core as mx
+
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 4,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "quantization": {"group_size": 64, "bits": 4},
+    }
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    shards = [
+        {
+            "model.embed_tokens.weight": mx.zeros((256, 8), mx.uint32),
+            "model.layers.0.mlp.down_proj.weight": mx.zeros((64, 16), mx.uint32),
+            "model.layers.1.mlp.down_proj.weight": mx.zeros((64, 48), mx.uint32),
+        },
+        {
+            "model.layers.2.mlp.down_proj.weight": mx.zeros((64, 8), mx.uint32),
+            "model.layers.3.mlp.down_proj.weight": mx.zeros((64, 96), mx.uint32),
+            "model.norm.weight": mx.zeros((64,), mx.float16),
+        },
+    ]
+    weight_map, total = {}, 0
+    for i, tensors in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(folder / name), tensors)
+        weight_map |= dict.fromkeys(tensors, name)
+        total += sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_plan_of_a_quantised_repo_reads_only_the_headers(tmp_path):
+    local = quantised_llama(tmp_path / "llama-4bit")
+    shards = {p.name for p in local.glob("*.safetensors")}
+    cache = tmp_path / "cache"
+    with running_hub({"org/llama-4bit": model_files(local)}) as hub:
+        env = QUIET | {"HF_HUB_CACHE": str(cache), "HF_ENDPOINT": hub.url}
+        result = run_cli("plan", "org/llama-4bit", "--simulate", "2x192GB", "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "estimated" not in result.stderr
+        assert hub.fetched("org/llama-4bit") == {"config.json", "model.safetensors.index.json"}
+        assert {name for _, name, _ in hub.ranges} == shards  # each shard's header, once
+        assert len(hub.ranges) == len(shards)
+    assert cached_files(cache, "org/llama-4bit") == {"config.json", "model.safetensors.index.json"}
+    planned = json.loads(result.stdout)
+    folder = plan_json(str(local))
+    assert [n["weights_bytes"] for n in planned["nodes"]] == [
+        n["weights_bytes"] for n in folder["nodes"]
+    ]
+    assert planned == folder | {"model": "org/llama-4bit"}
+
+    # Offline the headers cannot be read: the plan says its sizes are estimated.
+    result = run_cli(
+        "plan", "org/llama-4bit", "--simulate", "2x192GB", "--json", env=offline_env(cache)
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "note: org/llama-4bit planned from config.json: its weights' sizes per layer are "
+        f"estimated; its index gives {planned_total(local) / 1e9:.1f} GB in all"
+    ]
+    estimated = json.loads(result.stdout)
+    assert [n["weights_bytes"] for n in estimated["nodes"]] != [
+        n["weights_bytes"] for n in planned["nodes"]
+    ]  # so the online plan's sizes came from the headers
+
+
+def planned_total(folder) -> int:
+    return json.loads((folder / "model.safetensors.index.json").read_text())["metadata"][
+        "total_size"
+    ]

@@ -225,10 +225,13 @@ def _plan_model(model: str) -> str:
 
 def _say_estimated(label: str, folder: Path) -> None:
     """One line on stderr when an already quantised repo is planned from its config: its
-    per-layer sizes are estimated (the weights, whose headers give them, are not fetched)."""
+    per-layer sizes are estimated, as its safetensors headers could not be read (offline)."""
     from quantize.checkpoint import read_config
+    from quantize.source import snapshot_headers
 
     if "quantization" not in read_config(folder) or any(folder.glob("*.safetensors")):
+        return
+    if snapshot_headers(folder) is not None:  # exact; kept for the planner in this process
         return
     index = folder / "model.safetensors.index.json"
     meta = json.loads(index.read_text()).get("metadata") or {} if index.is_file() else {}
