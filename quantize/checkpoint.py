@@ -15,7 +15,7 @@ from .errors import UserError
 # pipeline runtime drives. Each one is proven by the cluster-equals-single-process test.
 SUPPORTED_MODEL_TYPES = (
     *("llama", "mistral", "qwen3", "qwen3_moe", "glm4_moe"),
-    *("minimax_m2", "minimax", "deepseek_v3", "deepseek_v32"),
+    *("gpt_oss", "minimax_m2", "minimax", "deepseek_v3", "deepseek_v32"),
 )
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")

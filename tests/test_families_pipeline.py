@@ -4,6 +4,8 @@ as one mlx-lm process on the same folder, and its last-position logits agree wit
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import cluster_logits, complete_ids, greedy_reference, local_cluster
@@ -12,7 +14,16 @@ pytestmark = pytest.mark.cluster
 
 MAX_TOKENS = 12
 QUESTION = "What is the capital of France?"
-FAMILIES = ["llama", "mistral", "qwen3", "qwen3_moe", "glm4_moe", "minimax", "deepseek_v32"]
+FAMILIES = [
+    "llama",
+    "mistral",
+    "qwen3",
+    "qwen3_moe",
+    "glm4_moe",
+    "minimax",
+    "deepseek_v32",
+    "gpt_oss",
+]
 SPLITS = [[2, 2], [1, 2, 1]]
 
 
@@ -27,7 +38,7 @@ def family(request, tmp_path_factory):
     name = request.param
     path = make_model(name, tmp_path_factory.mktemp("families") / name)
     model, tokenizer = load(str(path))
-    if (dtype := run_dtype(model.args.__dict__)) is not None:
+    if (dtype := run_dtype(json.loads((path / "config.json").read_text()))) is not None:
         model.set_dtype(dtype)  # as every rank runs it
     return name, path, greedy_reference(model, tokenizer, QUESTION, MAX_TOKENS)
 

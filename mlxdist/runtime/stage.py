@@ -215,7 +215,7 @@ def evaluate(model: nn.Module, config: dict, layers: list, dtype: mx.Dtype | Non
 
 def _quantize_like(model: nn.Module, config: dict, weights: dict) -> None:
     """Turns the modules whose weights were saved quantised into quantised modules."""
-    quantization = config.get("quantization")
+    quantization = quantization_of(config)
     if quantization is None:
         return
     overrides = {k: v for k, v in quantization.items() if isinstance(v, dict)}
@@ -236,11 +236,27 @@ def _quantize_like(model: nn.Module, config: dict, weights: dict) -> None:
     )
 
 
+# Checkpoints that state their packing only in quantization_config, read as mlx-lm reads them
+# (OpenAI's gpt-oss: MXFP4 experts).
+_PACKED_METHODS = {
+    "mxfp4": {"group_size": 32, "bits": 4, "mode": "mxfp4"},
+    "mxfp8": {"group_size": 32, "bits": 8, "mode": "mxfp8"},
+}
+
+
+def quantization_of(config: dict) -> dict | None:
+    """How the checkpoint's quantised weights are packed, or None when none are."""
+    if "quantization" in config:
+        return config["quantization"]
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    return _PACKED_METHODS.get(method)
+
+
 def run_dtype(config: dict) -> mx.Dtype | None:
     """The dtype every stage runs in; the same on all ranks so hidden states agree."""
     # On the CPU, MLX's unquantised expert matmul (gather_mm) runs only in float32.
     experts = any(config.get(k) for k in _EXPERT_COUNT_KEYS)
-    unquantised_experts = experts and "quantization" not in config
+    unquantised_experts = experts and quantization_of(config) is None
     if unquantised_experts and mx.default_device() == mx.cpu:
         return mx.float32
     return None

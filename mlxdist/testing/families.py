@@ -108,6 +108,39 @@ def _fp8_linear(key: str, value: np.ndarray) -> bool:
     return value.ndim == 2 and parts[-1] == "weight" and parts[-2] in _FP8_LINEARS
 
 
+def _mxfp4(w: np.ndarray, name: str) -> dict[str, np.ndarray]:
+    """w quantised to MXFP4 as OpenAI's checkpoints store it: `{name}_blocks` (16 bytes of 32
+    4-bit codes per group) and `{name}_scales` (one E8M0 byte per group)."""
+    import mlx.core as mx
+
+    packed, scales = mx.quantize(mx.array(w), group_size=32, bits=4, mode="mxfp4")
+    blocks = np.array(packed).view(np.uint8).reshape(*w.shape[:-1], w.shape[-1] // 32, 16)
+    return {f"{name}_blocks": blocks, f"{name}_scales": np.array(scales)}
+
+
+def _gpt_oss(weights: dict, config: dict) -> dict:
+    """Each layer's gate and up projections interleaved row by row into gate_up_proj, the
+    experts in MXFP4, their biases beside them as `{name}_bias`."""
+    out = {}
+    for key, value in weights.items():
+        head, sep, tail = key.partition(".mlp.experts.")
+        if not sep:
+            out[key] = value
+        elif tail == "gate_proj.weight":
+            up = weights[f"{head}.mlp.experts.up_proj.weight"]
+            gate_up = np.stack([value, up], axis=-2).reshape(value.shape[0], -1, value.shape[-1])
+            out.update(_mxfp4(gate_up, f"{head}.mlp.experts.gate_up_proj"))
+        elif tail == "gate_proj.bias":
+            up = weights[f"{head}.mlp.experts.up_proj.bias"]
+            gate_up = np.stack([value, up], axis=-1).reshape(value.shape[0], -1)
+            out[f"{head}.mlp.experts.gate_up_proj_bias"] = gate_up
+        elif tail == "down_proj.weight":
+            out.update(_mxfp4(value, f"{head}.mlp.experts.down_proj"))
+        elif tail == "down_proj.bias":
+            out[f"{head}.mlp.experts.down_proj_bias"] = value
+    return out
+
+
 # ---------------------------------------------------------------- chat templates
 
 _LLAMA3_TEMPLATE = (
@@ -338,6 +371,50 @@ FAMILIES: dict[str, Family] = {
         chat_template=_R1_TEMPLATE,
         to_hub=_deepseek_v32,
         fp8=_fp8_linear,
+    ),
+    "gpt_oss": Family(
+        "gpt_oss",
+        {
+            "architectures": ["GptOssForCausalLM"],
+            "model_type": "gpt_oss",
+            **_DENSE,
+            "intermediate_size": 128,
+            "attention_bias": True,
+            "experts_per_token": 2,
+            "hidden_act": "silu",
+            "initial_context_length": 4096,
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "num_experts_per_tok": 2,
+            "num_local_experts": 8,
+            "quantization_config": {
+                "modules_to_not_convert": [
+                    "model.layers.*.self_attn",
+                    "model.layers.*.mlp.router",
+                    "model.embed_tokens",
+                    "lm_head",
+                ],
+                "quant_method": "mxfp4",
+            },
+            "rms_norm_eps": 1e-05,
+            "rope_scaling": {
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "factor": 32.0,
+                "original_max_position_embeddings": 4096,
+                "rope_type": "yarn",
+                "truncate": False,
+            },
+            "rope_theta": 150000,
+            "sliding_window": 8,  # below the test prompt's length, so the window rotates
+            "swiglu_limit": 7.0,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+        },
+        bos="<|startoftext|>",
+        eos="<|return|>",
+        added=("<|start|>", "<|message|>", "<|end|>", "<|channel|>"),
+        chat_template=_HARMONY_TEMPLATE,
+        to_hub=_gpt_oss,
     ),
 }
 

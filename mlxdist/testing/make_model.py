@@ -84,6 +84,8 @@ def _encode(
             key: ("F8_E4M3", value.shape, codes.tobytes()),
             f"{key}_scale_inv": ("F32", scale_inv.shape, scale_inv.tobytes()),
         }
+    if value.dtype == np.uint8:  # packed codes and scales, as they are
+        return {key: ("U8", value.shape, np.ascontiguousarray(value).tobytes())}
     if dtype == "float32":
         return {key: ("F32", value.shape, np.ascontiguousarray(value, np.float32).tobytes())}
     return {key: ("BF16", value.shape, to_bf16(value).tobytes())}
