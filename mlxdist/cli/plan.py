@@ -242,15 +242,11 @@ def _say_estimated(label: str, folder: Path) -> None:
 
 
 def _holds_weights(path: Path) -> bool:
-    """A folder with safetensors weights, or a repo's snapshot with their index (a repo id is
-    planned from its index alone and holds its weights on the Hub)."""
+    """A folder with safetensors weights, or a repo's snapshot (a repo id is planned from its
+    config and index alone: its weights are on the Hub)."""
     from quantize.source import repo_of_snapshot
 
-    if not path.is_dir():
-        return False
-    if any(path.glob("*.safetensors")):
-        return True
-    return repo_of_snapshot(path) is not None and (path / "model.safetensors.index.json").is_file()
+    return path.is_dir() and (any(path.glob("*.safetensors")) or bool(repo_of_snapshot(path)))
 
 
 def _bits_for_choice(model: str, bits: int) -> int | None:
