@@ -81,7 +81,7 @@ class Meter:
 
     def add(self, t: float, done: int) -> None:
         self.samples.append((t, done))
-        while len(self.samples) > 2 and t - self.samples[1][0] >= self.window:
+        while len(self.samples) > 2 and t - self.samples[0][0] > self.window:
             self.samples.pop(0)
 
     def rate(self) -> float:

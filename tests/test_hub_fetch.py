@@ -21,11 +21,11 @@ from hub import REPO, FakeHub, _handler, model_files
 from netns import available, bridged_hosts
 
 from launcher.agent_client import AgentClient, AgentError
-from launcher.fetch import FetchError, hub_fetch, progress_line
+from launcher.fetch import FetchError, choose_fetch, hub_fetch, progress_line
 from launcher.nodefiles import node_files
 from launcher.remote import Node, push_files
 from launcher.secret import create_secret, load_secret
-from quantize.checkpoint import weight_map
+from quantize.checkpoint import human_bytes, weight_map
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,12 +134,12 @@ class Agents:
     def cache(self, i: int) -> Path:
         return self.config(i) / "hf"
 
-    def start(self, i: int) -> None:
+    def start(self, i: int, cache: Path | None = None) -> None:
         ns, _, port = self.hosts[i]
         env = dict(
             os.environ,
             MLXDIST_CONFIG=str(self.config(i)),
-            HF_HUB_CACHE=str(self.cache(i)),
+            HF_HUB_CACHE=str(cache or self.cache(i)),
             HF_ENDPOINT=self.hub_url,
             HF_HUB_DISABLE_TELEMETRY="1",
         )
@@ -309,3 +309,41 @@ def test_the_token_goes_to_the_hub_and_nowhere_else(world, monkeypatch):
     proc = agents.procs[0]
     assert token not in " ".join(psutil.Process(proc.pid).cmdline())
     assert token not in str(psutil.Process(proc.pid).environ())
+
+
+def test_auto_fetches_from_the_hub_only_when_every_node_reaches_it(world):
+    _, agents, _ = world
+    how, why = choose_fetch("auto", agents.nodes, REPO)
+    assert how == "hub", why
+    assert why == f"every node reaches the Hub and sees {REPO}"
+    how, why = choose_fetch("auto", agents.nodes, "org/not-there")
+    assert how == "push" and why.startswith("node0 cannot reach the Hub (") and "NotFound" in why
+    assert choose_fetch("auto", agents.nodes, None) == ("push", "the model is a local folder")
+    assert choose_fetch("push", agents.nodes, REPO) == ("push", "--fetch push")
+
+
+def test_a_share_larger_than_the_nodes_free_disk_is_refused(world, tmp_path):
+    """node1's Hugging Face cache on a 1 MB file system: its share (several MB) is refused
+    before a byte is sent, naming the node and the bytes."""
+    hub, agents, model = world
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        agents.kill(1)
+        agents.start(1, cache=small)
+        agents.wait(agents.nodes[1])
+        free = agents.nodes[1].client.facts()["hf_cache_free"]
+        assert 0 < free <= 2**20  # the agent reports its cache's disk
+        before = len(hub.ranges)
+        with pytest.raises(FetchError) as e:
+            hub_fetch(agents.nodes[1:], REPO, None, shares(model)[1:])
+        share = sum((model / f).stat().st_size for f in shares(model)[1])
+        assert str(e.value).startswith(f"node1: needs {human_bytes(share)} ({share} bytes)")
+        assert "free in its Hugging Face cache" in str(e.value) and "\n" not in str(e.value)
+        assert len(hub.ranges) == before  # nothing was downloaded
+    finally:
+        agents.kill(1)
+        subprocess.run(["umount", str(small)], check=False)
+        agents.start(1)
+        agents.wait(agents.nodes[1])

@@ -206,7 +206,8 @@ class Fetches:
 def probe(repo: str, revision: str | None, token: str | None, timeout: float = 5.0) -> dict:
     """Whether this host reaches the Hub and sees repo at revision: one small request."""
     try:
-        info = HfApi(token=token).model_info(repo, revision=revision, timeout=timeout)
+        api = HfApi(token=token)
+        info = api.model_info(repo, revision=revision or "main", timeout=timeout)
     except Exception as e:  # unreachable, refused, gated, missing: each a reason to push
         return {"ok": False, "why": f"{type(e).__name__}: {_first_line(e)}"}
     return {"ok": True, "why": "", "commit": info.sha or ""}

@@ -1,0 +1,86 @@
+"""The pure parts of fetching: rate and time left, the progress line, the fetch choice without
+agents, and the agent's checks of a fetch request."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from launcher.agent.requests import FetchFiles, ProbeHub
+from launcher.fetch import FetchError, Meter, check_fetch, choose_fetch, progress_line
+from launcher.remote import Node
+from launcher.ssh import SshClient
+
+
+@pytest.mark.parametrize(
+    "samples, total, rate, left",
+    [
+        ([], 100, 0.0, None),
+        ([(0.0, 0)], 100, 0.0, None),
+        ([(0.0, 0), (2.0, 50)], 100, 25.0, 2.0),
+        ([(0.0, 0), (1.0, 10), (2.0, 10)], 30, 5.0, 4.0),
+        ([(0.0, 0), (20.0, 100), (21.0, 200)], 400, 100.0, 2.0),  # older than the window: gone
+    ],
+)
+def test_meter(samples, total, rate, left):
+    meter = Meter(window=10.0)
+    for t, done in samples:
+        meter.add(t, done)
+    assert meter.rate() == pytest.approx(rate)
+    assert meter.left(total) == (None if left is None else pytest.approx(left))
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (("a", 0, 2_000_000_000, 0.0, None), "a: 0 bytes of 2.00 GB, 0 bytes/s, time left unknown"),
+        (("a", 10**9, 2 * 10**9, 1e8, 10.0), "a: 1.00 GB of 2.00 GB, 100.00 MB/s, 10 s left"),
+        (("total", 5, 5, 0.0, None), "total: 5 bytes of 5 bytes, 0 bytes/s, done"),
+    ],
+)
+def test_progress_line(args, line):
+    assert progress_line(*args) == line
+
+
+def test_choice_without_asking_any_agent():
+    ssh = [Node("mini", "10.0.0.9", SshClient("me@mini"))]
+    assert choose_fetch("auto", ssh, "org/m") == ("push", "mini has no agent to fetch with")
+    with pytest.raises(FetchError, match="needs an agent on every node; mini has none"):
+        choose_fetch("hub", ssh, "org/m")
+    with pytest.raises(FetchError, match="needs a Hugging Face repo id"):
+        choose_fetch("hub", [], None)
+    with pytest.raises(FetchError, match="'rsync' is not one of auto, hub, push"):
+        check_fetch("rsync")
+
+
+@pytest.mark.parametrize(
+    "body, error",
+    [
+        ({"repo": "org/m", "files": ["config.json"]}, None),
+        ({"repo": "org/m", "files": ["a.safetensors"], "revision": "v1.0", "token": "hf_x"}, None),
+        ({"repo": "../m", "files": ["config.json"]}, "repo must be org/name"),
+        ({"repo": "org/m/x", "files": ["config.json"]}, "repo must be org/name"),
+        ({"repo": "org/m", "files": ["../secret"]}, "not a file name"),
+        ({"repo": "org/m", "files": ["nodes/0/a"]}, "not a file name"),
+        ({"repo": "org/m", "files": ["a.incomplete"]}, "not a file name"),
+        ({"repo": "org/m", "files": ["a", "a"]}, "must not repeat"),
+        ({"repo": "org/m", "files": []}, "at least 1"),
+        ({"repo": "org/m", "files": ["a"], "revision": "../main"}, "branch, tag or commit"),
+        ({"repo": "org/m", "files": ["a"], "token": "hf x\r\nX: y"}, "without spaces"),
+        ({"repo": "org/m", "files": ["a"], "endpoint": "http://evil"}, "Extra inputs"),
+    ],
+)
+def test_fetch_requests_are_checked(body, error):
+    if error is None:
+        assert FetchFiles(**body).files == body["files"]
+        return
+    with pytest.raises(ValidationError) as e:
+        FetchFiles(**body)
+    said = "; ".join(err["msg"] for err in e.value.errors())  # what the agent answers
+    assert error in said
+    assert "hf x" not in said
+
+
+def test_a_token_is_not_in_the_request_objects_repr():
+    assert "hf_secret" not in repr(FetchFiles(repo="o/m", files=["a"], token="hf_secret"))
+    assert "hf_secret" not in repr(ProbeHub(repo="o/m", token="hf_secret"))
