@@ -48,6 +48,17 @@ def test_same_arguments_same_bytes(tmp_path):
     assert json.loads((a / "config.json").read_text())["num_hidden_layers"] == 2
 
 
+def test_cli_writes_what_the_function_writes(tmp_path):
+    out = tmp_path / "cli"
+    r = run_cli("testing", "make-model", "qwen3", str(out), "--set", "num_hidden_layers=2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"wrote {out}"
+    direct = make_model("qwen3", tmp_path / "direct", {"num_hidden_layers": 2})
+    files = sorted(p.name for p in direct.iterdir())
+    assert files == sorted(p.name for p in out.iterdir())
+    assert all((out / f).read_bytes() == (direct / f).read_bytes() for f in files)
+
+
 def test_cli_unknown_family_is_one_line(tmp_path):
     r = run_cli("testing", "make-model", "falcon", str(tmp_path / "x"))
     assert r.returncode == 1
