@@ -209,11 +209,15 @@ def _specs(nodes: list[Node]) -> list[NodeSpec]:
     return [node_spec_from_facts(n.name, n.facts) for n in nodes]
 
 
-def choose_split(model: Path, nodes: list[Node], context: int) -> list[int]:
-    """The split the model's node folders were cut for; it must fit the nodes' memory."""
+def choose_split(model: Path, nodes: list[Node], context: int, whole: bool = False) -> list[int]:
+    """The split the model's node folders were cut for; it must fit the nodes' memory.
+    whole: a Hugging Face repo, which no one cut: the planned split, each node getting the
+    files that hold its layers."""
     specs = _specs(nodes)
     planned = plan(specs, model_spec_from_folder(model), context=context)
     cut = node_folders(model, len(nodes))
+    if cut is None and whole and planned.fits:
+        return planned.split
     if cut is None:
         raise LaunchError(
             f"{model} has no node folders for {len(nodes)} nodes: cut them with "
@@ -225,12 +229,15 @@ def choose_split(model: Path, nodes: list[Node], context: int) -> list[int]:
     return cut
 
 
-def choose_experts(model: Path, nodes: list[Node], context: int) -> list[int]:
+def choose_experts(model: Path, nodes: list[Node], context: int, whole: bool = False) -> list[int]:
     """The routed experts per node the model's expert node folders were cut for; the plan
-    (replicated weights, those experts and the whole KV cache on every node) must fit."""
+    (replicated weights, those experts and the whole KV cache on every node) must fit.
+    whole: as in choose_split (every node then gets every file)."""
     specs = _specs(nodes)
     planned = plan_experts(specs, model_spec_from_folder(model), context=context)
     cut = expert_folders(model, len(nodes))
+    if cut is None and whole and planned.fits:
+        return planned.experts
     if cut is None:
         counts = ",".join(map(str, planned.experts or [])) or "..."
         raise LaunchError(
@@ -305,14 +312,15 @@ def start_agents_cluster(
     # jaccl sends over the RDMA devices; only the ring needs the cables' own addresses.
     ring_ips = cable_addresses(nodes, console) if decision.over_cables else None
     how = {"chosen": chosen, "fetch": fetch, "ref": ref}
+    whole = ref is not None and ref.repo is not None
     if parallel == "tensor":
         split = choose_tensor(model, nodes, context)
         return _start(model, nodes, split, ring_ips, context, port, console, tensor=True, **how)
     if parallel == "expert":
-        experts = choose_experts(model, nodes, context)
+        experts = choose_experts(model, nodes, context, whole)
         split = [model_spec_from_folder(model).num_layers] * len(nodes)
         return _start(model, nodes, split, ring_ips, context, port, console, experts, **how)
-    split = choose_split(model, nodes, context)
+    split = choose_split(model, nodes, context, whole)
     return _start(model, nodes, split, ring_ips, context, port, console, **how)
 
 
@@ -386,10 +394,12 @@ def _push(model: Path, nodes: list[Node], split: list[int], mode: str, console) 
     this split, else the files holding its part), after checking each node's free disk."""
     from launcher.remote import push_for_split, push_shards, push_whole
 
-    cut = mode == "expert" or (mode == "pipeline" and node_folders(model, len(nodes)) == split)
-    if mode == "tensor":
+    n = len(nodes)
+    cut = node_folders(model, n) == split if mode == "pipeline" else expert_folders(model, n)
+    every = mode == "tensor" or (mode == "expert" and not cut)
+    if every:
         console.print(every_file_note(mode), highlight=False)
-    _check_push_disk(model, nodes, split, mode, cut)
+    _check_push_disk(model, nodes, split, "tensor" if every else mode, bool(cut))
     with _progress(console) as bar:
         tasks: dict[str, int] = {}
 
@@ -398,7 +408,7 @@ def _push(model: Path, nodes: list[Node], split: list[int], mode: str, console) 
                 tasks[name] = bar.add_task(f"push {name}", total=total)
             bar.update(tasks[name], completed=done)
 
-        if mode == "tensor":
+        if every:
             return push_whole(model, nodes, progress)
         if cut:
             return push_shards(model, nodes, progress)

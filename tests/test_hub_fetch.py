@@ -199,9 +199,9 @@ def shares(model: Path) -> list[list[str]]:
     return [node_files(weight_map(model), repo, "pipeline", SPLIT, r) for r in range(len(SPLIT))]
 
 
-def cached(cache: Path) -> dict[str, int]:
+def cached(cache: Path, repo: str = REPO) -> dict[str, int]:
     """The files of the repo's snapshot in a cache, with the bytes behind each."""
-    snapshots = cache / f"models--{REPO.replace('/', '--')}" / "snapshots"
+    snapshots = cache / f"models--{repo.replace('/', '--')}" / "snapshots"
     return {p.name: p.stat().st_size for s in snapshots.iterdir() for p in s.iterdir()}
 
 
@@ -347,3 +347,59 @@ def test_a_share_larger_than_the_nodes_free_disk_is_refused(world, tmp_path):
         subprocess.run(["umount", str(small)], check=False)
         agents.start(1)
         agents.wait(agents.nodes[1])
+
+
+@pytest.fixture(scope="module")
+def mlx_repo(world, tmp_path_factory):
+    """tiny-r1 quantised by mlxdist, served as org/tiny-r1-4bit (as mlx-community's repos hold
+    MLX models): what mlx-lm loads for the reference."""
+    hub, _, model = world
+    out = tmp_path_factory.mktemp("mlx") / "tiny-r1-4bit"
+    argv = [sys.executable, "-m", "mlxdist.cli", "quantize", str(model), str(out)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    hub.repos["org/tiny-r1-4bit"] = {n: d for n, d in model_files(out).items()}
+    return "org/tiny-r1-4bit", out
+
+
+@pytest.mark.parametrize(
+    "fetch, parallel", [("hub", "pipeline"), ("push", "pipeline"), ("hub", "tensor")]
+)
+def test_launch_of_a_repo_id_equals_one_process(world, mlx_repo, tmp_path, fetch, parallel):
+    """`mlxdist launch org/name --hosts --fetch`: the launcher reads the config and index (all
+    of the repo with push), the nodes get their files, the answer is one process's."""
+    from test_cluster_hosts import MAX_TOKENS, PROMPT, reference_text
+
+    hub, agents, _ = world
+    repo, model = mlx_repo
+    lines = []
+    for i, (_, ip, port) in enumerate(agents.hosts):
+        lines += ["[[hosts]]", f'name = "node{i}"', f'address = "{ip}"', f"rank = {i}"]
+        lines += [f"agent_port = {port}"]
+    (tmp_path / "hosts.toml").write_text("\n".join(lines) + "\n")
+    (tmp_path / "launcher").mkdir()
+    shutil.copy(agents.work / "secret", tmp_path / "launcher" / "secret")
+    cache = tmp_path / "launcher-hf"
+    env = dict(
+        os.environ,
+        MLXDIST_CONFIG=str(tmp_path / "launcher"),
+        HF_HUB_CACHE=str(cache),
+        HF_ENDPOINT=hub.url,
+        HF_HUB_DISABLE_TELEMETRY="1",
+    )
+    argv = [sys.executable, "-m", "mlxdist.cli", "launch", repo, "--hosts"]
+    argv += [str(tmp_path / "hosts.toml"), "--fetch", fetch, "--parallel", parallel]
+    argv += ["--prompt", PROMPT, "--no-chat", "--temp", "0", "--max-tokens", str(MAX_TOKENS)]
+    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    print(done.stderr[-3000:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.rstrip("\n") == reference_text(model)
+    assert f"files: {fetch} (--fetch {fetch})" in done.stderr
+    held = set(cached(cache, repo))
+    if fetch == "hub":  # the launcher read only what a plan needs; the nodes fetched the rest
+        assert held == {"config.json", "model.safetensors.index.json"}
+        assert "node0: " in done.stderr and "bytes received of its share of" in done.stderr
+    else:  # the launcher fetched the repo once, then pushed each node only its files
+        assert {n for n in hub.repos[repo] if n.endswith(".safetensors")} <= held
+    if parallel == "tensor":
+        assert "every node needs every file in tensor mode" in done.stderr

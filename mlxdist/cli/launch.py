@@ -22,6 +22,12 @@ BACKEND_HELP = (
 
 MODEL_HELP = "model folder, .gguf file or Hugging Face repo id org/name[@revision] (default: demo)"
 
+FETCH_HELP = (
+    "how each node gets its files of a Hugging Face repo: hub (its agent downloads only its "
+    "files), push (this machine downloads once and sends each node its files) or auto (hub when "
+    "every node reaches the Hub)"
+)
+
 PARALLEL_HELP = (
     "auto (the mode the performance model predicts fastest here, the default), pipeline "
     "(layers per rank), expert (routed experts per rank) or tensor"
@@ -86,6 +92,7 @@ def launch(
     parallel: str = typer.Option("auto", help=PARALLEL_HELP),
     experts: str | None = typer.Option(None, help="routed experts per rank, e.g. 3,3,2 (expert)"),
     backend: str | None = typer.Option(None, help=BACKEND_HELP),
+    fetch: str = typer.Option("auto", help=FETCH_HELP),
 ) -> None:
     """Start one rank per host (or N on this machine), then answer --prompt or open a chat."""
     params = {"max_tokens": max_tokens, "temperature": temp}
@@ -100,15 +107,14 @@ def launch(
             raise UserError("--experts is for --local: across hosts the node folders' cut holds")
         parallel = _parallel(parallel)
         backend = _backend(backend, bool(hosts or cluster))
-        ref = _model_ref(model)  # a repo id's revision stays with it, for fetches on the nodes
+        ref = _model_ref(model, whole=not (hosts or cluster) or fetch == "push")
         path = _launch_model(ref)
         if hosts or cluster:
             from launcher.cluster import replan_agents, start_agents_cluster
 
             secret = _secret(secret_file)
-            running = start_agents_cluster(
-                path, hosts, cluster, interface, secret, context, port, parallel, backend
-            )
+            where = (hosts, cluster, interface, secret, context, port, parallel, backend)
+            running = start_agents_cluster(path, *where, fetch=fetch, ref=ref)
             again = partial(replan_agents, path, context, port)
         else:
             parallel = _auto_here(path, parallel, experts, split, local, context)
@@ -127,14 +133,15 @@ def _secret(path: Path | None) -> bytes:
     return load_secret(path)
 
 
-def _model_ref(model: str | None) -> ModelRef | None:
+def _model_ref(model: str | None, whole: bool = True) -> ModelRef | None:
     """The model named: a Hugging Face repo id (org/name[@revision]) is fetched whole into the
-    user's Hugging Face cache here, as mlx-lm does; a folder, .gguf or the demo (None) as is."""
-    from quantize.source import ModelRef, parse_repo_spec, resolve_ref
+    user's Hugging Face cache here, as mlx-lm does (only its config and index when not whole:
+    the nodes may fetch their own files); a folder, .gguf or the demo (None) as is."""
+    from quantize.source import ModelRef, index_only, parse_repo_spec, resolve_ref
 
     if model is None or Path(model).expanduser().exists() or parse_repo_spec(model) is None:
         return ModelRef(None, None, Path(model).expanduser()) if model else None
-    return resolve_ref(model)
+    return resolve_ref(model) if whole else index_only(model)
 
 
 def _launch_model(ref: ModelRef | None) -> Path:
@@ -302,6 +309,7 @@ def serve(
     port: int = typer.Option(8080, min=1, max=65535, help="the API's port"),
     backend: str | None = typer.Option(None, help=BACKEND_HELP),
     parallel: str = typer.Option("auto", help=PARALLEL_HELP),
+    fetch: str = typer.Option("auto", help=FETCH_HELP),
 ) -> None:
     """Run the cluster with its OpenAI-style HTTP API only, until Ctrl-C."""
     try:
@@ -309,14 +317,14 @@ def serve(
             raise UserError("--local, --split, --host and --max-context are not for --hosts")
         parallel = _parallel(parallel)
         backend = _backend(backend, bool(hosts))
-        ref = _model_ref(model)  # a repo id's revision stays with it, for fetches on the nodes
+        ref = _model_ref(model, whole=not hosts or fetch == "push")
         path = _launch_model(ref)
         if hosts:
             from launcher.cluster import start_agents_cluster
 
             secret = _secret(secret_file)
             running = start_agents_cluster(
-                path, hosts, None, [], secret, context, port, parallel, backend=backend
+                path, hosts, None, [], secret, context, port, parallel, backend, fetch, ref
             )
         else:
             parallel = _auto_here(path, parallel, None, split, local, context)
