@@ -3,11 +3,15 @@ agents, and the agent's checks of a fetch request."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from launcher.agent.requests import FetchFiles, ProbeHub
 from launcher.fetch import FetchError, Meter, check_fetch, choose_fetch, progress_line
+from launcher.nodefiles import EVERY_FILE
 from launcher.remote import Node
 from launcher.ssh import SshClient
 
@@ -84,3 +88,13 @@ def test_fetch_requests_are_checked(body, error):
 def test_a_token_is_not_in_the_request_objects_repr():
     assert "hf_secret" not in repr(FetchFiles(repo="o/m", files=["a"], token="hf_secret"))
     assert "hf_secret" not in repr(ProbeHub(repo="o/m", token="hf_secret"))
+
+
+def test_plan_says_plainly_that_tensor_mode_needs_every_file():
+    from conftest import run_cli
+
+    config = Path(__file__).parent / "data" / "deepseek-r1-config.json"
+    done = run_cli("plan", str(config), "--simulate", "2x512GB", "--parallel", "tensor", "--json")
+    assert EVERY_FILE["tensor"] in json.loads(done.stdout)["notes"]
+    done = run_cli("plan", str(config), "--simulate", "2x512GB", "--parallel", "pipeline")
+    assert "every file" not in done.stdout  # a pipeline node gets only its layers' files

@@ -422,7 +422,7 @@ def report(
     planner = plan_experts if mode == "expert" else plan
     result = planner(nodes, spec, context=context, batch=batch)
     forecast = predict_for_plan(model, bits, nodes, spec, result, link)
-    notes = notes + _readiness(model, mode, len(nodes))
+    notes = notes + _readiness(model, mode, len(nodes)) + _files_note(mode)
     fits, tensor = result.fits, None
     if mode == "tensor":
         tensor = tensor_outcome(model, bits, nodes, link, context, batch, choice)
@@ -454,6 +454,13 @@ def report(
     for line in lines:
         console.print(line, soft_wrap=True, highlight=False)
     return 0 if fits else 1
+
+
+def _files_note(mode: str) -> list[str]:
+    """Says plainly when every node needs the whole model (launcher/nodefiles.py)."""
+    from launcher.nodefiles import every_file_note
+
+    return [every_file_note(mode)] if mode == "tensor" else []
 
 
 def _readiness(model: str, mode: str, nodes: int) -> list[str]:
