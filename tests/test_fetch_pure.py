@@ -98,3 +98,26 @@ def test_plan_says_plainly_that_tensor_mode_needs_every_file():
     assert EVERY_FILE["tensor"] in json.loads(done.stdout)["notes"]
     done = run_cli("plan", str(config), "--simulate", "2x512GB", "--parallel", "pipeline")
     assert "every file" not in done.stdout  # a pipeline node gets only its layers' files
+
+
+def test_the_fetch_routes_are_signed_and_checked(tmp_path):
+    """The agent's own app in-process: an unsigned fetch is refused; a signed one with a bad
+    file name is refused in one line that does not repeat the token."""
+    from starlette.testclient import TestClient
+
+    from launcher.agent import create_agent_app
+    from launcher.auth import sign
+
+    secret = b"k" * 32
+    app = create_agent_app(secret, tmp_path / "models", dict, runs_dir=tmp_path / "runs")
+    body = json.dumps({"repo": "o/m", "files": ["../x"], "token": "hf_notlogged"}).encode()
+    with TestClient(app) as http:
+        assert http.post("/fetch", content=body).status_code == 401
+        assert http.get("/fetch/abc").status_code == 401
+        headers = sign(secret, "POST", "/fetch", body) | {"Content-Type": "application/json"}
+        answer = http.post("/fetch", content=body, headers=headers)
+        assert answer.status_code == 400 and "not a file name" in answer.json()["error"]
+        assert "hf_notlogged" not in answer.text
+        headers = sign(secret, "GET", "/fetch/abc", b"")
+        answer = http.get("/fetch/abc", headers=headers)
+        assert answer.status_code == 404 and answer.json()["error"] == "no fetch 'abc'"

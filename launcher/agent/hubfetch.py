@@ -112,6 +112,8 @@ class Fetches:
         self.cache = Path(cache or constants.HF_HUB_CACHE)
         self._fetches: dict[str, Fetch] = {}
         self._lock = threading.Lock()
+        # One download at a time: two fetches of a file would append to one .incomplete.
+        self._downloading = threading.Lock()
 
     def start(self, req: FetchFiles) -> dict:
         fetch = Fetch(secrets.token_hex(8), req.repo, req.revision or "main", list(req.files))
@@ -134,8 +136,9 @@ class Fetches:
             fetch.state = "running"
             repo = repo_cache(self.cache, fetch.repo)
             _check_room(fetch, repo, hub, self.cache)
-            for name in fetch.files:
-                fetch.done[name] = self._one(fetch, repo, hub[name], token)
+            with self._downloading:
+                for name in fetch.files:
+                    fetch.done[name] = self._one(fetch, repo, hub[name], token)
             _write_ref(repo, fetch.revision, fetch.commit)
             fetch.folder = self._link(fetch, repo)
             fetch.state = "done"
