@@ -363,7 +363,8 @@ def mlx_repo(world, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "fetch, parallel", [("hub", "pipeline"), ("push", "pipeline"), ("hub", "tensor")]
+    "fetch, parallel",
+    [("hub", "pipeline"), ("push", "pipeline"), ("hub", "tensor"), ("auto", "auto")],
 )
 def test_launch_of_a_repo_id_equals_one_process(world, mlx_repo, tmp_path, fetch, parallel):
     """`mlxdist launch org/name --hosts --fetch`: the launcher reads the config and index (all
@@ -394,9 +395,15 @@ def test_launch_of_a_repo_id_equals_one_process(world, mlx_repo, tmp_path, fetch
     print(done.stderr[-3000:])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.rstrip("\n") == reference_text(model)
-    assert f"files: {fetch} (--fetch {fetch})" in done.stderr
+    if fetch == "auto":  # the agents reach the Hub: they fetch
+        assert f"files: hub (every node reaches the Hub and sees {repo})" in done.stderr
+    else:
+        assert f"files: {fetch} (--fetch {fetch})" in done.stderr
     held = set(cached(cache, repo))
-    if fetch == "hub":  # the launcher read only what a plan needs; the nodes fetched the rest
+    if fetch in (
+        "hub",
+        "auto",
+    ):  # the launcher read only what a plan needs; the nodes fetched the rest
         assert held == {"config.json", "model.safetensors.index.json"}
         assert "node0: " in done.stderr and "bytes received of its share of" in done.stderr
     else:  # the launcher fetched the repo once, then pushed each node only its files
