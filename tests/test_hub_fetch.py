@@ -134,7 +134,7 @@ class Agents:
     def cache(self, i: int) -> Path:
         return self.config(i) / "hf"
 
-    def start(self, i: int, cache: Path | None = None) -> None:
+    def start(self, i: int, cache: Path | None = None, models: Path | None = None) -> None:
         ns, _, port = self.hosts[i]
         env = dict(
             os.environ,
@@ -146,6 +146,7 @@ class Agents:
         env.pop("HF_TOKEN", None)
         argv = [sys.executable, "-m", "mlxdist.cli", "agent", "--cluster", "fetch"]
         argv += ["--interface", self.interface, "--port", str(port)]
+        argv += ["--models-dir", str(models)] if models else []
         if ns:
             argv = ["ip", "netns", "exec", ns, *argv]
         log = open(self.config(i) / "agent.log", "a")
@@ -349,6 +350,29 @@ def test_a_share_larger_than_the_nodes_free_disk_is_refused(world, tmp_path):
         agents.wait(agents.nodes[1])
 
 
+def launch_repo(hub, agents, tmp_path, repo, fetch, parallel, prompt, max_tokens):
+    """`mlxdist launch REPO --hosts` from this namespace, over the agents, its own cache."""
+    lines = []
+    for i, (_, ip, port) in enumerate(agents.hosts):
+        lines += ["[[hosts]]", f'name = "node{i}"', f'address = "{ip}"', f"rank = {i}"]
+        lines += [f"agent_port = {port}"]
+    (tmp_path / "hosts.toml").write_text("\n".join(lines) + "\n")
+    (tmp_path / "launcher").mkdir()
+    shutil.copy(agents.work / "secret", tmp_path / "launcher" / "secret")
+    cache = tmp_path / "launcher-hf"
+    env = dict(
+        os.environ,
+        MLXDIST_CONFIG=str(tmp_path / "launcher"),
+        HF_HUB_CACHE=str(cache),
+        HF_ENDPOINT=hub.url,
+        HF_HUB_DISABLE_TELEMETRY="1",
+    )
+    argv = [sys.executable, "-m", "mlxdist.cli", "launch", repo, "--hosts"]
+    argv += [str(tmp_path / "hosts.toml"), "--fetch", fetch, "--parallel", parallel]
+    argv += ["--prompt", prompt, "--no-chat", "--temp", "0", "--max-tokens", str(max_tokens)]
+    return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def mlx_repo(world, tmp_path_factory):
     """tiny-r1 quantised by mlxdist, served as org/tiny-r1-4bit (as mlx-community's repos hold
@@ -373,25 +397,8 @@ def test_launch_of_a_repo_id_equals_one_process(world, mlx_repo, tmp_path, fetch
 
     hub, agents, _ = world
     repo, model = mlx_repo
-    lines = []
-    for i, (_, ip, port) in enumerate(agents.hosts):
-        lines += ["[[hosts]]", f'name = "node{i}"', f'address = "{ip}"', f"rank = {i}"]
-        lines += [f"agent_port = {port}"]
-    (tmp_path / "hosts.toml").write_text("\n".join(lines) + "\n")
-    (tmp_path / "launcher").mkdir()
-    shutil.copy(agents.work / "secret", tmp_path / "launcher" / "secret")
+    done = launch_repo(hub, agents, tmp_path, repo, fetch, parallel, PROMPT, MAX_TOKENS)
     cache = tmp_path / "launcher-hf"
-    env = dict(
-        os.environ,
-        MLXDIST_CONFIG=str(tmp_path / "launcher"),
-        HF_HUB_CACHE=str(cache),
-        HF_ENDPOINT=hub.url,
-        HF_HUB_DISABLE_TELEMETRY="1",
-    )
-    argv = [sys.executable, "-m", "mlxdist.cli", "launch", repo, "--hosts"]
-    argv += [str(tmp_path / "hosts.toml"), "--fetch", fetch, "--parallel", parallel]
-    argv += ["--prompt", PROMPT, "--no-chat", "--temp", "0", "--max-tokens", str(MAX_TOKENS)]
-    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     print(done.stderr[-3000:])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.rstrip("\n") == reference_text(model)
@@ -400,13 +407,34 @@ def test_launch_of_a_repo_id_equals_one_process(world, mlx_repo, tmp_path, fetch
     else:
         assert f"files: {fetch} (--fetch {fetch})" in done.stderr
     held = set(cached(cache, repo))
-    if fetch in (
-        "hub",
-        "auto",
-    ):  # the launcher read only what a plan needs; the nodes fetched the rest
+    if fetch != "push":  # the launcher read only what a plan needs; the nodes fetched the rest
         assert held == {"config.json", "model.safetensors.index.json"}
         assert "node0: " in done.stderr and "bytes received of its share of" in done.stderr
     else:  # the launcher fetched the repo once, then pushed each node only its files
         assert {n for n in hub.repos[repo] if n.endswith(".safetensors")} <= held
     if parallel == "tensor":
         assert "every node needs every file in tensor mode" in done.stderr
+
+
+def test_a_push_larger_than_a_nodes_free_disk_is_refused(world, mlx_repo, tmp_path):
+    """node1's models folder on a 1 MB file system: the launch refuses before pushing, in one
+    line naming the node and the bytes."""
+    hub, agents, _ = world
+    repo, _ = mlx_repo
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        agents.kill(1)
+        agents.start(1, models=small)
+        agents.wait(agents.nodes[1])
+        done = launch_repo(hub, agents, tmp_path, repo, "push", "pipeline", "Hi", 2)
+        assert done.returncode == 1
+        [line] = [x for x in done.stderr.splitlines() if x.startswith("error: ")]
+        assert line.startswith("error: node node1 needs ") and "free in its models folder" in line
+        assert not any(small.iterdir())  # nothing was sent
+    finally:
+        agents.kill(1)
+        subprocess.run(["umount", str(small)], check=False)
+        agents.start(1)
+        agents.wait(agents.nodes[1])
