@@ -236,9 +236,11 @@ def _serve_api(
 
     from mlxdist.serving.api import create_app
     from mlxdist.serving.coordinator import Coordinator
+    from mlxdist.serving.stops import read_end_token_ids
 
     stage = runner.stage
-    tokenizer = load_tokenizer(spec.model, eos_token_ids=stage.config.get("eos_token_id"))
+    ends = read_end_token_ids(spec.model, stage.config)  # generation_config.json's too
+    tokenizer = load_tokenizer(spec.model, eos_token_ids=ends)
     coordinator = Coordinator(runner, tokenizer, set(tokenizer.eos_token_ids))
     context = stage.config.get("max_position_embeddings")
     split = list(spec.split) if spec.split else None

@@ -30,7 +30,7 @@ from mlxdist.serving.openai_schema import (
     error_response,
     validation_error,
 )
-from mlxdist.serving.reasoning import prompt_opens_think
+from mlxdist.serving.reasoning import reasoning_start
 from mlxdist.serving.responses import Output, finish_reason, sse
 
 MAX_STOPS = 16
@@ -183,8 +183,8 @@ def create_app(
         except Exception as e:  # the template's own checks (role order, a missing template)
             raise APIError(400, f"the chat template refused the messages: {e}", "messages") from e
         prompt = tokenizer.encode(utf8(text, "messages"), add_special_tokens=False)
-        # None: no splitting; else whether the output begins inside a think block
-        think = prompt_opens_think(text) if req.reasoning_format == "deepseek" else None
+        # None: no splitting; else how the output begins (answer, think block, harmony header)
+        think = reasoning_start(text) if req.reasoning_format == "deepseek" else None
         job = make_job(req, prompt, "messages")
         return await respond(req, job, request, chat=True, think=think)
 

@@ -2,13 +2,26 @@
 
 As DeepSeek's own API: `reasoning_content` is the text between the tags as generated, `content`
 the text after `</think>` without the whitespace that follows the tag (R1 writes a blank line).
-The output may begin inside the block (the prompt ended with `<think>`, as R1's template does)
-or open it itself; only a block at the start counts, a later `<think>` is part of the answer.
+The output may begin inside the block (the prompt ended with `<think>`, as R1's, MiniMax-M2's
+and the Qwen3 thinking models' templates do) or open it itself (Qwen3, GLM-4.5, Kimi K2); only a
+block at the start counts, a later `<think>` is part of the answer. A template that turns thinking
+off ends the prompt with an empty block (`<think></think>`), so the output is all answer.
+
+gpt-oss writes harmony channels instead (serving/harmony.py); which of the two a model speaks
+shows in its chat template's generation prompt, so reasoning_start() reads it there.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+from mlxdist.serving.harmony import HarmonySplitter, prompt_opens_harmony
+
 OPEN, CLOSE = "<think>", "</think>"
+
+# Where the output begins: in the answer (a think block may still open), inside a think block,
+# or at the head of a harmony message.
+Start = Literal["answer", "think", "harmony"]
 
 _START, _THINK, _AFTER, _CONTENT = "start", "think", "after", "content"
 
@@ -16,6 +29,19 @@ _START, _THINK, _AFTER, _CONTENT = "start", "think", "after", "content"
 def prompt_opens_think(prompt_text: str) -> bool:
     """True when the prompt leaves the model inside a think block."""
     return prompt_text.rstrip().endswith(OPEN)
+
+
+def reasoning_start(prompt_text: str) -> Start:
+    """How the output that follows this chat prompt begins."""
+    if prompt_opens_harmony(prompt_text):
+        return "harmony"
+    return "think" if prompt_opens_think(prompt_text) else "answer"
+
+
+def make_splitter(start: Start) -> ReasoningSplitter | HarmonySplitter:
+    if start == "harmony":
+        return HarmonySplitter()
+    return ReasoningSplitter(in_think=start == "think")
 
 
 def _held_suffix(text: str, tag: str) -> int:

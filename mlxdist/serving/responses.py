@@ -8,17 +8,17 @@ import uuid
 
 from mlxdist.serving.events import Done, Token
 from mlxdist.serving.openai_schema import Sampling
-from mlxdist.serving.reasoning import ReasoningSplitter
+from mlxdist.serving.reasoning import Start, make_splitter
 
 
 class Output:
     """One request's answer as OpenAI's response bodies: chunks as it streams, or whole."""
 
-    def __init__(self, req: Sampling, model: str, chat: bool, think: bool | None):
+    def __init__(self, req: Sampling, model: str, chat: bool, think: Start | None):
         self.req, self.model, self.chat = req, model, chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.splitter = None if think is None else ReasoningSplitter(think)
+        self.splitter = None if think is None else make_splitter(think)
         self.reasoning: list[str] = []
         self.content: list[str] = []
         self.ids: list[int] = []

@@ -1,6 +1,10 @@
-"""Stop sequences: generation ends where the decoded text first contains one, which is cut off."""
+"""Stop sequences: generation ends where the decoded text first contains one, which is cut off;
+and the end tokens a model names in its config.json and generation_config.json."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 
 class StopMatcher:
@@ -34,3 +38,26 @@ class StopMatcher:
             if any(s.startswith(text[-n:]) for s in self.stops):
                 return n
         return 0
+
+
+def end_token_ids(config: dict, generation_config: dict | None) -> list[int]:
+    """Every token that ends an answer: config.json's eos_token_id and generation_config.json's
+    (an id or a list). The two may differ: gpt-oss's config names only <|return|>, its generation
+    config adds <|call|> and <|endoftext|>; GLM-4.5's adds <|user|> and <|observation|>."""
+    ids: list[int] = []
+    for source in (config, generation_config or {}):
+        value = source.get("eos_token_id")
+        for i in [value] if isinstance(value, int) else value or []:
+            if i not in ids:
+                ids.append(i)
+    return ids
+
+
+def read_end_token_ids(model_dir: str | Path, config: dict) -> list[int]:
+    """end_token_ids() with the folder's generation_config.json, when it has a readable one."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        generation = json.loads(path.read_text())
+    except (OSError, ValueError):
+        generation = None
+    return end_token_ids(config, generation if isinstance(generation, dict) else None)

@@ -43,6 +43,8 @@ class Family:
     eos: str
     added: tuple[str, ...]  # chat markers, after the BPE vocabulary
     chat_template: str
+    # End tokens besides eos that generation_config.json names (each one also in added).
+    ends: tuple[str, ...] = ()
     moe: bool = False  # routed experts: stored in float32 (MLX's CPU expert matmul)
     # Tensors in mlx-lm's names -> tensors in the checkpoint's names.
     to_hub: Callable[[dict, dict], dict] = field(default=lambda w, c: w)
@@ -158,22 +160,42 @@ _MISTRAL_TEMPLATE = (
     "{% endif %}{% endfor %}"
 )
 
+# The reasoning format depends on the generation prompt, so those ends follow the real templates:
+# Qwen3 and GLM-4.5 leave the model to open <think> itself and write an empty block when thinking
+# is off; MiniMax-M2 and R1 open the block in the prompt; gpt-oss stops at `<|start|>assistant`,
+# the head of a harmony message, after its system message naming the channels.
+
 _CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}"
 )
 
 _GLM_TEMPLATE = (
     "[gMASK]<sop>{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n<think>' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '\\n<think></think>' }}{% endif %}{% endif %}"
 )
 
 _HARMONY_TEMPLATE = (
+    "{{ '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\\n"
+    "Knowledge cutoff: 2024-06\\n\\nReasoning: ' + (reasoning_effort | default('medium')) + '"
+    "\\n\\n# Valid channels: analysis, commentary, final. "
+    "Channel must be included for every message.<|end|>' }}"
     "{% for message in messages %}"
-    "{{ '<|start|>' + message['role'] + '<|message|>' + message['content'] + '<|end|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
+    "{% if message['role'] in ('system', 'developer') %}"
+    "{{ '<|start|>developer<|message|># Instructions\\n\\n' + message['content'] + '<|end|>' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if message.get('thinking') %}"
+    "{{ '<|start|>assistant<|channel|>analysis<|message|>' + message['thinking'] + '<|end|>' }}"
+    "{% endif %}"
+    "{{ '<|start|>assistant<|channel|>final<|message|>' + message['content'] + '<|end|>' }}"
+    "{% else %}{{ '<|start|>' + message['role'] + '<|message|>' + message['content'] + '<|end|>' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}"
 )
 
 _MINIMAX_TEMPLATE = (
@@ -254,8 +276,9 @@ FAMILIES: dict[str, Family] = {
         },
         bos=None,
         eos="<|im_end|>",
-        added=("<|im_start|>", "<think>", "</think>"),
+        added=("<|im_start|>", "<think>", "</think>", "<|endoftext|>"),
         chat_template=_CHATML_TEMPLATE,
+        ends=("<|endoftext|>",),
     ),
     "qwen3_moe": Family(
         "qwen3_moe",
@@ -281,8 +304,9 @@ FAMILIES: dict[str, Family] = {
         },
         bos=None,
         eos="<|im_end|>",
-        added=("<|im_start|>", "<think>", "</think>"),
+        added=("<|im_start|>", "<think>", "</think>", "<|endoftext|>"),
         chat_template=_CHATML_TEMPLATE,
+        ends=("<|endoftext|>",),
         moe=True,
         to_hub=_experts_split,
     ),
@@ -313,9 +337,13 @@ FAMILIES: dict[str, Family] = {
             "use_qk_norm": True,
         },
         bos=None,
-        eos="<|user|>",
-        added=("[gMASK]", "<sop>", "<|system|>", "<|assistant|>", "<think>", "</think>"),
+        eos="<|endoftext|>",
+        added=(
+            *("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
+            *("<think>", "</think>"),
+        ),
         chat_template=_GLM_TEMPLATE,
+        ends=("<|user|>", "<|observation|>"),
         moe=True,
         to_hub=_experts_split,
     ),
@@ -412,8 +440,12 @@ FAMILIES: dict[str, Family] = {
         },
         bos="<|startoftext|>",
         eos="<|return|>",
-        added=("<|start|>", "<|message|>", "<|end|>", "<|channel|>"),
+        added=(
+            *("<|start|>", "<|message|>", "<|end|>", "<|channel|>", "<|constrain|>", "<|call|>"),
+            "<|endoftext|>",
+        ),
         chat_template=_HARMONY_TEMPLATE,
+        ends=("<|call|>", "<|endoftext|>"),
         to_hub=_gpt_oss,
     ),
 }

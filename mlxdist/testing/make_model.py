@@ -149,7 +149,8 @@ def build_tokenizer(spec: Family, vocab_size: int) -> Any:
 
 
 def _write_tokenizer(out: Path, spec: Family, config: dict) -> None:
-    build_tokenizer(spec, config["vocab_size"]).save(str(out / "tokenizer.json"))
+    tok = build_tokenizer(spec, config["vocab_size"])
+    tok.save(str(out / "tokenizer.json"))
     tokenizer_config = {
         "add_bos_token": False,  # the chat template writes BOS itself
         "bos_token": spec.bos,
@@ -160,7 +161,8 @@ def _write_tokenizer(out: Path, spec: Family, config: dict) -> None:
         "chat_template": spec.chat_template,
     }
     _write_json(out / "tokenizer_config.json", tokenizer_config)
-    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    ends = [config["eos_token_id"], *(tok.token_to_id(t) for t in spec.ends)]
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": ends}
     _write_json(out / "generation_config.json", generation)
 
 

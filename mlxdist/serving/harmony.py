@@ -1,0 +1,96 @@
+"""Splits gpt-oss's harmony output into its reasoning and its answer.
+
+gpt-oss answers in messages, each a header then `<|message|>` then a body: the header names the
+channel (`<|channel|>analysis`, `<|channel|>final`, `<|channel|>commentary to=...`), the body ends
+with `<|end|>` (another message follows, from `<|start|>assistant`), `<|return|>` (the answer is
+done) or `<|call|>` (a tool call). The analysis channel's bodies are the reasoning; every other
+channel's bodies are the answer. The prompt ends at `<|start|>assistant`, so the output begins in a
+header; an output that does not begin with a marker is all answer.
+"""
+
+from __future__ import annotations
+
+START, CHANNEL, MESSAGE = "<|start|>", "<|channel|>", "<|message|>"
+BODY_ENDS = ("<|end|>", "<|return|>", "<|call|>")
+DONE_ENDS = ("<|return|>", "<|call|>")
+REASONING_CHANNEL = "analysis"
+
+_HEADER, _BODY, _PLAIN, _DONE = "header", "body", "plain", "done"
+
+
+def prompt_opens_harmony(prompt_text: str) -> bool:
+    """True when the prompt leaves the model at the head of an assistant message."""
+    return prompt_text.rstrip().endswith(START + "assistant")
+
+
+def channel_of(header: str) -> str:
+    """The channel a header names: `<|start|>assistant<|channel|>final` -> "final"."""
+    _, sep, rest = header.partition(CHANNEL)
+    if not sep:
+        return ""
+    return rest.split("<|")[0].split()[0] if rest.strip() else ""
+
+
+def _held_suffix(text: str, tags: tuple[str, ...]) -> int:
+    """Length of the longest end of text that could be the start of one of tags."""
+    longest = max(len(t) for t in tags) - 1
+    for n in range(min(len(text), longest), 0, -1):
+        if any(t.startswith(text[-n:]) for t in tags):
+            return n
+    return 0
+
+
+class HarmonySplitter:
+    """Fed the output piece by piece, returns (reasoning, content) for each piece; a marker cut
+    across pieces is held back until it is whole or cannot be one."""
+
+    def __init__(self) -> None:
+        self.state = _HEADER
+        self.header = ""
+        self.channel = ""
+        self.held = ""
+
+    @property
+    def thinking(self) -> bool:
+        return self.state == _BODY and self.channel == REASONING_CHANNEL
+
+    def feed(self, text: str) -> tuple[str, str]:
+        buf, self.held = self.held + text, ""
+        reasoning, content = [], []
+        while buf:
+            if self.state == _HEADER:
+                head = (self.header + buf).lstrip()
+                if not self.header and head and not "<|".startswith(head[:2]):
+                    self.state = _PLAIN  # no marker: the model answered plainly
+                    continue
+                end = head.find(MESSAGE)
+                if end < 0:
+                    self.header, buf = head, ""
+                    continue
+                self.channel = channel_of(head[:end])
+                self.state, self.header, buf = _BODY, "", head[end + len(MESSAGE) :]
+            elif self.state == _BODY:
+                hits = [(i, t) for t in BODY_ENDS if (i := buf.find(t)) >= 0]
+                out = reasoning if self.channel == REASONING_CHANNEL else content
+                if hits:
+                    i, tag = min(hits)
+                    out.append(buf[:i])
+                    buf = buf[i + len(tag) :]
+                    self.state = _DONE if tag in DONE_ENDS else _HEADER
+                else:
+                    keep = _held_suffix(buf, BODY_ENDS)
+                    out.append(buf[: len(buf) - keep])
+                    self.held, buf = buf[len(buf) - keep :], ""
+            elif self.state == _PLAIN:
+                content.append(buf)
+                buf = ""
+            else:  # after <|return|> or <|call|>: nothing more belongs to the answer
+                buf = ""
+        return "".join(reasoning), "".join(content)
+
+    def finish(self) -> tuple[str, str]:
+        """What was held back, once the output has ended (a header never closed is dropped)."""
+        held, self.held = self.held, ""
+        if self.state == _BODY and self.channel == REASONING_CHANNEL:
+            return held, ""
+        return ("", held) if self.state in (_BODY, _PLAIN) else ("", "")
