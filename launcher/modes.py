@@ -9,6 +9,15 @@ from launcher.rankspec import PARALLEL
 from quantize.checkpoint import CheckpointError
 from quantize.nodes import expert_sets
 
+# The families tensor mode runs and tests (tests/test_families_tensor.py), as config.json
+# names them.
+TENSOR_FAMILIES = (
+    *("llama", "mistral", "qwen3", "qwen3_moe", "glm4_moe", "minimax_m2"),
+    *("deepseek_v3", "deepseek_v32", "gpt_oss"),
+)
+# The widths mlx-lm's shard() cuts besides the heads: each must divide by the ranks.
+_TENSOR_WIDTHS = ("intermediate_size", "moe_intermediate_size")
+
 
 def check_tensor_split(config: dict, size: int) -> None:
     """Refuses a model that mlx-lm cannot shard over size ranks."""
@@ -21,13 +30,14 @@ def check_tensor_split(config: dict, size: int) -> None:
         raise CheckpointError(f"mlx-lm has no {model_type} model") from None
     if not hasattr(model_class, "shard"):
         raise CheckpointError(
-            f"mlx-lm's {model_type} model has no shard(): use --parallel pipeline or expert"
+            f"mlx-lm's {model_type} model has no shard(), so tensor mode cannot cut it "
+            f"(it runs {', '.join(TENSOR_FAMILIES)}): use --parallel pipeline or expert"
         )
-    for field in ("num_attention_heads", "num_key_value_heads"):
-        heads = config.get(field)
-        if heads and heads % size:
+    for field in ("num_attention_heads", "num_key_value_heads", *_TENSOR_WIDTHS):
+        width = config.get(field)
+        if width and width % size:
             raise CheckpointError(
-                f"{field}={heads} does not divide by {size} ranks: launch tensor mode on a "
+                f"{field}={width} does not divide by {size} ranks: launch tensor mode on a "
                 f"number of ranks that divides it, or use --parallel pipeline"
             )
 
