@@ -47,6 +47,11 @@ OUTPUTS = [
         "",
         "Paris.",
     ),
+    ("gpt-oss plain, leading space", "<|start|>assistant", " light3", "", " light3"),
+    ("gpt-oss whitespace only", "<|start|>assistant", "  ", "", "  "),
+    ("gpt-oss header cut off", "<|start|>assistant", "<|channel|>analy", "", ""),
+    ("gpt-oss a lone <", "<|start|>assistant", "<", "", "<"),
+    ("gpt-oss html", "<|start|>assistant", "<b>Paris</b>", "", "<b>Paris</b>"),
     (
         "DeepSeek-R1",
         "<｜User｜>Capital of France?<｜Assistant｜><think>\n",

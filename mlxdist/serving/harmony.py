@@ -59,9 +59,14 @@ class HarmonySplitter:
         reasoning, content = [], []
         while buf:
             if self.state == _HEADER:
-                head = (self.header + buf).lstrip()
-                if not self.header and head and not "<|".startswith(head[:2]):
-                    self.state = _PLAIN  # no marker: the model answered plainly
+                whole = self.header + buf
+                head = whole.lstrip()
+                if not head:  # whitespace only: wait for what follows
+                    self.held, self.header, buf = whole, "", ""
+                    continue
+                if not (head.startswith("<|") or "<|".startswith(head)):
+                    # no marker: the model answered plainly, whitespace and all
+                    self.state, self.header, buf = _PLAIN, "", whole
                     continue
                 end = head.find(MESSAGE)
                 if end < 0:
@@ -89,8 +94,10 @@ class HarmonySplitter:
         return "".join(reasoning), "".join(content)
 
     def finish(self) -> tuple[str, str]:
-        """What was held back, once the output has ended (a header never closed is dropped)."""
+        """What was held back, once the output has ended."""
         held, self.held = self.held, ""
         if self.state == _BODY and self.channel == REASONING_CHANNEL:
             return held, ""
+        if self.state == _HEADER:
+            return ("", "" if self.header.startswith("<|") else self.header or held)
         return ("", held) if self.state in (_BODY, _PLAIN) else ("", "")
