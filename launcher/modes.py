@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from launcher.rankspec import PARALLEL
 from quantize.checkpoint import CheckpointError
-from quantize.nodes import expert_sets
+from quantize.nodes import expert_sets, routed_experts
 
 # The families tensor mode runs and tests (tests/test_families_tensor.py), as config.json
 # names them.
@@ -51,7 +51,7 @@ def parallel_options(config: dict, parallel: str, experts: str | None, ranks: in
         raise ValueError("--experts is for --parallel expert")
     if parallel == "pipeline":
         return {}
-    num_experts = config.get("n_routed_experts") or 0
+    num_experts = routed_experts(config)
     counts = None
     if experts:
         try:

@@ -45,7 +45,7 @@ from launcher.gpumem import (
 )
 from launcher.rankspec import PREFILL_CHUNK
 from quantize.checkpoint import layer_of, read_config, safetensors_header, weight_map
-from quantize.units import is_routed_expert
+from quantize.nodes import is_routed_expert_tensor, routed_experts
 
 GIB = 2**30
 DEFAULT_HEADROOM = 0.1
@@ -180,7 +180,7 @@ def activation_spec(config: dict) -> ActivationSpec:
     """The sizes activation_bytes scales, from config.json."""
     size = activation_bytes(config)
     hidden = config["hidden_size"]
-    k = int(config.get("num_experts_per_tok") or 0) if config.get("n_routed_experts") else 0
+    k = int(config.get("num_experts_per_tok") or 0) if routed_experts(config) else 0
     width = max(
         config.get("intermediate_size") or 0, k * (config.get("moe_intermediate_size") or 0)
     )
@@ -267,7 +267,7 @@ def _spec_from_headers(
             if layer is not None:
                 if layer < num_layers:  # multi-token-prediction layers are not loaded
                     layers[layer] += end - start
-                    if is_routed_expert(key):
+                    if is_routed_expert_tensor(key):
                         experts[layer] += end - start
             elif "embed_tokens" in key:
                 embed += end - start
@@ -281,7 +281,7 @@ def _spec_from_headers(
         tied=bool(config.get("tie_word_embeddings", False)),
         kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(config),
         expert_bytes=experts,
-        num_experts=int(config.get("n_routed_experts") or 0) if any(experts) else 0,
+        num_experts=routed_experts(config) if any(experts) else 0,
         activation=activation_spec(config),
     )
 

@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
 def _expert_mask(stage) -> list[int]:
     """The routed experts a rank holds as bits in 63-bit words (one word more than the model's
     experts need, all zero, when it holds none; every rank's row has the same length)."""
-    words = [0] * (-(-int(stage.config.get("n_routed_experts") or 0) // 63) + 1)
+    from quantize.nodes import routed_experts
+
+    words = [0] * (-(-routed_experts(stage.config) // 63) + 1)
     for e in stage.experts or ():
         words[e // 63] |= 1 << e % 63
     words[-1] = 1 if stage.experts else 0  # set when the rank is an expert-parallel one

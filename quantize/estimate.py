@@ -13,8 +13,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 
 from .checkpoint import layer_of
+from .nodes import is_routed_expert_tensor, routed_experts
 from .recipes import Override, default_spec, make_predicate
-from .units import is_routed_expert
 
 _DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
@@ -124,12 +124,12 @@ def estimate(
         layer = layer_of(name)
         if layer is not None:
             layers[layer] += n
-            if is_routed_expert(name):
+            if is_routed_expert_tensor(name):
                 experts[layer] += n
         elif "embed_tokens" in name:
             embed += n
         else:
             tail += n
     tied = bool(config.get("tie_word_embeddings", False))
-    num_experts = int(config.get("n_routed_experts") or 0) if any(experts) else 0
+    num_experts = routed_experts(config) if any(experts) else 0
     return Estimate(layers, embed, tail, parameters, tied, experts, num_experts)

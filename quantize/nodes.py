@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .checkpoint import CheckpointError, read_config, sha256_file
@@ -21,9 +22,28 @@ def even_split(num_layers: int, nodes: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(nodes)]
 
 
+# Where the families' config.json give their number of routed experts (DeepSeek and GLM,
+# Qwen3-MoE, gpt-oss and MiniMax).
+EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
+
+
+def routed_experts(config: dict) -> int:
+    """The model's routed experts per MoE layer, under whichever name its family uses; 0 if none."""
+    return next((int(config[k]) for k in EXPERT_COUNT_KEYS if config.get(k)), 0)
+
+
+# Routed experts' tensors as the families name them: stacked (mlx-lm's switch_mlp, gpt-oss's
+# experts.gate_proj or .gate_up_proj_blocks) or one by one (experts.E.); never shared_experts.
+_ROUTED_EXPERT = re.compile(r"\.(switch_mlp|experts)\.")
+
+
+def is_routed_expert_tensor(name: str) -> bool:
+    return _ROUTED_EXPERT.search(name) is not None
+
+
 def even_experts(model: Path, ranks: int) -> list[int]:
     """The model's routed experts per rank, as even as possible (ValueError when it has none)."""
-    return even_split(int(read_config(model).get("n_routed_experts") or 0), ranks)
+    return even_split(routed_experts(read_config(model)), ranks)
 
 
 def expert_sets(num_experts: int, counts: list[int], groups: int = 1) -> list[list[int]]:
@@ -47,7 +67,7 @@ def expert_sets(num_experts: int, counts: list[int], groups: int = 1) -> list[li
 
 def model_expert_sets(config: dict, counts: list[int]) -> list[list[int]]:
     """expert_sets for a model's config."""
-    return expert_sets(int(config["n_routed_experts"]), counts, int(config.get("n_group") or 1))
+    return expert_sets(routed_experts(config), counts, int(config.get("n_group") or 1))
 
 
 def row_runs(rows: list[int]) -> list[tuple[int, int]]:
