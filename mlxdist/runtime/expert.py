@@ -9,6 +9,12 @@ A token's routed slots rarely split evenly over the ranks, and the all_sum waits
 So every rank holds the shared experts whole, in N pieces, and each token's pieces go to the
 ranks with the fewest routed slots (every rank runs the router, so all agree without a word);
 replicated shared experts are otherwise added by rank 0 alone, so they count exactly once.
+
+That tuned layer is DeepSeek-V3's (R1's). Every other family keeps its own MoE block (router,
+top-k, scoring, bias, shared experts, weighted sum) and has only its SwitchGLU / SwitchMLP
+swapped for LocalExperts: the rank's experts fill their slots of the [..., k, hidden] output,
+the others stay zero, and one all_sum fills every slot before the family weighs them; its
+attention and shared experts are replicated.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
-from mlx_lm.models.switch_layers import SwitchGLU
+from mlx.utils import tree_map
+from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
 from mlxdist.runtime.stage import Stage, build_model, evaluate, read_tensors
 from quantize.checkpoint import (
@@ -32,16 +39,23 @@ from quantize.checkpoint import (
     weight_map,
 )
 from quantize.nodes import (
+    EXPERT_COUNT_KEYS,
     check_placement,
     even_split,
     model_expert_sets,
     node_manifest,
+    routed_experts,
     row_runs,
     spans,
 )
 
-_EXPERT_RE = re.compile(r"\.mlp\.experts\.(\d+)\.")
-_STACKED = ".mlp.switch_mlp."
+# One routed expert's tensor (DeepSeek's mlp.experts.E., MiniMax's block_sparse_moe.experts.E.)
+_EXPERT_RE = re.compile(r"\.experts\.(\d+)\.")
+# Experts stacked along axis 0 (mlx-lm's switch_mlp, gpt-oss's experts.gate_up_proj_blocks)
+_STACKED_RE = re.compile(r"\.(switch_mlp|experts)\.(?!\d)")
+# Families run by ExpertShard (shared experts in pieces, MLA heads cut), measured on R1; every
+# other family by its own MoE block around LocalExperts.
+_TUNED = {"deepseek_v3"}
 # safetensors dtype -> (numpy dtype of the same width, MLX dtype to view it as, if different)
 _DTYPES = {
     "F32": (np.float32, None),
@@ -158,6 +172,77 @@ class ExpertShard(nn.Module):
         return y.astype(x.dtype).reshape(x.shape), flat
 
 
+class LocalExperts(nn.Module):
+    """A family's SwitchGLU or SwitchMLP holding only this rank's routed experts, under the same
+    parameter names. Called as the switch is, (x, indices) -> [..., k, output]: the slots routed
+    to this rank's experts computed, the rest zero, then one all_sum fills them all (x + 0 is
+    exact, so the family's weighted sum sees what one process computes)."""
+
+    def __init__(
+        self,
+        switch: nn.Module,
+        sets: list[list[int]],
+        rank: int,
+        group: mx.distributed.Group | None,
+    ):
+        super().__init__()
+        held = len(sets[rank])
+        for name, child in switch.children().items():
+            setattr(self, name, child)
+        # Only the rank's rows: load_weights fills them (the random full ones are never computed).
+        self.update(tree_map(lambda p: p[:held], self.parameters()))
+        self._run = type(switch).__call__  # the switch's own computation, on these children
+        num = sum(len(h) for h in sets)
+        self._owner = np.zeros(num, np.int64)
+        self._local = np.zeros(num, np.int64)
+        for r, h in enumerate(sets):
+            self._owner[h] = r
+            self._local[h] = np.arange(len(h))
+        self._rank = rank
+        self._group = group
+        self.sent = 0  # bytes this rank contributed to all_sum
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        k = indices.shape[-1]
+        flat = np.array(indices.reshape(-1))  # read back: slots routed elsewhere cost nothing
+        pairs = np.flatnonzero(self._owner[flat] == self._rank)
+        xf = x.reshape(-1, x.shape[-1])
+        if pairs.size:
+            rows = mx.array(self._local[flat[pairs]])[:, None]
+            out = self._run(self, xf[mx.array(pairs // k)], rows)[:, 0]
+        else:  # one row's work, for the output's width and dtype, which every rank must share
+            out = self._run(self, xf[:1], mx.zeros((1, 1), mx.uint32))[:0, 0]
+        y = mx.zeros((flat.size, out.shape[-1]), out.dtype)
+        if pairs.size:
+            y = y.at[mx.array(pairs)].add(out)
+        group = self._group
+        if group is not None and group.size() > 1:
+            self.sent += y.nbytes
+            y = mx.distributed.all_sum(y, group=group)
+        return y.reshape(*indices.shape, -1)
+
+
+def localize_experts(
+    model: nn.Module, sets: list[list[int]], rank: int, group: mx.distributed.Group | None
+) -> None:
+    """Swaps every layer's SwitchGLU / SwitchMLP, wherever its family keeps it, for LocalExperts."""
+    for layer in model.model.layers:
+        found = [(p, m) for p, m in layer.named_modules() if isinstance(m, (SwitchGLU, SwitchMLP))]
+        for path, switch in found:
+            *parents, name = path.split(".")
+            parent = layer
+            for part in parents:
+                parent = getattr(parent, part)
+            setattr(parent, name, LocalExperts(switch, sets, rank, group))
+
+
+def _set_expert_count(args: object, count: int) -> None:
+    """The model's own count of routed experts, which its sanitize stacks, set to count."""
+    for key in EXPERT_COUNT_KEYS:
+        if getattr(args, key, None):
+            setattr(args, key, count)
+
+
 class _Part:
     """Piece j of n, in the shape of a group for mlx's shard_inplace (which asks only these)."""
 
@@ -171,8 +256,9 @@ class _Part:
         return self._n
 
 
-def shards(model: nn.Module) -> list[ExpertShard]:
-    return [m for _, m in model.named_modules() if isinstance(m, ExpertShard)]
+def shards(model: nn.Module) -> list[ExpertShard | LocalExperts]:
+    kinds = (ExpertShard, LocalExperts)
+    return [m for _, m in model.named_modules() if isinstance(m, kinds)]
 
 
 def shard_attention(model: nn.Module, group: mx.distributed.Group) -> None:
@@ -203,7 +289,9 @@ def split_shared(model: nn.Module, n: int) -> None:
     """Holds each MoE layer's shared experts in n pieces handed out per token (summed by the
     layer's own all_sum, so no more traffic); whole where they do not divide, added by rank 0."""
     for moe in shards(model):
-        if "shared_experts" in moe and moe.shared_experts.gate_proj.weight.shape[0] % n == 0:
+        if not isinstance(moe, ExpertShard) or "shared_experts" not in moe:
+            continue
+        if moe.shared_experts.gate_proj.weight.shape[0] % n == 0:
             moe.split_shared(n)
 
 
@@ -259,7 +347,7 @@ def _renumber(key: str, local: dict[int, int]) -> str:
     m = _EXPERT_RE.search(key)
     if m is None:
         return key
-    return f"{key[: m.start()]}.mlp.experts.{local[int(m.group(1))]}.{key[m.end() :]}"
+    return f"{key[: m.start()]}.experts.{local[int(m.group(1))]}.{key[m.end() :]}"
 
 
 def load_expert_stage(
@@ -272,13 +360,15 @@ def load_expert_stage(
     attention: str = "sharded",
 ) -> Stage:
     """Every layer, with rank's share of the routed experts only, read alone from disk.
-    attention "sharded" (measured faster) also cuts attention heads and shared experts over
-    the group where they divide; "replicated" keeps them whole on every rank."""
+    For DeepSeek-V3, attention "sharded" (measured faster) also cuts attention heads and shared
+    experts over the group where they divide; "replicated" keeps them whole on every rank. Other
+    families keep them whole (their own modules, replicated)."""
     info = inspect_model(path)
     path, config = info.path, info.config
-    num_experts = config.get("n_routed_experts")
+    num_experts = routed_experts(config)
     if not num_experts:
         raise CheckpointError(f"{path} has no routed experts: use --parallel pipeline or tensor")
+    tuned = config["model_type"] in _TUNED
     try:
         sets = model_expert_sets(config, counts or even_split(num_experts, size))
     except ValueError as e:
@@ -289,7 +379,7 @@ def load_expert_stage(
     num_layers = info.num_layers
 
     def keep(k: str) -> bool:
-        return _keep(k, num_layers, local) and (presliced or _STACKED not in k)
+        return _keep(k, num_layers, local) and (presliced or not _STACKED_RE.search(k))
 
     # Per-expert tensors (R1's format) are renumbered from 0 (a node folder's, already are);
     # stacked ones are read by rows.
@@ -297,12 +387,15 @@ def load_expert_stage(
     if not presliced:
         weights = {_renumber(k, local): v for k, v in weights.items()}
         for k, f in weight_map(path).items():
-            if _STACKED in k and _keep(k, num_layers, local):
+            if _STACKED_RE.search(k) and _keep(k, num_layers, local):
                 weights[k] = read_rows(path / f, k, held)
 
     def prepare(model: nn.Module) -> None:
-        # sanitize stacks experts 0..n_routed_experts-1: here, the ones this rank holds.
-        model.args.n_routed_experts = len(held)
+        # sanitize stacks experts 0..count-1: here, the ones this rank holds.
+        _set_expert_count(model.args, len(held))
+        if not tuned:
+            localize_experts(model, sets, rank, group)
+            return
         for layer in model.model.layers:
             if hasattr(layer.mlp, "switch_mlp"):
                 layer.mlp = ExpertShard(layer.mlp, sets, rank, group)
@@ -310,7 +403,7 @@ def load_expert_stage(
     model = build_model(config, weights, prepare)
     model.load_weights(list(weights.items()), strict=True)
     del weights
-    if group is not None and group.size() > 1:
+    if tuned and group is not None and group.size() > 1:
         split_shared(model, group.size())
         if attention == "sharded":
             shard_attention(model, group)

@@ -1,0 +1,71 @@
+"""Every mixture-of-experts family in expert mode: a tiny random checkpoint made by
+`mlxdist testing make-model` (8 routed experts), its experts split unevenly over 2 and 3 real
+local ranks, answers with the same greedy tokens as one mlx-lm process on the same folder, and its
+last-position logits agree within 1e-5. Each family runs its own router and shared experts around
+the ranks' LocalExperts (DeepSeek-V3's tuned layer has its own tests in test_expert.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import cluster_logits, complete_ids, greedy_reference, local_cluster
+
+pytestmark = pytest.mark.cluster
+
+MAX_TOKENS = 12
+QUESTION = "What is the capital of France?"
+FAMILIES = ["qwen3_moe", "glm4_moe", "gpt_oss", "minimax", "deepseek_v32"]
+EXPERTS = [[3, 5], [2, 3, 3]]  # routed experts per rank, of 8
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """The family's tiny checkpoint and one mlx-lm process's answer on it."""
+    from mlx_lm import load
+
+    from mlxdist.runtime.stage import run_dtype
+    from mlxdist.testing.make_model import make_model
+
+    name = request.param
+    path = make_model(name, tmp_path_factory.mktemp("experts") / name)
+    model, tokenizer = load(str(path))
+    if (dtype := run_dtype(json.loads((path / "config.json").read_text()))) is not None:
+        model.set_dtype(dtype)  # as every rank runs it
+    return name, path, greedy_reference(model, tokenizer, QUESTION, MAX_TOKENS)
+
+
+@pytest.fixture(scope="module", params=EXPERTS, ids=lambda e: "-".join(map(str, e)))
+def cluster(request, family):
+    name, path, reference = family
+    counts = request.param
+    with local_cluster(path, [1] * len(counts), parallel="expert", experts=counts) as (
+        url,
+        health,
+    ):
+        yield name, url, health, counts, reference
+
+
+def test_each_rank_holds_its_experts(cluster):
+    name, _, health, counts, _ = cluster
+    held = [len(node["experts"]) for node in health["nodes"]]
+    print(f"{name}: experts per rank {held}")
+    assert held == counts
+
+
+def test_greedy_tokens_equal_single_process(cluster):
+    name, url, _, counts, (prompt, expected, _) = cluster
+    got = complete_ids(url, prompt, MAX_TOKENS)
+    print(f"{name} experts {counts}: {got}")
+    assert len(expected) >= 4, "the reference should produce a real answer"
+    assert got == expected
+
+
+def test_last_logits_agree(cluster):
+    name, url, _, counts, (prompt, _, expected) = cluster
+    got = np.array(cluster_logits(url, prompt), dtype=np.float32)
+    diff = float(np.max(np.abs(got - expected)))
+    print(f"{name} experts {counts}: max |logit difference| = {diff:.3g}")
+    assert got.shape == expected.shape
+    assert diff <= 1e-5
