@@ -113,9 +113,15 @@ def make_predicate(
 
         base = mixed_quant_predicate_builder(recipe, model, default["group_size"])
     else:
+        # The family's own choices where mlx-lm's model states them (Qwen3-MoE's router at
+        # 8 bits), as mlx_lm.convert applies them.
+        family = getattr(model, "quant_predicate", None)
 
         def base(path, module):
-            return dict(default)
+            choice = family(path, module) if family is not None else True
+            if isinstance(choice, dict):
+                return {"group_size": default["group_size"], "mode": "affine", **choice}
+            return dict(default) if choice else None
 
     def predicate(path: str, module: nn.Module) -> Spec:
         if not hasattr(module, "to_quantized"):

@@ -129,9 +129,14 @@ def make_units(
         else:
             groups[("layer", layer)].append(key)
 
-    def sanitized(keys: list[str]) -> Callable[[int], dict[str, mx.array]]:
+    def sanitized(keys: list[str], layer: int = 0) -> Callable[[int], dict[str, mx.array]]:
         def make(_: int) -> dict[str, mx.array]:
-            tensors = model.sanitize(source.get(keys)) if hasattr(model, "sanitize") else None
+            tensors = None
+            if hasattr(model, "sanitize"):
+                # sanitize sees the layer as layer 0: some decide by layer 0's tensors whether
+                # to convert at all (MiniMax's experts), then it goes back to its number.
+                tensors = model.sanitize(renumber(source.get(keys), -layer))
+                tensors = renumber(dict(tensors), layer) if tensors is not None else None
             tensors = tensors if tensors is not None else source.get(keys)
             return _module_outputs(tensors, modules, predicate, dtype, keep)
 
@@ -166,7 +171,7 @@ def make_units(
     for layer in range(num_layers):
         keys = groups.get(("layer", layer), [])
         if keys:
-            units.append(Unit(layer, "layer", 1, sanitized(keys), nbytes(keys)))
+            units.append(Unit(layer, "layer", 1, sanitized(keys, layer), nbytes(keys)))
         for (lay, prefix, proj), by_expert in sorted(experts.items()):
             if lay != layer:
                 continue
@@ -191,6 +196,19 @@ def make_units(
         keys = groups[("tail", None)]
         units.append(Unit(None, "tail", 1, sanitized(keys), nbytes(keys)))
     return units
+
+
+def renumber(tensors: dict, delta: int) -> dict:
+    """The same tensors with every decoder layer's number moved by delta."""
+    if not delta:
+        return tensors
+    out = {}
+    for key, value in tensors.items():
+        layer = layer_of(key)
+        if layer is not None:
+            key = key.replace(f"layers.{layer}.", f"layers.{layer + delta}.", 1)
+        out[key] = value
+    return out
 
 
 def is_routed_expert(name: str) -> bool:
