@@ -11,6 +11,9 @@ import json
 import numpy as np
 import pytest
 from conftest import cluster_logits, complete_ids, greedy_reference, local_cluster
+from mlx.utils import tree_flatten
+
+from quantize.nodes import is_routed_expert_tensor
 
 pytestmark = pytest.mark.cluster
 
@@ -33,25 +36,31 @@ def family(request, tmp_path_factory):
     model, tokenizer = load(str(path))
     if (dtype := run_dtype(json.loads((path / "config.json").read_text()))) is not None:
         model.set_dtype(dtype)  # as every rank runs it
-    return name, path, greedy_reference(model, tokenizer, QUESTION, MAX_TOKENS)
+    params = tree_flatten(model.parameters())
+    experts = sum(v.nbytes for k, v in params if is_routed_expert_tensor(k))
+    return name, path, greedy_reference(model, tokenizer, QUESTION, MAX_TOKENS), experts
 
 
 @pytest.fixture(scope="module", params=EXPERTS, ids=lambda e: "-".join(map(str, e)))
 def cluster(request, family):
-    name, path, reference = family
+    name, path, reference, experts = family
     counts = request.param
     with local_cluster(path, [1] * len(counts), parallel="expert", experts=counts) as (
         url,
         health,
     ):
-        yield name, url, health, counts, reference
+        yield name, url, health | {"expert_bytes": experts}, counts, reference
 
 
-def test_each_rank_holds_its_experts(cluster):
+def test_each_rank_holds_only_its_experts(cluster):
+    """Each rank's routed-expert bytes are its share of one process's: count / 8 of them."""
     name, _, health, counts, _ = cluster
     held = [len(node["experts"]) for node in health["nodes"]]
-    print(f"{name}: experts per rank {held}")
+    weights = [node["expert_weights"] for node in health["nodes"]]
+    print(f"{name}: experts per rank {held}, their bytes {weights} of {health['expert_bytes']}")
     assert held == counts
+    assert health["expert_bytes"] > 0
+    assert [w * sum(counts) for w in weights] == [c * health["expert_bytes"] for c in counts]
 
 
 def test_greedy_tokens_equal_single_process(cluster):

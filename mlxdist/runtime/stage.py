@@ -62,9 +62,11 @@ class Stage:
         return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
     def expert_nbytes(self) -> int:
-        """Bytes of the routed experts held (the stacked switch_mlp tensors)."""
+        """Bytes of the routed experts held (the stacked switch_mlp tensors, gpt-oss's experts)."""
+        from quantize.nodes import is_routed_expert_tensor
+
         params = tree_flatten(self.model.parameters())
-        return sum(v.nbytes for k, v in params if ".switch_mlp." in k)
+        return sum(v.nbytes for k, v in params if is_routed_expert_tensor(k))
 
     def make_cache(self) -> list:
         return [copy.deepcopy(c) for c in self.templates[self.start : self.end]]
