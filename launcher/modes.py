@@ -15,6 +15,9 @@ TENSOR_FAMILIES = (
     *("llama", "mistral", "qwen3", "qwen3_moe", "glm4_moe", "minimax_m2"),
     *("deepseek_v3", "deepseek_v32", "gpt_oss"),
 )
+# The families expert mode runs and tests (tests/test_families_expert.py, test_expert.py): any
+# family whose experts are mlx-lm's SwitchGLU or SwitchMLP runs the same way.
+EXPERT_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm4_moe", "qwen3_moe", "gpt_oss", "minimax_m2")
 # The widths mlx-lm's shard() cuts besides the heads: each must divide by the ranks.
 _TENSOR_WIDTHS = ("intermediate_size", "moe_intermediate_size")
 

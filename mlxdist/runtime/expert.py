@@ -30,6 +30,7 @@ from mlx.nn.layers.distributed import shard_inplace, shard_linear
 from mlx.utils import tree_map
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
+from launcher.modes import EXPERT_FAMILIES
 from mlxdist.runtime.stage import Stage, build_model, evaluate, read_tensors
 from quantize.checkpoint import (
     CheckpointError,
@@ -224,8 +225,10 @@ class LocalExperts(nn.Module):
 
 def localize_experts(
     model: nn.Module, sets: list[list[int]], rank: int, group: mx.distributed.Group | None
-) -> None:
-    """Swaps every layer's SwitchGLU / SwitchMLP, wherever its family keeps it, for LocalExperts."""
+) -> int:
+    """Swaps every layer's SwitchGLU / SwitchMLP, wherever its family keeps it, for LocalExperts;
+    how many were swapped."""
+    swapped = 0
     for layer in model.model.layers:
         found = [(p, m) for p, m in layer.named_modules() if isinstance(m, (SwitchGLU, SwitchMLP))]
         for path, switch in found:
@@ -234,6 +237,8 @@ def localize_experts(
             for part in parents:
                 parent = getattr(parent, part)
             setattr(parent, name, LocalExperts(switch, sets, rank, group))
+            swapped += 1
+    return swapped
 
 
 def _set_expert_count(args: object, count: int) -> None:
@@ -394,7 +399,12 @@ def load_expert_stage(
         # sanitize stacks experts 0..count-1: here, the ones this rank holds.
         _set_expert_count(model.args, len(held))
         if not tuned:
-            localize_experts(model, sets, rank, group)
+            if not localize_experts(model, sets, rank, group):
+                raise CheckpointError(
+                    f"expert mode cannot split {config['model_type']}: its mlx-lm model has no "
+                    f"SwitchGLU or SwitchMLP experts (it runs {', '.join(EXPERT_FAMILIES)}): "
+                    f"use --parallel pipeline"
+                )
             return
         for layer in model.model.layers:
             if hasattr(layer.mlp, "switch_mlp"):
