@@ -21,7 +21,11 @@ import mlx.nn as nn
 from .checkpoint import layer_of, safetensors_header
 from .safetensors_out import TensorSlot
 
-_EXPERT_RE = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(\w+)\.(weight|weight_scale_inv)$")
+_EXPERT_RE = re.compile(
+    r"^(.*\.(?:mlp|block_sparse_moe))\.experts\.(\d+)\.(\w+)\.(weight|weight_scale_inv)$"
+)
+# MiniMax's expert projections, by the names mlx-lm's SwitchGLU gives them.
+_PROJ_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 # Source dtypes the conversion reads (F8_E4M3 arrives from mx.load as uint8).
 SOURCE_DTYPES = {"F8_E4M3", "BF16", "F16", "F32", "U32", "U8", "I32"}
 
@@ -143,7 +147,7 @@ def make_units(
         return make
 
     def stacked(prefix: str, proj: str, by_expert: dict[int, list[str]], chunk: int):
-        path = f"{prefix}.switch_mlp.{proj}"
+        path = f"{prefix}.switch_mlp.{_PROJ_NAMES.get(proj, proj)}"
 
         def dequantised(src: dict, e: int) -> mx.array:
             w = src[f"{prefix}.experts.{e}.{proj}.weight"]
@@ -213,7 +217,7 @@ def renumber(tensors: dict, delta: int) -> dict:
 
 def is_routed_expert(name: str) -> bool:
     """A stacked routed-expert tensor (experts along axis 0), which expert parallelism cuts."""
-    return ".mlp.switch_mlp." in name
+    return ".mlp.switch_mlp." in name or ".block_sparse_moe.switch_mlp." in name
 
 
 def plan_slots(unit: Unit) -> list[TensorSlot]:

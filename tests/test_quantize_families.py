@@ -49,11 +49,11 @@ def converted(request, tmp_path_factory):
     convert(str(source), str(base / "mlx_lm"), quantize=True, q_bits=4, q_group_size=64)
     result = run_cli("quantize", str(source), str(base / "ours"), "--bits", "4")
     assert result.returncode == 0, result.stderr
-    return request.param, tensors(base / "mlx_lm"), tensors(base / "ours")
+    return request.param, tensors(base / "mlx_lm"), tensors(base / "ours"), source
 
 
 def test_tensors_equal_mlx_lm_convert(converted):
-    family, theirs, ours = converted
+    family, theirs, ours, _ = converted
     assert sorted(ours) == sorted(theirs)
     for name, expected in theirs.items():
         got = ours[name]
@@ -70,7 +70,18 @@ def stacked_layers(tensors: dict) -> set[int]:
 def test_every_layers_experts_are_stacked_and_quantised(converted):
     """MiniMax's sanitize() stacks experts only when it sees layer 0, so a layer converted on
     its own once kept its experts one by one and unquantised."""
-    family, theirs, ours = converted
+    family, theirs, ours, _ = converted
     assert not [k for k in ours if _PER_EXPERT.search(k)]
     assert stacked_layers(ours) == stacked_layers(theirs)
     assert bool(stacked_layers(ours)) == (family in MOE), family
+
+
+def test_experts_stored_one_by_one_are_converted_a_few_at_a_time(converted):
+    """Experts the checkpoint stores one by one (all but gpt-oss's, stored stacked) are read and
+    quantised in chunks of experts, never as a whole layer at once: memory stays near a layer's."""
+    from quantize.convert import Settings, make_plan
+
+    family, _, ours, source = converted
+    plan = make_plan(source, Settings(bits=4))
+    streamed = {u.layer for u in plan.units if u.kind == "experts"}
+    assert streamed == (stacked_layers(ours) if family in MOE - {"gpt_oss"} else set())
