@@ -1,9 +1,10 @@
 """`mlxdist quantize` on every family's tiny checkpoint, as `mlxdist testing make-model` writes
-it (bfloat16, the mixture-of-experts ones float32, FP8 where the family's Hub checkpoint is):
+it, in bfloat16 as the Hub stores them (FP8 where the family's Hub checkpoint is):
 every tensor equals mlx_lm.convert's on the same folder, bit for bit."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -37,6 +38,20 @@ def tensors(folder: Path) -> dict[str, mx.array]:
     return out
 
 
+def as_stored_on_the_hub(folder: Path) -> Path:
+    """make-model stores the mixture-of-experts families in float32 (MLX's CPU expert matmul
+    runs only in it); their Hub checkpoints are bfloat16, so the float32 tensors become that."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("torch_dtype") != "float32":
+        return folder
+    for f in folder.glob("*.safetensors"):
+        loaded = mx.load(str(f))
+        cast = {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in loaded.items()}
+        mx.save_safetensors(str(f), cast, metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config | {"torch_dtype": "bfloat16"}))
+    return folder
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def converted(request, tmp_path_factory):
     """mlx_lm.convert's 4-bit model and ours, from the same tiny checkpoint."""
@@ -45,7 +60,7 @@ def converted(request, tmp_path_factory):
     from mlxdist.testing.make_model import make_model
 
     base = tmp_path_factory.mktemp(request.param)
-    source = make_model(request.param, base / "source")
+    source = as_stored_on_the_hub(make_model(request.param, base / "source"))
     convert(str(source), str(base / "mlx_lm"), quantize=True, q_bits=4, q_group_size=64)
     result = run_cli("quantize", str(source), str(base / "ours"), "--bits", "4")
     assert result.returncode == 0, result.stderr
