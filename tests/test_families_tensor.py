@@ -1,7 +1,8 @@
 """Every family whose mlx-lm model has shard() in tensor mode: a tiny random checkpoint made by
 `mlxdist testing make-model`, every layer cut over 2 real local ranks by mlx-lm's own shard(),
 answers with the same greedy tokens as one mlx-lm process on the same folder, and its
-last-position logits agree within 1e-5. One family with heads that divide by 3 runs on 3 ranks."""
+last-position logits agree within 1e-5. A dense and an MoE family whose heads divide by 3 run
+on 3 ranks."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ QUESTION = "What is the capital of France?"
 # so 3 ranks need a model with 6 and 3 (and an MLP width that divides by 3). Stored in
 # float32: a cut matmul sums its halves in another order, which bfloat16 would round to
 # differences near 1e-2.
+_THREE = {"num_attention_heads": 6, "num_key_value_heads": 3}
 CASES = [
     ("llama", 2, {}),
     ("mistral", 2, {}),
@@ -28,7 +30,8 @@ CASES = [
     ("minimax", 2, {}),
     ("deepseek_v32", 2, {}),
     ("gpt_oss", 2, {}),
-    ("qwen3", 3, {"num_attention_heads": 6, "num_key_value_heads": 3, "intermediate_size": 192}),
+    ("qwen3", 3, {**_THREE, "intermediate_size": 192}),
+    ("qwen3_moe", 3, {**_THREE, "intermediate_size": 192, "moe_intermediate_size": 96}),
 ]
 
 
