@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantize.checkpoint import human_bytes, layer_of
+from quantize.checkpoint import human_bytes
 from quantize.errors import UserError
+from quantize.nodes import stage_needs
 
 from .planner import NodeSpec
 
@@ -39,16 +40,6 @@ def is_small(name: str) -> bool:
     """A file every node gets: anything at the top of the repo that is not a weight file (node
     folders and the quantizer's manifest, which lists files a node does not get, stay behind)."""
     return not name.endswith(WEIGHT_SUFFIX) and "/" not in name and name != "manifest.json"
-
-
-def stage_needs(key: str, start: int, end: int, first: bool, last: bool, tied: bool) -> bool:
-    """Whether a pipeline stage holding layers [start, end) reads tensor key."""
-    layer = layer_of(key)
-    if layer is not None:
-        return start <= layer < end
-    if "embed_tokens" in key:
-        return first or (last and tied)
-    return last  # final norm and head
 
 
 def node_files(

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from .checkpoint import CheckpointError, read_config, sha256_file
+from .checkpoint import CheckpointError, layer_of, read_config, sha256_file
 
 NODE_FORMAT = "mlxdist-node"
 PLACEMENT = "spread"  # expert node folders: each holds a few experts of every group
@@ -246,3 +246,13 @@ def damaged_files(folder: Path) -> list[str]:
         elif sha256_file(f) != entry["sha256"]:
             bad.append(entry["name"])
     return bad
+
+
+def stage_needs(key: str, start: int, end: int, first: bool, last: bool, tied: bool) -> bool:
+    """Whether a pipeline stage holding layers [start, end) reads tensor key."""
+    layer = layer_of(key)
+    if layer is not None:
+        return start <= layer < end
+    if "embed_tokens" in key:
+        return first or (last and tied)
+    return last  # final norm and head

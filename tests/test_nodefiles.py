@@ -17,9 +17,9 @@ from launcher.nodefiles import (
     shares,
 )
 from launcher.planner import NodeSpec, node_spec_from_facts
-from mlxdist.runtime.stage import _needed
 from mlxdist.testing.tiny_r1 import R1_CONFIG, _entries, _shard_name, tensor_specs
 from quantize.checkpoint import weight_map
+from quantize.nodes import stage_needs as _needed
 
 SMALL = [
     "config.json",

@@ -7,11 +7,12 @@ import pytest
 
 from launcher.hostfile import free_ports, ring_hostfile
 from mlxdist.cli.launch import _parse_split
-from mlxdist.runtime.stage import _needed, stage_range
+from mlxdist.runtime.stage import stage_range
 from mlxdist.runtime.step import CMD_STOP, LOGITS, NEW, SAMPLE, Step
 from quantize.checkpoint import layer_of
 from quantize.errors import UserError
 from quantize.nodes import even_split, expert_sets, row_runs, spans
+from quantize.nodes import stage_needs as _needed
 
 
 @pytest.mark.parametrize(

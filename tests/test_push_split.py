@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 from launcher.remote import Node, push_for_split
-from mlxdist.runtime.stage import _needed
 from quantize.checkpoint import safetensors_header
+from quantize.nodes import stage_needs as _needed
 
 F1, F2, F3 = (f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))
 SMALL = ["config.json", "model.safetensors.index.json", "tokenizer.json"]

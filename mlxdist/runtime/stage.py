@@ -16,7 +16,8 @@ from mlx_lm.utils import _get_classes, infer_quant_config
 
 from launcher.modes import check_tensor_split
 from quantize.checkpoint import inspect_model, layer_of, weight_map
-from quantize.nodes import check_node
+from quantize.nodes import check_node, stage_needs
+from quantize.units import renumber
 
 # Models whose attention applies the mask with mx.where, so it must be an array, not "causal"
 # (their own __call__ asks create_attention_mask for return_array=True; nothing else tells).
@@ -112,15 +113,6 @@ def stage_range(split: list[int], rank: int) -> tuple[int, int]:
     return start, start + split[rank]
 
 
-def _needed(key: str, start: int, end: int, first: bool, last: bool, tied: bool) -> bool:
-    layer = layer_of(key)
-    if layer is not None:
-        return start <= layer < end
-    if "embed_tokens" in key:
-        return first or (last and tied)
-    return last  # final norm and head
-
-
 def load_stage(
     path: str | Path, split: list[int], rank: int, dtype: mx.Dtype | None = None
 ) -> Stage:
@@ -134,7 +126,7 @@ def load_stage(
     start, end = stage_range(split, rank)
     first, last = rank == 0, rank == len(split) - 1
     weights = read_tensors(
-        path, lambda k: _needed(k, start, end, first, last, info.tied_embeddings)
+        path, lambda k: stage_needs(k, start, end, first, last, info.tied_embeddings)
     )
     model = build_model(info.config, weights, first_layer=start)
     templates = make_prompt_cache(model)  # before the layers are cut: it may read them
@@ -184,25 +176,12 @@ def build_model(
         prepare(model)
     if hasattr(model, "sanitize"):
         # dict(): some sanitize() return the very dict they were given.
-        sanitized = dict(model.sanitize(_renumber(weights, -first_layer)))
+        sanitized = dict(model.sanitize(renumber(weights, -first_layer)))
         weights.clear()
-        weights.update(_renumber(sanitized, first_layer))
+        weights.update(renumber(sanitized, first_layer))
     _quantize_like(model, config, weights)
     model.eval()
     return model
-
-
-def _renumber(weights: dict, delta: int) -> dict:
-    """The same tensors with every decoder layer's number moved by delta."""
-    if not delta:
-        return weights
-    out = {}
-    for key, value in weights.items():
-        layer = layer_of(key)
-        if layer is not None:
-            key = key.replace(f"layers.{layer}.", f"layers.{layer + delta}.", 1)
-        out[key] = value
-    return out
 
 
 def evaluate(model: nn.Module, config: dict, layers: list, dtype: mx.Dtype | None) -> None:
