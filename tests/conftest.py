@@ -126,6 +126,44 @@ def greedy_reference(model, tokenizer, question: str, max_tokens: int):
     return prompt, tokens, logits
 
 
+def family_model(name: str, folder: Path, overrides: dict | None = None):
+    """A family's tiny checkpoint (`mlxdist testing make-model`) and mlx-lm's model and tokenizer
+    on it, in the dtype every rank runs it in."""
+    import json
+
+    from mlx_lm import load
+
+    from mlxdist.runtime.stage import run_dtype
+    from mlxdist.testing.make_model import make_model
+
+    path = make_model(name, folder, overrides=overrides)
+    model, tokenizer = load(str(path))
+    if (dtype := run_dtype(json.loads((path / "config.json").read_text()))) is not None:
+        model.set_dtype(dtype)
+    return path, model, tokenizer
+
+
+def assert_same_answer(url: str, reference, max_tokens: int, label: str) -> None:
+    """The cluster's greedy tokens for the reference's prompt are the reference's own."""
+    prompt, expected, _ = reference
+    got = complete_ids(url, prompt, max_tokens)
+    print(f"{label}: {got}")
+    assert len(expected) >= 4, "the reference should produce a real answer"
+    assert got == expected
+
+
+def assert_same_logits(url: str, reference, label: str, tolerance: float = 1e-5) -> None:
+    """The cluster's last-position logits for the reference's prompt are within tolerance."""
+    import numpy as np
+
+    prompt, _, expected = reference
+    got = np.array(cluster_logits(url, prompt), dtype=np.float32)
+    diff = float(np.max(np.abs(got - expected)))
+    print(f"{label}: max |logit difference| = {diff:.3g}")
+    assert got.shape == expected.shape
+    assert diff <= tolerance
+
+
 def complete_ids(url: str, prompt: list[int], max_tokens: int) -> list[int]:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
     r = httpx.post(url + "/v1/completions", json=body | {"return_token_ids": True}, timeout=300)

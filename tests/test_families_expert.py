@@ -6,11 +6,14 @@ the ranks' LocalExperts (DeepSeek-V3's tuned layer has its own tests in test_exp
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
-from conftest import cluster_logits, complete_ids, greedy_reference, local_cluster
+from conftest import (
+    assert_same_answer,
+    assert_same_logits,
+    family_model,
+    greedy_reference,
+    local_cluster,
+)
 from mlx.utils import tree_flatten
 
 from quantize.nodes import is_routed_expert_tensor
@@ -26,16 +29,8 @@ EXPERTS = [[3, 5], [2, 3, 3]]  # routed experts per rank, of 8
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
     """The family's tiny checkpoint and one mlx-lm process's answer on it."""
-    from mlx_lm import load
-
-    from mlxdist.runtime.stage import run_dtype
-    from mlxdist.testing.make_model import make_model
-
     name = request.param
-    path = make_model(name, tmp_path_factory.mktemp("experts") / name)
-    model, tokenizer = load(str(path))
-    if (dtype := run_dtype(json.loads((path / "config.json").read_text()))) is not None:
-        model.set_dtype(dtype)  # as every rank runs it
+    path, model, tokenizer = family_model(name, tmp_path_factory.mktemp("experts") / name)
     params = tree_flatten(model.parameters())
     experts = sum(v.nbytes for k, v in params if is_routed_expert_tensor(k))
     return name, path, greedy_reference(model, tokenizer, QUESTION, MAX_TOKENS), experts
@@ -64,17 +59,10 @@ def test_each_rank_holds_only_its_experts(cluster):
 
 
 def test_greedy_tokens_equal_single_process(cluster):
-    name, url, _, counts, (prompt, expected, _) = cluster
-    got = complete_ids(url, prompt, MAX_TOKENS)
-    print(f"{name} experts {counts}: {got}")
-    assert len(expected) >= 4, "the reference should produce a real answer"
-    assert got == expected
+    name, url, _, counts, reference = cluster
+    assert_same_answer(url, reference, MAX_TOKENS, f"{name} experts {counts}")
 
 
 def test_last_logits_agree(cluster):
-    name, url, _, counts, (prompt, _, expected) = cluster
-    got = np.array(cluster_logits(url, prompt), dtype=np.float32)
-    diff = float(np.max(np.abs(got - expected)))
-    print(f"{name} experts {counts}: max |logit difference| = {diff:.3g}")
-    assert got.shape == expected.shape
-    assert diff <= 1e-5
+    name, url, _, counts, reference = cluster
+    assert_same_logits(url, reference, f"{name} experts {counts}")

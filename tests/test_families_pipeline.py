@@ -4,11 +4,14 @@ as one mlx-lm process on the same folder, and its last-position logits agree wit
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
-from conftest import cluster_logits, complete_ids, greedy_reference, local_cluster
+from conftest import (
+    assert_same_answer,
+    assert_same_logits,
+    family_model,
+    greedy_reference,
+    local_cluster,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -30,16 +33,8 @@ SPLITS = [[2, 2], [1, 2, 1]]
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
     """The family's tiny checkpoint and one mlx-lm process's answer on it."""
-    from mlx_lm import load
-
-    from mlxdist.runtime.stage import run_dtype
-    from mlxdist.testing.make_model import make_model
-
     name = request.param
-    path = make_model(name, tmp_path_factory.mktemp("families") / name)
-    model, tokenizer = load(str(path))
-    if (dtype := run_dtype(json.loads((path / "config.json").read_text()))) is not None:
-        model.set_dtype(dtype)  # as every rank runs it
+    path, model, tokenizer = family_model(name, tmp_path_factory.mktemp("families") / name)
     return name, path, greedy_reference(model, tokenizer, QUESTION, MAX_TOKENS)
 
 
@@ -51,17 +46,10 @@ def cluster(request, family):
 
 
 def test_greedy_tokens_equal_single_process(cluster):
-    name, url, health, (prompt, expected, _) = cluster
-    got = complete_ids(url, prompt, MAX_TOKENS)
-    print(f"{name} split {health['split']}: {got}")
-    assert len(expected) >= 4, "the reference should produce a real answer"
-    assert got == expected
+    name, url, health, reference = cluster
+    assert_same_answer(url, reference, MAX_TOKENS, f"{name} split {health['split']}")
 
 
 def test_last_logits_agree(cluster):
-    name, url, health, (prompt, _, expected) = cluster
-    got = np.array(cluster_logits(url, prompt), dtype=np.float32)
-    diff = float(np.max(np.abs(got - expected)))
-    print(f"{name} split {health['split']}: max |logit difference| = {diff:.3g}")
-    assert got.shape == expected.shape
-    assert diff <= 1e-5
+    name, url, health, reference = cluster
+    assert_same_logits(url, reference, f"{name} split {health['split']}")

@@ -6,11 +6,14 @@ on 3 ranks."""
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
-from conftest import cluster_logits, complete_ids, greedy_reference, local_cluster
+from conftest import (
+    assert_same_answer,
+    assert_same_logits,
+    family_model,
+    greedy_reference,
+    local_cluster,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -38,17 +41,9 @@ CASES = [
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1]}ranks")
 def cluster(request, tmp_path_factory):
     """The family's tiny checkpoint on ranks in tensor mode, and one mlx-lm process's answer."""
-    from mlx_lm import load
-
-    from mlxdist.runtime.stage import run_dtype
-    from mlxdist.testing.make_model import make_model
-
     name, ranks, overrides = request.param
     folder = tmp_path_factory.mktemp("tensor") / f"{name}-{ranks}"
-    path = make_model(name, folder, overrides={"torch_dtype": "float32", **overrides})
-    model, tokenizer = load(str(path))
-    if (dtype := run_dtype(json.loads((path / "config.json").read_text()))) is not None:
-        model.set_dtype(dtype)  # as every rank runs it
+    path, model, tokenizer = family_model(name, folder, {"torch_dtype": "float32", **overrides})
     reference = greedy_reference(model, tokenizer, QUESTION, MAX_TOKENS)
     del model
     with local_cluster(path, [1] * ranks, parallel="tensor") as (url, health):
@@ -56,17 +51,10 @@ def cluster(request, tmp_path_factory):
 
 
 def test_greedy_tokens_equal_single_process(cluster):
-    name, url, health, (prompt, expected, _) = cluster
-    got = complete_ids(url, prompt, MAX_TOKENS)
-    print(f"{name} tensor {health.get('split')}: {got}")
-    assert len(expected) >= 4, "the reference should produce a real answer"
-    assert got == expected
+    name, url, health, reference = cluster
+    assert_same_answer(url, reference, MAX_TOKENS, f"{name} tensor {health.get('split')}")
 
 
 def test_last_logits_agree(cluster):
-    name, url, health, (prompt, _, expected) = cluster
-    got = np.array(cluster_logits(url, prompt), dtype=np.float32)
-    diff = float(np.max(np.abs(got - expected)))
-    print(f"{name} tensor {health.get('split')}: max |logit difference| = {diff:.3g}")
-    assert got.shape == expected.shape
-    assert diff <= 1e-5
+    name, url, health, reference = cluster
+    assert_same_logits(url, reference, f"{name} tensor {health.get('split')}")
