@@ -37,8 +37,11 @@ def check_fetch(mode: str) -> str:
 
 
 def hf_token() -> str | None:
-    """The launcher's HF_TOKEN, forwarded to the agents only when set."""
-    return os.environ.get("HF_TOKEN") or None
+    """The launcher's Hugging Face token (HF_TOKEN, else the one `hf auth login` saved),
+    forwarded to the agents only when there is one."""
+    from huggingface_hub import get_token
+
+    return os.environ.get("HF_TOKEN") or get_token() or None
 
 
 def choose_fetch(

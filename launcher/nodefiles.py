@@ -8,6 +8,7 @@ Expert and tensor: every rank reads every layer, so every node needs every file.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
 from quantize.checkpoint import human_bytes
@@ -36,10 +37,26 @@ class Share:
     bytes: int
 
 
+# The files besides the weights a model needs to load, as mlx-lm fetches them; a repo's
+# README, .gitattributes, PyTorch or GGUF copies and images are not sent to any node.
+SMALL_PATTERNS = (
+    "*.json",
+    "*.py",
+    "tokenizer.model",
+    "*.tiktoken",
+    "tiktoken.model",
+    "*.txt",
+    "*.jsonl",
+    "*.jinja",
+)
+
+
 def is_small(name: str) -> bool:
-    """A file every node gets: anything at the top of the repo that is not a weight file (node
+    """A file every node gets: config, tokenizer and template files at the top of the repo (node
     folders and the quantizer's manifest, which lists files a node does not get, stay behind)."""
-    return not name.endswith(WEIGHT_SUFFIX) and "/" not in name and name != "manifest.json"
+    if "/" in name or name == "manifest.json":
+        return False
+    return any(fnmatch.fnmatchcase(name, p) for p in SMALL_PATTERNS)
 
 
 def node_files(
@@ -54,8 +71,11 @@ def node_files(
     repo_files lists every file of the model, split is layers per rank (pipeline) or one entry
     per rank (expert, tensor)."""
     small = [f for f in repo_files if is_small(f)]
-    if mode in EVERY_FILE:
-        return sorted(small + [f for f in repo_files if f.endswith(WEIGHT_SUFFIX) and "/" not in f])
+    if mode in EVERY_FILE:  # the index's files (a consolidated.safetensors beside them is not)
+        named = set(weights.values()) or {
+            f for f in repo_files if f.endswith(WEIGHT_SUFFIX) and "/" not in f
+        }
+        return sorted(set(small) | named)
     if mode != "pipeline":
         raise ValueError(f"unknown parallel mode {mode!r}")
     start = sum(split[:rank])

@@ -121,3 +121,39 @@ def test_the_fetch_routes_are_signed_and_checked(tmp_path):
         headers = sign(secret, "GET", "/fetch/abc", b"")
         answer = http.get("/fetch/abc", headers=headers)
         assert answer.status_code == 404 and answer.json()["error"] == "no fetch 'abc'"
+
+
+def test_a_download_stops_at_the_size_the_hub_listed(tmp_path, monkeypatch):
+    """A server that streams more than the listing's size is cut off before the extra bytes
+    reach the disk (the free-disk check counted the listed size)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from launcher.agent import hubfetch
+    from launcher.agent.hubfetch import Fetch, Fetches, FetchFailed, HubFile
+
+    class Flood(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(8 << 20))
+            self.end_headers()
+            self.wfile.write(b"x" * (8 << 20))
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flood)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/f"
+    monkeypatch.setattr(hubfetch, "hf_hub_url", lambda *a, **k: url)
+    fetches = Fetches(tmp_path / "models", tmp_path / "cache")
+    fetch = Fetch("id", "org/m", "main", ["model.safetensors"], commit="0" * 40)
+    partial = tmp_path / "part"
+    try:
+        with pytest.raises(FetchFailed, match="sent more than its 1000 bytes"):
+            fetches._download(
+                fetch, HubFile("model.safetensors", 1000, "e" * 64, True), partial, None
+            )
+    finally:
+        server.shutdown()
+    assert partial.stat().st_size <= 1000

@@ -68,16 +68,21 @@ def test_expert_and_tensor_need_every_file(tiny_r1, mode):
     assert mode in EVERY_FILE[mode] and "every file" in EVERY_FILE[mode]
 
 
-def test_node_folders_and_manifest_stay_behind():
+def test_node_folders_manifest_and_a_repos_other_files_stay_behind():
+    """What a real Hub repo holds besides the model (.gitattributes, README, PyTorch and GGUF
+    copies, Mistral's consolidated.safetensors) goes to no node, in any mode."""
     weights = {"model.layers.0.w": "a.safetensors", "lm_head.weight": "b.safetensors"}
     repo = ["config.json", "manifest.json", "nodes/0/a.safetensors", "a.safetensors"]
-    repo += ["b.safetensors", "README.md"]
-    assert node_files(weights, repo, "pipeline", [1], 0) == [
-        "README.md",
-        "a.safetensors",
-        "b.safetensors",
-        "config.json",
-    ]
+    repo += ["b.safetensors", "README.md", ".gitattributes", "pytorch_model.bin", "m.gguf"]
+    repo += ["consolidated.safetensors", "tokenizer.json", "chat_template.jinja", "tiktoken.model"]
+    small = ["chat_template.jinja", "config.json", "tiktoken.model", "tokenizer.json"]
+    assert node_files(weights, repo, "pipeline", [1], 0) == sorted(
+        small + ["a.safetensors", "b.safetensors"]
+    )
+    for mode in ("expert", "tensor"):
+        assert node_files(weights, repo, mode, [1, 1], 1) == sorted(
+            small + ["a.safetensors", "b.safetensors"]
+        )
     assert "nodes/0/a.safetensors" not in node_files(weights, repo, "tensor", [1, 1], 0)
 
 

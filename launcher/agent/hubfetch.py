@@ -28,6 +28,7 @@ from .requests import FetchFiles
 
 HUB_FOLDER = "hub"  # under the models folder
 _CHUNK = 1 << 20
+DOWNLOAD_TIMEOUT = 60.0  # seconds without a byte before a download fails (resumable)
 
 
 class FetchFailed(Exception):
@@ -180,7 +181,10 @@ class Fetches:
             return
         url = hf_hub_url(fetch.repo, f.name, revision=fetch.commit)
         headers = build_hf_headers(token=token) | {"Range": f"bytes={have}-"}
-        with get_session().stream("GET", url, headers=headers, follow_redirects=True) as r:
+        stream = get_session().stream(
+            "GET", url, headers=headers, follow_redirects=True, timeout=DOWNLOAD_TIMEOUT
+        )
+        with stream as r:
             if r.status_code == 200:
                 have = 0  # the server sent the whole file: start again
             elif r.status_code != 206:
@@ -189,6 +193,12 @@ class Fetches:
                 out.seek(have)
                 out.truncate()
                 for block in r.iter_bytes(_CHUNK):
+                    have += len(block)
+                    if have > f.size:  # never more than the Hub said: the disk check holds
+                        raise FetchFailed(
+                            f"{f.name} of {fetch.repo}: the Hub sent more than its "
+                            f"{f.size} bytes; fetch again"
+                        )
                     out.write(block)
                     fetch.received += len(block)
 
