@@ -13,20 +13,13 @@ from conftest import (
     local_cluster,
 )
 
+from mlxdist.testing.families import family_names
+
 pytestmark = pytest.mark.cluster
 
 MAX_TOKENS = 12
 QUESTION = "What is the capital of France?"
-FAMILIES = [
-    "llama",
-    "mistral",
-    "qwen3",
-    "qwen3_moe",
-    "glm4_moe",
-    "minimax",
-    "deepseek_v32",
-    "gpt_oss",
-]
+FAMILIES = family_names()  # every family make-model writes
 SPLITS = [[2, 2], [1, 2, 1]]
 
 

@@ -12,18 +12,10 @@ import mlx.core as mx
 import pytest
 from conftest import run_cli
 
+from mlxdist.testing.families import family_names
 from quantize.checkpoint import layer_of
 
-FAMILIES = [
-    "llama",
-    "mistral",
-    "qwen3",
-    "qwen3_moe",
-    "glm4_moe",
-    "minimax",
-    "deepseek_v32",
-    "gpt_oss",
-]
+FAMILIES = family_names()  # every family make-model writes
 
 
 MOE = {"qwen3_moe", "glm4_moe", "minimax", "deepseek_v32", "gpt_oss"}
