@@ -515,14 +515,20 @@ def comparable(rank: dict) -> dict:
     return {k: files.get(k, v) for k, v in rank["env"].items()}
 
 
-def test_jaccl_hostfile_passes_mlx_parser_and_launch_checks(tmp_path, monkeypatch):
-    names, facts = MESH3
-    chosen = choose_backend(names, facts, links_of(facts), "auto")
+def written_hostfile(cluster, tmp_path, asked: str = "auto"):
+    """The backend chosen for cluster (as asked), its hosts (ssh destination, address), what each
+    rank is given, the hostfile written for it and that hostfile as MLX's parser reads it."""
+    names, facts = cluster
+    chosen = choose_backend(names, facts, links_of(facts), asked)
     hosts = [(f"me@{n}.local", f"192.168.1.{i + 1}") for i, n in enumerate(names)]
-    text, _ = rank_links(hosts, chosen.backend, rdma=chosen.rdma)
+    text, links = rank_links(hosts, chosen.backend, rdma=chosen.rdma)
     path = tmp_path / "hostfile.json"
     path.write_text(text)
-    parsed = Hostfile.from_file(path)
+    return chosen, hosts, links, path, Hostfile.from_file(path)
+
+
+def test_jaccl_hostfile_passes_mlx_parser_and_launch_checks(tmp_path, monkeypatch):
+    _, hosts, _, path, parsed = written_hostfile(MESH3, tmp_path)
     assert parsed.backend == "jaccl" and parsed.envs == ["MLX_METAL_FAST_SYNCH=1"]
     assert [h.ssh_hostname for h in parsed.hosts] == [d for d, _ in hosts]
     assert parsed.hosts[0].ips == ["192.168.1.1"]  # the coordinator's
@@ -534,13 +540,7 @@ def test_jaccl_hostfile_passes_mlx_parser_and_launch_checks(tmp_path, monkeypatc
 
 
 def test_jaccl_ring_hostfile_passes_mlx_parser_and_launch_checks(tmp_path, monkeypatch):
-    names, facts = RING4
-    chosen = choose_backend(names, facts, links_of(facts), "auto")
-    hosts = [(f"me@{n}.local", f"192.168.1.{i + 1}") for i, n in enumerate(names)]
-    text, links = rank_links(hosts, chosen.backend, rdma=chosen.rdma)
-    path = tmp_path / "hostfile.json"
-    path.write_text(text)
-    parsed = Hostfile.from_file(path)
+    chosen, hosts, links, path, parsed = written_hostfile(RING4, tmp_path)
     assert parsed.backend == "jaccl-ring" and parsed.envs == ["MLX_METAL_FAST_SYNCH=1"]
     assert [h.ssh_hostname for h in parsed.hosts] == [d for d, _ in hosts]
     assert [h.rdma for h in parsed.hosts] == chosen.rdma
@@ -582,15 +582,11 @@ def test_mlx_launch_refuses_the_hostfile_a_ring_of_cables_would_need(tmp_path, m
 @pytest.mark.cluster  # the agent starts (stand-in) rank processes
 @pytest.mark.parametrize("backend", ["jaccl", "jaccl-ring", "ring"])
 def test_rank_environment_equals_mlx_launch(backend, tmp_path, monkeypatch):
-    names, facts = RING4 if backend == "jaccl-ring" else MESH3
-    chosen = choose_backend(names, facts, links_of(facts), backend)
+    cluster = RING4 if backend == "jaccl-ring" else MESH3
+    chosen, hosts, links, path, _ = written_hostfile(cluster, tmp_path, backend)
     assert chosen.backend == backend
-    hosts = [(f"me@{n}.local", f"192.168.1.{i + 1}") for i, n in enumerate(names)]
-    text, links = rank_links(hosts, chosen.backend, rdma=chosen.rdma)
-    path = tmp_path / "hostfile.json"
-    path.write_text(text)
     theirs = mlx_launch_ranks(path, tmp_path, monkeypatch)
-    ours = agent_ranks(links, len(names), tmp_path)
+    ours = agent_ranks(links, len(hosts), tmp_path)
     assert [comparable(r) for r in ours] == [comparable(r) for r in theirs]
     wanted = {"ring": "MLX_HOSTFILE", "jaccl": "MLX_IBV_DEVICES", "jaccl-ring": "MLX_IBV_DEVICES"}
     assert all(wanted[backend] in r["files"] for r in ours)  # it held the backend's file
