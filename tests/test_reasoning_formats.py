@@ -52,6 +52,14 @@ OUTPUTS = [
     ("gpt-oss header cut off", "<|start|>assistant", "<|channel|>analy", "", ""),
     ("gpt-oss a lone <", "<|start|>assistant", "<", "", "<"),
     ("gpt-oss html", "<|start|>assistant", "<b>Paris</b>", "", "<b>Paris</b>"),
+    # cut by max_tokens at the first "<" of the next message's marker: no answer text
+    (
+        "gpt-oss cut at a marker's <",
+        "<|start|>assistant",
+        "<|channel|>final<|message|>Hi<|end|><",
+        "",
+        "Hi",
+    ),
     (
         "DeepSeek-R1",
         "<｜User｜>Capital of France?<｜Assistant｜><think>\n",

@@ -49,6 +49,7 @@ class HarmonySplitter:
         self.header = ""
         self.channel = ""
         self.held = ""
+        self.bodies = 0  # messages begun: only before the first can the output be plain text
 
     @property
     def thinking(self) -> bool:
@@ -74,6 +75,7 @@ class HarmonySplitter:
                     continue
                 self.channel = channel_of(head[:end])
                 self.state, self.header, buf = _BODY, "", head[end + len(MESSAGE) :]
+                self.bodies += 1
             elif self.state == _BODY:
                 hits = [(i, t) for t in BODY_ENDS if (i := buf.find(t)) >= 0]
                 out = reasoning if self.channel == REASONING_CHANNEL else content
@@ -98,6 +100,7 @@ class HarmonySplitter:
         held, self.held = self.held, ""
         if self.state == _BODY and self.channel == REASONING_CHANNEL:
             return held, ""
-        if self.state == _HEADER:
-            return ("", "" if self.header.startswith("<|") else self.header or held)
+        if self.state == _HEADER:  # a header cut off is no answer, nor is a marker's first "<"
+            plain = not self.bodies and not self.header.startswith("<|")
+            return ("", self.header or held) if plain else ("", "")
         return ("", held) if self.state in (_BODY, _PLAIN) else ("", "")
