@@ -1,135 +1,172 @@
-"""Each family's reasoning format and end tokens, as pure functions: the output split into
-reasoning_content and content (whole and streamed at every cut), the format chosen from the
-chat prompt the family's template writes, and the end tokens read from config.json and
-generation_config.json. The outputs follow the publishers' formats: tests/data/reasoning/SOURCE.txt.
+"""Each family's reasoning format and end tokens, as pure functions: real outputs split into
+reasoning_content and content (whole, streamed in small pieces, and cut off anywhere as max_tokens
+cuts them), the format chosen from the chat prompt the family's template writes, and the end tokens
+read from config.json and generation_config.json.
+
+The outputs in tests/data/reasoning/ are real ones, each with its public source; the split they
+must give is read off the text by the formats' rules (expected_split), not copied from ours.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mlxdist.serving.harmony import HarmonySplitter, channel_of
 from mlxdist.serving.reasoning import make_splitter, reasoning_start
 from mlxdist.serving.stops import end_token_ids, read_end_token_ids
 
-# (family, the prompt's end as the family's template writes it, output, reasoning, content)
-OUTPUTS = [
-    (
-        "gpt-oss",
-        "<|start|>user<|message|>What is 2 + 2?<|end|><|start|>assistant",
-        '<|channel|>analysis<|message|>User asks: "What is 2 + 2?" Simple arithmetic. Provide '
-        "answer.<|end|><|start|>assistant<|channel|>final<|message|>2 + 2 = 4.<|return|>",
-        'User asks: "What is 2 + 2?" Simple arithmetic. Provide answer.',
-        "2 + 2 = 4.",
-    ),
-    (
-        "gpt-oss tool call",
-        "<|start|>user<|message|>What is the weather like in SF?<|end|><|start|>assistant",
-        "<|channel|>analysis<|message|>Need to use function get_current_weather.<|end|>"
-        "<|start|>assistant<|channel|>commentary to=functions.get_current_weather "
-        '<|constrain|>json<|message|>{"location":"San Francisco"}<|call|>',
-        "Need to use function get_current_weather.",
-        '{"location":"San Francisco"}',
-    ),
-    (
-        "gpt-oss cut off while reasoning",
-        "<|start|>assistant",
-        "<|channel|>analysis<|message|>Let me count the letters: s, t, r",
-        "Let me count the letters: s, t, r",
-        "",
-    ),
-    (
-        "gpt-oss without channels",
-        "<|start|>assistant",
-        "Paris.",
-        "",
-        "Paris.",
-    ),
-    ("gpt-oss plain, leading space", "<|start|>assistant", " light3", "", " light3"),
-    ("gpt-oss whitespace only", "<|start|>assistant", "  ", "", "  "),
-    ("gpt-oss header cut off", "<|start|>assistant", "<|channel|>analy", "", ""),
-    ("gpt-oss a lone <", "<|start|>assistant", "<", "", "<"),
-    ("gpt-oss html", "<|start|>assistant", "<b>Paris</b>", "", "<b>Paris</b>"),
+DATA = Path(__file__).parent / "data" / "reasoning"
+RECORDED = [
+    pytest.param(case, id=f"{path.stem}: {case['case']}")
+    for path in sorted(DATA.glob("*.json"))
+    for case in json.loads(path.read_text())
+]
+_HARMONY_MESSAGE = re.compile(
+    r"<\|channel\|>(\w+).*?<\|message\|>(.*?)(?:<\|end\|>|<\|return\|>|<\|call\|>|\Z)", re.S
+)
+
+
+def expected_split(start: str, output: str) -> tuple[str, str]:
+    """(reasoning, content) by the formats' rules, read with plain string and regex operations.
+
+    <think>: the reasoning is the text between the tags (the opening one in the prompt or at the
+    head of the output), the content what follows </think> without its leading whitespace; an
+    output that neither starts inside a block nor opens one is all content. Harmony: analysis
+    bodies are the reasoning, every other channel's the content; a header without its body yet
+    gives nothing; an output not starting with a marker is all content."""
+    if start == "harmony":
+        if not output.lstrip().startswith("<|"):
+            return "", output
+        messages = _HARMONY_MESSAGE.findall(output)
+        reasoning = "".join(body for channel, body in messages if channel == "analysis")
+        return reasoning, "".join(body for channel, body in messages if channel != "analysis")
+    if start == "answer":
+        if not output.lstrip().startswith("<think>"):
+            return "", output
+        output = output.lstrip().removeprefix("<think>")
+    reasoning, _, after = output.partition("</think>")
+    return reasoning, after.lstrip()
+
+
+def _split(start: str, pieces: list[str]) -> tuple[str, str]:
+    splitter = make_splitter(start)
+    out = [splitter.feed(p) for p in pieces] + [splitter.finish()]
+    return "".join(r for r, _ in out), "".join(c for _, c in out)
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+@pytest.mark.parametrize("case", RECORDED)
+def test_recorded_output_splits_whole_and_streamed(case):
+    start = reasoning_start(case["generation_prompt"])
+    output = case["output"]
+    expected = expected_split(start, output)
+    assert expected != ("", "")
+    assert _split(start, [output]) == expected
+    for size in range(1, 8):  # small pieces: every tag is cut somewhere
+        assert _split(start, _chunks(output, size)) == expected, size
+    for i in range(1, len(output)):
+        assert _split(start, [output[:i], output[i:]]) == expected, i
+
+
+@pytest.mark.parametrize("case", RECORDED)
+def test_recorded_output_cut_off_anywhere_splits_by_the_same_rules(case):
+    """max_tokens may end the output anywhere, inside the reasoning (no </think>, no <|end|>) or a
+    tag; what was generated still goes where the rules say, streamed or whole."""
+    start = reasoning_start(case["generation_prompt"])
+    output = case["output"]
+    for i in range(1, len(output)):
+        cut = output[:i]
+        assert _split(start, _chunks(cut, 3)) == expected_split(start, cut), i
+
+
+def _reasons(case) -> bool:
+    start = reasoning_start(case.values[0]["generation_prompt"])
+    return bool(expected_split(start, case.values[0]["output"])[0].strip())
+
+
+@pytest.mark.parametrize("case", [c for c in RECORDED if _reasons(c)])
+def test_recorded_output_cut_before_the_reasoning_ends_is_all_reasoning(case):
+    """The model never closed its reasoning within max_tokens: all of it is reasoning_content."""
+    start = reasoning_start(case["generation_prompt"])
+    output = case["output"]
+    reasoning, _ = expected_split(start, output)
+    cut = output[: output.index(reasoning) + len(reasoning) // 2]
+    assert _split(start, _chunks(cut, 5)) == (reasoning[: len(reasoning) // 2], "")
+
+
+# (recorded file, case, make-model family, template variables): the template make-model writes
+# leaves the prompt where the real one left the recorded output.
+TEMPLATES = [
+    ("deepseek_r1", 0, "deepseek_v32", {}),
+    ("qwen3", 0, "qwen3", {}),
+    ("qwen3", 1, "qwen3", {"enable_thinking": False}),
+    ("glm", 0, "glm4_moe", {}),
+    ("minimax", 0, "minimax", {}),
+    ("gpt_oss", 0, "gpt_oss", {}),
+]
+
+
+@pytest.mark.parametrize("recorded,index,family,variables", TEMPLATES)
+def test_make_model_templates_end_as_the_recorded_outputs_prompts(
+    recorded, index, family, variables
+):
+    from mlxdist.testing.families import FAMILIES
+
+    spec = FAMILIES[family]
+    case = json.loads((DATA / f"{recorded}.json").read_text())[index]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    prompt = env.from_string(spec.chat_template).render(
+        messages=[{"role": "user", "content": "hi"}],
+        add_generation_prompt=True,
+        bos_token=spec.bos or "",
+        eos_token=spec.eos,
+        **variables,
+    )
+    assert prompt.endswith(case["generation_prompt"])
+    assert reasoning_start(prompt) == reasoning_start(case["generation_prompt"])
+
+
+# Edge cases no recorded output shows: (name, the prompt's end, output, reasoning, content)
+EDGES = [
+    ("harmony without channels", "<|start|>assistant", "Paris.", "", "Paris."),
+    ("harmony plain, leading space", "<|start|>assistant", " light3", "", " light3"),
+    ("harmony whitespace only", "<|start|>assistant", "  ", "", "  "),
+    ("harmony header cut off", "<|start|>assistant", "<|channel|>analy", "", ""),
+    ("harmony a lone <", "<|start|>assistant", "<", "", "<"),
+    ("harmony html", "<|start|>assistant", "<b>Paris</b>", "", "<b>Paris</b>"),
     # cut by max_tokens at the first "<" of the next message's marker: no answer text
     (
-        "gpt-oss cut at a marker's <",
+        "harmony cut at a marker's <",
         "<|start|>assistant",
         "<|channel|>final<|message|>Hi<|end|><",
         "",
         "Hi",
     ),
+    ("think opened, nothing else", "<|im_start|>assistant\n", "<think>", "", ""),
     (
-        "DeepSeek-R1",
-        "<｜User｜>Capital of France?<｜Assistant｜><think>\n",
-        "Okay, the user asks for the capital of France. That is Paris.\n</think>\n\nParis.",
-        "Okay, the user asks for the capital of France. That is Paris.\n",
-        "Paris.",
-    ),
-    (
-        "Qwen3 thinking",
-        "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n",
-        "<think>\nThe capital of France is Paris.\n</think>\n\nThe capital of France is Paris.",
-        "\nThe capital of France is Paris.\n",
-        "The capital of France is Paris.",
-    ),
-    (
-        "Qwen3 thinking off",
-        "<|im_start|>assistant\n<think>\n\n</think>\n\n",
-        "The capital of France is Paris.",
+        "a later <think> is answer",
+        "<|im_start|>assistant\n",
+        "Hi <think>x</think>",
         "",
-        "The capital of France is Paris.",
-    ),
-    (
-        "GLM-4.5",
-        "[gMASK]<sop><|user|>\nCapital of France?<|assistant|>",
-        "\n<think>The user wants a capital city.</think>\nParis is the capital of France.",
-        "The user wants a capital city.",
-        "Paris is the capital of France.",
-    ),
-    (
-        "GLM-4.5 thinking off",
-        "[gMASK]<sop><|user|>\nCapital of France?<|assistant|>\n<think></think>",
-        "\nParis is the capital of France.",
-        "",
-        "\nParis is the capital of France.",
-    ),
-    (
-        "Kimi K2 Thinking",
-        "<|im_user|>user<|im_middle|>Capital of France?<|im_end|><|im_assistant|>assistant"
-        "<|im_middle|>",
-        "<think>Simple geography question.</think>The capital of France is Paris.",
-        "Simple geography question.",
-        "The capital of France is Paris.",
-    ),
-    (
-        "MiniMax-M2",
-        "]~b]user\nCapital of France?[e~[\n]~b]ai\n<think>\n",
-        "The user asks a simple question.\n</think>\n\nParis.",
-        "The user asks a simple question.\n",
-        "Paris.",
+        "Hi <think>x</think>",
     ),
 ]
-IDS = [o[0] for o in OUTPUTS]
 
 
-def _split(prompt: str, pieces: list[str]) -> tuple[str, str]:
-    splitter = make_splitter(reasoning_start(prompt))
-    out = [splitter.feed(p) for p in pieces] + [splitter.finish()]
-    return "".join(r for r, _ in out), "".join(c for _, c in out)
-
-
-@pytest.mark.parametrize("family,prompt,output,reasoning,content", OUTPUTS, ids=IDS)
-def test_whole_output_splits(family, prompt, output, reasoning, content):
-    assert _split(prompt, [output]) == (reasoning, content)
-
-
-@pytest.mark.parametrize("family,prompt,output,reasoning,content", OUTPUTS, ids=IDS)
-def test_streamed_output_splits_the_same_at_every_cut(family, prompt, output, reasoning, content):
+@pytest.mark.parametrize("name,prompt,output,reasoning,content", EDGES, ids=[e[0] for e in EDGES])
+def test_edge_outputs_split_the_same_at_every_cut(name, prompt, output, reasoning, content):
+    start = reasoning_start(prompt)
+    assert _split(start, [output]) == (reasoning, content)
     for i in range(1, len(output)):
-        assert _split(prompt, [output[:i], output[i:]]) == (reasoning, content), i
-    assert _split(prompt, list(output)) == (reasoning, content)
+        assert _split(start, [output[:i], output[i:]]) == (reasoning, content), i
 
 
 START_OF = [
