@@ -24,7 +24,7 @@ from .checkpoint import (
 )
 from .errors import UserError
 from .memory import peak_rss, rss_now
-from .nodes import PLACEMENT, expert_sets, model_expert_sets, row_runs
+from .nodes import PLACEMENT, expert_sets, model_expert_sets, routed_experts, row_runs
 from .recipes import default_spec, make_predicate, parse_override
 from .safetensors_out import PieceFile, TensorSlot, layout, to_bytes
 from .units import SOURCE_DTYPES, Source, Unit, is_routed_expert, make_units, plan_slots
@@ -228,7 +228,7 @@ def make_plan(src: Path, settings: Settings) -> Plan:
 
 
 def _check_experts(settings: Settings, config: dict) -> None:
-    num = config.get("n_routed_experts") or 0
+    num = routed_experts(config)
     counts = settings.experts
     if settings.split is not None:
         raise QuantizeError("a pipeline --split and expert parallelism exclude each other")
@@ -249,7 +249,7 @@ def _expert_cuts(files: list[OutFile], settings: Settings, config: dict) -> list
     """Each node's files of expert slices, nodes/<r>/model-experts-*: every stacked
     expert tensor, the node's rows (see expert_sets), under its own name; at most
     max_file_bytes a file."""
-    num = config["n_routed_experts"]
+    num = routed_experts(config)
     stacked = [s for f in files if f.segment == "experts" for s in f.slots]
     for s in stacked:
         if not s.shape or s.shape[0] != num:
@@ -518,7 +518,7 @@ def _link(src: Path, dst: Path) -> None:
 
 def _write_expert_nodes(src: Path, out: Path, plan: Plan, records: dict) -> list[dict]:
     """Each node folder: the shared files hardlinked, its expert slices, a manifest."""
-    num = plan.config["n_routed_experts"]
+    num = routed_experts(plan.config)
     num_layers = plan.config["num_hidden_layers"]
     shared = [f for f in plan.files if f.segment == "shared"]
     nodes = []

@@ -32,12 +32,32 @@ def routed_experts(config: dict) -> int:
     return next((int(config[k]) for k in EXPERT_COUNT_KEYS if config.get(k)), 0)
 
 
-# Routed experts' tensors as the families name them: stacked (mlx-lm's switch_mlp, gpt-oss's
-# experts.gate_proj or .gate_up_proj_blocks) or one by one (experts.E.); never shared_experts.
-_ROUTED_EXPERT = re.compile(r"\.(switch_mlp|experts)\.")
+# Each mixture-of-experts family's routed-expert tensors: (families, as their checkpoints name
+# them, as mlx-lm names them once stacked, experts along axis 0). Never the shared experts, the
+# router or its bias. The rule for every family is any row's patterns.
+ROUTED_EXPERT_NAMES = [
+    (
+        "deepseek_v3 deepseek_v32 glm4_moe qwen3_moe",
+        r"\.mlp\.experts\.\d+\.",  # one by one: mlp.experts.17.gate_proj.weight
+        r"\.mlp\.switch_mlp\.",
+    ),
+    (
+        "minimax",
+        r"\.block_sparse_moe\.experts\.\d+\.w[123]\.",  # w1 gate, w2 down, w3 up
+        r"\.block_sparse_moe\.switch_mlp\.",
+    ),
+    (
+        "gpt_oss",  # fused and stacked already: gate_up_proj_blocks (MXFP4), _scales, _bias
+        r"\.mlp\.experts\.(gate_up_proj|down_proj)(_blocks|_scales|_bias)?$",
+        r"\.mlp\.experts\.(gate_proj|up_proj|down_proj)\.",
+    ),
+]
+_ROUTED_EXPERT = re.compile("|".join(p for _, *both in ROUTED_EXPERT_NAMES for p in both))
 
 
 def is_routed_expert_tensor(name: str) -> bool:
+    """A routed expert's tensor, one expert's or stacked, in any family's checkpoint or mlx-lm
+    names: the tensors expert parallelism shares out."""
     return _ROUTED_EXPERT.search(name) is not None
 
 

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .checkpoint import layer_of, safetensors_header
+from .nodes import is_routed_expert_tensor
 from .safetensors_out import TensorSlot
 
 _EXPERT_RE = re.compile(
@@ -216,8 +217,10 @@ def renumber(tensors: dict, delta: int) -> dict:
 
 
 def is_routed_expert(name: str) -> bool:
-    """A stacked routed-expert tensor (experts along axis 0), which expert parallelism cuts."""
-    return ".mlp.switch_mlp." in name or ".block_sparse_moe.switch_mlp." in name
+    """A stacked routed-expert tensor of the output (experts along axis 0), which expert
+    parallelism cuts: every output tensor is in mlx-lm's names, where the families' one rule
+    (quantize.nodes.ROUTED_EXPERT_NAMES) finds only stacked ones."""
+    return is_routed_expert_tensor(name)
 
 
 def plan_slots(unit: Unit) -> list[TensorSlot]:

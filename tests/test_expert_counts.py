@@ -66,7 +66,15 @@ TENSORS = [
     ("model.layers.3.block_sparse_moe.switch_mlp.up_proj.weight", True),
     ("model.layers.3.mlp.experts.gate_up_proj_blocks", True),  # gpt-oss, MXFP4
     ("model.layers.3.mlp.experts.down_proj_bias", True),
+    ("model.layers.3.mlp.experts.gate_up_proj_scales", True),
+    ("model.layers.3.mlp.experts.down_proj", True),  # gpt-oss, bfloat16 copies
     ("model.layers.3.mlp.experts.gate_proj.weight", True),  # gpt-oss, in mlx-lm's names
+    ("model.layers.3.mlp.experts.up_proj.scales", True),
+    ("model.layers.3.mlp.experts.down_proj.bias", True),
+    ("model.layers.3.block_sparse_moe.experts.7.w2.weight_scale_inv", True),  # MiniMax FP8
+    ("model.layers.3.block_sparse_moe.gate.weight", False),
+    ("model.layers.3.mlp.router.bias", False),
+    ("model.layers.3.mlp.shared_expert.up_proj.weight", False),
     ("model.layers.3.mlp.shared_experts.gate_proj.weight", False),
     ("model.layers.3.mlp.gate.weight", False),
     ("model.layers.3.mlp.router.weight", False),

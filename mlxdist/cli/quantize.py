@@ -91,9 +91,15 @@ def choose_experts(
     config: dict, nodes: int | None, split: str | None, plan: Path | None, experts: str | None
 ) -> list[int]:
     from quantize.convert import QuantizeError
-    from quantize.nodes import even_split, expert_sets, parse_experts, read_expert_plan_file
+    from quantize.nodes import (
+        even_split,
+        expert_sets,
+        parse_experts,
+        read_expert_plan_file,
+        routed_experts,
+    )
 
-    num = config.get("n_routed_experts") or 0
+    num = routed_experts(config)
     if split is not None:
         raise QuantizeError("--split cuts layers for a pipeline: use --experts with expert mode")
     if not num:
