@@ -1,12 +1,24 @@
-"""Through real ranks (2, pipeline): a family's chat answer is split by its own reasoning format
-and ends at an end token that only generation_config.json names.
+"""Through real ranks (2, pipeline): a family's chat answer, with its reasoning, is split by the
+family's own format and ends at the family's end token, named in config.json or only in
+generation_config.json.
 
-The tiny random models cannot be taught to write a format, so each test takes what they write:
-one mlx-lm process's greedy tokens for the chat prompt, past any end token. A later one of those
-tokens is added to generation_config.json's end tokens; the cluster must stop just before it
-(finish_reason "stop"), and its reasoning_content and content, whole and streamed, must be that
-text split as the family's chat prompt says (R1 opens <think> in the prompt, so it is all
-reasoning; gpt-oss's prompt ends at a harmony header)."""
+The formats, and the families that share each (the start is read from the template's prompt):
+- harmony channels, analysis to reasoning_content: gpt_oss;
+- <think> opened by the prompt, so the output starts in the reasoning: deepseek_v32 and
+  deepseek_v3 (R1-0528's template), minimax (MiniMax-M2);
+- <think> the model may open itself, so the output starts in the answer: glm4_moe (GLM-4.5/4.6;
+  with thinking off the prompt ends with an empty block), qwen3, qwen3_moe, kimi_k2 (K2
+  Thinking); llama and mistral write no reasoning, so theirs is all answer.
+One family per start runs here (each cluster start costs 10-20 s on this machine); real outputs of
+every family are split in test_reasoning_formats.py.
+
+A tiny random model writes no format, so each is driven to one: the embedding of each token of
+the wanted answer (and of the prompt's last token) is made a large one-hot, which outweighs what
+the random layers add, and lm_head scores the answer's next token on it. One mlx-lm process must
+then write exactly that answer and end token; the cluster must stop at the end token (finish_reason
+"stop"), and give, whole and streamed, the split the format's rules read off the answer
+(expected_split, the rules the recorded outputs are checked by). A chain of one token to the next
+cannot repeat a token, so gpt-oss writes one message, its final answer."""
 
 from __future__ import annotations
 
@@ -15,11 +27,41 @@ import json
 import httpx
 import pytest
 from conftest import local_cluster
+from test_reasoning_formats import expected_split
 
 pytestmark = pytest.mark.cluster
 
 QUESTION = "What is the capital of France?"
 GREEDY = 12
+CONFIGS = ("config.json", "generation_config.json")
+
+
+# (family, where its prompt leaves the output, the answer it is driven to write, its end token,
+# the file naming that end token, as the real checkpoints do)
+DRIVEN = [
+    ("gpt_oss", "harmony", "<|channel|>final<|message|>Paris", "<|return|>", "config.json"),
+    ("deepseek_v32", "think", "The capital</think>Paris", "<｜end▁of▁sentence｜>", "config.json"),
+    ("glm4_moe", "answer", "<think>The capital</think>Paris", "<|user|>", "generation_config.json"),
+]
+
+
+def _drive(path, chain: list[int]) -> None:
+    """Makes each token of chain but the last greedily followed by the next one."""
+    import mlx.core as mx
+
+    for file in sorted(path.glob("*.safetensors")):
+        weights = mx.load(str(file))
+        rows = {
+            "model.embed_tokens.weight": (chain[:-1], 1000.0),
+            "lm_head.weight": (chain[1:], 100.0),
+        }
+        for name in rows.keys() & weights.keys():
+            tokens, scale = rows[name]
+            matrix = weights[name].astype(mx.float32)
+            for dim, token in enumerate(tokens):
+                matrix[token] = mx.zeros(matrix.shape[1]).at[dim].add(scale)
+            weights[name] = matrix.astype(weights[name].dtype)
+        mx.save_safetensors(str(file), weights, metadata={"format": "pt"})
 
 
 def _greedy(path, text: str) -> tuple[list[int], object]:
@@ -37,37 +79,31 @@ def _greedy(path, text: str) -> tuple[list[int], object]:
     return tokens, tokenizer
 
 
-@pytest.mark.parametrize("family,start", [("gpt_oss", "harmony"), ("deepseek_v32", "think")])
-def test_chat_splits_by_format_and_stops_at_generation_config_end(tmp_path, family, start):
+@pytest.mark.parametrize("family,start,answer,end,named_in", DRIVEN, ids=[d[0] for d in DRIVEN])
+def test_chat_splits_by_format_and_stops_at_the_end_token(
+    tmp_path, family, start, answer, end, named_in
+):
     from mlx_lm.utils import load_tokenizer
 
-    from mlxdist.serving.reasoning import make_splitter, reasoning_start
+    from mlxdist.serving.reasoning import reasoning_start
     from mlxdist.testing.make_model import make_model
 
     path = make_model(family, tmp_path / family)
     messages = [{"role": "user", "content": QUESTION}]
-    text = load_tokenizer(path).apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=False
-    )
+    tokenizer = load_tokenizer(path)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert reasoning_start(text) == start
-    tokens, tokenizer = _greedy(path, text)
-    generation_file = path / "generation_config.json"
-    generation = json.loads(generation_file.read_text())
-    ends = set(generation["eos_token_id"])
-    # The first token from the third on that is new and no end token yet: the new end token.
-    n = next(
-        i for i in range(2, len(tokens)) if tokens[i] not in tokens[:i] and tokens[i] not in ends
-    )
-    n = min(n, next((i for i, t in enumerate(tokens) if t in ends), n))
-    generation["eos_token_id"].append(tokens[n])
-    generation_file.write_text(json.dumps(generation))
-    detokenizer = tokenizer.detokenizer  # as the server decodes (it trims a leading space)
-    for t in tokens[:n]:
-        detokenizer.add_token(t)
-    detokenizer.finalize()
-    splitter = make_splitter(start)
-    pieces = [splitter.feed(detokenizer.text), splitter.finish()]
-    expected = ("".join(r for r, _ in pieces), "".join(c for _, c in pieces))
+    end_id = tokenizer.convert_tokens_to_ids(end)
+    named = [json.loads((path / name).read_text())["eos_token_id"] for name in CONFIGS]
+    in_config, in_generation = (end_id in ([i] if isinstance(i, int) else i) for i in named)
+    assert (in_config, in_generation) == (named_in == "config.json", True)
+    ids = tokenizer.encode(answer, add_special_tokens=False)
+    chain = [tokenizer.encode(text, add_special_tokens=False)[-1], *ids, end_id]
+    assert len(set(chain)) == len(chain)
+    _drive(path, chain)
+    tokens, _ = _greedy(path, text)
+    assert tokens[: len(ids) + 1] == [*ids, end_id]  # one mlx-lm process writes the answer
+    expected = expected_split(start, answer)
 
     body = {"messages": messages, "max_tokens": GREEDY, "temperature": 0.0}
     with local_cluster(path, [2, 2]) as (url, _):
@@ -78,10 +114,10 @@ def test_chat_splits_by_format_and_stops_at_generation_config_end(tmp_path, fami
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     deltas.append(json.loads(line[6:])["choices"][0])
-    print(f"{family}: {n} tokens, then end token {tokens[n]}; split {expected}")
+    print(f"{family}: {answer!r} then {end} ({named_in}): split {expected}")
     choice = whole["choices"][0]
     assert choice["finish_reason"] == "stop"
-    assert whole["usage"]["completion_tokens"] == n
+    assert whole["usage"]["completion_tokens"] == len(ids)
     message = choice["message"]
     assert (message["reasoning_content"] or "", message["content"]) == expected
     streamed_reasoning = "".join(d["delta"].get("reasoning_content", "") for d in deltas)
