@@ -103,13 +103,20 @@ class AgentClient:
         return self.request("POST", "/ranks/stop-all", timeout=self.timeout + 10)["stopped"]
 
     def fetch_start(
-        self, repo: str, files: list[str], revision: str | None = None, token: str | None = None
+        self,
+        repo: str,
+        files: list[str],
+        revision: str | None = None,
+        token: str | None = None,
+        verify: bool = False,
     ) -> dict:
         """Has the agent fetch files of a Hugging Face repo into its own cache; token (the
-        launcher's HF_TOKEN) goes only in the signed body, and only when there is one."""
+        launcher's HF_TOKEN) goes only in the signed body, and only when there is one; verify:
+        hash again the files its cache holds already."""
         body = {"repo": repo, "files": files}
         body |= {"revision": revision} if revision else {}
         body |= {"token": token} if token else {}
+        body |= {"verify": True} if verify else {}
         return self.request("POST", "/fetch", body=body)
 
     def probe_hub(self, repo: str, revision: str | None = None, token: str | None = None) -> dict:

@@ -134,14 +134,19 @@ def model_files(folder: Path) -> dict[str, bytes]:
 class FakeHub:
     """Answers repo info, tree listing and resolve (HEAD, GET, Range) like huggingface.co does.
 
-    Every repo is at COMMIT; `revisions` are the names (branches, tags) that resolve to it,
-    besides the commit hash itself.
+    Every repo's branches and tags (`revisions`) name `commit` (COMMIT until a test moves it,
+    as a push to the branch would); a commit hash the hub has named stays known, serving the
+    same files. `tree_override` replaces fields of a file's /tree entry (a broken or hostile
+    server's listing).
     """
 
     def __init__(self) -> None:
         self.repos: dict[str, dict[str, bytes]] = {}
         self.gated: set[str] = set()
         self.revisions: set[str] = {"main"}
+        self.commit = COMMIT
+        self.commits: set[str] = {COMMIT}
+        self.tree_override: dict[str, dict] = {}
         self.requests: list[str] = []
         self.downloads: list[tuple[str, str]] = []  # whole files sent
         self.ranges: list[tuple[str, str, str]] = []  # (repo, file, "bytes=a-b") sent
@@ -152,7 +157,12 @@ class FakeHub:
         return {name for repo, name in self.downloads if repo == repo_id}
 
     def knows(self, revision: str) -> bool:
-        return revision == COMMIT or revision in self.revisions
+        return revision in self.commits or revision == self.commit or revision in self.revisions
+
+    def sha(self, revision: str) -> str:
+        """The commit revision names now."""
+        self.commits.add(self.commit)
+        return revision if revision in self.commits else self.commit
 
 
 @contextmanager
@@ -189,6 +199,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             parts = [unquote(p) for p in urlparse(self.path).path.strip("/").split("/")]
             if parts[:2] == ["api", "models"]:
                 parts = parts[2:]
+                if len(parts) == 2:  # model info at the default branch
+                    parts += ["revision", "main"]
             if len(parts) < 3:  # e.g. what newer huggingface_hub asks on the side
                 return self._error(404, "NotFound")
             repo_id, kind = "/".join(parts[:2]), parts[2]
@@ -200,15 +212,18 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return self._error(404, "RevisionNotFound")
             if kind == "revision":
                 siblings = [{"rfilename": name} for name in files]
-                return self._json({"id": repo_id, "sha": COMMIT, "siblings": siblings})
+                return self._json({"id": repo_id, "sha": hub.sha(revision), "siblings": siblings})
             if kind == "tree":
-                return self._json([tree_entry(name, data) for name, data in files.items()])
+                over = hub.tree_override
+                listing = [tree_entry(n, d) | over.get(n, {}) for n, d in files.items()]
+                return self._json(listing)
             if repo_id in hub.gated:
                 return self._error(403, "GatedRepo")
             name = "/".join(parts[4:])
             if name not in files:
                 return self._error(404, "EntryNotFound")
-            headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{etag(name, files[name])}"'}
+            commit = hub.sha(revision)
+            headers = {"X-Repo-Commit": commit, "ETag": f'"{etag(name, files[name])}"'}
             whole = files[name]
             data, status = whole, 200
             wanted = _RANGE.match(self.headers.get("Range", ""))

@@ -70,6 +70,13 @@ def test_choice_without_asking_any_agent():
         ({"repo": "org/m", "files": ["a", "a"]}, "must not repeat"),
         ({"repo": "org/m", "files": []}, "at least 1"),
         ({"repo": "org/m", "files": ["a"], "revision": "../main"}, "branch, tag or commit"),
+        ({"repo": "org/m", "files": ["a"], "revision": "refs/pr/1", "verify": True}, None),
+        ({"repo": "org/m", "files": ["a"], "revision": "refs//1"}, "branch, tag or commit"),
+        ({"repo": "org/m", "files": ["a"], "revision": "refs/pr/"}, "branch, tag or commit"),
+        ({"repo": "org/m", "files": ["a"], "revision": "/etc/x"}, "branch, tag or commit"),
+        ({"repo": "org/m", "files": ["a"], "revision": "refs/./1"}, "branch, tag or commit"),
+        ({"repo": "org/m", "files": ["a"], "revision": "refs/../../x"}, "branch, tag or commit"),
+        ({"repo": "org/m", "files": ["a"], "verify": "yes"}, "valid boolean"),
         ({"repo": "org/m", "files": ["a"], "token": "hf x\r\nX: y"}, "without spaces"),
         ({"repo": "org/m", "files": ["a"], "endpoint": "http://evil"}, "Extra inputs"),
     ],
@@ -157,3 +164,66 @@ def test_a_download_stops_at_the_size_the_hub_listed(tmp_path, monkeypatch):
     finally:
         server.shutdown()
     assert partial.stat().st_size <= 1000
+
+
+@pytest.mark.parametrize("revision", ["refs/../x", "a//b", "a/", "/a", ".", "a/./b", "a\\b"])
+def test_the_agent_refuses_a_revision_that_is_no_path_under_refs(revision):
+    """Behind the request's check, the agent's own: a revision becomes a path under refs/."""
+    from launcher.agent.hubfetch import FetchFailed, check_revision
+
+    with pytest.raises(FetchFailed, match="is not a branch, tag or commit"):
+        check_revision(revision)
+    assert check_revision("refs/pr/1") == "refs/pr/1"
+
+
+def test_a_download_is_hashed_as_it_arrives_and_a_resume_reads_back_only_its_start(
+    tmp_path, monkeypatch
+):
+    """_download returns the whole file's digest: the bytes that came hashed on arrival, the
+    part an earlier run left read back once (and counted as read back)."""
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from launcher.agent import hubfetch
+    from launcher.agent.hubfetch import Fetch, Fetches, HubFile
+
+    data = bytes(range(256)) * 400
+
+    class Ranged(BaseHTTPRequestHandler):
+        def do_GET(self):
+            first = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+            self.send_response(206)
+            self.send_header("Content-Length", str(len(data) - first))
+            self.end_headers()
+            self.wfile.write(data[first:])
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Ranged)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/f"
+    monkeypatch.setattr(hubfetch, "hf_hub_url", lambda *a, **k: url)
+    fetches = Fetches(tmp_path / "models", tmp_path / "cache")
+    want = HubFile("model.safetensors", len(data), hashlib.sha256(data).hexdigest(), True)
+    try:
+        for kept in (0, 1000):
+            partial = tmp_path / f"part{kept}"
+            partial.write_bytes(data[:kept])
+            fetch = Fetch("id", "org/m", "main", [want.name], commit="0" * 40)
+            assert fetches._download(fetch, want, partial, None) == want.etag
+            assert (fetch.rehashed, fetch.received) == (kept, len(data) - kept)
+            assert partial.read_bytes() == data
+    finally:
+        server.shutdown()
+
+
+def test_a_token_is_cut_out_of_any_error_text(monkeypatch):
+    from launcher.agent.hubfetch import scrub as agent_scrub
+    from launcher.fetch import scrub
+
+    monkeypatch.setenv("HF_TOKEN", "hf_abc123")
+    said = "401: bad credentials: Bearer hf_abc123"
+    assert scrub(said) == agent_scrub(said, "hf_abc123") == "401: bad credentials: Bearer <token>"
+    assert agent_scrub(said, None) == said

@@ -2,16 +2,21 @@
 
 Files land as huggingface_hub lays them out (blobs/<etag>, snapshots/<commit>/<name>, refs/),
 so every Hugging Face tool on the host finds them. A download resumes from its
-blobs/<etag>.incomplete with a byte range; each file is checked against the size and hash the
-Hub's tree listing gives (sha256 for LFS files, the git blob id else) before it counts, and a
-file that differs is deleted and named. The rank's folder is models/hub/<org>--<name>--<commit>,
-whose entries link to the snapshot. A token, when given, lives only in this process's memory.
+blobs/<etag>.incomplete with a byte range; each file is hashed as it arrives and checked against
+the size and hash the Hub's tree listing gives (sha256 for LFS files, the git blob id else)
+before it counts, and a file that differs is deleted and named. An LFS blob already in the cache
+is named by its sha256, checked when it was written: it is trusted when its size matches, and
+hashed again only when the launcher asks to verify (a model of hundreds of GB is not re-read on
+every launch). The commit and etags the Hub gives become path names, so they must be hex. The
+rank's folder is models/hub/<org>--<name>--<commit>, whose entries link to the snapshot. A
+token, when given, lives only in this process's memory and is cut out of every error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -29,6 +34,8 @@ from .requests import FetchFiles
 HUB_FOLDER = "hub"  # under the models folder
 _CHUNK = 1 << 20
 DOWNLOAD_TIMEOUT = 60.0  # seconds without a byte before a download fails (resumable)
+COMMIT = re.compile(r"[0-9a-f]{40}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class FetchFailed(Exception):
@@ -49,6 +56,7 @@ class Fetch:
     repo: str
     revision: str
     files: list[str]
+    verify: bool = False  # hash again the LFS blobs already in the cache
     state: str = "starting"  # starting, running, done, failed
     error: str = ""
     commit: str = ""
@@ -56,6 +64,7 @@ class Fetch:
     sizes: dict[str, int] = field(default_factory=dict)
     done: dict[str, int] = field(default_factory=dict)
     received: int = 0  # bytes that came over the network in this fetch
+    rehashed: int = 0  # bytes read back from disk to hash them (not those hashed on arrival)
     current: str = ""  # the file being written, and where
     partial: Path | None = None
 
@@ -75,6 +84,7 @@ class Fetch:
             "total": sum(self.sizes.values()),
             "done": sum(done.values()),
             "received": self.received,
+            "rehashed": self.rehashed,
             "files": {n: {"size": s, "done": done.get(n, 0)} for n, s in self.sizes.items()},
         }
 
@@ -90,15 +100,35 @@ def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def file_digest(path: Path, lfs: bool) -> str:
-    """What the Hub's listing names a file by: sha256 (LFS) or the git blob id."""
-    if not lfs:
-        return git_blob_id(path.read_bytes())  # small files only: configs, tokenizers
-    h = hashlib.sha256()
+def hasher(size: int, lfs: bool):
+    """What the Hub's listing names a file by, fed block by block: sha256 (LFS), or the git
+    blob id of a file of this size (sha1 over a header, then the bytes)."""
+    return hashlib.sha256() if lfs else hashlib.sha1(b"blob %d\0" % size)
+
+
+def hash_file(h, path: Path) -> int:
+    """Feeds path's bytes to h; returns how many were read."""
+    n = 0
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
             h.update(block)
+            n += len(block)
+    return n
+
+
+def file_digest(path: Path, lfs: bool) -> str:
+    h = hasher(_size(path), lfs)
+    hash_file(h, path)
     return h.hexdigest()
+
+
+def check_revision(revision: str) -> str:
+    """A branch, tag or commit, with '/' as the Hub allows (refs/pr/1): it becomes a path under
+    refs/ as huggingface_hub writes it, so no empty, '.' or '..' part and no leading '/'."""
+    parts = revision.split("/")
+    if any(p in ("", ".", "..") for p in parts) or ".." in revision or "\\" in revision:
+        raise FetchFailed(f"{revision!r} is not a branch, tag or commit")
+    return revision
 
 
 def repo_cache(cache: Path, repo: str) -> Path:
@@ -117,7 +147,8 @@ class Fetches:
         self._downloading = threading.Lock()
 
     def start(self, req: FetchFiles) -> dict:
-        fetch = Fetch(secrets.token_hex(8), req.repo, req.revision or "main", list(req.files))
+        revision = req.revision or "main"
+        fetch = Fetch(secrets.token_hex(8), req.repo, revision, list(req.files), req.verify)
         with self._lock:
             self._fetches[fetch.id] = fetch
         token = req.token  # kept by the thread only, never in the fetch's record
@@ -133,6 +164,7 @@ class Fetches:
 
     def _run(self, fetch: Fetch, token: str | None) -> None:
         try:
+            check_revision(fetch.revision)
             hub = _listing(fetch, token)
             fetch.state = "running"
             repo = repo_cache(self.cache, fetch.repo)
@@ -144,10 +176,10 @@ class Fetches:
             fetch.folder = self._link(fetch, repo)
             fetch.state = "done"
         except FetchFailed as e:
-            fetch.error, fetch.state = str(e), "failed"
+            fetch.error, fetch.state = scrub(str(e), token), "failed"
         except Exception as e:  # network and Hub errors: named without what was sent
-            fetch.error = f"fetching {fetch.repo} failed: {type(e).__name__}: {_first_line(e)}"
-            fetch.state = "failed"
+            why = f"fetching {fetch.repo} failed: {type(e).__name__}: {_first_line(e)}"
+            fetch.error, fetch.state = scrub(why, token), "failed"
         finally:
             fetch.partial = None
 
@@ -155,14 +187,22 @@ class Fetches:
         """One file into the cache, resumed when part of it is there; returns its size."""
         blob = repo / "blobs" / f.etag
         link = repo / "snapshots" / fetch.commit / f.name
-        if not blob.is_file():
+        if blob.is_file():
+            # An LFS blob's name is its sha256, checked when it was written: trusted at its size.
+            trusted = f.lfs and not fetch.verify and _size(blob) == f.size
+            good = trusted or (_size(blob) == f.size and self._rehash(fetch, blob, f) == f.etag)
+        else:
             partial = blob.with_name(f.etag + ".incomplete")
             partial.parent.mkdir(parents=True, exist_ok=True)
             fetch.current, fetch.partial = f.name, partial
-            self._download(fetch, f, partial, token)
+            digest = self._download(fetch, f, partial, token)
             fetch.partial = None
-            os.replace(partial, blob)
-        if _size(blob) != f.size or file_digest(blob, f.lfs) != f.etag:
+            good = _size(partial) == f.size and digest == f.etag
+            if good:
+                os.replace(partial, blob)
+            else:
+                partial.unlink(missing_ok=True)
+        if not good:
             blob.unlink(missing_ok=True)
             link.unlink(missing_ok=True)
             kind = "sha256" if f.lfs else "git blob id"
@@ -175,10 +215,20 @@ class Fetches:
             link.symlink_to(os.path.relpath(blob, link.parent))
         return f.size
 
-    def _download(self, fetch: Fetch, f: HubFile, partial: Path, token: str | None) -> None:
+    @staticmethod
+    def _rehash(fetch: Fetch, path: Path, f: HubFile) -> str:
+        h = hasher(f.size, f.lfs)
+        fetch.rehashed += hash_file(h, path)
+        return h.hexdigest()
+
+    def _download(self, fetch: Fetch, f: HubFile, partial: Path, token: str | None) -> str:
+        """The rest of f into partial; returns the digest of the whole (a resumed file's first
+        part read back once, the rest hashed as it arrives)."""
+        h = hasher(f.size, f.lfs)
         have = _size(partial)
         if have >= f.size:
-            return
+            fetch.rehashed += hash_file(h, partial)
+            return h.hexdigest()
         url = hf_hub_url(fetch.repo, f.name, revision=fetch.commit)
         headers = build_hf_headers(token=token) | {"Range": f"bytes={have}-"}
         stream = get_session().stream(
@@ -190,8 +240,10 @@ class Fetches:
             elif r.status_code != 206:
                 raise FetchFailed(f"{f.name} of {fetch.repo}: the Hub answered {r.status_code}")
             with open(partial, "r+b" if have else "wb") as out:
+                out.truncate(have)
+                if have:
+                    fetch.rehashed += hash_file(h, partial)
                 out.seek(have)
-                out.truncate()
                 for block in r.iter_bytes(_CHUNK):
                     have += len(block)
                     if have > f.size:  # never more than the Hub said: the disk check holds
@@ -200,7 +252,9 @@ class Fetches:
                             f"{f.size} bytes; fetch again"
                         )
                     out.write(block)
+                    h.update(block)
                     fetch.received += len(block)
+        return h.hexdigest()
 
     def _link(self, fetch: Fetch, repo: Path) -> str:
         """models/hub/<org>--<name>--<commit>/<file> -> the snapshot's file."""
@@ -222,16 +276,20 @@ def probe(repo: str, revision: str | None, token: str | None, timeout: float = 5
         api = HfApi(token=token)
         info = api.model_info(repo, revision=revision or "main", timeout=timeout)
     except Exception as e:  # unreachable, refused, gated, missing: each a reason to push
-        return {"ok": False, "why": f"{type(e).__name__}: {_first_line(e)}"}
+        return {"ok": False, "why": scrub(f"{type(e).__name__}: {_first_line(e)}", token)}
     return {"ok": True, "why": "", "commit": info.sha or ""}
 
 
 def _listing(fetch: Fetch, token: str | None) -> dict[str, HubFile]:
     """The commit the revision names, and the size and hash of each file asked for."""
     api = HfApi(token=token)
-    fetch.commit = api.model_info(fetch.repo, revision=fetch.revision).sha or ""
-    if len(fetch.commit) != 40:
-        raise FetchFailed(f"the Hub gave no commit for {fetch.repo}@{fetch.revision}")
+    commit = api.model_info(fetch.repo, revision=fetch.revision).sha or ""
+    if not COMMIT.fullmatch(commit):  # it names a folder: never '../..' from a broken server
+        raise FetchFailed(
+            f"the Hub gave {fetch.repo}@{fetch.revision} a commit that is not 40 hex digits: "
+            "refused (is HF_ENDPOINT the Hub?)"
+        )
+    fetch.commit = commit
     hub = {}
     for entry in api.list_repo_tree(fetch.repo, revision=fetch.commit, recursive=True):
         size = getattr(entry, "size", None)
@@ -239,6 +297,12 @@ def _listing(fetch: Fetch, token: str | None) -> dict[str, HubFile]:
             continue  # a folder
         lfs = entry.lfs is not None
         hub[entry.path] = HubFile(entry.path, size, entry.lfs.sha256 if lfs else entry.blob_id, lfs)
+    bad = [n for n in fetch.files if n in hub and not _etag_ok(hub[n])]
+    if bad:  # the etag names the blob's file
+        raise FetchFailed(
+            f"the Hub listed {bad[0]} of {fetch.repo}@{fetch.revision} with a hash that is not "
+            "a sha256 or git blob id: refused (is HF_ENDPOINT the Hub?)"
+        )
     missing = [n for n in fetch.files if n not in hub]
     if missing:
         raise FetchFailed(
@@ -266,11 +330,22 @@ def _check_room(fetch: Fetch, repo: Path, hub: dict[str, HubFile], cache: Path) 
         )
 
 
+def _etag_ok(f: HubFile) -> bool:
+    return bool((SHA256 if f.lfs else COMMIT).fullmatch(f.etag))
+
+
 def _write_ref(repo: Path, revision: str, commit: str) -> None:
+    """refs/<revision> holds the commit, a revision with '/' in subfolders (refs/pr/1 at
+    refs/refs/pr/1), as huggingface_hub writes it."""
     if revision != commit:
-        ref = repo / "refs" / revision
+        ref = repo / "refs" / check_revision(revision)
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)  # no newline, as huggingface_hub writes it
+
+
+def scrub(text: str, token: str | None) -> str:
+    """text without the token, should a server have echoed it back into an error."""
+    return text.replace(token, "<token>") if token else text
 
 
 def _first_line(e: Exception) -> str:

@@ -158,7 +158,8 @@ class CompleteFile(BaseModel):
 
 
 _REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a branch, tag or commit hash
+# a branch, tag or commit hash; '/' as in refs/pr/1 (a path under refs/: no empty or dot part)
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
 _FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")  # a file at the top of the repo
 _TOKEN = re.compile(r"[\x21-\x7e]{1,512}")  # printable, no spaces: never a header injection
 
@@ -211,6 +212,7 @@ class FetchFiles(ProbeHub):
     is the launcher's HF_TOKEN (it never appears in an answer or a log)."""
 
     files: list[Annotated[str, Field(max_length=255)]] = Field(min_length=1, max_length=10_000)
+    verify: bool = False  # hash again the files already in the cache
 
     @field_validator("files")
     @classmethod
