@@ -39,6 +39,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from quantize.nodes import is_routed_expert_tensor, routed_experts
+
 from .chips import ChipSpec, chip, chip_of_node_name, default_chip
 from .planner import ModelSpec, NodeSpec, kv_bytes_per_token_per_layer
 from .rankspec import PARALLEL
@@ -167,11 +169,12 @@ def bytes_per_token(
     """Built as quantize.estimate does: mlx-lm's model made lazily from config.json alone,
     quantised lazily with the conversion's own predicate (quantize=False: as stored, for a
     folder launched unquantised), each parameter's bytes summed; routed experts (SwitchGLU's
-    stacked weights) count num_experts_per_tok / experts of their bytes."""
+    stacked weights, wherever the family keeps them) count k / experts of their bytes, k the
+    experts each token is routed to (active_experts)."""
     from quantize.checkpoint import layer_of
     from quantize.estimate import stored_parameters
 
-    k = int(config.get("num_experts_per_tok") or 0)
+    k = active_experts(config)
 
     n_layers = config["num_hidden_layers"]
     parts = [dict(attention=0, mlp=0, routed=0, experts=0, replicated=0) for _ in range(n_layers)]
@@ -190,14 +193,14 @@ def bytes_per_token(
         if layer >= n_layers:  # multi-token prediction: never read when decoding
             continue
         p = parts[layer]
-        if ".switch_mlp." in name:
+        if is_routed_expert_tensor(name):
             p["experts"] = v.shape[0]
             p["routed"] += n * min(k, v.shape[0]) // v.shape[0]
         elif ".self_attn." in name:
             p["attention"] += n
             if _replicated_by_shard(name):
                 p["replicated"] += n
-        elif ".mlp." in name:
+        elif ".mlp." in name or ".block_sparse_moe." in name:  # MiniMax's MoE block
             p["mlp"] += n
             if _replicated_by_shard(name):
                 p["replicated"] += n
@@ -218,8 +221,24 @@ def bytes_per_token(
     )
 
 
-# Names mlx-lm's shard() does not split: MLA's low-rank down-projections, norms, the MoE router.
-_REPLICATED = re.compile(r"(q_a_proj|kv_a_proj|norm|\.mlp\.gate\.|shared_expert_gate)")
+# Where the families' config.json give the routed experts each token uses (gpt-oss's
+# original config names it experts_per_token; its Hugging Face one gives both).
+ACTIVE_EXPERT_KEYS = ("num_experts_per_tok", "experts_per_token")
+
+
+def active_experts(config: dict) -> int:
+    """The routed experts one token is sent to per MoE layer; 0 for a dense model."""
+    if not routed_experts(config):
+        return 0
+    return next((int(config[key]) for key in ACTIVE_EXPERT_KEYS if config.get(key)), 0)
+
+
+# Names mlx-lm's shard() does not split: MLA's low-rank down-projections, norms, the MoE router
+# (gpt-oss's router, MiniMax's gate and its score bias too).
+_REPLICATED = re.compile(
+    r"(q_a_proj|kv_a_proj|norm|\.mlp\.gate\.|shared_expert_gate|\.mlp\.router\."
+    r"|\.block_sparse_moe\.gate\.|e_score_correction_bias)"
+)
 
 
 def _replicated_by_shard(name: str) -> bool:

@@ -351,3 +351,64 @@ def test_plan_marks_a_mode_that_does_not_fit(capsys):
 def test_plan_refuses_an_unknown_link():
     with pytest.raises(ValueError, match="unknown link"):
         plan_command(str(R1_CONFIG), None, "6x192GB", 4096, 1, 4, False, link="wifi")
+
+
+# --- routed experts: only the active ones are read ----------------------------------------------
+
+
+def _tiny(family: str, drop: tuple[str, ...] = ()) -> dict:
+    from mlxdist.testing.make_model import family_config
+
+    return {k: v for k, v in family_config(family).items() if k not in drop}
+
+
+# (config, routed experts, experts per token, active parameters the maker publishes, billions)
+ACTIVE = [
+    # https://huggingface.co/deepseek-ai/DeepSeek-R1: 671B total, 37B activated
+    ("r1", lambda: read_config(R1_CONFIG), 256, 8, 37),
+    # Qwen3-235B-A22B: 22B activated, in its name
+    ("qwen3_moe", lambda: read_config(DATA / "qwen3-235b-a22b-config.json"), 128, 8, 22),
+    # https://openai.com/index/introducing-gpt-oss/: gpt-oss-20b, 3.6B active parameters
+    ("gpt_oss", lambda: read_config(DATA / "configs" / "gpt-oss-20b.json"), 32, 4, 3.6),
+    # https://huggingface.co/MiniMaxAI/MiniMax-M2: 230B total, 10B active
+    ("minimax", lambda: read_config(DATA / "configs" / "minimax-m2.json"), 256, 8, 10),
+    ("glm4_moe tiny", lambda: _tiny("glm4_moe"), 8, 2, None),  # n_routed_experts
+    # gpt-oss's original config names only experts_per_token
+    ("gpt_oss tiny", lambda: _tiny("gpt_oss", ("num_experts_per_tok",)), 8, 2, None),
+]
+
+
+def _expert_bytes(config: dict) -> int:
+    """Bytes of the routed experts, found by mlx-lm's own modules (SwitchGLU / SwitchMLP): the
+    oracle, independent of the names the performance model goes by."""
+    from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
+
+    from quantize.estimate import lazy_model, stored_parameters
+
+    modules = lazy_model(dict(config)).named_modules()
+    switches = [p for p, m in modules if isinstance(m, (SwitchGLU, SwitchMLP))]
+    return sum(
+        n
+        for name, _, n in stored_parameters(config, bits=4)
+        if any(name.startswith(s + ".") for s in switches)
+    )
+
+
+@pytest.mark.parametrize(
+    ("label", "config", "experts", "k", "published"), ACTIVE, ids=[a[0] for a in ACTIVE]
+)
+def test_moe_reads_only_its_active_experts(label, config, experts, k, published):
+    """A token reads k of each MoE layer's routed experts, under every family's field names: the
+    routed bytes per token are k / experts of the experts' bytes, and the active parameters
+    (unquantised, the head included) are the ones the model's maker publishes."""
+    config = config()
+    active = bytes_per_token(config, bits=4)
+    assert active.experts_per_token == k
+    assert {layer.experts for layer in active.layers if layer.experts} == {experts}
+    routed = sum(layer.routed for layer in active.layers)
+    assert routed == pytest.approx(_expert_bytes(config) * k / experts, rel=1e-6)
+    if published is not None:
+        whole = bytes_per_token(config | {"torch_dtype": "bfloat16"}, quantize=False)
+        params = (whole.total - whole.embed_row) / 2 / 1e9
+        print(f"{label}: {params:.2f}B active parameters, {published}B published")
+        assert params == pytest.approx(published, rel=0.05)
