@@ -231,19 +231,28 @@ def tensor_refusal(config: Mapping, nodes: int) -> str | None:
     return None
 
 
+def holds_whole_model(model: Path) -> bool:
+    """Whether the folder holds the whole model's weights (beside any node folders)."""
+    return any(Path(model).glob("*.safetensors"))
+
+
 def folder_readiness(model: Path, nodes: int) -> dict[str, str]:
-    """The modes the model folder is not cut for across `nodes` hosts, each with why: a pipeline
-    and expert mode need its node folders for that many nodes, tensor mode the whole model."""
+    """The modes the model folder cannot run across `nodes` hosts as it is, each with why. A
+    pipeline needs node folders cut for that many nodes; tensor mode the whole model; expert
+    mode either expert node folders for that many nodes or the whole model, from which each
+    rank reads only its own experts (every node then holds every file)."""
     from quantize.nodes import node_manifest, parallel_of
 
     first = node_manifest(Path(model) / "nodes" / "0")
     cut = parallel_of(first) if first else None
     counts = (first or {}).get("plan", {}).get("experts" if cut == "expert" else "split") or []
+    whole = holds_whole_model(model)
     why = {}
-    for mode in ("pipeline", "expert"):
-        if cut != mode or len(counts) != nodes:
-            why[mode] = f"not cut for {nodes} nodes"
-    if not any(Path(model).glob("*.safetensors")):
+    if cut != "pipeline" or len(counts) != nodes:
+        why["pipeline"] = f"not cut for {nodes} nodes"
+    if (cut != "expert" or len(counts) != nodes) and not whole:
+        why["expert"] = f"not cut for {nodes} nodes, and no whole model in the folder"
+    if not whole:
         why["tensor"] = "no whole model in the folder"
     return why
 

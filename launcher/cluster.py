@@ -6,7 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.agent_client import AgentClient, AgentError
-from launcher.autoparallel import Choice, check_parallel, choose_for_nodes, link_for
+from launcher.autoparallel import (
+    Choice,
+    check_parallel,
+    choose_for_nodes,
+    holds_whole_model,
+    link_for,
+)
 from launcher.backend import BackendChoice, BackendError, choose_backend
 from launcher.discovery import browse
 from launcher.fetch import (
@@ -232,11 +238,14 @@ def choose_split(model: Path, nodes: list[Node], context: int, whole: bool = Fal
 def choose_experts(model: Path, nodes: list[Node], context: int, whole: bool = False) -> list[int]:
     """The routed experts per node the model's expert node folders were cut for; the plan
     (replicated weights, those experts and the whole KV cache on every node) must fit.
-    whole: as in choose_split (every node then gets every file)."""
+    whole: as in choose_split (every node then gets every file); so does a folder holding the
+    whole model, from which each rank reads only its own experts."""
     specs = _specs(nodes)
     planned = plan_experts(specs, model_spec_from_folder(model), context=context)
     cut = expert_folders(model, len(nodes))
-    if cut is None and whole and planned.fits:
+    if cut is None and (whole or holds_whole_model(model)):
+        if not planned.fits:
+            raise LaunchError(f"the model {planned.message}")
         return planned.experts
     if cut is None:
         counts = ",".join(map(str, planned.experts or [])) or "..."

@@ -251,25 +251,31 @@ def _cut(folder, parallel: str | None, counts: list[int], whole: bool = True):
     return folder
 
 
+NOT_CUT_2 = "not cut for 2 nodes"
+NO_WHOLE = "no whole model in the folder"
+
+
 @pytest.mark.parametrize(
     "parallel,counts,whole,nodes,expected",
     [
-        ("pipeline", [31, 30], True, 2, {"expert": "not cut for 2 nodes"}),
-        (
-            "pipeline",
-            [20, 21, 20],
-            True,
-            2,
-            {"pipeline": "not cut for 2 nodes"} | {"expert": "not cut for 2 nodes"},
-        ),
-        ("expert", [128, 128], True, 2, {"pipeline": "not cut for 2 nodes"}),
-        (None, [], True, 4, {"pipeline": "not cut for 4 nodes", "expert": "not cut for 4 nodes"}),
+        # the whole model beside pipeline folders: expert mode reads its experts from it
+        ("pipeline", [31, 30], True, 2, {}),
+        ("pipeline", [20, 21, 20], True, 2, {"pipeline": NOT_CUT_2}),
+        ("expert", [128, 128], True, 2, {"pipeline": NOT_CUT_2}),
+        # an uncut folder: every mode but a pipeline (which needs its node folders)
+        (None, [], True, 4, {"pipeline": "not cut for 4 nodes"}),
+        ("expert", [64] * 4, False, 4, {"pipeline": "not cut for 4 nodes", "tensor": NO_WHOLE}),
+        # node folders for other nodes and no whole model: nothing runs on 2
         (
             "expert",
             [64] * 4,
             False,
-            4,
-            {"pipeline": "not cut for 4 nodes", "tensor": "no whole model in the folder"},
+            2,
+            {
+                "pipeline": NOT_CUT_2,
+                "expert": f"{NOT_CUT_2}, and {NO_WHOLE}",
+                "tensor": NO_WHOLE,
+            },
         ),
     ],
 )
@@ -286,3 +292,23 @@ def test_a_mode_the_folder_is_not_cut_for_does_not_win(r1):
     assert cut.mode == "expert"  # the next fastest that fits, as predicted
     assert speeds(cut) == speeds(fastest)
     assert "tensor" in cut.line and "no whole model" in cut.line
+
+
+def test_an_uncut_folder_launches_in_expert_mode(tmp_path):
+    """Across hosts, --parallel expert (or auto's pick of it) on a folder holding the whole
+    model and no expert node folders: the plan's expert counts, each rank reading only its own
+    experts from the whole model; a folder with neither is refused in one line saying how to
+    cut it."""
+    from launcher.cluster import choose_experts
+    from launcher.local import LaunchError
+    from launcher.remote import Node
+    from mlxdist.testing.make_model import make_model
+
+    model = make_model("qwen3_moe", tmp_path / "qwen3_moe")
+    nodes = [Node(f"mac{i}", "127.0.0.1", None, {"memory_total": 8 * GIB}) for i in range(3)]
+    assert choose_experts(model, nodes, 4096) == [3, 3, 2]  # 8 routed experts, none cut
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text((model / "config.json").read_text())
+    with pytest.raises(LaunchError, match="has no expert node folders for 3 nodes: cut them"):
+        choose_experts(config_only, nodes, 4096)
