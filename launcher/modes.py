@@ -10,14 +10,17 @@ from quantize.checkpoint import CheckpointError
 from quantize.nodes import expert_sets, routed_experts
 
 # The families tensor mode runs and tests (tests/test_families_tensor.py), as config.json
-# names them.
+# names them; kimi_k2 runs deepseek_v3's code (quantize.checkpoint.code_family).
 TENSOR_FAMILIES = (
     *("llama", "mistral", "qwen3", "qwen3_moe", "glm4_moe", "minimax_m2"),
-    *("deepseek_v3", "deepseek_v32", "gpt_oss"),
+    *("deepseek_v3", "kimi_k2", "deepseek_v32", "gpt_oss"),
 )
 # The families expert mode runs and tests (tests/test_families_expert.py, test_expert.py): any
 # family whose experts are mlx-lm's SwitchGLU or SwitchMLP runs the same way.
-EXPERT_FAMILIES = ("deepseek_v3", "deepseek_v32", "glm4_moe", "qwen3_moe", "gpt_oss", "minimax_m2")
+EXPERT_FAMILIES = (
+    *("deepseek_v3", "kimi_k2", "deepseek_v32", "glm4_moe", "qwen3_moe", "gpt_oss"),
+    "minimax_m2",
+)
 # The widths mlx-lm's shard() cuts besides the heads: each must divide by the ranks.
 _TENSOR_WIDTHS = ("intermediate_size", "moe_intermediate_size")
 

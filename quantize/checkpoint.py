@@ -15,8 +15,15 @@ from .errors import UserError
 # pipeline runtime drives. Each one is proven by the cluster-equals-single-process test.
 SUPPORTED_MODEL_TYPES = (
     *("llama", "mistral", "qwen3", "qwen3_moe", "glm4_moe"),
-    *("gpt_oss", "minimax_m2", "minimax", "deepseek_v3", "deepseek_v32"),
+    *("gpt_oss", "minimax_m2", "minimax", "deepseek_v3", "deepseek_v32", "kimi_k2"),
 )
+# config.json model types that mlx-lm runs with another family's code: the entries of
+# mlx_lm.utils.MODEL_REMAPPING for the types above, copied because the launcher reads configs
+# without importing MLX (tests/test_model_types.py checks they agree with mlx-lm's).
+MODEL_REMAPPING = {"mistral": "llama", "minimax_m2": "minimax", "kimi_k2": "deepseek_v3"}
+# The families whose mlx-lm sanitize() dequantises FP8 block weights (`weight_scale_inv`), so
+# their FP8 checkpoints load and quantise; any other family's FP8 checkpoint is refused.
+FP8_CODE_FAMILIES = ("deepseek_v3", "deepseek_v32", "minimax")
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -49,6 +56,30 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
 
 
+def code_family(config: dict) -> str:
+    """The mlx-lm model module (mlx_lm.models.<name>) that runs this config.json: its
+    model_type, or the family mlx-lm maps it to (kimi_k2 runs deepseek_v3's code)."""
+    model_type = config.get("model_type", "")
+    return MODEL_REMAPPING.get(model_type, model_type)
+
+
+def check_fp8(path: Path, config: dict) -> None:
+    """Refuses, from config.json alone, an FP8 checkpoint that mlx-lm cannot dequantise."""
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != "fp8" or code_family(config) in FP8_CODE_FAMILIES:
+        return
+    block = quant.get("weight_block_size")
+    scales = f"{'x'.join(map(str, block))} blocks" if block else "a scale per tensor"
+    folder = path.parent if path.name == "config.json" else path
+    readable = [t for t in SUPPORTED_MODEL_TYPES if MODEL_REMAPPING.get(t, t) in FP8_CODE_FAMILIES]
+    raise CheckpointError(
+        f"{folder} is an FP8 checkpoint ({scales}, weight_scale_inv) of "
+        f"{config.get('model_type')}, which mlxdist reads only for {', '.join(readable)}: "
+        "quantize the bf16 checkpoint instead (the same repo "
+        "without -FP8), or run an MLX-quantised one"
+    )
+
+
 def inspect_model(path: str | Path) -> ModelInfo:
     """Reads config.json and checks that the runtime can drive this model."""
     path = Path(path)
@@ -59,6 +90,7 @@ def inspect_model(path: str | Path) -> ModelInfo:
             f"model type {model_type or '(none)'!r} in {path} is not supported: "
             f"mlxdist runs {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    check_fp8(path, config)
     num_layers = config.get("num_hidden_layers")
     if not isinstance(num_layers, int) or num_layers < 1:
         raise CheckpointError(f"{path}/config.json has no valid num_hidden_layers")

@@ -35,6 +35,7 @@ def test_check_tensor_split(config, ranks, refusal):
 
 
 R1ISH = {"model_type": "deepseek_v3", "n_routed_experts": 8, **HEADS}
+KIMI = R1ISH | {"model_type": "kimi_k2"}  # mlx-lm runs it with deepseek_v3's code
 
 # (config, parallel, experts, ranks, options or the refusal's words)
 OPTIONS = [
@@ -42,6 +43,8 @@ OPTIONS = [
     (R1ISH, "expert", None, None, {"parallel": "expert", "experts": None, "ranks": 2}),
     (R1ISH, "expert", "3,3,2", None, {"parallel": "expert", "experts": [3, 3, 2], "ranks": 3}),
     (R1ISH, "tensor", None, 4, {"parallel": "tensor", "experts": None, "ranks": 4}),
+    (KIMI, "expert", "3,5", None, {"parallel": "expert", "experts": [3, 5], "ranks": 2}),
+    (KIMI, "tensor", None, 2, {"parallel": "tensor", "experts": None, "ranks": 2}),
     (R1ISH, "data", None, 2, "--parallel data: choose pipeline, expert or tensor"),
     (R1ISH, "pipeline", "4,4", 2, "--experts is for --parallel expert"),
     (R1ISH, "expert", "3,3,2", 2, "--experts gives 3 ranks but --local 2"),

@@ -18,7 +18,7 @@ from quantize.checkpoint import layer_of
 FAMILIES = family_names()  # every family make-model writes
 
 
-MOE = {"qwen3_moe", "glm4_moe", "minimax", "deepseek_v32", "gpt_oss"}
+MOE = {"qwen3_moe", "glm4_moe", "minimax", "deepseek_v32", "kimi_k2", "gpt_oss"}
 _STACKED = re.compile(r"\.(switch_mlp|experts)\.(gate_proj|up_proj|down_proj)\.scales$")
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 

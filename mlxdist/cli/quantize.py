@@ -216,8 +216,10 @@ def _expert_shares(chosen, counts: list[int], config: dict, name: str) -> None:
 
 def quantize(src: str, out: Path, settings: Settings, force: bool, cut: dict) -> None:
     from quantize.checkpoint import inspect_model
-    from quantize.source import resolve_source
+    from quantize.source import config_only, resolve_source
 
+    if (config := config_only(src)).suffix == ".json":  # a refusal before any weight is fetched
+        inspect_model(config)
     source = resolve_source(src)
     tmp = None
     try:

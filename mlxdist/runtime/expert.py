@@ -34,6 +34,7 @@ from launcher.modes import EXPERT_FAMILIES
 from mlxdist.runtime.stage import Stage, build_model, evaluate, read_tensors
 from quantize.checkpoint import (
     CheckpointError,
+    code_family,
     inspect_model,
     layer_of,
     safetensors_layout,
@@ -373,7 +374,7 @@ def load_expert_stage(
     num_experts = routed_experts(config)
     if not num_experts:
         raise CheckpointError(f"{path} has no routed experts: use --parallel pipeline or tensor")
-    tuned = config["model_type"] in _TUNED
+    tuned = code_family(config) in _TUNED
     try:
         sets = model_expert_sets(config, counts or even_split(num_experts, size))
     except ValueError as e:

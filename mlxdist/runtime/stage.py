@@ -15,7 +15,7 @@ from mlx_lm.models.cache import CacheList, make_prompt_cache
 from mlx_lm.utils import _get_classes, infer_quant_config
 
 from launcher.modes import check_tensor_split
-from quantize.checkpoint import inspect_model, layer_of, weight_map
+from quantize.checkpoint import code_family, inspect_model, layer_of, weight_map
 from quantize.nodes import check_node, stage_needs
 from quantize.units import renumber
 
@@ -81,7 +81,7 @@ class Stage:
         Each layer gets the mask its own cache makes, as the family's __call__ does: a causal
         mask for a full cache, a windowed one for a rotating cache; layers whose caches are
         alike share one."""
-        as_array = self.config["model_type"] in _ARRAY_MASK
+        as_array = code_family(self.config) in _ARRAY_MASK
         masks: dict[tuple, object] = {}
         for layer, c in zip(self.layers, cache):
             source = attention_cache(c)

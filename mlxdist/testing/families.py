@@ -84,7 +84,7 @@ def _minimax(weights: dict, config: dict) -> dict:
     return _unstack(weights, "switch_mlp", {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"})
 
 
-def _deepseek_v32(weights: dict, config: dict) -> dict:
+def _deepseek(weights: dict, config: dict) -> dict:
     """Experts one by one, and embed_q / unembed_out joined back into kv_b_proj."""
     out = _experts_split(weights, config)
     heads, nope = config["num_attention_heads"], config["qk_nope_head_dim"]
@@ -210,6 +210,23 @@ _R1_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}"
     "{{ '<｜Assistant｜>' + message['content'] + eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+
+# Kimi K2's markers: a role marker, the role's name, <|im_middle|>, the content, <|im_end|>;
+# a system message of its own when the chat has none. K2 Thinking writes its reasoning in
+# <think>...</think> after the generation prompt; an earlier answer's reasoning is kept so.
+_KIMI_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI."
+    "<|im_end|>' }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '<|im_user|>user<|im_middle|>' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|im_assistant|>assistant<|im_middle|>' }}"
+    "{% if message.get('reasoning_content') %}"
+    "{{ '<think>' + message['reasoning_content'] + '</think>' }}{% endif %}"
+    "{% else %}{{ '<|im_system|>' + message['role'] + '<|im_middle|>' }}{% endif %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_assistant|>assistant<|im_middle|>' }}{% endif %}"
 )
 
 
@@ -397,7 +414,36 @@ FAMILIES: dict[str, Family] = {
         eos=EOS,
         added=(USER, ASSISTANT, THINK, END_THINK),
         chat_template=_R1_TEMPLATE,
-        to_hub=_deepseek_v32,
+        to_hub=_deepseek,
+        fp8=_fp8_linear,
+    ),
+    # Kimi K2 (moonshotai/Kimi-K2-Instruct, -Thinking): DeepSeek-V3's layout and FP8 blocks,
+    # run by mlx-lm's deepseek_v3 code; one expert group, no multi-token-prediction layer.
+    # Left out: auto_map (the repo's own configuration_deepseek.py, which we do not ship) and
+    # the yarn rope_scaling, which transformers cannot read for a model type it does not know
+    # without that code, so the tokenizer would not load.
+    "kimi_k2": Family(
+        "kimi_k2",
+        {
+            **{k: v for k, v in R1_CONFIG.items() if k not in ("auto_map", "rope_scaling")},
+            **PRESETS["tiny"],
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "kimi_k2",
+            "n_group": 1,
+            "topk_group": 1,
+            "num_nextn_predict_layers": 0,
+            "routed_scaling_factor": 2.827,
+            "rope_theta": 50000.0,
+        },
+        bos="[BOS]",
+        eos="[EOS]",
+        added=(
+            *("<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>"),
+            *("<think>", "</think>"),
+        ),
+        chat_template=_KIMI_TEMPLATE,
+        ends=("<|im_end|>",),
+        to_hub=_deepseek,
         fp8=_fp8_linear,
     ),
     "gpt_oss": Family(
