@@ -389,7 +389,9 @@ def _from_hub(model: Path, ref, nodes: list[Node], split: list[int], mode: str, 
             for name, done, total, _, _ in lines:
                 bar.update(tasks[name], completed=done, total=total)
 
-        infos = hub_fetch(nodes, ref.repo, ref.revision, [r.files for r in rows], show)
+        infos = hub_fetch(
+            nodes, ref.repo, ref.revision, [r.files for r in rows], show, verify=ref.verify
+        )
     for node, row, info in zip(nodes, rows, infos):
         console.print(
             f"{node.name}: {info['received']} bytes received of its share of {row.bytes} bytes",

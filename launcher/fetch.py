@@ -3,7 +3,8 @@ Hub itself, or the launcher pushes them over the cables; progress per node and i
 rate and time left.
 
 hub: every agent fetches only its files into its own Hugging Face cache (resumed, checked
-against the Hub's sizes and hashes); HF_TOKEN, when set, goes only in the signed request body.
+against the Hub's sizes and hashes), all at the one commit the launcher resolved the revision
+to; HF_TOKEN, when set, goes only in the signed request body and never into a message.
 push: the launcher, which holds the model, sends each node only its files, each once.
 auto: hub when every agent reaches the Hub (one small request each), else push.
 """
@@ -11,6 +12,7 @@ auto: hub when every agent reaches the Hub (one small request each), else push.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ from .nodefiles import Share, shares
 from .remote import Node
 
 FETCH_MODES = ("auto", "hub", "push")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+INDEX = "model.safetensors.index.json"
 
 
 class FetchError(UserError):
@@ -42,6 +46,34 @@ def hf_token() -> str | None:
     from huggingface_hub import get_token
 
     return os.environ.get("HF_TOKEN") or get_token() or None
+
+
+def scrub(text: str, token: str | None = None) -> str:
+    """text without the token (the launcher's own when none is given), should an agent or a
+    server have echoed it into an error."""
+    token = token if token is not None else hf_token()
+    return text.replace(token, "<token>") if token else text
+
+
+def pin_commit(repo: str, revision: str | None) -> str:
+    """The commit revision names now, asked once, so that every node fetches that very commit
+    even if the branch moves while they fetch."""
+    if revision and COMMIT.fullmatch(revision):
+        return revision
+    from huggingface_hub import HfApi
+
+    label = f"{repo}@{revision}" if revision else repo
+    try:
+        sha = HfApi(token=hf_token()).model_info(repo, revision=revision).sha or ""
+    except Exception as e:  # unreachable, refused, gated: one line
+        why = scrub(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        raise FetchError(f"cannot resolve {label} to a commit on the Hub ({why})") from None
+    if not COMMIT.fullmatch(sha):
+        raise FetchError(
+            f"the Hub gave {label} a commit that is not 40 hex digits: refused (is HF_ENDPOINT "
+            "the Hub?)"
+        )
+    return sha
 
 
 def choose_fetch(
@@ -71,7 +103,7 @@ def choose_fetch(
         except AgentError as e:
             answer = {"ok": False, "why": str(e)}
         if not answer.get("ok"):
-            return "push", f"{node.name} cannot reach the Hub ({answer.get('why', '')})"
+            return "push", scrub(f"{node.name} cannot reach the Hub ({answer.get('why', '')})")
     return "hub", f"every node reaches the Hub and sees {repo}"
 
 
@@ -119,17 +151,21 @@ def hub_fetch(
     files: list[list[str]],
     show: Show | None = None,
     poll: float = 0.5,
+    verify: bool = False,
 ) -> list[dict]:
-    """Has every node's agent fetch its files; returns each node's final fetch record (its
-    folder, the bytes it received). show gets, per node and then the total, (name, done,
-    total, rate, seconds left) at every poll."""
+    """Has every node's agent fetch its files, all at the commit revision names now; returns
+    each node's final fetch record (its folder, commit, the bytes it received). show gets, per
+    node and then the total, (name, done, total, rate, seconds left) at every poll. verify: the
+    agents hash again the files their caches already hold."""
     token = hf_token()
+    commit = pin_commit(repo, revision)
     ids = []
     for node, mine in zip(nodes, files):
         try:
-            ids.append(node.client.fetch_start(repo, mine, revision, token)["id"])
+            ids.append(node.client.fetch_start(repo, mine, commit, token, verify)["id"])
         except AgentError as e:
-            raise FetchError(f"{node.name} could not start fetching {repo}: {e}") from None
+            why = scrub(str(e), token)
+            raise FetchError(f"{node.name} could not start fetching {repo}: {why}") from None
     meters = [Meter() for _ in nodes] + [Meter()]
     while True:
         infos = []
@@ -137,7 +173,8 @@ def hub_fetch(
             try:
                 infos.append(node.client.fetch_status(fetch_id))
             except AgentError as e:
-                raise FetchError(f"{node.name} stopped answering while fetching: {e}") from None
+                why = scrub(str(e), token)
+                raise FetchError(f"{node.name} stopped answering while fetching: {why}") from None
         now = time.monotonic()
         rows = [(n.name, i["done"], i["total"]) for n, i in zip(nodes, infos)]
         rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
@@ -148,7 +185,7 @@ def hub_fetch(
         failed = [(n, i) for n, i in zip(nodes, infos) if i["state"] == "failed"]
         if failed:
             node, info = failed[0]
-            raise FetchError(f"{node.name}: {info['error']}")
+            raise FetchError(scrub(f"{node.name}: {info['error']}", token))
         if all(i["state"] == "done" for i in infos):
             return infos
         time.sleep(poll)
@@ -176,9 +213,25 @@ def repo_sizes(repo: str, revision: str | None) -> dict[str, int]:
 
 
 def hub_shares(model: Path, sizes: dict[str, int], mode: str, split: list[int]) -> list[Share]:
-    """Each node's files of the repo, from the index in model (config.json and the index)."""
+    """Each node's files of the repo, from the index in model (config.json and the index). A
+    repo without an index (one model.safetensors) gives every node its weight file."""
     tied = bool(read_config(model).get("tie_word_embeddings", False))
+    if not (model / INDEX).is_file():
+        if not any(n.endswith(".safetensors") and "/" not in n for n in sizes):
+            raise FetchError(f"{model} has no {INDEX} and the repo no .safetensors file")
+        return shares({}, sizes, "tensor", split, tied)  # every node: every weight file
     return shares(weight_map(model), sizes, mode, split, tied)
+
+
+def one_file_note(ref) -> str | None:
+    """The line a launch prints when a repo keeps its weights in one file without an index
+    (ref: quantize.source.ModelRef): every node needs all of it, in pipeline mode too."""
+    if ref is None or ref.repo is None or (ref.local_path / INDEX).is_file():
+        return None
+    return (
+        f"{ref.repo} keeps its weights in one file without an index ({INDEX}): every node "
+        "needs that whole file, in pipeline mode too"
+    )
 
 
 def missing_bytes(node: Node, files: list[Path], rel: str) -> int:

@@ -12,7 +12,8 @@ import errno
 import fnmatch
 import functools
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from huggingface_hub import constants, snapshot_download
@@ -53,6 +54,7 @@ DEFAULT_PATTERNS = [
 INDEX_PATTERNS = ["config.json", "model.safetensors.index.json"]
 
 _NETWORK_ERRORS = (_http.TransportError, ConnectionError, TimeoutError)
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 class SourceError(UserError):
@@ -63,11 +65,13 @@ class SourceError(UserError):
 class ModelRef:
     """A model as the user named it and where it is on this machine: repo and revision for a
     Hugging Face repo (None for a local path), local_path the folder or file to read (for a
-    repo, its snapshot in the Hugging Face cache, holding the files fetched so far)."""
+    repo, its snapshot in the Hugging Face cache, holding the files fetched so far); verify,
+    how its files already on the nodes are checked."""
 
     repo: str | None
     revision: str | None
     local_path: Path
+    verify: bool = False  # nodes hash again the files their caches hold already (--verify)
 
     @property
     def label(self) -> str:
@@ -126,6 +130,15 @@ def resolve_source(
     if revision is not None:
         spec = _with_revision(spec, revision)
     return resolve_ref(spec, allow_patterns=allow_patterns).local_path
+
+
+def pinned(ref: ModelRef) -> ModelRef:
+    """ref at the commit of the snapshot this machine read (the one a plan is made from), so
+    every node fetches that very commit even if the branch moves meanwhile."""
+    found = repo_of_snapshot(ref.local_path) if ref.repo else None
+    if found is None or not _COMMIT.fullmatch(found[1]):
+        return ref
+    return replace(ref, revision=found[1])
 
 
 def index_only(spec: str) -> ModelRef:
@@ -307,6 +320,23 @@ def _allowed(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
+def read_weight_map(index: Path, label: str) -> dict[str, str]:
+    """The weight_map of a safetensors index, or one line naming the file and what to do."""
+    try:
+        weights = json.loads(index.read_text())["weight_map"]
+        if isinstance(weights, dict) and all(isinstance(v, str) for v in weights.values()):
+            return weights
+        why = "its weight_map is not a map of tensor names to files"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        why = "it is not JSON"
+    except (KeyError, TypeError):
+        why = "it has no weight_map"
+    raise SourceError(
+        f"{index} is not a safetensors index ({why}): delete it and fetch {label} again; if the "
+        "repo itself holds it so, give another revision or tell the repo's owners"
+    )
+
+
 def _check_complete(folder: Path, label: str, patterns: list[str]) -> None:
     """Fail on a snapshot that lacks files it should hold.
 
@@ -318,7 +348,7 @@ def _check_complete(folder: Path, label: str, patterns: list[str]) -> None:
         missing.append("config.json")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        shards = sorted(set(read_weight_map(index, label).values()))
         missing += [s for s in shards if _allowed(s, patterns) and not (folder / s).is_file()]
     elif _allowed("model.safetensors", patterns) and not any(folder.glob("*.safetensors")):
         missing.append("*.safetensors")

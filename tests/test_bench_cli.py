@@ -65,3 +65,15 @@ def test_bench_expert_mode_reports_its_all_sum_traffic(tiny_r1):
     # when they are cut over the ranks), plus the 36-byte control vector that carries the token
     assert all(s >= moe_layers * hidden for s in sent), sent
     assert all(s <= 2 * config["num_hidden_layers"] * hidden + 36 for s in sent), sent
+
+
+def test_bench_takes_fetch_and_verify_as_launch_does(tiny_r1, tmp_path):
+    """bench takes --fetch and --verify as launch and serve do, through the same check
+    (mlxdist.cli.launch._across_ref), before any agent is asked."""
+    command = "bench"
+    r = run_cli(command, str(tiny_r1), "--hosts", str(tmp_path / "h.toml"), "--fetch", "rsync")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line == "error: --fetch 'rsync' is not one of auto, hub, push"
+    usage = run_cli(command, "--help", env={"COLUMNS": "200"}).stdout
+    assert "--fetch" in usage and "--verify" in usage and "hash again" in usage

@@ -5,6 +5,8 @@ Hub's API (tests/hub.py), or are pushed it by the launcher."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -17,11 +19,21 @@ from pathlib import Path
 
 import psutil
 import pytest
-from hub import REPO, FakeHub, _handler, model_files
+from hub import COMMIT, REPO, FakeHub, _handler, model_files
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import HfHubHTTPError
 from netns import available, bridged_hosts
 
 from launcher.agent_client import AgentClient, AgentError
-from launcher.fetch import FetchError, choose_fetch, hub_fetch, progress_line
+from launcher.fetch import (
+    FetchError,
+    choose_fetch,
+    hub_fetch,
+    hub_shares,
+    pin_commit,
+    progress_line,
+    repo_sizes,
+)
 from launcher.nodefiles import node_files
 from launcher.remote import Node, push_files
 from launcher.secret import create_secret, load_secret
@@ -43,12 +55,21 @@ class SlowHub(FakeHub):
         self.server.server_close()
         self.delay = 0.0
         self.auth: list[str] = []  # the Authorization header of every request
+        self.echo_auth = False  # refuse tree listings, echoing the token back (as a bad proxy)
         hub = self
         base = _handler(self)
 
         class Slow(base):
             def _route(self, body: bool) -> None:
-                hub.auth.append(self.headers.get("Authorization", ""))
+                said = self.headers.get("Authorization", "")
+                hub.auth.append(said)
+                if hub.echo_auth and "/tree/" in self.path:
+                    return self._send(
+                        json.dumps({"error": f"bad credentials: {said}"}).encode(),
+                        {"X-Error-Message": f"bad credentials: {said}"},
+                        True,
+                        401,
+                    )
                 super()._route(body)
 
             def _send(self, data: bytes, headers: dict, body: bool, status: int = 200) -> None:
@@ -187,7 +208,9 @@ def world(tiny_r1, tmp_path_factory):
     with hosts_and_hub_address(2) as (hosts, hub_ip, interface):
         hub = SlowHub(hub_ip)
         hub.repos[REPO] = model_files(tiny_r1)
-        with serving(hub):
+        with serving(hub), pytest.MonkeyPatch.context() as patch:
+            # The launcher's own requests (the commit, the listing) go to this Hub too.
+            patch.setattr(constants, "ENDPOINT", hub.url)
             agents = Agents(hosts, interface, work, hub.url)
             try:
                 yield hub, agents, tiny_r1
@@ -206,8 +229,8 @@ def cached(cache: Path, repo: str = REPO) -> dict[str, int]:
     return {p.name: p.stat().st_size for s in snapshots.iterdir() for p in s.iterdir()}
 
 
-def blob_bytes(cache: Path) -> int:
-    blobs = cache / f"models--{REPO.replace('/', '--')}" / "blobs"
+def blob_bytes(cache: Path, repo: str = REPO) -> int:
+    blobs = cache / f"models--{repo.replace('/', '--')}" / "blobs"
     return sum(p.stat().st_size for p in blobs.iterdir() if not p.name.endswith(".incomplete"))
 
 
@@ -258,22 +281,128 @@ def test_an_interrupted_fetch_resumes(world):
     print(f"\nresumed {big} at byte {kept} of {size}")
 
 
-def test_a_file_whose_hash_differs_is_refused_and_named(world):
+def test_a_later_fetch_trusts_its_checked_blobs_unless_asked_to_verify(world):
+    """A second fetch reads back only the small files (the weights' blobs are named by the
+    sha256 they were checked against on arrival); a blob changed on disk at the same size
+    passes that, and --verify (verify=True) finds it, names it and deletes it."""
     hub, agents, model = world
     files = shares(model)
     hub_fetch(agents.nodes[:1], REPO, None, files[:1])
     weights = [f for f in files[0] if f.endswith(".safetensors")]
+    small = sum((model / f).stat().st_size for f in files[0] if f not in weights)
+    [again] = hub_fetch(agents.nodes[:1], REPO, None, files[:1])
+    assert again["received"] == 0 and again["rehashed"] == small  # no weight byte read
     blob = (agents.cache(0) / "models--org--tiny-r1" / "snapshots").glob(f"*/{weights[0]}")
     blob = next(blob).resolve()
     data = bytearray(blob.read_bytes())
     data[-1] ^= 0xFF  # same size, other bytes: a damaged disk or a tampered cache
     blob.write_bytes(bytes(data))
+    [trusted] = hub_fetch(agents.nodes[:1], REPO, None, files[:1])
+    assert trusted["rehashed"] == small  # by design: only verify reads the weights again
     with pytest.raises(FetchError) as e:
-        hub_fetch(agents.nodes[:1], REPO, None, files[:1])
+        hub_fetch(agents.nodes[:1], REPO, None, files[:1], verify=True)
     assert weights[0] in str(e.value) and "sha256" in str(e.value) and "node0" in str(e.value)
     assert not blob.exists()  # refused and deleted: the next fetch gets it whole again
-    [info] = hub_fetch(agents.nodes[:1], REPO, None, files[:1])
+    [info] = hub_fetch(agents.nodes[:1], REPO, None, files[:1], verify=True)
     assert info["received"] == (model / weights[0]).stat().st_size
+    assert info["rehashed"] == sum((model / f).stat().st_size for f in files[0]) - info["received"]
+
+
+def test_bytes_that_differ_from_the_listing_are_refused_as_they_arrive(world):
+    """The Hub lists a weight file with another sha256 than the bytes it sends: the file,
+    hashed while it was written, is refused and named, and nothing of it is kept."""
+    hub, agents, model = world
+    name = max(shares(model)[1], key=lambda f: (model / f).stat().st_size)
+    data = (model / name).read_bytes()
+    wrong = hashlib.sha256(b"other" + data).hexdigest()
+    for leftover in agents.cache(1).glob("models--*"):
+        shutil.rmtree(leftover)
+    hub.tree_override[name] = {"lfs": {"oid": wrong, "size": len(data), "pointerSize": 130}}
+    try:
+        with pytest.raises(FetchError) as e:
+            hub_fetch(agents.nodes[1:], REPO, None, [[name]])
+    finally:
+        hub.tree_override.clear()
+    assert str(e.value).startswith(f"node1: {name} of {REPO} differs from the Hub's size or sha256")
+    assert not list(agents.cache(1).glob("models--*/blobs/*"))  # neither blob nor .incomplete
+
+
+def poll(node: Node, started: dict) -> dict:
+    deadline = time.monotonic() + 60
+    while (info := node.client.fetch_status(started["id"]))["state"] not in ("done", "failed"):
+        assert time.monotonic() < deadline, "the fetch did not end"
+        time.sleep(0.05)
+    return info
+
+
+def test_every_node_gets_the_one_commit_even_if_the_branch_moves(world, monkeypatch):
+    """The branch moves on the Hub after the first agent was asked: the second still gets
+    the commit the launcher resolved once, not the branch's new one."""
+    from huggingface_hub import HfApi
+
+    hub, agents, _ = world
+    moved = "f" * 40
+    start = agents.nodes[0].client.fetch_start
+
+    def start_then_move(*args, **kwargs):
+        answer = start(*args, **kwargs)
+        hub.commit = moved  # a push to main, mid-launch
+        return answer
+
+    monkeypatch.setattr(agents.nodes[0].client, "fetch_start", start_then_move)
+    try:
+        infos = hub_fetch(agents.nodes, REPO, "main", [["config.json"], ["config.json"]])
+        assert HfApi().model_info(REPO, revision="main").sha == moved  # it did move
+    finally:
+        hub.commit = COMMIT
+    assert [i["commit"] for i in infos] == [COMMIT, COMMIT]
+    assert [i["revision"] for i in infos] == [COMMIT, COMMIT]  # what the agents were sent
+
+
+@pytest.mark.parametrize("hostile", ["commit", "config.json", "weights"])
+def test_a_commit_or_etag_that_is_no_hash_is_refused_before_any_path(world, hostile):
+    """A broken or hostile Hub answering '../..' for the commit or a file's hash: the agent
+    refuses in one line naming the repo, and writes nothing outside its cache's blobs."""
+    hub, agents, model = world
+    evil = "../../../../escaped"
+    weights = sorted(shares(model)[0])[-1]
+    if hostile == "commit":
+        hub.commit = evil
+    elif hostile == "config.json":
+        hub.tree_override["config.json"] = {"oid": evil}
+    else:
+        size = (model / weights).stat().st_size
+        hub.tree_override[weights] = {"lfs": {"oid": evil, "size": size, "pointerSize": 130}}
+    try:
+        node = agents.nodes[0]
+        info = poll(node, node.client.fetch_start(REPO, ["config.json", weights], "main"))
+        if hostile == "commit":  # the launcher refuses it too, before asking any agent
+            with pytest.raises(FetchError, match="not 40 hex digits"):
+                pin_commit(REPO, "main")
+    finally:
+        hub.commit = COMMIT
+        hub.tree_override.clear()
+    assert info["state"] == "failed" and f"{REPO}@main" in info["error"]
+    assert "\n" not in info["error"] and "refused" in info["error"]
+    assert not [p for p in agents.work.rglob("escaped*")]
+    assert not (agents.cache(0) / "escaped").exists()
+
+
+def test_a_revision_with_a_slash_is_kept_as_the_hub_cache_keeps_it(world, tmp_path):
+    """refs/pr/1 (a pull request's head): fetched, and its ref written at refs/refs/pr/1 as
+    huggingface_hub writes it; the launcher resolves it too."""
+    from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision
+
+    hub, agents, _ = world
+    hub.revisions.add("refs/pr/1")
+    node = agents.nodes[0]
+    info = poll(node, node.client.fetch_start(REPO, ["config.json"], "refs/pr/1"))
+    assert info["state"] == "done" and info["commit"] == COMMIT, info["error"]
+    ours = agents.cache(0) / "models--org--tiny-r1" / "refs"
+    theirs = tmp_path / "theirs"
+    _cache_commit_hash_for_specific_revision(str(theirs), "refs/pr/1", COMMIT)
+    assert (ours / "refs" / "pr" / "1").read_text() == (theirs / "refs/refs/pr/1").read_text()
+    assert pin_commit(REPO, "refs/pr/1") == COMMIT
 
 
 def test_the_push_path_sends_each_node_only_its_files_once(world):
@@ -310,6 +439,26 @@ def test_the_token_goes_to_the_hub_and_nowhere_else(world, monkeypatch):
     proc = agents.procs[0]
     assert token not in " ".join(psutil.Process(proc.pid).cmdline())
     assert token not in str(psutil.Process(proc.pid).environ())
+
+
+def test_a_token_echoed_back_in_an_error_is_never_shown(world, monkeypatch):
+    """A server that refuses the listing and repeats the Authorization header in its error:
+    the one line the launcher shows, and the agent's log, hold no token."""
+    hub, agents, _ = world
+    token = "hf_" + os.urandom(12).hex()
+    monkeypatch.setenv("HF_TOKEN", token)
+    hub.echo_auth = True
+    try:
+        with pytest.raises(HfHubHTTPError) as raw:  # what huggingface_hub raises holds it
+            list(HfApi(token=token).list_repo_tree(REPO, revision=COMMIT))
+        assert token in str(raw.value)
+        with pytest.raises(FetchError) as e:
+            hub_fetch(agents.nodes[:1], REPO, None, [["config.json"]])
+    finally:
+        hub.echo_auth = False
+    assert "401" in str(e.value) and REPO in str(e.value)
+    assert token not in str(e.value) and "\n" not in str(e.value)
+    assert token not in (agents.config(0) / "agent.log").read_text(errors="replace")
 
 
 def test_auto_fetches_from_the_hub_only_when_every_node_reaches_it(world):
@@ -386,22 +535,58 @@ def mlx_repo(world, tmp_path_factory):
     return "org/tiny-r1-4bit", out
 
 
+def one_file_repo(hub, mlx_repo) -> str:
+    """The same quantised tiny-r1 as one model.safetensors without an index (as small repos
+    on the Hub are), served as org/tiny-r1-one-file."""
+    import mlx.core as mx
+
+    repo, model = mlx_repo
+    one = {n: d for n, d in hub.repos[repo].items() if not n.endswith(".safetensors")}
+    del one["model.safetensors.index.json"]
+    tensors = {}
+    for f in sorted(model.glob("*.safetensors")):
+        tensors |= mx.load(str(f))
+    merged = model.parent / "one-file.safetensors"
+    mx.save_safetensors(str(merged), tensors, metadata={"format": "mlx"})
+    hub.repos["org/tiny-r1-one-file"] = one | {"model.safetensors": merged.read_bytes()}
+    return "org/tiny-r1-one-file"
+
+
 @pytest.mark.parametrize(
-    "fetch, parallel",
-    [("hub", "pipeline"), ("push", "pipeline"), ("hub", "tensor"), ("auto", "auto")],
+    "fetch, parallel, one_file",
+    [
+        ("hub", "pipeline", False),
+        ("push", "pipeline", False),
+        ("hub", "tensor", False),
+        ("auto", "auto", False),
+        ("hub", "pipeline", True),
+    ],
 )
-def test_launch_of_a_repo_id_equals_one_process(world, mlx_repo, tmp_path, fetch, parallel):
+def test_launch_of_a_repo_id_equals_one_process(
+    world, mlx_repo, tmp_path, fetch, parallel, one_file
+):
     """`mlxdist launch org/name --hosts --fetch`: the launcher reads the config and index (all
-    of the repo with push), the nodes get their files, the answer is one process's."""
+    of the repo with push), the nodes get their files, the answer is one process's. A repo of
+    one weight file without an index: every node fetches that file, and the launch says so."""
     from test_cluster_hosts import MAX_TOKENS, PROMPT, reference_text
 
     hub, agents, _ = world
     repo, model = mlx_repo
+    if one_file:
+        repo = one_file_repo(hub, mlx_repo)
     done = launch_repo(hub, agents, tmp_path, repo, fetch, parallel, PROMPT, MAX_TOKENS)
     cache = tmp_path / "launcher-hf"
     print(done.stderr[-3000:])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.rstrip("\n") == reference_text(model)
+    if one_file:
+        size = len(hub.repos[repo]["model.safetensors"])
+        assert f"{repo} keeps its weights in one file without an index" in done.stderr
+        assert "every node needs that whole file, in pipeline mode too" in done.stderr
+        assert set(cached(cache, repo)) == {"config.json"}  # the launcher read no weights
+        for i in range(2):
+            assert cached(agents.cache(i), repo)["model.safetensors"] == size
+        return
     if fetch == "auto":  # the agents reach the Hub: they fetch
         assert f"files: hub (every node reaches the Hub and sees {repo})" in done.stderr
     else:
@@ -414,6 +599,55 @@ def test_launch_of_a_repo_id_equals_one_process(world, mlx_repo, tmp_path, fetch
         assert {n for n in hub.repos[repo] if n.endswith(".safetensors")} <= held
     if parallel == "tensor":
         assert "every node needs every file in tensor mode" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def community_repo(world, tmp_path_factory):
+    """A tiny llama quantised as mlx-community's repos are (4 bits, here group 32, in three
+    shards with an index, the files mlx_lm.convert writes), served as
+    mlx-community/tiny-llama-4bit."""
+    from mlxdist.testing.make_model import make_model  # what `testing make-model llama` writes
+
+    hub, _, _ = world
+    work = tmp_path_factory.mktemp("community")
+    make_model("llama", work / "llama")
+    out = work / "tiny-llama-4bit"
+    quantize = [sys.executable, "-m", "mlxdist.cli", "quantize", str(work / "llama"), str(out)]
+    quantize += ["--group-size", "32", "--max-file-size", "0.0002"]
+    done = subprocess.run(quantize, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    files = {n: d for n, d in model_files(out).items() if n != "manifest.json"}
+    assert len([n for n in files if n.endswith(".safetensors")]) > 2
+    hub.repos["mlx-community/tiny-llama-4bit"] = files
+    return "mlx-community/tiny-llama-4bit", out
+
+
+def test_a_pre_quantised_repo_is_planned_from_its_index_and_fetched_by_share(
+    world, community_repo, tmp_path
+):
+    """`mlxdist plan` of the repo id reads config.json and the index only; two nodes then fetch
+    it from the Hub by that plan's split, each receiving exactly its share's bytes."""
+    hub, agents, _ = world
+    repo, model = community_repo
+    cache = tmp_path / "launcher-hf"
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_ENDPOINT=hub.url)
+    env |= {"HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": ""}
+    argv = [sys.executable, "-m", "mlxdist.cli", "plan", repo, "--simulate", "2x192GB"]
+    argv += ["--parallel", "pipeline", "--json"]
+    done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert hub.fetched(repo) == {"config.json", "model.safetensors.index.json"}
+    assert set(cached(cache, repo)) == hub.fetched(repo)  # no weight file came here
+    split = json.loads(done.stdout)["split"]
+    snapshot = next((cache / f"models--{repo.replace('/', '--')}" / "snapshots").iterdir())
+    rows = hub_shares(snapshot, repo_sizes(repo, COMMIT), "pipeline", split)
+    assert rows[0].files != rows[1].files
+    infos = hub_fetch(agents.nodes, repo, None, [r.files for r in rows])
+    for i, (row, info) in enumerate(zip(rows, infos)):
+        share = sum((model / f).stat().st_size for f in row.files)
+        assert row.bytes == share == info["received"] == blob_bytes(agents.cache(i), repo)
+        assert set(cached(agents.cache(i), repo)) == set(row.files)
+        print(f"\nnode{i}: {share} bytes of {repo} ({row.files})")
 
 
 def test_a_push_larger_than_a_nodes_free_disk_is_refused(world, mlx_repo, tmp_path):

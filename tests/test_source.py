@@ -35,6 +35,7 @@ from quantize.source import (
     SourceError,
     config_only,
     parse_repo_spec,
+    pinned,
     repo_of_snapshot,
     resolve_ref,
     resolve_source,
@@ -426,3 +427,33 @@ def test_safetensors_headers_by_byte_ranges(tmp_path, tiny_r1, hub):
         assert headers[shard] == on_disk
     assert hub.fetched() == {"model.safetensors.index.json"}  # never a shard in whole
     assert {name for _, name, _ in hub.ranges} == set(shards)
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("{not json", "it is not JSON"),
+        ('{"metadata": {}}', "it has no weight_map"),
+        ('{"weight_map": [1, 2]}', "its weight_map is not a map of tensor names to files"),
+    ],
+)
+def test_a_malformed_index_is_one_line_naming_the_file(offline, repo_files, text, why):
+    files = repo_files | {"model.safetensors.index.json": text.encode()}
+    snapshot = write_hf_cache(offline, files)
+    with pytest.raises(SourceError) as err:
+        resolve_ref(REPO)
+    index = snapshot / "model.safetensors.index.json"
+    assert str(err.value) == (
+        f"{index} is not a safetensors index ({why}): delete it and fetch {REPO} again; if the "
+        "repo itself holds it so, give another revision or tell the repo's owners"
+    )
+
+
+def test_a_ref_is_pinned_at_the_commit_of_the_snapshot_it_read(offline, repo_files, tmp_path):
+    """What every node is sent: the commit the plan's snapshot is, not the branch's name."""
+    snapshot = write_hf_cache(offline, repo_files, refs=("main", "refs/pr/1"))
+    for revision in ("main", "refs/pr/1"):
+        ref = resolve_ref(f"{REPO}@{revision}")
+        assert pinned(ref) == ModelRef(REPO, COMMIT, snapshot)
+    local = ModelRef(None, None, tmp_path)
+    assert pinned(local) is local

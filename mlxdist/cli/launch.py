@@ -28,6 +28,11 @@ FETCH_HELP = (
     "every node reaches the Hub)"
 )
 
+VERIFY_HELP = (
+    "hash again the files of a Hugging Face repo that the nodes' caches hold already (by default "
+    "a weight file checked when it was fetched is trusted at its size, not read again)"
+)
+
 PARALLEL_HELP = (
     "auto (the mode the performance model predicts fastest here, the default), pipeline "
     "(layers per rank), expert (routed experts per rank) or tensor"
@@ -93,6 +98,7 @@ def launch(
     experts: str | None = typer.Option(None, help="routed experts per rank, e.g. 3,3,2 (expert)"),
     backend: str | None = typer.Option(None, help=BACKEND_HELP),
     fetch: str = typer.Option("auto", help=FETCH_HELP),
+    verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
 ) -> None:
     """Start one rank per host (or N on this machine), then answer --prompt or open a chat."""
     params = {"max_tokens": max_tokens, "temperature": temp}
@@ -107,7 +113,8 @@ def launch(
             raise UserError("--experts is for --local: across hosts the node folders' cut holds")
         parallel = _parallel(parallel)
         backend = _backend(backend, bool(hosts or cluster))
-        ref = _model_ref(model, whole=not (hosts or cluster) or fetch == "push")
+        across = bool(hosts or cluster)
+        ref = _across_ref(model, fetch, verify) if across else _model_ref(model)
         path = _launch_model(ref)
         if hosts or cluster:
             from launcher.cluster import replan_agents, start_agents_cluster
@@ -142,6 +149,25 @@ def _model_ref(model: str | None, whole: bool = True) -> ModelRef | None:
     if model is None or Path(model).expanduser().exists() or parse_repo_spec(model) is None:
         return ModelRef(None, None, Path(model).expanduser()) if model else None
     return resolve_ref(model) if whole else index_only(model)
+
+
+def _across_ref(model: str | None, fetch: str, verify: bool) -> ModelRef | None:
+    """The model for ranks on other Macs: for a repo id only its config and index here (the
+    nodes fetch their own files) unless pushed, pinned at the commit read here, so that every
+    node gets that very commit."""
+    from dataclasses import replace
+
+    from launcher.fetch import check_fetch, one_file_note
+    from quantize.source import pinned
+
+    check_fetch(fetch)
+    ref = _model_ref(model, whole=fetch == "push")
+    if ref is None or ref.repo is None:
+        return ref
+    note = one_file_note(ref)
+    if note:
+        typer.echo(note, err=True)
+    return replace(pinned(ref), verify=verify)
 
 
 def _launch_model(ref: ModelRef | None) -> Path:
@@ -310,6 +336,7 @@ def serve(
     backend: str | None = typer.Option(None, help=BACKEND_HELP),
     parallel: str = typer.Option("auto", help=PARALLEL_HELP),
     fetch: str = typer.Option("auto", help=FETCH_HELP),
+    verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
 ) -> None:
     """Run the cluster with its OpenAI-style HTTP API only, until Ctrl-C."""
     try:
@@ -317,7 +344,7 @@ def serve(
             raise UserError("--local, --split, --host and --max-context are not for --hosts")
         parallel = _parallel(parallel)
         backend = _backend(backend, bool(hosts))
-        ref = _model_ref(model, whole=not hosts or fetch == "push")
+        ref = _across_ref(model, fetch, verify) if hosts else _model_ref(model)
         path = _launch_model(ref)
         if hosts:
             from launcher.cluster import start_agents_cluster
@@ -409,6 +436,8 @@ def bench(
     parallel: str = typer.Option("auto", help=PARALLEL_HELP),
     experts: str | None = typer.Option(None, help="routed experts per rank, e.g. 3,3,2 (expert)"),
     backend: str | None = typer.Option(None, help=BACKEND_HELP),
+    fetch: str = typer.Option("auto", help=FETCH_HELP),
+    verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
 ) -> None:
     """Start the cluster, measure prompt and decode speed, memory and traffic, then stop it."""
     from mlxdist.client.bench import bench as measure
@@ -421,14 +450,14 @@ def bench(
             raise UserError("--experts is for --local; across hosts the expert node folders decide")
         parallel = _parallel(parallel)
         backend = _backend(backend, bool(hosts))
-        ref = _model_ref(model)  # a repo id's revision stays with it, for fetches on the nodes
+        ref = _across_ref(model, fetch, verify) if hosts else _model_ref(model)
         path = _launch_model(ref)
         if hosts:
             from launcher.cluster import start_agents_cluster
 
             secret = _secret(secret_file)
             running = start_agents_cluster(
-                path, hosts, None, [], secret, 4096, None, parallel, backend
+                path, hosts, None, [], secret, 4096, None, parallel, backend, fetch, ref
             )
         else:
             parallel = _auto_here(path, parallel, experts, split, local, 4096)
