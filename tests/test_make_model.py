@@ -26,6 +26,8 @@ def test_sanitize_undoes_the_checkpoint_layout(name):
     weights = random_weights(config, seed=1)
     stored = FAMILIES[name].to_hub(weights, config)
     model_class, args_class = _get_classes(config)
+    # the checkpoint holds the Hub's names, never mlx-lm's stacked experts or split kv_b_proj
+    assert not [k for k in stored if ".switch_mlp." in k or ".embed_q." in k]
     back = model_class(args_class.from_dict(config)).sanitize(
         {k: mx.array(v) for k, v in stored.items()}
     )
@@ -59,14 +61,6 @@ def test_cli_writes_what_the_function_writes(tmp_path):
     assert all((out / f).read_bytes() == (direct / f).read_bytes() for f in files)
 
 
-def test_cli_unknown_family_is_one_line(tmp_path):
-    r = run_cli("testing", "make-model", "falcon", str(tmp_path / "x"))
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [
-        f"error: unknown family 'falcon': choose one of {', '.join(FAMILIES)}"
-    ]
-
-
 def test_unsupported_model_type_names_the_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_next"}))
     with pytest.raises(CheckpointError) as e:
@@ -74,3 +68,67 @@ def test_unsupported_model_type_names_the_supported(tmp_path):
     message = str(e.value)
     assert "\n" not in message and "'qwen3_next'" in message
     assert all(t in message for t in SUPPORTED_MODEL_TYPES)
+
+
+def test_kimi_k2_chat_template_and_ends(tmp_path):
+    """Kimi K2's markers around each message, its own system message when the chat has none,
+    the answer opened after <|im_assistant|>assistant<|im_middle|>; <|im_end|> ends an answer
+    as well as [EOS] (generation_config.json)."""
+    from jinja2 import Template
+
+    spec = FAMILIES["kimi_k2"]
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello", "reasoning_content": "greet"},
+        {"role": "user", "content": "Bye"},
+    ]
+    text = Template(spec.chat_template).render(messages=chat, add_generation_prompt=True)
+    assert text == (
+        "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI."
+        "<|im_end|><|im_user|>user<|im_middle|>Hi<|im_end|>"
+        "<|im_assistant|>assistant<|im_middle|><think>greet</think>Hello<|im_end|>"
+        "<|im_user|>user<|im_middle|>Bye<|im_end|><|im_assistant|>assistant<|im_middle|>"
+    )
+    path = make_model("kimi_k2", tmp_path / "kimi", {"num_hidden_layers": 2})
+    vocab = json.loads((path / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
+    ends = json.loads((path / "generation_config.json").read_text())["eos_token_id"]
+    assert ends == [ids["[EOS]"], ids["<|im_end|>"]]
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "kimi_k2"
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert (config["n_group"], config["topk_group"], config["first_k_dense_replace"]) == (1, 1, 1)
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+
+
+# (arguments after FAMILY OUT, or None for OUT itself; the one line the CLI answers)
+BAD = [
+    (["falcon", "OUT"], f"unknown family 'falcon': choose one of {', '.join(FAMILIES)}"),
+    (["qwen3", "FILE"], "FILE is a file: give a folder to write the model into"),
+    (["qwen3", "FILE/sub"], "cannot write the model into FILE/sub: Not a directory"),
+    (["qwen3", "OUT", "--set", "num_hidden_layers"], "expected key=value, got 'num_hidden_layers'"),
+    (
+        ["qwen3", "OUT", "--set", "num_hidden_layers=abc"],
+        '--set num_hidden_layers="abc": give a whole number, 1 or more',
+    ),
+    (
+        ["qwen3", "OUT", "--set", "num_hidden_layers=-1"],
+        "--set num_hidden_layers=-1: give a whole number, 1 or more",
+    ),
+    (["llama", "OUT", "--set", "rope_scaling.factor=x"], '--set rope_scaling.factor="x": give'),
+    (["qwen3", "OUT", "--set", "rope_scaling=5"], "mlx-lm cannot build a qwen3 model with these"),
+    (["qwen3", "OUT", "--seed", "x"], "--seed 'x': give a whole number, 0 or more"),
+]
+
+
+@pytest.mark.parametrize(("args", "line"), BAD, ids=[" ".join(args) for args, _ in BAD])
+def test_cli_refusals_are_one_line(tmp_path, args, line):
+    (tmp_path / "FILE").write_text("not a folder")
+    where = {"OUT": str(tmp_path / "OUT"), "FILE": str(tmp_path / "FILE")}
+    args = [where.get(a, a.replace("FILE", where["FILE"])) for a in args]
+    r = run_cli("testing", "make-model", *args)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("error: " + line.replace("FILE", where["FILE"])), lines[0]
+    assert not (tmp_path / "OUT").exists()

@@ -9,6 +9,7 @@ tokens and chat template. The same arguments give byte-identical files.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,43 @@ class UnknownFamily(ValueError):
     pass
 
 
+# config.json fields that count something (layers, heads, widths, experts): whole numbers, at
+# least 1 unless the family may have none of them.
+_COUNT = re.compile(r"^(num_|n_)|_(size|dim|rank|layers|heads|tok|replace|step|group|embeddings)$")
+_MAY_BE_ZERO = {
+    *("first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"),
+    "shared_intermediate_size",
+}
+
+
+def check_overrides(base: dict, overrides: dict, prefix: str = "") -> None:
+    """Each --set value has the type of the field it replaces; raises ValueError naming it."""
+    for key, value in overrides.items():
+        name, was = f"{prefix}{key}", base.get(key)
+        shown = f"--set {name}={json.dumps(value)}"
+        if isinstance(was, dict) and isinstance(value, dict):
+            check_overrides(was, value, f"{name}.")
+        elif isinstance(was, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{shown}: give true or false")
+        elif isinstance(was, list | dict | str) and not isinstance(value, type(was)):
+            kind = {list: "a JSON list", dict: "a JSON object", str: "text"}[type(was)]
+            raise ValueError(f"{shown}: give {kind}, as the family's {was!r}")
+        elif _COUNT.search(key) and (isinstance(was, int) or key not in base):
+            least = 0 if key in _MAY_BE_ZERO else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{shown}: give a whole number, {least} or more")
+        elif isinstance(was, int | float) and (
+            isinstance(value, bool) or not isinstance(value, int | float)
+        ):
+            raise ValueError(f"{shown}: give a number")
+
+
 def family_config(family: str, overrides: dict | None = None) -> dict:
     if family not in FAMILIES:
         raise UnknownFamily(f"unknown family {family!r}: choose one of {', '.join(FAMILIES)}")
     spec = FAMILIES[family]
+    check_overrides(spec.config, overrides or {})
     config = _merge(spec.config, overrides or {})
     config["bos_token_id"] = 0 if spec.bos else None
     config["eos_token_id"] = 1 if spec.bos else 0
@@ -171,17 +205,29 @@ def _write_json(path: Path, data: dict, sort_keys: bool = False) -> None:
 
 
 def make_model(family: str, out: str | Path, overrides: dict | None = None, seed: int = 0) -> Path:
-    """Writes a tiny random checkpoint of family into out."""
+    """Writes a tiny random checkpoint of family into out. Raises ValueError, with the line
+    to show, for an unknown family, a bad override or seed, or an out it cannot write."""
     out = Path(out)
     config = family_config(family, overrides)
     spec = FAMILIES[family]
     if config["vocab_size"] < 2 + 256 + len(spec.added):
         raise ValueError("vocab_size is too small for the byte-level tokenizer")
-    weights = spec.to_hub(with_mtp(config, seed), config)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("model-*-of-*.safetensors"):
-        old.unlink()
-    _save(out, weights, spec, config)
-    _write_json(out / "config.json", config)
-    _write_tokenizer(out, spec, config)
+    if seed < 0:
+        raise ValueError(f"--seed {seed}: give a whole number, 0 or more")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: give a folder to write the model into")
+    try:
+        weights = spec.to_hub(with_mtp(config, seed), config)
+    except Exception as e:  # mlx-lm's own check of the fields, whatever it raises
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"mlx-lm cannot build a {family} model with these fields: {first}") from e
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("model-*-of-*.safetensors"):
+            old.unlink()
+        _save(out, weights, spec, config)
+        _write_json(out / "config.json", config)
+        _write_tokenizer(out, spec, config)
+    except OSError as e:
+        raise ValueError(f"cannot write the model into {out}: {e.strerror or e}") from None
     return out
