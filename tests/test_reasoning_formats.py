@@ -109,6 +109,7 @@ TEMPLATES = [
     ("qwen3", 0, "qwen3", {}),
     ("qwen3", 1, "qwen3", {"enable_thinking": False}),
     ("glm", 0, "glm4_moe", {}),
+    ("kimi_k2", 0, "kimi_k2", {}),
     ("minimax", 0, "minimax", {}),
     ("gpt_oss", 0, "gpt_oss", {}),
 ]
