@@ -132,3 +132,9 @@ def test_cli_refusals_are_one_line(tmp_path, args, line):
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith("error: " + line.replace("FILE", where["FILE"])), lines[0]
     assert not (tmp_path / "OUT").exists()
+
+
+def test_a_block_can_be_taken_out_but_not_replaced_by_a_number():
+    assert family_config("llama", {"rope_scaling": None})["rope_scaling"] is None
+    with pytest.raises(ValueError, match=r"--set rope_scaling=3: give a JSON object"):
+        family_config("llama", {"rope_scaling": 3})

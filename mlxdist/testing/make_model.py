@@ -43,6 +43,8 @@ def check_overrides(base: dict, overrides: dict, prefix: str = "") -> None:
         elif isinstance(was, bool):
             if not isinstance(value, bool):
                 raise ValueError(f"{shown}: give true or false")
+        elif isinstance(was, dict) and value is None:
+            continue  # a block taken out, as rope_scaling=null
         elif isinstance(was, list | dict | str) and not isinstance(value, type(was)):
             kind = {list: "a JSON list", dict: "a JSON object", str: "text"}[type(was)]
             raise ValueError(f"{shown}: give {kind}, as the family's {was!r}")
