@@ -138,3 +138,19 @@ def test_a_block_can_be_taken_out_but_not_replaced_by_a_number():
     assert family_config("llama", {"rope_scaling": None})["rope_scaling"] is None
     with pytest.raises(ValueError, match=r"--set rope_scaling=3: give a JSON object"):
         family_config("llama", {"rope_scaling": 3})
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [(["FILE"], "FILE is a file: give a folder"), (["OUT", "--seed", "1.5"], "--seed '1.5'")],
+    ids=["out-is-a-file", "seed"],
+)
+def test_make_r1_refusals_are_one_line(tmp_path, args, line):
+    (tmp_path / "FILE").write_text("not a folder")
+    args = [str(tmp_path / a) if a in ("FILE", "OUT") else a for a in args]
+    r = run_cli("testing", "make-r1", *args)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: " + line.replace("FILE", str(tmp_path / "FILE")))
+    assert not (tmp_path / "OUT").exists()
