@@ -21,7 +21,14 @@ from quantize.nodes import even_experts, expert_node_folder, node_folder
 
 from .hostfile import free_ports
 from .rankenv import rank_env, write_files
-from .rankspec import HEARTBEAT_TOKEN_ENV, NODE_FAILED, PEER_GONE, RANK_MODULE, RankSpec
+from .rankspec import (
+    API_KEY_ENV,
+    HEARTBEAT_TOKEN_ENV,
+    NODE_FAILED,
+    PEER_GONE,
+    RANK_MODULE,
+    RankSpec,
+)
 
 _VERDICT = "[rank 0] node failure: "
 
@@ -114,6 +121,7 @@ def start_local(
     experts: list[int] | None = None,
     attention: str | None = None,
     max_context: int | None = None,
+    api: dict | None = None,
 ) -> Cluster:
     """Starts len(split) ranks on this machine over the ring backend on loopback.
 
@@ -121,8 +129,11 @@ def start_local(
     experts gives the routed experts per rank (default: as even as possible); attention
     "sharded" or "replicated" for expert mode's attention heads and shared experts (default:
     the rank's, sharded where they divide). max_context: tokens a request may use (default:
-    the model's own limit).
+    the model's own limit). api: rank 0's API settings (RankSpec's max_body_mb, docs,
+    allowed_hosts, cors_origins) and its api_key, which goes in rank 0's environment only.
     """
+    api = dict(api or {})
+    key = api.pop("api_key", None)
     n = len(split)
     run_dir = Path(run_dir or tempfile.mkdtemp(prefix="mlxdist-run-"))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +151,7 @@ def start_local(
         port=http_port,
         heartbeat=f"127.0.0.1:{ports[n]}",
         max_context=max_context,
+        **api,
     )
     token = secrets.token_hex(16)
     procs, logs = [], []
@@ -153,6 +165,9 @@ def start_local(
             folder = Path(model)
         rank_cmd = [sys.executable, "-m", RANK_MODULE, *replace(spec, model=str(folder)).to_argv()]
         variables = dict(os.environ) | (env or {}) | {HEARTBEAT_TOKEN_ENV: token}
+        variables.pop(API_KEY_ENV, None)
+        if key and rank == 0:
+            variables[API_KEY_ENV] = key
         # As mlx.launch gives a ring rank (the hostfile in run_dir, reusable with mlx.launch);
         # a single rank runs without a ring.
         variables |= write_files(rank_env(rank, n, "ring", ring), run_dir)

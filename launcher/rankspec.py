@@ -19,6 +19,8 @@ HEARTBEAT_TOKEN_ENV = "MLXDIST_HEARTBEAT_TOKEN"  # in the environment: no one re
 STDIN_LIFELINE_ENV = "MLXDIST_STDIN_LIFELINE"
 PARENT_PID_ENV = "MLXDIST_PARENT_PID"  # the starter's pid, so a rank sees a parent gone early
 MAX_CONTEXT_ENV = "MLXDIST_MAX_CONTEXT"  # the rank's --max-context when none is given
+API_KEY_ENV = "MLXDIST_API_KEY"  # rank 0's API key: in the environment, never on a command line
+MAX_BODY_MB = 4  # the largest request body the API reads, by default
 AGENT_PORT = 52417  # a host's agent, unless hosts.toml gives its agent_port
 # As mlx-lm's generate_step: the prompt but its last token is prefilled in chunks of this size,
 # then the last token is a step of its own, so the numbers match a single process exactly.
@@ -47,8 +49,17 @@ class RankSpec:
     heartbeat: str | None = None  # HOST:PORT where rank 0 hears the ranks
     node: str | None = None  # this host's name, as the launcher calls it
     max_context: int | None = None  # None: MAX_CONTEXT_ENV's, else the model's own limit
+    # rank 0's API (the key itself travels in API_KEY_ENV): body limit, docs, Host names, CORS
+    max_body_mb: int = MAX_BODY_MB
+    docs: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts or ()))
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins or ()))
+        if self.max_body_mb < 1:
+            raise ValueError("max_body_mb must be at least 1")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}")
         if self.attention not in ATTENTION:
@@ -84,7 +95,7 @@ class RankSpec:
         return cls(model, parallel, ranks=len(split), experts=experts, **settings)
 
     def to_argv(self) -> list[str]:
-        """The flags after `python -m mlxdist.rank`, each followed by its one value."""
+        """The flags after `python -m mlxdist.rank`, each followed by its one value (but --docs)."""
         argv = ["--model", self.model]
         if self.parallel == "pipeline":
             argv += ["--split", _join(self.split)]
@@ -104,6 +115,14 @@ class RankSpec:
             argv += ["--heartbeat", self.heartbeat]
         if self.node:
             argv += ["--node", self.node]
+        if self.max_body_mb != MAX_BODY_MB:
+            argv += ["--max-body-mb", str(self.max_body_mb)]
+        if self.docs:
+            argv += ["--docs"]
+        for name in self.allowed_hosts:
+            argv += ["--allowed-host", name]
+        for origin in self.cors_origins:
+            argv += ["--cors-origin", origin]
         return argv
 
     @classmethod
@@ -165,4 +184,8 @@ def _parser() -> argparse.ArgumentParser:
         default=int(os.environ.get(MAX_CONTEXT_ENV, "0")) or None,
         help="tokens of prompt and answer a request may use (default: the model's own limit)",
     )
+    p.add_argument("--max-body-mb", type=int, default=MAX_BODY_MB, help="largest request body")
+    p.add_argument("--docs", action="store_true", help="serve /docs, /redoc, /openapi.json")
+    p.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[])
+    p.add_argument("--cors-origin", dest="cors_origins", action="append", default=[])
     return p

@@ -236,8 +236,10 @@ def _serve_api(
     import uvicorn
     from mlx_lm.utils import load_tokenizer
 
+    from launcher.rankspec import API_KEY_ENV
     from mlxdist.serving.api import create_app
     from mlxdist.serving.coordinator import Coordinator
+    from mlxdist.serving.guard import Policy
     from mlxdist.serving.stops import read_end_token_ids
 
     stage = runner.stage
@@ -264,7 +266,8 @@ def _serve_api(
         ],
     }
     name = spec.name or os.path.basename(os.path.normpath(spec.model))
-    app = create_app(coordinator, name, info, inflight)
+    key = os.environ.pop(API_KEY_ENV, None)  # read once; no child of this rank inherits it
+    app = create_app(coordinator, name, info, inflight, Policy.from_spec(spec, key))
     config = uvicorn.Config(app, host=spec.host, port=spec.port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 
 from mlxdist.serving.coordinator import Coordinator
 from mlxdist.serving.events import Done, Event, Failed, Gone, Token
+from mlxdist.serving.guard import Guard, Policy
 from mlxdist.serving.job import Job
 from mlxdist.serving.openai_schema import (
     APIError,
@@ -83,9 +84,23 @@ class Inflight:
 
 
 def create_app(
-    coordinator: Coordinator, model_name: str, info: dict, inflight: Inflight | None = None
+    coordinator: Coordinator,
+    model_name: str,
+    info: dict,
+    inflight: Inflight | None = None,
+    policy: Policy | None = None,
 ) -> FastAPI:
-    app = FastAPI(title="mlxdist")
+    """policy: the Host, key, body and CORS guards (mlxdist/serving/guard.py); None, in
+    in-process tests only: no guard."""
+    docs = policy is None or policy.docs
+    app = FastAPI(
+        title="mlxdist",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    if policy is not None:
+        app.add_middleware(Guard, policy=policy)
     # Without heartbeats (one rank), an error has no node failure to wait for.
     inflight, wait = (inflight, EXPLAIN_WAIT) if inflight else (Inflight(), 0.0)
     app.state.inflight = inflight
@@ -103,7 +118,7 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:
-        code = "not_found" if e.status_code == 404 else None
+        code = {404: "not_found", 413: "body_too_large"}.get(e.status_code)
         return error_response(APIError(e.status_code, str(e.detail), code=code))
 
     def check_ids(ids: list[int], param: str = "prompt") -> list[int]:
@@ -162,7 +177,10 @@ def create_app(
         )
 
     @app.get("/health")
-    def health() -> dict:
+    def health(request: Request) -> dict:
+        # Open to all; the cluster's make-up (hosts, memory, model) only to a key's holder.
+        if policy is not None and not policy.authorized(request.headers.get("authorization")):
+            return {"status": "ok"}
         return {"status": "ok", "model": model_name, "queued": coordinator.pending(), **info}
 
     @app.get("/v1/models")

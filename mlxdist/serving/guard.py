@@ -1,0 +1,207 @@
+"""What stands between the network and the API: the Host a request names, its API key, its
+body's size, and which browser origins may read the answers (CORS).
+
+Plain ASGI, so a body is counted as it streams and refused before it is all read.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import socket
+from dataclasses import dataclass, field
+
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+MiB = 2**20
+MAX_BODY_MB = 4
+OPEN_PATHS = frozenset({"/health"})  # answered without the key (and saying little without it)
+DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+NO_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization "
+    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
+WRONG_KEY = "Incorrect API key provided."
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The API's guards. api_key None: every request is served, as before keys existed."""
+
+    host: str = "127.0.0.1"  # the address the server is bound to
+    api_key: str | None = None
+    max_body: int = MAX_BODY_MB * MiB
+    docs: bool = False
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted beyond the bound ones
+    cors_origins: tuple[str, ...] = ()
+    names: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", bound_names(self.host, self.allowed_hosts))
+
+    @classmethod
+    def from_spec(cls, spec, api_key: str | None) -> Policy:
+        """The policy of a rank's settings (launcher/rankspec.py RankSpec) and key."""
+        return cls(
+            host=spec.host,
+            api_key=api_key or None,
+            max_body=int(spec.max_body_mb * MiB),
+            docs=spec.docs,
+            allowed_hosts=tuple(spec.allowed_hosts),
+            cors_origins=tuple(spec.cors_origins),
+        )
+
+    def authorized(self, authorization: str | None) -> bool:
+        """The Authorization header carries the key (always true without a key)."""
+        if self.api_key is None:
+            return True
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode(), self.api_key.encode())
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_wildcard(host: str) -> bool:
+    return host.strip("[]") in ("0.0.0.0", "::", "")
+
+
+def bound_names(host: str, extras: tuple[str, ...] = ()) -> frozenset[str]:
+    """The names a Host header may give: the bound address, the loopback names when bound there
+    (or everywhere), this machine's name (and its .local Bonjour name), and the extras."""
+    names = {host.strip("[]").lower(), *(e.strip("[]").lower().rstrip(".") for e in extras)}
+    if is_loopback(host) or is_wildcard(host):
+        names |= LOOPBACK_NAMES
+    me = socket.gethostname().lower().rstrip(".")
+    names |= {me, me.split(".")[0], me.split(".")[0] + ".local"}
+    return frozenset(names - {""})
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port: 'a.b:80' -> 'a.b', '[::1]:80' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0].rstrip(".") if header.count(":") <= 1 else header
+
+
+class TooLarge(HTTPException):
+    """Raised from receive(): FastAPI passes an HTTPException through its body parsing."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is over the server's limit of {_size(limit)}")
+
+
+def _size(n: int) -> str:
+    return f"{n / MiB:g} MiB" if n >= MiB else f"{n} bytes"
+
+
+def error(status: int, message: str, code: str | None, kind: str = "invalid_request_error"):
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return status, json.dumps(body).encode()
+
+
+class _KeyAndBody:
+    """ASGI middleware: the key (every path but OPEN_PATHS), then the body's size."""
+
+    def __init__(self, app, policy: Policy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        p = self.policy
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["path"] not in OPEN_PATHS and not p.authorized(headers.get("authorization")):
+            given = "authorization" in headers
+            message, code = (WRONG_KEY, "invalid_api_key") if given else (NO_KEY, None)
+            return await _answer(send, *error(401, message, code), bearer=True)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > p.max_body:
+            return await _answer(send, *error(413, TooLarge(p.max_body).detail, "body_too_large"))
+        started = False
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > p.max_body:  # a chunked body, or one longer than it declared
+                    raise TooLarge(p.max_body)
+            return message
+
+        async def sending(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, sending)
+        except TooLarge as e:  # read by a route outside FastAPI's own body parsing
+            if started:
+                raise
+            await _answer(send, *error(413, e.detail, "body_too_large"))
+
+
+async def _answer(send, status: int, body: bytes, bearer: bool = False) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if bearer:
+        headers.append((b"www-authenticate", b"Bearer"))
+    # The rest of a refused body is not read: the connection closes after this answer.
+    headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """ASGI middleware: the Host check, then CORS for the named origins only (before the key: a
+    browser's preflight carries none, and a 401 must reach the page), the key and the body
+    limit."""
+
+    def __init__(self, app, policy: Policy) -> None:
+        inner = _KeyAndBody(app, policy)
+        cors = None
+        if policy.cors_origins:
+            methods, headers = ["GET", "POST", "OPTIONS"], ["Authorization", "Content-Type"]
+            cors = CORSMiddleware(inner, list(policy.cors_origins), methods, headers)
+        self.front = _Front(inner, cors, policy)
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.front(scope, receive, send)
+
+
+class _Front:
+    """The Host check first (a rebinding page gets nothing, CORS answers included); then
+    Starlette's CORS, only for a named origin: any other gets no Access-Control-* header."""
+
+    def __init__(self, inner, cors, policy: Policy) -> None:
+        self.inner, self.cors, self.policy = inner, cors, policy
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        headers = dict(scope["headers"])
+        shown = headers.get(b"host", b"").decode("latin-1")
+        here = ((scope.get("server") or ("",))[0] or "").lower()  # the address it came in on
+        host = host_name(shown)
+        if host not in self.policy.names and host != here:
+            why = f"the Host header {shown!r} is not a name of this server"
+            return await _answer(send, *error(400, why, "invalid_host"))
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if self.cors is not None and origin in self.policy.cors_origins:
+            return await self.cors(scope, receive, send)
+        await self.inner(scope, receive, send)
