@@ -39,10 +39,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from quantize.nodes import is_routed_expert_tensor, routed_experts
+from quantize.nodes import active_experts, is_routed_expert_tensor
 
 from .chips import ChipSpec, chip, chip_of_node_name, default_chip
-from .planner import ModelSpec, NodeSpec, kv_bytes_per_token_per_layer
+from .planner import ModelSpec, NodeSpec, is_mla, kv_bytes_per_token_per_layer
 from .rankspec import PARALLEL
 
 EFFICIENCY = 0.53  # fraction of peak memory bandwidth reached while decoding (see above)
@@ -216,21 +216,9 @@ def bytes_per_token(
         embed_row=embed // vocab,
         experts_per_token=k,
         kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(config),
-        kv_split_by_heads=config.get("model_type") not in ("deepseek_v2", "deepseek_v3"),
+        kv_split_by_heads=not is_mla(config),
         hidden_bytes=config["hidden_size"] * act,
     )
-
-
-# Where the families' config.json give the routed experts each token uses (gpt-oss's
-# original config names it experts_per_token; its Hugging Face one gives both).
-ACTIVE_EXPERT_KEYS = ("num_experts_per_tok", "experts_per_token")
-
-
-def active_experts(config: dict) -> int:
-    """The routed experts one token is sent to per MoE layer; 0 for a dense model."""
-    if not routed_experts(config):
-        return 0
-    return next((int(config[key]) for key in ACTIVE_EXPERT_KEYS if config.get(key)), 0)
 
 
 # Names mlx-lm's shard() does not split: MLA's low-rank down-projections, norms, the MoE router

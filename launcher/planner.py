@@ -44,13 +44,14 @@ from launcher.gpumem import (
     wired_limit_mb_to_fit,
 )
 from launcher.rankspec import PREFILL_CHUNK
-from quantize.checkpoint import layer_of, read_config, safetensors_header, weight_map
-from quantize.nodes import is_routed_expert_tensor, routed_experts
+from quantize.checkpoint import code_family, layer_of, read_config, safetensors_header, weight_map
+from quantize.nodes import active_experts, is_routed_expert_tensor, routed_experts
 
 GIB = 2**30
 DEFAULT_HEADROOM = 0.1
 _ACTIVATION_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-_MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+# Families whose attention caches the compressed latent (MLA), by the mlx-lm code that runs them.
+_MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 
 
 @dataclass(frozen=True)
@@ -161,12 +162,22 @@ def activation_bytes(config: dict) -> int:
     return _ACTIVATION_BYTES.get(config.get("torch_dtype", ""), 2)
 
 
+def is_mla(config: dict) -> bool:
+    """Whether the model's attention is DeepSeek's multi-head latent attention (Kimi K2 runs
+    deepseek_v3's code under its own model_type)."""
+    return code_family(config) in _MLA_MODEL_TYPES
+
+
 def kv_bytes_per_token_per_layer(config: dict) -> int:
     """What one token adds to one layer's KV cache, as mlx-lm's attention caches it."""
     size = activation_bytes(config)
-    if config.get("model_type") in _MLA_MODEL_TYPES:
-        # MLA caches the compressed kv_latent and the shared rotary key k_pe, not per-head K and V.
-        return (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * size
+    if is_mla(config):
+        # MLA caches the compressed kv_latent and the shared rotary key k_pe, not per-head K and V;
+        # V3.2's indexer adds its keys and a zero array of their shape as the values.
+        indexer = (
+            2 * config.get("index_head_dim", 0) if code_family(config) == "deepseek_v32" else 0
+        )
+        return (config["kv_lora_rank"] + config["qk_rope_head_dim"] + indexer) * size
     try:
         heads = config["num_attention_heads"]
         kv_heads = config.get("num_key_value_heads") or heads
@@ -180,14 +191,14 @@ def activation_spec(config: dict) -> ActivationSpec:
     """The sizes activation_bytes scales, from config.json."""
     size = activation_bytes(config)
     hidden = config["hidden_size"]
-    k = int(config.get("num_experts_per_tok") or 0) if routed_experts(config) else 0
+    k = active_experts(config)
     width = max(
         config.get("intermediate_size") or 0, k * (config.get("moe_intermediate_size") or 0)
     )
     # the residual, normed input, attention output and MLP output, plus k expert outputs
     # before their weighted sum; gate, up and their product; the chunk's logits
     per_token = size * ((4 + k) * hidden + 3 * width + config.get("vocab_size", 0))
-    if config.get("model_type") not in _MLA_MODEL_TYPES:
+    if not is_mla(config):
         # Metal's fused attention never materialises the scores of a causal prefill.
         return ActivationSpec(0, 0, per_token)
     heads = config["num_attention_heads"]

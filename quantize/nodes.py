@@ -32,6 +32,18 @@ def routed_experts(config: dict) -> int:
     return next((int(config[k]) for k in EXPERT_COUNT_KEYS if config.get(k)), 0)
 
 
+# Where the families' config.json give the routed experts each token uses (gpt-oss's
+# original config names it experts_per_token; its Hugging Face one gives both).
+ACTIVE_EXPERT_KEYS = ("num_experts_per_tok", "experts_per_token")
+
+
+def active_experts(config: dict) -> int:
+    """The routed experts one token is sent to per MoE layer; 0 for a dense model."""
+    if not routed_experts(config):
+        return 0
+    return next((int(config[key]) for key in ACTIVE_EXPERT_KEYS if config.get(key)), 0)
+
+
 # Each mixture-of-experts family's routed-expert tensors: (families, as their checkpoints name
 # them, as mlx-lm names them once stacked, experts along axis 0). Never the shared experts, the
 # router or its bias. The rule for every family is any row's patterns.
