@@ -293,12 +293,14 @@ def start_agents_cluster(
     backend: str | None = None,
     fetch: str = "auto",
     ref=None,
+    api: dict | None = None,
 ):
     """Finds the nodes, checks the plan, gets each node its files, starts the ranks.
 
     backend: ring, jaccl or auto (default: the hosts file's, else auto).
     fetch: hub, push or auto (launcher/fetch.py); ref: the quantize.source.ModelRef the user
     named, whose repo the nodes may fetch from (model then holds at least its config and index).
+    api: rank 0's API settings and key (launcher/local.py start_local's api).
     """
     from rich.console import Console
 
@@ -320,7 +322,7 @@ def start_agents_cluster(
     chosen, parallel = decision.backend, decision.parallel
     # jaccl sends over the RDMA devices; only the ring needs the cables' own addresses.
     ring_ips = cable_addresses(nodes, console) if decision.over_cables else None
-    how = {"chosen": chosen, "fetch": fetch, "ref": ref}
+    how = {"chosen": chosen, "fetch": fetch, "ref": ref, "api": api}
     whole = ref is not None and ref.repo is not None
     if parallel == "tensor":
         split = choose_tensor(model, nodes, context)
@@ -356,7 +358,7 @@ def replan_agents(model: Path, context: int, port: int | None, failed):
     # The cables' ring is broken where the node went: the ring runs over the hosts' addresses;
     # a mesh without the node is still one, so jaccl stays where it still can.
     chosen = choose_nodes_backend(nodes, "ring" if failed.backend == "ring" else "auto", console)
-    how = {"chosen": chosen, "fetch": failed.fetch, "ref": failed.ref}
+    how = {"chosen": chosen, "fetch": failed.fetch, "ref": failed.ref, "api": failed.api}
     return _start(model, nodes, split, None, context, port, console, **how)
 
 
@@ -474,6 +476,7 @@ def _start(
     chosen: BackendChoice | None = None,
     fetch: str = "push",
     ref=None,
+    api: dict | None = None,
 ):
     """Gets each node its files (from the Hub or pushed), starts the ranks, waits until they
     have loaded.
@@ -513,8 +516,9 @@ def _start(
         parallel="tensor" if tensor else "pipeline",
         backend=chosen.backend if chosen else "ring",
         rdma=chosen.rdma if chosen else None,
+        api=api,
     )
-    running.fetch, running.ref = how, ref
+    running.fetch, running.ref, running.api = how, ref, api
     try:
         with console.status(f"loading {model.name} on {len(nodes)} nodes..."):
             wait_ready(running)

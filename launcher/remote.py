@@ -18,7 +18,7 @@ from .hostfile import mlx_launch_hostfile, ring_entries
 from .local import LaunchError, describe_failure, verdict
 from .nodefiles import node_files
 from .rankenv import JACCL_PORT, backend_envs
-from .rankspec import NODE_FAILED, PEER_GONE
+from .rankspec import MAX_BODY_MB, NODE_FAILED, PEER_GONE
 from .ssh import SshClient
 
 RING_PORT = 32323  # mlx.launch's first ring port
@@ -50,6 +50,7 @@ class RemoteCluster:
     backend: str = "ring"
     fetch: str = "push"  # how the nodes got their files, for a plan made again after a failure
     ref: object = None  # the quantize.source.ModelRef launched, when a repo
+    api: dict | None = None  # rank 0's API settings and key, for a plan made again
 
     def failure(self) -> str | None:
         """Names the node that failed first: its peers then fail too, only because it went away."""
@@ -244,12 +245,14 @@ def start_remote(
     parallel: str = "pipeline",
     backend: str = "ring",
     rdma: list[list[str | list[str] | None]] | None = None,
+    api: dict | None = None,
 ) -> RemoteCluster:
     """Starts rank r on nodes[r] from its folder; rank 0 serves the API on its host.
 
     ring_ips, backend, rdma: as rank_links takes them.
     experts: routed experts per rank for expert parallelism (split then only counts the ranks,
     as in tensor parallelism).
+    api: rank 0's API settings and key (launcher/local.py start_local's api), sent to rank 0 only.
     """
     text, links = rank_links(
         [(n.destination, n.address) for n in nodes], backend, ring_ips, rdma, ring_port
@@ -278,9 +281,20 @@ def start_remote(
                 **({"node": node.name} if _NODE_NAME.fullmatch(node.name) else {}),
                 **({"parallel": "expert", "experts": experts} if experts else {}),
                 **({"parallel": parallel} if parallel == "tensor" else {}),
+                **(_api_fields(api) if rank == 0 else {}),
             )
             run_ids.append(started["id"])
     except AgentError as e:
         cluster.stop()
         raise LaunchError(f"could not start a rank on {node.name}: {e}") from None
     return cluster
+
+
+def _api_fields(api: dict | None) -> dict:
+    """StartRank's fields for rank 0's API: only those set, so an older agent sees none."""
+    if not api:
+        return {}
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in api.items()}
+    if fields.get("max_body_mb") == MAX_BODY_MB:
+        del fields["max_body_mb"]
+    return {k: v for k, v in fields.items() if v not in (None, False, [])}

@@ -2,8 +2,9 @@
 shell per rank that writes the rank's files, records its pid, and execs the rank entrypoint.
 The model folder must already be at the same path on that host (as mlx.launch assumes).
 
-The launcher keeps each ssh client's stdin open: the first line on it is the heartbeat token
-(never on a command line), and its end, when the launcher goes, tells the rank to leave."""
+The launcher keeps each ssh client's stdin open: its first line holds the heartbeat token and,
+for rank 0, after a space, its API key (never on a command line); its end, when the launcher
+goes, tells the rank to leave."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from pathlib import Path
 from .agent_client import AgentError
 from .rankenv import RankEnv, mlx_backend, rank_env
 from .rankspec import (
+    API_KEY_ENV,
     HEARTBEAT_TOKEN_ENV,
+    MAX_BODY_MB,
     PARENT_PID_ENV,
     RANK_MODULE,
     STDIN_LIFELINE_ENV,
@@ -27,10 +30,12 @@ from .rankspec import (
 
 
 def rank_script(env: RankEnv, python: str, argv: list[str], pidfile: str) -> str:
-    """The remote shell script for one rank; every value is quoted, and the token is read from
-    stdin into the environment."""
+    """The remote shell script for one rank; every value is quoted, and the token and API key
+    are read from stdin into the environment."""
     script = f"echo $$ > {shlex.quote(pidfile)}; "
-    script += f'IFS= read -r t; [ -z "$t" ] || export {HEARTBEAT_TOKEN_ENV}="$t"; '
+    script += 'read -r t k; [ "$t" = - ] && t=; '  # "-": no token, a key follows
+    script += f'[ -z "$t" ] || export {HEARTBEAT_TOKEN_ENV}="$t"; '
+    script += f'[ -z "$k" ] || export {API_KEY_ENV}="$k"; '
     paths = {}
     for i, (name, content) in enumerate(env.files.items()):
         script += f'f{i}=$(mktemp); printf %s {shlex.quote(content)} > "$f{i}"; '
@@ -71,6 +76,10 @@ def rank_spec(p: dict) -> RankSpec:
         max_context=int(p["max_context"]) if p.get("max_context") else None,
         heartbeat=f"{host}:{int(beats)}" if beats else None,
         node=p.get("node"),
+        max_body_mb=int(p.get("max_body_mb") or MAX_BODY_MB),
+        docs=bool(p.get("docs")),
+        allowed_hosts=tuple(p.get("allowed_hosts") or ()),
+        cors_origins=tuple(p.get("cors_origins") or ()),
     )
 
 
@@ -110,7 +119,9 @@ class SshClient:
                 self._argv(script), stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT
             )
         try:  # held open from here on: the rank's lifeline
-            proc.stdin.write(f"{p.get('heartbeat_token') or ''}\n".encode())
+            token, key = p.get("heartbeat_token") or "", p.get("api_key")
+            line = f"{token or '-'} {key}" if key else token  # neither holds a space
+            proc.stdin.write(f"{line}\n".encode())
             proc.stdin.flush()
         except OSError:
             pass  # ssh already gone: ranks() reports it with its log

@@ -18,7 +18,7 @@ from quantize.checkpoint import CheckpointError, read_config
 from quantize.nodes import check_expert_node, check_node, even_experts
 
 from ..rankenv import mlx_backend, rank_env, write_files
-from ..rankspec import HEARTBEAT_TOKEN_ENV, PARENT_PID_ENV, RANK_MODULE, RankSpec
+from ..rankspec import API_KEY_ENV, HEARTBEAT_TOKEN_ENV, PARENT_PID_ENV, RANK_MODULE, RankSpec
 from .errors import Refused
 from .requests import StartRank
 from .uploads import confine
@@ -77,7 +77,15 @@ def rank_spec(model: Path, req: StartRank) -> RankSpec:
         max_context=req.max_context,
         heartbeat=_heartbeat(req) if req.heartbeat_port else None,
         node=req.node,
+        **api_settings(req),
     )
+
+
+def api_settings(req: StartRank) -> dict:
+    """RankSpec's settings of rank 0's API in a request (its key travels apart)."""
+    settings = {"docs": req.docs, "allowed_hosts": req.allowed_hosts}
+    settings["cors_origins"] = req.cors_origins
+    return settings | ({"max_body_mb": req.max_body_mb} if req.max_body_mb else {})
 
 
 def rank_argv(python: str, model: Path, req: StartRank) -> list[str]:
@@ -128,6 +136,9 @@ class Runs:
         env[PARENT_PID_ENV] = str(os.getpid())
         if req.heartbeat_token:  # in the environment, not on a command line others can read
             env[HEARTBEAT_TOKEN_ENV] = req.heartbeat_token
+        env.pop(API_KEY_ENV, None)
+        if req.api_key:  # as the token
+            env[API_KEY_ENV] = req.api_key
         # As mlx.launch gives a rank of this backend, its files (ring hostfile, RDMA devices) in
         # the run's folder; a single rank runs without a ring.
         mine = rank_env(

@@ -57,6 +57,10 @@ def _check_rdma(rdma: list[list], size: int, ring: bool = False) -> None:
                 raise ValueError(f"rdma[{i}][{j}] must name a device such as rdma_en2")
 
 
+_API_HOST = r"^[A-Za-z0-9.\-]{1,253}$|^\[?[0-9a-fA-F:.]{2,45}\]?$"
+_API_ORIGIN = r"^https?://([A-Za-z0-9.\-]{1,253}|\[[0-9a-fA-F:.]{2,45}\])(:[0-9]{1,5})?$"
+
+
 class StartRank(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -84,6 +88,12 @@ class StartRank(BaseModel):
     # tensor: len(split) ranks each hold 1/N of every layer, read from the whole model
     parallel: Literal["pipeline", "expert", "tensor"] = "pipeline"
     experts: list[Annotated[int, Field(ge=1, le=100_000)]] | None = Field(None, max_length=64)
+    # rank 0's API: its key (into the rank's environment, never its command line) and guards
+    api_key: str | None = Field(None, pattern=r"^[\x21-\x7e]{8,256}$", repr=False)
+    max_body_mb: int | None = Field(None, ge=1, le=1024)
+    docs: bool = False
+    allowed_hosts: list[Annotated[str, Field(pattern=_API_HOST)]] = Field([], max_length=16)
+    cors_origins: list[Annotated[str, Field(pattern=_API_ORIGIN)]] = Field([], max_length=16)
 
     @field_validator("http_host")
     @classmethod
