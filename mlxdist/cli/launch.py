@@ -8,6 +8,15 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from mlxdist.cli.api_options import (
+    ALLOWED_HOST_HELP,
+    BODY_HELP,
+    CORS_HELP,
+    DOCS_HELP,
+    INSECURE_HELP,
+    KEY_FILE_HELP,
+    KEY_HELP,
+)
 from mlxdist.cli.app import app
 from quantize.errors import UserError
 
@@ -99,12 +108,21 @@ def launch(
     backend: str | None = typer.Option(None, help=BACKEND_HELP),
     fetch: str = typer.Option("auto", help=FETCH_HELP),
     verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="MLXDIST_API_KEY", help=KEY_HELP),
+    api_key_file: Path | None = typer.Option(None, "--api-key-file", help=KEY_FILE_HELP),
+    insecure: bool = typer.Option(False, "--insecure-no-api-key", help=INSECURE_HELP),
+    max_body_mb: int = typer.Option(4, "--max-body-mb", min=1, max=1024, help=BODY_HELP),
+    docs: bool = typer.Option(False, "--docs", help=DOCS_HELP),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help=ALLOWED_HOST_HELP),
+    cors_origin: list[str] = typer.Option([], "--cors-origin", help=CORS_HELP),
 ) -> None:
     """Start one rank per host (or N on this machine), then answer --prompt or open a chat."""
     params = {"max_tokens": max_tokens, "temperature": temp}
     if seed is not None:
         params["seed"] = seed
     try:
+        guard = (api_key, api_key_file, insecure, max_body_mb, docs, allowed_host, cors_origin)
+        api = _launch_api(bool(hosts or cluster), *guard)
         if (hosts or cluster) and (local or split):
             raise UserError("--local and --split are for one machine; not with --hosts/--cluster")
         if hosts and cluster:
@@ -121,17 +139,32 @@ def launch(
 
             secret = _secret(secret_file)
             where = (hosts, cluster, interface, secret, context, port, parallel, backend)
-            running = start_agents_cluster(path, *where, fetch=fetch, ref=ref)
+            running = start_agents_cluster(path, *where, fetch=fetch, ref=ref, api=api)
             again = partial(replan_agents, path, context, port)
         else:
             parallel = _auto_here(path, parallel, experts, split, local, context)
             modes = _parallel_options(path, parallel, experts, split, local)
+            modes["api"] = api
             running = _start_here(path, local or modes.get("ranks", 2), split, port, modes)
-            again = partial(_replan_here, path, port, parallel)
-        _converse(running, prompt, chat, params, again if replan else None)
+            again = partial(_replan_here, path, port, parallel, api)
+        headers = {"Authorization": f"Bearer {api['api_key']}"} if api["api_key"] else {}
+        _converse(running, prompt, chat, params, again if replan else None, headers)
     except KeyboardInterrupt:
         typer.echo("\ninterrupted: every rank stopped", err=True)
         raise typer.Exit(130) from None
+
+
+def _launch_api(across: bool, key, key_file, insecure, *settings) -> dict:
+    """launch's API settings. Across hosts the API listens on a cluster address: with no key
+    given (and no --insecure-no-api-key) the launch makes one for its own chat alone."""
+    import secrets
+
+    from mlxdist.cli.api_options import api_key, api_settings
+
+    key = api_key(key, key_file)
+    if key is None and across and not insecure:
+        key = secrets.token_urlsafe(32)
+    return api_settings(key, *settings)
 
 
 def _secret(path: Path | None) -> bytes:
@@ -248,10 +281,11 @@ def _start_here(
 
     modes = dict(modes or {})
     modes.pop("ranks", None)
+    api = modes.pop("api", None)
     num_layers = inspect_model(path).num_layers
     parts = _parse_split(split, ranks, num_layers) if not modes else [num_layers] * ranks
     what = f"layers {parts}" if not modes else f"{modes['parallel']} parallel"
-    return _loaded(start_local(path, parts, port=port, **modes), path, len(parts), what)
+    return _loaded(start_local(path, parts, port=port, api=api, **modes), path, len(parts), what)
 
 
 def _loaded(running, path: Path, ranks: int, what: str):
@@ -267,7 +301,7 @@ def _loaded(running, path: Path, ranks: int, what: str):
     return running
 
 
-def _replan_here(path: Path, port: int | None, parallel: str, failed) -> object:
+def _replan_here(path: Path, port: int | None, parallel: str, api: dict, failed) -> object:
     """Local ranks again, one fewer than before (the failed rank's share spread over the rest);
     expert mode stays expert with the experts evened out, tensor mode falls back to layers."""
     from quantize.checkpoint import inspect_model
@@ -277,12 +311,14 @@ def _replan_here(path: Path, port: int | None, parallel: str, failed) -> object:
     if ranks < 1:
         raise UserError("no rank remains to plan on: launch again")
     if parallel == "expert" and ranks > 1:
-        return _start_here(path, ranks, None, port, {"parallel": "expert"})
+        return _start_here(path, ranks, None, port, {"parallel": "expert", "api": api})
     split = even_split(inspect_model(path).num_layers, ranks)
-    return _start_here(path, ranks, ",".join(map(str, split)), port)
+    return _start_here(path, ranks, ",".join(map(str, split)), port, {"api": api})
 
 
-def _converse(running, prompt: str | None, chat: bool, params: dict, replan=None) -> None:
+def _converse(
+    running, prompt: str | None, chat: bool, params: dict, replan=None, headers=None
+) -> None:
     """Answers the prompt or opens the chat; every rank is stopped however it ends.
 
     replan(failed cluster) -> a new cluster: the chat goes on there after a node fails."""
@@ -307,13 +343,14 @@ def _converse(running, prompt: str | None, chat: bool, params: dict, replan=None
     try:
         if prompt is not None:
             try:
-                answer(running.url, prompt, chat, params)
+                answer(running.url, prompt, chat, params, headers)
             except ClientError as e:
                 if e.lost and (failure := cluster_failure(watch)):
                     raise UserError(f"the cluster failed: {failure}") from None
                 raise
         else:
-            repl(running.url, params, watch=watch, relaunch=relaunch if replan else None)
+            again = relaunch if replan else None
+            repl(running.url, params, headers, watch=watch, relaunch=again)
     finally:
         current[0].stop()
 
@@ -337,11 +374,25 @@ def serve(
     parallel: str = typer.Option("auto", help=PARALLEL_HELP),
     fetch: str = typer.Option("auto", help=FETCH_HELP),
     verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="MLXDIST_API_KEY", help=KEY_HELP),
+    api_key_file: Path | None = typer.Option(None, "--api-key-file", help=KEY_FILE_HELP),
+    insecure: bool = typer.Option(False, "--insecure-no-api-key", help=INSECURE_HELP),
+    max_body_mb: int = typer.Option(4, "--max-body-mb", min=1, max=1024, help=BODY_HELP),
+    docs: bool = typer.Option(False, "--docs", help=DOCS_HELP),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help=ALLOWED_HOST_HELP),
+    cors_origin: list[str] = typer.Option([], "--cors-origin", help=CORS_HELP),
 ) -> None:
     """Run the cluster with its OpenAI-style HTTP API only, until Ctrl-C."""
+    from mlxdist.cli.api_options import api_key as read_key
+    from mlxdist.cli.api_options import api_settings, check_exposure
+
     try:
         if hosts and (local or split or host or max_context):
             raise UserError("--local, --split, --host and --max-context are not for --hosts")
+        key = read_key(api_key, api_key_file)  # first: an open API refused before any loading
+        flag = "--hosts" if hosts else f"--host {host}"
+        check_exposure(None if hosts else host or "127.0.0.1", key, insecure, flag)
+        api = api_settings(key, max_body_mb, docs, allowed_host, cors_origin)
         parallel = _parallel(parallel)
         backend = _backend(backend, bool(hosts))
         ref = _across_ref(model, fetch, verify) if hosts else _model_ref(model)
@@ -351,7 +402,7 @@ def serve(
 
             secret = _secret(secret_file)
             running = start_agents_cluster(
-                path, hosts, None, [], secret, context, port, parallel, backend, fetch, ref
+                path, hosts, None, [], secret, context, port, parallel, backend, fetch, ref, api
             )
         else:
             parallel = _auto_here(path, parallel, None, split, local, context)
@@ -361,7 +412,7 @@ def serve(
                 else {}
             )
             where = (host or "127.0.0.1", port)
-            running = _serve_here(path, local or 2, split, *where, max_context, modes)
+            running = _serve_here(path, local or 2, split, *where, max_context, modes, api)
         _serve_until_stopped(running, path.name)
     except KeyboardInterrupt:
         typer.echo("\nstopped: every rank stopped", err=True)
@@ -375,6 +426,7 @@ def _serve_here(
     port: int,
     max_context: int | None,
     modes: dict | None = None,
+    api: dict | None = None,
 ):
     import os
     import socket
@@ -390,7 +442,8 @@ def _serve_here(
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else str(e)
         raise UserError(f"cannot listen on {host}:{port}: {reason}") from None
-    running = start_local(path, parts, host=host, port=port, max_context=max_context, **modes)
+    where = {"host": host, "port": port, "max_context": max_context, "api": api}
+    running = start_local(path, parts, **where, **modes)
     what = f"layers {parts}" if not modes else f"{modes['parallel']} parallel"
     return _loaded(running, path, len(parts), what)
 

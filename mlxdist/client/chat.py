@@ -158,13 +158,13 @@ def show_answer(out: Console, events, answer: Answer, show_think: bool) -> None:
             out.out("")
 
 
-def answer(url: str, prompt: str, chat: bool, params: dict) -> str:
+def answer(url: str, prompt: str, chat: bool, params: dict, headers: dict | None = None) -> str:
     """Prints the completion of one prompt as it streams: the answer on stdout, the reasoning
     (dimmed) on stderr."""
     if chat:
-        events = stream_chat(url, [{"role": "user", "content": prompt}], **params)
+        events = stream_chat(url, [{"role": "user", "content": prompt}], headers, **params)
     else:
-        events = stream_completion(url, prompt, **params)
+        events = stream_completion(url, prompt, headers, **params)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     text = []
     try:

@@ -1,0 +1,106 @@
+"""The API's guard options of `launch` and `serve`, checked before anything starts: the key
+(from --api-key, MLXDIST_API_KEY or --api-key-file), whether the address the API would listen
+on is beyond this machine, and the settings rank 0 is given (launcher/rankspec.py RankSpec)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+
+from quantize.errors import UserError
+
+KEY_HELP = "API key every request must send as a bearer token (also MLXDIST_API_KEY)"
+KEY_FILE_HELP = "file holding the API key (its first line), kept off the command line"
+INSECURE_HELP = (
+    "serve the API with no key on an address beyond this machine (anyone who reaches it may use it)"
+)
+BODY_HELP = "largest request body the API reads, in MiB"
+DOCS_HELP = "serve /docs, /redoc and /openapi.json (off by default)"
+ALLOWED_HOST_HELP = (
+    "another name clients reach the API by (Host header), beyond the bound address and this "
+    "machine's name (repeatable)"
+)
+CORS_HELP = (
+    "browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable; none by "
+    "default)"
+)
+
+_KEY = re.compile(r"[!-~]{8,256}")  # printable ASCII, no space: one bearer token, one line
+_ORIGIN = re.compile(
+    r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?"
+)
+_HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}|\[?[0-9a-fA-F:.]{2,45}\]?")
+
+
+def api_key(key: str | None, key_file: Path | None) -> str | None:
+    """The key given, read from key_file when given; one line on a key that cannot be one."""
+    key = key or None  # an empty MLXDIST_API_KEY is none
+    if key and key_file:
+        raise UserError("give --api-key or --api-key-file, not both")
+    if key_file is not None:
+        try:
+            lines = key_file.expanduser().read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read the API key file {key_file}: {_reason(e)}") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise UserError(f"the API key file {key_file} is empty: put the key on its first line")
+    if key is not None and not _KEY.fullmatch(key):
+        raise UserError(
+            "the API key must be 8 to 256 printable characters without spaces "
+            "(e.g. from: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    return key or None
+
+
+def _reason(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e)
+
+
+def beyond_loopback(host: str | None) -> bool:
+    """Would a server bound to host be reachable from other machines? None: a cluster address."""
+    if host is None:
+        return True
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: whatever it resolves to may be any interface
+
+
+def check_exposure(host: str | None, key: str | None, insecure: bool, flag: str) -> None:
+    """Refuses an API open to the network without a key, unless the user said so; host None
+    for an API on a cluster address (flag: how the user asked for it)."""
+    if key is None and not insecure and beyond_loopback(host):
+        raise UserError(
+            f"{flag} would serve the API beyond this machine with no key: pass --api-key KEY "
+            "(or MLXDIST_API_KEY, --api-key-file PATH), or --insecure-no-api-key to serve it open"
+        )
+
+
+def api_settings(
+    key: str | None,
+    max_body_mb: int,
+    docs: bool,
+    allowed_hosts: list[str],
+    cors_origins: list[str],
+) -> dict:
+    """What rank 0 is given for its API (the key travels apart, never on a command line)."""
+    for name in allowed_hosts:
+        if not _HOST.fullmatch(name):
+            raise UserError(f"--allowed-host takes a host name or address, not {name!r}")
+    for origin in cors_origins:
+        if not _ORIGIN.fullmatch(origin):
+            raise UserError(
+                f"--cors-origin takes an origin such as http://localhost:3000, not {origin!r}"
+            )
+    return {
+        "api_key": key,
+        "max_body_mb": max_body_mb,
+        "docs": docs,
+        "allowed_hosts": tuple(allowed_hosts),
+        "cors_origins": tuple(cors_origins),
+    }
