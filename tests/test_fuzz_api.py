@@ -260,7 +260,42 @@ def fuzz_any_json_and_raw_bodies(http: httpx.Client, health: dict) -> None:
     run()
 
 
-FUZZERS = [fuzz_completions, fuzz_chat, fuzz_any_json_and_raw_bodies]
+HEADER = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30)
+# (Host, is it foreign): random text may name this server or not; these are known
+HOSTS = st.sampled_from(
+    [("127.0.0.1", False), ("localhost", False), ("[::1]", False), ("LOCALHOST.", False)]
+    + [("evil.example", True), ("127.0.0.1.nip.io", True), ("", True), ("[::2]", True)]
+) | HEADER.map(lambda h: (h, None))
+
+
+def fuzz_guard_headers(http: httpx.Client, health: dict) -> None:
+    """Host, Authorization and Origin headers (docs/security.md): a foreign Host is 400, a
+    loopback one is served, nothing is 5xx, and no answer carries a CORS header (the fuzzed
+    server names no origin; with no key, any Authorization is let through)."""
+    port = http.base_url.port
+
+    @settings(max_examples=150, **SETTINGS)
+    @given(HOSTS, st.booleans(), st.none() | HEADER, st.none() | HEADER, st.booleans())
+    def run(host, with_port, authorization, origin, chat):
+        name, foreign = host
+        headers = {"Host": f"{name}:{port}" if with_port and name else name}
+        headers |= {"Authorization": authorization} if authorization is not None else {}
+        headers |= {"Origin": origin} if origin is not None else {}
+        if chat:
+            body = {"prompt": REFERENCE_PROMPT, "max_tokens": 1}
+            r = http.post("/v1/completions", json=body, headers=headers)
+        else:
+            r = http.get("/v1/models", headers=headers)
+        HISTOGRAM[r.status_code] += 1
+        assert r.status_code < 500, f"{headers}: {r.status_code} {r.text[:300]}"
+        assert not any(k.lower().startswith("access-control-") for k in r.headers), r.headers
+        if foreign is not None:
+            assert (r.status_code == 400) == foreign, f"{headers}: {r.status_code} {r.text}"
+
+    run()
+
+
+FUZZERS = [fuzz_completions, fuzz_chat, fuzz_any_json_and_raw_bodies, fuzz_guard_headers]
 FUZZED: set = set()  # the fuzzers run to the end against the module's cluster so far
 
 
@@ -279,6 +314,10 @@ def test_fuzz_chat(server, reference):
 
 def test_fuzz_any_json_and_raw_bodies(server, reference):
     fuzz(server, fuzz_any_json_and_raw_bodies)
+
+
+def test_fuzz_guard_headers(server, reference):
+    fuzz(server, fuzz_guard_headers)
 
 
 def test_zz_same_answer_after_fuzzing(server, reference):
