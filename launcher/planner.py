@@ -44,7 +44,14 @@ from launcher.gpumem import (
     wired_limit_mb_to_fit,
 )
 from launcher.rankspec import PREFILL_CHUNK
-from quantize.checkpoint import code_family, layer_of, read_config, safetensors_header, weight_map
+from quantize.checkpoint import (
+    check_supported,
+    code_family,
+    layer_of,
+    read_config,
+    safetensors_header,
+    weight_map,
+)
 from quantize.nodes import active_experts, is_routed_expert_tensor, routed_experts
 
 GIB = 2**30
@@ -250,6 +257,7 @@ def model_spec_from_folder(path: str | Path, bits: int = 4) -> ModelSpec:
     is already quantised, else estimated from config.json at `bits`."""
     path = Path(path)
     config = read_config(path)
+    check_supported(path, config)
     name = path.name if path.is_dir() else config.get("model_type", path.name)
     if "quantization" in config and path.is_dir() and any(path.glob("*.safetensors")):
         return _spec_from_headers(path, config, name)

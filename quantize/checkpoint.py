@@ -80,10 +80,9 @@ def check_fp8(path: Path, config: dict) -> None:
     )
 
 
-def inspect_model(path: str | Path) -> ModelInfo:
-    """Reads config.json and checks that the runtime can drive this model."""
-    path = Path(path)
-    config = read_config(path)
+def check_supported(path: Path, config: dict) -> None:
+    """Refuses, from config.json alone, a model type the runtime cannot drive or weights in a
+    format mlx-lm cannot read (one line naming what runs)."""
     model_type = config.get("model_type", "")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
@@ -91,6 +90,14 @@ def inspect_model(path: str | Path) -> ModelInfo:
             f"mlxdist runs {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     check_fp8(path, config)
+
+
+def inspect_model(path: str | Path) -> ModelInfo:
+    """Reads config.json and checks that the runtime can drive this model."""
+    path = Path(path)
+    config = read_config(path)
+    model_type = config.get("model_type", "")
+    check_supported(path, config)
     num_layers = config.get("num_hidden_layers")
     if not isinstance(num_layers, int) or num_layers < 1:
         raise CheckpointError(f"{path}/config.json has no valid num_hidden_layers")

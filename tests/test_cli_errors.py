@@ -4,6 +4,7 @@ monkeypatched one where the fault needs a cluster."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -60,6 +61,27 @@ def test_a_missing_model_is_one_line(tmp_path, args):
     missing = str(tmp_path / "no-such-model")
     result = run(*[a.format(missing=missing) for a in args])
     assert_one_error(result, f"model path {missing} does not exist", "give a model folder")
+
+
+@pytest.mark.parametrize(
+    "config,fragments",
+    [
+        ({"model_type": "bert"}, ["model type 'bert'", "is not supported", "kimi_k2"]),
+        (
+            {
+                "model_type": "qwen3_moe",
+                "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]},
+            },
+            ["FP8"],
+        ),
+    ],
+    ids=["unsupported-type", "fp8-qwen3"],
+)
+@pytest.mark.parametrize("command", ["plan", "bench"])
+def test_a_model_mlxdist_cannot_run_is_one_line(tmp_path, config, fragments, command):
+    (tmp_path / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 4}))
+    args = ["--simulate", "2x192GB"] if command == "plan" else ["--local", "2"]
+    assert_one_error(run(command, str(tmp_path), *args), *fragments)
 
 
 def test_quantize_missing_source_is_one_line(tmp_path):
