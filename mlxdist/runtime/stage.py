@@ -16,15 +16,12 @@ from mlx_lm.utils import _get_classes, infer_quant_config
 
 from launcher.modes import check_tensor_split
 from quantize.checkpoint import code_family, inspect_model, layer_of, weight_map
-from quantize.nodes import check_node, stage_needs
+from quantize.nodes import check_node, routed_experts, stage_needs
 from quantize.units import renumber
 
 # Models whose attention applies the mask with mx.where, so it must be an array, not "causal"
 # (their own __call__ asks create_attention_mask for return_array=True; nothing else tells).
 _ARRAY_MASK = {"deepseek_v3", "deepseek_v32"}
-
-# Where the families' config.json give their number of routed experts.
-_EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
 
 
 @dataclass
@@ -236,7 +233,7 @@ def quantization_of(config: dict) -> dict | None:
 def run_dtype(config: dict) -> mx.Dtype | None:
     """The dtype every stage runs in; the same on all ranks so hidden states agree."""
     # On the CPU, MLX's unquantised expert matmul (gather_mm) runs only in float32.
-    experts = any(config.get(k) for k in _EXPERT_COUNT_KEYS)
+    experts = routed_experts(config) > 0
     unquantised_experts = experts and quantization_of(config) is None
     if unquantised_experts and mx.default_device() == mx.cpu:
         return mx.float32
