@@ -234,9 +234,9 @@ def _serve_api(
     monitor=None,
 ) -> int:
     import uvicorn
-    from mlx_lm.utils import load_tokenizer
 
     from launcher.rankspec import API_KEY_ENV
+    from mlxdist.runtime.tiktoken_tokenizer import load_tokenizer  # tiktoken.model too (Kimi)
     from mlxdist.serving.api import create_app
     from mlxdist.serving.coordinator import Coordinator
     from mlxdist.serving.guard import Policy
