@@ -38,6 +38,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "tiktoken.model",  # Kimi K2's vocabulary
     "generation_config.json",
     "chat_template.jinja",
     "chat_template.json",

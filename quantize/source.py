@@ -45,6 +45,7 @@ DEFAULT_PATTERNS = [
     "special_tokens_map.json",
     "tokenizer.model",
     "*.tiktoken",
+    "tiktoken.model",  # Kimi K2's vocabulary
     "chat_template.jinja",
     "model.safetensors.index.json",
     "*.safetensors",
