@@ -95,25 +95,28 @@ def main(argv: list[str] | None = None) -> int:
     spec = RankSpec.from_argv(argv)
     _start_watches()
     rank = int(os.environ.get("MLX_RANK", "0"))
+    import mlx.core as mx
+
     try:
-        beats, inflight = _start_heartbeat(spec, rank, spec.ranks)
+        beats, api = _start_heartbeat(spec, rank, spec.ranks)
     except (OSError, ValueError) as e:
         _log(rank, f"cannot start the heartbeat: {e}")
         return 2
-
-    import mlx.core as mx
+    size = spec.ranks
+    # Joined before the imports of seconds, so that every rank arrives at about the same time:
+    # MLX's ring set-up retries a refused connection only after 1 s, then 2 s, 4 s, so a rank
+    # that arrives late (it imported more first) costs the others whole seconds.
+    group = mx.distributed.init(strict=size > 1, backend=spec.backend if size > 1 else "any")
+    rank = group.rank()
+    if group.size() != size:
+        _log(rank, f"the launch has {size} ranks but the group has {group.size()}")
+        return 2
 
     from mlxdist.runtime.lockstep import cut_sums
     from mlxdist.runtime.wired import set_recommended_wired_limit
     from quantize.checkpoint import CheckpointError
     from quantize.memory import peak_rss
 
-    size = spec.ranks
-    group = mx.distributed.init(strict=size > 1, backend=spec.backend if size > 1 else "any")
-    rank = group.rank()
-    if group.size() != size:
-        _log(rank, f"the launch has {size} ranks but the group has {group.size()}")
-        return 2
     listener = None
     if rank == 0:
         # Held from the start, so a port already in use fails the launch before any loading.
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if beats:
             beats.bye()  # a leave on purpose, not a failure
         return 0
-    return _serve_api(spec, runner, figures.tolist(), listener, inflight, beats)
+    return _serve_api(spec, runner, figures.tolist(), listener, api, beats)
 
 
 def _expert_mask(stage) -> list[int]:
@@ -183,7 +186,8 @@ def _held(words: list[int]) -> list[int] | None:
 
 
 def _start_heartbeat(spec: RankSpec, rank: int, size: int):
-    """(its side of the heartbeat, and on rank 0 the jobs to fail when another rank fails)."""
+    """(its side of the heartbeat, and on rank 0 a list that will hold the API's jobs in flight,
+    all failed when another rank fails)."""
     if not spec.heartbeat or size < 2:
         return None, None
     from mlxdist.runtime.heartbeat import Follower, Monitor, parse_address
@@ -192,22 +196,21 @@ def _start_heartbeat(spec: RankSpec, rank: int, size: int):
     node = spec.node or socket.gethostname()
     if rank != 0:
         return Follower(address, rank, node), None
-    from mlxdist.serving.api import Inflight
-
-    inflight = Inflight()
+    api = []  # the API's jobs in flight, once imported: a failure before then finds none
 
     def on_failure(message: str) -> None:
         # Runs on the heartbeat thread: the main thread may be stuck in a collective for good.
         _log(0, f"node failure: {message}")
         monitor.release()  # every other rank leaves
-        inflight.fail(message)
-        inflight.wait_idle(3.0)
+        for inflight in api:
+            inflight.fail(message)
+            inflight.wait_idle(3.0)
         time.sleep(0.2)  # the server writes the streams' last bytes
         os._exit(NODE_FAILED)
 
     monitor = Monitor(address, size, node, on_failure)
-    monitor.start()
-    return monitor, inflight
+    monitor.start()  # the other ranks wait for this listener before they go on
+    return monitor, api
 
 
 def _nodes(figures: list) -> list[dict]:
@@ -230,16 +233,14 @@ def _serve_api(
     runner,
     figures: list,
     listener: socket.socket,
-    inflight=None,
+    api: list | None = None,
     monitor=None,
 ) -> int:
     import uvicorn
+    from mlx_lm.utils import load_tokenizer
 
-    from launcher.rankspec import API_KEY_ENV
-    from mlxdist.runtime.tiktoken_tokenizer import load_tokenizer  # tiktoken.model too (Kimi)
-    from mlxdist.serving.api import create_app
+    from mlxdist.serving.api import Inflight, create_app
     from mlxdist.serving.coordinator import Coordinator
-    from mlxdist.serving.guard import Policy
     from mlxdist.serving.stops import read_end_token_ids
 
     stage = runner.stage
@@ -266,8 +267,11 @@ def _serve_api(
         ],
     }
     name = spec.name or os.path.basename(os.path.normpath(spec.model))
-    key = os.environ.pop(API_KEY_ENV, None)  # read once; no child of this rank inherits it
-    app = create_app(coordinator, name, info, inflight, Policy.from_spec(spec, key))
+    inflight = None
+    if api is not None:  # with a heartbeat: a node failure fails these jobs
+        inflight = Inflight()
+        api.append(inflight)
+    app = create_app(coordinator, name, info, inflight)
     config = uvicorn.Config(app, host=spec.host, port=spec.port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
