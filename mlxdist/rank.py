@@ -237,10 +237,12 @@ def _serve_api(
     monitor=None,
 ) -> int:
     import uvicorn
-    from mlx_lm.utils import load_tokenizer
 
+    from launcher.rankspec import API_KEY_ENV
+    from mlxdist.runtime.tiktoken_tokenizer import load_tokenizer  # tiktoken.model too (Kimi)
     from mlxdist.serving.api import Inflight, create_app
     from mlxdist.serving.coordinator import Coordinator
+    from mlxdist.serving.guard import Policy
     from mlxdist.serving.stops import read_end_token_ids
 
     stage = runner.stage
@@ -271,7 +273,8 @@ def _serve_api(
     if api is not None:  # with a heartbeat: a node failure fails these jobs
         inflight = Inflight()
         api.append(inflight)
-    app = create_app(coordinator, name, info, inflight)
+    key = os.environ.pop(API_KEY_ENV, None)  # read once; no child of this rank inherits it
+    app = create_app(coordinator, name, info, inflight, Policy.from_spec(spec, key))
     config = uvicorn.Config(app, host=spec.host, port=spec.port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
