@@ -143,6 +143,30 @@ def family_model(name: str, folder: Path, overrides: dict | None = None):
     return path, model, tokenizer
 
 
+@pytest.fixture(scope="session")
+def family_answer(tmp_path_factory):
+    """family_answer(name, question, max_tokens, overrides=None) -> (path, model, reference): a
+    family's tiny checkpoint, mlx-lm's model on it and greedy_reference's answer, each made once
+    a session and shared by every family test that asks for the same ones (pipeline and expert
+    mode run the same checkpoint)."""
+    import json
+
+    made: dict = {}
+
+    def answer(name: str, question: str, max_tokens: int, overrides: dict | None = None):
+        key = (name, json.dumps(overrides or {}, sort_keys=True))
+        if key not in made:
+            folder = tmp_path_factory.mktemp("families") / name
+            made[key] = family_model(name, folder, overrides), {}
+        (path, model, tokenizer), references = made[key]
+        if (question, max_tokens) not in references:
+            reference = greedy_reference(model, tokenizer, question, max_tokens)
+            references[(question, max_tokens)] = reference
+        return path, model, references[(question, max_tokens)]
+
+    return answer
+
+
 def assert_same_answer(url: str, reference, max_tokens: int, label: str) -> None:
     """The cluster's greedy tokens for the reference's prompt are the reference's own."""
     prompt, expected, _ = reference

@@ -7,33 +7,27 @@ the ranks' LocalExperts (DeepSeek-V3's tuned layer has its own tests in test_exp
 from __future__ import annotations
 
 import pytest
-from conftest import (
-    assert_same_answer,
-    assert_same_logits,
-    family_model,
-    greedy_reference,
-    local_cluster,
-)
+from conftest import assert_same_answer, assert_same_logits, local_cluster
 from mlx.utils import tree_flatten
 
 from quantize.nodes import is_routed_expert_tensor
 
 pytestmark = pytest.mark.cluster
 
-MAX_TOKENS = 12
+MAX_TOKENS = 8  # as test_families_pipeline, whose checkpoints and answers these share
 QUESTION = "What is the capital of France?"
 FAMILIES = ["qwen3_moe", "glm4_moe", "gpt_oss", "minimax", "deepseek_v32"]
 EXPERTS = [[3, 5], [2, 3, 3]]  # routed experts per rank, of 8
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def family(request, tmp_path_factory):
+def family(request, family_answer):
     """The family's tiny checkpoint and one mlx-lm process's answer on it."""
     name = request.param
-    path, model, tokenizer = family_model(name, tmp_path_factory.mktemp("experts") / name)
+    path, model, reference = family_answer(name, QUESTION, MAX_TOKENS)
     params = tree_flatten(model.parameters())
     experts = sum(v.nbytes for k, v in params if is_routed_expert_tensor(k))
-    return name, path, greedy_reference(model, tokenizer, QUESTION, MAX_TOKENS), experts
+    return name, path, reference, experts
 
 
 @pytest.fixture(scope="module", params=EXPERTS, ids=lambda e: "-".join(map(str, e)))

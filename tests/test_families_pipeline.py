@@ -5,30 +5,24 @@ as one mlx-lm process on the same folder, and its last-position logits agree wit
 from __future__ import annotations
 
 import pytest
-from conftest import (
-    assert_same_answer,
-    assert_same_logits,
-    family_model,
-    greedy_reference,
-    local_cluster,
-)
+from conftest import assert_same_answer, assert_same_logits, local_cluster
 
 from mlxdist.testing.families import family_names
 
 pytestmark = pytest.mark.cluster
 
-MAX_TOKENS = 12
+MAX_TOKENS = 8
 QUESTION = "What is the capital of France?"
 FAMILIES = family_names()  # every family make-model writes
 SPLITS = [[2, 2], [1, 2, 1]]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def family(request, tmp_path_factory):
+def family(request, family_answer):
     """The family's tiny checkpoint and one mlx-lm process's answer on it."""
     name = request.param
-    path, model, tokenizer = family_model(name, tmp_path_factory.mktemp("families") / name)
-    return name, path, greedy_reference(model, tokenizer, QUESTION, MAX_TOKENS)
+    path, _, reference = family_answer(name, QUESTION, MAX_TOKENS)
+    return name, path, reference
 
 
 @pytest.fixture(scope="module", params=SPLITS, ids=lambda s: "-".join(map(str, s)))

@@ -7,17 +7,11 @@ on 3 ranks."""
 from __future__ import annotations
 
 import pytest
-from conftest import (
-    assert_same_answer,
-    assert_same_logits,
-    family_model,
-    greedy_reference,
-    local_cluster,
-)
+from conftest import assert_same_answer, assert_same_logits, local_cluster
 
 pytestmark = pytest.mark.cluster
 
-MAX_TOKENS = 12
+MAX_TOKENS = 8
 QUESTION = "What is the capital of France?"
 # (family, ranks, config overrides): the tiny models have 4 query heads and 2 or 4 KV heads,
 # so 3 ranks need a model with 6 and 3 (and an MLP width that divides by 3). Stored in
@@ -39,13 +33,11 @@ CASES = [
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1]}ranks")
-def cluster(request, tmp_path_factory):
+def cluster(request, family_answer):
     """The family's tiny checkpoint on ranks in tensor mode, and one mlx-lm process's answer."""
     name, ranks, overrides = request.param
-    folder = tmp_path_factory.mktemp("tensor") / f"{name}-{ranks}"
-    path, model, tokenizer = family_model(name, folder, {"torch_dtype": "float32", **overrides})
-    reference = greedy_reference(model, tokenizer, QUESTION, MAX_TOKENS)
-    del model
+    overrides = {"torch_dtype": "float32", **overrides}
+    path, _, reference = family_answer(name, QUESTION, MAX_TOKENS, overrides)
     with local_cluster(path, [1] * ranks, parallel="tensor") as (url, health):
         yield name, url, health, reference
 
