@@ -352,6 +352,7 @@ def test_ssh_ranks_beat_and_leave_with_a_killed_launcher(cluster, tmp_path):
     if not hosts[0].name:
         pytest.skip("the ssh stand-in runs commands in network namespaces")
     env = dict(env, PATH=stand_in_ssh(tmp_path), TMPDIR=str(tmp_path))  # ssh logs land here
+    env["MLXDIST_API_KEY"] = key = "api-key-" + "cd" * 12  # --hosts serves on a cluster address
     args = cli("serve", str(out), "--hosts", str(ssh_hosts_file(tmp_path, hosts[1:])))
     with open(tmp_path / "launcher.log", "wb") as log:
         launcher = subprocess.Popen(
@@ -374,6 +375,7 @@ def test_ssh_ranks_beat_and_leave_with_a_killed_launcher(cluster, tmp_path):
             assert "--heartbeat" in p.cmdline()
             token = p.environ()[HEARTBEAT_TOKEN_ENV]
             assert len(token) == 32 and not any(token in c for c in commands)
+        assert not any(key in c for c in commands)
     finally:
         launcher.kill()
         launcher.wait()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from quantize.errors import UserError
 
-KEY_HELP = "API key every request must send as a bearer token (also MLXDIST_API_KEY)"
+KEY_HELP = "API key every request must send as a bearer token"
 KEY_FILE_HELP = "file holding the API key (its first line), kept off the command line"
 INSECURE_HELP = (
     "serve the API with no key on an address beyond this machine (anyone who reaches it may use it)"
