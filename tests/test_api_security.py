@@ -74,6 +74,34 @@ def test_serve_refusals_are_one_line(args, fragment):
     assert fragment in one_error("serve", *args)
 
 
+@pytest.mark.parametrize(
+    "header,name",
+    [
+        ("localhost:8080", "localhost"),
+        ("LocalHost.", "localhost"),
+        ("[::1]:8080", "::1"),
+        ("::1", "::1"),
+        ("10.0.0.5", "10.0.0.5"),
+        ("evil.example:80", "evil.example"),
+        ("", ""),
+    ],
+)
+def test_the_name_a_host_header_gives(header, name):
+    from mlxdist.serving.guard import host_name
+
+    assert host_name(header) == name
+
+
+def test_names_bound_to_loopback_a_lan_address_and_every_interface():
+    from mlxdist.serving.guard import bound_names
+
+    me = socket.gethostname().lower()
+    assert {"localhost", "127.0.0.1", "::1", me} <= bound_names("127.0.0.1")
+    lan = bound_names("192.168.1.20", ("mlx.lan",))
+    assert {"192.168.1.20", "mlx.lan", me} <= lan and "localhost" not in lan
+    assert "localhost" in bound_names("0.0.0.0") and "evil.example" not in bound_names("0.0.0.0")
+
+
 # ------------------------------------------------------------------ the key's way to rank 0
 
 

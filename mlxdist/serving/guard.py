@@ -18,7 +18,6 @@ from starlette.middleware.cors import CORSMiddleware
 MiB = 2**20
 MAX_BODY_MB = 4
 OPEN_PATHS = frozenset({"/health"})  # answered without the key (and saying little without it)
-DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 NO_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization "
@@ -198,7 +197,7 @@ class _Front:
         shown = headers.get(b"host", b"").decode("latin-1")
         here = ((scope.get("server") or ("",))[0] or "").lower()  # the address it came in on
         host = host_name(shown)
-        if host not in self.policy.names and host != here:
+        if not host or (host not in self.policy.names and host != here):
             why = f"the Host header {shown!r} is not a name of this server"
             return await _answer(send, *error(400, why, "invalid_host"))
         origin = headers.get(b"origin", b"").decode("latin-1")
