@@ -261,6 +261,28 @@ def test_launch_from_a_hosts_file(cluster, tmp_path):
     assert_no_rank_left(hosts)
 
 
+def test_bench_across_hosts_with_the_key_it_made(cluster, tmp_path):
+    """bench --hosts serves on a cluster address, so the API gets a key only the bench knows;
+    every measurement request must carry it (a 401 would fail the bench)."""
+    hosts, _, env, out, _ = cluster
+    hosts_file = write_hosts_file(tmp_path, hosts[1:], lambda m: [f"agent_port = {m.agent_port}"])
+    args = ["--prompt-tokens", "8", "--decode-tokens", "4", "--streams", "2", "--json"]
+    done = subprocess.run(
+        hosts[0].cmd(*cli("bench", str(out), "--hosts", str(hosts_file), *args)),
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["ranks"] == len(hosts) - 1 and result["decode_tokens"] == 4, result
+    assert result["decode_tps"] > 0 and result["aggregate_tps"] > 0, result
+    assert [r["rank"] for r in result["per_rank"]] == list(range(result["ranks"]))
+    assert_no_rank_left(hosts)
+
+
 STAND_IN_SSH = """#!/bin/sh
 # Stand-in for ssh (no sshd here): runs the remote command in the network namespace that the
 # destination names, as ssh would run it in the remote host's shell. Not exec'd: as over ssh, the

@@ -81,6 +81,9 @@ def check_exposure(host: str | None, key: str | None, insecure: bool, flag: str)
         )
 
 
+DEFAULT_BODY_MB = 4  # a request body larger than this is refused (413)
+
+
 def api_settings(
     key: str | None,
     max_body_mb: int,

@@ -12,6 +12,7 @@ from mlxdist.cli.api_options import (
     ALLOWED_HOST_HELP,
     BODY_HELP,
     CORS_HELP,
+    DEFAULT_BODY_MB,
     DOCS_HELP,
     INSECURE_HELP,
     KEY_FILE_HELP,
@@ -111,7 +112,9 @@ def launch(
     api_key: str | None = typer.Option(None, "--api-key", envvar="MLXDIST_API_KEY", help=KEY_HELP),
     api_key_file: Path | None = typer.Option(None, "--api-key-file", help=KEY_FILE_HELP),
     insecure: bool = typer.Option(False, "--insecure-no-api-key", help=INSECURE_HELP),
-    max_body_mb: int = typer.Option(4, "--max-body-mb", min=1, max=1024, help=BODY_HELP),
+    max_body_mb: int = typer.Option(
+        DEFAULT_BODY_MB, "--max-body-mb", min=1, max=1024, help=BODY_HELP
+    ),
     docs: bool = typer.Option(False, "--docs", help=DOCS_HELP),
     allowed_host: list[str] = typer.Option([], "--allowed-host", help=ALLOWED_HOST_HELP),
     cors_origin: list[str] = typer.Option([], "--cors-origin", help=CORS_HELP),
@@ -377,7 +380,9 @@ def serve(
     api_key: str | None = typer.Option(None, "--api-key", envvar="MLXDIST_API_KEY", help=KEY_HELP),
     api_key_file: Path | None = typer.Option(None, "--api-key-file", help=KEY_FILE_HELP),
     insecure: bool = typer.Option(False, "--insecure-no-api-key", help=INSECURE_HELP),
-    max_body_mb: int = typer.Option(4, "--max-body-mb", min=1, max=1024, help=BODY_HELP),
+    max_body_mb: int = typer.Option(
+        DEFAULT_BODY_MB, "--max-body-mb", min=1, max=1024, help=BODY_HELP
+    ),
     docs: bool = typer.Option(False, "--docs", help=DOCS_HELP),
     allowed_host: list[str] = typer.Option([], "--allowed-host", help=ALLOWED_HOST_HELP),
     cors_origin: list[str] = typer.Option([], "--cors-origin", help=CORS_HELP),
@@ -448,10 +453,11 @@ def _serve_here(
     return _loaded(running, path, len(parts), what)
 
 
-def _served_parallel(url: str) -> str:
+def _served_parallel(url: str, headers: dict | None = None) -> str:
     import httpx
 
-    return httpx.get(url + "/health", timeout=30).json().get("parallel", "pipeline")
+    health = httpx.get(url + "/health", timeout=30, headers=headers or {}).json()
+    return health.get("parallel", "pipeline")
 
 
 def _rank_failure(running) -> str | None:
@@ -509,22 +515,27 @@ def bench(
             from launcher.cluster import start_agents_cluster
 
             secret = _secret(secret_file)
+            # The API listens on a cluster address: a key made here, known to this bench alone.
+            api = _launch_api(True, None, None, False, DEFAULT_BODY_MB, False, [], [])
+            headers = {"Authorization": f"Bearer {api['api_key']}"}
             running = start_agents_cluster(
-                path, hosts, None, [], secret, 4096, None, parallel, backend, fetch, ref
+                path, hosts, None, [], secret, 4096, None, parallel, backend, fetch, ref, api
             )
         else:
+            headers = {}
             parallel = _auto_here(path, parallel, experts, split, local, 4096)
             modes = _parallel_options(path, parallel, experts, split, local)
             running = _start_here(path, local or modes.get("ranks", 2), split, None, modes)
         try:
             if parallel == "auto":  # the launcher chose across the hosts: the ranks say what
-                parallel = _served_parallel(running.url)
+                parallel = _served_parallel(running.url, headers)
             result = measure(
                 running.url,
                 prompt_tokens=prompt_tokens,
                 decode_tokens=decode_tokens,
                 streams=streams,
                 parallel=parallel,
+                headers=headers,
             )
         finally:
             running.stop()

@@ -74,7 +74,9 @@ def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
     return [rng.randrange(low, vocab) for _ in range(n)]
 
 
-def stream_once(url: str, prompt: list[int], max_tokens: int, timeout: float = 600) -> Run:
+def stream_once(
+    url: str, prompt: list[int], max_tokens: int, timeout: float = 600, headers: dict | None = None
+) -> Run:
     body = {
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -86,7 +88,8 @@ def stream_once(url: str, prompt: list[int], max_tokens: int, timeout: float = 6
     }
     start = time.perf_counter()
     server_tps, arrivals = 0.0, []
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
+    post = {"json": body, "timeout": timeout, "headers": headers or {}}
+    with httpx.stream("POST", url + "/v1/completions", **post) as r:
         r.raise_for_status()
         for text in event_data(r):
             if text == "[DONE]":
@@ -104,7 +107,14 @@ def stream_once(url: str, prompt: list[int], max_tokens: int, timeout: float = 6
     return Run(start, arrivals, server_tps)
 
 
-def aggregate_tps(url: str, vocab: int, streams: int, prompt_tokens: int, tokens: int) -> float:
+def aggregate_tps(
+    url: str,
+    vocab: int,
+    streams: int,
+    prompt_tokens: int,
+    tokens: int,
+    headers: dict | None = None,
+) -> float:
     """Decode tokens/s of concurrent streams together while all of them are decoding: the
     tokens that arrive between the last stream's first token and the first stream's last, over
     that time. Prefill is left out (the later streams' prompts are read while the first ones
@@ -113,7 +123,8 @@ def aggregate_tps(url: str, vocab: int, streams: int, prompt_tokens: int, tokens
     lock = threading.Lock()
 
     def one(i: int) -> None:
-        r = stream_once(url, prompt_ids(prompt_tokens, vocab, seed=100 + i), tokens)
+        prompt = prompt_ids(prompt_tokens, vocab, seed=100 + i)
+        r = stream_once(url, prompt, tokens, headers=headers)
         with lock:
             runs.append(r)
 
@@ -133,8 +144,8 @@ def aggregate_tps(url: str, vocab: int, streams: int, prompt_tokens: int, tokens
     return inside / (end - begin) if end > begin else 0.0
 
 
-def _stats(url: str) -> dict:
-    r = httpx.get(url + "/mlxdist/stats", timeout=120)
+def _stats(url: str, headers: dict | None = None) -> dict:
+    r = httpx.get(url + "/mlxdist/stats", timeout=120, headers=headers or {})
     r.raise_for_status()
     return r.json()
 
@@ -150,22 +161,26 @@ def bench(
     decode_tokens: int = 64,
     streams: int = 4,
     parallel: str = "pipeline",
+    headers: dict | None = None,
 ) -> BenchResult:
-    health = httpx.get(url + "/health", timeout=30).json()
+    """headers: the API key's Authorization header, when the server has a key."""
+    health = httpx.get(url + "/health", timeout=30, headers=headers or {}).json()
     vocab = health["vocab_size"]
     prompt = prompt_ids(prompt_tokens, vocab)
-    stream_once(url, prompt_ids(8, vocab, seed=1), 4)  # warm up: first-call costs not counted
+    stream_once(
+        url, prompt_ids(8, vocab, seed=1), 4, headers=headers
+    )  # warm up: first-call costs not counted
 
-    before = _sent(_stats(url))
-    stream_once(url, prompt, 1)
-    middle = _sent(_stats(url))
-    run = stream_once(url, prompt, decode_tokens)
-    after = _stats(url)
+    before = _sent(_stats(url, headers))
+    stream_once(url, prompt, 1, headers=headers)
+    middle = _sent(_stats(url, headers))
+    run = stream_once(url, prompt, decode_tokens, headers=headers)
+    after = _stats(url, headers)
     prefill = [m - b for b, m in zip(before, middle)]
     decode = [a - m - p for m, a, p in zip(middle, _sent(after), prefill)]
     per_token = [d / max(1, run.tokens - 1) for d in decode]
 
-    aggregate = aggregate_tps(url, vocab, streams, prompt_tokens, decode_tokens)
+    aggregate = aggregate_tps(url, vocab, streams, prompt_tokens, decode_tokens, headers)
     nodes = {n["rank"]: n.get("host", "") for n in health.get("nodes", [])}
     per_rank = [
         {
