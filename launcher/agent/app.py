@@ -17,10 +17,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
 
 from ..auth import Verifier
 from ..diskfree import disk_facts
 from .errors import Refused
+from .guard import KEEP_ALIVE, Guard, MarkVerified, guarded_protocol
 from .hubfetch import Fetches, probe
 from .ranks import MiB, Runs, model_folder, tail_lines
 from .requests import CompleteFile, FetchFiles, ProbeHub, StartRank
@@ -190,13 +192,18 @@ def serve_agent(app: FastAPI, addresses: list[str], port: int, log_level: str = 
     if not addresses:
         raise ValueError("the agent needs at least one address to listen on")
     sockets = [_bind(a, port) for a in addresses]
+    guard = Guard()
+    # Innermost, so just inside SignedOnly: only a verified request reaches it (launcher/agent/
+    # guard.py). No limit_concurrency: it counted strangers' idle sockets against everyone.
+    app.user_middleware.append(Middleware(MarkVerified, guard=guard))
     config = uvicorn.Config(
         app,
         log_level=log_level,
         lifespan="on",
         server_header=False,
         proxy_headers=False,
-        limit_concurrency=32,  # bounds the bodies held in memory while they are verified
+        http=guarded_protocol(guard),
+        timeout_keep_alive=KEEP_ALIVE,
     )
     try:
         uvicorn.Server(config).run(sockets=sockets)
