@@ -28,6 +28,12 @@ TIMEOUT = 5.0  # no beat for this long once rank 0 serves: the peer is stopped o
 # has joined, and rank 0 then loads the tokenizer and starts its server: silence is judged more
 # leniently until rank 0 says it is ready.
 LOAD_TIMEOUT = 120.0
+# A connection that has not shown the token yet: it has HELLO_DEADLINE in all to send its hello
+# line, and only so many may wait at once, from one address and in all, so strangers cannot pile
+# up threads; a real rank is one connection from its own host, sending its hello at once.
+HELLO_DEADLINE = 5.0
+PENDING_PER_PEER = 4
+PENDING = 32
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -60,6 +66,7 @@ class Monitor:
         self._failed = threading.Event()
         self._limit = LOAD_TIMEOUT
         self._ready = False
+        self._pending: dict[str, int] = {}  # connections yet to say hello, per peer address
         self._server = socket.create_server(address)
         self.failure: str | None = None
 
@@ -90,23 +97,40 @@ class Monitor:
     def _accept(self) -> None:
         while not self._failed.is_set():
             try:
-                conn, _ = self._server.accept()
+                conn, peer = self._server.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            if not self._wait_hello(peer[0]):
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn, peer[0]), daemon=True).start()
 
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(TIMEOUT)
-        reader = conn.makefile("r", encoding="utf-8", errors="replace")
+    def _wait_hello(self, peer: str) -> bool:
+        with self._lock:
+            if self._pending.get(peer, 0) >= PENDING_PER_PEER:
+                return False
+            if sum(self._pending.values()) >= PENDING:
+                return False
+            self._pending[peer] = self._pending.get(peer, 0) + 1
+            return True
+
+    def _heard_hello(self, peer: str) -> None:
+        with self._lock:
+            self._pending[peer] -= 1
+            if not self._pending[peer]:
+                del self._pending[peer]
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
         try:
-            hello = reader.readline(512).split(maxsplit=3)
-        except OSError:
-            hello = []
+            hello = _read_hello(conn).split(maxsplit=3)
+        finally:
+            self._heard_hello(peer)
         rank = self._register(conn, hello)
         if rank is None:
             conn.close()
             return
         conn.settimeout(None)  # the watcher judges silence; the reader only waits
+        reader = conn.makefile("r", encoding="utf-8", errors="replace")
         try:
             for line in reader:
                 if line.strip() == "bye":
@@ -179,6 +203,26 @@ class Monitor:
             except OSError:
                 pass
             conn.close()
+
+
+def _read_hello(conn: socket.socket) -> str:
+    """The first line, read within HELLO_DEADLINE in all (a byte at a time: nothing after it is
+    taken from the reader that follows); "" when it does not come."""
+    deadline = time.monotonic() + HELLO_DEADLINE
+    line = b""
+    try:
+        while len(line) < 512:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return ""
+            conn.settimeout(left)
+            byte = conn.recv(1)
+            if byte in (b"", b"\n"):
+                break
+            line += byte
+    except OSError:
+        return ""
+    return line.decode("utf-8", errors="replace")
 
 
 class Follower:
