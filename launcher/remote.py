@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
+
+import httpx
 
 from quantize.checkpoint import read_config, weight_map
 from quantize.nodes import node_manifest
@@ -23,6 +28,9 @@ from .ssh import SshClient
 
 RING_PORT = 32323  # mlx.launch's first ring port
 HTTP_PORT = 52480  # the coordinator's API on rank 0's host; its heartbeats on the next port
+RETRIES = 3  # a busy or silent agent is asked again this many times, after 0.5, 1 and 2 s
+BACKOFF = 0.5
+T = TypeVar("T")
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # what an agent takes as a name
 
 
@@ -57,8 +65,12 @@ class RemoteCluster:
         exited, said = [], None
         for rank, (node, run_id) in enumerate(zip(self.nodes, self.run_ids)):
             try:
-                runs = {r["id"]: r for r in node.client.ranks()}
+                runs = {r["id"]: r for r in retrying(node.client.ranks)}
             except AgentError as e:
+                # The heartbeat is the authority on a node's death: while rank 0 serves, every
+                # rank still beats, and an agent that does not answer is only busy or cut off.
+                if self.serving():
+                    continue
                 self.failed_nodes = [node.name]
                 return f"rank {rank} on node {node.name}: its agent stopped answering ({e})"
             run = runs.get(run_id)
@@ -76,12 +88,35 @@ class RemoteCluster:
         self.failed_nodes = [self.nodes[r].name for r in culprits if r < len(self.nodes)]
         return describe_failure(said, exited)
 
+    def serving(self) -> bool:
+        """Whether rank 0 answers /health: it does only while its heartbeat hears every rank."""
+        try:
+            return httpx.get(self.url + "/health", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def stop(self) -> None:
         for node in self.nodes:
             try:
-                node.client.stop_all()
+                retrying(node.client.stop_all)
             except AgentError:
                 pass  # an agent that is gone has taken its ranks with it
+
+
+def retrying(call: Callable[[], T], idempotent: bool = True) -> T:
+    """call(), again after a pause while the agent is busy (503) or, when idempotent, cannot be
+    reached or timed out: a node is not called failed on one unanswered request."""
+    pause = BACKOFF
+    for attempt in range(RETRIES + 1):
+        try:
+            return call()
+        except AgentError as e:
+            again = e.status == 503 or (e.status is None and idempotent)
+            if not again or attempt == RETRIES:
+                raise
+        time.sleep(pause)
+        pause *= 2
+    raise AssertionError("unreachable")
 
 
 def _log(node: Node, run_id: str, lines: int) -> str:
@@ -268,7 +303,7 @@ def start_remote(
     token = secrets.token_hex(16)
     try:
         for rank, (node, folder) in enumerate(zip(nodes, folders)):
-            started = node.client.start_rank(
+            fields = dict(
                 model=folder,
                 split=split,
                 rank=rank,
@@ -283,6 +318,8 @@ def start_remote(
                 **({"parallel": parallel} if parallel == "tensor" else {}),
                 **(_api_fields(api) if rank == 0 else {}),
             )
+            # A start that timed out may have started: it is sent again only after a 503.
+            started = retrying(partial(node.client.start_rank, **fields), idempotent=False)
             run_ids.append(started["id"])
     except AgentError as e:
         cluster.stop()
