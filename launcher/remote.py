@@ -65,12 +65,10 @@ class RemoteCluster:
         exited, said = [], None
         for rank, (node, run_id) in enumerate(zip(self.nodes, self.run_ids)):
             try:
-                runs = {r["id"]: r for r in retrying(node.client.ranks)}
+                runs = {r["id"]: r for r in self._ranks(node, patient=not exited)}
             except AgentError as e:
-                # The heartbeat is the authority on a node's death: while rank 0 serves, every
-                # rank still beats, and an agent that does not answer is only busy or cut off.
-                if self.serving():
-                    continue
+                if e.status in (None, 503) and not exited and self.serving():
+                    continue  # the heartbeat hears every rank: the agent is only busy or cut off
                 self.failed_nodes = [node.name]
                 return f"rank {rank} on node {node.name}: its agent stopped answering ({e})"
             run = runs.get(run_id)
@@ -88,6 +86,17 @@ class RemoteCluster:
         self.failed_nodes = [self.nodes[r].name for r in culprits if r < len(self.nodes)]
         return describe_failure(said, exited)
 
+    def _ranks(self, node: Node, patient: bool) -> list[dict]:
+        """node's runs; a busy or silent agent is asked again, unless the heartbeat has
+        answered already: rank 0 serves (every rank beats), or a rank has exited (the cluster
+        is down), or nothing listens on the agent's port (it is gone, not busy)."""
+        try:
+            return node.client.ranks()
+        except AgentError as e:
+            if not patient or _refused(e) or e.status not in (None, 503) or self.serving():
+                raise
+        return retrying(node.client.ranks)
+
     def serving(self) -> bool:
         """Whether rank 0 answers /health: it does only while its heartbeat hears every rank."""
         try:
@@ -98,25 +107,34 @@ class RemoteCluster:
     def stop(self) -> None:
         for node in self.nodes:
             try:
-                retrying(node.client.stop_all)
+                retrying(node.client.stop_all, after_silence=False)  # a gone host: no waiting
             except AgentError:
                 pass  # an agent that is gone has taken its ranks with it
 
 
-def retrying(call: Callable[[], T], idempotent: bool = True) -> T:
-    """call(), again after a pause while the agent is busy (503) or, when idempotent, cannot be
-    reached or timed out: a node is not called failed on one unanswered request."""
+def retrying(call: Callable[[], T], after_silence: bool = True) -> T:
+    """call(), again after a pause while the agent is busy (503) or, with after_silence, timed
+    out or cut off: a node is not called failed on one unanswered request. Nothing listening
+    on the port is final: a busy agent's guard accepts, then closes."""
     pause = BACKOFF
     for attempt in range(RETRIES + 1):
         try:
             return call()
         except AgentError as e:
-            again = e.status == 503 or (e.status is None and idempotent)
+            again = e.status == 503 or (e.status is None and after_silence and not _refused(e))
             if not again or attempt == RETRIES:
                 raise
         time.sleep(pause)
         pause *= 2
     raise AssertionError("unreachable")
+
+
+def _refused(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        e = e.__context__
+    return False
 
 
 def _log(node: Node, run_id: str, lines: int) -> str:
@@ -319,7 +337,7 @@ def start_remote(
                 **(_api_fields(api) if rank == 0 else {}),
             )
             # A start that timed out may have started: it is sent again only after a 503.
-            started = retrying(partial(node.client.start_rank, **fields), idempotent=False)
+            started = retrying(partial(node.client.start_rank, **fields), after_silence=False)
             run_ids.append(started["id"])
     except AgentError as e:
         cluster.stop()

@@ -16,7 +16,7 @@ from netns import available
 
 from launcher import remote
 from launcher.agent.guard import PER_PEER, UNVERIFIED, Guard
-from launcher.agent_client import AgentError
+from launcher.agent_client import AgentClient, AgentError
 from launcher.hostfile import free_ports
 from launcher.remote import Node, RemoteCluster
 from mlxdist.runtime import heartbeat
@@ -141,7 +141,7 @@ def _cluster(clients, url: str) -> RemoteCluster:
 
 
 def test_a_busy_agent_is_asked_again_before_a_node_is_called_failed(monkeypatch):
-    monkeypatch.setattr(remote, "BACKOFF", 0.01)
+    monkeypatch.setattr(remote, "BACKOFF", 0.05)
     nowhere = f"http://127.0.0.1:{free_ports(1)[0]}"
     for status in (503, None):  # busy, or timed out / cut off
         agent = _BusyAgent(remote.RETRIES, status)
@@ -151,10 +151,15 @@ def test_a_busy_agent_is_asked_again_before_a_node_is_called_failed(monkeypatch)
     cluster = _cluster([_BusyAgent(0, None), _BusyAgent(99, None)], nowhere)
     assert "rank 1 on node mac1: its agent stopped answering" in cluster.failure()
     assert cluster.failed_nodes == ["mac1"]
-    # A refusal is not retried.
+    # A refusal is not retried, nor a port where nothing listens (the agent is gone).
     refused = _BusyAgent(1, 401)
     _cluster([refused], nowhere).failure()
     assert refused.calls == 1
+    monkeypatch.setattr(remote, "BACKOFF", 1.0)  # a second try would take a second
+    gone = AgentClient(nowhere, b"s" * 32, timeout=5)
+    t0 = time.monotonic()
+    assert "rank 1 on node mac1" in _cluster([_BusyAgent(0, None), gone], nowhere).failure()
+    assert time.monotonic() - t0 < 1.0
 
 
 def test_while_rank_0_serves_a_silent_agent_fails_nothing(monkeypatch):
