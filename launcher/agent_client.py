@@ -1,4 +1,11 @@
-"""The launcher's side of an agent: signed requests, and resumable verified shard uploads."""
+"""The launcher's side of an agent: signed requests and verified answers, and resumable
+verified shard uploads.
+
+The first request is a hello signed for any agent; its signed answer tells the node id and the
+boot id that every later request is signed for. An answer that is not signed with the secret
+is an impostor's; a signed refusal from a new boot id is the agent restarted: hello again and
+send the request once more.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import httpx
 from quantize.checkpoint import sha256_file
 from quantize.errors import UserError
 
-from .auth import sign
+from .auth import ANY, BOOT, HELLO, NONCE, AuthError, check_response, sign
 
 MiB = 2**20
 
@@ -26,11 +33,24 @@ class AgentError(UserError):
         self.status = status
 
 
+class _Restarted(Exception):
+    """A signed refusal from a newer start of the agent than the request was signed for."""
+
+
 class AgentClient:
-    def __init__(self, base_url: str, secret: bytes, timeout: float = 30.0):
+    """Speaks to the agent at base_url; node_id: the one it must answer as (the id it
+    advertised), else whichever its signed hello names."""
+
+    def __init__(
+        self, base_url: str, secret: bytes, timeout: float = 30.0, node_id: str | None = None
+    ):
         self.base_url = base_url.rstrip("/")
         self.secret = secret
         self.timeout = timeout
+        self.expected_node = node_id
+        self.node_id: str | None = None  # from the agent's signed hello
+        self.boot_id: str | None = None
+        self.hello_answer: dict | None = None
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
 
     def close(self) -> None:
@@ -42,6 +62,23 @@ class AgentClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def hello(self) -> dict:
+        """Asks the agent who it is (signed for any agent) and binds every later request to the
+        node id and boot id its signed answer names: {node_id, boot_id, facts, time}."""
+        self.node_id = self.boot_id = None
+        answer, node, boot = self._send("GET", HELLO, None, b"", {}, None, ANY, ANY)
+        if not isinstance(answer, dict) or answer.get("node_id") != node:
+            raise self._impostor("its hello does not name the node it signed as")
+        if answer.get("boot_id") != boot:
+            raise self._impostor("its hello does not name the boot id it signed with")
+        if self.expected_node is not None and node != self.expected_node:
+            raise AgentError(
+                f"the agent at {self.base_url} answers as node {node}, not as the "
+                f"{self.expected_node} it advertised"
+            )
+        self.node_id, self.boot_id, self.hello_answer = node, boot, answer
+        return answer
+
     def request(
         self,
         method: str,
@@ -52,29 +89,69 @@ class AgentClient:
         content: bytes | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """Sends one signed request; returns the JSON answer or raises AgentError."""
+        """Sends one signed request; returns the agent's verified JSON answer or raises
+        AgentError."""
         headers = {}
         if body is not None:
             content = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         content = content or b""
+        if self.node_id is None:
+            self.hello()
+        limit = self.hello_answer.get("max_body")
+        if isinstance(limit, int) and len(content) > limit:
+            raise AgentError(
+                f"a body of {len(content)} bytes is over the {limit} the agent at "
+                f"{self.base_url} accepts",
+                413,
+            )
+        try:
+            return self._send(method, path, params, content, headers, timeout)[0]
+        except _Restarted:
+            self.hello()  # the agent started again since: a refusal, so sending again is safe
+            return self._send(method, path, params, content, headers, timeout)[0]
+
+    def _send(self, method, path, params, content, headers, timeout, node=None, boot=None):
+        node, boot = node or self.node_id, boot or self.boot_id
         req = self._http.build_request(
             method, path, params=params, content=content, headers=headers, timeout=timeout
         )
         # Signed over the path and query exactly as they go on the wire.
-        req.headers.update(sign(self.secret, method, req.url.raw_path.decode("ascii"), content))
+        raw_path = req.url.raw_path.decode("ascii")
+        req.headers.update(sign(self.secret, method, raw_path, content, node=node, boot=boot))
         try:
             r = self._http.send(req)
         except httpx.HTTPError as e:
             raise AgentError(f"cannot reach the agent at {self.base_url}: {e}") from None
         try:
+            said_node, said_boot = check_response(
+                self.secret, req.headers[NONCE], r.status_code, r.content, r.headers
+            )
+        except AuthError as e:
+            if r.status_code == 503 and r.headers.get(BOOT.lower()) is None:
+                # Turned away before the agent's app saw it (its server is at capacity).
+                raise AgentError(f"the agent at {self.base_url} is busy (HTTP 503)", 503) from None
+            raise self._impostor(e.reason) from None
+        if node != ANY and said_node != node:
+            raise self._impostor(f"it answered as node {said_node}, not {node}")
+        try:
             answer = r.json()
         except ValueError:
             answer = None
         if r.status_code >= 400:
+            if node != ANY and said_boot != boot and r.status_code == 401:
+                raise _Restarted
             message = answer.get("error") if isinstance(answer, dict) else None
             raise AgentError(message or f"HTTP {r.status_code}: {r.text[:200]}", r.status_code)
-        return answer
+        if node != ANY and said_boot != boot:
+            raise self._impostor("it answered from another start than the one it was asked for")
+        return answer, said_node, said_boot
+
+    def _impostor(self, reason: str) -> AgentError:
+        return AgentError(
+            f"the agent at {self.base_url} did not prove it knows the cluster secret: {reason} "
+            "(an impostor, or this machine's secret is not the cluster's)"
+        )
 
     def facts(self) -> dict:
         return self.request("GET", "/facts")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from launcher.auth import sign
+from launcher.auth import HELLO, NONCE, AuthError, check_response, sign
 from launcher.doctor import AgentReading, MlxReading, SecretReading
 from launcher.hostfacts import (
     MACOS_COMMANDS,
@@ -135,18 +135,24 @@ def _date(headers: httpx.Headers) -> float | None:
 def probe_agent(
     url: str, secret: bytes, name: str = "", this_node: bool = False, timeout: float = 5.0
 ) -> AgentReading:
-    """One signed GET /health, timed on this clock; the agent's time from its answer or, when it
-    refuses the request as stale, from the Date header every answer carries."""
+    """One signed GET /hello, timed on this clock; the agent's time from its answer or, when it
+    refuses the request as stale, from the Date header every answer carries. An answer not
+    signed with the secret counts as a refusal of ours."""
     url = url.rstrip("/")
     name = name or url
-    headers = sign(secret, "GET", "/health", b"")
+    headers = sign(secret, "GET", HELLO, b"")  # for any agent: the hello alone may be
     sent = time.time()
     try:
-        r = httpx.get(f"{url}/health", headers=headers, timeout=timeout)
+        r = httpx.get(f"{url}{HELLO}", headers=headers, timeout=timeout)
     except httpx.HTTPError as e:
         error = str(e) or type(e).__name__
         return AgentReading(name, url, sent, time.time(), None, error, this_node=this_node)
     received = time.time()
+    try:
+        check_response(secret, headers[NONCE], r.status_code, r.content, r.headers)
+    except AuthError as e:
+        error = f"did not prove it knows the cluster secret: {e.reason}"
+        return AgentReading(name, url, sent, received, 401, error, None, None, this_node)
     try:
         body = r.json()
     except ValueError:

@@ -121,11 +121,12 @@ def test_the_fetch_routes_are_signed_and_checked(tmp_path):
     with TestClient(app) as http:
         assert http.post("/fetch", content=body).status_code == 401
         assert http.get("/fetch/abc").status_code == 401
-        headers = sign(secret, "POST", "/fetch", body) | {"Content-Type": "application/json"}
+        ids = {"node": app.state.node_id, "boot": app.state.boot_id}
+        headers = sign(secret, "POST", "/fetch", body, **ids) | {"Content-Type": "application/json"}
         answer = http.post("/fetch", content=body, headers=headers)
         assert answer.status_code == 400 and "not a file name" in answer.json()["error"]
         assert "hf_notlogged" not in answer.text
-        headers = sign(secret, "GET", "/fetch/abc", b"")
+        headers = sign(secret, "GET", "/fetch/abc", b"", **ids)
         answer = http.get("/fetch/abc", headers=headers)
         assert answer.status_code == 404 and answer.json()["error"] == "no fetch 'abc'"
 

@@ -24,7 +24,18 @@ import psutil
 import pytest
 from test_agent import running_agent
 
-from launcher.auth import NONCE, SIGNATURE, TIMESTAMP, sign
+from launcher.agent_client import AgentClient
+from launcher.auth import (
+    ANY,
+    CONTENT_SHA256,
+    NONCE,
+    SIGNATURE,
+    TARGET,
+    TARGET_BOOT,
+    TIMESTAMP,
+    sign,
+    sign_declared,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -43,6 +54,8 @@ class Agent:
     secret: bytes
     proc: subprocess.Popen
     before: dict = field(default_factory=dict)
+    node: str = ""  # whom requests are signed for: from the agent's signed hello
+    boot: str = ""
 
     @property
     def models(self) -> Path:
@@ -90,7 +103,7 @@ def wire(method: str, target: str | bytes, headers: list[tuple[str, str]], body:
 
 def signed(agent: Agent, method: str, target: str | bytes, body: bytes = b"", **kw) -> dict:
     t = target if isinstance(target, str) else target.decode("latin-1")
-    return sign(agent.secret, method, t, body, **kw)
+    return sign(agent.secret, method, t, body, **({"node": agent.node, "boot": agent.boot} | kw))
 
 
 def send(
@@ -121,6 +134,7 @@ def agent(tmp_path_factory):
     (outside / "target").write_text("do not touch")
     with running_agent(base / "agent", MAX_BODY, BODY_TIMEOUT, {"hostname": "hostile"}) as started:
         a = Agent(base, started.root, started.port, started.secret, started.proc)
+        a.node, a.boot = started.ids()["node"], started.ids()["boot"]
         models = a.models
         tiny = models / "tiny"  # a real-looking model folder: a start would pass _model_folder
         tiny.mkdir()
@@ -197,6 +211,13 @@ def _at(offset: float | None, absolute: float | None = None):
     return auth
 
 
+def _for_body(signed_body: bytes):
+    def auth(a, m, t, b):
+        return signed(a, m, t, signed_body)
+
+    return auth
+
+
 def _upper_sig(a, m, t, b):
     h = signed(a, m, t, b)
     return h | {SIGNATURE: h[SIGNATURE].upper()}
@@ -239,12 +260,36 @@ AUTH_MUTATIONS: dict[str, Callable] = {
     "tampered-path": lambda a, m, t, b: signed(a, m, "/health" if t != "/health" else "/ranks", b),
     "tampered-query": lambda a, m, t, b: signed(a, m, f"{t}{'&' if '?' in t else '?'}x=1", b),
     "tampered-body": lambda a, m, t, b: signed(a, m, t, b + b" "),
+    # Well formed and signed, but for another agent, for any agent, or for an earlier start.
+    "for-another-node": lambda a, m, t, b: signed(a, m, t, b, node="another-node"),
+    "for-any-node": lambda a, m, t, b: signed(a, m, t, b, node=ANY, boot=ANY),
+    "for-an-earlier-boot": lambda a, m, t, b: signed(a, m, t, b, boot="0" * 32),
+    "no-target": _drop(TARGET),
+    "no-target-boot": _drop(TARGET_BOOT),
+    "no-content-sha": _drop(CONTENT_SHA256),
+    # Forged but well formed: every header the right shape, the MAC not from the secret.
+    "forged-digest": _set(CONTENT_SHA256, "0" * 64),
+    "forged-target": _set(TARGET, "another-node"),
+    "forged-boot": _set(TARGET_BOOT, "1" * 32),
+    "forged-all": lambda a, m, t, b: {
+        TIMESTAMP: str(int(time.time())),
+        NONCE: os.urandom(16).hex(),
+        SIGNATURE: os.urandom(32).hex(),
+        CONTENT_SHA256: hashlib.sha256(b).hexdigest(),
+        TARGET: a.node,
+        TARGET_BOOT: a.boot,
+    },
 }
 
 AUTH_CASES = [
     Case(f"auth-{name}-{m}-{t}", m, t, b, 401, auth=mut)
     for name, mut in AUTH_MUTATIONS.items()
     for m, t, b in ENDPOINTS
+] + [
+    # The signed headers are right; the body that follows is another of the same length.
+    Case(f"auth-body-swapped-{m}-{t}", m, t, bytes(reversed(b)), 400, auth=_for_body(b))
+    for m, t, b in ENDPOINTS
+    if b and bytes(reversed(b)) != b
 ]
 
 # Paths refused for uploads: traversal, absolute, encodings, backslashes, NUL, unicode tricks.
@@ -567,8 +612,14 @@ def test_replayed_nonce(agent, method, target):
         assert status == 401, f"replay {name} of {method} {target}: {status}"
 
 
-def _raw_head(agent: Agent, method: str, target: str, lines: list[str], sig_body=b"") -> bytes:
-    headers = signed(agent, method, target, sig_body)
+def _raw_head(agent: Agent, method: str, target: str, lines: list[str], length=None) -> bytes:
+    """A head with signed headers; length: the body length they declare (of a digest no body
+    sent here matches), else none."""
+    if length is None:
+        headers = signed(agent, method, target)
+    else:
+        ids = {"node": agent.node, "boot": agent.boot}
+        headers = sign_declared(agent.secret, method, target, "0" * 64, length, **ids)
     head = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *lines]
     head += [f"{k}: {v}" for k, v in headers.items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode()
@@ -589,21 +640,24 @@ SIZE_TARGETS = [
     ("GET", "/health"),
 ]
 SIZE_CASES = [
-    # (name, header lines, body bytes, expected)
-    ("declared-max+1", [f"Content-Length: {MAX_BODY + 1}"], b"", 413),
-    ("declared-1GB", ["Content-Length: 1000000000"], b"", 413),
-    ("declared-huge", ["Content-Length: " + "9" * 30], b"", (413, 400)),
-    ("declared-negative", ["Content-Length: -1"], b"", 400),
-    ("declared-letters", ["Content-Length: abc"], b"", 400),
-    ("actual-chunked", ["Transfer-Encoding: chunked"], _chunked(b"x" * (MAX_BODY + 1)), 413),
-    ("actual-chunked-many", ["Transfer-Encoding: chunked"], _chunked(b"y" * 3 * MAX_BODY, 97), 413),
+    # (name, header lines, the length the signature declares, body bytes, expected)
+    ("declared-max+1", [f"Content-Length: {MAX_BODY + 1}"], MAX_BODY + 1, b"", 413),
+    ("declared-1GB", ["Content-Length: 1000000000"], 10**9, b"", 413),
+    ("declared-huge", ["Content-Length: " + "9" * 30], None, b"", (413, 400)),
+    ("declared-negative", ["Content-Length: -1"], None, b"", 400),
+    ("declared-letters", ["Content-Length: abc"], None, b"", 400),
+    # A signed request declares its length: a chunked body is refused before it is read.
+    ("chunked", ["Transfer-Encoding: chunked"], None, _chunked(b"x" * (MAX_BODY + 1)), 411),
+    ("chunked-many", ["Transfer-Encoding: chunked"], None, _chunked(b"y" * 3 * MAX_BODY, 97), 411),
+    # More than the signed length declares: refused, and the extra is never read as a body.
+    ("longer-than-signed", ["Content-Length: 100"], 10, b"z" * 100, 401),
 ]
 
 
 @pytest.mark.parametrize("method,target", SIZE_TARGETS)
 def test_oversized_bodies(agent, method, target):
-    for name, lines, body, expect in SIZE_CASES:
-        status = exchange(agent.port, _raw_head(agent, method, target, lines) + body)
+    for name, lines, length, body, expect in SIZE_CASES:
+        status = exchange(agent.port, _raw_head(agent, method, target, lines, length) + body)
         HISTOGRAM[status] += 1
         expect = expect if isinstance(expect, tuple) else (expect,)
         assert status in expect, f"{name} {method} {target}: {status}, expected {expect}"
@@ -622,7 +676,7 @@ def _drip(agent: Agent, method: str, target: str, results: dict) -> None:
     length = 30
     start = time.monotonic()
     with socket.create_connection(("127.0.0.1", agent.port), timeout=20) as s:
-        s.sendall(_raw_head(agent, method, target, [f"Content-Length: {length}"]))
+        s.sendall(_raw_head(agent, method, target, [f"Content-Length: {length}"], length))
         s.settimeout(1.0)
         received = b""
         for _ in range(length):
@@ -700,3 +754,41 @@ def test_zz_agent_survived_untouched(agent):
     print("status histogram: " + ", ".join(f"{k}: {v}" for k, v in sorted(HISTOGRAM.items())))
     print(f"new folders inside models: {sorted(new_in_models)}")
     assert total >= 200, total
+
+
+# --- a captured request sent elsewhere: to another agent, to the same agent after a restart ---
+
+
+def _send_captured(port: int, method: str, target: str, headers: dict, body: bytes) -> int:
+    extra = [("Content-Length", str(len(body)))]
+    return exchange(port, wire(method, target, [*headers.items(), *extra], body))
+
+
+def test_a_captured_request_is_refused_by_another_agent_and_after_a_restart(tmp_path):
+    """Two agents of one cluster (one secret): a request captured on its way to the first is
+    refused by the second, and by the first once it has started again; the launcher's client
+    meanwhile says hello again to the restarted agent and goes on."""
+    facts = {"hostname": "a", "node_id": "node-first"}
+    with running_agent(tmp_path / "a", facts=facts) as first:
+        (tmp_path / "b").mkdir()
+        (tmp_path / "b" / "secret").write_bytes((tmp_path / "a" / "secret").read_bytes())
+        (tmp_path / "b" / "secret").chmod(0o600)
+        with running_agent(tmp_path / "b", facts={"hostname": "b", "node_id": "node-second"}) as b:
+            ids = first.ids()
+            target, body = "/files/chunk?path=captured.bin&offset=0", b"captured"
+            sent = sign(first.secret, "PUT", target, body, **ids)
+            unsent = sign(first.secret, "PUT", target, body, **ids)
+            # On its way to the first agent: another one refuses it, the first takes it once.
+            assert _send_captured(b.port, "PUT", target, sent, body) == 401
+            assert _send_captured(first.port, "PUT", target, sent, body) == 200
+            assert not (b.models / "captured.bin.partial").exists()
+            client = AgentClient(first.url, first.secret, timeout=10)
+            assert client.ranks() == []
+    with running_agent(tmp_path / "a", facts=facts, port=first.port) as again:
+        assert again.ids()["node"] == ids["node"] and again.ids()["boot"] != ids["boot"]
+        for headers in (sent, unsent):  # seen before the restart, or never sent
+            assert _send_captured(again.port, "PUT", target, headers, body) == 401
+        assert (again.models / "captured.bin.partial").read_bytes() == b"captured"
+        # The client bound to the earlier start: a signed refusal, a new hello, the answer.
+        assert client.ranks() == [] and client.boot_id == again.ids()["boot"]
+        client.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import secrets
 import socket
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 
 from ..auth import Verifier
+from ..discovery import facts_digest
 from ..diskfree import disk_facts
 from .errors import Refused
 from .guard import KEEP_ALIVE, Guard, MarkVerified, guarded_protocol
@@ -66,8 +68,12 @@ def create_agent_app(
     max_body: int = 64 * MiB,
     body_timeout: float = 120.0,
     window: float = 30.0,
+    node_id: str | None = None,
 ) -> FastAPI:
-    """The agent's app; every request must be signed with secret."""
+    """The agent's app; every request must be signed with secret for node_id (by default the
+    facts' node id) and this start of the app, and every answer is signed back."""
+    node_id = node_id or facts().get("node_id") or f"agent-{secrets.token_hex(8)}"
+    boot_id = secrets.token_hex(16)  # a new one each start: requests signed before it are void
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
     root = models_dir.resolve()
@@ -93,10 +99,27 @@ def create_agent_app(
     )
     app.state.runs = runs
     app.state.models_dir = root
+    app.state.node_id = node_id
+    app.state.boot_id = boot_id
     _error_handlers(app)
+    verifier = Verifier(secret, window, node_id=node_id, boot_id=boot_id)
     app.add_middleware(
-        SignedOnly, verifier=Verifier(secret, window), max_body=max_body, body_timeout=body_timeout
+        SignedOnly, verifier=verifier, secret=secret, max_body=max_body, body_timeout=body_timeout
     )
+
+    @app.get("/hello")
+    def hello() -> dict:
+        # The one route a request may sign for any agent ("*"): read-only, it is how a launcher
+        # learns whom it talks to. time: lets `mlxdist doctor` measure the clock skew; max_body:
+        # a client sends no body the agent would refuse mid-way (a reset, not an answer).
+        digest = facts_digest(facts())
+        return {
+            "node_id": node_id,
+            "boot_id": boot_id,
+            "facts": digest,
+            "time": time.time(),
+            "max_body": max_body,
+        }
 
     @app.get("/health")
     def health() -> dict:
