@@ -14,7 +14,7 @@ from launcher.autoparallel import (
     link_for,
 )
 from launcher.backend import BackendChoice, BackendError, choose_backend
-from launcher.discovery import browse
+from launcher.discovery import CollisionError, browse, verified
 from launcher.fetch import (
     check_fetch,
     choose_fetch,
@@ -61,20 +61,43 @@ def _with_facts(nodes: list[Node]) -> list[Node]:
 def discover_nodes(
     cluster: str, interfaces: list[str], secret: bytes, timeout: float = 3.0
 ) -> list[Node]:
-    """The agents of this cluster that zeroconf finds on these interfaces' addresses."""
+    """The agents of this cluster that zeroconf finds on these interfaces' addresses and that
+    prove, in a signed hello, they know the secret (any other announcement is left out)."""
     from launcher.hostfacts import collect
 
     addresses = listen_addresses(collect(), interfaces)
-    agents = [a for a in browse(cluster, addresses, timeout) if a.addresses]
-    names = [a.hostname or a.node_id for a in agents]
-    # Hosts may share a name (cloned machines); the node id tells them apart.
-    names = [f"{n}-{a.node_id[:6]}" if names.count(n) > 1 else n for n, a in zip(names, agents)]
-    nodes = [Node(n, a.addresses[0], AgentClient(a.url, secret)) for n, a in zip(names, agents)]
+    try:
+        agents = verified(browse(cluster, addresses, timeout), secret)
+    except CollisionError as e:
+        raise LaunchError(str(e)) from None
+    nodes = [Node(a.node_id, a.addresses[0], client) for a, client in agents]
     _with_facts(nodes)
     # Facts unlike the advertised digest are stale (the agent restarted, or zeroconf kept an old
     # advertisement): ask once more; the signed answer stands.
-    _with_facts([n for n, a in zip(nodes, agents) if not a.advertised(n.facts)])
+    _with_facts([n for n, (a, _) in zip(nodes, agents) if not a.advertised(n.facts)])
+    # Named by the host name in the signed facts, not the advertisement's, which anyone can make.
+    names = [str(n.facts.get("hostname") or n.client.node_id) for n in nodes]
+    # Hosts may share a name (cloned machines); the node id tells them apart.
+    for node, name in zip(nodes, names):
+        node.name = f"{name}-{node.client.node_id[:6]}" if names.count(name) > 1 else name
     return nodes
+
+
+def _refuse_collisions(nodes: list[Node]) -> None:
+    """Two hosts whose agents prove one node id: both refused, in one line naming them."""
+    seen: dict[str, Node] = {}
+    for node in nodes:
+        node_id = getattr(node.client, "node_id", None)  # None: a host reached over ssh
+        if node_id is None:
+            continue
+        if node_id in seen:
+            first = seen[node_id]
+            raise LaunchError(
+                f"two agents answer as node {node_id}: {first.name} ({first.address}) and "
+                f"{node.name} ({node.address}); on one of them remove ~/.mlxdist/node_id and "
+                "restart its agent"
+            )
+        seen[node_id] = node
 
 
 def nodes_from_hosts(path: Path, secret: bytes) -> list[Node]:
@@ -100,6 +123,7 @@ def nodes_from_hosts(path: Path, secret: bytes) -> list[Node]:
         if h.memory_gb is not None:
             node.facts["memory_total"] = int(h.memory_gb * 2**30)
             node.facts["memory_available"] = int(h.memory_gb * 2**30)
+    _refuse_collisions(nodes)
     return nodes
 
 

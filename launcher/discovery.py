@@ -4,6 +4,9 @@ The advertisement stays small whatever the Mac: who the agent is (cluster, node 
 versions) and a digest of its facts. The full facts (every Thunderbolt port, memory, RDMA
 devices) come from the agent's signed API; the digest tells a launcher whether what it fetched
 is what was advertised.
+
+An advertisement proves nothing: anyone on the link can make one. An announced agent is kept
+only once its signed hello proves it knows the cluster secret (`verified`).
 """
 
 from __future__ import annotations
@@ -16,9 +19,17 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+from zeroconf import (
+    NonUniqueNameException,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
 
 from quantize.errors import UserError
+
+from .agent_client import AgentClient, AgentError
 
 SERVICE = "_mlxdist._tcp.local."
 MAX_ENTRY = 255  # bytes of one TXT entry, "key=value" whole: a DNS character-string's length byte
@@ -54,6 +65,11 @@ class Agent:
     @property
     def url(self) -> str:
         return f"http://{self.addresses[0]}:{self.port}"
+
+    @property
+    def name(self) -> str:
+        """Who the advertisement says this is, for a message: host and address."""
+        return f"{self.hostname} ({self.url})"
 
     def advertised(self, facts: Mapping) -> bool:
         """True when facts are what this agent advertised (an agent of an older version that
@@ -143,7 +159,14 @@ class Advertiser:
             properties=properties,
             server=f"{node_id}.local.",
         )
-        self.zc.register_service(self.info)
+        try:
+            self.zc.register_service(self.info)
+        except NonUniqueNameException:
+            self.zc.close()
+            raise AdvertiseError(
+                f"another agent already announces node id {node_id} on this network (a cloned "
+                "disk?): remove ~/.mlxdist/node_id here and start the agent again"
+            ) from None
 
     def close(self) -> None:
         try:
@@ -174,7 +197,8 @@ def nearest_first(addresses: list[str], local: list[str]) -> list[str]:
 
 
 def browse(cluster: str, interfaces: list[str], timeout: float = 3.0) -> list[Agent]:
-    """Agents of this cluster seen on the interfaces within timeout seconds, by node id."""
+    """Every advertisement of this cluster seen on the interfaces within timeout seconds, by
+    node id, unverified: two that claim one node id are both kept (`verified` tells them apart)."""
     zc = Zeroconf(interfaces=interfaces)
     names: set[str] = set()
 
@@ -185,7 +209,7 @@ def browse(cluster: str, interfaces: list[str], timeout: float = 3.0) -> list[Ag
     browser = ServiceBrowser(zc, SERVICE, handlers=[on_change])
     try:
         time.sleep(timeout)
-        agents = {}
+        agents = []
         for name in sorted(names):
             info = zc.get_service_info(SERVICE, name, timeout=2000)
             if info is None:
@@ -195,10 +219,46 @@ def browse(cluster: str, interfaces: list[str], timeout: float = 3.0) -> list[Ag
                 continue
             addresses = [socket.inet_ntoa(a) for a in info.addresses if len(a) == 4]
             addresses = nearest_first(addresses, interfaces)
-            agents[txt.get("id", name)] = Agent(
-                txt.get("id", name), cluster, addresses, int(info.port or 0), txt
-            )
-        return [agents[k] for k in sorted(agents)]
+            node_id = txt.get("id", name)
+            agents.append(Agent(node_id, cluster, addresses, int(info.port or 0), txt))
+        return sorted(agents, key=lambda a: (a.node_id, a.url))
     finally:
         browser.cancel()
         zc.close()
+
+
+class CollisionError(UserError):
+    """Two agents that both prove they know the secret answer as one node id."""
+
+
+def verified(
+    agents: list[Agent], secret: bytes, timeout: float = 10.0
+) -> list[tuple[Agent, AgentClient]]:
+    """The announced agents whose signed hello proves they know the secret and are the node
+    they advertised, each with its client bound to that agent's node id and boot id.
+
+    An announcement without such an answer is dropped: it is never listed, planned, pushed to or
+    started on. Two agents that prove one node id are both refused (CollisionError); one agent
+    announced at two addresses (one boot id) is kept once.
+    """
+    kept: dict[str, tuple[Agent, AgentClient]] = {}
+    for agent in agents:
+        if not agent.addresses:
+            continue
+        client = AgentClient(agent.url, secret, timeout=timeout, node_id=agent.node_id)
+        try:
+            client.hello()
+        except AgentError:
+            client.close()
+            continue
+        seen = kept.get(client.node_id)
+        if seen is None:
+            kept[client.node_id] = (agent, client)
+        elif seen[1].boot_id == client.boot_id:
+            client.close()  # the same agent process, announced twice
+        else:
+            raise CollisionError(
+                f"two agents answer as node {client.node_id}: {seen[0].url} and {agent.url}; "
+                "on one of them remove ~/.mlxdist/node_id and restart its agent"
+            )
+    return list(kept.values())

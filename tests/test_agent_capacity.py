@@ -83,8 +83,8 @@ def test_guard_with_one_connection_per_address_closes_the_oldest():
 
 def test_heartbeat_caps_strangers_and_still_hears_a_rank(monkeypatch):
     """64 idle and 64 dribbling strangers on rank 0's heartbeat port, from one address: at most
-    PENDING_PER_PEER of them get a thread, each gone after HELLO_DEADLINE (production values);
-    a real rank's hello from another address is registered at once."""
+    PENDING_PER_PEER (and one per rank) of them get a thread, each gone after HELLO_DEADLINE
+    (production values); a real rank's hello from another address is registered at once."""
     monkeypatch.setenv(TOKEN_ENV, "a" * 32)
     port = free_ports(1)[0]
     failures: list[str] = []
@@ -98,7 +98,7 @@ def test_heartbeat_caps_strangers_and_still_hears_a_rank(monkeypatch):
                 s.sendall(b"hel")  # then nothing more
             strangers.append(s)
         time.sleep(0.5)
-        assert threading.active_count() - threads <= heartbeat.PENDING_PER_PEER
+        assert threading.active_count() - threads <= heartbeat.PENDING_PER_PEER + 2
         rank = socket.create_connection(("127.0.0.1", port))
         t0 = time.monotonic()
         rank.sendall(f"hello 1 {'a' * 32} mac1\n".encode())
@@ -115,6 +115,22 @@ def test_heartbeat_caps_strangers_and_still_hears_a_rank(monkeypatch):
         assert failures == []
     finally:
         for s in strangers:
+            s.close()
+        monitor.release()
+
+
+def test_heartbeat_hears_every_rank_of_one_machine_connecting_at_once(monkeypatch):
+    """Eight ranks on one host connect before any says hello: none is turned away."""
+    monkeypatch.setenv(TOKEN_ENV, "a" * 32)
+    port = free_ports(1)[0]
+    monitor = Monitor(("127.0.0.1", port), 9, "mac0", lambda _: None).start()
+    ranks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(8)]
+    try:
+        for r, s in enumerate(ranks, 1):
+            s.sendall(f"hello {r} {'a' * 32} mac{r}\n".encode())
+        assert [s.recv(5) for s in ranks] == [b"beat\n"] * 8
+    finally:
+        for s in ranks:
             s.close()
         monitor.release()
 

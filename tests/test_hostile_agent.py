@@ -10,8 +10,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -20,9 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+import netns
 import psutil
 import pytest
+from conftest import ROOT
 from test_agent import running_agent
+from test_cluster_hosts import cli
 
 from launcher.agent_client import AgentClient
 from launcher.auth import (
@@ -40,6 +45,7 @@ from launcher.auth import (
 pytestmark = pytest.mark.cluster
 
 MAX_BODY = 4096
+R1_CONFIG = ROOT / "tests" / "data" / "deepseek-r1-config.json"
 BODY_TIMEOUT = 2.0
 
 HISTOGRAM: Counter[int] = Counter()
@@ -792,3 +798,160 @@ def test_a_captured_request_is_refused_by_another_agent_and_after_a_restart(tmp_
         # The client bound to the earlier start: a signed refusal, a new hello, the answer.
         assert client.ranks() == [] and client.boot_id == again.ids()["boot"]
         client.close()
+
+
+# --- impostors announced over real zeroconf, in network namespaces ---------------------------
+
+# argv: address, port, cluster, real node id, log file. One process without the secret that
+# announces itself twice into the cluster (once under a name that sorts first, once with a real
+# agent's node id) and answers every request 200, claiming 10 TB of memory.
+IMPOSTOR = """
+import json, socket, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from zeroconf import ServiceInfo, Zeroconf
+
+address, port, cluster, real_id, log = sys.argv[1], int(sys.argv[2]), *sys.argv[3:6]
+TB = 10 * 10**12
+CLAIM = {"ok": True, "node_id": real_id, "boot_id": "0" * 32, "facts": "0" * 16,
+         "hostname": "0000-first", "chip": "Apple M9 Ultra", "memory_total": TB,
+         "memory_available": TB, "models": [], "stopped": [], "time": 0}
+
+class Yes(BaseHTTPRequestHandler):
+    def answer(self):
+        with open(log, "a") as f:
+            f.write(f"{self.command} {self.path}\\n")
+        n = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(n)
+        body = json.dumps(CLAIM).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k in ("X-Mlxdist-Node", "X-Mlxdist-Boot"):  # the right shapes, no proof behind
+            self.send_header(k, real_id if k.endswith("Node") else "0" * 32)
+        self.send_header("X-Mlxdist-Response-Signature", "ab" * 32)
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = do_PUT = do_DELETE = answer
+    def log_message(self, *a):
+        pass
+
+server = ThreadingHTTPServer((address, port), Yes)
+zc = Zeroconf(interfaces=[address])
+for name, node_id in (("0000-first", "0000-first"), ("zzzz-copy", real_id)):
+    txt = {"cluster": cluster, "id": node_id, "port": str(port), "host": "0000-first",
+           "os": "15.0", "mlx": "0.32", "mlxdist": "0.1", "facts": "0" * 16}
+    zc.register_service(ServiceInfo(
+        "_mlxdist._tcp.local.", f"{name}._mlxdist._tcp.local.",
+        addresses=[socket.inet_aton(address)], port=port, properties=txt,
+        server=f"{name}.local."))
+print("announced", flush=True)
+server.serve_forever()
+"""
+
+
+def _in(host, env: dict, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        host.cmd(*argv), env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    print(done.stdout[-3000:], done.stderr[-3000:])
+    return done
+
+
+def _agent_in(host, config: Path, cluster: str, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, MLXDIST_CONFIG=str(config))
+    args = cli("agent", "--cluster", cluster, "--interface", "eth0", "--port", "52417")
+    return subprocess.Popen(host.cmd(*args), env=env, cwd=ROOT, stderr=open(log, "w"))
+
+
+@pytest.mark.skipif(netns.available() is not None, reason=f"needs namespaces: {netns.available()}")
+def test_impostors_are_never_listed_or_planned_and_a_twin_is_refused(tmp_path):
+    """A launcher, a real agent, an impostor without the secret (announced under a name that
+    sorts first and again under the real agent's node id), later a real twin of the agent."""
+    env = dict(os.environ, MLXDIST_CONFIG=str(tmp_path / "launcher"))
+    subprocess.run(cli("init"), env=env, cwd=ROOT, check=True, capture_output=True)
+    secret = tmp_path / "launcher" / "secret"
+    configs = [tmp_path / "real", tmp_path / "twin"]
+    for config in configs:
+        config.mkdir(mode=0o700)
+        shutil.copy(secret, config / "secret")
+        (config / "secret").chmod(0o600)
+    status = cli("status", "--cluster", "guard", "--interface", "eth0")
+    plan = cli("plan", str(R1_CONFIG), "--cluster", "guard", "--interface", "eth0", "--json")
+    procs = []
+    with netns.bridged_hosts(4, subnet="169.254.120") as (launcher, real, fake, twin):
+        try:
+            procs.append(_agent_in(real, configs[0], "guard", tmp_path / "real.log"))
+            log = tmp_path / "impostor.log"
+            log.touch()
+            deadline = time.monotonic() + 30
+            while not (configs[0] / "node_id").exists():
+                assert time.monotonic() < deadline, (tmp_path / "real.log").read_text()
+                time.sleep(0.2)
+            real_id = (configs[0] / "node_id").read_text().strip()
+            argv = [sys.executable, "-c", IMPOSTOR, fake.ip, "52417", "guard", real_id, str(log)]
+            procs.append(subprocess.Popen(fake.cmd(*argv), cwd=ROOT, stdout=subprocess.PIPE))
+            assert procs[-1].stdout.readline().strip() == b"announced"
+            time.sleep(2)  # the real agent announces itself too
+
+            done = _in(launcher, env, *status)
+            assert done.returncode == 0, done.stderr
+            assert "1 agents" in done.stdout and real.ip in done.stdout
+            assert fake.ip not in done.stdout and "0000-first" not in done.stdout
+            assert "M9" not in done.stdout and "10000" not in done.stdout
+            done = _in(launcher, env, *plan)
+            planned = json.loads(done.stdout)
+            # R1 on one Linux host does not fit (exit 1); 10 TB would have made it fit.
+            assert planned["fits"] is False and done.returncode == 1, done.stderr
+            assert len(planned["nodes"]) == 1 and "0000-first" not in done.stdout
+            assert fake.ip not in done.stdout
+            # It was found both times under both names, asked who it is, and nothing more.
+            asked = log.read_text().splitlines()
+            assert len(asked) >= 4 and set(asked) == {"GET /hello"}, asked
+
+            # A second agent with the same node id (a cloned disk) cannot announce itself.
+            shutil.copy(configs[0] / "node_id", configs[1] / "node_id")
+            twin_agent = _agent_in(twin, configs[1], "guard", tmp_path / "twin.log")
+            procs.append(twin_agent)
+            assert twin_agent.wait(60) != 0
+            said = (tmp_path / "twin.log").read_text()
+            assert f"another agent already announces node id {real_id}" in said, said
+            assert "Traceback" not in said
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def test_two_agents_proving_one_node_id_are_both_refused_in_one_line(tmp_path):
+    """Twins the launcher reaches both (on two links, or named in a hosts file): refused."""
+    from launcher.cluster import nodes_from_hosts
+    from launcher.discovery import Agent as Announced
+    from launcher.discovery import CollisionError, verified
+    from launcher.local import LaunchError
+
+    facts = {"hostname": "twin", "node_id": "node-twin"}
+    with running_agent(tmp_path / "a", facts=facts) as a:
+        (tmp_path / "b").mkdir()
+        shutil.copy(tmp_path / "a" / "secret", tmp_path / "b" / "secret")
+        (tmp_path / "b" / "secret").chmod(0o600)
+        with running_agent(tmp_path / "b", facts=facts) as b:
+            seen = [Announced("node-twin", "c", ["127.0.0.1"], agent.port, {}) for agent in (a, b)]
+            with pytest.raises(CollisionError) as info:
+                verified(seen, a.secret)
+            assert a.url in str(info.value) and b.url in str(info.value)
+            # The same agent announced twice (one boot id) is one agent.
+            assert len(verified([seen[0], seen[0]], a.secret)) == 1
+            hosts = tmp_path / "hosts.toml"
+            hosts.write_text(
+                "".join(
+                    f'[[hosts]]\nname = "{n}"\naddress = "127.0.0.1"\nagent_port = {x.port}\n'
+                    for n, x in (("one", a), ("two", b))
+                )
+            )
+            with pytest.raises(LaunchError, match="two agents answer as node node-twin") as info:
+                nodes_from_hosts(hosts, a.secret)
+            assert "one (127.0.0.1)" in str(info.value) and "two (127.0.0.1)" in str(info.value)

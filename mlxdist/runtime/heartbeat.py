@@ -30,10 +30,11 @@ TIMEOUT = 5.0  # no beat for this long once rank 0 serves: the peer is stopped o
 LOAD_TIMEOUT = 120.0
 # A connection that has not shown the token yet: it has HELLO_DEADLINE in all to send its hello
 # line, and only so many may wait at once, from one address and in all, so strangers cannot pile
-# up threads; a real rank is one connection from its own host, sending its hello at once.
+# up threads. Both limits are beyond the ranks' own: every rank may connect at once, all from one
+# host when they run on one machine.
 HELLO_DEADLINE = 5.0
-PENDING_PER_PEER = 4
-PENDING = 32
+PENDING_PER_PEER = 4  # besides one for each rank
+PENDING = 32  # besides one for each rank
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -107,9 +108,9 @@ class Monitor:
 
     def _wait_hello(self, peer: str) -> bool:
         with self._lock:
-            if self._pending.get(peer, 0) >= PENDING_PER_PEER:
+            if self._pending.get(peer, 0) >= PENDING_PER_PEER + self.size:
                 return False
-            if sum(self._pending.values()) >= PENDING:
+            if sum(self._pending.values()) >= PENDING + self.size:
                 return False
             self._pending[peer] = self._pending.get(peer, 0) + 1
             return True
