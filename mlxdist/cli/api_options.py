@@ -8,22 +8,51 @@ import ipaddress
 import re
 from pathlib import Path
 
+import typer
+
 from quantize.errors import UserError
 
-KEY_HELP = "API key every request must send as a bearer token"
-KEY_FILE_HELP = "file holding the API key (its first line), kept off the command line"
-INSECURE_HELP = (
-    "serve the API with no key on an address beyond this machine (anyone who reaches it may use it)"
+DEFAULT_BODY_MB = 4  # a request body larger than this is refused (413)
+
+# The options launch and serve share (one definition each; typer reads them as defaults).
+KEY_OPTION = typer.Option(
+    None,
+    "--api-key",
+    envvar="MLXDIST_API_KEY",
+    help="API key every request must send as a bearer token",
 )
-BODY_HELP = "largest request body the API reads, in MiB"
-DOCS_HELP = "serve /docs, /redoc and /openapi.json (off by default)"
-ALLOWED_HOST_HELP = (
-    "another name clients reach the API by (Host header), beyond the bound address and this "
-    "machine's name (repeatable)"
+KEY_FILE_OPTION = typer.Option(
+    None,
+    "--api-key-file",
+    help="file holding the API key (its first line), kept off the command line",
 )
-CORS_HELP = (
-    "browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable; none by "
-    "default)"
+INSECURE_OPTION = typer.Option(
+    False,
+    "--insecure-no-api-key",
+    help="serve the API with no key on an address beyond this machine (anyone who reaches it "
+    "may use it)",
+)
+BODY_OPTION = typer.Option(
+    DEFAULT_BODY_MB,
+    "--max-body-mb",
+    min=1,
+    max=1024,
+    help="largest request body the API reads, in MiB",
+)
+DOCS_OPTION = typer.Option(
+    False, "--docs", help="serve /docs, /redoc and /openapi.json (off by default)"
+)
+ALLOWED_HOST_OPTION = typer.Option(
+    [],
+    "--allowed-host",
+    help="another name clients reach the API by (Host header), beyond the bound address and "
+    "this machine's name (repeatable)",
+)
+CORS_OPTION = typer.Option(
+    [],
+    "--cors-origin",
+    help="browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable; none "
+    "by default)",
 )
 
 _KEY = re.compile(r"[!-~]{8,256}")  # printable ASCII, no space: one bearer token, one line
@@ -79,9 +108,6 @@ def check_exposure(host: str | None, key: str | None, insecure: bool, flag: str)
             f"{flag} would serve the API beyond this machine with no key: pass --api-key KEY "
             "(or MLXDIST_API_KEY, --api-key-file PATH), or --insecure-no-api-key to serve it open"
         )
-
-
-DEFAULT_BODY_MB = 4  # a request body larger than this is refused (413)
 
 
 def api_settings(

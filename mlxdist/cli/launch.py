@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 import typer
 
 from mlxdist.cli.api_options import (
-    ALLOWED_HOST_HELP,
-    BODY_HELP,
-    CORS_HELP,
+    ALLOWED_HOST_OPTION,
+    BODY_OPTION,
+    CORS_OPTION,
     DEFAULT_BODY_MB,
-    DOCS_HELP,
-    INSECURE_HELP,
-    KEY_FILE_HELP,
-    KEY_HELP,
+    DOCS_OPTION,
+    INSECURE_OPTION,
+    KEY_FILE_OPTION,
+    KEY_OPTION,
 )
 from mlxdist.cli.app import app
 from quantize.errors import UserError
@@ -109,15 +109,13 @@ def launch(
     backend: str | None = typer.Option(None, help=BACKEND_HELP),
     fetch: str = typer.Option("auto", help=FETCH_HELP),
     verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
-    api_key: str | None = typer.Option(None, "--api-key", envvar="MLXDIST_API_KEY", help=KEY_HELP),
-    api_key_file: Path | None = typer.Option(None, "--api-key-file", help=KEY_FILE_HELP),
-    insecure: bool = typer.Option(False, "--insecure-no-api-key", help=INSECURE_HELP),
-    max_body_mb: int = typer.Option(
-        DEFAULT_BODY_MB, "--max-body-mb", min=1, max=1024, help=BODY_HELP
-    ),
-    docs: bool = typer.Option(False, "--docs", help=DOCS_HELP),
-    allowed_host: list[str] = typer.Option([], "--allowed-host", help=ALLOWED_HOST_HELP),
-    cors_origin: list[str] = typer.Option([], "--cors-origin", help=CORS_HELP),
+    api_key: str | None = KEY_OPTION,
+    api_key_file: Path | None = KEY_FILE_OPTION,
+    insecure: bool = INSECURE_OPTION,
+    max_body_mb: int = BODY_OPTION,
+    docs: bool = DOCS_OPTION,
+    allowed_host: list[str] = ALLOWED_HOST_OPTION,
+    cors_origin: list[str] = CORS_OPTION,
 ) -> None:
     """Start one rank per host (or N on this machine), then answer --prompt or open a chat."""
     params = {"max_tokens": max_tokens, "temperature": temp}
@@ -377,15 +375,13 @@ def serve(
     parallel: str = typer.Option("auto", help=PARALLEL_HELP),
     fetch: str = typer.Option("auto", help=FETCH_HELP),
     verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
-    api_key: str | None = typer.Option(None, "--api-key", envvar="MLXDIST_API_KEY", help=KEY_HELP),
-    api_key_file: Path | None = typer.Option(None, "--api-key-file", help=KEY_FILE_HELP),
-    insecure: bool = typer.Option(False, "--insecure-no-api-key", help=INSECURE_HELP),
-    max_body_mb: int = typer.Option(
-        DEFAULT_BODY_MB, "--max-body-mb", min=1, max=1024, help=BODY_HELP
-    ),
-    docs: bool = typer.Option(False, "--docs", help=DOCS_HELP),
-    allowed_host: list[str] = typer.Option([], "--allowed-host", help=ALLOWED_HOST_HELP),
-    cors_origin: list[str] = typer.Option([], "--cors-origin", help=CORS_HELP),
+    api_key: str | None = KEY_OPTION,
+    api_key_file: Path | None = KEY_FILE_OPTION,
+    insecure: bool = INSECURE_OPTION,
+    max_body_mb: int = BODY_OPTION,
+    docs: bool = DOCS_OPTION,
+    allowed_host: list[str] = ALLOWED_HOST_OPTION,
+    cors_origin: list[str] = CORS_OPTION,
 ) -> None:
     """Run the cluster with its OpenAI-style HTTP API only, until Ctrl-C."""
     from mlxdist.cli.api_options import api_key as read_key
