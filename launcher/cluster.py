@@ -134,17 +134,50 @@ def _ports(nodes: list[Node]) -> dict[str, list[ThunderboltPort]]:
     }
 
 
+def _own_node_id() -> str | None:
+    from launcher.secret import config_dir
+
+    path = config_dir() / "node_id"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _order_key(own: str | None):
+    """Where a discovered node stands: the launcher's own host first (when it runs an agent),
+    then by node id, each from the agent's signed hello, never from a name in an advertisement
+    (which anyone can make). Only agents that proved the secret are here at all, and a node id
+    is stable across restarts, so each node keeps its layers (and the shards it holds)."""
+
+    def key(node: Node) -> tuple[bool, str]:
+        node_id = getattr(node.client, "node_id", None) or ""
+        return (node_id != own, node_id)
+
+    return key
+
+
 def ring(nodes: list[Node], keep_order: bool) -> list[Node]:
-    """Rank order: along the Thunderbolt cables when the nodes report them, else as given."""
+    """Rank order: as the hosts file gives it; else along the Thunderbolt cables when the nodes
+    report them, from the first node by _order_key towards its lesser neighbour; else by
+    _order_key alone."""
+    if keep_order:
+        return nodes
+    key = _order_key(_own_node_id())
     ports = _ports(nodes)
-    if keep_order or not any(ports.values()):
-        return nodes if keep_order else sorted(nodes, key=lambda n: n.name)
+    if not any(ports.values()):
+        return sorted(nodes, key=key)
     links = cable_graph(ports)
     order = ring_order(sorted(ports), links)
     if order is None:
         raise LaunchError(f"no ring follows the cables: {explain_no_ring(sorted(ports), links)}")
     by_name = {n.name: n for n in nodes}
-    return [by_name[name] for name in order]
+    cycle = [by_name[name] for name in order]
+    start = cycle.index(min(cycle, key=key))
+    cycle = cycle[start:] + cycle[:start]
+    if len(cycle) > 2 and key(cycle[-1]) < key(cycle[1]):
+        cycle = cycle[:1] + cycle[:0:-1]  # the same ring walked the other way
+    return cycle
 
 
 def cable_addresses(nodes: list[Node], console) -> list[list[str]] | None:

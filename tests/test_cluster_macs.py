@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -27,6 +28,7 @@ pytestmark = [
 
 MACOS = ROOT / "tests" / "data" / "macos"
 MACS = ["studio-1", "macbook-3port"]
+NAMES = ["studio-1", "macbook-1"]  # their host names, as the captures give them
 R1_CONFIG = ROOT / "tests" / "data" / "deepseek-r1-config.json"
 
 BROWSE = """
@@ -106,8 +108,11 @@ def test_plan_across_the_discovered_macs(macs, tmp_path):
     done = run(machines[0], env, *args)
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
-    # The one cable (MacBook Thunderbolt 1 to the Studio's Thunderbolt 5) orders the ring.
-    assert plan["order"] == ["macbook-1", "studio-1"]
+    # The one cable (MacBook Thunderbolt 1 to the Studio's Thunderbolt 5) makes the ring; rank 0
+    # is the lesser verified node id, whatever the host names.
+    work = Path(env["MLXDIST_CONFIG"]).parent
+    ids = {m: (work / f"node{i}" / "node_id").read_text().strip() for i, m in enumerate(NAMES)}
+    assert plan["order"] == sorted(ids, key=ids.get)
     rows = {row["name"]: row for row in plan["nodes"]}
     assert sum(row["layers"] for row in plan["nodes"]) == 61  # DeepSeek R1's decoder layers
     assert rows["studio-1"]["layers"] > rows["macbook-1"]["layers"] > 0
