@@ -864,9 +864,10 @@ def _agent_in(host, config: Path, cluster: str, log: Path) -> subprocess.Popen:
 
 
 @pytest.mark.skipif(netns.available() is not None, reason=f"needs namespaces: {netns.available()}")
-def test_impostors_are_never_listed_or_planned_and_a_twin_is_refused(tmp_path):
+def test_impostors_are_never_listed_planned_or_started_on_and_a_twin_is_refused(tmp_path, tiny_r1):
     """A launcher, a real agent, an impostor without the secret (announced under a name that
-    sorts first and again under the real agent's node id), later a real twin of the agent."""
+    sorts first and again under the real agent's node id), later a real twin of the agent.
+    status, plan and a launch see the real agent alone; the impostor is asked only its hello."""
     env = dict(os.environ, MLXDIST_CONFIG=str(tmp_path / "launcher"))
     subprocess.run(cli("init"), env=env, cwd=ROOT, check=True, capture_output=True)
     secret = tmp_path / "launcher" / "secret"
@@ -875,6 +876,11 @@ def test_impostors_are_never_listed_or_planned_and_a_twin_is_refused(tmp_path):
         config.mkdir(mode=0o700)
         shutil.copy(secret, config / "secret")
         (config / "secret").chmod(0o600)
+    one_node = tmp_path / "tiny-r1-1n"  # tiny-r1 with its folder for one node
+    done = subprocess.run(
+        cli("quantize", str(tiny_r1), str(one_node), "--split", "4"), cwd=ROOT, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
     status = cli("status", "--cluster", "guard", "--interface", "eth0")
     plan = cli("plan", str(R1_CONFIG), "--cluster", "guard", "--interface", "eth0", "--json")
     procs = []
@@ -904,9 +910,16 @@ def test_impostors_are_never_listed_or_planned_and_a_twin_is_refused(tmp_path):
             assert planned["fits"] is False and done.returncode == 1, done.stderr
             assert len(planned["nodes"]) == 1 and "0000-first" not in done.stdout
             assert fake.ip not in done.stdout
-            # It was found both times under both names, asked who it is, and nothing more.
+            # A launch pushes the model to the real agent alone and starts its rank there.
+            launch = cli("launch", str(one_node), "--cluster", "guard", "--interface", "eth0")
+            launch += ["--prompt", "Hi", "--no-chat", "--temp", "0", "--max-tokens", "1"]
+            done = _in(launcher, env, *launch, timeout=300)
+            assert done.returncode == 0, done.stderr
+            assert list((configs[0] / "models" / one_node.name).rglob("*.safetensors"))
+            # It was found every time under both names, asked who it is, and nothing more.
             asked = log.read_text().splitlines()
-            assert len(asked) >= 4 and set(asked) == {"GET /hello"}, asked
+            assert len(asked) >= 6 and set(asked) == {"GET /hello"}, asked
+            print(f"impostor: 2 announcements, {len(asked)} requests, all of them its hello")
 
             # A second agent with the same node id (a cloned disk) cannot announce itself.
             shutil.copy(configs[0] / "node_id", configs[1] / "node_id")
