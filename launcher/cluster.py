@@ -84,13 +84,14 @@ def discover_nodes(
 
 
 def _refuse_collisions(nodes: list[Node]) -> None:
-    """Two hosts whose agents prove one node id: both refused, in one line naming them."""
+    """Two hosts whose agents prove one node id from two starts (two processes, a cloned disk):
+    both refused, in one line naming them. One agent reached at two addresses is one agent."""
     seen: dict[str, Node] = {}
     for node in nodes:
         node_id = getattr(node.client, "node_id", None)  # None: a host reached over ssh
         if node_id is None:
             continue
-        if node_id in seen:
+        if node_id in seen and seen[node_id].client.boot_id != node.client.boot_id:
             first = seen[node_id]
             raise LaunchError(
                 f"two agents answer as node {node_id}: {first.name} ({first.address}) and "
