@@ -62,11 +62,11 @@ class AgentClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def hello(self) -> dict:
+    def hello(self, timeout: float | None = None) -> dict:
         """Asks the agent who it is (signed for any agent) and binds every later request to the
         node id and boot id its signed answer names: {node_id, boot_id, facts, time}."""
         self.node_id = self.boot_id = None
-        answer, node, boot = self._send("GET", HELLO, None, b"", {}, None, ANY, ANY)
+        answer, node, boot = self._send("GET", HELLO, None, b"", {}, timeout, ANY, ANY)
         if not isinstance(answer, dict) or answer.get("node_id") != node:
             raise self._impostor("its hello does not name the node it signed as")
         if answer.get("boot_id") != boot:

@@ -17,6 +17,7 @@ import json
 import socket
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from zeroconf import (
@@ -232,7 +233,7 @@ class CollisionError(UserError):
 
 
 def verified(
-    agents: list[Agent], secret: bytes, timeout: float = 10.0
+    agents: list[Agent], secret: bytes, timeout: float = 5.0
 ) -> list[tuple[Agent, AgentClient]]:
     """The announced agents whose signed hello proves they know the secret and are the node
     they advertised, each with its client bound to that agent's node id and boot id.
@@ -241,15 +242,23 @@ def verified(
     started on. Two agents that prove one node id are both refused (CollisionError); one agent
     announced at two addresses (one boot id) is kept once.
     """
-    kept: dict[str, tuple[Agent, AgentClient]] = {}
-    for agent in agents:
-        if not agent.addresses:
-            continue
-        client = AgentClient(agent.url, secret, timeout=timeout, node_id=agent.node_id)
+
+    def hello(agent: Agent) -> AgentClient | None:
+        client = AgentClient(agent.url, secret, node_id=agent.node_id)
         try:
-            client.hello()
+            client.hello(timeout=timeout)
+            return client
         except AgentError:
             client.close()
+            return None
+
+    # All at once: an announcement that never answers costs one timeout, not one each.
+    reachable = [a for a in agents if a.addresses]
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(reachable)))) as pool:
+        clients = list(pool.map(hello, reachable))
+    kept: dict[str, tuple[Agent, AgentClient]] = {}
+    for agent, client in zip(reachable, clients):
+        if client is None:
             continue
         seen = kept.get(client.node_id)
         if seen is None:
