@@ -25,12 +25,12 @@ from zeroconf import (
     ServiceBrowser,
     ServiceInfo,
     ServiceStateChange,
-    Zeroconf,
 )
 
 from quantize.errors import UserError
 
 from .agent_client import AgentClient, AgentError
+from .mdns_scope import scoped_zeroconf
 
 SERVICE = "_mlxdist._tcp.local."
 MAX_ENTRY = 255  # bytes of one TXT entry, "key=value" whole: a DNS character-string's length byte
@@ -151,7 +151,7 @@ class Advertiser:
         if not addresses:
             raise ValueError("an agent needs at least one address to advertise on")
         properties = txt_record(cluster, node_id, port, facts)  # before any socket is opened
-        self.zc = Zeroconf(interfaces=addresses)
+        self.zc = scoped_zeroconf(addresses)  # hears and answers only the named links
         self.info = ServiceInfo(
             SERVICE,
             f"{node_id}.{SERVICE}",
@@ -200,7 +200,7 @@ def nearest_first(addresses: list[str], local: list[str]) -> list[str]:
 def browse(cluster: str, interfaces: list[str], timeout: float = 3.0) -> list[Agent]:
     """Every advertisement of this cluster seen on the interfaces within timeout seconds, by
     node id, unverified: two that claim one node id are both kept (`verified` tells them apart)."""
-    zc = Zeroconf(interfaces=interfaces)
+    zc = scoped_zeroconf(interfaces)  # records from other links are never read
     names: set[str] = set()
 
     def on_change(zeroconf, service_type, name, state_change):
