@@ -24,7 +24,8 @@ from launcher.discovery import SERVICE
 from launcher.mdns_scope import link_networks, on_link, scoped_zeroconf
 
 # Sends DNS-SD queries for the service type to TARGET/KIND pairs, each again every 0.5 s until
-# answered or PATIENCE seconds passed, and prints {pair: the answer's source address or null}.
+# answered or PATIENCE seconds passed, and prints [{pair: the answer's source address or null},
+# the number of queries sent].
 # legacy: a PTR question from an ephemeral port (answered straight back, RFC 6762 6.7);
 # qu: a PTR question with the unicast-response bit, from port 5353 (answered to port 5353).
 # The packet is built here by hand, not by zeroconf, so the probe does not share its parser.
@@ -32,7 +33,7 @@ PROBE = r"""
 import json, socket, sys, time
 service, patience = sys.argv[1], float(sys.argv[2])
 name = b"".join(bytes([len(p)]) + p.encode() for p in service.rstrip(".").split(".")) + b"\0"
-found = {}
+found, sent = {}, 0
 for pair in sys.argv[3:]:
     target, kind = pair.split("/")
     qclass = 0x8001 if kind == "qu" else 0x0001
@@ -45,6 +46,7 @@ for pair in sys.argv[3:]:
     found[pair], deadline = None, time.monotonic() + patience
     while found[pair] is None and time.monotonic() < deadline:
         s.sendto(query, (target, 5353))
+        sent += 1
         try:
             while True:
                 data, (source, _) = s.recvfrom(9000)
@@ -54,7 +56,7 @@ for pair in sys.argv[3:]:
         except socket.timeout:
             pass
     s.close()
-print(json.dumps(found))
+print(json.dumps([found, sent]))
 """
 
 
@@ -86,11 +88,12 @@ def test_every_listener_of_this_zeroconf_reads_only_the_named_links():
         zc.close()
 
 
-def probe(host, patience: float, *pairs: str) -> dict:
+def probe(host, patience: float, *pairs: str) -> tuple[dict, int]:
     argv = [sys.executable, "-c", PROBE, SERVICE, str(patience), *pairs]
     done = subprocess.run(host.cmd(*argv), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    found, sent = json.loads(done.stdout)
+    return found, sent
 
 
 @pytest.mark.cluster
@@ -116,13 +119,13 @@ def test_a_unicast_query_to_an_address_the_agent_was_not_told_to_use_gets_no_ans
             proc = subprocess.Popen(agent.cmd(*args), env=env, cwd=ROOT, stderr=log)
             try:
                 started = time.monotonic()
-                seen = probe(peer, 60, f"{a1}/legacy")  # waits for the agent's announcement
+                seen, _ = probe(peer, 60, f"{a1}/legacy")  # waits for the agent's announcement
                 assert seen == {f"{a1}/legacy": a1}, (tmp_path / "agent.log").read_text()
                 print(f"agent answering after {time.monotonic() - started:.1f} s")
                 pairs = [f"{t}/{k}" for t in (b1, a1) for k in ("legacy", "qu")]
-                from_b = probe(attacker, 1.5, *pairs)
-                from_a = probe(peer, 1.5, f"{a1}/legacy", f"{a1}/qu")
-                print("from link B:", from_b, "from link A:", from_a)
+                from_b, sent = probe(attacker, 1.5, *pairs)
+                from_a, _ = probe(peer, 1.5, f"{a1}/legacy", f"{a1}/qu")
+                print(f"from link B, {sent} queries:", from_b, "from link A:", from_a)
                 assert from_b == dict.fromkeys(pairs), "answered on a link it was not given"
                 assert from_a == {f"{a1}/legacy": a1, f"{a1}/qu": a1}
             finally:
