@@ -88,6 +88,24 @@ def test_every_listener_of_this_zeroconf_reads_only_the_named_links():
         zc.close()
 
 
+# What a TCP connection to each ADDRESS:PORT from here meets: "open", "refused" (the host is
+# reached and turns it away) or "silent".
+REACH = r"""
+import json, socket, sys
+met = {}
+for target in sys.argv[1:]:
+    address, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((address, int(port)), timeout=3).close()
+        met[target] = "open"
+    except ConnectionRefusedError:
+        met[target] = "refused"
+    except OSError:
+        met[target] = "silent"
+print(json.dumps(met))
+"""
+
+
 def probe(host, patience: float, *pairs: str) -> tuple[dict, int]:
     argv = [sys.executable, "-c", PROBE, SERVICE, str(patience), *pairs]
     done = subprocess.run(host.cmd(*argv), capture_output=True, text=True, timeout=120)
@@ -127,10 +145,18 @@ def test_a_unicast_query_to_an_address_the_agent_was_not_told_to_use_gets_no_ans
                 from_a, _ = probe(peer, 1.5, f"{a1}/legacy", f"{a1}/qu")
                 print(f"from link B, {sent} queries:", from_b, "from link A:", from_a)
                 assert from_b == dict.fromkeys(pairs), "answered on a link it was not given"
+                # Not vacuous: link B reaches the agent, at b1 and at a1 (its API answers there).
+                reach = [sys.executable, "-c", REACH, f"{b1}:52417", f"{a1}:52417"]
+                done = subprocess.run(attacker.cmd(*reach), capture_output=True, text=True)
+                met = json.loads(done.stdout)
+                assert met == {f"{b1}:52417": "refused", f"{a1}:52417": "open"}, met
                 assert from_a == {f"{a1}/legacy": a1, f"{a1}/qu": a1}
             finally:
                 proc.terminate()
-                proc.wait(10)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
         finally:
             for pid in netns.pids_in(attacker.name):
                 os.kill(pid, 9)
