@@ -153,6 +153,7 @@ def agent(tmp_path_factory):
         (tiny / "evil").symlink_to(outside)
         (models / "afile").write_text("x")
         a.before = snapshot(base)
+        a.rss = psutil.Process(started.proc.pid).memory_info().rss  # before any hostile byte
         yield a
 
 
@@ -732,11 +733,14 @@ def test_zz_agent_survived_untouched(agent):
     target = "/ranks"
     headers = signed(agent, "GET", target)
     data = wire("GET", target, list(headers.items()), b"")
+    asked = time.monotonic()
     with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as s:
         s.sendall(data)
         received = b""
         while chunk := s.recv(65536):
             received += chunk
+    answered = time.monotonic() - asked
+    grown = psutil.Process(agent.proc.pid).memory_info().rss - agent.rss
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.split()[1] == b"200", received
     assert json.loads(body) == [], f"a rank was started: {body!r}"
@@ -759,7 +763,11 @@ def test_zz_agent_survived_untouched(agent):
     print(f"\nhostile requests: {total}")
     print("status histogram: " + ", ".join(f"{k}: {v}" for k, v in sorted(HISTOGRAM.items())))
     print(f"new folders inside models: {sorted(new_in_models)}")
+    mib = grown / 2**20
+    print(f"agent RSS grown by {mib:.1f} MiB; a signed request answered in {answered:.3f} s")
     assert total >= 200, total
+    assert mib < 32, f"the agent grew by {mib:.1f} MiB under the hostile requests"
+    assert answered < 1.0, answered
 
 
 # --- a captured request sent elsewhere: to another agent, to the same agent after a restart ---
