@@ -201,11 +201,14 @@ def whole_model(ref) -> Path:
 
 
 def repo_sizes(repo: str, revision: str | None) -> dict[str, int]:
-    """Each file at the top of a Hugging Face repo with its size, from the Hub's listing."""
+    """Each file of a Hugging Face repo (subfolders too, as an index may name files there) with
+    its size, from the Hub's listing at the commit revision names now: the listing and the
+    index a plan reads then come from one commit when revision is the snapshot's commit."""
     from huggingface_hub import HfApi
 
+    commit = pin_commit(repo, revision)
     try:
-        tree = HfApi(token=hf_token()).list_repo_tree(repo, revision=revision)
+        tree = HfApi(token=hf_token()).list_repo_tree(repo, revision=commit, recursive=True)
         return {e.path: e.size for e in tree if getattr(e, "size", None) is not None}
     except Exception as e:  # unreachable, refused, gated: one line
         why = type(e).__name__
@@ -215,12 +218,16 @@ def repo_sizes(repo: str, revision: str | None) -> dict[str, int]:
 def hub_shares(model: Path, sizes: dict[str, int], mode: str, split: list[int]) -> list[Share]:
     """Each node's files of the repo, from the index in model (config.json and the index). A
     repo without an index (one model.safetensors) gives every node its weight file."""
+    from quantize.source import repo_of_snapshot
+
+    found = repo_of_snapshot(model)
+    repo = found[0] if found else str(model)
     tied = bool(read_config(model).get("tie_word_embeddings", False))
     if not (model / INDEX).is_file():
         if not any(n.endswith(".safetensors") and "/" not in n for n in sizes):
             raise FetchError(f"{model} has no {INDEX} and the repo no .safetensors file")
-        return shares({}, sizes, "tensor", split, tied)  # every node: every weight file
-    return shares(weight_map(model), sizes, mode, split, tied)
+        return shares({}, sizes, "tensor", split, tied, repo)  # every node: every weight file
+    return shares(weight_map(model), sizes, mode, split, tied, repo)
 
 
 def one_file_note(ref) -> str | None:

@@ -28,6 +28,10 @@ class DiskError(UserError):
     """A node whose share of the model does not fit its free disk."""
 
 
+class UnlistedError(UserError):
+    """An index naming weight files the repo's listing does not hold."""
+
+
 @dataclass(frozen=True)
 class Share:
     """One node's files and what they weigh."""
@@ -85,14 +89,27 @@ def node_files(
     return sorted(set(small) | mine)
 
 
+def unlisted(weights: dict[str, str], sizes: dict[str, int]) -> list[str]:
+    """The files the index's weight_map names that the listing (sizes) lacks, sorted."""
+    return sorted(set(weights.values()) - set(sizes))
+
+
 def shares(
     weights: dict[str, str],
     sizes: dict[str, int],
     mode: str,
     split: list[int],
     tied: bool = False,
+    repo: str = "the model",
 ) -> list[Share]:
-    """Every rank's files and bytes; sizes maps each of the model's files to its size."""
+    """Every rank's files and bytes; sizes maps each of the model's files to its size. Refuses,
+    naming them and repo, weight files the index names that sizes does not list."""
+    missing = unlisted(weights, sizes)
+    if missing:
+        raise UnlistedError(
+            f"the index of {repo} names {len(missing)} weight file(s) its file listing does not "
+            f"hold: {', '.join(missing)}; the repo is incomplete or its index is wrong"
+        )
     out = []
     for rank in range(len(split)):
         files = node_files(weights, list(sizes), mode, split, rank, tied)

@@ -1,5 +1,6 @@
 """The pure parts of fetching: rate and time left, the progress line, the fetch choice without
-agents, and the agent's checks of a fetch request."""
+agents, and the agent's checks of a fetch request; the repo's listing against its index on a
+loopback Hub."""
 
 from __future__ import annotations
 
@@ -228,3 +229,32 @@ def test_a_token_is_cut_out_of_any_error_text(monkeypatch):
     said = "401: bad credentials: Bearer hf_abc123"
     assert scrub(said) == agent_scrub(said, "hf_abc123") == "401: bad credentials: Bearer <token>"
     assert agent_scrub(said, None) == said
+
+
+def test_the_listing_is_read_at_the_pinned_commit_and_unlisted_files_are_refused(
+    monkeypatch, tmp_path
+):
+    """On a loopback Hub: repo_sizes asks the tree at the commit main names, recursively (a
+    weight file in a subfolder is listed); an index naming a file the repo lacks is refused in
+    one line naming the file and the repo, not a KeyError."""
+    from hub import COMMIT, running_hub, write_hf_cache
+    from huggingface_hub import constants
+
+    from launcher.fetch import hub_shares, repo_sizes
+    from launcher.nodefiles import UnlistedError
+
+    index = {"metadata": {}, "weight_map": {"a": "w/one.safetensors", "b": "two.safetensors"}}
+    small = {"config.json": b"{}", "model.safetensors.index.json": json.dumps(index).encode()}
+    served = small | {"w/one.safetensors": b"1" * 10}  # two.safetensors is not in the repo
+    snapshot = write_hf_cache(tmp_path / "hub", small, repo_id="org/m")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with running_hub({"org/m": served}) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        sizes = repo_sizes("org/m", "main")
+        trees = [r for r in hub.requests if "/tree/" in r]
+    assert sizes["w/one.safetensors"] == 10 and "two.safetensors" not in sizes
+    assert len(trees) == 1 and f"/tree/{COMMIT}" in trees[0] and "recursive=true" in trees[0]
+    with pytest.raises(UnlistedError) as e:
+        hub_shares(snapshot, sizes, "pipeline", [1, 1])
+    assert str(e.value).startswith("the index of org/m names 1 weight file(s)")
+    assert ": two.safetensors;" in str(e.value)

@@ -11,6 +11,7 @@ from launcher.nodefiles import (
     EVERY_FILE,
     DiskError,
     Share,
+    UnlistedError,
     check_disk,
     disk_shortfalls,
     node_files,
@@ -157,6 +158,36 @@ def test_r1_layout_each_node_gets_about_its_share(split):
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown parallel mode"):
         node_files({}, [], "sequence", [1], 0)
+
+
+WEIGHTS = {
+    "embed": "model-00001-of-00002.safetensors",
+    "model.layers.0.w": "model-00001-of-00002.safetensors",
+    "model.layers.1.w": "sub/model-00002-of-00002.safetensors",
+    "lm_head": "sub/model-00002-of-00002.safetensors",
+}
+
+
+@pytest.mark.parametrize(
+    "listed, missing",
+    [
+        (["config.json", *WEIGHTS.values()], None),  # a file in a subfolder, listed: planned
+        (["config.json", "model-00001-of-00002.safetensors"], "sub/model-00002-of-00002"),
+        (["config.json"], "model-00001-of-00002.safetensors, sub/model-00002"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["pipeline", "expert", "tensor"])
+def test_index_files_missing_from_the_listing_are_refused_by_name(listed, missing, mode):
+    sizes = {f: 10 for f in listed}
+    if missing is None:
+        rows = shares(WEIGHTS, sizes, mode, [1, 1], repo="org/m")
+        assert set().union(*(r.files for r in rows)) == set(listed)
+        assert all(r.bytes == 10 * len(r.files) for r in rows)
+        return
+    with pytest.raises(UnlistedError) as e:
+        shares(WEIGHTS, sizes, mode, [1, 1], repo="org/m")
+    line = str(e.value)
+    assert "\n" not in line and "org/m" in line and missing in line
 
 
 def _nodes(*free: int | None) -> list[NodeSpec]:
