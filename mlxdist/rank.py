@@ -13,7 +13,13 @@ import sys
 import threading
 import time
 
-from launcher.rankspec import NODE_FAILED, PARENT_PID_ENV, STDIN_LIFELINE_ENV, RankSpec
+from launcher.rankspec import (
+    API_KEY_ENV,
+    NODE_FAILED,
+    PARENT_PID_ENV,
+    STDIN_LIFELINE_ENV,
+    RankSpec,
+)
 
 _HOST_BYTES = 64  # a rank's host name, as bytes gathered with its memory figures
 PARENT_GONE = 3  # the exit code of a rank whose starter went away
@@ -92,6 +98,8 @@ def _load(spec: RankSpec, group):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First of all: no process this rank starts inherits the API key (rank 0's only).
+    key = os.environ.pop(API_KEY_ENV, None)
     spec = RankSpec.from_argv(argv)
     _start_watches()
     rank = int(os.environ.get("MLX_RANK", "0"))
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if beats:
             beats.bye()  # a leave on purpose, not a failure
         return 0
-    return _serve_api(spec, runner, figures.tolist(), listener, api, beats)
+    return _serve_api(spec, runner, figures.tolist(), listener, key, api, beats)
 
 
 def _expert_mask(stage) -> list[int]:
@@ -233,12 +241,12 @@ def _serve_api(
     runner,
     figures: list,
     listener: socket.socket,
+    key: str | None,
     api: list | None = None,
     monitor=None,
 ) -> int:
     import uvicorn
 
-    from launcher.rankspec import API_KEY_ENV
     from mlxdist.runtime.tiktoken_tokenizer import load_tokenizer  # tiktoken.model too (Kimi)
     from mlxdist.serving.api import Inflight, create_app
     from mlxdist.serving.coordinator import Coordinator
@@ -273,7 +281,6 @@ def _serve_api(
     if api is not None:  # with a heartbeat: a node failure fails these jobs
         inflight = Inflight()
         api.append(inflight)
-    key = os.environ.pop(API_KEY_ENV, None)  # read once; no child of this rank inherits it
     app = create_app(coordinator, name, info, inflight, Policy.from_spec(spec, key))
     config = uvicorn.Config(app, host=spec.host, port=spec.port, log_level="warning")
     server = uvicorn.Server(config)
