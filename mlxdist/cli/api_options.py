@@ -19,7 +19,8 @@ KEY_OPTION = typer.Option(
     None,
     "--api-key",
     envvar="MLXDIST_API_KEY",
-    help="API key every request must send as a bearer token",
+    help="API key every request must send as a bearer token; given here it is visible to other "
+    "users in ps: prefer MLXDIST_API_KEY or --api-key-file",
 )
 KEY_FILE_OPTION = typer.Option(
     None,
