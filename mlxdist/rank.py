@@ -198,7 +198,7 @@ def _start_heartbeat(spec: RankSpec, rank: int, size: int):
     all failed when another rank fails)."""
     if not spec.heartbeat or size < 2:
         return None, None
-    from mlxdist.runtime.heartbeat import Follower, Monitor, parse_address
+    from mlxdist.runtime.heartbeat import Follower, Monitor, parse_address, rank_hosts
 
     address = parse_address(spec.heartbeat)
     node = spec.node or socket.gethostname()
@@ -216,7 +216,7 @@ def _start_heartbeat(spec: RankSpec, rank: int, size: int):
         time.sleep(0.2)  # the server writes the streams' last bytes
         os._exit(NODE_FAILED)
 
-    monitor = Monitor(address, size, node, on_failure)
+    monitor = Monitor(address, size, node, on_failure, known=rank_hosts())
     monitor.start()  # the other ranks wait for this listener before they go on
     return monitor, api
 

@@ -12,12 +12,13 @@ rank that leaves on purpose.
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from launcher.rankspec import HEARTBEAT_TOKEN_ENV as TOKEN_ENV
 from launcher.rankspec import PEER_GONE
@@ -31,10 +32,16 @@ LOAD_TIMEOUT = 120.0
 # A connection that has not shown the token yet: it has HELLO_DEADLINE in all to send its hello
 # line, and only so many may wait at once, from one address and in all, so strangers cannot pile
 # up threads. Both limits are beyond the ranks' own: every rank may connect at once, all from one
-# host when they run on one machine.
+# host when they run on one machine. The ranks' own addresses (the ring hostfile's) wait outside
+# the strangers' total, and when that total is reached the newest stranger takes the place of the
+# oldest of the address holding the most: strangers cannot keep a rank out.
 HELLO_DEADLINE = 5.0
 PENDING_PER_PEER = 4  # besides one for each rank
 PENDING = 32  # besides one for each rank
+# A rank whose connection is closed before rank 0's first beat (turned away while strangers
+# crowded the port) says hello again, waiting twice as long each time.
+RETRIES = 4  # 3.75 s in all
+RETRY_WAIT = 0.25
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -49,14 +56,36 @@ def _token() -> str:
     return os.environ.get(TOKEN_ENV, "-")
 
 
+def rank_hosts() -> set[str]:
+    """The hosts of the ring hostfile (MLX_HOSTFILE) this rank was given: the ranks' addresses."""
+    try:
+        with open(os.environ["MLX_HOSTFILE"], encoding="utf-8") as f:
+            entries = json.load(f)
+    except (KeyError, OSError, ValueError):
+        return set()
+    hosts = set()
+    for entry in entries if isinstance(entries, list) else []:
+        for address in entry if isinstance(entry, list) else [entry]:
+            host = str(address).rpartition(":")[0]
+            if host:
+                hosts.add(host.removeprefix("[").removesuffix("]"))
+    return hosts
+
+
 class Monitor:
     """Rank 0's side: listens for ranks 1..size-1 and calls on_failure(message) once, with the
     first rank found dead or hung."""
 
     def __init__(
-        self, address: tuple[str, int], size: int, node: str, on_failure: Callable[[str], None]
+        self,
+        address: tuple[str, int],
+        size: int,
+        node: str,
+        on_failure: Callable[[str], None],
+        known: Iterable[str] = (),
     ):
         self.size = size
+        self.known = frozenset(known)  # the ranks' addresses: outside the strangers' total
         self.on_failure = on_failure
         self.nodes = {0: node}
         # A rank that never says hello is as silent as one that stopped beating.
@@ -67,7 +96,8 @@ class Monitor:
         self._failed = threading.Event()
         self._limit = LOAD_TIMEOUT
         self._ready = False
-        self._pending: dict[str, int] = {}  # connections yet to say hello, per peer address
+        # Connections yet to say hello, per peer address, oldest first.
+        self._pending: dict[str, list[socket.socket]] = {}
         self._server = socket.create_server(address)
         self.failure: str | None = None
 
@@ -101,31 +131,41 @@ class Monitor:
                 conn, peer = self._server.accept()
             except OSError:
                 return
-            if not self._wait_hello(peer[0]):
+            if not self._wait_hello(conn, peer[0]):
                 conn.close()
                 continue
             threading.Thread(target=self._serve, args=(conn, peer[0]), daemon=True).start()
 
-    def _wait_hello(self, peer: str) -> bool:
+    def _wait_hello(self, conn: socket.socket, peer: str) -> bool:
+        evicted = None
         with self._lock:
-            if self._pending.get(peer, 0) >= PENDING_PER_PEER + self.size:
+            waiting = self._pending.setdefault(peer, [])
+            if len(waiting) >= PENDING_PER_PEER + self.size:
                 return False
-            if sum(self._pending.values()) >= PENDING + self.size:
-                return False
-            self._pending[peer] = self._pending.get(peer, 0) + 1
-            return True
+            strangers = {p: c for p, c in self._pending.items() if c and p not in self.known}
+            if peer not in self.known and sum(map(len, strangers.values())) >= PENDING + self.size:
+                evicted = max(strangers.values(), key=len).pop(0)
+            waiting.append(conn)
+        if evicted is not None:  # its reader sees the end, and its thread leaves
+            try:
+                evicted.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return True
 
-    def _heard_hello(self, peer: str) -> None:
+    def _heard_hello(self, conn: socket.socket, peer: str) -> None:
         with self._lock:
-            self._pending[peer] -= 1
-            if not self._pending[peer]:
-                del self._pending[peer]
+            waiting = self._pending.get(peer, [])
+            if conn in waiting:  # not when it was evicted
+                waiting.remove(conn)
+            if not waiting:
+                self._pending.pop(peer, None)
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
         try:
             hello = _read_hello(conn).split(maxsplit=3)
         finally:
-            self._heard_hello(peer)
+            self._heard_hello(conn, peer)
         rank = self._register(conn, hello)
         if rank is None:
             conn.close()
@@ -232,22 +272,59 @@ class Follower:
 
     def __init__(self, address: tuple[str, int], rank: int, node: str):
         self.rank = rank
+        self._address = address
+        self._hello = f"hello {rank} {_token()} {node}\n".encode()
         self._limit = LOAD_TIMEOUT
         self._lock = threading.Lock()
-        deadline = time.monotonic() + LOAD_TIMEOUT
+        self._deadline = time.monotonic() + LOAD_TIMEOUT
+        self._tries = 0  # hellos said again
+        self._gone = threading.Event()  # the listener has given up
         while True:
             try:
-                self._conn = socket.create_connection(address, timeout=INTERVAL)
+                self._conn = self._connect()
                 break
             except OSError as e:
-                if time.monotonic() > deadline:
+                if time.monotonic() > self._deadline:
                     host, port = address
                     _leave(rank, f"cannot reach rank 0's heartbeat at {host}:{port}: {e}")
                 time.sleep(0.2)
-        self._conn.sendall(f"hello {rank} {_token()} {node}\n".encode())
-        self._conn.settimeout(INTERVAL)
         for target in (self._beat, self._listen):
             threading.Thread(target=target, daemon=True).start()
+
+    def _connect(self) -> socket.socket:
+        conn = socket.create_connection(self._address, timeout=INTERVAL)
+        try:
+            conn.sendall(self._hello)
+        except OSError:
+            conn.close()
+            raise
+        conn.settimeout(INTERVAL)
+        return conn
+
+    def _again(self) -> bool:
+        """After a connection closed before rank 0's first beat: a new one, said hello on, within
+        RETRIES tries in all and the start-up deadline; False when none was made."""
+        while self._tries < RETRIES:
+            wait = RETRY_WAIT * 2**self._tries
+            self._tries += 1
+            if time.monotonic() + wait > self._deadline:
+                return False
+            print(
+                f"[rank {self.rank}] the heartbeat to rank 0 closed before its first beat: "
+                f"saying hello again in {wait:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(wait)
+            try:
+                conn = self._connect()
+            except OSError:
+                continue
+            with self._lock:
+                self._conn.close()
+                self._conn = conn
+            return True
+        return False
 
     def bye(self) -> None:
         """Leaving on purpose: rank 0 is not to count it as a failure."""
@@ -258,32 +335,40 @@ class Follower:
                 pass
 
     def _beat(self) -> None:
-        while True:
+        while not self._gone.is_set():
             try:
                 with self._lock:
                     self._conn.sendall(b"beat\n")
             except OSError:
-                return  # the listener leaves
+                pass  # the listener says hello again, or leaves
             time.sleep(INTERVAL)
 
     def _listen(self) -> None:
-        heard, tail = time.monotonic(), b""
+        while True:
+            why, heard_any = self._hear()
+            if heard_any or not self._again():
+                self._gone.set()
+                _leave(self.rank, why)
+                return
+
+    def _hear(self) -> tuple[str, bool]:
+        """Reads rank 0's beats until the connection ends: why it ended, and whether rank 0 had
+        beaten on it."""
+        heard, tail, heard_any = time.monotonic(), b"", False
         try:
             while True:
                 try:
                     data = self._conn.recv(64)
                     if not data:
-                        break
-                    heard, tail = time.monotonic(), (tail + data)[-16:]
+                        return "rank 0 closed the heartbeat", heard_any
+                    heard, tail, heard_any = time.monotonic(), (tail + data)[-16:], True
                     if b"ready" in tail:
                         self._limit = TIMEOUT
                 except TimeoutError:
                     if time.monotonic() - heard > self._limit:
                         _leave(self.rank, f"no heartbeat from rank 0 for {self._limit:.0f} s")
-            why = "rank 0 closed the heartbeat"
         except OSError as e:
-            why = f"the heartbeat to rank 0 failed: {e}"
-        _leave(self.rank, why)
+            return f"the heartbeat to rank 0 failed: {e}", heard_any
 
 
 def _leave(rank: int, why: str) -> None:
