@@ -4,8 +4,10 @@ them, an attacker on a third host and the launcher on a fourth.
 
     sudo .venv/bin/python benchmarks/agent_under_attack.py [--seconds 8]
 
-Attacks, each on both agents at once: 64 idle connections (no byte sent), 64 connections that
-dribble their request headers a byte at a time, and 8 forged but well-formed uploads of 60 MiB.
+Attacks, each on both agents at once and from 24 source addresses (so the agents' limit on
+unverified connections in all is reached and room made, not only the one per address): 64 idle
+connections (no byte sent), 64 connections that dribble their request headers a byte at a time,
+and 8 forged but well-formed uploads of 60 MiB.
 Every closed connection is opened again for as long as the attack lasts. Meanwhile the launcher
 sends signed requests to both agents and asks the cluster, as `mlxdist serve` does, whether it
 failed. Prints the table in docs/security.md ("Capacity under attack").
@@ -100,11 +102,11 @@ def run_launcher(secret_file: Path, ips: list[str]) -> None:
             return
 
 
-async def _hold(kind: str, ip: str, stats: dict, until: float) -> None:
+async def _hold(kind: str, ip: str, source: str, stats: dict, until: float) -> None:
     """One attacker's slot: a connection held as long as the agent allows, then another."""
     while time.monotonic() < until:
         try:
-            reader, writer = await asyncio.open_connection(ip, AGENT_PORT)
+            reader, writer = await asyncio.open_connection(ip, AGENT_PORT, local_addr=(source, 0))
         except OSError:
             await asyncio.sleep(0.2)
             continue
@@ -145,7 +147,7 @@ def _body() -> bytes:
     return bytes(UPLOAD)  # one body for every forged upload of the attacker
 
 
-def _forged_upload(ip: str, stats: dict, lock: threading.Lock) -> None:
+def _forged_upload(ip: str, source: str, stats: dict, lock: threading.Lock) -> None:
     """A well-formed request signed with the wrong secret, with a 60 MiB body sent at once."""
     import socket
 
@@ -157,7 +159,7 @@ def _forged_upload(ip: str, stats: dict, lock: threading.Lock) -> None:
     head = [f"PUT {target} HTTP/1.1", f"Host: {ip}", f"Content-Length: {UPLOAD}"]
     head += [f"{k}: {v}" for k, v in headers.items()]
     sent, status = 0, b""
-    with socket.create_connection((ip, AGENT_PORT), timeout=60) as s:
+    with socket.create_connection((ip, AGENT_PORT), 60, (source, 0)) as s:
         s.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
         view = memoryview(body)
         try:
@@ -176,17 +178,20 @@ def _forged_upload(ip: str, stats: dict, lock: threading.Lock) -> None:
         stats["body_sent"] = max(stats.get("body_sent", 0), sent)
 
 
-def run_attack(kind: str, ips: list[str], count: int, seconds: float) -> None:
+def run_attack(kind: str, ips: list[str], count: int, seconds: float, sources: list[str]) -> None:
+    """count connections to each of ips, the j-th from sources[j % len(sources)]."""
     stats = {"tried": 0, "answered": 0, "accepted": 0, "longest": 0.0, "statuses": []}
+    stats["sources"] = len(sources)
+    slots = [(ip, sources[j % len(sources)]) for ip in ips for j in range(count)]
     if kind == "upload":
         lock = threading.Lock()
         until = time.monotonic() + seconds
 
-        def again(ip: str) -> None:
+        def again(ip: str, source: str) -> None:
             while time.monotonic() < until:
-                _forged_upload(ip, stats, lock)
+                _forged_upload(ip, source, stats, lock)
 
-        threads = [threading.Thread(target=again, args=(ip,)) for ip in ips for _ in range(count)]
+        threads = [threading.Thread(target=again, args=slot) for slot in slots]
         for t in threads:
             t.start()
         for t in threads:
@@ -195,9 +200,7 @@ def run_attack(kind: str, ips: list[str], count: int, seconds: float) -> None:
 
         async def attack() -> None:
             until = time.monotonic() + seconds
-            await asyncio.gather(
-                *(_hold(kind, ip, stats, until) for ip in ips for _ in range(count))
-            )
+            await asyncio.gather(*(_hold(kind, ip, src, stats, until) for ip, src in slots))
 
         asyncio.run(attack())
     print(json.dumps(stats), flush=True)
@@ -231,6 +234,7 @@ class Scenario:
             cmd = h.cmd(sys.executable, __file__, "--role", "agent", str(root), h.ip)
             self.agents.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log))
         self._wait_listening()
+        self.sources = attacker_addresses(hosts[3])
         cmd = hosts[2].cmd(sys.executable, __file__, "--role", "launcher", str(secret))
         self.launcher = subprocess.Popen(
             [*cmd, *self.agents_at],
@@ -266,7 +270,7 @@ class Scenario:
         pids = [a.pid for a in self.agents]  # `ip netns exec` execs: the agent's own pid
         before = [rss_kib(p) for p in pids]
         cmd = self.hosts[3].cmd(sys.executable, __file__, "--role", "attack", kind)
-        cmd += [str(count), str(seconds), *self.agents_at]
+        cmd += ["--sources", ",".join(self.sources), str(count), str(seconds), *self.agents_at]
         attacker = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         peak, probes = list(before), []
 
@@ -310,6 +314,17 @@ class Scenario:
 
 
 ATTACKS = [("idle", 64), ("slow", 64), ("upload", 8)]
+SOURCES = 24  # the attacker's addresses: more than UNVERIFIED, so room is made all along
+
+
+def attacker_addresses(host) -> list[str]:
+    """host's own address and SOURCES - 1 aliases on its interface (same /16)."""
+    prefix = host.ip.rsplit(".", 1)[0]
+    aliases = [f"{prefix}.{200 + i}" for i in range(SOURCES - 1)]
+    for ip in aliases:
+        run = ["ip", "-n", host.name, "addr", "add", f"{ip}/16", "dev", "eth0"]
+        subprocess.run(run, check=True, capture_output=True)
+    return [host.ip, *aliases]
 
 
 def measure(model: Path, seconds: float = 8.0, subnet: str = "169.254.102") -> list[dict]:
@@ -364,13 +379,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--model", type=Path, help="a tiny-r1 folder (made when not given)")
     parser.add_argument("--json", action="store_true", help="the figures as JSON")
+    parser.add_argument("--sources", default="", help=argparse.SUPPRESS)  # the attacker's
     args, rest = parser.parse_known_args()
     if args.role == "agent":
         return run_agent(Path(rest[0]), rest[1])
     if args.role == "launcher":
         return run_launcher(Path(rest[0]), rest[1:])
     if args.role == "attack":
-        return run_attack(rest[0], rest[3:], int(rest[1]), float(rest[2]))
+        return run_attack(rest[0], rest[3:], int(rest[1]), float(rest[2]), args.sources.split(","))
     from netns import available
 
     if (why := available()) is not None:

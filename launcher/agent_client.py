@@ -97,7 +97,7 @@ class AgentClient:
             headers["Content-Type"] = "application/json"
         content = content or b""
         if self.node_id is None:
-            self.hello()
+            self.hello(timeout)
         limit = self.hello_answer.get("max_body")
         if isinstance(limit, int) and len(content) > limit:
             raise AgentError(
@@ -113,6 +113,9 @@ class AgentClient:
 
     def _send(self, method, path, params, content, headers, timeout, node=None, boot=None):
         node, boot = node or self.node_id, boot or self.boot_id
+        # None would disable every timeout in httpx, not mean the client's: a Mac that hangs or
+        # loses its cable must not hang the launcher.
+        timeout = self.timeout if timeout is None else timeout
         req = self._http.build_request(
             method, path, params=params, content=content, headers=headers, timeout=timeout
         )
@@ -166,8 +169,8 @@ class AgentClient:
         """Starts a rank: model, split, rank, hostfile, http_host, http_port, name, backend."""
         return self.request("POST", "/ranks", body=params)
 
-    def ranks(self) -> list[dict]:
-        return self.request("GET", "/ranks")
+    def ranks(self, timeout: float | None = None) -> list[dict]:
+        return self.request("GET", "/ranks", timeout=timeout)
 
     def log(self, run_id: str, tail: int = 200) -> str:
         answer = self.request("GET", f"/ranks/{run_id}/log", params={"tail": tail})

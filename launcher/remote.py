@@ -28,8 +28,9 @@ from .ssh import SshClient
 
 RING_PORT = 32323  # mlx.launch's first ring port
 HTTP_PORT = 52480  # the coordinator's API on rank 0's host; its heartbeats on the next port
-RETRIES = 3  # a busy or silent agent is asked again this many times, after 0.5, 1 and 2 s
+RETRIES = 3  # a cut-off or silent agent is asked again this many times, after 0.5, 1 and 2 s
 BACKOFF = 0.5
+POLL_TIMEOUT = 3.0  # seconds failure() waits for an agent: a powered-off Mac is named in seconds
 T = TypeVar("T")
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # what an agent takes as a name
 
@@ -91,11 +92,11 @@ class RemoteCluster:
         answered already: rank 0 serves (every rank beats), or a rank has exited (the cluster
         is down), or nothing listens on the agent's port (it is gone, not busy)."""
         try:
-            return node.client.ranks()
+            return node.client.ranks(timeout=POLL_TIMEOUT)
         except AgentError as e:
             if not patient or _refused(e) or e.status not in (None, 503) or self.serving():
                 raise
-        return retrying(node.client.ranks)
+        return retrying(partial(node.client.ranks, timeout=POLL_TIMEOUT))
 
     def serving(self) -> bool:
         """Whether rank 0 answers /health: it does only while its heartbeat hears every rank."""
@@ -107,26 +108,62 @@ class RemoteCluster:
     def stop(self) -> None:
         for node in self.nodes:
             try:
-                retrying(node.client.stop_all, after_silence=False)  # a gone host: no waiting
+                # Sent again after a reset (stopping twice is harmless), not after a timeout:
+                # a powered-off host is not waited for four times.
+                retrying(node.client.stop_all, after_timeout=False)
             except AgentError:
                 pass  # an agent that is gone has taken its ranks with it
 
 
-def retrying(call: Callable[[], T], after_silence: bool = True) -> T:
-    """call(), again after a pause while the agent is busy (503) or, with after_silence, timed
-    out or cut off: a node is not called failed on one unanswered request. Nothing listening
-    on the port is final: a busy agent's guard accepts, then closes."""
+def retrying(call: Callable[[], T], after_timeout: bool = True) -> T:
+    """call(), again after a pause while the agent is busy (503) or cut off before it answered
+    (a reset: the agent's guard aborts connections to make room) or, with after_timeout, silent
+    past the timeout: a node is not called failed on one unanswered request. For requests safe
+    to send twice. Nothing listening on the port is final: the agent is gone, not busy."""
     pause = BACKOFF
     for attempt in range(RETRIES + 1):
         try:
             return call()
         except AgentError as e:
-            again = e.status == 503 or (e.status is None and after_silence and not _refused(e))
-            if not again or attempt == RETRIES:
+            if not _again(e, after_timeout) or attempt == RETRIES:
                 raise
         time.sleep(pause)
         pause *= 2
     raise AssertionError("unreachable")
+
+
+def _again(e: AgentError, after_timeout: bool) -> bool:
+    """Whether a request that failed with e may be sent again."""
+    if e.status == 503:
+        return True
+    return e.status is None and not _refused(e) and (after_timeout or not _timed_out(e))
+
+
+def start_once(client: AgentClient, fields: dict) -> dict:
+    """Starts a rank; after a reset or timeout with no answer it is sent again only when the
+    agent's runs show it did not start (a new run of that rank means it did: that one is it)."""
+    before = {r["id"] for r in retrying(client.ranks)}
+    pause = BACKOFF
+    for attempt in range(RETRIES + 1):
+        try:
+            return client.start_rank(**fields)
+        except AgentError as e:
+            if not _again(e, True) or attempt == RETRIES:
+                raise
+        time.sleep(pause)
+        pause *= 2
+        for run in retrying(client.ranks):
+            if run["id"] not in before and run.get("rank") == fields["rank"]:
+                return run
+    raise AssertionError("unreachable")
+
+
+def _timed_out(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, httpx.TimeoutException):
+            return True
+        e = e.__context__
+    return False
 
 
 def _refused(e: BaseException | None) -> bool:
@@ -336,8 +373,7 @@ def start_remote(
                 **({"parallel": parallel} if parallel == "tensor" else {}),
                 **(_api_fields(api) if rank == 0 else {}),
             )
-            # A start that timed out may have started: it is sent again only after a 503.
-            started = retrying(partial(node.client.start_rank, **fields), after_silence=False)
+            started = start_once(node.client, fields)
             run_ids.append(started["id"])
     except AgentError as e:
         cluster.stop()

@@ -4,19 +4,24 @@ with the production limits (benchmarks/agent_under_attack.py, which prints the s
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import socket
+import struct
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
+import httpx
 import pytest
 from conftest import ROOT
 from netns import available
 
 from launcher import remote
 from launcher.agent.guard import PER_PEER, UNVERIFIED, Guard
-from launcher.agent_client import AgentClient, AgentError
+from launcher.agent_client import AgentClient, AgentError, MiB
+from launcher.auth import sign
 from launcher.hostfile import free_ports
 from launcher.remote import Node, RemoteCluster
 from mlxdist.runtime import heartbeat
@@ -76,6 +81,19 @@ def test_guard_with_one_connection_per_address_closes_the_oldest():
     guard = Guard(per_peer=8, unverified=4)
     conns = [_admit(guard, f"10.0.1.{i}", 5000)[0] for i in range(6)]
     assert [c.transport.aborted for c in conns] == [True, True, False, False, False, False]
+
+
+def test_guard_never_closes_a_verified_connection_for_strangers_from_many_addresses():
+    """The launcher's connection, its signed headers verified (its body may still be coming),
+    then UNVERIFIED + 8 strangers of one connection each from as many addresses: room is made
+    among the strangers only, oldest first."""
+    guard = Guard()
+    launcher, ok = _admit(guard, "10.0.0.2", 3000)
+    guard.verified(launcher.addr)
+    strangers = [_admit(guard, f"10.0.2.{i}", 6000)[0] for i in range(UNVERIFIED + 8)]
+    assert ok and not launcher.transport.aborted
+    assert [c.transport.aborted for c in strangers] == [True] * 8 + [False] * UNVERIFIED
+    assert guard.count() == UNVERIFIED
 
 
 # --- the heartbeat server --------------------------------------------------------------------
@@ -138,17 +156,62 @@ def test_heartbeat_hears_every_rank_of_one_machine_connecting_at_once(monkeypatc
 # --- the launcher's patience -----------------------------------------------------------------
 
 
-class _BusyAgent:
-    """An agent's client that is busy (503) or unreachable for the first `busy` requests."""
+def _reset(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()  # an RST, as the agent's guard aborts a connection
 
-    def __init__(self, busy: int, status: int | None):
-        self.busy, self.status, self.calls = busy, status, 0
 
-    def ranks(self) -> list[dict]:
-        self.calls += 1
-        if self.calls <= self.busy:
-            raise AgentError("busy", self.status)
-        return [{"id": "r", "alive": True, "returncode": None}]
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+
+class Front:
+    """A real TCP server in front of an agent (upstream); plan[i] is what it does with its i-th
+    connection (the last repeats): "silent" accepts and never answers, "reset" reads the
+    request and resets, "forward" pipes both ways, "answerless" forwards the request and resets
+    once the agent has answered it (a start that happened, unheard)."""
+
+    def __init__(self, plan: list[str], upstream: tuple | None = None):
+        self.plan, self.upstream, self.accepted = plan, upstream, 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            what = self.plan[min(self.accepted, len(self.plan) - 1)]
+            self.accepted += 1
+            threading.Thread(target=self._handle, args=(conn, what), daemon=True).start()
+
+    def _handle(self, conn: socket.socket, what: str) -> None:
+        if what == "silent":
+            self._held.append(conn)
+            return
+        if what == "reset":
+            conn.recv(65536)
+            return _reset(conn)
+        up = socket.create_connection(self.upstream)
+        threading.Thread(target=_pipe, args=(conn, up), daemon=True).start()
+        if what == "forward":
+            _pipe(up, conn)
+        else:
+            up.recv(1)  # the agent answered: the request was done
+            _reset(conn)
+        up.close()
+
+    def close(self) -> None:
+        self._sock.close()
+        for conn in self._held:
+            conn.close()
 
 
 def _cluster(clients, url: str) -> RemoteCluster:
@@ -156,25 +219,28 @@ def _cluster(clients, url: str) -> RemoteCluster:
     return RemoteCluster(nodes, ["r"] * len(nodes), url, "")
 
 
-def test_a_busy_agent_is_asked_again_before_a_node_is_called_failed(monkeypatch):
+def test_a_silent_or_resetting_agent_is_asked_again_then_named_in_seconds(monkeypatch):
+    """The agent's guard resets, it never answers 503: a reset or a timeout before any answer
+    is asked again (RETRIES times), each poll waits POLL_TIMEOUT, not the client's 30 s."""
     monkeypatch.setattr(remote, "BACKOFF", 0.05)
+    monkeypatch.setattr(remote, "POLL_TIMEOUT", 0.3)
     nowhere = f"http://127.0.0.1:{free_ports(1)[0]}"
-    for status in (503, None):  # busy, or timed out / cut off
-        agent = _BusyAgent(remote.RETRIES, status)
-        assert _cluster([_BusyAgent(0, None), agent], nowhere).failure() is None
-        assert agent.calls == remote.RETRIES + 1
-    # Never answering, and rank 0 does not serve: the node is named.
-    cluster = _cluster([_BusyAgent(0, None), _BusyAgent(99, None)], nowhere)
-    assert "rank 1 on node mac1: its agent stopped answering" in cluster.failure()
-    assert cluster.failed_nodes == ["mac1"]
-    # A refusal is not retried, nor a port where nothing listens (the agent is gone).
-    refused = _BusyAgent(1, 401)
-    _cluster([refused], nowhere).failure()
-    assert refused.calls == 1
+    for kind in ("silent", "reset"):
+        front = Front([kind])
+        try:
+            cluster = _cluster([AgentClient(front.url, b"s" * 32, timeout=30)], nowhere)
+            t0 = time.monotonic()
+            assert "rank 0 on node mac0: its agent stopped answering" in cluster.failure()
+            assert time.monotonic() - t0 < 3.0, kind
+            assert front.accepted == 1 + remote.RETRIES + 1, kind  # once, then retrying()
+            assert cluster.failed_nodes == ["mac0"]
+        finally:
+            front.close()
+    # Nothing listening on the port is final: the agent is gone, not busy.
     monkeypatch.setattr(remote, "BACKOFF", 1.0)  # a second try would take a second
     gone = AgentClient(nowhere, b"s" * 32, timeout=5)
     t0 = time.monotonic()
-    assert "rank 1 on node mac1" in _cluster([_BusyAgent(0, None), gone], nowhere).failure()
+    assert "rank 0 on node mac0" in _cluster([gone], nowhere).failure()
     assert time.monotonic() - t0 < 1.0
 
 
@@ -190,15 +256,140 @@ def test_while_rank_0_serves_a_silent_agent_fails_nothing(monkeypatch):
         def log_message(self, *_) -> None:
             pass
 
-    monkeypatch.setattr(remote, "BACKOFF", 0.01)
+    monkeypatch.setattr(remote, "POLL_TIMEOUT", 0.3)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    front = Front(["silent"])
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        cluster = _cluster([_BusyAgent(0, None), _BusyAgent(99, None)], url)
+        cluster = _cluster([AgentClient(front.url, b"s" * 32, timeout=30)], url)
         assert cluster.failure() is None and cluster.failed_nodes == []
     finally:
         server.shutdown()
+        front.close()
+
+
+def test_an_unanswered_call_fails_within_the_clients_timeout():
+    """A Mac that accepts and never answers (hung, or its cable pulled): every call without a
+    timeout of its own fails within the client's, as one line."""
+    front = Front(["silent"])
+    try:
+        client = AgentClient(front.url, b"s" * 32, timeout=0.5)
+        for call in (client.facts, client.ranks, client.health):
+            t0 = time.monotonic()
+            with pytest.raises(AgentError) as info:
+                call()
+            assert time.monotonic() - t0 < 2.0
+            assert "\n" not in str(info.value) and "cannot reach the agent" in str(info.value)
+    finally:
+        front.close()
+
+
+@pytest.fixture(scope="module")
+def real_agent(tmp_path_factory):
+    from test_agent import running_agent
+
+    from mlxdist.testing.tiny_r1 import make_r1
+
+    root = tmp_path_factory.mktemp("capacity")
+    make_r1(root / "agent" / "models" / "tiny", preset="tiny")
+    with running_agent(root / "agent") as agent:
+        yield agent
+
+
+def _unpooled(url: str, secret: bytes) -> AgentClient:
+    """A client whose every request opens its own connection, so a Front plans each one."""
+    client = AgentClient(url, secret, timeout=10)
+    client._http.close()
+    client._http = httpx.Client(
+        base_url=url, timeout=10, limits=httpx.Limits(max_keepalive_connections=0)
+    )
+    return client
+
+
+@pytest.mark.cluster  # a real agent process
+def test_a_start_reset_after_it_happened_is_not_sent_twice(real_agent, monkeypatch):
+    """start_rank's answer lost to a reset: the agent's runs show the start happened, so it is
+    taken, not sent again; a reset before the agent saw it is sent again, once."""
+    monkeypatch.setattr(remote, "BACKOFF", 0.05)
+    from test_agent import rank_request
+
+    upstream = ("127.0.0.1", real_agent.port)
+    # hello, ranks before, the start (answered, unheard), ranks after; then a start reset
+    # before it reached the agent, and its ranks check, and the start sent again.
+    plan = ["forward", "forward", "answerless", "forward", "reset", "forward", "forward"]
+    front = Front(plan, upstream)
+    client = _unpooled(front.url, real_agent.secret)
+    try:
+        fields = rank_request(http_port=free_ports(1)[0], name="tiny-capacity")
+        first = remote.start_once(client, fields)
+        second = remote.start_once(client, fields | {"http_port": free_ports(1)[0]})
+        assert front.accepted == len(plan)
+        with real_agent.client() as c:
+            ids = [r["id"] for r in c.ranks()]
+            c.stop_all()
+        assert sorted(ids) == sorted([first["id"], second["id"]])  # two starts, no double
+    finally:
+        client.close()
+        front.close()
+
+
+@pytest.mark.cluster  # a real agent process
+def test_a_signed_upload_is_never_evicted_by_strangers(real_agent):
+    """The launcher's upload, its signed headers verified and its body still coming, while 24
+    strangers from 24 addresses each open one connection (more than UNVERIFIED in all, so the
+    guard closes the oldest unverified to make room): the upload is not among them."""
+    body = bytes(MiB)
+    target = "/files/chunk?path=evict/x&offset=0"
+    headers = sign(real_agent.secret, "PUT", target, body, **real_agent.ids())
+    head = [f"PUT {target} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    strangers = []
+    with socket.create_connection(("127.0.0.1", real_agent.port), timeout=10) as s:
+        s.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body[: MiB // 2])
+        time.sleep(0.3)  # its headers verified; half its body in
+        try:
+            for i in range(UNVERIFIED + 8):
+                source = (f"127.0.0.{10 + i}", 0)
+                strangers.append(
+                    socket.create_connection(("127.0.0.1", real_agent.port), 5, source)
+                )
+            time.sleep(0.3)
+            s.sendall(body[MiB // 2 :])
+            assert s.recv(64).startswith(b"HTTP/1.1 200"), "the upload was cut off"
+            closed = 0
+            for c in strangers:  # the earliest strangers made room for the later ones
+                c.settimeout(0.2)
+                with contextlib.suppress(TimeoutError, ConnectionResetError):
+                    closed += c.recv(1) == b""
+            assert closed >= 8
+        finally:
+            for c in strangers:
+                c.close()
+
+
+@pytest.mark.cluster  # a real agent process
+def test_an_idle_kept_alive_connection_outlives_the_launchers_keepalive(real_agent):
+    """The launcher (httpx) drops an idle connection after 5 s; the agent keeps one 15 s, so
+    the two never close the same connection at the same instant: after 6 s idle (past the 5 s
+    header deadline too, which counts from a request's first byte), a request on that same
+    connection is answered on it."""
+    ids = real_agent.ids()
+    conn = http.client.HTTPConnection("127.0.0.1", real_agent.port, timeout=10)
+    try:
+        sockets = []
+        for pause in (6.0, 0.0):
+            conn.request(
+                "GET", "/health", headers=sign(real_agent.secret, "GET", "/health", b"", **ids)
+            )
+            answer = conn.getresponse()
+            answer.read()
+            assert answer.status == 200
+            sockets.append(conn.sock)
+            time.sleep(pause)
+        assert sockets[0] is sockets[1]  # not closed and opened again
+    finally:
+        conn.close()
 
 
 # --- under attack, in network namespaces -----------------------------------------------------
@@ -207,7 +398,8 @@ def test_while_rank_0_serves_a_silent_agent_fails_nothing(monkeypatch):
 @pytest.mark.skipif(available() is not None, reason="needs network namespaces (Linux, root)")
 @pytest.mark.cluster
 def test_agents_under_attack_answer_the_launcher_and_the_cluster_stays_up(tiny_r1):
-    """Two agents running a 2-rank tiny-r1 cluster; from a third host 64 idle connections, then
+    """Two agents running a 2-rank tiny-r1 cluster; from a third host with 24 addresses (so the
+    guard's limit in all is reached and room made) 64 idle connections, then
     64 dribbling ones, then 8 forged 60 MiB uploads at once, to each agent, for 8 s each and
     reopened as they are closed. From the launcher's host signed requests are answered within
     1 s, the launcher finds no failure and rank 0 serves throughout; nothing of the attacker's
@@ -220,6 +412,7 @@ def test_agents_under_attack_answer_the_launcher_and_the_cluster_stays_up(tiny_r
     for row in rows:
         stats = row["stats"]
         assert stats["tried"] >= row["count"] * 2, row  # the attack really ran, on both agents
+        assert stats["sources"] >= 20, row  # more addresses than UNVERIFIED: room is made
         assert stats["accepted"] == 0, row
         assert row["errors"] == [] and row["failures"] == [] and row["serving"], row
         assert row["probes"] >= 3, row  # probed all along (a probe is slower under uploads)

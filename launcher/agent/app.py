@@ -216,9 +216,10 @@ def serve_agent(app: FastAPI, addresses: list[str], port: int, log_level: str = 
         raise ValueError("the agent needs at least one address to listen on")
     sockets = [_bind(a, port) for a in addresses]
     guard = Guard()
-    # Innermost, so just inside SignedOnly: only a verified request reaches it (launcher/agent/
-    # guard.py). No limit_concurrency: it counted strangers' idle sockets against everyone.
-    app.user_middleware.append(Middleware(MarkVerified, guard=guard))
+    # Outermost: it hands SignedOnly the callback that marks a connection verified as soon as
+    # its signed headers pass (launcher/agent/guard.py). No limit_concurrency: it counted
+    # strangers' idle sockets against everyone.
+    app.user_middleware.insert(0, Middleware(MarkVerified, guard=guard))
     config = uvicorn.Config(
         app,
         log_level=log_level,

@@ -2,14 +2,18 @@
 
 uvicorn's own limit (limit_concurrency) counts every open connection, so 32 idle sockets from a
 stranger made every signed request a 503. Instead, a connection is *unverified* from accept until
-a request on it passes the signature check (MarkVerified sits just inside SignedOnly), and only
-unverified connections are limited:
-- each must finish its request headers within HEADER_DEADLINE of accept (or of the end of the
-  previous answer on a kept-alive connection), else it is closed: idle and dribbling sockets go;
+a request on it shows signed headers whose HMAC passes (SignedOnly checks them before reading the
+body, and marks the connection verified there), and only unverified connections are limited:
+- each must finish its request headers within HEADER_DEADLINE of accept (or, on a kept-alive
+  connection, of the next request's first byte), else it is closed: idle and dribbling sockets go;
 - at most PER_PEER unverified connections per peer address: more are closed at accept;
 - at most UNVERIFIED in all; when full, the oldest unverified connection of the peer holding the
   most is closed to make room, so a stranger's pile never keeps out a newcomer from elsewhere.
-Verified connections count against nothing: no global limit exists that strangers can fill.
+Verified connections count against nothing and are never closed to make room: a 64 MiB upload
+is safe from the first moment its headers verify, however many strangers arrive meanwhile.
+An idle kept-alive connection (only a verified one gets an answer that keeps it open) stays
+KEEP_ALIVE seconds, well past the launcher's own 5 s keep-alive expiry, so the launcher never
+sends a request on a connection the agent is closing at that same instant.
 
 It is done in uvicorn's h11 protocol (subclassed, passed as Config(http=...)): it sees accept,
 every byte and the end of the headers, which is all the deadline needs; an asyncio accept guard
@@ -20,8 +24,10 @@ from __future__ import annotations
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-HEADER_DEADLINE = 5.0  # seconds from accept (or the last answer) to the end of request headers
-KEEP_ALIVE = 5.0  # seconds an idle kept-alive connection stays open
+from .signing import VERIFIED
+
+HEADER_DEADLINE = 5.0  # seconds from accept (or a request's first byte) to the end of its headers
+KEEP_ALIVE = 15.0  # seconds an idle kept-alive connection stays open (the launcher's: 5 s)
 PER_PEER = 8  # unverified connections from one address
 UNVERIFIED = 16  # unverified connections in all
 
@@ -88,7 +94,8 @@ class Guard:
 
 
 class MarkVerified:
-    """ASGI middleware placed just inside SignedOnly: a request that reaches it was verified."""
+    """ASGI middleware outside SignedOnly: gives each request the callback (scope[VERIFIED]) that
+    SignedOnly calls once the request's signed headers pass, before its body is read."""
 
     def __init__(self, app, guard: Guard):
         self.app = app
@@ -96,7 +103,8 @@ class MarkVerified:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
-            self.guard.verified((scope.get("client"), scope.get("server")))
+            addr = (scope.get("client"), scope.get("server"))
+            scope[VERIFIED] = lambda: self.guard.verified(addr)
         await self.app(scope, receive, send)
 
 
@@ -108,6 +116,7 @@ def guarded_protocol(guard: Guard) -> type[H11Protocol]:
             super().connection_made(transport)
             self._deadline = None
             self._seen = None  # the request cycle whose headers are known to be complete
+            self._waiting = False  # kept alive after an answer; no byte of the next one yet
             peer = self.client[0] if self.client else "?"
             if not guard.admit(self, peer, (self.client, self.server)):
                 transport.abort()
@@ -132,17 +141,25 @@ def guarded_protocol(guard: Guard) -> type[H11Protocol]:
             # uvicorn makes a new cycle once a request's headers are complete.
             if self.cycle is not None and self.cycle is not self._seen:
                 self._seen = self.cycle
+                self._waiting = False
                 self._disarm()
 
         def data_received(self, data: bytes) -> None:
+            if self._waiting:  # the next request's first byte on a kept-alive connection
+                self._waiting = False
+                self._arm()
             super().data_received(data)
             self._check_headers()
 
         def on_response_complete(self) -> None:
-            if not self.transport.is_closing():
-                self._arm()  # the next request's headers, on a kept-alive connection
+            # Idle, uvicorn's keep-alive timer (KEEP_ALIVE) closes it; the header deadline
+            # counts again from the next request's first byte.
+            self._waiting = not self.transport.is_closing()
             super().on_response_complete()
-            self._check_headers()  # a pipelined request may have started already
+            self._check_headers()  # a pipelined request may have completed already
+            if self._waiting and self.conn.trailing_data[0]:  # part of one came already
+                self._waiting = False
+                self._arm()
 
         def connection_lost(self, exc) -> None:
             self._disarm()

@@ -13,6 +13,7 @@ from ..auth import NONCE, AuthError, Declared, Verifier, sign_response
 from .errors import Refused
 
 _NONCE_CHARS = set("0123456789abcdef")
+VERIFIED = "mlxdist.verified"  # scope key: called once the signed headers pass (guard.py)
 
 
 class _Disconnected(Exception):
@@ -91,6 +92,8 @@ class SignedOnly:
         try:
             # Nothing of a stranger's body is read: the HMAC covers its declared length and digest.
             declared = v.check_headers(scope["method"], _target(scope), headers)
+            if VERIFIED in scope:  # its connection is the launcher's now: never closed for room
+                scope[VERIFIED]()
             body = await self._read_body(receive, declared)
         except AuthError as e:
             return await _send_json(send, e.status, {"error": e.reason}, close=True)
