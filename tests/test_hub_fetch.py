@@ -39,7 +39,13 @@ from launcher.remote import Node, push_files
 from launcher.secret import create_secret, load_secret
 from quantize.checkpoint import human_bytes, weight_map
 
-pytestmark = pytest.mark.cluster
+WHY_NOT = available()
+# The agents run in network namespaces, as on separate machines: without them every test here is
+# skipped with the reason shown (a skip, not a pass), as the other namespace tests do.
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(WHY_NOT is not None, reason=f"agents need network namespaces: {WHY_NOT}"),
+]
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = [2, 2]
 HUB_IP = "169.254.100.250"  # the launcher's side of the namespaces' bridge
@@ -107,13 +113,7 @@ def _ip(*args: str) -> None:
 
 @contextlib.contextmanager
 def hosts_and_hub_address(n: int):
-    """n namespaces on a bridge, and an address of this namespace on that bridge (for the Hub);
-    on loopback when namespaces cannot be made here."""
-    why = available()
-    if why is not None:
-        print(f"\nnetwork namespaces unavailable ({why}): agents on loopback ports")
-        yield [("", "127.0.0.1", PORT + i) for i in range(n)], "127.0.0.1", "lo"
-        return
+    """n namespaces on a bridge, and an address of this namespace on that bridge (for the Hub)."""
     with bridged_hosts(n) as hosts:
         switch = hosts[0].name.rsplit("h", 1)[0] + "sw"
         ours, theirs = f"{switch}hub", f"{switch}hb"
@@ -168,8 +168,7 @@ class Agents:
         argv = [sys.executable, "-m", "mlxdist.cli", "agent", "--cluster", "fetch"]
         argv += ["--interface", self.interface, "--port", str(port)]
         argv += ["--models-dir", str(models)] if models else []
-        if ns:
-            argv = ["ip", "netns", "exec", ns, *argv]
+        argv = ["ip", "netns", "exec", ns, *argv]
         log = open(self.config(i) / "agent.log", "a")
         self.procs[i] = subprocess.Popen(argv, env=env, cwd=ROOT, stderr=log, stdout=log)
 
