@@ -23,6 +23,7 @@ from starlette.middleware import Middleware
 from ..auth import Verifier
 from ..discovery import facts_digest
 from ..diskfree import disk_facts
+from ..hostfacts import load_node_id
 from .errors import Refused
 from .guard import KEEP_ALIVE, Guard, MarkVerified, guarded_protocol
 from .hubfetch import Fetches, probe
@@ -58,6 +59,10 @@ def _error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
 
 
+def _node_id_path(models_dir: Path) -> Path:
+    return Path(models_dir).expanduser().resolve().parent / "node_id"
+
+
 def create_agent_app(
     secret: bytes,
     models_dir: Path,
@@ -72,7 +77,9 @@ def create_agent_app(
 ) -> FastAPI:
     """The agent's app; every request must be signed with secret for node_id (by default the
     facts' node id) and this start of the app, and every answer is signed back."""
-    node_id = node_id or facts().get("node_id") or f"agent-{secrets.token_hex(8)}"
+    # Without one in the facts, a node id kept beside the models dir (~/.mlxdist/node_id by
+    # default): a new id each start would move its rank and shards after a restart.
+    node_id = node_id or facts().get("node_id") or load_node_id(_node_id_path(models_dir))
     boot_id = secrets.token_hex(16)  # a new one each start: requests signed before it are void
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
