@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,10 +67,13 @@ def discover_nodes(
     from launcher.hostfacts import collect
 
     addresses = listen_addresses(collect(), interfaces)
+    notes: list[str] = []
     try:
-        agents = verified(browse(cluster, addresses, timeout), secret)
+        agents = verified(browse(cluster, addresses, timeout, notes), secret, notes=notes)
     except CollisionError as e:
         raise LaunchError(str(e)) from None
+    for line in notes:  # announcements that did not prove themselves: why each is left out
+        print(line, file=sys.stderr)
     nodes = [Node(a.node_id, a.addresses[0], client) for a, client in agents]
     _with_facts(nodes)
     # Facts unlike the advertised digest are stale (the agent restarted, or zeroconf kept an old

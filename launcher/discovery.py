@@ -17,8 +17,8 @@ import json
 import socket
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 
 from zeroconf import (
     NonUniqueNameException,
@@ -197,9 +197,48 @@ def nearest_first(addresses: list[str], local: list[str]) -> list[str]:
     return sorted(addresses, key=lambda a: -max(_common_bits(a, mine) for mine in local))
 
 
-def browse(cluster: str, interfaces: list[str], timeout: float = 3.0) -> list[Agent]:
+# What one look at the network considers, whatever strangers announce: a launcher's browse and
+# verification stay within a few seconds under a flood of fake names.
+MAX_ANNOUNCEMENTS = 64  # of this cluster, verified at most
+MAX_NAMES = 1024  # names of any cluster read from the cache
+MAX_ADDRESSES = 8  # per announcement, each said hello to
+RESOLVE_WORKERS = 16
+RESOLVE_MS = 2000
+HELLO_WORKERS = MAX_ANNOUNCEMENTS  # every announcement's nearest address asked at once
+
+
+def _all_within(work, items: list, workers: int, seconds: float) -> list:
+    """work(item) for every item at once (workers threads), each result or None when it was not
+    done within seconds; what is still running then is left to finish on its own."""
+    if not items:
+        return []
+    pool = ThreadPoolExecutor(max_workers=min(workers, len(items)))
+    futures = [pool.submit(work, item) for item in items]
+    wait(futures, timeout=seconds)
+    pool.shutdown(wait=False, cancel_futures=True)
+    done = [f.done() and not f.cancelled() and f.exception() is None for f in futures]
+    return [f.result() if ok else None for f, ok in zip(futures, done)]
+
+
+def _agent(info: ServiceInfo | None, cluster: str, name: str, local: list[str]) -> Agent | None:
+    if info is None:
+        return None
+    txt = _decode(info.properties)
+    if txt.get("cluster") != cluster:
+        return None
+    addresses = [socket.inet_ntoa(a) for a in info.addresses if len(a) == 4]
+    addresses = nearest_first(addresses, local)[:MAX_ADDRESSES]
+    return Agent(txt.get("id", name), cluster, addresses, int(info.port or 0), txt)
+
+
+def browse(
+    cluster: str, interfaces: list[str], timeout: float = 3.0, notes: list[str] | None = None
+) -> list[Agent]:
     """Every advertisement of this cluster seen on the interfaces within timeout seconds, by
-    node id, unverified: two that claim one node id are both kept (`verified` tells them apart)."""
+    node id, unverified: two that claim one node id are both kept (`verified` tells them apart).
+
+    Names whose records are not cached are resolved all at once, within 2 s; at most
+    MAX_ANNOUNCEMENTS are kept, and a line saying so goes to notes when more were seen."""
     zc = scoped_zeroconf(interfaces)  # records from other links are never read
     names: set[str] = set()
 
@@ -210,19 +249,32 @@ def browse(cluster: str, interfaces: list[str], timeout: float = 3.0) -> list[Ag
     browser = ServiceBrowser(zc, SERVICE, handlers=[on_change])
     try:
         time.sleep(timeout)
-        agents = []
-        for name in sorted(names):
-            info = zc.get_service_info(SERVICE, name, timeout=2000)
-            if info is None:
-                continue
-            txt = _decode(info.properties)
-            if txt.get("cluster") != cluster:
-                continue
-            addresses = [socket.inet_ntoa(a) for a in info.addresses if len(a) == 4]
-            addresses = nearest_first(addresses, interfaces)
-            node_id = txt.get("id", name)
-            agents.append(Agent(node_id, cluster, addresses, int(info.port or 0), txt))
-        return sorted(agents, key=lambda a: (a.node_id, a.url))
+        seen = sorted(names)[:MAX_NAMES]
+        agents, missing = [], []
+        for name in seen:  # the cache first: an announcement usually brings all its records
+            info = ServiceInfo(SERVICE, name)
+            if info.load_from_cache(zc):
+                agents.append(_agent(info, cluster, name, interfaces))
+            else:
+                missing.append(name)
+        room = max(0, MAX_ANNOUNCEMENTS - sum(a is not None for a in agents))
+        asked = missing[:room]
+
+        def resolve(name: str) -> Agent | None:
+            info = zc.get_service_info(SERVICE, name, timeout=RESOLVE_MS)
+            return _agent(info, cluster, name, interfaces)
+
+        agents += _all_within(resolve, asked, RESOLVE_WORKERS, RESOLVE_MS / 1000 + 1)
+        found = sorted((a for a in agents if a is not None), key=lambda a: (a.node_id, a.url))
+        unread = len(names) - len(seen) + len(missing) - len(asked)
+        left = unread + max(0, len(found) - MAX_ANNOUNCEMENTS)
+        if notes is not None and left > 0:
+            notes.append(
+                f"{len(names)} announcements were seen, more than the {MAX_ANNOUNCEMENTS} of "
+                "this cluster looked at (someone on the link may be flooding it): "
+                f"{left} left unread"
+            )
+        return found[:MAX_ANNOUNCEMENTS]
     finally:
         browser.cancel()
         zc.close()
@@ -232,34 +284,69 @@ class CollisionError(UserError):
     """Two agents that both prove they know the secret answer as one node id."""
 
 
+def why_unproven(error: AgentError) -> str:
+    """What a failed hello says about the agent, in words a user can act on."""
+    text = str(error)
+    if error.status == 401 and text == "stale":
+        return "its clock differs from this machine's by more than 30 s: run `mlxdist doctor` on it"
+    if "did not prove it knows the cluster secret" in text:
+        return "does not know this cluster's secret"
+    return text
+
+
 def verified(
-    agents: list[Agent], secret: bytes, timeout: float = 5.0
+    agents: list[Agent],
+    secret: bytes,
+    timeout: float = 5.0,
+    notes: list[str] | None = None,
+    deadline: float = 10.0,
 ) -> list[tuple[Agent, AgentClient]]:
     """The announced agents whose signed hello proves they know the secret and are the node
     they advertised, each with its client bound to that agent's node id and boot id.
 
-    An announcement without such an answer is dropped: it is never listed, planned, pushed to or
-    started on. Two agents that prove one node id are both refused (CollisionError); one agent
-    announced at two addresses (one boot id) is kept once.
+    Every advertised address is said hello to; the nearest that proves the node id is the one
+    kept (the Agent returned has it first: its url): a stranger answering for the name with its
+    own address does not hide the real agent. An announcement without such an answer is
+    dropped, never listed, planned, pushed to or started on, and one line saying why goes to
+    notes. Two agents that prove one node id are both refused (CollisionError); one agent
+    announced at two addresses (one boot id) is kept once. deadline: seconds for them all.
     """
+    # All at once, each announcement's nearest address first: a flood of announcements that
+    # never answer costs the deadline at most, and the real agents are asked early.
+    tasks = [
+        (i, address)
+        for depth in range(MAX_ADDRESSES)
+        for i, agent in enumerate(agents)
+        if depth < len(agent.addresses)
+        for address in [agent.addresses[depth]]
+    ]
 
-    def hello(agent: Agent) -> AgentClient | None:
-        client = AgentClient(agent.url, secret, node_id=agent.node_id)
+    def hello(task: tuple[int, str]) -> AgentClient | AgentError:
+        agent = agents[task[0]]
+        client = AgentClient(f"http://{task[1]}:{agent.port}", secret, node_id=agent.node_id)
         try:
             client.hello(timeout=timeout)
             return client
-        except AgentError:
+        except AgentError as e:
             client.close()
-            return None
+            return e
+        except Exception as e:  # an address httpx cannot use: that announcement's fault
+            client.close()
+            return AgentError(f"cannot reach the agent at {client.base_url}: {e}")
 
-    # All at once: an announcement that never answers costs one timeout, not one each.
-    reachable = [a for a in agents if a.addresses]
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(reachable)))) as pool:
-        clients = list(pool.map(hello, reachable))
+    outcome = dict(zip(tasks, _all_within(hello, tasks, HELLO_WORKERS, deadline)))
     kept: dict[str, tuple[Agent, AgentClient]] = {}
-    for agent, client in zip(reachable, clients):
-        if client is None:
+    for i, agent in enumerate(agents):
+        results = [(a, outcome.get((i, a))) for a in agent.addresses]
+        proved = [(a, r) for a, r in results if isinstance(r, AgentClient)]
+        for _, extra in proved[1:]:
+            extra.close()
+        if not proved:
+            if notes is not None:
+                notes.append(_unproven_line(agent, results))
             continue
+        address, client = proved[0]
+        agent = replace(agent, addresses=[address] + [a for a in agent.addresses if a != address])
         seen = kept.get(client.node_id)
         if seen is None:
             kept[client.node_id] = (agent, client)
@@ -271,3 +358,14 @@ def verified(
                 "on one of them remove ~/.mlxdist/node_id and restart its agent"
             )
     return list(kept.values())
+
+
+def _unproven_line(agent: Agent, results: list) -> str:
+    who = f"the agent announced as {agent.hostname} (node {agent.node_id})"
+    if not results:
+        return f"{who} is left out: its announcement gives no address"
+    reasons = []
+    for address, result in results:
+        why = why_unproven(result) if isinstance(result, AgentError) else "no answer in time"
+        reasons.append(why if len(results) == 1 else f"at {address}: {why}")
+    return f"{who} is left out: " + "; ".join(reasons)

@@ -912,6 +912,10 @@ def test_impostors_are_never_listed_planned_or_started_on_and_a_twin_is_refused(
             assert "1 agents" in done.stdout and real.ip in done.stdout
             assert fake.ip not in done.stdout and "0000-first" not in done.stdout
             assert "M9" not in done.stdout and "10000" not in done.stdout
+            # Each announcement that did not prove itself is named once, with the reason.
+            left_out = "is left out: does not know this cluster's secret"
+            assert f"0000-first (node 0000-first) {left_out}" in done.stderr
+            assert f"0000-first (node {real_id}) {left_out}" in done.stderr
             done = _in(launcher, env, *plan)
             planned = json.loads(done.stdout)
             # R1 on one Linux host does not fit (exit 1); 10 TB would have made it fit.
