@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import select
 import socket
 import struct
 import sys
@@ -200,12 +201,15 @@ class Front:
             conn.recv(65536)
             return _reset(conn)
         up = socket.create_connection(self.upstream)
-        threading.Thread(target=_pipe, args=(conn, up), daemon=True).start()
         if what == "forward":
+            threading.Thread(target=_pipe, args=(conn, up), daemon=True).start()
             _pipe(up, conn)
-        else:
-            up.recv(1)  # the agent answered: the request was done
-            _reset(conn)
+        else:  # one thread, so that the reset goes out at once (no recv blocked on conn)
+            while up not in select.select([conn, up], [], [], 10)[0]:
+                if not (data := conn.recv(65536)):
+                    break
+                up.sendall(data)
+            _reset(conn)  # the agent answered: the request was done
         up.close()
 
     def close(self) -> None:
