@@ -15,6 +15,7 @@ import time
 
 from launcher.rankspec import (
     API_KEY_ENV,
+    HEARTBEAT_TOKEN_ENV,
     NODE_FAILED,
     PARENT_PID_ENV,
     STDIN_LIFELINE_ENV,
@@ -98,8 +99,13 @@ def _load(spec: RankSpec, group):
 
 
 def main(argv: list[str] | None = None) -> int:
-    # First of all: no process this rank starts inherits the API key (rank 0's only).
+    # First of all: no process this rank starts inherits the API key (rank 0's only) or the
+    # heartbeat token.
     key = os.environ.pop(API_KEY_ENV, None)
+    if (token := os.environ.pop(HEARTBEAT_TOKEN_ENV, None)) is not None:
+        from mlxdist.runtime.heartbeat import keep_token
+
+        keep_token(token)
     spec = RankSpec.from_argv(argv)
     _start_watches()
     rank = int(os.environ.get("MLX_RANK", "0"))

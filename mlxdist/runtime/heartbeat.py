@@ -52,8 +52,17 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.removeprefix("[").removesuffix("]"), int(port)
 
 
+_kept: str | None = None  # the token rank.main took out of the environment
+
+
+def keep_token(token: str) -> None:
+    """The launch's heartbeat token, taken out of the environment so no child inherits it."""
+    global _kept
+    _kept = token
+
+
 def _token() -> str:
-    return os.environ.get(TOKEN_ENV, "-")
+    return _kept if _kept is not None else os.environ.get(TOKEN_ENV, "-")
 
 
 def rank_hosts() -> set[str]:
