@@ -7,7 +7,9 @@ arrives over another link (Linux and macOS both deliver it: the weak host model)
 sockets from its caller and has no filter of its own. So each of its listeners here drops every
 datagram whose source is not in the subnet of a named address: RFC 6762 section 11's source
 address check, kept to the named interfaces. A peer on another link then gets no answer (what
-it would send to is not read), and cannot plant records in a launcher's browse either.
+it would send to is not read), and its records never reach a launcher's browse (a peer on a
+named link, or one forging a source inside its subnet, still can: only a signed hello makes an
+agent, launcher/discovery.py).
 
 Not chosen: binding the listen socket to the group address 224.0.0.251, which Linux and BSD
 both allow and which does keep unicast out. Zeroconf answers a question with the unicast bit
