@@ -22,6 +22,7 @@ from launcher.fetch import (
     hub_fetch,
     hub_shares,
     missing_bytes,
+    pin_commit,
     repo_sizes,
     whole_model,
 )
@@ -441,7 +442,8 @@ def _progress(console):
 
 def _from_hub(model: Path, ref, nodes: list[Node], split: list[int], mode: str, console):
     """Every node's agent fetches its own files from the Hub; returns their folders."""
-    rows = hub_shares(model, repo_sizes(ref.repo, ref.revision), mode, split)
+    commit = pin_commit(ref.repo, ref.revision)  # once: the listing and every node at one commit
+    rows = hub_shares(model, repo_sizes(ref.repo, commit), mode, split)
     note = every_file_note(mode)
     if note:
         console.print(note, highlight=False)
@@ -453,9 +455,7 @@ def _from_hub(model: Path, ref, nodes: list[Node], split: list[int], mode: str, 
             for name, done, total, _, _ in lines:
                 bar.update(tasks[name], completed=done, total=total)
 
-        infos = hub_fetch(
-            nodes, ref.repo, ref.revision, [r.files for r in rows], show, verify=ref.verify
-        )
+        infos = hub_fetch(nodes, ref.repo, commit, [r.files for r in rows], show, verify=ref.verify)
     for node, row, info in zip(nodes, rows, infos):
         console.print(
             f"{node.name}: {info['received']} bytes received of its share of {row.bytes} bytes",
