@@ -92,11 +92,11 @@ class RemoteCluster:
         answered already: rank 0 serves (every rank beats), or a rank has exited (the cluster
         is down), or nothing listens on the agent's port (it is gone, not busy)."""
         try:
-            return node.client.ranks(timeout=POLL_TIMEOUT)
+            return _poll(node.client)
         except AgentError as e:
             if not patient or _refused(e) or e.status not in (None, 503) or self.serving():
                 raise
-        return retrying(partial(node.client.ranks, timeout=POLL_TIMEOUT))
+        return retrying(partial(_poll, node.client))
 
     def serving(self) -> bool:
         """Whether rank 0 answers /health: it does only while its heartbeat hears every rank."""
@@ -113,6 +113,13 @@ class RemoteCluster:
                 retrying(node.client.stop_all, after_timeout=False)
             except AgentError:
                 pass  # an agent that is gone has taken its ranks with it
+
+
+def _poll(client: AgentClient | SshClient) -> list[dict]:
+    """client's runs, waiting POLL_TIMEOUT at most for an agent (an ssh client's are local)."""
+    if isinstance(client, AgentClient):
+        return client.ranks(timeout=POLL_TIMEOUT)
+    return client.ranks()
 
 
 def retrying(call: Callable[[], T], after_timeout: bool = True) -> T:

@@ -25,6 +25,7 @@ from launcher.agent_client import AgentClient, AgentError, MiB
 from launcher.auth import sign
 from launcher.hostfile import free_ports
 from launcher.remote import Node, RemoteCluster
+from launcher.ssh import SshClient
 from mlxdist.runtime import heartbeat
 from mlxdist.runtime.heartbeat import TOKEN_ENV, Monitor
 
@@ -246,6 +247,15 @@ def test_a_silent_or_resetting_agent_is_asked_again_then_named_in_seconds(monkey
     t0 = time.monotonic()
     assert "rank 0 on node mac0" in _cluster([gone], nowhere).failure()
     assert time.monotonic() - t0 < 1.0
+
+
+def test_failure_reads_an_ssh_nodes_runs_too():
+    """The short poll timeout is an agent's: an ssh node's runs (local processes) are read as
+    they are, and a run it does not hold is named."""
+    nowhere = f"http://127.0.0.1:{free_ports(1)[0]}"
+    cluster = _cluster([SshClient("nowhere.invalid")], nowhere)
+    assert cluster.failure().startswith("rank 0 on node mac0")
+    assert cluster.failed_nodes == ["mac0"]
 
 
 def test_while_rank_0_serves_a_silent_agent_fails_nothing(monkeypatch):
