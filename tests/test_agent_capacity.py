@@ -20,8 +20,8 @@ from conftest import ROOT
 from netns import available
 
 from launcher import remote
-from launcher.agent.guard import PER_PEER, UNVERIFIED, Guard
-from launcher.agent_client import AgentClient, AgentError, MiB
+from launcher.agent.guard import KEEP_ALIVE, PER_PEER, UNVERIFIED, Guard
+from launcher.agent_client import KEEPALIVE, AgentClient, AgentError, MiB
 from launcher.auth import sign
 from launcher.hostfile import free_ports
 from launcher.remote import Node, RemoteCluster
@@ -404,6 +404,7 @@ def test_an_idle_kept_alive_connection_outlives_the_launchers_keepalive(real_age
         assert sockets[0] is sockets[1]  # not closed and opened again
     finally:
         conn.close()
+    assert KEEPALIVE + 5 <= KEEP_ALIVE  # the launcher lets go of one well before the agent
 
 
 # --- under attack, in network namespaces -----------------------------------------------------
