@@ -9,6 +9,7 @@ send the request once more.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -23,6 +24,15 @@ from quantize.errors import UserError
 from .auth import ANY, BOOT, HELLO, NONCE, AuthError, check_response, sign
 
 MiB = 2**20
+
+
+@functools.cache
+def _tls():
+    """httpx's default TLS context, made once: a client builds one otherwise (about 40 ms of
+    CPU, reading the CA bundle), and discovery makes a client per address it says hello to."""
+    return httpx.create_ssl_context()
+
+
 KEEPALIVE = 5.0  # seconds an idle connection is reused; the agent keeps one 15 s (guard.py)
 
 
@@ -55,7 +65,9 @@ class AgentClient:
         limits = httpx.Limits(
             max_connections=100, max_keepalive_connections=20, keepalive_expiry=KEEPALIVE
         )
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, limits=limits)
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, limits=limits, verify=_tls()
+        )
 
     def close(self) -> None:
         self._http.close()
