@@ -4,6 +4,7 @@ loopback Hub."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -132,39 +133,50 @@ def test_the_fetch_routes_are_signed_and_checked(tmp_path):
         assert answer.status_code == 404 and answer.json()["error"] == "no fetch 'abc'"
 
 
-def test_a_download_stops_at_the_size_the_hub_listed(tmp_path, monkeypatch):
-    """A server that streams more than the listing's size is cut off before the extra bytes
-    reach the disk (the free-disk check counted the listed size)."""
+@contextlib.contextmanager
+def _hub_file(monkeypatch, answer):
+    """A loopback server the agent's downloads go to: answer(handler) writes each GET's reply."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from launcher.agent import hubfetch
-    from launcher.agent.hubfetch import Fetch, Fetches, FetchFailed, HubFile
 
-    class Flood(BaseHTTPRequestHandler):
+    class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(8 << 20))
-            self.end_headers()
-            self.wfile.write(b"x" * (8 << 20))
+            answer(self)
 
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Flood)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/f"
     monkeypatch.setattr(hubfetch, "hf_hub_url", lambda *a, **k: url)
+    try:
+        yield
+    finally:
+        server.shutdown()
+
+
+def test_a_download_stops_at_the_size_the_hub_listed(tmp_path, monkeypatch):
+    """A server that streams more than the listing's size is cut off before the extra bytes
+    reach the disk (the free-disk check counted the listed size)."""
+    from launcher.agent.hubfetch import Fetch, Fetches, FetchFailed, HubFile
+
+    def flood(handler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(8 << 20))
+        handler.end_headers()
+        handler.wfile.write(b"x" * (8 << 20))
+
     fetches = Fetches(tmp_path / "models", tmp_path / "cache")
     fetch = Fetch("id", "org/m", "main", ["model.safetensors"], commit="0" * 40)
     partial = tmp_path / "part"
-    try:
+    with _hub_file(monkeypatch, flood):
         with pytest.raises(FetchFailed, match="sent more than its 1000 bytes"):
             fetches._download(
                 fetch, HubFile("model.safetensors", 1000, "e" * 64, True), partial, None
             )
-    finally:
-        server.shutdown()
     assert partial.stat().st_size <= 1000
 
 
@@ -184,32 +196,21 @@ def test_a_download_is_hashed_as_it_arrives_and_a_resume_reads_back_only_its_sta
     """_download returns the whole file's digest: the bytes that came hashed on arrival, the
     part an earlier run left read back once (and counted as read back)."""
     import hashlib
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from launcher.agent import hubfetch
     from launcher.agent.hubfetch import Fetch, Fetches, HubFile
 
     data = bytes(range(256)) * 400
 
-    class Ranged(BaseHTTPRequestHandler):
-        def do_GET(self):
-            first = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
-            self.send_response(206)
-            self.send_header("Content-Length", str(len(data) - first))
-            self.end_headers()
-            self.wfile.write(data[first:])
+    def ranged(handler) -> None:
+        first = int(handler.headers["Range"].removeprefix("bytes=").rstrip("-"))
+        handler.send_response(206)
+        handler.send_header("Content-Length", str(len(data) - first))
+        handler.end_headers()
+        handler.wfile.write(data[first:])
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Ranged)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/f"
-    monkeypatch.setattr(hubfetch, "hf_hub_url", lambda *a, **k: url)
     fetches = Fetches(tmp_path / "models", tmp_path / "cache")
     want = HubFile("model.safetensors", len(data), hashlib.sha256(data).hexdigest(), True)
-    try:
+    with _hub_file(monkeypatch, ranged):
         for kept in (0, 1000):
             partial = tmp_path / f"part{kept}"
             partial.write_bytes(data[:kept])
@@ -217,8 +218,6 @@ def test_a_download_is_hashed_as_it_arrives_and_a_resume_reads_back_only_its_sta
             assert fetches._download(fetch, want, partial, None) == want.etag
             assert (fetch.rehashed, fetch.received) == (kept, len(data) - kept)
             assert partial.read_bytes() == data
-    finally:
-        server.shutdown()
 
 
 def test_a_token_is_cut_out_of_any_error_text(monkeypatch):
