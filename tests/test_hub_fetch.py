@@ -471,17 +471,30 @@ def test_auto_fetches_from_the_hub_only_when_every_node_reaches_it(world):
     assert choose_fetch("push", agents.nodes, REPO) == ("push", "--fetch push")
 
 
-def test_a_share_larger_than_the_nodes_free_disk_is_refused(world, tmp_path):
-    """node1's Hugging Face cache on a 1 MB file system: its share (several MB) is refused
-    before a byte is sent, naming the node and the bytes."""
-    hub, agents, model = world
+@contextlib.contextmanager
+def node1_on_a_small_disk(agents, tmp_path: Path, where: str):
+    """node1's agent restarted with its `where` (cache or models) folder on a 1 MB file system;
+    afterwards as it was."""
     small = tmp_path / "small-disk"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
     try:
         agents.kill(1)
-        agents.start(1, cache=small)
+        agents.start(1, **{where: small})
         agents.wait(agents.nodes[1])
+        yield small
+    finally:
+        agents.kill(1)
+        subprocess.run(["umount", str(small)], check=False)
+        agents.start(1)
+        agents.wait(agents.nodes[1])
+
+
+def test_a_share_larger_than_the_nodes_free_disk_is_refused(world, tmp_path):
+    """node1's Hugging Face cache on a 1 MB file system: its share (several MB) is refused
+    before a byte is sent, naming the node and the bytes."""
+    hub, agents, model = world
+    with node1_on_a_small_disk(agents, tmp_path, "cache"):
         free = agents.nodes[1].client.facts()["hf_cache_free"]
         assert 0 < free <= 2**20  # the agent reports its cache's disk
         before = len(hub.ranges)
@@ -491,11 +504,6 @@ def test_a_share_larger_than_the_nodes_free_disk_is_refused(world, tmp_path):
         assert str(e.value).startswith(f"node1: needs {human_bytes(share)} ({share} bytes)")
         assert "free in its Hugging Face cache" in str(e.value) and "\n" not in str(e.value)
         assert len(hub.ranges) == before  # nothing was downloaded
-    finally:
-        agents.kill(1)
-        subprocess.run(["umount", str(small)], check=False)
-        agents.start(1)
-        agents.wait(agents.nodes[1])
 
 
 def launch_repo(hub, agents, tmp_path, repo, fetch, parallel, prompt, max_tokens):
@@ -654,20 +662,9 @@ def test_a_push_larger_than_a_nodes_free_disk_is_refused(world, mlx_repo, tmp_pa
     line naming the node and the bytes."""
     hub, agents, _ = world
     repo, _ = mlx_repo
-    small = tmp_path / "small-disk"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
-    try:
-        agents.kill(1)
-        agents.start(1, models=small)
-        agents.wait(agents.nodes[1])
+    with node1_on_a_small_disk(agents, tmp_path, "models") as small:
         done = launch_repo(hub, agents, tmp_path, repo, "push", "pipeline", "Hi", 2)
         assert done.returncode == 1
         [line] = [x for x in done.stderr.splitlines() if x.startswith("error: ")]
         assert line.startswith("error: node node1 needs ") and "free in its models folder" in line
         assert not any(small.iterdir())  # nothing was sent
-    finally:
-        agents.kill(1)
-        subprocess.run(["umount", str(small)], check=False)
-        agents.start(1)
-        agents.wait(agents.nodes[1])
