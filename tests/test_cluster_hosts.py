@@ -162,6 +162,11 @@ def test_discovery_finds_exactly_its_cluster(cluster):
         assert found == {m.ip for m in hosts[1:]}
 
 
+def run_with(argv: list[str], env: dict) -> subprocess.CompletedProcess:
+    """A command as the tests run it: from the project, env given, its output kept, 300 s."""
+    return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 def launch_args(out: Path, *where: str) -> list[str]:
     return cli(
         "launch",
@@ -181,9 +186,7 @@ def test_launch_across_three_hosts_equals_one_process(cluster):
     hosts, interface, env, out, work = cluster
     args = launch_args(out, "--cluster", "alpha", "--interface", interface)
     started = time.monotonic()
-    done = subprocess.run(
-        hosts[0].cmd(*args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    done = run_with(hosts[0].cmd(*args), env)
     print(done.stderr[-3000:], f"\n{time.monotonic() - started:.1f} s")
     assert done.returncode == 0, done.stderr
     expected = reference_text(out)
@@ -211,14 +214,7 @@ def write_hosts_file(folder: Path, machines, fields) -> Path:
 
 def launch_from(machine, out: Path, hosts_file: Path, env: dict):
     """Runs `mlxdist launch --hosts` on machine, as a user there would."""
-    return subprocess.run(
-        machine.cmd(*launch_args(out, "--hosts", str(hosts_file))),
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_with(machine.cmd(*launch_args(out, "--hosts", str(hosts_file))), env)
 
 
 def test_expert_launch_across_three_hosts_equals_one_process(cluster, tiny_r1):
@@ -234,9 +230,7 @@ def test_expert_launch_across_three_hosts_equals_one_process(cluster, tiny_r1):
     )
     assert cut.returncode == 0, cut.stderr
     args = launch_args(out, "--cluster", "alpha", "--interface", interface, "--parallel", "expert")
-    done = subprocess.run(
-        hosts[0].cmd(*args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    done = run_with(hosts[0].cmd(*args), env)
     print(done.stderr[-3000:])
     assert done.returncode == 0, done.stderr
     assert "experts 3" in done.stderr  # the plan names each node's experts
@@ -267,14 +261,7 @@ def test_bench_across_hosts_with_the_key_it_made(cluster, tmp_path):
     hosts, _, env, out, _ = cluster
     hosts_file = write_hosts_file(tmp_path, hosts[1:], lambda m: [f"agent_port = {m.agent_port}"])
     args = ["--prompt-tokens", "8", "--decode-tokens", "4", "--streams", "2", "--json"]
-    done = subprocess.run(
-        hosts[0].cmd(*cli("bench", str(out), "--hosts", str(hosts_file), *args)),
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_with(hosts[0].cmd(*cli("bench", str(out), "--hosts", str(hosts_file), *args)), env)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["ranks"] == len(hosts) - 1 and result["decode_tokens"] == 4, result
@@ -309,21 +296,12 @@ def test_tensor_launch_across_two_hosts_equals_two_local_ranks(cluster, tiny_r1,
     holds half of every layer, and the answer is that of two tensor ranks on one machine
     (themselves checked against one process in test_expert.py)."""
     hosts, interface, env, _, work = cluster
-    here = subprocess.run(
-        launch_args(tiny_r1, "--local", "2", "--parallel", "tensor"),
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    here = run_with(launch_args(tiny_r1, "--local", "2", "--parallel", "tensor"), env)
     assert here.returncode == 0, here.stderr
     assert here.stdout.strip(), "the local answer should say something"
     hosts_file = write_hosts_file(tmp_path, hosts[1:3], lambda m: [])
     args = launch_args(tiny_r1, "--hosts", str(hosts_file), "--parallel", "tensor")
-    done = subprocess.run(
-        hosts[0].cmd(*args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    done = run_with(hosts[0].cmd(*args), env)
     print(done.stderr[-3000:])
     assert done.returncode == 0, done.stderr
     assert "1/2 of every layer" in done.stderr
