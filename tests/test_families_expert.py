@@ -16,7 +16,7 @@ pytestmark = pytest.mark.cluster
 
 MAX_TOKENS = 8  # as test_families_pipeline, whose checkpoints and answers these share
 QUESTION = "What is the capital of France?"
-FAMILIES = ["qwen3_moe", "glm4_moe", "gpt_oss", "minimax", "deepseek_v32"]
+FAMILIES = ["qwen3_moe", "glm4_moe", "gpt_oss", "minimax", "deepseek_v32", "kimi_k2"]
 EXPERTS = [[3, 5], [2, 3, 3]]  # routed experts per rank, of 8
 
 

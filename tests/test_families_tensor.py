@@ -27,6 +27,7 @@ CASES = [
     ("minimax", 2, {}),
     ("deepseek_v32", 2, {}),
     ("gpt_oss", 2, {}),
+    ("kimi_k2", 2, {}),
     ("qwen3", 3, {**_THREE, "intermediate_size": 192}),
     ("qwen3_moe", 3, {**_THREE, "intermediate_size": 192, "moe_intermediate_size": 96}),
 ]
