@@ -29,6 +29,7 @@ PREFILL_CHUNK = 2048
 PARALLEL = ("pipeline", "expert", "tensor")
 BACKENDS = ("ring", "jaccl")  # MLX's: TCP over any network, RDMA over Thunderbolt 5
 ATTENTION = ("replicated", "sharded")
+KV_BITS = (None, 4, 8)  # as mlx-lm's quantised KV cache
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,19 @@ class RankSpec:
     docs: bool = False
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
+    kv_bits: int | None = None  # every rank: KV cache quantised to 4 or 8 bits (None: not)
+    # rank 0: bytes of KV cache every rank keeps for known prefixes (None: the rank's default)
+    prompt_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts or ()))
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins or ()))
         if self.max_body_mb < 1:
             raise ValueError("max_body_mb must be at least 1")
+        if self.kv_bits not in KV_BITS:
+            raise ValueError("kv_bits must be 4 or 8")
+        if self.prompt_cache_bytes is not None and self.prompt_cache_bytes < 0:
+            raise ValueError("prompt_cache_bytes must be 0 (off) or more")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}")
         if self.attention not in ATTENTION:
@@ -123,6 +131,10 @@ class RankSpec:
             argv += ["--allowed-host", name]
         for origin in self.cors_origins:
             argv += ["--cors-origin", origin]
+        if self.kv_bits:
+            argv += ["--kv-bits", str(self.kv_bits)]
+        if self.prompt_cache_bytes is not None:
+            argv += ["--prompt-cache-bytes", str(self.prompt_cache_bytes)]
         return argv
 
     @classmethod
@@ -188,4 +200,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", action="store_true", help="serve /docs, /redoc, /openapi.json")
     p.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[])
     p.add_argument("--cors-origin", dest="cors_origins", action="append", default=[])
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantised KV cache")
+    p.add_argument(
+        "--prompt-cache-bytes",
+        type=int,
+        default=None,
+        help="KV cache kept for known prefixes, in bytes per rank (0: off)",
+    )
     return p
