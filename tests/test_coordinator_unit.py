@@ -264,6 +264,13 @@ def test_prefill_steps():
     assert [(len(t), f) for t, f in steps] == [(PREFILL_CHUNK, NEW), (1, 0), (1, SAMPLE)]
     with pytest.raises(ValueError, match="no tokens"):
         prefill_steps([])
+    # a smaller chunk: the same tokens in the same order, the last one still alone
+    steps = prefill_steps(list(range(70)), chunk=32)
+    assert [(len(t), f) for t, f in steps] == [(32, NEW), (32, 0), (5, 0), (1, SAMPLE)]
+    assert [t for piece, _ in steps for t in piece] == list(range(70))
+    assert prefill_steps([5, 6], chunk=1) == [([5], NEW), ([6], SAMPLE)]
+    with pytest.raises(ValueError, match="at least one token"):
+        prefill_steps([5, 6], chunk=0)
 
 
 def test_logits_and_stats_run_alone_between_steps_and_change_no_answer(kind):
