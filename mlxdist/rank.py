@@ -227,6 +227,35 @@ def _start_heartbeat(spec: RankSpec, rank: int, size: int):
     return monitor, api
 
 
+def _prefix_cache(spec: RankSpec, stage, figures: list):
+    """Rank 0's index of the prefix cache, or None when it is off or the model's caches cannot
+    be copied. Its budget bounds the entries' bytes on the rank that holds the most of them."""
+    from mlxdist.runtime.prefix_store import can_cut, reusable
+    from mlxdist.serving.prefix_cache import PrefixCache, can_cut_all
+
+    budget = spec.prompt_cache_bytes
+    if budget is None:  # no plan gave one: a quarter of what this machine has left
+        from quantize.memory import peak_rss
+
+        budget = max(0, _total_memory() - peak_rss()) // 4
+    if budget == 0:
+        return None
+    if not all(reusable(t) for t in stage.templates):
+        _log(0, "prefix cache off: this model's caches cannot be copied")
+        return None
+    layers = [end - start for _, _, _, _, _, start, end, *_ in figures]
+    scale = max(layers) / max(1, layers[0]) if spec.parallel == "pipeline" else 1.0
+    _log(0, f"prefix cache: up to {budget / 2**20:.0f} MiB of KV cache per rank")
+    return PrefixCache(budget, can_cut_all(stage.templates, can_cut), scale)
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
 def _nodes(figures: list) -> list[dict]:
     """Each rank's host, layers, routed experts held and memory, for /health."""
     nodes = []
@@ -262,7 +291,8 @@ def _serve_api(
     stage = runner.stage
     ends = read_end_token_ids(spec.model, stage.config)  # generation_config.json's too
     tokenizer = load_tokenizer(spec.model, eos_token_ids=ends)
-    coordinator = Coordinator(runner, tokenizer, set(tokenizer.eos_token_ids))
+    prefix = _prefix_cache(spec, stage, figures)
+    coordinator = Coordinator(runner, tokenizer, set(tokenizer.eos_token_ids), prefix=prefix)
     context = stage.config.get("max_position_embeddings")
     split = list(spec.split) if spec.split else None
     if spec.max_context:

@@ -13,12 +13,24 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllLinear
 
 from mlxdist.runtime.expert import shards
-from mlxdist.runtime.pipeline import gather_stats
+from mlxdist.runtime.pipeline import gather_stats, start_cache
+from mlxdist.runtime.prefix_store import PrefixStore
 from mlxdist.runtime.ringwait import RingWaiter
 from mlxdist.runtime.runner import StepRunner
 from mlxdist.runtime.sampling import Sampler
 from mlxdist.runtime.stage import Stage, cache_offset
-from mlxdist.runtime.step import _CTRL, CMD_STATS, CMD_STEP, CMD_STOP, LOGITS, NEW, SAMPLE, Step
+from mlxdist.runtime.step import (
+    _CTRL,
+    CMD_EVICT,
+    CMD_KEEP,
+    CMD_STATS,
+    CMD_STEP,
+    CMD_STOP,
+    LOGITS,
+    NEW,
+    SAMPLE,
+    Step,
+)
 
 # Lock step runs one sequence at a time, so the control vector's slot field is free to carry a
 # decode step's one token id.
@@ -52,6 +64,7 @@ class LockstepRunner(StepRunner):
         self.steps = 0
         self._shards = shards(stage.model)
         self._cut_sums = cut_sums(stage.model) if self.size > 1 else 0
+        self.store = PrefixStore()  # the prefix cache's entries
 
     def _all_sum(self, x: mx.array, control: bool = False) -> mx.array:
         out = mx.distributed.all_sum(x, group=self.group)
@@ -67,7 +80,7 @@ class LockstepRunner(StepRunner):
 
     def _apply(self, step: Step, tokens: mx.array) -> mx.array | None:
         if step.flags & NEW:
-            self.cache = self.stage.make_cache()
+            self.cache = start_cache(self, step, {0: self.cache})
             if self.rank == 0:
                 self.sampler = Sampler(step.temp, step.top_p, step.seed)
         self.steps += 1
@@ -115,6 +128,26 @@ class LockstepRunner(StepRunner):
         if self.size > 1:
             self._broadcast(Step(0, 0, cmd=CMD_STOP), None)
 
+    def keep(self, slot: int, entry: int, length: int) -> int:
+        """Rank 0: every rank keeps the first `length` positions of the cache as entry; returns
+        the bytes rank 0 keeps."""
+        return self._command(Step(length, 0, cmd=CMD_KEEP, slot=slot, src=entry))
+
+    def evict(self, entry: int) -> None:
+        """Rank 0: every rank drops entry."""
+        self._command(Step(0, 0, cmd=CMD_EVICT, src=entry))
+
+    def _command(self, step: Step) -> int:
+        if self.size > 1:
+            self._broadcast(step, None)
+        return self._obey(step)
+
+    def _obey(self, step: Step) -> int:
+        if step.cmd == CMD_KEEP:
+            return self.store.keep(step.src, self.cache, step.length)
+        self.store.evict(step.src)
+        return 0
+
     def _gather_stats(self) -> list[dict]:
         return gather_stats(self, int(cache_offset(self.cache) > 0))
 
@@ -133,6 +166,9 @@ class LockstepRunner(StepRunner):
             counts = (self.data_bytes, self.control_bytes)
             waiter.wait()  # asleep until rank 0 starts the next broadcast
             step, ids = self._broadcast(Step(0, 0), None)
+            if step.cmd in (CMD_KEEP, CMD_EVICT):
+                self._obey(step)
+                continue
             if step.cmd in (CMD_STOP, CMD_STATS):
                 self.data_bytes, self.control_bytes = counts
                 if step.cmd == CMD_STOP:

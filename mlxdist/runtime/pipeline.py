@@ -17,24 +17,46 @@ from collections import deque
 import mlx.core as mx
 
 from mlxdist.runtime.link import BACK, DONE, NEXT, Link, escape, unescape
+from mlxdist.runtime.prefix_store import PrefixStore, clone_all
 from mlxdist.runtime.ringwait import RingWaiter
 from mlxdist.runtime.runner import InterleavingRunner
 from mlxdist.runtime.sampling import Sampler
 from mlxdist.runtime.stage import Stage, cache_offset
-from mlxdist.runtime.step import _CTRL, CMD_STATS, CMD_STEP, CMD_STOP, LOGITS, NEW, SAMPLE, Step
+from mlxdist.runtime.step import (
+    _CTRL,
+    CMD_EVICT,
+    CMD_KEEP,
+    CMD_STATS,
+    CMD_STEP,
+    CMD_STOP,
+    LOGITS,
+    NEW,
+    SAMPLE,
+    Step,
+)
 from quantize.memory import peak_rss
 
 
 def gather_stats(runner, open_caches: int) -> list[dict]:
-    """Every rank's traffic, steps, peak memory and open KV caches; each rank joins the same
-    all_gather."""
+    """Every rank's traffic, steps, peak memory, open KV caches and kept prefix entries (count,
+    bytes, a digest of which: equal on every rank); each rank joins the same all_gather."""
     row = [runner.rank, runner.data_bytes, runner.control_bytes, runner.steps, peak_rss()]
-    figures = mx.array([[*row, open_caches]], mx.int64)
+    figures = mx.array([[*row, open_caches, *runner.store.figures()]], mx.int64)
     if runner.size > 1:
         figures = mx.distributed.all_gather(figures, group=runner.group)
     mx.eval(figures)
     keys = ("rank", "data_bytes", "control_bytes", "steps", "peak_rss", "open_caches")
+    keys += ("prefix_entries", "prefix_bytes", "prefix_digest")
     return [dict(zip(keys, row)) for row in figures.tolist()]
+
+
+def start_cache(runner, step: Step, caches: dict[int, list]) -> list:
+    """A NEW step's caches: empty, or a copy of a kept entry or of a running slot's, cut."""
+    if step.src > 0:
+        return runner.store.start(step.src, step.keep)
+    if step.src < 0:
+        return clone_all(caches[-step.src], step.keep)
+    return runner.stage.make_cache()
 
 
 class Runner(InterleavingRunner):
@@ -56,6 +78,7 @@ class Runner(InterleavingRunner):
         self.inbox = Link(stage.hidden_size, _CTRL)  # what the previous rank sends next
         self.outbox = Link(stage.hidden_size, _CTRL)  # what the next rank expects
         self.waiter = RingWaiter() if self.size > 1 else None
+        self.store = PrefixStore()  # the prefix cache's entries, for this stage's layers
 
     @property
     def cache(self) -> list:
@@ -80,7 +103,7 @@ class Runner(InterleavingRunner):
 
     def _apply(self, step: Step, h: mx.array) -> mx.array | None:
         if step.flags & NEW or step.slot not in self.caches:
-            self.caches[step.slot] = self.stage.make_cache()
+            self.caches[step.slot] = start_cache(self, step, self.caches)
             if self.stage.is_last:
                 self.samplers[step.slot] = Sampler(step.temp, step.top_p, step.seed)
         cache = self.caches[step.slot]
@@ -191,6 +214,26 @@ class Runner(InterleavingRunner):
         if self.size > 1:
             self._send_control(Step(0, 0, cmd=CMD_STOP))
 
+    def keep(self, slot: int, entry: int, length: int) -> int:
+        """Rank 0: every rank keeps the first `length` positions of slot's caches as entry;
+        returns the bytes rank 0 keeps."""
+        return self._command(Step(length, 0, cmd=CMD_KEEP, slot=slot, src=entry))
+
+    def evict(self, entry: int) -> None:
+        """Rank 0: every rank drops entry."""
+        self._command(Step(0, 0, cmd=CMD_EVICT, src=entry))
+
+    def _command(self, step: Step) -> int:
+        if self.size > 1:
+            self._send_control(step)
+        return self._obey(step)
+
+    def _obey(self, step: Step) -> int:
+        if step.cmd == CMD_KEEP:
+            return self.store.keep(step.src, self.caches[step.slot], step.length)
+        self.store.evict(step.src)
+        return 0
+
     def _gather_stats(self) -> list[dict]:
         return gather_stats(self, sum(1 for c in self.caches.values() if cache_offset(c) > 0))
 
@@ -208,6 +251,11 @@ class Runner(InterleavingRunner):
         prev = self.rank - 1
         while True:
             step, h = self._next_step()
+            if step.cmd in (CMD_KEEP, CMD_EVICT):
+                if not self.stage.is_last:
+                    self._send_control(step)
+                self._obey(step)
+                continue
             if step.cmd in (CMD_STOP, CMD_STATS):
                 if not self.stage.is_last:
                     counts = (self.data_bytes, self.control_bytes)

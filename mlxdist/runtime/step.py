@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 CMD_STEP, CMD_STOP, CMD_STATS = 1, 2, 3
+# The prefix cache's commands: a slot's cache kept as entry `src`, entry `src` dropped.
+CMD_KEEP, CMD_EVICT = 4, 5
 NEW, SAMPLE, LOGITS = 1, 2, 4  # step flags: new sequence, reply with a token, reply with logits
 _DTYPES = [mx.float32, mx.float16, mx.bfloat16]
-_CTRL = 9  # int32 words in a control vector
+_CTRL = 11  # int32 words in a control vector
 
 
 def _f2i(x: float) -> int:
@@ -35,12 +37,18 @@ class Step:
     cmd: int = CMD_STEP
     slot: int = 0  # which sequence: every rank keeps a KV cache per slot
     freed: int = 0  # slots whose sequences ended since the last control vector: bits of an int32
+    # A NEW step's cache starts as a copy of kept entry `src` (> 0) or of running slot `-src`,
+    # cut to its first `keep` positions; 0: an empty cache.
+    src: int = 0
+    keep: int = 0
 
     def encode(self) -> mx.array:
         fields = [self.cmd, self.length, self.flags, _DTYPES.index(self.dtype), self.seed]
-        fields += [_f2i(self.temp), _f2i(self.top_p), self.slot, self.freed]
+        fields += [_f2i(self.temp), _f2i(self.top_p), self.slot, self.freed, self.src, self.keep]
         return mx.array(fields, dtype=mx.int32)
 
     @classmethod
     def decode(cls, c: list[int]) -> Step:
-        return cls(c[1], c[2], _DTYPES[c[3]], c[4], _i2f(c[5]), _i2f(c[6]), c[0], c[7], c[8])
+        return cls(
+            c[1], c[2], _DTYPES[c[3]], c[4], _i2f(c[5]), _i2f(c[6]), c[0], c[7], c[8], c[9], c[10]
+        )

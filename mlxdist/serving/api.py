@@ -229,7 +229,10 @@ def create_app(
         event = await job.events.get()
         if isinstance(event, Failed):
             raise APIError(500, event.message, kind="server_error")
-        return {"ranks": event.ranks, "in_flight_peak": event.in_flight_peak}
+        out = {"ranks": event.ranks, "in_flight_peak": event.in_flight_peak}
+        if event.prefix_cache is not None:
+            out["prefix_cache"] = event.prefix_cache
+        return out
 
     async def failed(event: Failed) -> APIError:
         message, code = await inflight.explain(event.message, wait)

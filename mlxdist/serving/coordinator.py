@@ -10,10 +10,13 @@ from __future__ import annotations
 import queue
 import time
 
+from launcher.rankspec import PREFILL_CHUNK
 from mlxdist.runtime.runner import InterleavingRunner, StepRunner
+from mlxdist.runtime.stage import cache_offset
 from mlxdist.serving.events import Failed, Logits, Stats
 from mlxdist.serving.generate import generate_tokens, last_logits
 from mlxdist.serving.job import Job
+from mlxdist.serving.prefix_cache import PrefixCache, remember
 from mlxdist.serving.scheduler import Interleaver
 from mlxdist.serving.sequence import Sequence
 
@@ -29,8 +32,11 @@ class Coordinator:
         tokenizer,
         eos_ids: set[int],
         max_sequences: int = MAX_SEQUENCES,
+        prefix: PrefixCache | None = None,
     ):
         self.runner = runner
+        self.prefix = prefix  # the prefix cache's index (None: off)
+        self._prefill_chunk = PREFILL_CHUNK
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_sequences = max_sequences
@@ -38,8 +44,19 @@ class Coordinator:
         self.scheduler: Interleaver | None = None
         if self.interleaves:
             self.scheduler = Interleaver(
-                runner, self.jobs, self.sequence, self.run_alone, max_sequences
+                runner, self.jobs, self.sequence, self.run_alone, max_sequences, prefix
             )
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Tokens per prefill step: smaller pieces let a pipeline's stages work at once."""
+        return self._prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, chunk: int) -> None:
+        self._prefill_chunk = chunk
+        if self.scheduler is not None:
+            self.scheduler.prefill_chunk = chunk
 
     @property
     def interleaves(self) -> bool:
@@ -84,14 +101,23 @@ class Coordinator:
             if job.logits:
                 job.emit(Logits(last_logits(self.runner, job.prompt).tolist()))
             elif job.stats:
-                job.emit(Stats(self.runner.stats(), self.in_flight_peak))
+                job.emit(Stats(self.runner.stats(), self.in_flight_peak, self._prefix_figures()))
             else:
                 self._generate(job)
         except Exception as e:  # a failed job must not take the loop down with it
             job.emit(Failed(f"{type(e).__name__}: {e}"))
 
+    def _prefix_figures(self) -> dict | None:
+        if (prefix := self.prefix) is None:
+            return None
+        figures = {"entries": len(prefix.entries), "bytes": prefix.nbytes, "budget": prefix.budget}
+        figures |= {"hits": prefix.hits, "cached_tokens": prefix.cached_tokens}
+        return figures | {"evictions": prefix.evictions}
+
     def _generate(self, job: Job) -> None:
         seq = self.sequence(job)
+        if self.prefix is not None and job.max_tokens > 0:
+            seq.source = self.prefix.lookup(job.prompt)
         tokens = generate_tokens(
             self.runner,
             job.prompt,
@@ -100,8 +126,17 @@ class Coordinator:
             top_p=job.top_p,
             seed=job.seed,
             eos_ids=seq.eos_ids,
+            chunk=self.prefill_chunk,
+            src=seq.source.src,
+            keep=seq.source.keep,
         )
+        sampled = []  # every token, an end token too: one rank's decode may have fed it
         for t in tokens:
+            sampled.append(t)
             if seq.add(t):
                 break
+        tokens.close()  # a one-rank decode's step ahead is in the caches now
         seq.finish()
+        if self.prefix is not None and job.max_tokens > 0:
+            held = cache_offset(self.runner.cache)
+            remember(self.prefix, self.runner, 0, (job.prompt + sampled)[:held])

@@ -25,6 +25,7 @@ class Done:
     queue_time: float  # seconds from submission to the answer's start
     time_to_first_token: float  # seconds from submission
     decode_tokens_per_second: float
+    cached_tokens: int = 0  # prompt tokens the prefix cache held, not computed again
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Stats:
 
     ranks: list[dict]
     in_flight_peak: int
+    prefix_cache: dict | None = None  # rank 0's index: entries, bytes, budget, hits
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import mlx.core as mx
 
+from launcher.rankspec import PREFILL_CHUNK
 from mlxdist.runtime.runner import StepRunner
 from mlxdist.runtime.step import LOGITS, NEW, SAMPLE, Step
 from mlxdist.serving.schedule import prefill_steps
@@ -20,14 +21,20 @@ def generate_tokens(
     top_p: float = 1.0,
     seed: int = -1,
     eos_ids: set[int] | frozenset[int] = frozenset(),
+    chunk: int = PREFILL_CHUNK,
+    src: int = 0,
+    keep: int = 0,
 ) -> Iterator[int]:
-    """Yields sampled token ids until an end-of-sequence token or max_tokens."""
-    steps = prefill_steps(prompt)
+    """Yields sampled token ids until an end-of-sequence token or max_tokens. With src, the
+    caches start as the prefix cache's entry src cut to the prompt's first `keep` positions,
+    and only the rest of the prompt is computed."""
+    steps = prefill_steps(prompt[keep:], chunk=chunk)
     if max_tokens <= 0:
         return
     sampling = {"seed": seed, "temp": temp, "top_p": top_p}
     for tokens, flags in steps:
-        token = runner.step(tokens, Step(0, flags, **sampling))
+        cached = {"src": src, "keep": keep} if flags & NEW else {}
+        token = runner.step(tokens, Step(0, flags, **sampling, **cached))
     if runner.size == 1:
         yield from _decode_overlapped(runner, token, max_tokens, eos_ids)
         return

@@ -60,6 +60,7 @@ class Output:
             "prompt_tokens": done.prompt_tokens,
             "completion_tokens": done.completion_tokens,
             "total_tokens": done.prompt_tokens + done.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
             # mlxdist's timings, in seconds from the request's arrival
             "queue_time": round(done.queue_time, 6),
             "time_to_first_token": round(done.time_to_first_token, 6),

@@ -13,10 +13,12 @@ import queue
 from collections import deque
 from collections.abc import Callable
 
+from launcher.rankspec import PREFILL_CHUNK
 from mlxdist.runtime.runner import InterleavingRunner
-from mlxdist.runtime.step import SAMPLE, Step
+from mlxdist.runtime.step import NEW, SAMPLE, Step
 from mlxdist.serving.events import Failed
 from mlxdist.serving.job import Job
+from mlxdist.serving.prefix_cache import PrefixCache, remember
 from mlxdist.serving.schedule import prefill_steps
 from mlxdist.serving.sequence import Sequence
 
@@ -34,6 +36,7 @@ class Interleaver:
         new_sequence: Callable[[Job, int], Sequence],
         run_alone: Callable[[Job], None],
         max_sequences: int,
+        prefix: PrefixCache | None = None,
     ):
         self.runner = runner
         self.jobs = jobs
@@ -47,6 +50,8 @@ class Interleaver:
         self.in_flight_peak = 0  # most steps in the ring at once, for /mlxdist/stats
         self.open = 0
         self.stopping = False
+        self.prefix = prefix  # the prefix cache's index, or None
+        self.prefill_chunk = PREFILL_CHUNK
 
     def run(self) -> None:
         while not (self.stopping and self.open == 0):
@@ -101,12 +106,25 @@ class Interleaver:
         """Sends the sequence's next step; True when it has a token to come back."""
         job = seq.job
         if seq.prefill is None:
-            seq.prefill = deque(prefill_steps(job.prompt))
+            if self.prefix is not None:
+                seq.source = self.prefix.lookup(job.prompt, self._running())
+            keep = seq.source.keep
+            seq.prefill = deque(prefill_steps(job.prompt[keep:], chunk=self.prefill_chunk))
+            seq.fed = list(job.prompt[:keep])
         if seq.prefill:
             tokens, flags = seq.prefill.popleft()
-            step = Step(0, flags, seed=job.seed, temp=job.temp, top_p=job.top_p, slot=seq.slot)
+            src, keep = (seq.source.src, seq.source.keep) if flags & NEW else (0, 0)
+            sampling = {"seed": job.seed, "temp": job.temp, "top_p": job.top_p}
+            step = Step(0, flags, slot=seq.slot, src=src, keep=keep, **sampling)
+            seq.fed += tokens
             return self.runner.send(tokens, step)
+        seq.fed.append(seq.tokens[-1])
         return self.runner.send(seq.tokens[-1:], Step(0, SAMPLE, slot=seq.slot))
+
+    def _running(self) -> dict[int, list[int]]:
+        """Open sequences' slots and the tokens their caches hold: a new prompt may start from
+        one (every rank copies it after the steps already sent, so all copy the same)."""
+        return {s.slot: s.fed for s in [*self.ready, *self.in_flight] if s.fed}
 
     def _deliver_oldest(self) -> None:
         token = self.runner.receive().item()  # its sequence stays listed if this raises
@@ -120,6 +138,8 @@ class Interleaver:
 
     def _close(self, seq: Sequence) -> None:
         seq.finish()
+        if self.prefix is not None:  # every step it sent has come back: its caches are whole
+            remember(self.prefix, self.runner, seq.slot, seq.fed)
         self.runner.free(seq.slot)
         self.free_slots.append(seq.slot)
         self.open -= 1

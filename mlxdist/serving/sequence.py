@@ -7,6 +7,7 @@ from collections import deque
 
 from mlxdist.serving.events import Done, Token
 from mlxdist.serving.job import Job
+from mlxdist.serving.prefix_cache import NO_MATCH
 from mlxdist.serving.stops import StopMatcher
 
 
@@ -22,6 +23,8 @@ class Sequence:
         self.start = time.perf_counter()
         self.first: float | None = None
         self.prefill: deque[tuple[list[int], int]] | None = None  # prompt steps still to send
+        self.fed: list[int] = []  # the tokens its caches hold (or will, once sent steps land)
+        self.source = NO_MATCH  # the prefix cache's source its caches start from
 
     def add(self, t: int) -> bool:
         """Takes the next sampled token; returns True when the answer is complete."""
@@ -55,6 +58,7 @@ class Sequence:
                 finish_reason=self.reason,
                 tokens=self.tokens,
                 prompt_tokens=len(self.job.prompt),
+                cached_tokens=self.source.keep,
                 completion_tokens=n,
                 queue_time=self.start - self.job.submitted,
                 time_to_first_token=first - self.job.submitted,

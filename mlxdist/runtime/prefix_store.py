@@ -1,0 +1,117 @@
+"""Every rank's kept KV caches of known prefixes (the prefix cache's entries), and copies of a
+stage's caches cut to a prefix.
+
+Rank 0 decides what is kept and dropped (mlxdist/serving/prefix_cache.py) and tells every rank in
+the control messages, which every rank takes in the same order: so all ranks hold the same
+entries, each for its own layers. A new sequence starts from a copy of an entry (or of a running
+sequence's cache) cut to the prefix it shares, and only its new tokens are computed.
+
+MLX arrays are values: a copy that slices an entry's arrays never changes the entry, whatever the
+copy's cache later writes into its own arrays.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models.cache import (
+    ArraysCache,
+    CacheList,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+)
+
+
+def can_cut(template, length: int, keep: int) -> bool:
+    """Whether a cache of this kind holding `length` positions can be cut to its first `keep`:
+    any full cache can; a sliding window only before it has wrapped; a recurrent state (or a
+    kind not known here) only whole, and an empty one always."""
+    if keep == length or keep == 0:
+        return True
+    if isinstance(template, CacheList):
+        return all(can_cut(c, length, keep) for c in template.caches)
+    if isinstance(template, (KVCache, QuantizedKVCache)):
+        return keep < length
+    if isinstance(template, RotatingKVCache):
+        return keep < length < template.max_size
+    return False
+
+
+def reusable(template) -> bool:
+    """Whether this kind of cache can be copied at all (else the model gets no prefix cache)."""
+    if isinstance(template, CacheList):
+        return all(reusable(c) for c in template.caches)
+    return isinstance(template, (KVCache, QuantizedKVCache, RotatingKVCache, ArraysCache))
+
+
+def clone(cache, keep: int):
+    """A new cache holding the first `keep` positions of `cache` (all of them when keep is its
+    length); cache itself is left as it was."""
+    if isinstance(cache, CacheList):
+        return CacheList(*(clone(c, keep) for c in cache.caches))
+    if isinstance(cache, ArraysCache):
+        new = ArraysCache(len(cache.cache))
+        new.cache = list(cache.cache)  # layers replace these arrays, never write into them
+        return new
+    if isinstance(cache, (KVCache, QuantizedKVCache, RotatingKVCache)):
+        new = object.__new__(type(cache))
+        new.__dict__.update(cache.__dict__)
+        if cache.keys is None or keep == 0:
+            new.keys = new.values = None
+            new.offset = 0
+            if isinstance(cache, RotatingKVCache):
+                new._idx = 0
+            return new
+        wrapped = isinstance(cache, RotatingKVCache) and cache.offset >= cache.max_size
+        if wrapped and keep != cache.offset:
+            raise ValueError("a sliding window that has wrapped can only be copied whole")
+        cut = slice(None) if wrapped else slice(0, keep)  # a wrapped window: in its own order
+        # contiguous: a copy, so a kept entry does not hold its source's spare room
+        new.keys, new.values = tree_map(
+            lambda x: mx.contiguous(x[..., cut, :]), (cache.keys, cache.values)
+        )
+        if isinstance(cache, RotatingKVCache) and not wrapped:
+            new._idx = keep
+        new.offset = keep
+        return new
+    raise ValueError(f"cannot copy a {type(cache).__name__}")
+
+
+def clone_all(caches: list, keep: int) -> list:
+    return [clone(c, keep) for c in caches]
+
+
+def cache_nbytes(caches: list) -> int:
+    arrays = [c.state for c in caches]
+    return sum(v.nbytes for _, v in tree_flatten(arrays) if isinstance(v, mx.array))
+
+
+class PrefixStore:
+    """One rank's kept entries: entry id -> (positions held, its stage's caches)."""
+
+    def __init__(self):
+        self.entries: dict[int, tuple[int, list]] = {}
+
+    def keep(self, entry: int, caches: list, length: int) -> int:
+        """Keeps a copy of a sequence's caches holding `length` positions; returns its bytes."""
+        kept = clone_all(caches, length)
+        mx.eval([c.state for c in kept])
+        self.entries[entry] = (length, kept)
+        return cache_nbytes(kept)
+
+    def start(self, entry: int, keep: int) -> list:
+        """A new sequence's caches: entry's first `keep` positions."""
+        return clone_all(self.entries[entry][1], keep)
+
+    def evict(self, entry: int) -> None:
+        self.entries.pop(entry, None)
+
+    def figures(self) -> list[int]:
+        """[entries, bytes, digest of (id, positions) pairs]: equal on ranks that hold the same."""
+        pairs = sorted((e, n) for e, (n, _) in self.entries.items())
+        digest = zlib.crc32(repr(pairs).encode())
+        nbytes = sum(cache_nbytes(caches) for _, caches in self.entries.values())
+        return [len(pairs), nbytes, digest]

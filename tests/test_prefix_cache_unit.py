@@ -1,0 +1,202 @@
+"""The prefix cache's pure parts: rank 0's index (longest usable prefix, what a finished answer
+adds, what the budget drops) and the copies each rank makes of its caches, for every kind of
+cache the families use (full, quantised, sliding window, recurrent state, cache lists)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import (
+    ArraysCache,
+    CacheList,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+)
+
+from mlxdist.runtime.prefix_store import PrefixStore, can_cut, clone, reusable
+from mlxdist.serving.prefix_cache import (
+    NO_MATCH,
+    Entry,
+    Match,
+    PrefixCache,
+    can_cut_all,
+    common_prefix,
+)
+
+ANY = lambda length, keep: True  # noqa: E731  full caches: any cut
+WHOLE = lambda length, keep: keep == length  # noqa: E731  recurrent: only whole
+
+
+@pytest.mark.parametrize(
+    "a, b, n",
+    [
+        ([], [1], 0),
+        ([1, 2, 3], [1, 2, 3], 3),
+        ([1, 2, 3], [1, 2], 2),
+        ([1, 9], [1, 2, 3], 1),
+        ([4], [5], 0),
+    ],
+)
+def test_common_prefix(a, b, n):
+    assert common_prefix(np.array(a), np.array(b)) == n
+
+
+def _index(entries: dict[int, list[int]], budget=10**9, can_cut=ANY) -> PrefixCache:
+    index = PrefixCache(budget, can_cut)
+    for tokens in entries.values():
+        entry = index.admit(tokens)
+        assert entry is not None
+        index.kept(entry, tokens, 10 * len(tokens))
+    return index
+
+
+@pytest.mark.parametrize(
+    "entries, running, prompt, can_cut, expected",
+    [
+        # the longest shared prefix wins; the prompt's last token is always computed
+        ({1: [1, 2, 3, 4], 2: [1, 2, 9]}, {}, [1, 2, 3, 7], ANY, Match(1, 3)),
+        ({1: [1, 2, 3, 4]}, {}, [1, 2, 3, 4], ANY, Match(1, 3)),
+        ({1: [1, 2, 3, 4]}, {}, [1, 2, 3, 4, 5, 6], ANY, Match(1, 4)),
+        ({1: [5, 6]}, {}, [1, 2, 3], ANY, NO_MATCH),
+        ({1: [1, 2]}, {}, [1], ANY, NO_MATCH),  # one token: nothing to reuse
+        # a running sequence's caches count too (as -slot); an entry wins a tie
+        ({}, {3: [1, 2, 3, 4, 5]}, [1, 2, 3, 4, 8], ANY, Match(-3, 4)),
+        ({1: [1, 2, 3]}, {3: [1, 2, 3, 4]}, [1, 2, 3, 9], ANY, Match(1, 3)),
+        # caches that cannot be cut serve only prompts that hold them whole
+        ({1: [1, 2, 3, 4]}, {}, [1, 2, 3, 7], WHOLE, NO_MATCH),
+        ({1: [1, 2], 2: [1, 2, 3, 4]}, {}, [1, 2, 3, 7], WHOLE, Match(1, 2)),
+        ({1: [1, 2, 3, 4]}, {}, [1, 2, 3, 4, 5], WHOLE, Match(1, 4)),
+    ],
+)
+def test_lookup(entries, running, prompt, can_cut, expected):
+    index = PrefixCache(10**9, can_cut)
+    for entry, tokens in entries.items():  # set as given, none making another redundant
+        index.entries[entry] = Entry(np.array(tokens), 1, 0)
+    assert index.lookup(prompt, running) == expected
+    assert index.hits == (1 if expected.keep else 0)
+    assert index.cached_tokens == expected.keep
+
+
+def test_admit_skips_what_an_entry_already_holds_and_kept_drops_what_it_makes_redundant():
+    index = _index({1: [1, 2, 3, 4, 5]})
+    assert index.admit([1, 2, 3]) is None  # entry 1 cut to 3 positions serves it
+    assert index.admit([1, 2, 3, 4, 5]) is None
+    entry = index.admit([1, 2, 3, 4, 5, 6, 7])
+    assert entry == 2
+    assert index.kept(entry, [1, 2, 3, 4, 5, 6, 7], 70) == [1]  # 1 is a prefix of the new one
+    assert list(index.entries) == [2]
+    # recurrent caches: a longer entry cannot stand in for a shorter one
+    whole = _index({1: [1, 2, 3]}, can_cut=WHOLE)
+    assert whole.admit([1, 2]) is not None
+    entry = whole.admit([1, 2, 3, 4])
+    assert whole.kept(entry, [1, 2, 3, 4], 40) == []
+    assert len(whole.entries) == 2
+
+
+def test_budget_drops_the_least_recently_used_and_an_entry_alone_over_it():
+    index = PrefixCache(100, ANY)
+    ids = []
+    for tokens in ([1, 1, 1], [2, 2, 2]):
+        ids.append(index.admit(tokens))
+        assert index.kept(ids[-1], tokens, 40) == []
+    index.lookup([1, 1, 1, 9])  # entry 1 used: entry 2 is now the oldest
+    third = index.admit([3, 3, 3])
+    assert index.kept(third, [3, 3, 3], 40) == [ids[1]]
+    assert index.nbytes == 80 and index.evictions == 1
+    huge = index.admit([4, 4, 4])
+    assert sorted(index.kept(huge, [4, 4, 4], 500)) == sorted([ids[0], third, huge])
+    assert index.entries == {} and index.evictions == 4
+    # the budget counts the rank that holds the most: scale 1.5 makes 40 bytes 60
+    scaled = PrefixCache(100, ANY, scale=1.5)
+    a = scaled.admit([1, 2])
+    scaled.kept(a, [1, 2], 40)
+    b = scaled.admit([3, 4])
+    assert scaled.kept(b, [3, 4], 40) == [a]
+
+
+def test_off_keeps_and_finds_nothing():
+    index = PrefixCache(0, ANY)
+    assert index.admit([1, 2, 3]) is None
+    assert index.lookup([1, 2, 3]) == NO_MATCH
+
+
+def _filled(cache, n: int, seed: int = 0):
+    """cache after n positions of random keys and values, in one chunk or one at a time."""
+    mx.random.seed(seed)
+    keys = mx.random.normal((1, 2, n, 64))
+    values = mx.random.normal((1, 2, n, 64))
+    if isinstance(cache, RotatingKVCache):
+        for i in range(n):  # decode steps: the window wraps in place
+            cache.update_and_fetch(keys[:, :, i : i + 1], values[:, :, i : i + 1])
+    else:
+        cache.update_and_fetch(keys, values)
+    return cache, keys, values
+
+
+def _kv(cache):
+    k, v = cache.state[:2]
+    if isinstance(k, (tuple, list)):
+        k = mx.dequantize(*k, group_size=cache.group_size, bits=cache.bits)
+        v = mx.dequantize(*v, group_size=cache.group_size, bits=cache.bits)
+    return np.array(k[..., : cache.offset, :]), np.array(v[..., : cache.offset, :])
+
+
+@pytest.mark.parametrize("make", [KVCache, lambda: QuantizedKVCache(64, 8)], ids=["full", "q8"])
+def test_a_cut_copy_holds_the_prefix_and_leaves_its_source_alone(make):
+    source, keys, values = _filled(make(), 10)
+    before = _kv(source)
+    copy = clone(source, 6)
+    assert copy.offset == 6
+    k, v = _kv(copy)
+    np.testing.assert_array_equal(k, before[0][..., :6, :])
+    # the copy goes on with other tokens; the source is unchanged
+    copy.update_and_fetch(mx.ones((1, 2, 3, 64)), mx.ones((1, 2, 3, 64)))
+    mx.eval(copy.state)
+    after = _kv(source)
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_array_equal(after[1], before[1])
+    assert copy.offset == 9 and source.offset == 10
+    assert clone(source, 0).offset == 0 and clone(source, 0).keys is None
+
+
+def test_sliding_windows_cut_only_before_they_wrap():
+    window = RotatingKVCache(max_size=8)
+    assert can_cut(window, 5, 3) and can_cut(window, 9, 9) and not can_cut(window, 9, 5)
+    source, *_ = _filled(RotatingKVCache(max_size=8), 12)  # wrapped
+    whole = clone(source, 12)
+    assert (whole.offset, whole._idx) == (source.offset, source._idx)
+    np.testing.assert_array_equal(np.array(whole.keys), np.array(source.keys))
+    with pytest.raises(ValueError, match="whole"):
+        clone(source, 5)
+    young, *_ = _filled(RotatingKVCache(max_size=8), 6)
+    cut = clone(young, 4)
+    assert (cut.offset, cut._idx, cut.keys.shape[2]) == (4, 4, 4)
+
+
+def test_recurrent_states_and_cache_lists():
+    state = ArraysCache(2)
+    state[0], state[1] = mx.ones((1, 3)), mx.zeros((1, 3))
+    copy = clone(state, 5)
+    copy[0] = mx.full((1, 3), 7.0)  # layers replace their state, never write into it
+    assert state[0].tolist() == [[1.0, 1.0, 1.0]]
+    assert not can_cut(state, 5, 3) and can_cut(state, 5, 5) and reusable(state)
+    pair = CacheList(KVCache(), RotatingKVCache(max_size=4))
+    assert can_cut(pair, 3, 2) and not can_cut(pair, 6, 2) and reusable(pair)
+    rule = can_cut_all([KVCache(), RotatingKVCache(max_size=4), KVCache()], can_cut)
+    assert rule(3, 1) and rule(7, 7) and not rule(7, 2)
+
+
+def test_store_figures_match_on_equal_entries():
+    a, b = PrefixStore(), PrefixStore()
+    source, *_ = _filled(KVCache(), 10)
+    for store in (a, b):
+        nbytes = store.keep(3, [source], 10)
+        assert nbytes == 2 * 2 * 10 * 64 * 4  # keys and values, compacted to 10 positions
+        store.keep(5, [source], 4)
+    assert a.figures() == b.figures()
+    b.evict(5)
+    assert a.figures()[2] != b.figures()[2] and b.figures()[:2] == [1, 2 * 2 * 10 * 64 * 4]
+    started = a.start(3, 7)
+    assert started[0].offset == 7
