@@ -89,7 +89,10 @@ class Answer:
         )
         if reasoning:
             tokens += f" ({reasoning} reasoning)"
-        parts.append(tokens if prompt is None else f"{prompt} prompt + {tokens}")
+        if prompt is not None:
+            cached = ((self.usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+            prompt = f"{prompt} prompt ({cached} cached)" if cached else f"{prompt} prompt"
+        parts.append(tokens if prompt is None else f"{prompt} + {tokens}")
         return ", ".join(parts)
 
 
