@@ -190,13 +190,17 @@ def test_recurrent_states_and_cache_lists():
 
 def test_store_figures_match_on_equal_entries():
     a, b = PrefixStore(), PrefixStore()
-    source, *_ = _filled(KVCache(), 10)
+    source, *_ = _filled(KVCache(), 250)
+    whole = source.keys.nbytes + source.values.nbytes  # room for 256 positions, as allocated
     for store in (a, b):
-        nbytes = store.keep(3, [source], 10)
-        assert nbytes == 2 * 2 * 10 * 64 * 4  # keys and values, compacted to 10 positions
-        store.keep(5, [source], 4)
+        assert store.keep(3, [source], 250) == whole  # all it holds: kept as it is, no copy
+        assert store.entries[3][1][0] is source
+        assert store.keep(5, [source], 4) == 2 * 2 * 4 * 64 * 4  # a copy of the first 4
+    small, *_ = _filled(KVCache(), 10)  # 246 positions spare: a compact copy is kept
+    assert a.keep(6, [small], 10) == 2 * 2 * 10 * 64 * 4 and a.entries[6][1][0] is not small
+    a.evict(6)
     assert a.figures() == b.figures()
     b.evict(5)
-    assert a.figures()[2] != b.figures()[2] and b.figures()[:2] == [1, 2 * 2 * 10 * 64 * 4]
+    assert a.figures()[2] != b.figures()[2] and b.figures()[:2] == [1, whole]
     started = a.start(3, 7)
     assert started[0].offset == 7

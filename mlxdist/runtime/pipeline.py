@@ -230,7 +230,9 @@ class Runner(InterleavingRunner):
 
     def _obey(self, step: Step) -> int:
         if step.cmd == CMD_KEEP:
-            return self.store.keep(step.src, self.caches[step.slot], step.length)
+            # The entry takes the slot's caches; the slot gets fresh ones (its sequence ended).
+            caches, self.caches[step.slot] = self.caches[step.slot], self.stage.make_cache()
+            return self.store.keep(step.src, caches, step.length)
         self.store.evict(step.src)
         return 0
 

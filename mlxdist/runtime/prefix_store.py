@@ -80,6 +80,19 @@ def clone(cache, keep: int):
     raise ValueError(f"cannot copy a {type(cache).__name__}")
 
 
+def _spare(cache, length: int) -> int:
+    """Positions a cache has room for beyond `length` (a full cache grows 256 at a time); a
+    cache holding more than length counts as all spare, so it is copied."""
+    if isinstance(cache, CacheList):
+        return max(_spare(c, length) for c in cache.caches)
+    if not isinstance(cache, (KVCache, QuantizedKVCache)) or cache.keys is None:
+        return 0 if getattr(cache, "offset", length) == length else length
+    if cache.offset != length:
+        return length
+    keys = cache.keys[0] if isinstance(cache.keys, (tuple, list)) else cache.keys
+    return keys.shape[2] - length
+
+
 def clone_all(caches: list, keep: int) -> list:
     return [clone(c, keep) for c in caches]
 
@@ -96,8 +109,11 @@ class PrefixStore:
         self.entries: dict[int, tuple[int, list]] = {}
 
     def keep(self, entry: int, caches: list, length: int) -> int:
-        """Keeps a copy of a sequence's caches holding `length` positions; returns its bytes."""
-        kept = clone_all(caches, length)
+        """Keeps a finished sequence's caches, holding `length` positions, as entry: the caches
+        themselves (the caller lets go of them: no copy), or a copy when they hold more, or
+        when their spare room is over an eighth of it. Returns the entry's bytes."""
+        fits = all(_spare(c, length) * 8 <= length for c in caches)
+        kept = caches if fits else clone_all(caches, length)
         mx.eval([c.state for c in kept])
         self.entries[entry] = (length, kept)
         return cache_nbytes(kept)
