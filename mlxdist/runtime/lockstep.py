@@ -3,7 +3,12 @@
 Rank 0 broadcasts each step's control vector and token ids with all_sum (the others add zeros:
 the ring backend sends and receives only between neighbours, but all_sum reaches every rank).
 Then all ranks run the same layers on the same tokens; the layers' own all_sums combine their
-parts. Only rank 0 computes logits and samples. A StepRunner: one step at a time, no interleaving.
+parts. Only rank 0 computes logits and samples.
+
+Every rank keeps a KV cache per sequence slot. A step of one sequence (its prompt, or a decode
+step alone) runs on that slot's cache; a batched decode step runs several sequences' next tokens
+in one forward pass, so one round of collectives serves them all (their caches joined as the
+rows of a batch cache, see `batch_cache.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllLinear
 
+from mlxdist.runtime.batch_cache import Batch
 from mlxdist.runtime.expert import shards
 from mlxdist.runtime.pipeline import gather_stats, start_cache
 from mlxdist.runtime.prefix_store import PrefixStore
@@ -32,9 +38,14 @@ from mlxdist.runtime.step import (
     Step,
 )
 
-# Lock step runs one sequence at a time, so the control vector's slot field is free to carry a
-# decode step's one token id.
-_TOKEN = 7
+# A step flag of lock step only: a batched decode step, whose slot word is a bitmask of the
+# slots decoded together and whose tokens are theirs, in ascending slot order.
+BATCH = 8
+# Token ids that travel in the control vector itself, after its fields: a batched decode step's
+# (one per slot, so at least the 30 slots a bitmask names) and any step as short. Longer steps
+# send their ids in a second all_sum.
+_TAIL = 32
+_WORDS = _CTRL + _TAIL
 
 
 def cut_sums(model: nn.Module) -> int:
@@ -47,9 +58,25 @@ def cut_sums(model: nn.Module) -> int:
     )
 
 
+def batchable(stage: Stage) -> bool:
+    """Whether sequences' caches can be joined into batch caches: mlx-lm merges full, rotating
+    and recurrent caches, but not quantised ones (nor is a batch cache quantised after a step)."""
+
+    def merges(c) -> bool:
+        inner = getattr(c, "caches", None)  # a cache list: each of its caches
+        return all(map(merges, inner)) if inner is not None else hasattr(type(c), "merge")
+
+    return getattr(stage, "kv_bits", None) is None and all(map(merges, stage.make_cache()))
+
+
+def slots_of(mask: int) -> list[int]:
+    """The slots a bitmask names, ascending."""
+    return [s for s in range(32) if mask >> s & 1]
+
+
 class LockstepRunner(StepRunner):
-    """One rank of an expert- or tensor-parallel group: the whole model's layers, its KV cache,
-    and (on rank 0) sampling."""
+    """One rank of an expert- or tensor-parallel group: the whole model's layers, a KV cache per
+    sequence slot, and (on rank 0) a sampler per slot."""
 
     def __init__(self, stage: Stage, group: mx.distributed.Group, parallel: str):
         self.stage = stage
@@ -57,14 +84,29 @@ class LockstepRunner(StepRunner):
         self.parallel = parallel
         self.rank = group.rank()
         self.size = group.size()
-        self.cache = stage.make_cache()
-        self.sampler = Sampler()
+        self.caches: dict[int, list] = {0: stage.make_cache()}  # slots not in the batch
+        self.samplers: dict[int, Sampler] = {0: Sampler()}  # rank 0
+        self.batch = Batch()  # the slots decoded together, in one batch cache
+        self.batches = batchable(stage)  # else rank 0 decodes one sequence per step
+        self.leaving = 0  # rank 0: slots freed since the last control vector, as bits
         self.data_bytes = 0  # token ids and the layers' all_sum payloads
         self.control_bytes = 0  # control vectors
         self.steps = 0
         self._shards = shards(stage.model)
         self._cut_sums = cut_sums(stage.model) if self.size > 1 else 0
         self.store = PrefixStore()  # the prefix cache's entries
+
+    @property
+    def cache(self) -> list:
+        return self.slot_cache(0)
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.samplers[0]
+
+    def slot_cache(self, slot: int) -> list:
+        """Slot's caches: its own, or a copy of its row when it decodes in the batch."""
+        return self.batch.extract(slot) if slot in self.batch else self.caches[slot]
 
     def _all_sum(self, x: mx.array, control: bool = False) -> mx.array:
         out = mx.distributed.all_sum(x, group=self.group)
@@ -78,50 +120,127 @@ class LockstepRunner(StepRunner):
     def _layer_bytes(self) -> int:
         return sum(s.sent for s in self._shards)
 
-    def _apply(self, step: Step, tokens: mx.array) -> mx.array | None:
-        if step.flags & NEW:
-            self.cache = start_cache(self, step, {0: self.cache})
+    def _apply(self, step: Step, ids: mx.array) -> mx.array | None:
+        if step.flags & BATCH:
+            return self._decode(step, ids)
+        slot = step.slot
+        if slot in self.batch:  # a step of its own: it leaves the batch with its row
+            self.caches[slot] = self.batch.extract(slot)
+            self.batch.remove([slot])
+        if step.flags & NEW or slot not in self.caches:
+            sources = {-step.src: self.slot_cache(-step.src)} if step.src < 0 else {}
+            self.caches[slot] = start_cache(self, step, sources)
             if self.rank == 0:
-                self.sampler = Sampler(step.temp, step.top_p, step.seed)
-        self.steps += 1
-        before = self._layer_bytes()
-        h = self.stage.forward(self.stage.embed(tokens), self.cache)
-        self.data_bytes += self._layer_bytes() - before
-        self.data_bytes += self._cut_sums * step.length * self.stage.hidden_size * h.dtype.size
+                self.samplers[slot] = Sampler(step.temp, step.top_p, step.seed)
+        cache = self.caches[slot]
+        h = self._forward(step, ids.reshape(1, -1), cache)
         if self.rank != 0 or not step.flags & (SAMPLE | LOGITS):
             # Every rank evaluates the whole graph, so every rank joins every all_sum in it.
-            mx.eval(h, [c.state for c in self.cache])
+            mx.eval(h, [c.state for c in cache])
             return None
         logits = self.stage.logits(h[:, -1, :])
         if step.flags & LOGITS:
             out = logits.astype(mx.float32).reshape(-1)
         else:
-            out = self.sampler(logits - mx.logsumexp(logits, keepdims=True)).astype(mx.int32)
-        mx.eval(out, [c.state for c in self.cache])
+            sampler = self.samplers[slot]
+            out = sampler(logits - mx.logsumexp(logits, keepdims=True)).astype(mx.int32)
+        mx.eval(out, [c.state for c in cache])
+        return out
+
+    def _forward(self, step: Step, ids: mx.array, cache: list) -> mx.array:
+        """The layers on ids (batch, length), counting what the step's all_sums carry."""
+        self.steps += 1
+        before = self._layer_bytes()
+        h = self.stage.forward(self.stage.embed(ids), cache)
+        self.data_bytes += self._layer_bytes() - before
+        self.data_bytes += self._cut_sums * ids.size * self.stage.hidden_size * h.dtype.size
+        return h
+
+    def _decode(self, step: Step, ids: mx.array) -> mx.array | None:
+        """One decode step of the slots step.slot names, ids theirs in ascending slot order;
+        rank 0 returns their sampled tokens in that order. One slot not in the batch decodes on
+        its own caches, exactly as a sequence alone."""
+        slots = slots_of(step.slot)
+        if len(slots) == 1 and slots[0] not in self.batch:
+            rows, cache, order = slots, self.caches[slots[0]], None
+        else:
+            self.batch.form(slots, self.caches)
+            rows, cache, order = self.batch.slots, self.batch.caches, self.batch.order(slots)
+        x = ids if order is None else ids[order]
+        h = self._forward(step, x.reshape(-1, 1), cache)
+        if self.rank != 0:
+            mx.eval(h, [c.state for c in cache])
+            return None
+        logits = self.stage.logits(h[:, -1, :])
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        samplers = [self.samplers[s] for s in rows]
+        if all(s.temp == 0 for s in samplers):
+            out = mx.argmax(logprobs, axis=-1)
+        else:  # each row with its own sampler (and random key), as the sequence alone
+            out = mx.concatenate([s(logprobs[i : i + 1]) for i, s in enumerate(samplers)])
+        out = out.astype(mx.int32)
+        if order is not None:
+            out = out[mx.array([rows.index(s) for s in slots])]
+        mx.eval(out, [c.state for c in cache])
         return out
 
     def _broadcast(self, step: Step, tokens: list[int] | None) -> tuple[Step, mx.array | None]:
-        """Rank 0 gives step and tokens; every rank returns them. Decode steps take one all_sum."""
-        ctrl = step.encode() if self.rank == 0 else mx.zeros((_CTRL,), mx.int32)
-        if self.rank == 0 and tokens is not None and len(tokens) == 1:
-            ctrl[_TOKEN] = tokens[0]
+        """Rank 0 gives step and tokens; every rank returns them. A step of up to _TAIL tokens
+        takes one all_sum, a longer one two."""
+        if self.rank == 0:
+            step.freed, self.leaving = self.leaving, 0
+            tail = tokens if tokens is not None and len(tokens) <= _TAIL else []
+            words = step.encode().tolist() + list(tail)
+            words = mx.array(words + [0] * (_WORDS - len(words)), mx.int32)
+        else:
+            words = mx.zeros((_WORDS,), mx.int32)
         if self.size > 1:
-            ctrl = self._all_sum(ctrl, control=True)
-        step = Step.decode(ctrl.tolist())
+            words = self._all_sum(words, control=True)
+        values = words.tolist()
+        step = Step.decode(values[:_CTRL])
+        if self.rank != 0:
+            for slot in slots_of(step.freed):
+                self._drop(slot)
         if step.cmd != CMD_STEP:
             return step, None
-        if step.length == 1:
-            return step, ctrl[_TOKEN].reshape(1, 1)
+        if step.length <= _TAIL:
+            return step, mx.array(values[_CTRL : _CTRL + step.length], mx.int32)
         ids = mx.array(tokens, mx.int32) if self.rank == 0 else mx.zeros((step.length,), mx.int32)
         if self.size > 1:
             ids = self._all_sum(ids)
-        return step, ids.reshape(1, -1)
+        return step, ids
 
     def step(self, tokens: list[int], step: Step) -> mx.array | None:
-        """Rank 0: runs one step on every rank; returns the sampled id or the logits."""
+        """Rank 0: runs one step of sequence step.slot on every rank; returns the sampled id or
+        the logits."""
         step.length = len(tokens)
         step, ids = self._broadcast(step, tokens)
         return self._apply(step, ids)
+
+    def decode(self, slots: list[int], tokens: list[int]) -> mx.array:
+        """Rank 0: one decode step of the sequences in slots (ascending), each fed its token, in
+        one forward pass on every rank (one after another when their caches cannot be joined);
+        their sampled tokens, in the same order."""
+        if len(slots) > 1 and not self.batches:
+            return mx.concatenate([self.decode([s], [t]) for s, t in zip(slots, tokens)])
+        mask = sum(1 << s for s in slots)
+        step, ids = self._broadcast(Step(len(slots), SAMPLE | BATCH, slot=mask), tokens)
+        return self._apply(step, ids)
+
+    def free(self, slot: int) -> None:
+        """Rank 0: every rank drops a finished sequence's caches (the others when the next
+        control vector tells them)."""
+        self._drop(slot)
+        if self.size > 1:
+            self.leaving |= 1 << slot
+
+    def _drop(self, slot: int) -> None:
+        self.caches.pop(slot, None)
+        self.samplers.pop(slot, None)
+        self.batch.remove([slot])
+        if slot == 0:  # slot 0 always has a cache, for the one-rank decode that uses it directly
+            self.caches[0] = self.stage.make_cache()
+            self.samplers[0] = Sampler()
 
     def stop(self) -> None:
         """Rank 0: tells every other rank to leave its loop."""
@@ -129,8 +248,8 @@ class LockstepRunner(StepRunner):
             self._broadcast(Step(0, 0, cmd=CMD_STOP), None)
 
     def keep(self, slot: int, entry: int, length: int) -> int:
-        """Rank 0: every rank keeps the first `length` positions of the cache as entry; returns
-        the bytes rank 0 keeps."""
+        """Rank 0: every rank keeps the first `length` positions of slot's caches as entry;
+        returns the bytes rank 0 keeps."""
         return self._command(Step(length, 0, cmd=CMD_KEEP, slot=slot, src=entry))
 
     def evict(self, entry: int) -> None:
@@ -144,12 +263,19 @@ class LockstepRunner(StepRunner):
 
     def _obey(self, step: Step) -> int:
         if step.cmd == CMD_KEEP:
-            return self.store.keep(step.src, self.cache, step.length)
+            # The entry takes the slot's caches (a copy of its row, if batched); the slot gets
+            # fresh ones (its sequence ended).
+            slot = step.slot
+            caches = self.slot_cache(slot)
+            self.batch.remove([slot])
+            self.caches[slot] = self.stage.make_cache()
+            return self.store.keep(step.src, caches, step.length)
         self.store.evict(step.src)
         return 0
 
     def _gather_stats(self) -> list[dict]:
-        return gather_stats(self, int(cache_offset(self.cache) > 0))
+        held = sum(1 for c in self.caches.values() if cache_offset(c) > 0)
+        return gather_stats(self, held + len(self.batch))
 
     def stats(self) -> list[dict]:
         """Rank 0: every rank's bytes sent and steps taken so far (the request itself uncounted)."""

@@ -2,7 +2,8 @@
 
 MLX work (and so every collective) stays on the one thread that calls `Coordinator.run`.
 With two or more pipeline ranks, the answers of concurrent requests are interleaved round the
-ring (see `scheduler.py`); a lone rank, or ranks in lock step, take jobs one after another.
+ring (see `scheduler.py`), ranks in lock step decode them in one batch (`batcher.py`); a lone
+rank takes jobs one after another.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from launcher.rankspec import PREFILL_CHUNK
 from mlxdist.runtime.runner import InterleavingRunner, StepRunner
 from mlxdist.runtime.stage import cache_offset
+from mlxdist.serving.batcher import Batcher, BatchingRunner
 from mlxdist.serving.events import Failed, Logits, Stats
 from mlxdist.serving.generate import generate_tokens, last_logits
 from mlxdist.serving.job import Job
@@ -41,9 +43,13 @@ class Coordinator:
         self.eos_ids = eos_ids
         self.max_sequences = max_sequences
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.scheduler: Interleaver | None = None
+        self.scheduler: Interleaver | Batcher | None = None
         if self.interleaves:
             self.scheduler = Interleaver(
+                runner, self.jobs, self.sequence, self.run_alone, max_sequences, prefix
+            )
+        elif runner.size > 1 and isinstance(runner, BatchingRunner):  # ranks in lock step
+            self.scheduler = Batcher(
                 runner, self.jobs, self.sequence, self.run_alone, max_sequences, prefix
             )
 

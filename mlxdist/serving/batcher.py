@@ -1,0 +1,170 @@
+"""Continuous batching for ranks in lock step (expert and tensor parallelism).
+
+Every rank runs every layer, so a step of one sequence keeps them all busy, but a decode step
+of one token is mostly waiting on collectives and per-step overhead. Here the next tokens of
+all open answers go through the ranks in one decode step (one forward pass, one round of
+collectives for all of them). Requests join and leave between steps: a joining request's prompt
+is fed alone, one step of it per round, into its own KV cache, then it decodes with the others.
+Each sequence keeps its own cache row and sampler, so batching changes no greedy answer.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import mlx.core as mx
+
+from launcher.rankspec import PREFILL_CHUNK
+from mlxdist.runtime.runner import StepRunner
+from mlxdist.runtime.step import NEW, Step
+from mlxdist.serving.events import Failed
+from mlxdist.serving.job import Job
+from mlxdist.serving.prefix_cache import PrefixCache, remember
+from mlxdist.serving.schedule import prefill_steps
+from mlxdist.serving.sequence import Sequence
+
+
+@runtime_checkable
+class BatchingRunner(StepRunner, Protocol):
+    """A runner that decodes several sequences (slots) in one step."""
+
+    def decode(self, slots: list[int], tokens: list[int]) -> mx.array:
+        """One decode step of the sequences in slots (ascending), each fed its token; their
+        sampled tokens in the same order."""
+        ...
+
+    def free(self, slot: int) -> None:
+        """Every rank drops the KV cache of a finished sequence."""
+        ...
+
+
+class Batcher:
+    """Takes jobs from `jobs` (None: stop once every open answer is done) and answers them.
+
+    new_sequence(job, slot) makes a job's Sequence; run_alone(job) runs a job (logits, stats)
+    with the ranks to itself, between steps."""
+
+    def __init__(
+        self,
+        runner: BatchingRunner,
+        jobs: queue.Queue[Job | None],
+        new_sequence: Callable[[Job, int], Sequence],
+        run_alone: Callable[[Job], None],
+        max_sequences: int,
+        prefix: PrefixCache | None = None,
+    ):
+        self.runner = runner
+        self.jobs = jobs
+        self.new_sequence = new_sequence
+        self.run_alone = run_alone
+        # Slot 0 stays for jobs run alone (logits), which start it afresh between steps.
+        self.free_slots = list(range(max_sequences, 0, -1))
+        self.joining: deque[Sequence] = deque()  # their prompt still to feed, oldest first
+        self.decoding: dict[int, Sequence] = {}  # slot -> sequence with a token to feed
+        self.in_flight_peak = 0  # most sequences decoded in one step, for /mlxdist/stats
+        self.stopping = False
+        self.prefix = prefix  # the prefix cache's index, or None
+        self.prefill_chunk = PREFILL_CHUNK
+
+    @property
+    def open(self) -> int:
+        return len(self.joining) + len(self.decoding)
+
+    def run(self) -> None:
+        while not (self.stopping and self.open == 0):
+            try:
+                self._admit(block=self.open == 0 and not self.stopping)
+                self._prefill()
+                self._decode()
+            except Exception as e:  # the ranks are in an unknown state: every open answer fails
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def _admit(self, block: bool) -> None:
+        while self.free_slots and not self.stopping:
+            try:
+                job = self.jobs.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if job is None:
+                self.stopping = True
+            elif job.cancelled.is_set():
+                continue
+            elif job.logits or job.stats:
+                self.run_alone(job)  # nothing is in flight between steps
+            elif job.max_tokens <= 0:
+                self.new_sequence(job, 0).finish()
+            else:
+                self.joining.append(self.new_sequence(job, self.free_slots.pop()))
+
+    def _prefill(self) -> None:
+        """Feeds each joining sequence its next prompt step; the last samples its first token."""
+        for seq in list(self.joining):
+            job = seq.job
+            if job.cancelled.is_set():
+                self.joining.remove(seq)
+                seq.reason = "cancelled"
+                self._close(seq)
+                continue
+            if seq.prefill is None:  # its first step: where its caches start
+                self._start(seq)
+            tokens, flags = seq.prefill.popleft()
+            src, keep = (seq.source.src, seq.source.keep) if flags & NEW else (0, 0)
+            sampling = {"seed": job.seed, "temp": job.temp, "top_p": job.top_p}
+            step = Step(0, flags, slot=seq.slot, src=src, keep=keep, **sampling)
+            out = self.runner.step(tokens, step)  # it stays listed if this raises
+            seq.fed += tokens
+            if not seq.prefill:
+                self.joining.remove(seq)
+                self.decoding[seq.slot] = seq
+                self._deliver(seq, out.item())
+
+    def _start(self, seq: Sequence) -> None:
+        """The prompt's steps, after the longest prefix the prefix cache holds (of a kept entry
+        or of an open sequence's caches, which every rank holds as they are now)."""
+        prompt = seq.job.prompt
+        if self.prefix is not None:
+            running = {s.slot: s.fed for s in [*self.joining, *self.decoding.values()] if s.fed}
+            seq.source = self.prefix.lookup(prompt, running)
+        keep = seq.source.keep
+        seq.prefill = deque(prefill_steps(prompt[keep:], chunk=self.prefill_chunk))
+        seq.fed = list(prompt[:keep])
+
+    def _decode(self) -> None:
+        """One decode step of every sequence that has its first token."""
+        for seq in [s for s in self.decoding.values() if s.job.cancelled.is_set()]:
+            seq.reason = "cancelled"
+            self._close(seq)
+        if not self.decoding:
+            return
+        slots = sorted(self.decoding)
+        feed = [self.decoding[s].tokens[-1] for s in slots]
+        out = self.runner.decode(slots, feed).tolist()
+        self.in_flight_peak = max(self.in_flight_peak, len(slots))
+        for slot, t, token in zip(slots, feed, out):
+            seq = self.decoding[slot]
+            seq.fed.append(t)
+            self._deliver(seq, token)
+
+    def _deliver(self, seq: Sequence, token: int) -> None:
+        if seq.add(token):
+            self._close(seq)
+
+    def _close(self, seq: Sequence) -> None:
+        seq.finish()
+        if self.prefix is not None:  # its caches hold seq.fed on every rank
+            remember(self.prefix, self.runner, seq.slot, seq.fed)
+        self.decoding.pop(seq.slot, None)
+        self.runner.free(seq.slot)
+        self.free_slots.append(seq.slot)
+
+    def _fail_all(self, message: str) -> None:
+        for seq in [*self.joining, *self.decoding.values()]:
+            seq.job.emit(Failed(message))
+            self.runner.free(seq.slot)  # its caches let go of it
+            self.free_slots.append(seq.slot)
+        self.joining.clear()
+        self.decoding.clear()
