@@ -82,7 +82,9 @@ def _load(spec: RankSpec, group):
         from mlxdist.runtime.pipeline import Runner
         from mlxdist.runtime.stage import load_stage
 
-        return Runner(load_stage(spec.model, list(spec.split), group.rank()), group)
+        stage = load_stage(spec.model, list(spec.split), group.rank())
+        stage.kv_bits = spec.kv_bits
+        return Runner(stage, group)
     from mlxdist.runtime.lockstep import LockstepRunner
 
     if spec.parallel == "expert":
@@ -95,6 +97,7 @@ def _load(spec: RankSpec, group):
         from mlxdist.runtime.stage import load_tensor_stage
 
         stage = load_tensor_stage(spec.model, group)
+    stage.kv_bits = spec.kv_bits
     return LockstepRunner(stage, group, spec.parallel)
 
 
@@ -282,6 +285,7 @@ def _serve_api(
 ) -> int:
     import uvicorn
 
+    from launcher.prefillmodel import rank_prefill_chunk
     from mlxdist.runtime.tiktoken_tokenizer import load_tokenizer  # tiktoken.model too (Kimi)
     from mlxdist.serving.api import Inflight, create_app
     from mlxdist.serving.coordinator import Coordinator
@@ -293,6 +297,8 @@ def _serve_api(
     tokenizer = load_tokenizer(spec.model, eos_token_ids=ends)
     prefix = _prefix_cache(spec, stage, figures)
     coordinator = Coordinator(runner, tokenizer, set(tokenizer.eos_token_ids), prefix=prefix)
+    # Pipeline prefill in chunks small enough for every stage to work on one at once.
+    coordinator.prefill_chunk = rank_prefill_chunk(stage.config, spec.split, spec.backend)
     context = stage.config.get("max_position_embeddings")
     split = list(spec.split) if spec.split else None
     if spec.max_context:
