@@ -278,12 +278,15 @@ def _specs(nodes: list[Node]) -> list[NodeSpec]:
     return [node_spec_from_facts(n.name, n.facts) for n in nodes]
 
 
-def choose_split(model: Path, nodes: list[Node], context: int, whole: bool = False) -> list[int]:
-    """The split the model's node folders were cut for; it must fit the nodes' memory.
+def choose_split(
+    model: Path, nodes: list[Node], context: int, whole: bool = False, kv_bits: int | None = None
+) -> list[int]:
+    """The split the model's node folders were cut for; it must fit the nodes' memory (with
+    the KV cache at kv_bits when given).
     whole: a Hugging Face repo, which no one cut: the planned split, each node getting the
     files that hold its layers."""
     specs = _specs(nodes)
-    planned = plan(specs, model_spec_from_folder(model), context=context)
+    planned = plan(specs, model_spec_from_folder(model, kv_bits=kv_bits), context=context)
     cut = node_folders(model, len(nodes))
     if cut is None and whole and planned.fits:
         return planned.split
@@ -298,13 +301,15 @@ def choose_split(model: Path, nodes: list[Node], context: int, whole: bool = Fal
     return cut
 
 
-def choose_experts(model: Path, nodes: list[Node], context: int, whole: bool = False) -> list[int]:
+def choose_experts(
+    model: Path, nodes: list[Node], context: int, whole: bool = False, kv_bits: int | None = None
+) -> list[int]:
     """The routed experts per node the model's expert node folders were cut for; the plan
     (replicated weights, those experts and the whole KV cache on every node) must fit.
     whole: as in choose_split (every node then gets every file); so does a folder holding the
     whole model, from which each rank reads only its own experts."""
     specs = _specs(nodes)
-    planned = plan_experts(specs, model_spec_from_folder(model), context=context)
+    planned = plan_experts(specs, model_spec_from_folder(model, kv_bits=kv_bits), context=context)
     cut = expert_folders(model, len(nodes))
     if cut is None and (whole or holds_whole_model(model)):
         if not planned.fits:
@@ -322,7 +327,9 @@ def choose_experts(model: Path, nodes: list[Node], context: int, whole: bool = F
     return cut
 
 
-def choose_tensor(model: Path, nodes: list[Node], context: int) -> list[int]:
+def choose_tensor(
+    model: Path, nodes: list[Node], context: int, kv_bits: int | None = None
+) -> list[int]:
     """Checks a tensor-parallel launch: heads that divide by the nodes, and each node's cut of
     the weights (1/N of the model) and of the KV cache within its memory. Returns the split
     (every node runs every layer)."""
@@ -330,7 +337,7 @@ def choose_tensor(model: Path, nodes: list[Node], context: int) -> list[int]:
         check_tensor_split(read_config(model), len(nodes))
     except CheckpointError as e:
         raise LaunchError(str(e)) from None
-    spec = model_spec_from_folder(model)
+    spec = model_spec_from_folder(model, kv_bits=kv_bits)
     kv = spec.kv_bytes_per_token_per_layer * spec.num_layers * context
     need = (spec.total_bytes + kv) // len(nodes)
     for node in _specs(nodes):
@@ -357,6 +364,8 @@ def start_agents_cluster(
     fetch: str = "auto",
     ref=None,
     api: dict | None = None,
+    kv_bits: int | None = None,
+    prompt_cache_bytes: int | None = None,
 ):
     """Finds the nodes, checks the plan, gets each node its files, starts the ranks.
 
@@ -364,6 +373,8 @@ def start_agents_cluster(
     fetch: hub, push or auto (launcher/fetch.py); ref: the quantize.source.ModelRef the user
     named, whose repo the nodes may fetch from (model then holds at least its config and index).
     api: rank 0's API settings and key (launcher/local.py start_local's api).
+    kv_bits: every rank's KV cache quantised to 4 or 8 bits (planned at that size);
+    prompt_cache_bytes: rank 0's budget of kept prefixes (None: what the plan leaves).
     """
     from rich.console import Console
 
@@ -386,15 +397,16 @@ def start_agents_cluster(
     # jaccl sends over the RDMA devices; only the ring needs the cables' own addresses.
     ring_ips = cable_addresses(nodes, console) if decision.over_cables else None
     how = {"chosen": chosen, "fetch": fetch, "ref": ref, "api": api}
+    how |= {"kv_bits": kv_bits, "prompt_cache_bytes": prompt_cache_bytes}
     whole = ref is not None and ref.repo is not None
     if parallel == "tensor":
-        split = choose_tensor(model, nodes, context)
+        split = choose_tensor(model, nodes, context, kv_bits)
         return _start(model, nodes, split, ring_ips, context, port, console, tensor=True, **how)
     if parallel == "expert":
-        experts = choose_experts(model, nodes, context, whole)
+        experts = choose_experts(model, nodes, context, whole, kv_bits)
         split = [model_spec_from_folder(model).num_layers] * len(nodes)
         return _start(model, nodes, split, ring_ips, context, port, console, experts, **how)
-    split = choose_split(model, nodes, context, whole)
+    split = choose_split(model, nodes, context, whole, kv_bits)
     return _start(model, nodes, split, ring_ips, context, port, console, **how)
 
 
@@ -412,7 +424,8 @@ def replan_agents(model: Path, context: int, port: int | None, failed):
     nodes = _with_facts(nodes)
     names = ", ".join(n.name for n in nodes)
     specs = _specs(nodes)
-    planned = plan(specs, model_spec_from_folder(model), context=context)
+    spec = model_spec_from_folder(model, kv_bits=failed.kv_bits)
+    planned = plan(specs, spec, context=context)
     if not planned.fits:
         raise LaunchError(
             f"the model does not fit on the remaining nodes ({names}): {planned.message}"
@@ -422,6 +435,7 @@ def replan_agents(model: Path, context: int, port: int | None, failed):
     # a mesh without the node is still one, so jaccl stays where it still can.
     chosen = choose_nodes_backend(nodes, "ring" if failed.backend == "ring" else "auto", console)
     how = {"chosen": chosen, "fetch": failed.fetch, "ref": failed.ref, "api": failed.api}
+    how |= {"kv_bits": failed.kv_bits, "prompt_cache_bytes": failed.prompt_cache_asked}
     return _start(model, nodes, split, None, context, port, console, **how)
 
 
@@ -539,24 +553,33 @@ def _start(
     fetch: str = "push",
     ref=None,
     api: dict | None = None,
+    kv_bits: int | None = None,
+    prompt_cache_bytes: int | None = None,
 ):
     """Gets each node its files (from the Hub or pushed), starts the ranks, waits until they
     have loaded.
 
     experts: routed experts per node (expert parallelism; every node runs every layer).
-    tensor: every node runs 1/N of every layer, from the whole model."""
+    tensor: every node runs 1/N of every layer, from the whole model.
+    kv_bits, prompt_cache_bytes: as start_agents_cluster takes them."""
     from launcher.local import wait_ready
+    from launcher.promptbudget import describe, planned_budget
     from launcher.remote import HTTP_PORT, start_remote
 
     shares = [f"experts {e}" for e in experts] if experts else [f"layers {k}" for k in split]
     if tensor:
         shares = [f"1/{len(nodes)} of every layer"] * len(nodes)
+    mode = "tensor" if tensor else "expert" if experts else "pipeline"
+    budget = prompt_cache_bytes
+    if budget is None:  # what the plan of these ranks leaves
+        budget = planned_budget(model, _specs(nodes), split, mode, experts, context, kv_bits)
+    kv = describe(budget, kv_bits)
     console.print(
         f"{len(nodes)} nodes: "
         + ", ".join(f"{n.name} ({n.address}) {s}" for n, s in zip(nodes, shares))
         + (f"; ring over the cables {ring_ips}" if ring_ips else "")
+        + (f"; {kv}" if kv else "")
     )
-    mode = "tensor" if tensor else "expert" if experts else "pipeline"
     repo = ref.repo if ref is not None else None
     how, why = choose_fetch(fetch, nodes, repo, ref.revision if repo else None)
     console.print(f"files: {how} ({why})", highlight=False)
@@ -579,8 +602,11 @@ def _start(
         backend=chosen.backend if chosen else "ring",
         rdma=chosen.rdma if chosen else None,
         api=api,
+        kv_bits=kv_bits,
+        prompt_cache_bytes=budget,
     )
     running.fetch, running.ref, running.api = how, ref, api
+    running.kv_bits, running.prompt_cache_asked = kv_bits, prompt_cache_bytes
     try:
         with console.status(f"loading {model.name} on {len(nodes)} nodes..."):
             wait_ready(running)

@@ -122,6 +122,8 @@ def start_local(
     attention: str | None = None,
     max_context: int | None = None,
     api: dict | None = None,
+    kv_bits: int | None = None,
+    prompt_cache_bytes: int | None = None,
 ) -> Cluster:
     """Starts len(split) ranks on this machine over the ring backend on loopback.
 
@@ -131,6 +133,8 @@ def start_local(
     the rank's, sharded where they divide). max_context: tokens a request may use (default:
     the model's own limit). api: rank 0's API settings (RankSpec's max_body_mb, docs,
     allowed_hosts, cors_origins) and its api_key, which goes in rank 0's environment only.
+    kv_bits: every rank's KV cache quantised to 4 or 8 bits; prompt_cache_bytes: rank 0's
+    budget of kept prefixes (0: off; None: the rank's own default).
     """
     api = dict(api or {})
     key = api.pop("api_key", None)
@@ -151,6 +155,7 @@ def start_local(
         port=http_port,
         heartbeat=f"127.0.0.1:{ports[n]}",
         max_context=max_context,
+        kv_bits=kv_bits,
         **api,
     )
     token = secrets.token_hex(16)
@@ -163,7 +168,9 @@ def start_local(
             folder = node_folder(model, split, rank)
         else:
             folder = Path(model)
-        rank_cmd = [sys.executable, "-m", RANK_MODULE, *replace(spec, model=str(folder)).to_argv()]
+        budget = prompt_cache_bytes if rank == 0 else None  # rank 0 tells the others
+        mine = replace(spec, model=str(folder), prompt_cache_bytes=budget)
+        rank_cmd = [sys.executable, "-m", RANK_MODULE, *mine.to_argv()]
         variables = dict(os.environ) | (env or {}) | {HEARTBEAT_TOKEN_ENV: token}
         variables.pop(API_KEY_ENV, None)
         if key and rank == 0:

@@ -25,6 +25,13 @@ Decisions, in one place:
   included), the KV cache of every layer for the whole context, the activations of a prefill
   step, and its experts. The expert counts minimise the fill ratios the same way, by the same
   exact split (a node with more memory takes more experts); every node takes at least one.
+- KV cache quantised (`kv_bits` 4 or 8, mlx-lm's QuantizedKVCache): each cached vector of D
+  values takes D x bits / 8 bytes plus a scale and a bias per group of 64 values, in the
+  activation dtype (mlx.core.quantize's packing).
+- The prompt cache's default budget (Plan.prompt_cache_bytes, given to rank 0 when the user
+  gives no --prompt-cache-bytes): half of the least memory any node has left after its
+  weights, its KV cache at the planned context and a prefill step's activations. Half, so the
+  kept prefixes never take all that is left: the sizes are estimates and Metal's buffers round up.
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ DEFAULT_HEADROOM = 0.1
 _ACTIVATION_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Families whose attention caches the compressed latent (MLA), by the mlx-lm code that runs them.
 _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+KV_GROUP_SIZE = 64  # values per scale and bias of a quantised KV cache (mlx-lm's default)
+PROMPT_CACHE_SHARE = 0.5  # of the least memory left on any node: the prompt cache's default
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,7 @@ class Plan:
     experts: list[int] = field(default_factory=list)  # expert mode: routed experts per node
     notes: list[str] = field(default_factory=list)  # e.g. a node's chip not in the chip table
     raise_wired: dict[str, int] = field(default_factory=dict)  # node -> wired_limit_mb to fit
+    prompt_cache_bytes: int = 0  # the default budget of kept prefixes (see the module docstring)
 
 
 # --- the model's side ---------------------------------------------------------------------------
@@ -175,23 +185,35 @@ def is_mla(config: dict) -> bool:
     return code_family(config) in _MLA_MODEL_TYPES
 
 
-def kv_bytes_per_token_per_layer(config: dict) -> int:
-    """What one token adds to one layer's KV cache, as mlx-lm's attention caches it."""
+def kv_bytes_per_token_per_layer(config: dict, kv_bits: int | None = None) -> int:
+    """What one token adds to one layer's KV cache, as mlx-lm's attention caches it; with
+    kv_bits, as its quantised cache holds it."""
     size = activation_bytes(config)
+
+    def held(values: int) -> int:  # one cached vector of this many values
+        if kv_bits is None:
+            return values * size
+        return values * kv_bits // 8 + 2 * -(-values // KV_GROUP_SIZE) * size
+
     if is_mla(config):
         # MLA caches the compressed kv_latent and the shared rotary key k_pe, not per-head K and V;
         # V3.2's indexer adds its keys and a zero array of their shape as the values.
-        indexer = (
-            2 * config.get("index_head_dim", 0) if code_family(config) == "deepseek_v32" else 0
-        )
-        return (config["kv_lora_rank"] + config["qk_rope_head_dim"] + indexer) * size
+        v32 = code_family(config) == "deepseek_v32"
+        indexer = 2 * held(config.get("index_head_dim", 0)) if v32 else 0
+        return held(config["kv_lora_rank"]) + held(config["qk_rope_head_dim"]) + indexer
+    kv_heads, head_dim = kv_heads_and_dim(config)
+    return 2 * kv_heads * held(head_dim)
+
+
+def kv_heads_and_dim(config: dict) -> tuple[int, int]:
+    """KV heads and the values per head a layer caches for each token (not MLA)."""
     try:
         heads = config["num_attention_heads"]
         kv_heads = config.get("num_key_value_heads") or heads
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
     except KeyError as e:
         raise ValueError(f"config.json has no {e.args[0]}: cannot size the KV cache") from None
-    return 2 * kv_heads * head_dim * size
+    return kv_heads, head_dim
 
 
 def activation_spec(config: dict) -> ActivationSpec:
@@ -234,6 +256,7 @@ def model_spec_from_config(
     mode: str = "affine",
     recipe: str | None = None,
     name: str | None = None,
+    kv_bits: int | None = None,
 ) -> ModelSpec:
     """Sizes estimated from config.json alone; an already quantised config keeps its own bits."""
     from quantize.estimate import estimate  # builds a lazy mlx model: imported only when needed
@@ -245,33 +268,51 @@ def model_spec_from_config(
         embed_bytes=e.embed_bytes,
         tail_bytes=e.tail_bytes,
         tied=e.tied,
-        kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(config),
+        kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(config, kv_bits),
         expert_bytes=e.expert_bytes,
         num_experts=e.num_experts,
         activation=activation_spec(config),
     )
 
 
-def model_spec_from_folder(path: str | Path, bits: int = 4) -> ModelSpec:
+def model_spec_from_folder(
+    path: str | Path, bits: int = 4, kv_bits: int | None = None
+) -> ModelSpec:
     """A model folder or a bare config.json: sizes from the safetensors headers when the folder
-    is already quantised, else estimated from config.json at `bits`."""
+    is already quantised, else estimated from config.json at `bits`; its KV cache quantised to
+    kv_bits when given."""
     path = Path(path)
     config = read_config(path)
     check_supported(path, config)
     name = path.name if path.is_dir() else config.get("model_type", path.name)
     if "quantization" in config and path.is_dir() and any(path.glob("*.safetensors")):
-        return _spec_from_headers(path, config, name)
+        return _spec_from_headers(path, config, name, kv_bits=kv_bits)
     if "quantization" in config and path.is_dir():  # a repo planned from its index alone
         from quantize.source import snapshot_headers
 
         headers = snapshot_headers(path)  # by byte ranges from the Hub, no weights
         if headers is not None:
-            return _spec_from_headers(path, config, name, headers)
-    return model_spec_from_config(config, bits=bits, name=name)
+            return _spec_from_headers(path, config, name, headers, kv_bits)
+    return model_spec_from_config(config, bits=bits, name=name, kv_bits=kv_bits)
+
+
+def model_spec_as_stored(path: str | Path, kv_bits: int | None = None) -> ModelSpec:
+    """A model folder as a launch runs it: sizes from its safetensors headers whenever it holds
+    weights, quantised or not (else as model_spec_from_folder estimates them)."""
+    path = Path(path)
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        config = read_config(path)
+        check_supported(path, config)
+        return _spec_from_headers(path, config, path.name, kv_bits=kv_bits)
+    return model_spec_from_folder(path, kv_bits=kv_bits)
 
 
 def _spec_from_headers(
-    path: Path, config: dict, name: str, headers: dict[str, dict] | None = None
+    path: Path,
+    config: dict,
+    name: str,
+    headers: dict[str, dict] | None = None,
+    kv_bits: int | None = None,
 ) -> ModelSpec:
     num_layers = config["num_hidden_layers"]
     layers = [0] * num_layers
@@ -298,7 +339,7 @@ def _spec_from_headers(
         embed_bytes=embed,
         tail_bytes=tail,
         tied=bool(config.get("tie_word_embeddings", False)),
-        kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(config),
+        kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(config, kv_bits),
         expert_bytes=experts,
         num_experts=routed_experts(config) if any(experts) else 0,
         activation=activation_spec(config),
@@ -330,14 +371,19 @@ def plan(
     headroom: float = DEFAULT_HEADROOM,
     order: list[str] | None = None,
     drop_small: bool = False,
+    split: list[int] | None = None,
 ) -> Plan:
     """The split of model's layers over nodes (in `order`, else as given) that fills them most
-    evenly; see the module docstring for the rules."""
+    evenly, or the memory of the split given; see the module docstring for the rules."""
     if context < 0 or batch < 1:
         raise ValueError("context must be 0 or more tokens and batch at least 1")
     ranked = _in_order(nodes, order)
+    if split is not None and (len(split) != len(ranked) or sum(split) != model.num_layers):
+        raise ValueError(f"split {split} is not {model.num_layers} layers over {len(ranked)} nodes")
 
     def planned(these: list[NodeSpec]) -> Plan:
+        if split is not None:
+            return _plan_ranked(these, model, context, batch, headroom, split)
         return _plan_pipeline(these, model, context, batch, headroom, drop_small)
 
     return _within_gpu_limits(planned, ranked, headroom)
@@ -380,7 +426,12 @@ def _in_order(nodes: list[NodeSpec], order: list[str] | None) -> list[NodeSpec]:
 
 
 def _plan_ranked(
-    nodes: list[NodeSpec], model: ModelSpec, context: int, batch: int, headroom: float
+    nodes: list[NodeSpec],
+    model: ModelSpec,
+    context: int,
+    batch: int,
+    headroom: float,
+    split: list[int] | None = None,
 ) -> Plan:
     n_layers, ranks = model.num_layers, len(nodes)
     if ranks > n_layers:
@@ -390,7 +441,8 @@ def _plan_ranked(
     kv_layer = model.kv_bytes_per_token_per_layer * context * batch
     usable = [n.usable_bytes(headroom) for n in nodes]
     fixed = [fixed_bytes(r, ranks, model) for r in range(ranks)]
-    split = best_split([b + kv_layer for b in model.layer_bytes], fixed, usable)
+    if split is None:
+        split = best_split([b + kv_layer for b in model.layer_bytes], fixed, usable)
     rows, start = [], 0
     for r, (node, n) in enumerate(zip(nodes, split)):
         weights = fixed[r] + sum(model.layer_bytes[start : start + n])
@@ -423,7 +475,17 @@ def _plan_ranked(
         message=_message(rows, shortfalls),
         context=context,
         batch=batch,
+        prompt_cache_bytes=prompt_cache_budget(
+            [row.free_bytes for row in rows], activation_bytes_at(model.activation, context, batch)
+        ),
     )
+
+
+def prompt_cache_budget(free: list[int], activations: int = 0) -> int:
+    """The prompt cache's default budget: PROMPT_CACHE_SHARE of the least memory any node has
+    free (after weights and KV cache) less the activations of a prefill step not yet counted."""
+    spare = min(free) - activations
+    return int(max(0, spare) * PROMPT_CACHE_SHARE)
 
 
 def best_split(layer_cost: list[int], fixed: list[int], usable: list[int]) -> list[int]:
@@ -552,9 +614,10 @@ def plan_experts(
     batch: int = 1,
     headroom: float = DEFAULT_HEADROOM,
     order: list[str] | None = None,
+    counts: list[int] | None = None,
 ) -> Plan:
-    """Routed experts per node (in `order`, else as given) for expert parallelism; see the
-    module docstring for what each node holds."""
+    """Routed experts per node (in `order`, else as given) for expert parallelism, or the
+    memory of the counts given; see the module docstring for what each node holds."""
     if context < 0 or batch < 1:
         raise ValueError("context must be 0 or more tokens and batch at least 1")
     if not model.num_experts:
@@ -568,20 +631,29 @@ def plan_experts(
             f"use at most {model.num_experts}"
         )
 
+    if counts is not None and (len(counts) != len(ranked) or sum(counts) != model.num_experts):
+        raise ValueError(f"experts {counts} are not {model.num_experts} over {len(ranked)} nodes")
+
     def planned(these: list[NodeSpec]) -> Plan:
-        return _plan_experts(these, model, context, batch, headroom)
+        return _plan_experts(these, model, context, batch, headroom, counts)
 
     return _within_gpu_limits(planned, ranked, headroom)
 
 
 def _plan_experts(
-    ranked: list[NodeSpec], model: ModelSpec, context: int, batch: int, headroom: float
+    ranked: list[NodeSpec],
+    model: ModelSpec,
+    context: int,
+    batch: int,
+    headroom: float,
+    counts: list[int] | None = None,
 ) -> Plan:
     kv = model.kv_bytes_per_token_per_layer * context * batch * model.num_layers
     act = activation_bytes_at(model.activation, context, batch)
     fixed = model.replicated_bytes + kv + act
     usable = [n.usable_bytes(headroom) for n in ranked]
-    counts = best_expert_counts(model.num_experts, model.bytes_per_expert, fixed, usable)
+    if counts is None:
+        counts = best_expert_counts(model.num_experts, model.bytes_per_expert, fixed, usable)
     rows = []
     for r, (node, c) in enumerate(zip(ranked, counts)):
         weights = model.replicated_bytes + c * model.bytes_per_expert
@@ -617,7 +689,19 @@ def _plan_experts(
         batch=batch,
         parallel="expert",
         experts=counts,
+        prompt_cache_bytes=prompt_cache_budget([row.free_bytes for row in rows]),
     )
+
+
+def tensor_prompt_cache_bytes(
+    nodes: list[NodeSpec], model: ModelSpec, context: int, headroom: float = DEFAULT_HEADROOM
+) -> int:
+    """The prompt cache's default budget in tensor parallelism: each node holds 1/N of the
+    weights and of the KV cache (as launcher/cluster.py choose_tensor counts them)."""
+    kv = model.kv_bytes_per_token_per_layer * model.num_layers * context
+    held = (model.total_bytes + kv) // len(nodes)
+    free = [n.usable_bytes(headroom) - held for n in nodes]
+    return prompt_cache_budget(free, activation_bytes_at(model.activation, context))
 
 
 def best_expert_counts(experts: int, per_expert: int, fixed: int, usable: list[int]) -> list[int]:
@@ -679,6 +763,22 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+_BYTE_UNITS = {"": 1, "b": 1} | {
+    u + s: 2 ** (10 * p)
+    for p, u in enumerate(("k", "m", "g", "t"), start=1)
+    for s in ("", "b", "ib")
+}
+
+
+def parse_bytes(text: str) -> int:
+    """Bytes in "0", "1000000", "512MiB" or "2GB": a bare number is bytes, a unit is Apple's
+    (KB = KiB = 2**10 bytes, MB = MiB, GB = GiB, TB = TiB), as for memory sizes."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text.strip(), re.IGNORECASE)
+    if not m or m.group(2).lower() not in _BYTE_UNITS:
+        raise ValueError(f"{text!r} is not a size such as 0, 1000000, 512MiB or 2GB")
+    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+
+
 def parse_simulate(spec: str) -> list[NodeSpec]:
     """Nodes from "6x192GB", "2x512GB,4x192GB" or "m3ultra-512,m2ultra-192" (sizes in GB as
     Apple sells them). Unnamed nodes are node<rank>; a named group of N is name0..name<N-1>.
@@ -734,5 +834,6 @@ def plan_to_json(p: Plan) -> dict:
         "dropped": list(p.dropped),
         "notes": list(p.notes),
         "raise_wired": dict(p.raise_wired),
+        "prompt_cache_bytes": p.prompt_cache_bytes,
         "nodes": [asdict(row) for row in p.nodes],
     }

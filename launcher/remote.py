@@ -60,6 +60,8 @@ class RemoteCluster:
     fetch: str = "push"  # how the nodes got their files, for a plan made again after a failure
     ref: object = None  # the quantize.source.ModelRef launched, when a repo
     api: dict | None = None  # rank 0's API settings and key, for a plan made again
+    kv_bits: int | None = None  # every rank's quantised KV cache, for a plan made again
+    prompt_cache_asked: int | None = None  # --prompt-cache-bytes (None: each plan's own)
 
     def failure(self) -> str | None:
         """Names the node that failed first: its peers then fail too, only because it went away."""
@@ -343,6 +345,8 @@ def start_remote(
     backend: str = "ring",
     rdma: list[list[str | list[str] | None]] | None = None,
     api: dict | None = None,
+    kv_bits: int | None = None,
+    prompt_cache_bytes: int | None = None,
 ) -> RemoteCluster:
     """Starts rank r on nodes[r] from its folder; rank 0 serves the API on its host.
 
@@ -350,6 +354,8 @@ def start_remote(
     experts: routed experts per rank for expert parallelism (split then only counts the ranks,
     as in tensor parallelism).
     api: rank 0's API settings and key (launcher/local.py start_local's api), sent to rank 0 only.
+    kv_bits: every rank's KV cache quantised to 4 or 8 bits; prompt_cache_bytes: rank 0's
+    budget of kept prefixes (0: off; None: the rank's own default), sent to rank 0 only.
     """
     text, links = rank_links(
         [(n.destination, n.address) for n in nodes], backend, ring_ips, rdma, ring_port
@@ -379,6 +385,8 @@ def start_remote(
                 **({"parallel": "expert", "experts": experts} if experts else {}),
                 **({"parallel": parallel} if parallel == "tensor" else {}),
                 **(_api_fields(api) if rank == 0 else {}),
+                **({"kv_bits": kv_bits} if kv_bits else {}),
+                **(_budget(prompt_cache_bytes) if rank == 0 else {}),
             )
             started = start_once(node.client, fields)
             run_ids.append(started["id"])
@@ -386,6 +394,11 @@ def start_remote(
         cluster.stop()
         raise LaunchError(f"could not start a rank on {node.name}: {e}") from None
     return cluster
+
+
+def _budget(prompt_cache_bytes: int | None) -> dict:
+    """StartRank's prompt_cache_bytes, only when set (an older agent sees none)."""
+    return {} if prompt_cache_bytes is None else {"prompt_cache_bytes": prompt_cache_bytes}
 
 
 def _api_fields(api: dict | None) -> dict:

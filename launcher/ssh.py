@@ -80,7 +80,13 @@ def rank_spec(p: dict) -> RankSpec:
         docs=bool(p.get("docs")),
         allowed_hosts=tuple(p.get("allowed_hosts") or ()),
         cors_origins=tuple(p.get("cors_origins") or ()),
+        kv_bits=int(p["kv_bits"]) if p.get("kv_bits") else None,
+        prompt_cache_bytes=_optional_int(p.get("prompt_cache_bytes")),
     )
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
 
 
 @dataclass

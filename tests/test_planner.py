@@ -26,6 +26,7 @@ from launcher.planner import (
     plan,
     plan_experts,
     plan_to_json,
+    simulated_nodes,
 )
 from mlxdist.cli.plan import nodes_from_hosts, plan_command
 from quantize.checkpoint import read_config
@@ -255,6 +256,66 @@ def test_kv_bytes_per_token_per_layer():
     assert kv_bytes_per_token_per_layer(llama | {"head_dim": 64}) == 2 * 8 * 64 * 2
     with pytest.raises(ValueError, match="num_attention_heads"):
         kv_bytes_per_token_per_layer({"model_type": "llama"})
+
+
+LLAMA_70B = {"model_type": "llama", "num_attention_heads": 64, "num_key_value_heads": 8}
+LLAMA_70B |= {"hidden_size": 8192, "torch_dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize(
+    "config,kv_bits,expected",
+    [
+        # per KV head and token: head_dim x bits / 8 packed bytes, a scale and a bias per 64
+        (LLAMA_70B, None, 2 * 8 * 128 * 2),
+        (LLAMA_70B, 8, 2 * 8 * (128 + 2 * 2 * 2)),
+        (LLAMA_70B, 4, 2 * 8 * (64 + 2 * 2 * 2)),
+        (LLAMA_70B | {"torch_dtype": "float32"}, 8, 2 * 8 * (128 + 2 * 2 * 4)),
+        (LLAMA_70B | {"head_dim": 64}, 4, 2 * 8 * (32 + 2 * 1 * 2)),
+        # MLA, should it ever run quantised: the latent (512) and the rotary key (64)
+        (
+            {"model_type": "deepseek_v3", "kv_lora_rank": 512, "qk_rope_head_dim": 64},
+            8,
+            512 + 2 * 8 * 2 + 64 + 2 * 2,
+        ),
+    ],
+)
+def test_kv_bytes_at_4_and_8_bits(config, kv_bits, expected):
+    assert kv_bytes_per_token_per_layer(config, kv_bits) == expected
+
+
+def test_8bit_kv_fits_a_longer_context(tmp_path):
+    """A context whose bf16 KV cache does not fit two 48 GB Macs fits with an 8-bit one (136 of
+    256 bytes per value pair), with more left at 4 bits; `mlxdist plan --kv-bits` says so too."""
+    config = LLAMA_70B | {"num_hidden_layers": 80, "intermediate_size": 28672}
+    config |= {"rms_norm_eps": 1e-5, "vocab_size": 128256}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    bf16, q8, q4 = (model_spec_from_folder(tmp_path, kv_bits=b) for b in (None, 8, 4))
+    assert q8.layer_bytes == bf16.layer_bytes
+    assert q8.kv_bytes_per_token_per_layer / bf16.kv_bytes_per_token_per_layer == 136 / 256
+    macs, context = simulated_nodes("2x48GB"), 128 * 1024
+    assert not plan(macs, bf16, context=context).fits
+    assert plan(macs, q8, context=context).fits
+    left = [plan(macs, q, context=context).prompt_cache_bytes for q in (q8, q4)]
+    assert 0 < left[0] < left[1]
+    args = (str(tmp_path), None, "2x48GB", context, 1, 4, True)
+    assert plan_command(*args, parallel="pipeline") == 1
+    assert plan_command(*args, parallel="pipeline", kv_bits=8) == 0
+
+
+def test_prompt_cache_budget_is_half_the_least_left():
+    """Half of what the fullest node has left after weights, KV cache and a prefill step's
+    activations; 0 when nothing is left; the same rule for a split given (the launch's)."""
+    act = ActivationSpec(bytes_per_chunk_token=1000)
+    model = ModelSpec("m", [GB] * 8, GB // 10, GB // 10, False, 1000, activation=act)
+    p = plan(nodes(16, 8), model, context=4096)
+    left = min(row.free_bytes for row in p.nodes) - activation_bytes_at(act, 4096)
+    assert p.prompt_cache_bytes == left // 2 > 0
+    assert plan_to_json(p)["prompt_cache_bytes"] == p.prompt_cache_bytes
+    given = plan(nodes(16, 8), model, context=4096, split=[4, 4])
+    assert given.split == [4, 4] and given.prompt_cache_bytes < p.prompt_cache_bytes
+    assert plan(nodes(4, 4), model, context=4096).prompt_cache_bytes == 0  # does not fit
+    with pytest.raises(ValueError, match="not 8 layers over 2 nodes"):
+        plan(nodes(16, 8), model, split=[4, 3])
 
 
 def test_r1_4bit_fits_six_192gb_macs(r1_4bit):

@@ -39,6 +39,16 @@ SPECS = [
         ["--model", "/m", "--split", "4", *BASE, "--backend", "ring", "--max-context", "4096"]
         + ["--heartbeat", "[fe80::1%en0]:9", "--node", "mac-1"],
     ),
+    (
+        RankSpec("/m", split=(2, 2), kv_bits=8, prompt_cache_bytes=0),
+        ["--model", "/m", "--split", "2,2", *BASE, "--backend", "ring", "--kv-bits", "8"]
+        + ["--prompt-cache-bytes", "0"],
+    ),
+    (
+        RankSpec("/m", "expert", ranks=2, kv_bits=4, prompt_cache_bytes=2**31),
+        ["--model", "/m", "--parallel", "expert", "--ranks", "2", *BASE, "--backend", "ring"]
+        + ["--kv-bits", "4", "--prompt-cache-bytes", str(2**31)],
+    ),
 ]
 
 
@@ -95,6 +105,9 @@ def test_max_context_defaults_to_the_environment(monkeypatch):
         (["--model", "/m", "--split", "2", "--port", "http"], "invalid int value"),
         (["--model", "/m", "--split", "2", "--colour", "red"], "unrecognized arguments"),
         (["--model", "/m", "--split", "2", "--experts", "3"], "--experts is for expert mode"),
+        (["--model", "/m", "--split", "2", "--kv-bits", "6"], "invalid choice"),
+        (["--model", "/m", "--split", "2", "--prompt-cache-bytes", "-1"], "must be 0 (off)"),
+        (["--model", "/m", "--split", "2", "--prompt-cache-bytes", "2GB"], "invalid int value"),
         (
             ["--model", "/m", "--parallel", "tensor", "--ranks", "2", "--experts", "1,1"],
             "expert mode",
@@ -119,6 +132,8 @@ def test_bad_argv_is_refused(argv, message, capsys):
         {"attention": "half"},
         {"experts": (4, 4)},
         {"parallel": "tensor", "ranks": 2, "split": None, "experts": (4, 4)},
+        {"kv_bits": 2},
+        {"prompt_cache_bytes": -1},
     ],
 )
 def test_bad_spec_is_refused(fields):
@@ -134,6 +149,7 @@ class _Popen:
     def __init__(self, args, **_):
         self.args = args
         self.pid = 4242
+        self.returncode = None
         self.stdin = io.BytesIO()  # what an ssh starter writes to its remote shell
 
     def poll(self):
@@ -258,3 +274,69 @@ def test_agent_and_ssh_carry_max_context_and_their_heartbeat(started, tmp_path):
     # The token reaches the remote shell on its stdin, never on a command line.
     assert not any("ab" * 16 in word for call in started for word in call)
     assert [w.getvalue() for w in started.stdin] == [b"ab" * 16 + b"\n"] * 2
+
+
+# --kv-bits to every rank, --prompt-cache-bytes to rank 0 alone (it tells the others)
+KV = {"kv_bits": 8}
+BUDGET = 3 * 2**30
+
+
+def _kv_of(argvs: list[list[str]]) -> list[tuple[int | None, int | None]]:
+    specs = [RankSpec.from_argv(argv) for argv in argvs]
+    return [(spec.kv_bits, spec.prompt_cache_bytes) for spec in specs]
+
+
+def test_local_gives_kv_bits_to_every_rank_and_the_budget_to_rank_0(started, tmp_path):
+    local.start_local(
+        Path("/models/tiny"), [1, 1, 2], run_dir=tmp_path, prompt_cache_bytes=BUDGET, **KV
+    )
+    assert _kv_of([_rank_flags(c) for c in started]) == [(8, BUDGET), (8, None), (8, None)]
+
+
+def test_agent_gives_kv_bits_to_every_rank_and_the_budget_to_rank_0(started, tmp_path):
+    req = {"model": "/models/tiny", "split": [2, 2], "http_host": "10.0.0.1"}
+    req |= {"http_port": 18080, "name": "tiny", **KV}
+    runs = Runs(tmp_path / "runs", "/py")
+    (tmp_path / "runs").mkdir()
+    hostfile = [["10.0.0.1:5000"], ["10.0.0.2:5000"]]
+    runs.start(Path("/m"), StartRank(**req, rank=0, hostfile=hostfile, prompt_cache_bytes=BUDGET))
+    runs.start(Path("/m"), StartRank(**req, rank=1, hostfile=hostfile))
+    assert _kv_of([_rank_flags(c) for c in started]) == [(8, BUDGET), (8, None)]
+
+
+@pytest.mark.parametrize(
+    "fields,why",
+    [
+        ({"rank": 1, "prompt_cache_bytes": BUDGET}, "prompt_cache_bytes is rank 0's"),
+        ({"rank": 0, "prompt_cache_bytes": -1}, "greater than or equal to 0"),
+        ({"rank": 0, "kv_bits": 6}, "Input should be 4 or 8"),
+        ({"rank": 0, "kv_bits": "8"}, "Input should be 4 or 8"),
+    ],
+)
+def test_agent_refuses_a_bad_kv_request(fields, why):
+    from pydantic import ValidationError
+
+    req = {"model": "m", "split": [2, 2], "http_host": "10.0.0.1", "http_port": 18080}
+    req |= {"name": "tiny", "hostfile": [["10.0.0.1:5000"], ["10.0.0.2:5000"]]}
+    with pytest.raises(ValidationError, match=why):
+        StartRank(**req | fields)
+
+
+def test_remote_over_ssh_gives_kv_bits_to_every_rank_and_the_budget_to_rank_0(started, tmp_path):
+    """start_remote's fields, through the ssh starter's command lines (the agent's request
+    body is StartRank's, checked above)."""
+    from launcher.remote import Node, start_remote
+
+    nodes = [
+        Node(f"mac-{r}", f"10.0.0.{r + 1}", SshClient(f"me@mac-{r}", python="/py", logs=tmp_path))
+        for r in range(3)
+    ]
+    start_remote(nodes, ["/m"] * 3, [1, 1, 2], name="tiny", prompt_cache_bytes=BUDGET, **KV)
+    scripts = [c[-1] for c in started]
+    argvs = [_rank_flags(shlex.split(s.split("exec ", 1)[1])) for s in scripts]
+    assert _kv_of(argvs) == [(8, BUDGET), (8, None), (8, None)]
+    started.clear()
+    start_remote(nodes, ["/m"] * 3, [1, 1, 2], name="tiny", prompt_cache_bytes=0)
+    scripts = [c[-1] for c in started]
+    argvs = [_rank_flags(shlex.split(s.split("exec ", 1)[1])) for s in scripts]
+    assert _kv_of(argvs) == [(None, 0), (None, None), (None, None)]

@@ -77,6 +77,8 @@ def rank_spec(model: Path, req: StartRank) -> RankSpec:
         max_context=req.max_context,
         heartbeat=_heartbeat(req) if req.heartbeat_port else None,
         node=req.node,
+        kv_bits=req.kv_bits,
+        prompt_cache_bytes=req.prompt_cache_bytes,
         **api_settings(req),
     )
 

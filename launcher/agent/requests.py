@@ -94,6 +94,9 @@ class StartRank(BaseModel):
     docs: bool = False
     allowed_hosts: list[Annotated[str, Field(pattern=_API_HOST)]] = Field([], max_length=16)
     cors_origins: list[Annotated[str, Field(pattern=_API_ORIGIN)]] = Field([], max_length=16)
+    # every rank: its KV cache quantised to these bits; rank 0 only: bytes of kept prefixes
+    kv_bits: Literal[4, 8] | None = None
+    prompt_cache_bytes: int | None = Field(None, ge=0, le=2**50)
 
     @field_validator("http_host")
     @classmethod
@@ -116,6 +119,8 @@ class StartRank(BaseModel):
             raise ValueError("experts gives one count per rank, in expert mode only")
         if self.rank >= size:
             raise ValueError(f"rank {self.rank} is not below the {size} ranks of the split")
+        if self.prompt_cache_bytes is not None and self.rank != 0:
+            raise ValueError("prompt_cache_bytes is rank 0's: it tells the other ranks")
         if self.backend in ("jaccl", "jaccl-ring"):
             return self._jaccl(size)
         if self.rdma is not None or self.coordinator is not None:

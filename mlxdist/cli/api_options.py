@@ -56,6 +56,21 @@ CORS_OPTION = typer.Option(
     "by default)",
 )
 
+# The KV cache options of launch, serve and bench (RankSpec's kv_bits and prompt_cache_bytes).
+KV_BITS_OPTION = typer.Option(
+    None,
+    "--kv-bits",
+    help="quantise every rank's KV cache to 4 or 8 bits, as mlx-lm's quantised cache (about "
+    "a quarter or half of its memory; not for sliding-window or DeepSeek MLA models)",
+)
+PROMPT_CACHE_OPTION = typer.Option(
+    None,
+    "--prompt-cache-bytes",
+    metavar="SIZE",
+    help="memory per rank for the KV caches of known prefixes: 0 (off), bytes, 512MiB or 2GB "
+    "(default: half of what the plan leaves on the fullest rank)",
+)
+
 _KEY = re.compile(r"[!-~]{8,256}")  # printable ASCII, no space: one bearer token, one line
 _ORIGIN = re.compile(
     r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?"
@@ -109,6 +124,35 @@ def check_exposure(host: str | None, key: str | None, insecure: bool, flag: str)
             f"{flag} would serve the API beyond this machine with no key: pass --api-key KEY "
             "(or MLXDIST_API_KEY, --api-key-file PATH), or --insecure-no-api-key to serve it open"
         )
+
+
+def kv_settings(kv_bits: int | None, prompt_cache_bytes: str | None) -> dict:
+    """--kv-bits and --prompt-cache-bytes checked: {"kv_bits", "prompt_cache_bytes"} (None:
+    not quantised; the launcher's budget from the plan)."""
+    from launcher.planner import parse_bytes
+
+    if kv_bits is not None and kv_bits not in (4, 8):
+        raise UserError(f"--kv-bits takes 4 or 8, not {kv_bits}")
+    budget = None
+    if prompt_cache_bytes is not None:
+        try:
+            budget = parse_bytes(prompt_cache_bytes)
+        except ValueError as e:
+            raise UserError(f"--prompt-cache-bytes: {e}") from None
+    return {"kv_bits": kv_bits, "prompt_cache_bytes": budget}
+
+
+def check_kv_bits(model: Path, kv_bits: int | None) -> None:
+    """Refuses, in one line, --kv-bits for a model whose caches mlx-lm cannot quantise."""
+    from launcher.kvbits import check_kv_bits as check
+    from quantize.checkpoint import read_config
+
+    if kv_bits is None:
+        return
+    try:
+        check(read_config(model), kv_bits)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def api_settings(

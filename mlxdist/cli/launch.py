@@ -17,6 +17,10 @@ from mlxdist.cli.api_options import (
     INSECURE_OPTION,
     KEY_FILE_OPTION,
     KEY_OPTION,
+    KV_BITS_OPTION,
+    PROMPT_CACHE_OPTION,
+    check_kv_bits,
+    kv_settings,
 )
 from mlxdist.cli.app import app
 from quantize.errors import UserError
@@ -116,12 +120,15 @@ def launch(
     docs: bool = DOCS_OPTION,
     allowed_host: list[str] = ALLOWED_HOST_OPTION,
     cors_origin: list[str] = CORS_OPTION,
+    kv_bits: int | None = KV_BITS_OPTION,
+    prompt_cache_bytes: str | None = PROMPT_CACHE_OPTION,
 ) -> None:
     """Start one rank per host (or N on this machine), then answer --prompt or open a chat."""
     params = {"max_tokens": max_tokens, "temperature": temp}
     if seed is not None:
         params["seed"] = seed
     try:
+        kv = kv_settings(kv_bits, prompt_cache_bytes)
         guard = (api_key, api_key_file, insecure, max_body_mb, docs, allowed_host, cors_origin)
         api = _launch_api(bool(hosts or cluster), *guard)
         if (hosts or cluster) and (local or split):
@@ -135,19 +142,21 @@ def launch(
         across = bool(hosts or cluster)
         ref = _across_ref(model, fetch, verify) if across else _model_ref(model)
         path = _launch_model(ref)
+        check_kv_bits(path, kv["kv_bits"])
         if hosts or cluster:
             from launcher.cluster import replan_agents, start_agents_cluster
 
             secret = _secret(secret_file)
             where = (hosts, cluster, interface, secret, context, port, parallel, backend)
-            running = start_agents_cluster(path, *where, fetch=fetch, ref=ref, api=api)
+            running = start_agents_cluster(path, *where, fetch=fetch, ref=ref, api=api, **kv)
             again = partial(replan_agents, path, context, port)
         else:
             parallel = _auto_here(path, parallel, experts, split, local, context)
             modes = _parallel_options(path, parallel, experts, split, local)
-            modes["api"] = api
+            kv["context"] = context
+            modes |= {"api": api, "kv": kv}
             running = _start_here(path, local or modes.get("ranks", 2), split, port, modes)
-            again = partial(_replan_here, path, port, parallel, api)
+            again = partial(_replan_here, path, port, parallel, api, kv=kv)
         headers = {"Authorization": f"Bearer {api['api_key']}"} if api["api_key"] else {}
         _converse(running, prompt, chat, params, again if replan else None, headers)
     except KeyboardInterrupt:
@@ -283,10 +292,32 @@ def _start_here(
     modes = dict(modes or {})
     modes.pop("ranks", None)
     api = modes.pop("api", None)
+    kv = modes.pop("kv", None)
     num_layers = inspect_model(path).num_layers
     parts = _parse_split(split, ranks, num_layers) if not modes else [num_layers] * ranks
     what = f"layers {parts}" if not modes else f"{modes['parallel']} parallel"
-    return _loaded(start_local(path, parts, port=port, api=api, **modes), path, len(parts), what)
+    cache, said = _kv_here(path, parts, modes, kv)
+    running = start_local(path, parts, port=port, api=api, **modes, **cache)
+    return _loaded(running, path, len(parts), what + said)
+
+
+def _kv_here(path: Path, parts: list[int], modes: dict, kv: dict | None) -> tuple[dict, str]:
+    """start_local's kv_bits and prompt_cache_bytes for ranks on this machine (the budget, when
+    not given, from the plan of these ranks on this machine's memory), and the words the
+    loading line says of them."""
+    from launcher.promptbudget import describe, local_budget
+
+    kv = dict(kv or {})
+    context = kv.pop("context", 4096)
+    kv.setdefault("kv_bits", None)
+    if kv.get("prompt_cache_bytes") is None:
+        parallel = modes.get("parallel", "pipeline")
+        experts = modes.get("experts")
+        kv["prompt_cache_bytes"] = local_budget(
+            path, parts, parallel, experts, context, kv["kv_bits"]
+        )
+    said = describe(kv["prompt_cache_bytes"], kv["kv_bits"])
+    return kv, f"; {said}" if said else ""
 
 
 def _loaded(running, path: Path, ranks: int, what: str):
@@ -302,7 +333,9 @@ def _loaded(running, path: Path, ranks: int, what: str):
     return running
 
 
-def _replan_here(path: Path, port: int | None, parallel: str, api: dict, failed) -> object:
+def _replan_here(
+    path: Path, port: int | None, parallel: str, api: dict, failed, kv: dict | None = None
+) -> object:
     """Local ranks again, one fewer than before (the failed rank's share spread over the rest);
     expert mode stays expert with the experts evened out, tensor mode falls back to layers."""
     from quantize.checkpoint import inspect_model
@@ -312,9 +345,9 @@ def _replan_here(path: Path, port: int | None, parallel: str, api: dict, failed)
     if ranks < 1:
         raise UserError("no rank remains to plan on: launch again")
     if parallel == "expert" and ranks > 1:
-        return _start_here(path, ranks, None, port, {"parallel": "expert", "api": api})
+        return _start_here(path, ranks, None, port, {"parallel": "expert", "api": api, "kv": kv})
     split = even_split(inspect_model(path).num_layers, ranks)
-    return _start_here(path, ranks, ",".join(map(str, split)), port, {"api": api})
+    return _start_here(path, ranks, ",".join(map(str, split)), port, {"api": api, "kv": kv})
 
 
 def _converse(
@@ -382,12 +415,15 @@ def serve(
     docs: bool = DOCS_OPTION,
     allowed_host: list[str] = ALLOWED_HOST_OPTION,
     cors_origin: list[str] = CORS_OPTION,
+    kv_bits: int | None = KV_BITS_OPTION,
+    prompt_cache_bytes: str | None = PROMPT_CACHE_OPTION,
 ) -> None:
     """Run the cluster with its OpenAI-style HTTP API only, until Ctrl-C."""
     from mlxdist.cli.api_options import api_key as read_key
     from mlxdist.cli.api_options import api_settings, check_exposure
 
     try:
+        kv = kv_settings(kv_bits, prompt_cache_bytes)
         if hosts and (local or split or host or max_context):
             raise UserError("--local, --split, --host and --max-context are not for --hosts")
         key = read_key(api_key, api_key_file)  # first: an open API refused before any loading
@@ -398,12 +434,25 @@ def serve(
         backend = _backend(backend, bool(hosts))
         ref = _across_ref(model, fetch, verify) if hosts else _model_ref(model)
         path = _launch_model(ref)
+        check_kv_bits(path, kv["kv_bits"])
         if hosts:
             from launcher.cluster import start_agents_cluster
 
             secret = _secret(secret_file)
             running = start_agents_cluster(
-                path, hosts, None, [], secret, context, port, parallel, backend, fetch, ref, api
+                path,
+                hosts,
+                None,
+                [],
+                secret,
+                context,
+                port,
+                parallel,
+                backend,
+                fetch,
+                ref,
+                api,
+                **kv,
             )
         else:
             parallel = _auto_here(path, parallel, None, split, local, context)
@@ -413,7 +462,8 @@ def serve(
                 else {}
             )
             where = (host or "127.0.0.1", port)
-            running = _serve_here(path, local or 2, split, *where, max_context, modes, api)
+            kv["context"] = max_context or context
+            running = _serve_here(path, local or 2, split, *where, max_context, modes, api, kv)
         _serve_until_stopped(running, path.name)
     except KeyboardInterrupt:
         typer.echo("\nstopped: every rank stopped", err=True)
@@ -428,6 +478,7 @@ def _serve_here(
     max_context: int | None,
     modes: dict | None = None,
     api: dict | None = None,
+    kv: dict | None = None,
 ):
     import os
     import socket
@@ -444,9 +495,10 @@ def _serve_here(
         reason = os.strerror(e.errno) if e.errno else str(e)
         raise UserError(f"cannot listen on {host}:{port}: {reason}") from None
     where = {"host": host, "port": port, "max_context": max_context, "api": api}
-    running = start_local(path, parts, **where, **modes)
+    cache, said = _kv_here(path, parts, modes, kv)
+    running = start_local(path, parts, **where, **modes, **cache)
     what = f"layers {parts}" if not modes else f"{modes['parallel']} parallel"
-    return _loaded(running, path, len(parts), what)
+    return _loaded(running, path, len(parts), what + said)
 
 
 def _served_parallel(url: str, headers: dict | None = None) -> str:
@@ -493,12 +545,15 @@ def bench(
     backend: str | None = typer.Option(None, help=BACKEND_HELP),
     fetch: str = typer.Option("auto", help=FETCH_HELP),
     verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
+    kv_bits: int | None = KV_BITS_OPTION,
+    prompt_cache_bytes: str | None = PROMPT_CACHE_OPTION,
 ) -> None:
     """Start the cluster, measure prompt and decode speed, memory and traffic, then stop it."""
     from mlxdist.client.bench import bench as measure
     from mlxdist.client.bench import render
 
     try:
+        kv = kv_settings(kv_bits, prompt_cache_bytes)
         if hosts and (local or split):
             raise UserError("--local and --split are for one machine; not with --hosts")
         if hosts and experts:
@@ -507,6 +562,7 @@ def bench(
         backend = _backend(backend, bool(hosts))
         ref = _across_ref(model, fetch, verify) if hosts else _model_ref(model)
         path = _launch_model(ref)
+        check_kv_bits(path, kv["kv_bits"])
         if hosts:
             from launcher.cluster import start_agents_cluster
 
@@ -515,12 +571,12 @@ def bench(
             api = _launch_api(True, None, None, False, DEFAULT_BODY_MB, False, [], [])
             headers = {"Authorization": f"Bearer {api['api_key']}"}
             running = start_agents_cluster(
-                path, hosts, None, [], secret, 4096, None, parallel, backend, fetch, ref, api
+                path, hosts, None, [], secret, 4096, None, parallel, backend, fetch, ref, api, **kv
             )
         else:
             headers = {}
             parallel = _auto_here(path, parallel, experts, split, local, 4096)
-            modes = _parallel_options(path, parallel, experts, split, local)
+            modes = _parallel_options(path, parallel, experts, split, local) | {"kv": kv}
             running = _start_here(path, local or modes.get("ranks", 2), split, None, modes)
         try:
             if parallel == "auto":  # the launcher chose across the hosts: the ranks say what

@@ -59,6 +59,9 @@ def plan_cmd(
     secret_file: Path | None = typer.Option(
         None, "--secret-file", help="the cluster secret, to ask the agents (--cluster, --hosts)"
     ),
+    kv_bits: int | None = typer.Option(
+        None, "--kv-bits", help="KV cache quantised to 4 or 8 bits, as launch --kv-bits runs it"
+    ),
 ) -> None:
     """Plan who holds what: layers (or experts) per node weighted by memory."""
     try:
@@ -76,6 +79,7 @@ def plan_cmd(
             interfaces=interface,
             backend=backend,
             secret_file=secret_file,
+            kv_bits=kv_bits,
         )
     except ValueError as e:  # plan_command's faults: the options, the hosts file, the model
         raise UserError(str(e)) from None
@@ -269,6 +273,7 @@ def plan_command(
     interfaces: list[str] | None = None,
     backend: str | None = None,
     secret_file: Path | None = None,
+    kv_bits: int | None = None,
 ) -> int:
     """Prints the plan (layers per node, or experts per node with parallel="expert") and the
     predicted decode speed; with parallel="auto" also the mode predicted fastest
@@ -290,13 +295,30 @@ def plan_command(
         )
     _check_link(link)
     model = _plan_model(model)
+    _check_kv_bits(model, kv_bits)
     if simulate is not None:
-        return simulated_plan(model, simulate, context, batch, bits, as_json, link, parallel)
+        return simulated_plan(
+            model, simulate, context, batch, bits, as_json, link, parallel, kv_bits
+        )
     if cluster is not None:
         found = cluster_nodes(cluster, interfaces or [], _secret(secret_file, True), backend)
     else:
         found = hosts_nodes(str(hosts), _secret(secret_file, False), backend)
-    return plan_nodes(model, found, context, batch, bits, as_json, link, parallel)
+    return plan_nodes(model, found, context, batch, bits, as_json, link, parallel, kv_bits)
+
+
+def _check_kv_bits(model: str, kv_bits: int | None) -> None:
+    """--kv-bits 4 or 8, for a model whose caches mlx-lm can quantise (else ValueError)."""
+    from launcher.kvbits import check_kv_bits
+    from quantize.checkpoint import CheckpointError, read_config
+
+    if kv_bits is None:
+        return
+    try:
+        config = read_config(model)
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+    check_kv_bits(config, kv_bits)
 
 
 def _check_link(link: str | None) -> None:
@@ -315,6 +337,7 @@ def simulated_plan(
     as_json: bool,
     link: str | None = None,
     parallel: str = "pipeline",
+    kv_bits: int | None = None,
 ) -> int:
     """The plan on a cluster that is not here, over `link` (tb5 unless given)."""
     from launcher.planner import simulated_nodes
@@ -322,13 +345,14 @@ def simulated_plan(
     link = link or "tb5"
     _check_link(link)
     nodes = simulated_nodes(simulate)
-    spec = _model_spec(model, bits)
+    spec = _model_spec(model, bits, kv_bits)
     choice = (
         auto_choice(model, bits, nodes, spec, link, context, batch) if parallel == "auto" else None
     )
     mode = choice.mode if choice else ("pipeline" if parallel == "auto" else parallel)
     lines = [choice.line] if choice else []
-    return report(model, bits, nodes, spec, mode, link, lines, [], context, batch, as_json, choice)
+    args = (model, bits, nodes, spec, mode, link, lines, [], context, batch, as_json, choice)
+    return report(*args, kv_bits=kv_bits)
 
 
 def plan_nodes(
@@ -340,11 +364,12 @@ def plan_nodes(
     as_json: bool,
     link: str | None = None,
     parallel: str = "auto",
+    kv_bits: int | None = None,
 ) -> int:
     """The plan on real nodes, decided as launch decides (decide_on_nodes); `link` overrides
     the link launch would use."""
     _check_link(link)
-    spec = _model_spec(model, bits)
+    spec = _model_spec(model, bits, kv_bits)
     asked = parallel if parallel != "auto" or _countable(model, bits) else "pipeline"
     got = decide_on_nodes(model, found, asked, context, _bits_for_choice(model, bits), link)
     d = got.decision
@@ -370,16 +395,17 @@ def plan_nodes(
         as_json,
         d.auto,
         extra,
+        kv_bits=kv_bits,
     )
 
 
-def _model_spec(model: str, bits: int) -> ModelSpec:
+def _model_spec(model: str, bits: int, kv_bits: int | None = None) -> ModelSpec:
     from launcher.planner import model_spec_from_folder
     from quantize.checkpoint import CheckpointError
     from quantize.source import repo_of_snapshot
 
     try:
-        spec = model_spec_from_folder(model, bits=bits)
+        spec = model_spec_from_folder(model, bits=bits, kv_bits=kv_bits)
     except CheckpointError as e:
         raise ValueError(str(e)) from None
     repo = repo_of_snapshot(Path(model))  # a repo's snapshot is named by its commit
@@ -413,6 +439,7 @@ def report(
     as_json: bool,
     choice=None,
     extra: dict | None = None,
+    kv_bits: int | None = None,
 ) -> int:
     """Prints the plan of `mode` (a tensor mode: the pipeline's table and tensor's own line),
     the prediction over `link`, the notes, then `lines` (the backend's and the auto choice's).
@@ -428,7 +455,8 @@ def report(
         tensor = tensor_outcome(model, bits, nodes, link, context, batch, choice)
         fits = tensor.runs
     if as_json:
-        out = {**plan_to_json(result), "prediction": forecast, **(extra or {})}
+        out = {**plan_to_json(result), "kv_bits": kv_bits, "prediction": forecast}
+        out |= extra or {}
         if choice is not None:
             out["choice"] = {"mode": mode, "line": choice.line}
         if tensor is not None:
@@ -444,7 +472,7 @@ def report(
     console = Console()
     if not console.is_terminal:
         console.width = 100  # a pipe or a log: no terminal to fit
-    print_plan(result, console)
+    print_plan(result, console, kv_bits)
     print_prediction(forecast, console)
     for note in result.notes + notes:
         console.print(f"note: {note}", soft_wrap=True, highlight=False)
@@ -602,10 +630,11 @@ def _gpu_limit(row) -> str:
     return _gb(row.gpu_limit_bytes) + mark
 
 
-def print_plan(p: Plan, console: Console) -> None:
+def print_plan(p: Plan, console: Console, kv_bits: int | None = None) -> None:
     """The plan as a table of nodes, and its verdict in one line: a pipeline split, or each
-    node's routed experts (expert parallelism, with the activations it holds)."""
-    from launcher.planner import DEFAULT_HEADROOM
+    node's routed experts (expert parallelism, with the activations it holds), and the prompt
+    cache's default budget when it fits."""
+    from launcher.planner import DEFAULT_HEADROOM, PROMPT_CACHE_SHARE
 
     expert = p.parallel == "expert"
     if expert:
@@ -626,6 +655,8 @@ def print_plan(p: Plan, console: Console) -> None:
             "(Metal's working set; est. = estimated from memory)"
         )
         share, counts = "layers", p.split
+    if kv_bits:
+        title += f", KV cache {kv_bits}-bit"
     table = Table(title=title, show_edge=False, pad_edge=False, caption=caption)
     columns = ["rank", "node", share, "weights GB", "KV GB"]
     columns += ["act. GB"] * expert + ["total GB", "memory GB", "GPU limit GB", "free GB"]
@@ -645,6 +676,11 @@ def print_plan(p: Plan, console: Console) -> None:
         table.add_row(*cells, style=None if row.free_bytes >= 0 else "red")
     console.print(table)
     line = f"{'experts' if expert else 'split'} {','.join(map(str, counts))}: {p.message}"
+    if p.fits:
+        line += (
+            f"; prompt cache {p.prompt_cache_bytes / 1e9:.2f} GB per node "
+            f"({PROMPT_CACHE_SHARE:.0%} of the least left after a prefill's activations)"
+        )
     console.print(line, style=None if p.fits else "red", soft_wrap=True, highlight=False)
 
 

@@ -22,6 +22,7 @@ from quantize.units import renumber
 # Models whose attention applies the mask with mx.where, so it must be an array, not "causal"
 # (their own __call__ asks create_attention_mask for return_array=True; nothing else tells).
 _ARRAY_MASK = {"deepseek_v3", "deepseek_v32"}
+KV_GROUP_SIZE = 64  # values per scale and bias of a quantised KV cache (mlx-lm's default)
 
 
 @dataclass
@@ -35,6 +36,10 @@ class Stage:
     # One empty cache per layer of the whole model, as the family's own make_cache builds them
     # (rotating caches for sliding-window layers, cache lists for indexed attention).
     templates: list = field(default_factory=list)
+    # KV cache quantised to these bits after every forward, as mlx-lm's generate_step does with
+    # kv_bits, kv_group_size and quantized_kv_start=0 (None: kept in the activation dtype)
+    kv_bits: int | None = None
+    kv_group_size: int = KV_GROUP_SIZE
 
     def __post_init__(self) -> None:
         if not self.templates:
@@ -86,6 +91,8 @@ class Stage:
             if kind not in masks:
                 masks[kind] = create_attention_mask(h, source, return_array=as_array)
             h = layer(h, masks[kind], cache=c)
+        if self.kv_bits is not None:
+            quantize_caches(cache, self.kv_bits, self.kv_group_size)
         return h
 
     def logits(self, h: mx.array) -> mx.array:
@@ -93,6 +100,15 @@ class Stage:
         if hasattr(self.model, "lm_head"):
             return self.model.lm_head(h)
         return self.inner.embed_tokens.as_linear(h)
+
+
+def quantize_caches(cache: list, bits: int, group_size: int = KV_GROUP_SIZE) -> None:
+    """Turns, in place, every cache that can be quantised (a full KV cache) into mlx-lm's
+    QuantizedKVCache; others (already quantised, cache lists, recurrent states) stay. mlx-lm's
+    maybe_quantize_kv_cache with quantized_kv_start=0 does the same after each model call."""
+    for i, c in enumerate(cache):
+        if hasattr(c, "to_quantized"):
+            cache[i] = c.to_quantized(group_size=group_size, bits=bits)
 
 
 def attention_cache(cache):
