@@ -30,6 +30,8 @@ PARALLEL = ("pipeline", "expert", "tensor")
 BACKENDS = ("ring", "jaccl")  # MLX's: TCP over any network, RDMA over Thunderbolt 5
 ATTENTION = ("replicated", "sharded")
 KV_BITS = (None, 4, 8)  # as mlx-lm's quantised KV cache
+SPECULATIVE = ("none", "ngram")  # how rank 0 drafts tokens for speculative decoding
+DRAFT_TOKENS = 4  # drafted tokens a speculative step checks, by default
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class RankSpec:
     kv_bits: int | None = None  # every rank: KV cache quantised to 4 or 8 bits (None: not)
     # rank 0: bytes of KV cache every rank keeps for known prefixes (None: the rank's default)
     prompt_cache_bytes: int | None = None
+    # rank 0: speculative decoding ("none" or "ngram": prompt lookup) and drafts per step
+    speculative: str = "none"
+    draft_tokens: int = DRAFT_TOKENS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts or ()))
@@ -68,6 +73,10 @@ class RankSpec:
             raise ValueError("kv_bits must be 4 or 8")
         if self.prompt_cache_bytes is not None and self.prompt_cache_bytes < 0:
             raise ValueError("prompt_cache_bytes must be 0 (off) or more")
+        if self.speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}")
+        if not 1 <= self.draft_tokens <= 16:
+            raise ValueError("draft_tokens must be between 1 and 16")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}")
         if self.attention not in ATTENTION:
@@ -135,6 +144,8 @@ class RankSpec:
             argv += ["--kv-bits", str(self.kv_bits)]
         if self.prompt_cache_bytes is not None:
             argv += ["--prompt-cache-bytes", str(self.prompt_cache_bytes)]
+        if self.speculative != "none":
+            argv += ["--speculative", self.speculative, "--draft-tokens", str(self.draft_tokens)]
         return argv
 
     @classmethod
@@ -207,4 +218,6 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="KV cache kept for known prefixes, in bytes per rank (0: off)",
     )
+    p.add_argument("--speculative", choices=SPECULATIVE, default="none")
+    p.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS)
     return p

@@ -297,6 +297,7 @@ def _serve_api(
     tokenizer = load_tokenizer(spec.model, eos_token_ids=ends)
     prefix = _prefix_cache(spec, stage, figures)
     coordinator = Coordinator(runner, tokenizer, set(tokenizer.eos_token_ids), prefix=prefix)
+    coordinator.speculate(spec.speculative, spec.draft_tokens)
     # Pipeline prefill in chunks small enough for every stage to work on one at once.
     coordinator.prefill_chunk = rank_prefill_chunk(stage.config, spec.split, spec.backend)
     context = stage.config.get("max_position_embeddings")

@@ -21,6 +21,7 @@ from mlxdist.runtime.prefix_store import PrefixStore, clone_all
 from mlxdist.runtime.ringwait import RingWaiter
 from mlxdist.runtime.runner import InterleavingRunner
 from mlxdist.runtime.sampling import Sampler
+from mlxdist.runtime.speculative import verify
 from mlxdist.runtime.stage import Stage, cache_offset
 from mlxdist.runtime.step import (
     _CTRL,
@@ -32,6 +33,7 @@ from mlxdist.runtime.step import (
     LOGITS,
     NEW,
     SAMPLE,
+    VERIFY,
     Step,
 )
 from quantize.memory import peak_rss
@@ -63,6 +65,8 @@ class Runner(InterleavingRunner):
     """One rank's part of the pipeline: its stage, a KV cache per sequence slot, and (on the
     last rank) a sampler per slot."""
 
+    verifies = True  # takes VERIFY steps (speculative decoding)
+
     def __init__(self, stage: Stage, group: mx.distributed.Group):
         self.stage = stage
         self.group = group
@@ -70,7 +74,8 @@ class Runner(InterleavingRunner):
         self.size = group.size()
         self.caches: dict[int, list] = {0: stage.make_cache()}
         self.samplers: dict[int, Sampler] = {0: Sampler()}
-        self.replies: deque[int] = deque()  # rank 0: the flags of steps whose reply is due
+        # rank 0: the flags and lengths of steps whose reply is due
+        self.replies: deque[tuple[int, int]] = deque()
         self.ready: deque[mx.array] = deque()  # rank 0 alone: replies computed in place
         self.data_bytes = 0  # hidden states, token ids, logits
         self.control_bytes = 0  # control vectors
@@ -107,6 +112,9 @@ class Runner(InterleavingRunner):
             if self.stage.is_last:
                 self.samplers[step.slot] = Sampler(step.temp, step.top_p, step.seed)
         cache = self.caches[step.slot]
+        if step.trim:  # the drafts the slot's last step rejected
+            for c in cache:
+                c.trim(step.trim)
         self.steps += 1
         h = self.stage.forward(h, cache)
         if not self.stage.is_last:
@@ -117,10 +125,12 @@ class Runner(InterleavingRunner):
         if not step.flags & (SAMPLE | LOGITS):
             mx.eval([c.state for c in cache])
             return None
-        logits = self.stage.logits(h[:, -1, :])
-        if step.flags & LOGITS:
-            out = logits.astype(mx.float32).reshape(-1)
+        if step.flags & VERIFY:
+            out = verify(self.stage.logits(h[0]), step.drafts, self.samplers[step.slot])
+        elif step.flags & LOGITS:
+            out = self.stage.logits(h[:, -1, :]).astype(mx.float32).reshape(-1)
         else:
+            logits = self.stage.logits(h[:, -1, :])
             sampler = self.samplers[step.slot]
             out = sampler(logits - mx.logsumexp(logits, keepdims=True)).astype(mx.int32)
         mx.eval(out)
@@ -130,10 +140,12 @@ class Runner(InterleavingRunner):
 
     def _pass_on(self, step: Step, h: mx.array) -> None:
         link = self.outbox
-        if link.bare(step.slot, step.length, step.flags, step.dtype, SAMPLE):
+        if not step.trim and link.bare(step.slot, step.length, step.flags, step.dtype, SAMPLE):
             link.took(step.slot, BACK)
         else:
             self._send_control(step)
+            if step.flags & VERIFY:
+                self._send(mx.array(step.drafts, mx.int32), self.rank + 1, control=True)
         self._send(h, self.rank + 1)
 
     def _send_control(self, step: Step) -> None:
@@ -162,6 +174,8 @@ class Runner(InterleavingRunner):
         step = Step.decode(words[:_CTRL])
         for slot in _record(link, step):
             self._release(slot)
+        if step.cmd == CMD_STEP and step.flags & VERIFY:
+            step.drafts = self._recv((step.length - 1,), mx.int32, prev).tolist()
         return step, None
 
     def send(self, tokens: list[int], step: Step) -> bool:
@@ -171,21 +185,27 @@ class Runner(InterleavingRunner):
         replies come back in the order the steps were sent."""
         h = self.stage.embed(mx.array([tokens]))
         step.length = len(tokens)
+        if step.flags & VERIFY:
+            step.drafts = list(tokens[1:])
         out = self._apply(step, h)
         if not step.flags & (SAMPLE | LOGITS):
             return False
         if out is not None:
             self.ready.append(out)
         else:
-            self.replies.append(step.flags)
+            self.replies.append((step.flags, step.length))
         return True
 
     def receive(self) -> mx.array:
-        """Rank 0: the reply of the oldest step still due."""
+        """Rank 0: the reply of the oldest step still due: a token id, logits, or a VERIFY
+        step's [n, n tokens, padding] (see speculative.verify)."""
         if self.ready:
             return self.ready.popleft()
-        if self.replies.popleft() & LOGITS:
+        flags, length = self.replies.popleft()
+        if flags & LOGITS:
             return self._recv((self.stage.vocab_size,), mx.float32, self.size - 1)
+        if flags & VERIFY:
+            return self._recv((length + 1,), mx.int32, self.size - 1)
         return self._recv((1,), mx.int32, self.size - 1)
 
     def step(self, tokens: list[int], step: Step) -> mx.array | None:

@@ -44,7 +44,7 @@ class StepRunner(Protocol):
 class InterleavingRunner(StepRunner, Protocol):
     """A runner whose steps of different sequences (slots) may be in flight at once."""
 
-    replies: deque[int]  # the steps whose reply is still due, in the order sent
+    replies: deque  # the steps whose reply is still due, in the order sent
 
     def send(self, tokens: list[int], step: Step) -> bool:
         """Puts a step in; True when it has a reply for `receive` to collect."""

@@ -58,6 +58,31 @@ def verify_sampled(
     return out, key
 
 
+def verify(logits: mx.array, drafts: list[int], sampler) -> mx.array:
+    """The last rank's reply to a VERIFY step: logits (k+1, vocab) at the last sampled token and
+    k drafts, checked with the sequence's sampler (its temperature, top-p and random key).
+    Returns [n, the n tokens, zeros] of length k+2: a fixed size rank 0 knows to receive."""
+    if sampler.temp == 0:
+        tokens = verify_greedy(logits, drafts)
+    else:
+        key = sampler.key if sampler.key is not None else mx.random.key(_fresh_seed())
+        probs = distributions(logits.astype(mx.float32), sampler.temp, sampler.top_p)
+        tokens, key = verify_sampled(probs, drafts, None, key)
+        if sampler.key is not None:
+            sampler.key = key
+    return mx.array([len(tokens), *tokens] + [0] * (len(drafts) + 1 - len(tokens)), mx.int32)
+
+
+def replied(out: mx.array) -> list[int]:
+    """The tokens a VERIFY reply carries."""
+    values = out.tolist()
+    return values[1 : 1 + values[0]]
+
+
+def _fresh_seed() -> int:
+    return int(mx.random.randint(0, 2**31 - 1, ()).item())
+
+
 def _draw(weights: mx.array, key: mx.array) -> int:
     """One index with probability proportional to weights (which need not sum to 1)."""
     return mx.random.categorical(mx.log(weights), key=key).item()

@@ -4,7 +4,7 @@ control vector that carries them (the same for pipeline and lock-step runners)."
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
@@ -12,8 +12,11 @@ CMD_STEP, CMD_STOP, CMD_STATS = 1, 2, 3
 # The prefix cache's commands: a slot's cache kept as entry `src`, entry `src` dropped.
 CMD_KEEP, CMD_EVICT = 4, 5
 NEW, SAMPLE, LOGITS = 1, 2, 4  # step flags: new sequence, reply with a token, reply with logits
+# A speculative step: its tokens are the last sampled one and drafts, and the reply is the
+# drafts the model accepts and the token after them (lock step keeps 8 for a flag of its own).
+VERIFY = 16
 _DTYPES = [mx.float32, mx.float16, mx.bfloat16]
-_CTRL = 11  # int32 words in a control vector
+_CTRL = 12  # int32 words in a control vector
 
 
 def _f2i(x: float) -> int:
@@ -41,14 +44,30 @@ class Step:
     # cut to its first `keep` positions; 0: an empty cache.
     src: int = 0
     keep: int = 0
+    # Positions the slot's caches drop before this step: the drafts its last step rejected.
+    trim: int = 0
+    # A VERIFY step's drafted token ids (they travel after the control vector, not in it).
+    drafts: list[int] = field(default_factory=list)
 
     def encode(self) -> mx.array:
         fields = [self.cmd, self.length, self.flags, _DTYPES.index(self.dtype), self.seed]
         fields += [_f2i(self.temp), _f2i(self.top_p), self.slot, self.freed, self.src, self.keep]
+        fields += [self.trim]
         return mx.array(fields, dtype=mx.int32)
 
     @classmethod
     def decode(cls, c: list[int]) -> Step:
         return cls(
-            c[1], c[2], _DTYPES[c[3]], c[4], _i2f(c[5]), _i2f(c[6]), c[0], c[7], c[8], c[9], c[10]
+            c[1],
+            c[2],
+            _DTYPES[c[3]],
+            c[4],
+            _i2f(c[5]),
+            _i2f(c[6]),
+            c[0],
+            c[7],
+            c[8],
+            c[9],
+            c[10],
+            c[11],
         )

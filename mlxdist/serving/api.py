@@ -232,6 +232,8 @@ def create_app(
         out = {"ranks": event.ranks, "in_flight_peak": event.in_flight_peak}
         if event.prefix_cache is not None:
             out["prefix_cache"] = event.prefix_cache
+        if event.speculative is not None:
+            out["speculative"] = event.speculative
         return out
 
     async def failed(event: Failed) -> APIError:

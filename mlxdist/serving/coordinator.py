@@ -13,7 +13,6 @@ import time
 
 from launcher.rankspec import PREFILL_CHUNK
 from mlxdist.runtime.runner import InterleavingRunner, StepRunner
-from mlxdist.runtime.stage import cache_offset
 from mlxdist.serving.batcher import Batcher, BatchingRunner
 from mlxdist.serving.events import Failed, Logits, Stats
 from mlxdist.serving.generate import generate_tokens, last_logits
@@ -21,6 +20,7 @@ from mlxdist.serving.job import Job
 from mlxdist.serving.prefix_cache import PrefixCache, remember
 from mlxdist.serving.scheduler import Interleaver
 from mlxdist.serving.sequence import Sequence
+from mlxdist.serving.speculation import Speculation
 
 # Sequences rank 0 keeps open at once; later requests wait in the queue. At most 30: a control
 # vector names the slots that ended as bits of one int32 (slot 0 is kept for jobs run alone).
@@ -39,6 +39,7 @@ class Coordinator:
         self.runner = runner
         self.prefix = prefix  # the prefix cache's index (None: off)
         self._prefill_chunk = PREFILL_CHUNK
+        self.speculation = Speculation()
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_sequences = max_sequences
@@ -63,6 +64,13 @@ class Coordinator:
         self._prefill_chunk = chunk
         if self.scheduler is not None:
             self.scheduler.prefill_chunk = chunk
+
+    def speculate(self, mode: str, draft_tokens: int) -> None:
+        """Sets speculative decoding: "none" or "ngram" (prompt lookup), drafts per step."""
+        self.speculation = Speculation(mode, draft_tokens)
+        if isinstance(self.scheduler, Interleaver):
+            self.scheduler.draft_tokens = self.draft_tokens
+            self.scheduler.count = self.speculation.count
 
     @property
     def interleaves(self) -> bool:
@@ -107,7 +115,10 @@ class Coordinator:
             if job.logits:
                 job.emit(Logits(last_logits(self.runner, job.prompt).tolist()))
             elif job.stats:
-                job.emit(Stats(self.runner.stats(), self.in_flight_peak, self._prefix_figures()))
+                spec = self.speculation
+                figures = spec.figures() if spec.mode != "none" else None
+                ranks, prefix = self.runner.stats(), self._prefix_figures()
+                job.emit(Stats(ranks, self.in_flight_peak, prefix, speculative=figures))
             else:
                 self._generate(job)
         except Exception as e:  # a failed job must not take the loop down with it
@@ -135,14 +146,21 @@ class Coordinator:
             chunk=self.prefill_chunk,
             src=seq.source.src,
             keep=seq.source.keep,
+            draft_tokens=self.draft_tokens(job),
+            fed=seq.fed,
+            count=self.speculation.count,
         )
-        sampled = []  # every token, an end token too: one rank's decode may have fed it
         for t in tokens:
-            sampled.append(t)
             if seq.add(t):
                 break
-        tokens.close()  # a one-rank decode's step ahead is in the caches now
+        tokens.close()
         seq.finish()
         if self.prefix is not None and job.max_tokens > 0:
-            held = cache_offset(self.runner.cache)
-            remember(self.prefix, self.runner, 0, (job.prompt + sampled)[:held])
+            remember(self.prefix, self.runner, 0, seq.fed)
+
+    def draft_tokens(self, job: Job) -> int:
+        """How many tokens prompt lookup may draft per step for job (0: no speculation, also
+        where the runner cannot check drafts)."""
+        if not getattr(self.runner, "verifies", False):
+            return 0
+        return self.speculation.draft_tokens if self.speculation.mode == "ngram" else 0

@@ -49,6 +49,7 @@ class Stats:
     ranks: list[dict]
     in_flight_peak: int
     prefix_cache: dict | None = None  # rank 0's index: entries, bytes, budget, hits
+    speculative: dict | None = None  # drafts checked and accepted, when speculation is on
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import mlx.core as mx
 
 from launcher.rankspec import PREFILL_CHUNK
+from mlxdist.runtime.drafting import PromptLookup
 from mlxdist.runtime.runner import StepRunner
-from mlxdist.runtime.step import LOGITS, NEW, SAMPLE, Step
+from mlxdist.runtime.speculative import replied
+from mlxdist.runtime.step import LOGITS, NEW, SAMPLE, VERIFY, Step
 from mlxdist.serving.schedule import prefill_steps
 
 
@@ -24,10 +26,17 @@ def generate_tokens(
     chunk: int = PREFILL_CHUNK,
     src: int = 0,
     keep: int = 0,
+    draft_tokens: int = 0,
+    fed: list[int] | None = None,
+    count: Callable[[int, int], None] | None = None,
 ) -> Iterator[int]:
     """Yields sampled token ids until an end-of-sequence token or max_tokens. With src, the
     caches start as the prefix cache's entry src cut to the prompt's first `keep` positions,
-    and only the rest of the prompt is computed."""
+    and only the rest of the prompt is computed. draft_tokens: up to this many tokens drafted
+    by prompt lookup are checked in each step (speculative decoding). fed, when given, gets
+    the tokens the caches hold as they change (for the prefix cache); count(drafted, accepted)
+    is told each speculative step's figures."""
+    fed = [] if fed is None else fed
     steps = prefill_steps(prompt[keep:], chunk=chunk)
     if max_tokens <= 0:
         return
@@ -35,19 +44,63 @@ def generate_tokens(
     for tokens, flags in steps:
         cached = {"src": src, "keep": keep} if flags & NEW else {}
         token = runner.step(tokens, Step(0, flags, **sampling, **cached))
+    fed.extend(prompt)
+    if draft_tokens > 0:
+        yield from _decode_speculative(
+            runner, token, prompt, max_tokens, eos_ids, draft_tokens, fed, count
+        )
+        return
     if runner.size == 1:
-        yield from _decode_overlapped(runner, token, max_tokens, eos_ids)
+        yield from _decode_overlapped(runner, token, max_tokens, eos_ids, fed)
         return
     for n in range(max_tokens):
         t = token.item()
         yield t
         if t in eos_ids or n + 1 == max_tokens:
             return
+        fed.append(t)
         token = runner.step([t], Step(0, SAMPLE))
 
 
+def _decode_speculative(
+    runner: StepRunner,
+    token: mx.array,
+    prompt: list[int],
+    max_tokens: int,
+    eos_ids: set[int] | frozenset[int],
+    draft_tokens: int,
+    fed: list[int],
+    count: Callable[[int, int], None] | None,
+) -> Iterator[int]:
+    """Each step feeds the last token and what prompt lookup drafts after it; the reply is the
+    drafts the model accepted and the token after them. The next step drops the rejected
+    drafts' positions from every rank's caches."""
+    lookup = PromptLookup(prompt)
+    pending, emitted, trim = [token.item()], 0, 0
+    while True:
+        for t in pending:
+            yield t
+            emitted += 1
+            if t in eos_ids or emitted == max_tokens:
+                return
+            lookup.extend([t])
+        last = pending[-1]
+        drafts = lookup.draft(min(draft_tokens, max_tokens - emitted - 1))
+        step = Step(0, SAMPLE | (VERIFY if drafts else 0), trim=trim)
+        out = runner.step([last, *drafts], step)
+        pending = replied(out) if drafts else [out.item()]
+        trim = len(drafts) - (len(pending) - 1)
+        if drafts and count is not None:
+            count(len(drafts), len(pending) - 1)
+        fed.extend([last, *drafts[: len(pending) - 1]])
+
+
 def _decode_overlapped(
-    runner: StepRunner, token: mx.array, max_tokens: int, eos_ids: set[int] | frozenset[int]
+    runner: StepRunner,
+    token: mx.array,
+    max_tokens: int,
+    eos_ids: set[int] | frozenset[int],
+    fed: list[int],
 ) -> Iterator[int]:
     """One rank, no ring: as mlx-lm's generate_step, the next step is built and queued while
     the current one computes, so Python's share of a step overlaps MLX's. The same operations
@@ -65,6 +118,8 @@ def _decode_overlapped(
             following = step(token)
             mx.async_eval(following)
         t = token.item()
+        if not last:
+            fed.append(t)  # the step ahead has fed it, whether or not it is the end
         yield t
         if t in eos_ids or last:
             return

@@ -14,8 +14,10 @@ from collections import deque
 from collections.abc import Callable
 
 from launcher.rankspec import PREFILL_CHUNK
+from mlxdist.runtime.drafting import PromptLookup
 from mlxdist.runtime.runner import InterleavingRunner
-from mlxdist.runtime.step import NEW, SAMPLE, Step
+from mlxdist.runtime.speculative import replied
+from mlxdist.runtime.step import NEW, SAMPLE, VERIFY, Step
 from mlxdist.serving.events import Failed
 from mlxdist.serving.job import Job
 from mlxdist.serving.prefix_cache import PrefixCache, remember
@@ -52,6 +54,9 @@ class Interleaver:
         self.stopping = False
         self.prefix = prefix  # the prefix cache's index, or None
         self.prefill_chunk = PREFILL_CHUNK
+        # job -> tokens prompt lookup may draft per step (0: none); (drafted, accepted) -> None
+        self.draft_tokens: Callable[[Job], int] = lambda job: 0
+        self.count: Callable[[int, int], None] = lambda drafted, accepted: None
 
     def run(self) -> None:
         while not (self.stopping and self.open == 0):
@@ -118,8 +123,22 @@ class Interleaver:
             step = Step(0, flags, slot=seq.slot, src=src, keep=keep, **sampling)
             seq.fed += tokens
             return self.runner.send(tokens, step)
-        seq.fed.append(seq.tokens[-1])
-        return self.runner.send(seq.tokens[-1:], Step(0, SAMPLE, slot=seq.slot))
+        drafts = self._drafts(seq)
+        tokens = [seq.tokens[-1], *drafts]
+        step = Step(0, SAMPLE | (VERIFY if drafts else 0), slot=seq.slot, trim=seq.trim)
+        seq.trim, seq.drafted = 0, len(drafts)
+        seq.fed += tokens
+        return self.runner.send(tokens, step)
+
+    def _drafts(self, seq: Sequence) -> list[int]:
+        """Prompt lookup's drafts for the sequence's next step, when speculation is on: no more
+        than the answer still has room for after the step's own token."""
+        k = self.draft_tokens(seq.job)
+        if k <= 0:
+            return []
+        if seq.drafter is None:
+            seq.drafter = PromptLookup([*seq.job.prompt, *seq.tokens])
+        return seq.drafter.draft(min(k, seq.job.max_tokens - len(seq.tokens) - 1))
 
     def _running(self) -> dict[int, list[int]]:
         """Open sequences' slots and the tokens their caches hold: a new prompt may start from
@@ -127,14 +146,25 @@ class Interleaver:
         return {s.slot: s.fed for s in [*self.ready, *self.in_flight] if s.fed}
 
     def _deliver_oldest(self) -> None:
-        token = self.runner.receive().item()  # its sequence stays listed if this raises
-        self._deliver(self.in_flight.popleft(), token)
+        out = self.runner.receive()  # its sequence stays listed if this raises
+        seq = self.in_flight[0]
+        tokens = replied(out) if seq.drafted else [out.item()]
+        self._deliver(self.in_flight.popleft(), tokens)
 
-    def _deliver(self, seq: Sequence, token: int) -> None:
-        if seq.add(token):
-            self._close(seq)
-        else:
-            self.ready.append(seq)
+    def _deliver(self, seq: Sequence, tokens: list[int]) -> None:
+        if seq.drafted:  # a VERIFY step: the drafts after the accepted ones leave the caches
+            accepted = len(tokens) - 1
+            seq.trim = seq.drafted - accepted
+            del seq.fed[len(seq.fed) - seq.trim :]
+            self.count(seq.drafted, accepted)
+            seq.drafted = 0
+        for t in tokens:
+            if seq.add(t):
+                self._close(seq)
+                return
+            if seq.drafter is not None:
+                seq.drafter.extend([t])
+        self.ready.append(seq)
 
     def _close(self, seq: Sequence) -> None:
         seq.finish()

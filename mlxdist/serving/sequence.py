@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from mlxdist.runtime.drafting import PromptLookup
 from mlxdist.serving.events import Done, Token
 from mlxdist.serving.job import Job
 from mlxdist.serving.prefix_cache import NO_MATCH
@@ -25,6 +26,9 @@ class Sequence:
         self.prefill: deque[tuple[list[int], int]] | None = None  # prompt steps still to send
         self.fed: list[int] = []  # the tokens its caches hold (or will, once sent steps land)
         self.source = NO_MATCH  # the prefix cache's source its caches start from
+        self.drafter: PromptLookup | None = None  # speculative decoding's, when on
+        self.drafted = 0  # drafts in the step in flight
+        self.trim = 0  # positions its next step drops: the drafts its last step rejected
 
     def add(self, t: int) -> bool:
         """Takes the next sampled token; returns True when the answer is complete."""
