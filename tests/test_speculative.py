@@ -34,8 +34,9 @@ def mlx_lm_answers(tiny_r1_no_mtp):
     ]
 
 
-def _answer(url: str, prompt: list[int]) -> list[int]:
+def _answer(url: str, prompt: list[int], **extra) -> list[int]:
     body = {"prompt": prompt, "max_tokens": ANSWER, "temperature": 0.0, "ignore_eos": True}
+    body |= extra
     r = httpx.post(url + "/v1/completions", json=body | {"return_token_ids": True}, timeout=300)
     r.raise_for_status()
     return r.json()["choices"][0]["token_ids"]
@@ -58,7 +59,16 @@ def test_greedy_answers_equal_without_speculation(ranks, tiny_r1_no_mtp, mlx_lm_
         for t in threads:
             t.join()
         figures = httpx.get(url + "/mlxdist/stats", timeout=60).json()["speculative"]
+        # a request's own settings: off, or another draft length
+        off = _answer(url, PROMPTS[0], speculative="none")
+        after_off = httpx.get(url + "/mlxdist/stats", timeout=60).json()["speculative"]
+        two = _answer(url, PROMPTS[0], draft_tokens=2)
+        after_two = httpx.get(url + "/mlxdist/stats", timeout=60).json()["speculative"]
     print(f"{ranks}, {k} drafts: {figures}")
+    assert off == two == mlx_lm_answers[0]
+    assert after_off["passes"] == figures["passes"]
+    passes = after_two["passes"] - after_off["passes"]
+    assert 0 < passes and after_two["drafted"] - after_off["drafted"] <= 2 * passes
     assert alone == mlx_lm_answers
     assert [together[i] for i in range(len(PROMPTS))] == mlx_lm_answers
     assert figures["mode"] == "ngram" and figures["draft_tokens"] == k

@@ -173,6 +173,8 @@ def create_app(
             seed=-1 if req.seed is None else req.seed,
             stop=req.stops(),
             ignore_eos=req.ignore_eos,
+            speculative=req.speculative,
+            draft_tokens=req.draft_tokens,
             loop=asyncio.get_running_loop(),
         )
 

@@ -116,7 +116,7 @@ class Coordinator:
                 job.emit(Logits(last_logits(self.runner, job.prompt).tolist()))
             elif job.stats:
                 spec = self.speculation
-                figures = spec.figures() if spec.mode != "none" else None
+                figures = spec.figures() if spec.mode != "none" or spec.passes else None
                 ranks, prefix = self.runner.stats(), self._prefix_figures()
                 job.emit(Stats(ranks, self.in_flight_peak, prefix, speculative=figures))
             else:
@@ -163,4 +163,5 @@ class Coordinator:
         where the runner cannot check drafts)."""
         if not getattr(self.runner, "verifies", False):
             return 0
-        return self.speculation.draft_tokens if self.speculation.mode == "ngram" else 0
+        mode = job.speculative or self.speculation.mode
+        return (job.draft_tokens or self.speculation.draft_tokens) if mode == "ngram" else 0

@@ -21,6 +21,8 @@ class Job:
     logits: bool = False  # return the last position's logits instead of generating
     stats: bool = False  # return every rank's traffic counters instead of generating
     ignore_eos: bool = False  # go on past end-of-sequence tokens to max_tokens
+    speculative: str | None = None  # "none" or "ngram" for this request (None: the server's)
+    draft_tokens: int | None = None  # drafts per step for this request (None: the server's)
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)

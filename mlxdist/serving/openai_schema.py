@@ -48,6 +48,9 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False  # mlxdist extension: the generated ids in each choice
     ignore_eos: bool = False  # as llama.cpp's server: answer max_tokens tokens (for benchmarks)
+    # mlxdist extensions: this request's speculative decoding, instead of the server's
+    speculative: Literal["none", "ngram"] | None = None
+    draft_tokens: int | None = Field(None, ge=1, le=16)
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
