@@ -233,8 +233,8 @@ def _start_heartbeat(spec: RankSpec, rank: int, size: int):
 def _prefix_cache(spec: RankSpec, stage, figures: list):
     """Rank 0's index of the prefix cache, or None when it is off or the model's caches cannot
     be copied. Its budget bounds the entries' bytes on the rank that holds the most of them."""
-    from mlxdist.runtime.prefix_store import can_cut, reusable
-    from mlxdist.serving.prefix_cache import PrefixCache, can_cut_all
+    from mlxdist.runtime.prefix_store import can_cut, grows, reusable
+    from mlxdist.serving.prefix_cache import PrefixCache, can_cut_all, layer_scale
 
     budget = spec.prompt_cache_bytes
     if budget is None:  # no plan gave one: a quarter of what this machine has left
@@ -246,8 +246,9 @@ def _prefix_cache(spec: RankSpec, stage, figures: list):
     if not all(reusable(t) for t in stage.templates):
         _log(0, "prefix cache off: this model's caches cannot be copied")
         return None
-    layers = [end - start for _, _, _, _, _, start, end, *_ in figures]
-    scale = max(layers) / max(1, layers[0]) if spec.parallel == "pipeline" else 1.0
+    ranges = [(start, end) for _, _, _, _, _, start, end, *_ in figures]
+    kinds = [grows(t) for t in stage.templates]
+    scale = layer_scale(kinds, ranges) if spec.parallel == "pipeline" else 1.0
     _log(0, f"prefix cache: up to {budget / 2**20:.0f} MiB of KV cache per rank")
     return PrefixCache(budget, can_cut_all(stage.templates, can_cut), scale)
 

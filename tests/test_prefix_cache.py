@@ -7,6 +7,7 @@ from cached tokens, every rank must hold the same entries and none more bytes th
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -28,7 +29,7 @@ BYTES_PER_TOKEN_LAYER = 384
 ROOM = 330
 
 MODES = {
-    "pipeline-2": ([2, 2], {}, 2),
+    "pipeline-3": ([2, 1, 1], {}, 2),  # a middle rank passes the commands on
     "one-rank": ([4], {}, 4),
     "expert-2": ([2, 2], {"parallel": "expert"}, 4),
     "tensor-2": ([2, 2], {"parallel": "tensor"}, 4),
@@ -48,6 +49,26 @@ def mlx_lm_answer(tiny_r1_no_mtp):
         return made[tuple(prompt)]
 
     return answer
+
+
+def _ask_streamed(url: str, prompt: list[int], when_started) -> tuple[list[int], int]:
+    """_ask, streamed, calling when_started() once the first token has come."""
+    body = {"prompt": prompt, "max_tokens": ANSWER, "temperature": 0.0, "ignore_eos": True}
+    body |= {"stream": True, "return_token_ids": True, "stream_options": {"include_usage": True}}
+    tokens, cached = [], None
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            for choice in event.get("choices") or []:
+                if choice.get("token_ids"):
+                    if not tokens:
+                        when_started()
+                    tokens += choice["token_ids"]
+            if event.get("usage"):
+                cached = event["usage"]["prompt_tokens_details"]["cached_tokens"]
+    return tokens, cached
 
 
 def _ask(url: str, prompt: list[int]) -> tuple[list[int], int]:
@@ -71,11 +92,12 @@ def test_conversations_equal_mlx_lm_with_evictions_and_ranks_agree(
         def first_turn(name: str) -> None:
             got[name] = _ask(url, prompts[name])
 
-        threads = [threading.Thread(target=first_turn, args=(n,)) for n in ("a", "b")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        # b's first turn is sent once a's has streamed its first token: it starts from a's
+        # caches while a still runs (or from a's entry, if a has just finished)
+        second = threading.Thread(target=first_turn, args=("b",))
+        got["a"] = _ask_streamed(url, prompts["a"], when_started=second.start)
+        second.join()
+        assert got["b"][1] >= len(SHARED)
         cached = []
         for name in ("a", "b"):
             assert got[name][0] == mlx_lm_answer(prompts[name]), (mode, name, 1)

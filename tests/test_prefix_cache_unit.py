@@ -204,3 +204,59 @@ def test_store_figures_match_on_equal_entries():
     assert a.figures()[2] != b.figures()[2] and b.figures()[:2] == [1, whole]
     started = a.start(3, 7)
     assert started[0].offset == 7
+
+
+def test_room_is_made_before_keeping_and_an_entry_alone_over_budget_is_not_kept():
+    index = PrefixCache(100, ANY)
+    assert index.make_room(50) == []  # nothing kept yet: no estimate
+    a = index.admit([1, 1, 1, 1])
+    index.kept(a, [1, 1, 1, 1], 40)  # 10 bytes a token from now on
+    b = index.admit([2, 2, 2, 2])
+    index.kept(b, [2, 2, 2, 2], 40)
+    assert index.make_room(3) == [a]  # 80 + 30 > 100: the oldest goes first
+    assert index.make_room(11) is None  # 110 bytes alone: not kept
+
+
+class _Runner:
+    """Records the commands remember gives; keep fails when told to."""
+
+    def __init__(self, fail: bool):
+        self.fail, self.commands = fail, []
+
+    def keep(self, slot, entry, length):
+        self.commands.append(("keep", entry))
+        if self.fail:
+            raise RuntimeError("out of memory")
+        return 10 * length
+
+    def evict(self, entry):
+        self.commands.append(("evict", entry))
+
+
+def test_remember_never_raises_and_a_failed_keep_is_dropped_everywhere(capsys):
+    from mlxdist.serving.prefix_cache import remember
+
+    index = PrefixCache(10**6, ANY)
+    broken = _Runner(fail=True)
+    remember(index, broken, 3, [1, 2, 3])
+    assert broken.commands == [("keep", 1), ("evict", 1)] and index.entries == {}
+    assert "could not keep an entry: out of memory" in capsys.readouterr().err
+    working = _Runner(fail=False)
+    remember(index, working, 3, [1, 2, 3])
+    assert working.commands == [("keep", 2)] and list(index.entries) == [2]
+
+
+@pytest.mark.parametrize(
+    "grows, ranges, scale",
+    [
+        ([True] * 4, [(0, 2), (2, 4)], 1.0),
+        ([True] * 4, [(0, 1), (1, 4)], 3.0),
+        # gpt-oss alternates windows and full layers: 2 full layers on rank 0, 3 on rank 1
+        ([False, True] * 5, [(0, 4), (4, 10)], 1.5),
+        ([False, False, True, True], [(0, 2), (2, 4)], 1.0),  # rank 0 only windows: layers
+    ],
+)
+def test_layer_scale(grows, ranges, scale):
+    from mlxdist.serving.prefix_cache import layer_scale
+
+    assert layer_scale(grows, ranges) == scale

@@ -40,6 +40,13 @@ def can_cut(template, length: int, keep: int) -> bool:
     return False
 
 
+def grows(template) -> bool:
+    """Whether a cache of this kind grows with the context (a full cache), unlike a window."""
+    if isinstance(template, CacheList):
+        return any(grows(c) for c in template.caches)
+    return isinstance(template, (KVCache, QuantizedKVCache))
+
+
 def reusable(template) -> bool:
     """Whether this kind of cache can be copied at all (else the model gets no prefix cache)."""
     if isinstance(template, CacheList):

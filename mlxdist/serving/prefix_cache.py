@@ -9,6 +9,7 @@ holds costs less than a trie's per-token Python nodes would to build.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ class PrefixCache:
         self.hits = 0  # requests that started from a cached prefix
         self.cached_tokens = 0  # prompt tokens they did not compute
         self.evictions = 0  # entries dropped to stay within the budget
+        self.per_token = 0.0  # bytes per token the last entry kept took, for estimates
 
     @property
     def nbytes(self) -> int:
@@ -106,6 +108,24 @@ class PrefixCache:
         entry, self.next_id = self.next_id, self.next_id + 1
         return entry
 
+    def make_room(self, length: int) -> list[int] | None:
+        """The entries to drop before keeping one of `length` tokens, so that the budget holds
+        with it too (estimated from the bytes per token of the last entry kept); None when it
+        alone would be over the budget: then it is not kept at all."""
+        need = int(self.per_token * length)
+        if need > self.budget:
+            return None
+        gone = []
+        while self.entries and self.nbytes + need > self.budget:
+            gone.append(self._drop_oldest())
+        return gone
+
+    def _drop_oldest(self) -> int:
+        oldest = min(self.entries, key=lambda i: self.entries[i].used)
+        del self.entries[oldest]
+        self.evictions += 1
+        return oldest
+
     def kept(self, entry: int, tokens: Sequence[int], rank0_bytes: int) -> list[int]:
         """Records an entry every rank now holds; returns the entries to drop: those it makes
         redundant (prefixes it can be cut to), then the least recently used while over budget
@@ -119,24 +139,47 @@ class PrefixCache:
         ]
         for i in gone:
             del self.entries[i]
-        self.entries[entry] = Entry(t, int(rank0_bytes * self.scale), self.clock)
+        nbytes = int(rank0_bytes * self.scale)
+        self.entries[entry] = Entry(t, nbytes, self.clock)
+        self.per_token = nbytes / len(t)
         while self.entries and self.nbytes > self.budget:
-            oldest = min(self.entries, key=lambda i: self.entries[i].used)
-            del self.entries[oldest]
-            gone.append(oldest)
-            self.evictions += 1
+            gone.append(self._drop_oldest())
         return gone
 
 
 def remember(prefix: PrefixCache, runner, slot: int, tokens: list[int]) -> None:
-    """Every rank keeps slot's caches (holding tokens) as an entry, when worth it, and drops
-    what that makes redundant or pushes over the budget."""
+    """Every rank keeps slot's caches (holding tokens) as an entry, when worth it, after
+    dropping what it would push over the budget, then what it makes redundant. Never raises:
+    the answer is complete whatever happens here. When keeping fails (rank 0 out of memory,
+    say), every rank is told to drop the entry, which some may hold; a broken ring fails at its
+    next step instead."""
     entry = prefix.admit(tokens)
-    if entry is None:
+    room = prefix.make_room(len(tokens)) if entry is not None else None
+    if room is None:
         return
-    nbytes = runner.keep(slot, entry, len(tokens))
-    for gone in prefix.kept(entry, tokens, nbytes):
-        runner.evict(gone)
+    try:
+        for gone in room:
+            runner.evict(gone)
+        nbytes = runner.keep(slot, entry, len(tokens))
+        for gone in prefix.kept(entry, tokens, nbytes):
+            runner.evict(gone)
+    except Exception as e:  # noqa: BLE001 - logged; the index forgets the entry
+        print(f"[rank 0] prefix cache: could not keep an entry: {e}", file=sys.stderr, flush=True)
+        prefix.entries.pop(entry, None)
+        try:
+            runner.evict(entry)
+        except Exception:  # noqa: BLE001 - the ring itself is gone: its next step says so
+            pass
+
+
+def layer_scale(grows: list[bool], ranges: list[tuple[int, int]]) -> float:
+    """The most a rank holds of an entry over what rank 0 holds: entries grow in the layers
+    whose caches grow with the context (full attention), not in sliding windows, so the ranks'
+    counts of those layers (ranges: each rank's first and one-past-last layer)."""
+    counts = [sum(grows[a:b]) for a, b in ranges]
+    if counts[0] == 0:  # rank 0 holds only windows: count every layer instead
+        counts = [b - a for a, b in ranges]
+    return max(counts) / max(1, counts[0])
 
 
 def can_cut_all(templates: list, cut: Callable) -> CanCut:
