@@ -46,7 +46,9 @@ def _answer(url: str, body: dict) -> tuple[str, str]:
 
 @pytest.fixture(scope="module", params=[[2, 2], [2, 1, 1]], ids=["2-ranks", "3-ranks"])
 def cluster(request, tiny_r1):
-    with local_cluster(tiny_r1, request.param) as (url, _):
+    # No prefix cache: its hits make prompts so short that requests no longer overlap enough
+    # to fill the ring (tests/test_prefix_cache.py runs concurrent answers with it).
+    with local_cluster(tiny_r1, request.param, prompt_cache_bytes=0) as (url, _):
         yield url, len(request.param)
 
 
