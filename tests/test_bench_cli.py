@@ -13,14 +13,22 @@ def test_bench_json_reports_speed_memory_and_traffic(tiny_r1):
     r = run_cli(
         "bench", str(tiny_r1), "--local", "3", "--json",
         "--prompt-tokens", "24", "--decode-tokens", "8", "--streams", "3",
+        "--conversation-tokens", "40", "--long-prompt-tokens", "96",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     print(json.dumps(result, indent=1))
     assert (result["ranks"], result["parallel"], result["streams"]) == (3, "pipeline", 3)
     assert result["decode_tokens"] == 8  # ignore_eos: exactly the tokens asked for
-    for key in ("time_to_first_token", "prompt_tps", "decode_tps", "aggregate_tps"):
+    figures = ("time_to_first_token", "prompt_tps", "decode_tps", "aggregate_tps")
+    figures += ("single_stream_tps", "streams_ratio", "first_turn_ttft", "followup_ttft")
+    figures += ("followup_ratio", "long_prompt_tps")
+    for key in figures:
         assert result[key] > 0, key
+    # the follow-up: the first turn's 40 tokens, its 8-token answer, a new turn of 4
+    assert (result["conversation_tokens"], result["followup_tokens"]) == (40, 52)
+    assert 0 <= result["followup_cached_tokens"] < 52
+    assert result["long_prompt_tokens"] == 96
     hidden = json.loads((tiny_r1 / "config.json").read_text())["hidden_size"] * 4  # float32
     sent = [r["bytes_per_token"] for r in result["per_rank"]]
     # a hidden state over each boundary (decode steps foreseen: no control vector), a token id
@@ -34,10 +42,12 @@ def test_bench_prints_tables(tiny_r1):
     r = run_cli(
         "bench", str(tiny_r1), "--local", "2",
         "--prompt-tokens", "8", "--decode-tokens", "4", "--streams", "2",
+        "--conversation-tokens", "16", "--long-prompt-tokens", "32",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     print(r.stdout)
     assert "decode tok/s" in r.stdout and "bytes sent per token" in r.stdout
+    assert "follow-up TTFT" in r.stdout and "(32 tokens)" in r.stdout
     assert "2 ranks, pipeline" in r.stdout
 
 
@@ -52,6 +62,7 @@ def test_bench_expert_mode_reports_its_all_sum_traffic(tiny_r1):
     r = run_cli(
         "bench", str(tiny_r1), "--local", "2", "--parallel", "expert", "--json",
         "--prompt-tokens", "8", "--decode-tokens", "6", "--streams", "1",
+        "--conversation-tokens", "0", "--long-prompt-tokens", "0",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)

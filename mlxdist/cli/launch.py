@@ -539,6 +539,12 @@ def bench(
     prompt_tokens: int = typer.Option(128, "--prompt-tokens", min=1, help="prompt length"),
     decode_tokens: int = typer.Option(64, "--decode-tokens", min=2, help="tokens to answer"),
     streams: int = typer.Option(4, min=1, help="concurrent streams for the aggregate figure"),
+    conversation_tokens: int = typer.Option(
+        400, "--conversation-tokens", min=0, help="a follow-up turn's first turn (0: skip)"
+    ),
+    long_prompt_tokens: int = typer.Option(
+        2048, "--long-prompt-tokens", min=0, help="prefill speed of a long prompt (0: skip)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the figures as JSON"),
     parallel: str = typer.Option("auto", help=PARALLEL_HELP),
     experts: str | None = typer.Option(None, help="routed experts per rank, e.g. 3,3,2 (expert)"),
@@ -548,7 +554,8 @@ def bench(
     kv_bits: int | None = KV_BITS_OPTION,
     prompt_cache_bytes: str | None = PROMPT_CACHE_OPTION,
 ) -> None:
-    """Start the cluster, measure prompt and decode speed, memory and traffic, then stop it."""
+    """Start the cluster, measure prompt and decode speed, a follow-up turn, a long prompt,
+    memory and traffic, then stop it."""
     from mlxdist.client.bench import bench as measure
     from mlxdist.client.bench import render
 
@@ -588,6 +595,8 @@ def bench(
                 streams=streams,
                 parallel=parallel,
                 headers=headers,
+                conversation_tokens=conversation_tokens,
+                long_prompt_tokens=long_prompt_tokens,
             )
         finally:
             running.stop()

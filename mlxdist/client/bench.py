@@ -1,10 +1,17 @@
 """`mlxdist bench`: what a running cluster does, measured from a client through its API.
 
 Prompt tokens/s and time to first token from one streamed request with a prompt of random
-token ids, timed at the client; decode tokens/s of that request as rank 0 timed it (its usage);
-the aggregate decode tokens/s of several concurrent streams, from the tokens' arrival times;
-and from `/mlxdist/stats`, each rank's peak memory and the bytes it sent per decoded token (two
-requests that differ only in their answer's length, so the prompt's traffic cancels out).
+token ids, timed at the client; decode tokens/s of a second request as rank 0 timed it (its
+usage); the aggregate decode tokens/s of several concurrent streams and of one, from the tokens'
+arrival times; and from `/mlxdist/stats`, each rank's peak memory and the bytes it sent per
+decoded token (two requests whose prompts have the same length and whose answers differ in
+length, so the prompt's traffic cancels out).
+
+A conversation's follow-up turn: a first turn of about 400 tokens, then the same tokens, its
+answer and a short new user turn; the follow-up's time to first token against the first's (a
+server that keeps the KV cache of known prefixes reads only the new tokens). And a long prompt's
+prefill tokens/s (its tokens over its time to first token). Every prompt is new to the server
+but the follow-up, so no figure but the follow-up's comes from its prefix cache.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ class Run:
     start: float  # time.perf_counter() when the request was sent
     arrivals: list[float]  # each answer token's time.perf_counter() as it arrived
     server_tps: float = 0.0  # decode tokens/s as rank 0 timed it (usage)
+    ids: list[int] = field(default_factory=list)  # the answer's token ids
+    cached_tokens: int = 0  # prompt tokens the server read from its prefix cache (usage)
 
     @property
     def tokens(self) -> int:
@@ -61,10 +70,29 @@ class BenchResult:
     decode_tps: float
     streams: int
     aggregate_tps: float
+    single_stream_tps: float = 0.0  # aggregate_tps's measure with one stream
+    conversation_tokens: int = 0  # the first turn's prompt
+    followup_tokens: int = 0  # the follow-up's prompt: first turn, its answer, a new user turn
+    first_turn_ttft: float = 0.0
+    followup_ttft: float = 0.0
+    followup_cached_tokens: int = 0  # as the server's usage reports them, when it does
+    long_prompt_tokens: int = 0
+    long_prompt_tps: float = 0.0  # prefill: tokens over time to first token
     per_rank: list[dict] = field(default_factory=list)  # rank, host, peak_rss, bytes_per_token
 
+    @property
+    def followup_ratio(self) -> float:
+        """Follow-up TTFT over the first turn's: below 1 when the server reuses the prefix."""
+        return self.followup_ttft / self.first_turn_ttft if self.first_turn_ttft else 0.0
+
+    @property
+    def streams_ratio(self) -> float:
+        """Aggregate decode of `streams` streams over one stream's."""
+        return self.aggregate_tps / self.single_stream_tps if self.single_stream_tps else 0.0
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        ratios = {"followup_ratio": self.followup_ratio, "streams_ratio": self.streams_ratio}
+        return json.dumps(asdict(self) | ratios, indent=2)
 
 
 def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
@@ -87,7 +115,7 @@ def stream_once(
         "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
-    server_tps, arrivals = 0.0, []
+    server_tps, arrivals, ids, cached = 0.0, [], [], 0
     post = {"json": body, "timeout": timeout, "headers": headers or {}}
     with httpx.stream("POST", url + "/v1/completions", **post) as r:
         r.raise_for_status()
@@ -97,14 +125,16 @@ def stream_once(
             data = json.loads(text)
             if "error" in data:
                 raise RuntimeError(data["error"]["message"])
-            if data.get("usage"):
-                server_tps = data["usage"].get("decode_tokens_per_second", 0.0)
-            ids = data["choices"][0].get("token_ids") if data["choices"] else None
-            if ids:
-                arrivals += [time.perf_counter()] * len(ids)
+            if usage := data.get("usage"):
+                server_tps = usage.get("decode_tokens_per_second", 0.0)
+                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+            new = data["choices"][0].get("token_ids") if data["choices"] else None
+            if new:
+                arrivals += [time.perf_counter()] * len(new)
+                ids += new
     if not arrivals:
         raise RuntimeError("the server answered no tokens")
-    return Run(start, arrivals, server_tps)
+    return Run(start, arrivals, server_tps, ids, cached)
 
 
 def aggregate_tps(
@@ -144,6 +174,19 @@ def aggregate_tps(
     return inside / (end - begin) if end > begin else 0.0
 
 
+def follow_up(
+    url: str, vocab: int, tokens: int, headers: dict | None = None
+) -> tuple[Run, Run, int]:
+    """A conversation of two turns: a first prompt of `tokens` new token ids answered with a few
+    tokens, then the same ids, that answer and a new user turn of tokens // 16 (at least 4).
+    Returns both runs and the follow-up's prompt length."""
+    first_prompt = prompt_ids(tokens, vocab, seed=2)
+    first = stream_once(url, first_prompt, 8, headers=headers)
+    second_prompt = first_prompt + first.ids + prompt_ids(max(4, tokens // 16), vocab, seed=3)
+    second = stream_once(url, second_prompt, 1, headers=headers)
+    return first, second, len(second_prompt)
+
+
 def _stats(url: str, headers: dict | None = None) -> dict:
     r = httpx.get(url + "/mlxdist/stats", timeout=120, headers=headers or {})
     r.raise_for_status()
@@ -162,25 +205,44 @@ def bench(
     streams: int = 4,
     parallel: str = "pipeline",
     headers: dict | None = None,
+    conversation_tokens: int = 0,
+    long_prompt_tokens: int = 0,
 ) -> BenchResult:
-    """headers: the API key's Authorization header, when the server has a key."""
+    """headers: the API key's Authorization header, when the server has a key.
+    conversation_tokens: the follow-up figure's first turn (0: not measured); long_prompt_tokens:
+    the long prompt's (0: not measured)."""
     health = httpx.get(url + "/health", timeout=30, headers=headers or {}).json()
     vocab = health["vocab_size"]
-    prompt = prompt_ids(prompt_tokens, vocab)
     stream_once(
         url, prompt_ids(8, vocab, seed=1), 4, headers=headers
     )  # warm up: first-call costs not counted
 
+    # Two prompts of the same length, each new to the server (no prefix cache hit in either).
     before = _sent(_stats(url, headers))
-    stream_once(url, prompt, 1, headers=headers)
+    cold = stream_once(url, prompt_ids(prompt_tokens, vocab, seed=0), 1, headers=headers)
     middle = _sent(_stats(url, headers))
-    run = stream_once(url, prompt, decode_tokens, headers=headers)
+    run = stream_once(url, prompt_ids(prompt_tokens, vocab, seed=4), decode_tokens, headers=headers)
     after = _stats(url, headers)
     prefill = [m - b for b, m in zip(before, middle)]
     decode = [a - m - p for m, a, p in zip(middle, _sent(after), prefill)]
     per_token = [d / max(1, run.tokens - 1) for d in decode]
 
     aggregate = aggregate_tps(url, vocab, streams, prompt_tokens, decode_tokens, headers)
+    single = aggregate_tps(url, vocab, 1, prompt_tokens, decode_tokens, headers)
+    turns = {}
+    if conversation_tokens:
+        first, second, length = follow_up(url, vocab, conversation_tokens, headers)
+        turns = {
+            "conversation_tokens": conversation_tokens,
+            "followup_tokens": length,
+            "first_turn_ttft": first.first,
+            "followup_ttft": second.first,
+            "followup_cached_tokens": second.cached_tokens,
+        }
+    if long_prompt_tokens:
+        long = stream_once(url, prompt_ids(long_prompt_tokens, vocab, seed=5), 1, headers=headers)
+        turns |= {"long_prompt_tokens": long_prompt_tokens}
+        turns |= {"long_prompt_tps": long_prompt_tokens / long.first}
     nodes = {n["rank"]: n.get("host", "") for n in health.get("nodes", [])}
     per_rank = [
         {
@@ -197,12 +259,14 @@ def bench(
         parallel=parallel,
         prompt_tokens=prompt_tokens,
         decode_tokens=run.tokens,
-        time_to_first_token=run.first,
-        prompt_tps=prompt_tokens / run.first,
+        time_to_first_token=cold.first,
+        prompt_tps=prompt_tokens / cold.first,
         decode_tps=run.decode_tps,
         streams=streams,
         aggregate_tps=aggregate,
+        single_stream_tps=single,
         per_rank=per_rank,
+        **turns,
     )
 
 
@@ -219,6 +283,24 @@ def render(result: BenchResult, console) -> None:
         f"{result.aggregate_tps:.2f} ({result.streams} streams)",
     )
     console.print(top)
+    more = Table(title="conversations, long prompts, concurrency")
+    for col in ("first turn TTFT", "follow-up TTFT", "long prompt tok/s", "aggregate N / 1"):
+        more.add_column(col, justify="right")
+    followup = f"{result.followup_ttft:.2f} s ({result.followup_ratio:.2f}x"
+    if result.followup_cached_tokens:
+        followup += f", {result.followup_cached_tokens} cached"
+    more.add_row(
+        f"{result.first_turn_ttft:.2f} s ({result.conversation_tokens} tokens)"
+        if result.conversation_tokens
+        else "-",
+        followup + ")" if result.conversation_tokens else "-",
+        f"{result.long_prompt_tps:.1f} ({result.long_prompt_tokens} tokens)"
+        if result.long_prompt_tokens
+        else "-",
+        f"{result.aggregate_tps:.2f} / {result.single_stream_tps:.2f} = "
+        f"{result.streams_ratio:.2f}x ({result.streams} streams)",
+    )
+    console.print(more)
     ranks = Table(title="per rank")
     for col in ("rank", "host", "peak memory", "bytes sent per token"):
         ranks.add_column(col, justify="right" if col != "host" else "left")
