@@ -57,8 +57,10 @@ def references(smollm2):
 
 @pytest.fixture(scope="module")
 def smollm2_8bit(smollm2, references):
-    """SmolLM2 on 2 pipeline ranks with 8-bit KV caches."""
-    with local_cluster(smollm2, [15, 15], kv_bits=8) as (url, _):
+    """SmolLM2 on 2 pipeline ranks with 8-bit KV caches. The prefix cache is off: a prompt
+    started from a kept (quantised) prefix attends to it quantised, where one mlx-lm call
+    attends to its own chunk before quantising it, so only cold prompts equal mlx-lm's."""
+    with local_cluster(smollm2, [15, 15], kv_bits=8, prompt_cache_bytes=0) as (url, _):
         yield url
 
 
@@ -96,7 +98,8 @@ def test_4bit_expert_mode_equals_mlx_lm_quantised(tmp_path):
     """A tiny MoE (qwen3_moe) in expert mode over 2 ranks, 4-bit KV caches."""
     path, model, tokenizer = family_model("qwen3_moe", tmp_path / "qwen3_moe")
     prompt, expected = quantised_reference(model, tokenizer, QUESTIONS[1], 4)
-    with local_cluster(path, [1, 1], parallel="expert", experts=[3, 5], kv_bits=4) as (url, _):
+    quant = {"kv_bits": 4, "prompt_cache_bytes": 0}
+    with local_cluster(path, [1, 1], parallel="expert", experts=[3, 5], **quant) as (url, _):
         got = complete_ids(url, prompt, MAX_TOKENS)
     print(f"qwen3_moe kv 4-bit, experts 3+5: {got}")
     assert len(expected) >= 4
