@@ -170,3 +170,15 @@ def test_launch_refuses_bad_kv_options(flags, said):
     result = CliRunner().invoke(app, ["launch", "--local", "2", *flags])
     assert result.exit_code != 0
     assert said in result.output
+
+
+def test_plan_refuses_kv_bits_for_r1():
+    from conftest import ROOT
+
+    from mlxdist.cli.plan import plan_command
+
+    r1 = str(ROOT / "tests" / "data" / "deepseek-r1-config.json")
+    with pytest.raises(
+        ValueError, match=r"--kv-bits 8: deepseek_v3's attention \(DeepSeek's MLA\)"
+    ):
+        plan_command(r1, None, "6x192GB", 4096, 1, 4, True, kv_bits=8)

@@ -27,6 +27,7 @@ from launcher.planner import (
     plan_experts,
     plan_to_json,
     simulated_nodes,
+    tensor_prompt_cache_bytes,
 )
 from mlxdist.cli.plan import nodes_from_hosts, plan_command
 from quantize.checkpoint import read_config
@@ -316,6 +317,25 @@ def test_prompt_cache_budget_is_half_the_least_left():
     assert plan(nodes(4, 4), model, context=4096).prompt_cache_bytes == 0  # does not fit
     with pytest.raises(ValueError, match="not 8 layers over 2 nodes"):
         plan(nodes(16, 8), model, split=[4, 3])
+
+
+def test_prompt_cache_budget_in_expert_and_tensor_mode():
+    """Expert mode: half the least free (its rows count the activations already), for the
+    counts given too; tensor mode: 1/N of the weights and KV cache on each node."""
+    act = ActivationSpec(bytes_per_chunk_token=1000)
+    model = ModelSpec(
+        "moe", [GB] * 4, GB // 10, GB // 10, False, 1000, [GB // 2] * 4, 8, activation=act
+    )
+    p = plan_experts(nodes(16, 8), model, context=4096)
+    assert p.prompt_cache_bytes == min(row.free_bytes for row in p.nodes) // 2 > 0
+    given = plan_experts(nodes(16, 8), model, context=4096, counts=[4, 4])
+    assert given.experts == [4, 4] and given.prompt_cache_bytes < p.prompt_cache_bytes
+    with pytest.raises(ValueError, match="not 8 over 2 nodes"):
+        plan_experts(nodes(16, 8), model, counts=[4, 3])
+    two = nodes(8, 8)
+    held = (model.total_bytes + 1000 * 4 * 4096) // 2
+    left = two[0].usable_bytes() - held - activation_bytes_at(act, 4096)
+    assert tensor_prompt_cache_bytes(two, model, 4096) == left // 2
 
 
 def test_r1_4bit_fits_six_192gb_macs(r1_4bit):
