@@ -36,6 +36,7 @@ x 2 x 169 = 12.5 TFLOPS, 0.44 of the peak above.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .chips import DEFAULT_CHIP, ChipSpec
@@ -59,7 +60,11 @@ M3_ULTRA_FP16_FLOPS = 80 * 128 * 2 * 1.398e9  # 28.6 TFLOPS, see above
 M3_ULTRA_BANDWIDTH = 819 * GB  # Apple's figure, as chips.py
 COMPUTE_EFFICIENCY = 0.5  # fraction of peak FP16 flops prefill reaches (an assumption, see above)
 CHUNKS = tuple(2**i for i in range(5, 12))  # 32 .. 2048: the sizes prefill_chunk chooses from
-TYPICAL_PROMPT = 4096  # the prompt length a cluster's one chunk size is chosen for
+# The prompt a cluster's one chunk size is chosen for: one mlx-lm chunk, the longest prompt that
+# mlx-lm's pipeline reads with no overlap at all (longer ones are many chunks at any size).
+TYPICAL_PROMPT = PREFILL_CHUNK
+# Set in a rank's environment, the chunk size itself (benchmarks compare sizes with it).
+PREFILL_CHUNK_ENV = "MLXDIST_PREFILL_CHUNK"
 
 
 def compute_rate(c: ChipSpec) -> float:
@@ -210,7 +215,10 @@ def backend_link(backend: str) -> str:
 def rank_prefill_chunk(config: dict, split: list[int] | None, backend: str) -> int:
     """A pipeline rank 0's chunk size for its model, split and backend, its nodes taken as the
     default chip (a rank is not told its peers' chips). Tensor and expert modes (no split) keep
-    PREFILL_CHUNK: their ranks work in lock step, with no stages to overlap."""
+    PREFILL_CHUNK: their ranks work in lock step, with no stages to overlap. PREFILL_CHUNK_ENV,
+    when set to a whole number, is taken instead."""
+    if (forced := os.environ.get(PREFILL_CHUNK_ENV, "")).isdigit() and int(forced) > 0:
+        return int(forced)
     if not split or len(split) < 2:
         return PREFILL_CHUNK
     nodes = [DEFAULT_CHIP] * len(split)

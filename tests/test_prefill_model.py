@@ -9,6 +9,7 @@ from conftest import ROOT
 from launcher.perfmodel import LinkSpec
 from launcher.prefillmodel import (
     CHUNKS,
+    PREFILL_CHUNK_ENV,
     pipelined_against_not,
     predict_prefill,
     prefill_chunk,
@@ -96,3 +97,11 @@ def test_a_rank_chooses_for_its_split_and_backend(r1):
     assert rank_prefill_chunk(config, None, "ring") == PREFILL_CHUNK  # tensor or expert mode
     assert rank_prefill_chunk(config, [61], "ring") == PREFILL_CHUNK
     assert rank_prefill_chunk(config, [11, 10, 10, 10, 10, 10], "jaccl") in CHUNKS[:-1]
+
+
+def test_a_rank_takes_the_chunk_its_environment_gives(monkeypatch):
+    """MLXDIST_PREFILL_CHUNK, which the benchmark sets to compare chunk sizes, wins."""
+    config = read_config(R1_CONFIG)
+    monkeypatch.setenv(PREFILL_CHUNK_ENV, "96")
+    assert rank_prefill_chunk(config, [31, 30], "ring") == 96
+    assert rank_prefill_chunk(config, None, "ring") == 96
