@@ -171,7 +171,7 @@ def test_launch_cli_runs_expert_mode_and_refuses_bad_options(tiny_r1, tiny_r1_no
     args = ["--parallel", "expert", "--experts", "3,3,2", "--max-tokens", str(MAX_TOKENS)]
     done = run_cli("launch", str(tiny_r1), *args, "--prompt", QUESTION)
     assert done.returncode == 0, done.stderr
-    assert "on 3 ranks (expert parallel)" in done.stderr
+    assert "on 3 ranks (expert parallel; prompt cache " in done.stderr
     # tiny-r1 answers inside its think block: the CLI prints that reasoning on stderr.
     detok = load_tokenizer(tiny_r1_no_mtp).detokenizer
     for t in tokens:
