@@ -33,5 +33,5 @@ def test_a_local_launch_states_its_choice(tiny_r1, tmp_path):
         r"\(expert [\d.]+, tensor [\d.]+\)"
     )
     assert re.fullmatch(pattern, lines[said[0]]), lines[said[0]]
-    assert "(layers [2, 2])" in lines[loading[0]]
+    assert "(layers [2, 2]; prompt cache " in lines[loading[0]]
     assert rank_pids(str(tiny_r1)) == []
