@@ -260,3 +260,13 @@ def test_layer_scale(grows, ranges, scale):
     from mlxdist.serving.prefix_cache import layer_scale
 
     assert layer_scale(grows, ranges) == scale
+
+
+def test_checksum_counts_only_the_positions_held():
+    from mlxdist.runtime.prefix_store import checksum
+
+    source, keys, values = _filled(KVCache(), 10)
+    whole = float(mx.sum(mx.abs(keys)).item() + mx.sum(mx.abs(values)).item())
+    assert checksum([source], 10) == pytest.approx(whole, rel=1e-6)
+    assert checksum([clone(source, 6)], 6) == pytest.approx(checksum([source], 6), rel=1e-6)
+    assert checksum([source], 6) < checksum([source], 10)

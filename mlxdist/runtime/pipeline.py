@@ -48,7 +48,7 @@ def gather_stats(runner, open_caches: int) -> list[dict]:
         figures = mx.distributed.all_gather(figures, group=runner.group)
     mx.eval(figures)
     keys = ("rank", "data_bytes", "control_bytes", "steps", "peak_rss", "open_caches")
-    keys += ("prefix_entries", "prefix_bytes", "prefix_digest")
+    keys += ("prefix_entries", "prefix_bytes", "prefix_digest", "prefix_checksum")
     return [dict(zip(keys, row)) for row in figures.tolist()]
 
 

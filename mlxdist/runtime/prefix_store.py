@@ -109,11 +109,30 @@ def cache_nbytes(caches: list) -> int:
     return sum(v.nbytes for _, v in tree_flatten(arrays) if isinstance(v, mx.array))
 
 
+def checksum(caches: list, length: int) -> float:
+    """The sum of the magnitudes of every value a stage's caches hold in their first `length`
+    positions (all of a window's or a state's): equal for equal caches, to rounding."""
+    total = 0.0
+    for cache in caches:
+        if isinstance(cache, CacheList):
+            total += checksum(list(cache.caches), length)
+            continue
+        state = cache.state
+        if isinstance(cache, (KVCache, QuantizedKVCache)):
+            if cache.keys is None:
+                continue
+            state = tree_map(lambda x: x[..., :length, :], (cache.keys, cache.values))
+        for _, v in tree_flatten(state):
+            if isinstance(v, mx.array):
+                total += mx.sum(mx.abs(v.astype(mx.float32))).item()
+    return total
+
+
 class PrefixStore:
-    """One rank's kept entries: entry id -> (positions held, its stage's caches)."""
+    """One rank's kept entries: entry id -> (positions held, its stage's caches, checksum)."""
 
     def __init__(self):
-        self.entries: dict[int, tuple[int, list]] = {}
+        self.entries: dict[int, tuple[int, list, float]] = {}
 
     def keep(self, entry: int, caches: list, length: int) -> int:
         """Keeps a finished sequence's caches, holding `length` positions, as entry: the caches
@@ -122,7 +141,7 @@ class PrefixStore:
         fits = all(_spare(c, length) * 8 <= length for c in caches)
         kept = caches if fits else clone_all(caches, length)
         mx.eval([c.state for c in kept])
-        self.entries[entry] = (length, kept)
+        self.entries[entry] = (length, kept, checksum(kept, length))
         return cache_nbytes(kept)
 
     def start(self, entry: int, keep: int) -> list:
@@ -133,8 +152,10 @@ class PrefixStore:
         self.entries.pop(entry, None)
 
     def figures(self) -> list[int]:
-        """[entries, bytes, digest of (id, positions) pairs]: equal on ranks that hold the same."""
-        pairs = sorted((e, n) for e, (n, _) in self.entries.items())
+        """[entries, bytes, digest of (id, positions) pairs, the entries' checksums summed in
+        thousandths]: the first three equal on ranks that hold the same entries."""
+        pairs = sorted((e, n) for e, (n, *_) in self.entries.items())
         digest = zlib.crc32(repr(pairs).encode())
-        nbytes = sum(cache_nbytes(caches) for _, caches in self.entries.values())
-        return [len(pairs), nbytes, digest]
+        nbytes = sum(cache_nbytes(caches) for _, caches, _ in self.entries.values())
+        total = sum(s for *_, s in self.entries.values())
+        return [len(pairs), nbytes, digest, round(total * 1000)]
