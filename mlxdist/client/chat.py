@@ -93,6 +93,11 @@ class Answer:
             cached = ((self.usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
             prompt = f"{prompt} prompt ({cached} cached)" if cached else f"{prompt} prompt"
         parts.append(tokens if prompt is None else f"{prompt} + {tokens}")
+        spec = (self.usage or {}).get("speculative")
+        if spec and spec.get("passes"):
+            rate = spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0
+            per_pass = (spec["accepted"] + spec["passes"]) / spec["passes"]
+            parts.append(f"{per_pass:.1f} tokens a pass ({rate:.0%} of drafts accepted)")
         return ", ".join(parts)
 
 

@@ -148,7 +148,10 @@ class Coordinator:
             keep=seq.source.keep,
             draft_tokens=self.draft_tokens(job),
             fed=seq.fed,
-            count=self.speculation.count,
+            count=lambda drafted, accepted: (
+                self.speculation.count(drafted, accepted),
+                seq.count(drafted, accepted),
+            ),
         )
         for t in tokens:
             if seq.add(t):

@@ -26,6 +26,7 @@ class Done:
     time_to_first_token: float  # seconds from submission
     decode_tokens_per_second: float
     cached_tokens: int = 0  # prompt tokens the prefix cache held, not computed again
+    speculative: tuple[int, int, int] = (0, 0, 0)  # speculative steps, drafts, drafts accepted
 
 
 @dataclass(frozen=True)

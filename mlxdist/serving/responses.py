@@ -68,6 +68,9 @@ class Output:
         }
         if self.splitter is not None:
             usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        passes, drafted, accepted = done.speculative
+        if passes:  # mlxdist's: what speculative decoding did for this answer
+            usage["speculative"] = {"passes": passes, "drafted": drafted, "accepted": accepted}
         return usage
 
     def whole(self, done: Done) -> dict:

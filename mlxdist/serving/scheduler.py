@@ -157,6 +157,7 @@ class Interleaver:
             seq.trim = seq.drafted - accepted
             del seq.fed[len(seq.fed) - seq.trim :]
             self.count(seq.drafted, accepted)
+            seq.count(seq.drafted, accepted)
             seq.drafted = 0
         for t in tokens:
             if seq.add(t):

@@ -29,6 +29,7 @@ class Sequence:
         self.drafter: PromptLookup | None = None  # speculative decoding's, when on
         self.drafted = 0  # drafts in the step in flight
         self.trim = 0  # positions its next step drops: the drafts its last step rejected
+        self.passes = self.drafted_total = self.accepted = 0  # its speculative figures
 
     def add(self, t: int) -> bool:
         """Takes the next sampled token; returns True when the answer is complete."""
@@ -48,6 +49,12 @@ class Sequence:
             return True
         return len(self.tokens) >= self.job.max_tokens
 
+    def count(self, drafted: int, accepted: int) -> None:
+        """One speculative step's figures."""
+        self.passes += 1
+        self.drafted_total += drafted
+        self.accepted += accepted
+
     def finish(self) -> None:
         self.detok.finalize()
         stops = self.stops
@@ -63,6 +70,7 @@ class Sequence:
                 tokens=self.tokens,
                 prompt_tokens=len(self.job.prompt),
                 cached_tokens=self.source.keep,
+                speculative=(self.passes, self.drafted_total, self.accepted),
                 completion_tokens=n,
                 queue_time=self.start - self.job.submitted,
                 time_to_first_token=first - self.job.submitted,
