@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,35 @@ def local_cluster(model: Path, split: list[int], run_dir: Path | None = None, **
             print(f"--- rank {rank} log ---\n{log.read_text(errors='replace')[-2000:]}")
 
 
+def _shared_cluster(model: Path, split: list[int], tmp_path_factory):
+    """A cluster that several test files share, up from the first test that asks for it to the
+    end of the session (idle ranks cost no CPU), instead of one start per file. It runs on its
+    own hard-linked copy of the model, so a test that looks for the ranks of a model it started
+    itself (rank_pids) never finds these. Yields (url, /health answer, the ranks' pids)."""
+    copy = tmp_path_factory.mktemp("shared") / model.name
+    shutil.copytree(model, copy, copy_function=os.link)
+    with local_cluster(copy, split) as (url, health):
+        yield url, health, rank_pids(str(copy) + " ")
+
+
+@pytest.fixture(scope="session")
+def shared_r1(tiny_r1, tmp_path_factory):
+    """tiny-r1 on 2 ranks, [2, 2]: test_api, test_cluster_equal, test_fuzz_api, test_load."""
+    yield from _shared_cluster(tiny_r1, [2, 2], tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def shared_r1_3(tiny_r1, tmp_path_factory):
+    """tiny-r1 on 3 ranks, [2, 1, 1]: test_cluster_equal, test_pipeline_bytes."""
+    yield from _shared_cluster(tiny_r1, [2, 1, 1], tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def shared_smollm2(smollm2, tmp_path_factory):
+    """SmolLM2 on 2 ranks, [15, 15]: test_api, test_cluster_equal."""
+    yield from _shared_cluster(smollm2, [15, 15], tmp_path_factory)
+
+
 def greedy_reference(model, tokenizer, question: str, max_tokens: int):
     """One mlx-lm process's chat prompt for question, its greedy tokens up to end-of-sequence
     or max_tokens, and the float32 logits at the prompt's last position."""
@@ -124,6 +154,17 @@ def greedy_reference(model, tokenizer, question: str, max_tokens: int):
         tokens.append(token)
     logits = np.array(model(mx.array([prompt]))[0, -1].astype(mx.float32))
     return prompt, tokens, logits
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2):
+    """greedy_reference on SmolLM2 for "What is the capital of France?", 16 tokens at most: one
+    mlx-lm process's answer, which test_api and test_cluster_equal both compare a cluster with
+    (made once: about 10 s of CPU on this 2-core machine)."""
+    from mlx_lm import load
+
+    model, tokenizer = load(str(smollm2))
+    return greedy_reference(model, tokenizer, "What is the capital of France?", 16)
 
 
 def family_model(name: str, folder: Path, overrides: dict | None = None):
