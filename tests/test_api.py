@@ -17,7 +17,6 @@ import mlx.core as mx
 import openai
 import pytest
 from bad_requests import BAD, LONG
-from conftest import local_cluster
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
@@ -34,20 +33,20 @@ class Served:
     client: openai.OpenAI
 
 
-def _serve(model: Path, split: list[int]):
-    with local_cluster(model, split) as (url, health):
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
-        yield Served(url, health, health["model"], client)
+def _serve(shared) -> Served:
+    url, health, _ = shared
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return Served(url, health, health["model"], client)
 
 
 @pytest.fixture(scope="module")
-def r1(tiny_r1):
-    yield from _serve(tiny_r1, [2, 2])
+def r1(shared_r1):
+    return _serve(shared_r1)  # tiny-r1 on [2, 2], shared with other files (conftest)
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2):
-    yield from _serve(smollm2, [15, 15])
+def smol(shared_smollm2):
+    return _serve(shared_smollm2)  # SmolLM2 on [15, 15], shared with test_cluster_equal
 
 
 def prompt_ids(path: Path, messages: list[dict]) -> list[int]:
@@ -114,9 +113,24 @@ def assert_split(raw: str, reasoning: str, content: str) -> None:
 # ---------------------------------------------------------------- equal outputs
 
 
-def test_smollm2_streamed_equals_whole_equals_single_process(smol, smollm2):
+def detokenized(path: Path, tokens: list[int]) -> str:
+    """tokens decoded as the server decodes them."""
+    from mlx_lm.utils import load_tokenizer
+
+    detok = load_tokenizer(path).detokenizer
+    detok.reset()
+    for token in tokens:
+        detok.add_token(token)
+    detok.finalize()
+    return detok.text
+
+
+def test_smollm2_streamed_equals_whole_equals_single_process(smol, smollm2, smollm2_reference):
     tokens = 12
-    expected = single_process_greedy(smollm2, prompt_ids(smollm2, QUESTION), tokens)
+    # One mlx-lm process's greedy answer, to its end token or 16 tokens (conftest): its first 12.
+    prompt, answer, _ = smollm2_reference
+    assert prompt == prompt_ids(smollm2, QUESTION)
+    expected = detokenized(smollm2, answer[:tokens])
     reasoning, whole, r = chat_whole(smol, QUESTION, max_tokens=tokens, temperature=0)
     _, streamed, usage = chat_streamed(smol, QUESTION, max_tokens=tokens, temperature=0)
     print(f"single process {expected!r}, API {whole!r}")
