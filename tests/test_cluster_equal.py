@@ -32,6 +32,8 @@ def references(request):
 
 
 def reference(name: str, request, refs: dict):
+    if name == "smollm2":
+        return request.getfixturevalue("smollm2_reference")  # the same, made once (conftest)
     if name not in refs:
         # tiny-r1's MTP layer sits at index num_hidden_layers, which mlx-lm's sanitize does not
         # drop: the reference loads the same weights written without it.
@@ -43,9 +45,21 @@ def reference(name: str, request, refs: dict):
     return refs[name]
 
 
+# The cases whose cluster other files start too: the session's shared one (conftest).
+SHARED = {
+    ("smollm2", (15, 15)): "shared_smollm2",
+    ("tiny_r1", (2, 2)): "shared_r1",
+    ("tiny_r1", (2, 1, 1)): "shared_r1_3",
+}
+
+
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{'-'.join(map(str, c[1]))}")
 def cluster(request, references):
     name, split = request.param
+    if shared := SHARED.get((name, tuple(split))):
+        url, health, _ = request.getfixturevalue(shared)
+        yield name, url, health
+        return
     model = request.getfixturevalue(name)
     with local_cluster(model, split) as (url, health):
         yield name, url, health
