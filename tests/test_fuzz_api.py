@@ -12,7 +12,6 @@ from collections import Counter
 
 import httpx
 import pytest
-from conftest import local_cluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,12 +28,12 @@ SETTINGS = dict(
 
 
 @pytest.fixture(scope="module")
-def server(tiny_r1):
+def server(shared_r1):
     started = time.monotonic()
-    with local_cluster(tiny_r1, [2, 2]) as (url, health):
-        with httpx.Client(base_url=url, timeout=httpx.Timeout(30.0)) as http:
-            yield http, health
-    print(f"\ncluster up and fuzzed for {time.monotonic() - started:.0f}s")
+    url, health, _ = shared_r1  # tiny-r1 on [2, 2], shared with other files (conftest)
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(30.0)) as http:
+        yield http, health
+    print(f"\nfuzzed for {time.monotonic() - started:.0f}s")
 
 
 def greedy(http: httpx.Client) -> tuple[list[int], str]:
