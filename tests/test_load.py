@@ -11,7 +11,6 @@ import time
 import httpx
 import psutil
 import pytest
-from conftest import local_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -52,44 +51,42 @@ async def client(http, url: str, n: int, expected: str, answers: list) -> None:
         answers.append((n, await ask(http, url, prompt(n), stream=(n + i) % 2 == 0), expected))
 
 
-def test_32_clients_10_requests_each(tiny_r1, tmp_path):
-    with local_cluster(tiny_r1, [2, 2], run_dir=tmp_path) as (url, _):
-        pids = psutil.pids()
-        ranks = [p for p in pids if _is_rank(p, str(tiny_r1), str(tmp_path))]
-        assert len(ranks) == 2
+def test_32_clients_10_requests_each(shared_r1):
+    url, _, ranks = shared_r1  # tiny-r1 on [2, 2], shared with other files (conftest)
+    assert len(ranks) == 2
 
-        async def solo() -> list[str]:
-            async with httpx.AsyncClient(timeout=60) as http:
-                return [await ask(http, url, prompt(n), stream=False) for n in range(CLIENTS)]
+    async def solo() -> list[str]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            return [await ask(http, url, prompt(n), stream=False) for n in range(CLIENTS)]
 
-        expected = asyncio.run(solo())  # each prompt alone; also the warm-up
-        samples: list[list[int]] = []
-        done = threading.Event()
+    expected = asyncio.run(solo())  # each prompt alone; also the warm-up
+    samples: list[list[int]] = []
+    done = threading.Event()
 
-        def sample() -> None:
-            while not done.wait(0.25):
-                samples.append([vm_rss(p) for p in ranks])
+    def sample() -> None:
+        while not done.wait(0.25):
+            samples.append([vm_rss(p) for p in ranks])
 
-        sampler = threading.Thread(target=sample)
-        answers: list = []
+    sampler = threading.Thread(target=sample)
+    answers: list = []
 
-        async def load() -> None:
-            limits = httpx.Limits(max_connections=CLIENTS)
-            async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-                await asyncio.gather(
-                    *(client(http, url, n, expected[n], answers) for n in range(CLIENTS))
-                )
+    async def load() -> None:
+        limits = httpx.Limits(max_connections=CLIENTS)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+            await asyncio.gather(
+                *(client(http, url, n, expected[n], answers) for n in range(CLIENTS))
+            )
 
-        samples.append([vm_rss(p) for p in ranks])
-        sampler.start()
-        t0 = time.monotonic()
-        try:
-            asyncio.run(load())
-        finally:
-            done.set()
-            sampler.join()
-        took = time.monotonic() - t0
-        samples.append([vm_rss(p) for p in ranks])
+    samples.append([vm_rss(p) for p in ranks])
+    sampler.start()
+    t0 = time.monotonic()
+    try:
+        asyncio.run(load())
+    finally:
+        done.set()
+        sampler.join()
+    took = time.monotonic() - t0
+    samples.append([vm_rss(p) for p in ranks])
 
     wrong = [(n, got, want) for n, got, want in answers if got != want]
     print(f"\n{len(answers)} requests from {CLIENTS} clients in {took:.1f} s; {len(wrong)} wrong")
@@ -103,13 +100,3 @@ def test_32_clients_10_requests_each(tiny_r1, tmp_path):
     assert len(answers) == CLIENTS * REQUESTS
     assert len(set(expected)) > 1, "the prompts should not all have the same answer"
     assert wrong == []
-
-
-def _is_rank(pid: int, model: str, run_dir: str) -> bool:
-    try:
-        process = psutil.Process(pid)
-        cmdline = " ".join(process.cmdline())
-        environ = "\0".join(f"{k}={v}" for k, v in process.environ().items())
-    except psutil.Error:  # gone, or another user's
-        return False
-    return "mlxdist.rank" in cmdline and model in cmdline and run_dir in environ
