@@ -8,7 +8,6 @@ import json
 
 import httpx
 import pytest
-from conftest import local_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -28,17 +27,18 @@ def generate(url: str, prompt: str, n: int) -> int:
     return r.json()["usage"]["completion_tokens"]
 
 
-def test_bytes_sent_per_decoded_token(tiny_r1):
+def test_bytes_sent_per_decoded_token(tiny_r1, shared_r1_3):
     config = json.loads((tiny_r1 / "config.json").read_text())
     hidden = config["hidden_size"] * 4  # tiny-r1 runs in float32 on the CPU
     prompt = "The quick brown fox"  # tiny-r1 answers it with more than 11 tokens
-    with local_cluster(tiny_r1, SPLIT) as (url, _):
-        generate(url, prompt, 2)  # warm up
-        before = stats(url)
-        short = generate(url, prompt, 3)
-        middle = stats(url)
-        long = generate(url, prompt, 11)
-        after = stats(url)
+    url, health, _ = shared_r1_3  # tiny-r1 on [2, 1, 1], shared with test_cluster_equal
+    assert health["plan"]["split"] == SPLIT
+    generate(url, prompt, 2)  # warm up
+    before = stats(url)
+    short = generate(url, prompt, 3)
+    middle = stats(url)
+    long = generate(url, prompt, 11)
+    after = stats(url)
     assert long > short, "the model ended early; pick another prompt"
     tokens = long - short
     per_token = {}
