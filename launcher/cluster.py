@@ -38,7 +38,7 @@ from launcher.planner import (
     plan,
     plan_experts,
 )
-from launcher.rankspec import AGENT_PORT
+from launcher.rankspec import AGENT_PORT, DRAFT_TOKENS
 from launcher.remote import Node, expert_folders, node_folders
 from launcher.ssh import SshClient
 from launcher.topology import (
@@ -366,6 +366,8 @@ def start_agents_cluster(
     api: dict | None = None,
     kv_bits: int | None = None,
     prompt_cache_bytes: int | None = None,
+    speculative: str = "none",
+    draft_tokens: int = DRAFT_TOKENS,
 ):
     """Finds the nodes, checks the plan, gets each node its files, starts the ranks.
 
@@ -375,6 +377,8 @@ def start_agents_cluster(
     api: rank 0's API settings and key (launcher/local.py start_local's api).
     kv_bits: every rank's KV cache quantised to 4 or 8 bits (planned at that size);
     prompt_cache_bytes: rank 0's budget of kept prefixes (None: what the plan leaves).
+    speculative, draft_tokens: rank 0's speculative decoding ("none" or "ngram") and drafts
+    per step (pipeline mode; the other modes take them and do not speculate).
     """
     from rich.console import Console
 
@@ -398,6 +402,7 @@ def start_agents_cluster(
     ring_ips = cable_addresses(nodes, console) if decision.over_cables else None
     how = {"chosen": chosen, "fetch": fetch, "ref": ref, "api": api}
     how |= {"kv_bits": kv_bits, "prompt_cache_bytes": prompt_cache_bytes}
+    how |= {"speculative": speculative, "draft_tokens": draft_tokens}
     whole = ref is not None and ref.repo is not None
     if parallel == "tensor":
         split = choose_tensor(model, nodes, context, kv_bits)
@@ -436,6 +441,7 @@ def replan_agents(model: Path, context: int, port: int | None, failed):
     chosen = choose_nodes_backend(nodes, "ring" if failed.backend == "ring" else "auto", console)
     how = {"chosen": chosen, "fetch": failed.fetch, "ref": failed.ref, "api": failed.api}
     how |= {"kv_bits": failed.kv_bits, "prompt_cache_bytes": failed.prompt_cache_asked}
+    how |= {"speculative": failed.speculative, "draft_tokens": failed.draft_tokens}
     return _start(model, nodes, split, None, context, port, console, **how)
 
 
@@ -555,13 +561,15 @@ def _start(
     api: dict | None = None,
     kv_bits: int | None = None,
     prompt_cache_bytes: int | None = None,
+    speculative: str = "none",
+    draft_tokens: int = DRAFT_TOKENS,
 ):
     """Gets each node its files (from the Hub or pushed), starts the ranks, waits until they
     have loaded.
 
     experts: routed experts per node (expert parallelism; every node runs every layer).
     tensor: every node runs 1/N of every layer, from the whole model.
-    kv_bits, prompt_cache_bytes: as start_agents_cluster takes them."""
+    kv_bits, prompt_cache_bytes, speculative, draft_tokens: as start_agents_cluster takes them."""
     from launcher.local import wait_ready
     from launcher.promptbudget import describe, planned_budget
     from launcher.remote import HTTP_PORT, start_remote
@@ -604,9 +612,12 @@ def _start(
         api=api,
         kv_bits=kv_bits,
         prompt_cache_bytes=budget,
+        speculative=speculative,
+        draft_tokens=draft_tokens,
     )
     running.fetch, running.ref, running.api = how, ref, api
     running.kv_bits, running.prompt_cache_asked = kv_bits, prompt_cache_bytes
+    running.speculative, running.draft_tokens = speculative, draft_tokens
     try:
         with console.status(f"loading {model.name} on {len(nodes)} nodes..."):
             wait_ready(running)

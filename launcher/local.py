@@ -23,6 +23,7 @@ from .hostfile import free_ports
 from .rankenv import rank_env, write_files
 from .rankspec import (
     API_KEY_ENV,
+    DRAFT_TOKENS,
     HEARTBEAT_TOKEN_ENV,
     NODE_FAILED,
     PEER_GONE,
@@ -124,6 +125,8 @@ def start_local(
     api: dict | None = None,
     kv_bits: int | None = None,
     prompt_cache_bytes: int | None = None,
+    speculative: str = "none",
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> Cluster:
     """Starts len(split) ranks on this machine over the ring backend on loopback.
 
@@ -134,7 +137,8 @@ def start_local(
     the model's own limit). api: rank 0's API settings (RankSpec's max_body_mb, docs,
     allowed_hosts, cors_origins) and its api_key, which goes in rank 0's environment only.
     kv_bits: every rank's KV cache quantised to 4 or 8 bits; prompt_cache_bytes: rank 0's
-    budget of kept prefixes (0: off; None: the rank's own default).
+    budget of kept prefixes (0: off; None: the rank's own default). speculative,
+    draft_tokens: rank 0's speculative decoding ("none" or "ngram") and drafts per step.
     """
     api = dict(api or {})
     key = api.pop("api_key", None)
@@ -158,6 +162,9 @@ def start_local(
         kv_bits=kv_bits,
         **api,
     )
+    # rank 0's alone: it tells the others the budget, and drafts the tokens they verify
+    first = {"prompt_cache_bytes": prompt_cache_bytes, "speculative": speculative}
+    first["draft_tokens"] = draft_tokens
     token = secrets.token_hex(16)
     procs, logs = [], []
     for rank in range(n):
@@ -168,8 +175,7 @@ def start_local(
             folder = node_folder(model, split, rank)
         else:
             folder = Path(model)
-        budget = prompt_cache_bytes if rank == 0 else None  # rank 0 tells the others
-        mine = replace(spec, model=str(folder), prompt_cache_bytes=budget)
+        mine = replace(spec, model=str(folder), **(first if rank == 0 else {}))
         rank_cmd = [sys.executable, "-m", RANK_MODULE, *mine.to_argv()]
         variables = dict(os.environ) | (env or {}) | {HEARTBEAT_TOKEN_ENV: token}
         variables.pop(API_KEY_ENV, None)

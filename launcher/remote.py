@@ -23,7 +23,7 @@ from .hostfile import mlx_launch_hostfile, ring_entries
 from .local import LaunchError, describe_failure, verdict
 from .nodefiles import node_files
 from .rankenv import JACCL_PORT, backend_envs
-from .rankspec import MAX_BODY_MB, NODE_FAILED, PEER_GONE
+from .rankspec import DRAFT_TOKENS, MAX_BODY_MB, NODE_FAILED, PEER_GONE
 from .ssh import SshClient
 
 RING_PORT = 32323  # mlx.launch's first ring port
@@ -62,6 +62,8 @@ class RemoteCluster:
     api: dict | None = None  # rank 0's API settings and key, for a plan made again
     kv_bits: int | None = None  # every rank's quantised KV cache, for a plan made again
     prompt_cache_asked: int | None = None  # --prompt-cache-bytes (None: each plan's own)
+    speculative: str = "none"  # rank 0's speculative decoding, for a plan made again
+    draft_tokens: int = DRAFT_TOKENS
 
     def failure(self) -> str | None:
         """Names the node that failed first: its peers then fail too, only because it went away."""
@@ -347,6 +349,8 @@ def start_remote(
     api: dict | None = None,
     kv_bits: int | None = None,
     prompt_cache_bytes: int | None = None,
+    speculative: str = "none",
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> RemoteCluster:
     """Starts rank r on nodes[r] from its folder; rank 0 serves the API on its host.
 
@@ -356,6 +360,8 @@ def start_remote(
     api: rank 0's API settings and key (launcher/local.py start_local's api), sent to rank 0 only.
     kv_bits: every rank's KV cache quantised to 4 or 8 bits; prompt_cache_bytes: rank 0's
     budget of kept prefixes (0: off; None: the rank's own default), sent to rank 0 only.
+    speculative, draft_tokens: rank 0's speculative decoding ("none" or "ngram") and drafts
+    per step, sent to rank 0 only (it drafts; the others verify as they would decode).
     """
     text, links = rank_links(
         [(n.destination, n.address) for n in nodes], backend, ring_ips, rdma, ring_port
@@ -387,6 +393,7 @@ def start_remote(
                 **(_api_fields(api) if rank == 0 else {}),
                 **({"kv_bits": kv_bits} if kv_bits else {}),
                 **(_budget(prompt_cache_bytes) if rank == 0 else {}),
+                **(_drafts(speculative, draft_tokens) if rank == 0 else {}),
             )
             started = start_once(node.client, fields)
             run_ids.append(started["id"])
@@ -399,6 +406,14 @@ def start_remote(
 def _budget(prompt_cache_bytes: int | None) -> dict:
     """StartRank's prompt_cache_bytes, only when set (an older agent sees none)."""
     return {} if prompt_cache_bytes is None else {"prompt_cache_bytes": prompt_cache_bytes}
+
+
+def _drafts(speculative: str, draft_tokens: int) -> dict:
+    """StartRank's speculative and draft_tokens, only when speculating (an older agent sees
+    none)."""
+    if speculative == "none":
+        return {}
+    return {"speculative": speculative, "draft_tokens": draft_tokens}
 
 
 def _api_fields(api: dict | None) -> dict:

@@ -20,6 +20,7 @@ from .agent_client import AgentError
 from .rankenv import RankEnv, mlx_backend, rank_env
 from .rankspec import (
     API_KEY_ENV,
+    DRAFT_TOKENS,
     HEARTBEAT_TOKEN_ENV,
     MAX_BODY_MB,
     PARENT_PID_ENV,
@@ -82,6 +83,8 @@ def rank_spec(p: dict) -> RankSpec:
         cors_origins=tuple(p.get("cors_origins") or ()),
         kv_bits=int(p["kv_bits"]) if p.get("kv_bits") else None,
         prompt_cache_bytes=_optional_int(p.get("prompt_cache_bytes")),
+        speculative=p.get("speculative") or "none",
+        draft_tokens=int(p.get("draft_tokens") or DRAFT_TOKENS),
     )
 
 

@@ -150,6 +150,20 @@ def test_a_launcher_error_deep_in_launch_is_one_line(monkeypatch, tmp_path):
     assert_one_error(run(*launch), "rank 1 exited")
 
 
+@pytest.mark.parametrize(
+    "flags,said",
+    [
+        (["--speculative", "ngram", "--draft-tokens", "0"], "--draft-tokens takes 1 to 16, not 0"),
+        (["--speculative", "eagle"], "--speculative takes none or ngram, not 'eagle'"),
+        (["--draft-tokens", "4"], "--draft-tokens is for --speculative ngram"),
+    ],
+)
+@pytest.mark.parametrize("command", ["launch", "serve", "bench"])
+def test_bad_speculative_options_are_one_line(command, flags, said):
+    """Refused before any model is read or rank started (no model is given: the demo's)."""
+    assert_one_error(run(command, "--local", "2", *flags), said)
+
+
 @pytest.fixture
 def keeps_sigterm():
     """serve takes SIGTERM as Ctrl-C; in this process the handler is put back after the test."""

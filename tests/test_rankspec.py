@@ -12,7 +12,7 @@ import pytest
 from launcher import local
 from launcher.agent import StartRank
 from launcher.agent.ranks import Runs
-from launcher.rankspec import MAX_CONTEXT_ENV, RANK_MODULE, RankSpec
+from launcher.rankspec import DRAFT_TOKENS, MAX_CONTEXT_ENV, RANK_MODULE, RankSpec
 from launcher.ssh import SshClient
 
 BASE = ["--host", "127.0.0.1", "--port", "8080"]
@@ -340,3 +340,150 @@ def test_remote_over_ssh_gives_kv_bits_to_every_rank_and_the_budget_to_rank_0(st
     scripts = [c[-1] for c in started]
     argvs = [_rank_flags(shlex.split(s.split("exec ", 1)[1])) for s in scripts]
     assert _kv_of(argvs) == [(None, 0), (None, None), (None, None)]
+
+
+# --speculative and --draft-tokens to rank 0 alone (it drafts; the others verify as they decode)
+DRAFTS = {"speculative": "ngram", "draft_tokens": 6}
+NO_DRAFTS = ("none", DRAFT_TOKENS)
+
+
+def _drafts_of(argvs: list[list[str]]) -> list[tuple[str, int]]:
+    specs = [RankSpec.from_argv(argv) for argv in argvs]
+    return [(spec.speculative, spec.draft_tokens) for spec in specs]
+
+
+def test_local_gives_the_drafts_to_rank_0_alone(started, tmp_path):
+    local.start_local(Path("/models/tiny"), [1, 1, 2], run_dir=tmp_path, **DRAFTS)
+    argvs = [_rank_flags(c) for c in started]
+    assert _drafts_of(argvs) == [("ngram", 6), NO_DRAFTS, NO_DRAFTS]
+    assert not any("--speculative" in argv for argv in argvs[1:])
+
+
+def test_agent_gives_the_drafts_to_rank_0_alone(started, tmp_path):
+    req = {"model": "/models/tiny", "split": [2, 2], "http_host": "10.0.0.1"}
+    req |= {"http_port": 18080, "name": "tiny"}
+    runs = Runs(tmp_path / "runs", "/py")
+    (tmp_path / "runs").mkdir()
+    hostfile = [["10.0.0.1:5000"], ["10.0.0.2:5000"]]
+    runs.start(Path("/m"), StartRank(**req, rank=0, hostfile=hostfile, **DRAFTS))
+    runs.start(Path("/m"), StartRank(**req, rank=1, hostfile=hostfile))
+    assert _drafts_of([_rank_flags(c) for c in started]) == [("ngram", 6), NO_DRAFTS]
+
+
+@pytest.mark.parametrize(
+    "fields,why",
+    [
+        ({"rank": 1, "speculative": "ngram"}, "speculative and draft_tokens are rank 0's"),
+        ({"rank": 1, "draft_tokens": 6}, "speculative and draft_tokens are rank 0's"),
+        ({"rank": 0, "speculative": "eagle"}, "Input should be 'none' or 'ngram'"),
+        ({"rank": 0, "draft_tokens": 0}, "greater than or equal to 1"),
+        ({"rank": 0, "draft_tokens": 17}, "less than or equal to 16"),
+        ({"rank": 0, "draft_tokens": "4"}, "Input should be a valid integer"),
+    ],
+)
+def test_agent_refuses_a_bad_speculative_request(fields, why):
+    from pydantic import ValidationError
+
+    req = {"model": "m", "split": [2, 2], "http_host": "10.0.0.1", "http_port": 18080}
+    req |= {"name": "tiny", "hostfile": [["10.0.0.1:5000"], ["10.0.0.2:5000"]]}
+    with pytest.raises(ValidationError, match=why):
+        StartRank(**req | fields)
+
+
+def _agent_node(app, secret: bytes, name: str, address: str):
+    """A node whose client speaks to the agent's own app, signed, in this process."""
+    from starlette.testclient import TestClient
+
+    from launcher.agent_client import AgentClient
+    from launcher.remote import Node
+
+    client = AgentClient("http://testserver", secret, timeout=10)
+    client._http = TestClient(app, base_url="http://testserver")  # ASGI, not a socket
+    return Node(name, address, client)
+
+
+def test_remote_through_agents_gives_the_drafts_to_rank_0_alone(started, tmp_path):
+    """start_remote's requests, signed, through the agent app's validation to its rank argv
+    (the app's lifespan is not entered, so no fake rank is signalled at its end)."""
+    from launcher.agent import create_agent_app
+    from launcher.remote import start_remote
+
+    secret = b"s" * 32
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "config.json").write_text('{"num_hidden_layers": 4}')
+    app = create_agent_app(secret, tmp_path / "models", dict, runs_dir=tmp_path / "runs")
+    nodes = [_agent_node(app, secret, f"mac-{r}", f"127.0.0.{r + 1}") for r in range(2)]
+    start_remote(nodes, ["tiny"] * 2, [2, 2], name="tiny", **DRAFTS)
+    assert _drafts_of([_rank_flags(c) for c in started]) == [("ngram", 6), NO_DRAFTS]
+    started.clear()
+    start_remote(nodes, ["tiny"] * 2, [2, 2], name="tiny")
+    assert _drafts_of([_rank_flags(c) for c in started]) == [NO_DRAFTS, NO_DRAFTS]
+
+
+def test_remote_over_ssh_gives_the_drafts_to_rank_0_alone(started, tmp_path):
+    from launcher.remote import Node, start_remote
+
+    nodes = [
+        Node(f"mac-{r}", f"10.0.0.{r + 1}", SshClient(f"me@mac-{r}", python="/py", logs=tmp_path))
+        for r in range(3)
+    ]
+    start_remote(nodes, ["/m"] * 3, [1, 1, 2], name="tiny", **DRAFTS)
+    scripts = [c[-1] for c in started]
+    argvs = [_rank_flags(shlex.split(s.split("exec ", 1)[1])) for s in scripts]
+    assert _drafts_of(argvs) == [("ngram", 6), NO_DRAFTS, NO_DRAFTS]
+    started.clear()
+    start_remote(nodes, ["/m"] * 3, [1, 1, 2], name="tiny")
+    scripts = [c[-1] for c in started]
+    argvs = [_rank_flags(shlex.split(s.split("exec ", 1)[1])) for s in scripts]
+    assert _drafts_of(argvs) == [NO_DRAFTS] * 3
+    assert not any("--speculative" in argv for argv in argvs)
+
+
+def test_launch_and_its_replan_give_the_drafts_to_rank_0_alone(started, tmp_path, monkeypatch):
+    """launch's settings (as kv_settings and speculative_settings check them) through its start
+    on this machine and its plan made again after a failure: rank 0 drafts, in both."""
+    from mlxdist.cli.api_options import kv_settings, speculative_settings
+    from mlxdist.cli.launch import _replan_here, _start_here
+    from mlxdist.testing.make_model import make_model
+
+    path = make_model("llama", tmp_path / "llama")
+    monkeypatch.setattr("launcher.local.wait_ready", lambda running: {})  # no rank runs here
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the ranks' run folders
+    kv = kv_settings(None, "0") | speculative_settings("ngram", 3) | {"context": 256}
+    running = _start_here(path, 3, None, None, {"kv": kv})
+    assert _drafts_of([_rank_flags(c) for c in started]) == [("ngram", 3)] + [NO_DRAFTS] * 2
+    started.clear()
+    _replan_here(path, None, "pipeline", {}, running, kv=kv)
+    assert _drafts_of([_rank_flags(c) for c in started]) == [("ngram", 3), NO_DRAFTS]
+
+
+def test_agents_launch_and_replan_give_the_drafts_to_rank_0_alone(started, tmp_path, monkeypatch):
+    """A launch across agents (start_agents_cluster, the hosts file's agents found in its
+    place), in tensor mode (which takes the drafts and does not speculate), and its plan made
+    again after a node failed (--replan, a pipeline on the 3 left): the agents get the files
+    pushed and their ranks started, and only rank 0 drafts, both times."""
+    from launcher.agent import create_agent_app
+    from launcher.cluster import _with_facts, replan_agents, start_agents_cluster
+    from mlxdist.testing.make_model import make_model
+
+    path = make_model("llama", tmp_path / "llama", {"num_key_value_heads": 4})
+    monkeypatch.setattr("launcher.local.wait_ready", lambda running: {})  # no rank runs here
+    secret = b"s" * 32
+    facts = {"memory_total": 64 * 2**30, "memory_available": 60 * 2**30, "os": "Linux"}
+    nodes = []
+    for r in range(4):
+        root = tmp_path / f"agent-{r}"
+        app = create_agent_app(secret, root / "models", lambda: facts, runs_dir=root / "runs")
+        nodes.append(_agent_node(app, secret, f"mac-{r}", f"127.0.0.{r + 1}"))
+    monkeypatch.setattr("launcher.cluster.nodes_from_hosts", lambda *_: _with_facts(nodes))
+    where = (tmp_path / "hosts.toml", None, [], secret, 256, None, "tensor", "ring", "push")
+    running = start_agents_cluster(path, *where, prompt_cache_bytes=0, **DRAFTS)
+    argvs = [_rank_flags(c) for c in started]
+    assert [RankSpec.from_argv(argv).parallel for argv in argvs] == ["tensor"] * 4
+    assert _drafts_of(argvs) == [("ngram", 6)] + [NO_DRAFTS] * 3
+    started.clear()
+    running.failed_nodes = ["mac-1"]
+    replan_agents(path, 256, None, running)
+    argvs = [_rank_flags(c) for c in started]
+    assert [RankSpec.from_argv(argv).node for argv in argvs] == ["mac-0", "mac-2", "mac-3"]
+    assert _drafts_of(argvs) == [("ngram", 6), NO_DRAFTS, NO_DRAFTS]

@@ -79,6 +79,8 @@ def rank_spec(model: Path, req: StartRank) -> RankSpec:
         node=req.node,
         kv_bits=req.kv_bits,
         prompt_cache_bytes=req.prompt_cache_bytes,
+        speculative=req.speculative,
+        draft_tokens=req.draft_tokens,
         **api_settings(req),
     )
 

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..hostfile import ring_hostfile
+from ..rankspec import DRAFT_TOKENS
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # never starts with "-": not a flag
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -97,6 +98,9 @@ class StartRank(BaseModel):
     # every rank: its KV cache quantised to these bits; rank 0 only: bytes of kept prefixes
     kv_bits: Literal[4, 8] | None = None
     prompt_cache_bytes: int | None = Field(None, ge=0, le=2**50)
+    # rank 0 only: speculative decoding by prompt lookup and the tokens it drafts per step
+    speculative: Literal["none", "ngram"] = "none"
+    draft_tokens: int = Field(DRAFT_TOKENS, ge=1, le=16)
 
     @field_validator("http_host")
     @classmethod
@@ -121,6 +125,8 @@ class StartRank(BaseModel):
             raise ValueError(f"rank {self.rank} is not below the {size} ranks of the split")
         if self.prompt_cache_bytes is not None and self.rank != 0:
             raise ValueError("prompt_cache_bytes is rank 0's: it tells the other ranks")
+        if self.rank != 0 and (self.speculative != "none" or self.draft_tokens != DRAFT_TOKENS):
+            raise ValueError("speculative and draft_tokens are rank 0's: it drafts the tokens")
         if self.backend in ("jaccl", "jaccl-ring"):
             return self._jaccl(size)
         if self.rdma is not None or self.coordinator is not None:

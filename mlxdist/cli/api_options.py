@@ -10,9 +10,11 @@ from pathlib import Path
 
 import typer
 
+from launcher.rankspec import DRAFT_TOKENS, SPECULATIVE
 from quantize.errors import UserError
 
 DEFAULT_BODY_MB = 4  # a request body larger than this is refused (413)
+MAX_DRAFT_TOKENS = 16  # as RankSpec's draft_tokens takes
 
 # The options launch and serve share (one definition each; typer reads them as defaults).
 KEY_OPTION = typer.Option(
@@ -69,6 +71,24 @@ PROMPT_CACHE_OPTION = typer.Option(
     metavar="SIZE",
     help="memory per rank for the KV caches of known prefixes: 0 (off), bytes, 512MiB or 2GB "
     "(default: half of what the plan leaves on the fullest rank)",
+)
+
+# Rank 0's speculative decoding on launch, serve and bench (RankSpec's speculative and
+# draft_tokens); only the pipeline verifies drafts, so the other modes take it and ignore it.
+SPECULATIVE_OPTION = typer.Option(
+    "none",
+    "--speculative",
+    metavar="none|ngram",
+    help="ngram: rank 0 drafts tokens by prompt lookup and the ranks check them in one step "
+    "(greedy answers unchanged); pipeline mode only: expert and tensor modes accept it and do "
+    "not speculate",
+)
+DRAFT_TOKENS_OPTION = typer.Option(
+    None,
+    "--draft-tokens",
+    metavar="K",
+    help=f"tokens drafted per step with --speculative ngram, 1 to {MAX_DRAFT_TOKENS} "
+    f"(default {DRAFT_TOKENS}; no effect in expert and tensor modes)",
 )
 
 _KEY = re.compile(r"[!-~]{8,256}")  # printable ASCII, no space: one bearer token, one line
@@ -140,6 +160,19 @@ def kv_settings(kv_bits: int | None, prompt_cache_bytes: str | None) -> dict:
         except ValueError as e:
             raise UserError(f"--prompt-cache-bytes: {e}") from None
     return {"kv_bits": kv_bits, "prompt_cache_bytes": budget}
+
+
+def speculative_settings(speculative: str, draft_tokens: int | None) -> dict:
+    """--speculative and --draft-tokens checked: {"speculative", "draft_tokens"}, rank 0's."""
+    if speculative not in SPECULATIVE:
+        raise UserError(f"--speculative takes {' or '.join(SPECULATIVE)}, not {speculative!r}")
+    if draft_tokens is None:
+        return {"speculative": speculative, "draft_tokens": DRAFT_TOKENS}
+    if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        raise UserError(f"--draft-tokens takes 1 to {MAX_DRAFT_TOKENS}, not {draft_tokens}")
+    if speculative == "none":
+        raise UserError("--draft-tokens is for --speculative ngram: without it nothing is drafted")
+    return {"speculative": speculative, "draft_tokens": draft_tokens}
 
 
 def check_kv_bits(model: Path, kv_bits: int | None) -> None:

@@ -14,13 +14,16 @@ from mlxdist.cli.api_options import (
     CORS_OPTION,
     DEFAULT_BODY_MB,
     DOCS_OPTION,
+    DRAFT_TOKENS_OPTION,
     INSECURE_OPTION,
     KEY_FILE_OPTION,
     KEY_OPTION,
     KV_BITS_OPTION,
     PROMPT_CACHE_OPTION,
+    SPECULATIVE_OPTION,
     check_kv_bits,
     kv_settings,
+    speculative_settings,
 )
 from mlxdist.cli.app import app
 from quantize.errors import UserError
@@ -122,6 +125,8 @@ def launch(
     cors_origin: list[str] = CORS_OPTION,
     kv_bits: int | None = KV_BITS_OPTION,
     prompt_cache_bytes: str | None = PROMPT_CACHE_OPTION,
+    speculative: str = SPECULATIVE_OPTION,
+    draft_tokens: int | None = DRAFT_TOKENS_OPTION,
 ) -> None:
     """Start one rank per host (or N on this machine), then answer --prompt or open a chat."""
     params = {"max_tokens": max_tokens, "temperature": temp}
@@ -129,6 +134,7 @@ def launch(
         params["seed"] = seed
     try:
         kv = kv_settings(kv_bits, prompt_cache_bytes)
+        kv |= speculative_settings(speculative, draft_tokens)  # rank 0's, carried along
         guard = (api_key, api_key_file, insecure, max_body_mb, docs, allowed_host, cors_origin)
         api = _launch_api(bool(hosts or cluster), *guard)
         if (hosts or cluster) and (local or split):
@@ -303,8 +309,8 @@ def _start_here(
 
 def _kv_here(path: Path, parts: list[int], modes: dict, kv: dict | None) -> tuple[dict, str]:
     """start_local's kv_bits and prompt_cache_bytes for ranks on this machine (the budget, when
-    not given, from the plan of these ranks on this machine's memory), and the words the
-    loading line says of them."""
+    not given, from the plan of these ranks on this machine's memory), with rank 0's
+    speculative and draft_tokens as given, and the words the loading line says of them."""
     from launcher.promptbudget import describe, local_budget
 
     kv = dict(kv or {})
@@ -417,6 +423,8 @@ def serve(
     cors_origin: list[str] = CORS_OPTION,
     kv_bits: int | None = KV_BITS_OPTION,
     prompt_cache_bytes: str | None = PROMPT_CACHE_OPTION,
+    speculative: str = SPECULATIVE_OPTION,
+    draft_tokens: int | None = DRAFT_TOKENS_OPTION,
 ) -> None:
     """Run the cluster with its OpenAI-style HTTP API only, until Ctrl-C."""
     from mlxdist.cli.api_options import api_key as read_key
@@ -424,6 +432,7 @@ def serve(
 
     try:
         kv = kv_settings(kv_bits, prompt_cache_bytes)
+        kv |= speculative_settings(speculative, draft_tokens)  # rank 0's, carried along
         if hosts and (local or split or host or max_context):
             raise UserError("--local, --split, --host and --max-context are not for --hosts")
         key = read_key(api_key, api_key_file)  # first: an open API refused before any loading
@@ -553,6 +562,8 @@ def bench(
     verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
     kv_bits: int | None = KV_BITS_OPTION,
     prompt_cache_bytes: str | None = PROMPT_CACHE_OPTION,
+    speculative: str = SPECULATIVE_OPTION,
+    draft_tokens: int | None = DRAFT_TOKENS_OPTION,
 ) -> None:
     """Start the cluster, measure prompt and decode speed, a follow-up turn, a long prompt,
     memory and traffic, then stop it."""
@@ -561,6 +572,7 @@ def bench(
 
     try:
         kv = kv_settings(kv_bits, prompt_cache_bytes)
+        kv |= speculative_settings(speculative, draft_tokens)  # rank 0's, carried along
         if hosts and (local or split):
             raise UserError("--local and --split are for one machine; not with --hosts")
         if hosts and experts:
