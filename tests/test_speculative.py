@@ -12,6 +12,9 @@ import pytest
 from conftest import local_cluster
 from mlx_lm import load
 from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlxdist.runtime.prefix_store import checksum
 
 pytestmark = pytest.mark.cluster
 
@@ -22,31 +25,52 @@ PROMPTS = [
     list(range(30, 90)),  # nothing repeats at first: no drafts, then rejections
     LOOP * 2 + list(range(200, 230)),
 ]
+FRESH = [20, 21, 22, 23, 24, 25] * 7 + [40, 41, 42]  # asked last, its answer's caches compared
 SPLITS = {"one-rank": ([4], 3), "2-ranks": ([2, 2], 4), "3-ranks": ([2, 1, 1], 6)}
 
 
 @pytest.fixture(scope="module")
-def mlx_lm_answers(tiny_r1_no_mtp):
+def mlx_lm_model(tiny_r1_no_mtp):
     model, _ = load(str(tiny_r1_no_mtp))
     model.set_dtype(mx.float32)  # as the ranks run it (CPU expert matmul: float32 only)
-    return [
-        [int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=ANSWER)] for p in PROMPTS
-    ]
+    return model
 
 
-def _answer(url: str, prompt: list[int], **extra) -> list[int]:
+@pytest.fixture(scope="module")
+def mlx_lm_answers(mlx_lm_model):
+    def answer(prompt: list[int]) -> list[int]:
+        steps = generate_step(mx.array(prompt), mlx_lm_model, max_tokens=ANSWER)
+        return [int(t) for t, _ in steps]
+
+    return [answer(p) for p in [*PROMPTS, FRESH]]
+
+
+@pytest.fixture(scope="module")
+def reference_cache(mlx_lm_model):
+    """Plain decoding's KV caches (one mlx-lm process, every layer) after FRESH's answer."""
+    cache = make_prompt_cache(mlx_lm_model)
+    for _ in generate_step(mx.array(FRESH), mlx_lm_model, max_tokens=ANSWER, prompt_cache=cache):
+        pass
+    return cache
+
+
+def _answer(url: str, prompt: list[int], usage: dict | None = None, **extra) -> list[int]:
     body = {"prompt": prompt, "max_tokens": ANSWER, "temperature": 0.0, "ignore_eos": True}
     body |= extra
     r = httpx.post(url + "/v1/completions", json=body | {"return_token_ids": True}, timeout=300)
     r.raise_for_status()
+    if usage is not None:
+        usage |= r.json()["usage"]
     return r.json()["choices"][0]["token_ids"]
 
 
 @pytest.mark.parametrize("ranks", list(SPLITS))
-def test_greedy_answers_equal_without_speculation(ranks, tiny_r1_no_mtp, mlx_lm_answers):
+def test_greedy_answers_equal_without_speculation(
+    ranks, tiny_r1_no_mtp, mlx_lm_answers, reference_cache
+):
     split, k = SPLITS[ranks]
-    api = {"speculative": "ngram", "draft_tokens": k}
-    with local_cluster(tiny_r1_no_mtp, split, api=api) as (url, _):
+    settings = {"speculative": "ngram", "draft_tokens": k}
+    with local_cluster(tiny_r1_no_mtp, split, **settings) as (url, _):
         alone = [_answer(url, p) for p in PROMPTS]
         together: dict[int, list[int]] = {}  # at once too, where the ring interleaves them
 
@@ -64,13 +88,33 @@ def test_greedy_answers_equal_without_speculation(ranks, tiny_r1_no_mtp, mlx_lm_
         after_off = httpx.get(url + "/mlxdist/stats", timeout=60).json()["speculative"]
         two = _answer(url, PROMPTS[0], draft_tokens=2)
         after_two = httpx.get(url + "/mlxdist/stats", timeout=60).json()["speculative"]
+        # a new answer's caches on every rank, kept by the prefix cache, against plain decoding's
+        before = httpx.get(url + "/mlxdist/stats", timeout=60).json()
+        usage: dict = {}
+        fresh = _answer(url, FRESH, usage)
+        after = httpx.get(url + "/mlxdist/stats", timeout=60).json()
     print(f"{ranks}, {k} drafts: {figures}")
+    assert fresh == mlx_lm_answers[-1]
+    drafted = after["speculative"]["drafted"] - before["speculative"]["drafted"]
+    accepted = after["speculative"]["accepted"] - before["speculative"]["accepted"]
+    assert 0 < accepted < drafted  # its drafts were accepted and rejected
+    assert (usage["speculative"]["drafted"], usage["speculative"]["accepted"]) == (
+        drafted,
+        accepted,
+    )
+    start = 0
+    for rank, layers in enumerate(split):
+        got = after["ranks"][rank]["prefix_checksum"] - before["ranks"][rank]["prefix_checksum"]
+        want = 1000 * checksum(reference_cache[start : start + layers], len(FRESH) + ANSWER - 1)
+        print(f"rank {rank}: caches' checksum {got / 1000:.3f}, plain decoding's {want / 1000:.3f}")
+        assert abs(got - want) <= 1e-4 * want
+        start += layers
     assert off == two == mlx_lm_answers[0]
     assert after_off["passes"] == figures["passes"]
     passes = after_two["passes"] - after_off["passes"]
     assert 0 < passes and after_two["drafted"] - after_off["drafted"] <= 2 * passes
-    assert alone == mlx_lm_answers
-    assert [together[i] for i in range(len(PROMPTS))] == mlx_lm_answers
+    assert alone == mlx_lm_answers[: len(PROMPTS)]
+    assert [together[i] for i in range(len(PROMPTS))] == mlx_lm_answers[: len(PROMPTS)]
     assert figures["mode"] == "ngram" and figures["draft_tokens"] == k
     assert 0 < figures["accepted"] < figures["drafted"]  # accepted, and rejected
     assert figures["tokens_per_pass"] > 1.0
