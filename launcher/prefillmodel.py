@@ -221,8 +221,11 @@ def rank_prefill_chunk(config: dict, split: list[int] | None, backend: str) -> i
         return int(forced)
     if not split or len(split) < 2:
         return PREFILL_CHUNK
-    nodes = [DEFAULT_CHIP] * len(split)
-    return prefill_chunk(prefill_model(config), nodes, backend_link(backend), split=split)
+    try:
+        model = prefill_model(config)
+    except Exception:  # a config the estimate cannot build: a launch never fails over this
+        return PREFILL_CHUNK
+    return prefill_chunk(model, [DEFAULT_CHIP] * len(split), backend_link(backend), split=split)
 
 
 def pipelined_against_not(

@@ -97,6 +97,8 @@ def test_a_rank_chooses_for_its_split_and_backend(r1):
     assert rank_prefill_chunk(config, None, "ring") == PREFILL_CHUNK  # tensor or expert mode
     assert rank_prefill_chunk(config, [61], "ring") == PREFILL_CHUNK
     assert rank_prefill_chunk(config, [11, 10, 10, 10, 10, 10], "jaccl") in CHUNKS[:-1]
+    # a config the estimate cannot read keeps mlx-lm's chunk rather than failing the launch
+    assert rank_prefill_chunk({"model_type": "unknown"}, [1, 1], "ring") == PREFILL_CHUNK
 
 
 def test_a_rank_takes_the_chunk_its_environment_gives(monkeypatch):
