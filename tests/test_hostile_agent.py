@@ -27,7 +27,7 @@ import psutil
 import pytest
 from conftest import ROOT
 from test_agent import running_agent
-from test_cluster_hosts import cli
+from test_cluster_hosts import Machine, cli, listening
 
 from launcher.agent_client import AgentClient
 from launcher.auth import (
@@ -905,7 +905,11 @@ def test_impostors_are_never_listed_planned_or_started_on_and_a_twin_is_refused(
             argv = [sys.executable, "-c", IMPOSTOR, fake.ip, "52417", "guard", real_id, str(log)]
             procs.append(subprocess.Popen(fake.cmd(*argv), cwd=ROOT, stdout=subprocess.PIPE))
             assert procs[-1].stdout.readline().strip() == b"announced"
-            time.sleep(2)  # the real agent announces itself too
+            # The real agent announces itself too: it listens once it has.
+            while not listening(procs[0], Machine(real.name, real.ip, 52417)):
+                assert procs[0].poll() is None, (tmp_path / "real.log").read_text()
+                assert time.monotonic() < deadline, (tmp_path / "real.log").read_text()
+                time.sleep(0.1)
 
             done = _in(launcher, env, *status)
             assert done.returncode == 0, done.stderr
