@@ -5,11 +5,13 @@ same tests run on loopback with separate ports, and say so."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -77,8 +79,34 @@ def start_agents(hosts, interface, work: Path, clusters: list[str], extra_env=No
         env = dict(os.environ, MLXDIST_CONFIG=str(config), **(extra_env(i) if extra_env else {}))
         log = open(config / "agent.log", "w")
         agents.append(subprocess.Popen(m.cmd(*cli(*args)), env=env, cwd=ROOT, stderr=log))
-    time.sleep(3)  # the agents start and announce themselves
+    # The agents start and announce themselves: an agent listens only once it has announced
+    # itself (its Advertiser registers first), so this waits no longer than they take.
+    deadline = time.monotonic() + 60
+    for i, (m, agent) in enumerate(zip(hosts, agents)):
+        while not listening(agent, m):
+            log = (work / f"node{i}" / "agent.log").read_text()[-2000:]
+            assert agent.poll() is None, f"the agent on {m.ip} exited: {log}"
+            assert time.monotonic() < deadline, f"the agent on {m.ip} did not start: {log}"
+            time.sleep(0.1)
     return agents
+
+
+def listening(agent: subprocess.Popen, m: Machine) -> bool:
+    """Whether m's agent (the process started in its namespace) accepts connections on its port:
+    read from the namespace's TCP table (no process started to look), or by connecting on
+    loopback."""
+    if not m.name:
+        try:
+            socket.create_connection((m.ip, m.agent_port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+    try:
+        rows = Path(f"/proc/{agent.pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    port = f":{m.agent_port:04X}"
+    return any(r.split()[1].endswith(port) and r.split()[3] == "0A" for r in rows)  # LISTEN
 
 
 def stop_agents(agents) -> None:
@@ -91,16 +119,24 @@ def stop_agents(agents) -> None:
             a.kill()
 
 
+_CUTS: dict[Path, Path] = {}  # tiny-r1's three node folders, cut once a session
+
+
 def prepare(tiny_r1: Path, work: Path) -> tuple[dict, Path]:
-    """A launcher configuration with a fresh secret, and tiny-r1 cut into three node folders."""
+    """A launcher configuration with a fresh secret, and tiny-r1 cut into three node folders
+    (the first caller's cut, which launches only read, serves every later one)."""
     launcher_env = dict(os.environ, MLXDIST_CONFIG=str(work / "launcher"))
     subprocess.run(cli("init"), env=launcher_env, cwd=ROOT, check=True, capture_output=True)
-    out = work / "tiny-r1-3n"
-    done = subprocess.run(
-        cli("quantize", str(tiny_r1), str(out), "--split", "2,1,1"), cwd=ROOT, capture_output=True
-    )
-    assert done.returncode == 0, done.stderr
-    return launcher_env, out
+    if tiny_r1 not in _CUTS:
+        out = work / "tiny-r1-3n"
+        done = subprocess.run(
+            cli("quantize", str(tiny_r1), str(out), "--split", "2,1,1"),
+            cwd=ROOT,
+            capture_output=True,
+        )
+        assert done.returncode == 0, done.stderr
+        _CUTS[tiny_r1] = out
+    return launcher_env, _CUTS[tiny_r1]
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +174,9 @@ def assert_no_rank_left(hosts, wait: float = 10.0) -> None:
     assert rank_processes(hosts) == []
 
 
+@functools.cache
 def reference_text(model: Path) -> str:
-    """What one mlx-lm process answers, greedy, for the same raw prompt."""
+    """What one mlx-lm process answers, greedy, for the same raw prompt (once per folder)."""
     m, tokenizer = load(str(model))
     prompt = tokenizer.encode(PROMPT)
     tokens = []
@@ -261,10 +298,14 @@ def test_bench_across_hosts_with_the_key_it_made(cluster, tmp_path):
     hosts, _, env, out, _ = cluster
     hosts_file = write_hosts_file(tmp_path, hosts[1:], lambda m: [f"agent_port = {m.agent_port}"])
     args = ["--prompt-tokens", "8", "--decode-tokens", "4", "--streams", "2", "--json"]
+    # A follow-up turn and a long prompt too, each sent with the key, but small: by default
+    # (400 and 2048 tokens) they are most of a minute of prefill across the namespaces.
+    args += ["--conversation-tokens", "16", "--long-prompt-tokens", "16"]
     done = run_with(hosts[0].cmd(*cli("bench", str(out), "--hosts", str(hosts_file), *args)), env)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["ranks"] == len(hosts) - 1 and result["decode_tokens"] == 4, result
+    assert result["conversation_tokens"] == 16 and result["long_prompt_tokens"] == 16, result
     assert result["decode_tps"] > 0 and result["aggregate_tps"] > 0, result
     assert [r["rank"] for r in result["per_rank"]] == list(range(result["ranks"]))
     assert_no_rank_left(hosts)
