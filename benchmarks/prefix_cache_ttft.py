@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +24,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from launcher.hostfile import free_ports  # noqa: E402
+from serve_local import serve, stop  # noqa: E402
+
 from mlxdist.cli.models import resolve_model  # noqa: E402
 
 # About 330 tokens of SmolLM2's tokenizer with the chat template around it: the first message.
@@ -70,27 +69,6 @@ def stream(url: str, messages: list[dict]) -> tuple[float, str, dict]:
     return (first or time.perf_counter()) - sent, "".join(text), usage
 
 
-def serve(path: Path, ranks: int, extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
-    (port,) = free_ports(1)
-    cmd = [sys.executable, "-m", "mlxdist.cli", "serve", str(path), "--local", str(ranks)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*cmd, "--port", str(port), *extra], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"error: the server exited: {log.read_text(errors='replace')[-800:]}")
-        try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    sys.exit("error: the server did not come up in 600 s")
-
-
 def rounds(url: str, count: int, first_round: int) -> list[dict]:
     out = []
     for i in range(first_round, first_round + count):
@@ -129,11 +107,7 @@ def main() -> None:
             stream(url, [{"role": "user", "content": "Hello"}])  # warm-up
             results[name] = rounds(url, args.rounds, 1)
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     print(f"model {path.name}, {args.ranks} ranks, greedy, {ANSWER_TOKENS}-token answers")
     print(
         f"{'server':<10} {'round':>5} {'prompt':>7} {'cached':>7} {'turn 1 s':>9} {'turn 2 s':>9}"

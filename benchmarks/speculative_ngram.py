@@ -13,19 +13,17 @@ are decode only: the server's own decode tokens/s (usage), and the answers' text
 from __future__ import annotations
 
 import argparse
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from launcher.hostfile import free_ports  # noqa: E402
+from serve_local import serve, stop  # noqa: E402
+
 from mlxdist.cli.models import resolve_model  # noqa: E402
 
 SOURCE = """def load_config(path):
@@ -65,27 +63,6 @@ def ask(url: str, mode: str, tokens: int, draft: int) -> dict:
     return {"text": out["choices"][0]["message"]["content"], "usage": out["usage"]}
 
 
-def serve(path: Path, ranks: int, log: Path) -> tuple[subprocess.Popen, str]:
-    (port,) = free_ports(1)
-    cmd = [sys.executable, "-m", "mlxdist.cli", "serve", str(path), "--local", str(ranks)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*cmd, "--port", str(port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"error: the server exited: {log.read_text(errors='replace')[-800:]}")
-        try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    sys.exit("error: the server did not come up in 600 s")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder or .gguf (default: demo model)")
@@ -101,7 +78,7 @@ def main() -> None:
         f"{'ranks':>5} {'round':>5} {'mode':<6} {'decode tok/s':>13} {'accepted':>9} {'tokens':>7}"
     )
     for ranks in (int(n) for n in args.ranks.split(",")):
-        proc, url = serve(path, ranks, logs / f"{ranks}.log")
+        proc, url = serve(path, ranks, [], logs / f"{ranks}.log")
         try:
             ask(url, "none", 4, args.draft_tokens)  # the prompt's prefill, cached from here on
             rates: dict[str, list[float]] = {"ngram": [], "none": []}
@@ -123,11 +100,7 @@ def main() -> None:
             print(f"{ranks} ranks: decode with prompt lookup / without {ratio:.2f} (target 1.5)")
             print(f"{ranks} ranks: the same text with and without: {'yes' if same else 'no'}")
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     print("answer:\n" + next(iter(texts["none"])))
 
 
