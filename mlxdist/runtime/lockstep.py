@@ -20,7 +20,7 @@ from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllL
 from mlxdist.runtime.batch_cache import Batch
 from mlxdist.runtime.expert import shards
 from mlxdist.runtime.pipeline import gather_stats, start_cache
-from mlxdist.runtime.prefix_store import PrefixStore
+from mlxdist.runtime.prefix_store import KeepsPrefixes, PrefixStore
 from mlxdist.runtime.ringwait import RingWaiter
 from mlxdist.runtime.runner import StepRunner
 from mlxdist.runtime.sampling import Sampler
@@ -74,7 +74,7 @@ def slots_of(mask: int) -> list[int]:
     return [s for s in range(32) if mask >> s & 1]
 
 
-class LockstepRunner(StepRunner):
+class LockstepRunner(KeepsPrefixes, StepRunner):
     """One rank of an expert- or tensor-parallel group: the whole model's layers, a KV cache per
     sequence slot, and (on rank 0) a sampler per slot."""
 
@@ -246,15 +246,6 @@ class LockstepRunner(StepRunner):
         """Rank 0: tells every other rank to leave its loop."""
         if self.size > 1:
             self._broadcast(Step(0, 0, cmd=CMD_STOP), None)
-
-    def keep(self, slot: int, entry: int, length: int) -> int:
-        """Rank 0: every rank keeps the first `length` positions of slot's caches as entry;
-        returns the bytes rank 0 keeps."""
-        return self._command(Step(length, 0, cmd=CMD_KEEP, slot=slot, src=entry))
-
-    def evict(self, entry: int) -> None:
-        """Rank 0: every rank drops entry."""
-        self._command(Step(0, 0, cmd=CMD_EVICT, src=entry))
 
     def _command(self, step: Step) -> int:
         if self.size > 1:

@@ -17,7 +17,7 @@ from collections import deque
 import mlx.core as mx
 
 from mlxdist.runtime.link import BACK, DONE, NEXT, Link, escape, unescape
-from mlxdist.runtime.prefix_store import PrefixStore, clone_all
+from mlxdist.runtime.prefix_store import KeepsPrefixes, PrefixStore, clone_all
 from mlxdist.runtime.ringwait import RingWaiter
 from mlxdist.runtime.runner import InterleavingRunner
 from mlxdist.runtime.sampling import Sampler
@@ -61,7 +61,7 @@ def start_cache(runner, step: Step, caches: dict[int, list]) -> list:
     return runner.stage.make_cache()
 
 
-class Runner(InterleavingRunner):
+class Runner(KeepsPrefixes, InterleavingRunner):
     """One rank's part of the pipeline: its stage, a KV cache per sequence slot, and (on the
     last rank) a sampler per slot."""
 
@@ -233,15 +233,6 @@ class Runner(InterleavingRunner):
         """Rank 0: tells every other rank to leave its loop."""
         if self.size > 1:
             self._send_control(Step(0, 0, cmd=CMD_STOP))
-
-    def keep(self, slot: int, entry: int, length: int) -> int:
-        """Rank 0: every rank keeps the first `length` positions of slot's caches as entry;
-        returns the bytes rank 0 keeps."""
-        return self._command(Step(length, 0, cmd=CMD_KEEP, slot=slot, src=entry))
-
-    def evict(self, entry: int) -> None:
-        """Rank 0: every rank drops entry."""
-        self._command(Step(0, 0, cmd=CMD_EVICT, src=entry))
 
     def _command(self, step: Step) -> int:
         if self.size > 1:

@@ -24,6 +24,8 @@ from mlx_lm.models.cache import (
     RotatingKVCache,
 )
 
+from mlxdist.runtime.step import CMD_EVICT, CMD_KEEP, Step
+
 
 def can_cut(template, length: int, keep: int) -> bool:
     """Whether a cache of this kind holding `length` positions can be cut to its first `keep`:
@@ -126,6 +128,20 @@ def checksum(caches: list, length: int) -> float:
             if isinstance(v, mx.array):
                 total += mx.sum(mx.abs(v.astype(mx.float32))).item()
     return total
+
+
+class KeepsPrefixes:
+    """Rank 0's prefix-cache commands, for a runner whose _command(step) has every rank take a
+    command (in order with the steps) and returns what rank 0's own _obey gave."""
+
+    def keep(self, slot: int, entry: int, length: int) -> int:
+        """Every rank keeps the first `length` positions of slot's caches as entry; returns the
+        bytes rank 0 keeps."""
+        return self._command(Step(length, 0, cmd=CMD_KEEP, slot=slot, src=entry))
+
+    def evict(self, entry: int) -> None:
+        """Every rank drops entry."""
+        self._command(Step(0, 0, cmd=CMD_EVICT, src=entry))
 
 
 class PrefixStore:
