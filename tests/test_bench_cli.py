@@ -7,6 +7,8 @@ import json
 import pytest
 from conftest import rank_pids, run_cli
 
+from mlxdist.runtime.lockstep import _WORDS
+
 
 @pytest.mark.cluster
 def test_bench_json_reports_speed_memory_and_traffic(tiny_r1):
@@ -73,9 +75,11 @@ def test_bench_expert_mode_reports_its_all_sum_traffic(tiny_r1):
     moe_layers = config["num_hidden_layers"] - config["first_k_dense_replace"]
     sent = [r["bytes_per_token"] for r in result["per_rank"]]
     # every rank gives each MoE layer's all_sum one hidden state (attention and dense MLPs too
-    # when they are cut over the ranks), plus the 36-byte control vector that carries the token
+    # when they are cut over the ranks), plus the control vector that carries the token (its
+    # fields and the ids a batched step carries, int32 words)
+    control = 4 * _WORDS
     assert all(s >= moe_layers * hidden for s in sent), sent
-    assert all(s <= 2 * config["num_hidden_layers"] * hidden + 36 for s in sent), sent
+    assert all(s <= 2 * config["num_hidden_layers"] * hidden + control for s in sent), sent
 
 
 def test_bench_takes_fetch_and_verify_as_launch_does(tiny_r1, tmp_path):
