@@ -148,3 +148,9 @@ def test_sliding_windows_are_reused_only_whole(tmp_path_factory):
         apart = first[:30] + list(range(400, 420))  # leaves every entry at token 30
         answer3, cached3 = _ask(url, apart)
         assert (answer3, cached3) == (reference(apart), 0)
+        # nor does such a model speculate: rejected drafts could not leave a filled window
+        body = {"prompt": follow, "max_tokens": ANSWER, "temperature": 0.0, "ignore_eos": True}
+        body |= {"speculative": "ngram", "return_token_ids": True}
+        out = httpx.post(url + "/v1/completions", json=body, timeout=300).json()
+        assert out["choices"][0]["token_ids"] == answer2
+        assert "speculative" not in out["usage"]

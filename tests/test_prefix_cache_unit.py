@@ -270,3 +270,22 @@ def test_checksum_counts_only_the_positions_held():
     assert checksum([source], 10) == pytest.approx(whole, rel=1e-6)
     assert checksum([clone(source, 6)], 6) == pytest.approx(checksum([source], 6), rel=1e-6)
     assert checksum([source], 6) < checksum([source], 10)
+
+
+def test_only_full_caches_can_drop_rejected_drafts():
+    from mlxdist.runtime.prefix_store import trimmable
+
+    assert trimmable(KVCache()) and trimmable(QuantizedKVCache(64, 8))
+    assert trimmable(CacheList(KVCache(), KVCache()))
+    assert not trimmable(RotatingKVCache(max_size=8)) and not trimmable(ArraysCache(2))
+    assert not trimmable(CacheList(KVCache(), RotatingKVCache(max_size=8)))
+
+
+def test_a_failed_command_on_another_rank_is_logged_not_raised(capsys):
+    from mlxdist.runtime.prefix_store import obey_logged
+
+    def obey(step):
+        raise MemoryError("no room")
+
+    obey_logged(obey, None, 2)
+    assert "[rank 2] prefix cache: could not take a command: no room" in capsys.readouterr().err

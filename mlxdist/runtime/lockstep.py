@@ -20,7 +20,7 @@ from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllL
 from mlxdist.runtime.batch_cache import Batch
 from mlxdist.runtime.expert import shards
 from mlxdist.runtime.pipeline import gather_stats, start_cache
-from mlxdist.runtime.prefix_store import KeepsPrefixes, PrefixStore
+from mlxdist.runtime.prefix_store import KeepsPrefixes, PrefixStore, obey_logged
 from mlxdist.runtime.ringwait import RingWaiter
 from mlxdist.runtime.runner import StepRunner
 from mlxdist.runtime.sampling import Sampler
@@ -284,7 +284,7 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
             waiter.wait()  # asleep until rank 0 starts the next broadcast
             step, ids = self._broadcast(Step(0, 0), None)
             if step.cmd in (CMD_KEEP, CMD_EVICT):
-                self._obey(step)
+                obey_logged(self._obey, step, self.rank)
                 continue
             if step.cmd in (CMD_STOP, CMD_STATS):
                 self.data_bytes, self.control_bytes = counts

@@ -17,7 +17,13 @@ from collections import deque
 import mlx.core as mx
 
 from mlxdist.runtime.link import BACK, DONE, NEXT, Link, escape, unescape
-from mlxdist.runtime.prefix_store import KeepsPrefixes, PrefixStore, clone_all
+from mlxdist.runtime.prefix_store import (
+    KeepsPrefixes,
+    PrefixStore,
+    clone_all,
+    obey_logged,
+    trimmable,
+)
 from mlxdist.runtime.ringwait import RingWaiter
 from mlxdist.runtime.runner import InterleavingRunner
 from mlxdist.runtime.sampling import Sampler
@@ -65,8 +71,6 @@ class Runner(KeepsPrefixes, InterleavingRunner):
     """One rank's part of the pipeline: its stage, a KV cache per sequence slot, and (on the
     last rank) a sampler per slot."""
 
-    verifies = True  # takes VERIFY steps (speculative decoding)
-
     def __init__(self, stage: Stage, group: mx.distributed.Group):
         self.stage = stage
         self.group = group
@@ -84,6 +88,9 @@ class Runner(KeepsPrefixes, InterleavingRunner):
         self.outbox = Link(stage.hidden_size, _CTRL)  # what the next rank expects
         self.waiter = RingWaiter() if self.size > 1 else None
         self.store = PrefixStore()  # the prefix cache's entries, for this stage's layers
+        # Takes VERIFY steps (speculative decoding) when every layer's cache can drop rejected
+        # drafts: not a sliding window (gpt-oss), whose filled buffer cannot be cut back.
+        self.verifies = all(trimmable(t) for t in stage.templates)
 
     @property
     def cache(self) -> list:
@@ -267,7 +274,7 @@ class Runner(KeepsPrefixes, InterleavingRunner):
             if step.cmd in (CMD_KEEP, CMD_EVICT):
                 if not self.stage.is_last:
                     self._send_control(step)
-                self._obey(step)
+                obey_logged(self._obey, step, self.rank)
                 continue
             if step.cmd in (CMD_STOP, CMD_STATS):
                 if not self.stage.is_last:

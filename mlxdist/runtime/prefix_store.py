@@ -12,6 +12,7 @@ copy's cache later writes into its own arrays.
 
 from __future__ import annotations
 
+import sys
 import zlib
 
 import mlx.core as mx
@@ -47,6 +48,25 @@ def grows(template) -> bool:
     if isinstance(template, CacheList):
         return any(grows(c) for c in template.caches)
     return isinstance(template, (KVCache, QuantizedKVCache))
+
+
+def trimmable(template) -> bool:
+    """Whether a cache of this kind can always drop its last positions (speculative decoding
+    drops rejected drafts): full caches can; a sliding window cannot once it has filled, nor a
+    recurrent state."""
+    if isinstance(template, CacheList):
+        return all(trimmable(c) for c in template.caches)
+    return isinstance(template, (KVCache, QuantizedKVCache))
+
+
+def obey_logged(obey, step, rank: int) -> None:
+    """A rank other than 0 takes a prefix-cache command; a failure (out of memory, say) leaves
+    the entry out of its store, said in its log, instead of taking the rank down: the stats'
+    digest shows the ranks differ."""
+    try:
+        obey(step)
+    except Exception as e:  # noqa: BLE001 - logged; the rank goes on serving
+        print(f"[rank {rank}] prefix cache: could not take a command: {e}", file=sys.stderr)
 
 
 def reusable(template) -> bool:
@@ -145,10 +165,11 @@ class KeepsPrefixes:
 
 
 class PrefixStore:
-    """One rank's kept entries: entry id -> (positions held, its stage's caches, checksum)."""
+    """One rank's kept entries: entry id -> (positions held, its stage's caches)."""
 
     def __init__(self):
-        self.entries: dict[int, tuple[int, list, float]] = {}
+        self.entries: dict[int, tuple[int, list]] = {}
+        self._sums: dict[int, float] = {}  # entry -> checksum, made when first asked for
 
     def keep(self, entry: int, caches: list, length: int) -> int:
         """Keeps a finished sequence's caches, holding `length` positions, as entry: the caches
@@ -157,7 +178,7 @@ class PrefixStore:
         fits = all(_spare(c, length) * 8 <= length for c in caches)
         kept = caches if fits else clone_all(caches, length)
         mx.eval([c.state for c in kept])
-        self.entries[entry] = (length, kept, checksum(kept, length))
+        self.entries[entry] = (length, kept)
         return cache_nbytes(kept)
 
     def start(self, entry: int, keep: int) -> list:
@@ -166,12 +187,16 @@ class PrefixStore:
 
     def evict(self, entry: int) -> None:
         self.entries.pop(entry, None)
+        self._sums.pop(entry, None)
 
     def figures(self) -> list[int]:
         """[entries, bytes, digest of (id, positions) pairs, the entries' checksums summed in
         thousandths]: the first three equal on ranks that hold the same entries."""
-        pairs = sorted((e, n) for e, (n, *_) in self.entries.items())
+        pairs = sorted((e, n) for e, (n, _) in self.entries.items())
         digest = zlib.crc32(repr(pairs).encode())
-        nbytes = sum(cache_nbytes(caches) for _, caches, _ in self.entries.values())
-        total = sum(s for *_, s in self.entries.values())
+        nbytes = sum(cache_nbytes(caches) for _, caches in self.entries.values())
+        for e, (n, caches) in self.entries.items():
+            if e not in self._sums:  # entries never change: each is read once, when asked
+                self._sums[e] = checksum(caches, n)
+        total = sum(self._sums[e] for e in self.entries)
         return [len(pairs), nbytes, digest, round(total * 1000)]
