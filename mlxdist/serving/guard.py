@@ -6,6 +6,7 @@ Plain ASGI, so a body is counted as it streams and refused before it is all read
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -24,6 +25,10 @@ NO_KEY = (
     "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
 )
 WRONG_KEY = "Incorrect API key provided."
+# What of a body refused for its declared size is still read (and dropped) before the answer.
+DRAIN_BYTES = 16 * MiB
+DRAIN_SECONDS = 2.0
+DRAIN_PAUSE = 0.2  # seconds without a byte that end the draining
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,7 @@ class _KeyAndBody:
             return await _answer(send, *error(401, message, code), bearer=True)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > p.max_body:
+            await _drain(receive)
             return await _answer(send, *error(413, TooLarge(p.max_body).detail, "body_too_large"))
         started = False
         seen = 0
@@ -154,6 +160,26 @@ class _KeyAndBody:
             if started:
                 raise
             await _answer(send, *error(413, e.detail, "body_too_large"))
+
+
+async def _drain(receive, limit: int = DRAIN_BYTES, seconds: float = DRAIN_SECONDS) -> None:
+    """Reads and drops what a client still sends of a refused body, up to `limit` bytes or
+    `seconds`: a socket closed with unread data resets the connection, and the client, still
+    sending, would lose the answer before reading it. Nothing read is kept."""
+
+    async def read() -> None:
+        seen = 0
+        while seen <= limit:
+            # a client that has stopped sending (or never began) is not waited for
+            message = await asyncio.wait_for(receive(), DRAIN_PAUSE)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            seen += len(message.get("body", b""))
+
+    try:
+        await asyncio.wait_for(read(), seconds)
+    except TimeoutError:
+        pass
 
 
 async def _answer(send, status: int, body: bytes, bearer: bool = False) -> None:
