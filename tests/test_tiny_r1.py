@@ -179,6 +179,17 @@ def test_mtp_layer_follows_the_last_decoder_layer(tiny, tiny_no_mtp):
     assert not any(k.startswith(f"{mtp}.") for k in all_headers(tiny_no_mtp))
 
 
+def test_mtp_copies_of_embedding_and_head_equal_the_main_ones(tiny):
+    # As in R1's official checkpoint: the MTP layer's copies coincide with the main tensors.
+    n = config_of(tiny)["num_hidden_layers"]
+    weights = {}
+    for f in tiny.glob("*.safetensors"):
+        weights.update(mx.load(str(f)))
+    for copy, main in [("embed_tokens", "model.embed_tokens"), ("shared_head.head", "lm_head")]:
+        assert mx.array_equal(weights[f"model.layers.{n}.{copy}.weight"], weights[f"{main}.weight"])
+    assert not mx.array_equal(weights["model.embed_tokens.weight"], weights["lm_head.weight"])
+
+
 def test_parse_set_types():
     items = ["num_hidden_layers=5", "rope_theta=1e4", "x=true", "y=null", "z=[1, 2]", "w=hi"]
     got = parse_set(items + ["rope_scaling.factor=8"])

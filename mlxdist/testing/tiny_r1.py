@@ -213,6 +213,7 @@ class TensorSpec:
     dtype: str  # "F8_E4M3" (with a companion `<name>_scale_inv`), "BF16" or "F32"
     mean: float = 0.0
     std: float = 0.02
+    values_of: str | None = None  # another tensor whose values this one copies (same spec)
 
 
 # ---------------------------------------------------------------- config
@@ -359,14 +360,18 @@ def _decoder_layer(c: dict, layer: int) -> list[TensorSpec]:
 def _mtp_layer(c: dict, layer: int) -> list[TensorSpec]:
     p, h, v = f"model.layers.{layer}", c["hidden_size"], c["vocab_size"]
     std = c["initializer_range"]
-    # R1's MTP layer carries its own copies of the embedding and head, all unquantised.
+    # R1's MTP layer carries its own copies of the embedding and head, all unquantised, equal
+    # to the main ones in the official checkpoint (vllm-project/vllm PR #20022, a maintainer:
+    # "'model.layers.61.embed_tokens.weight' and 'model.embed_tokens.weight' coincide";
+    # vllm-project/vllm-ascend PR #2790 checks both copies with torch.equal).
+    embed, head = "model.embed_tokens.weight", "lm_head.weight"
     extra = [
-        TensorSpec(f"{p}.embed_tokens.weight", (v, h), "BF16", std=std),
+        TensorSpec(f"{p}.embed_tokens.weight", (v, h), "BF16", std=std, values_of=embed),
         _norm(f"{p}.enorm.weight", h),
         _norm(f"{p}.hnorm.weight", h),
         TensorSpec(f"{p}.eh_proj.weight", (h, 2 * h), "BF16", std=std),
         _norm(f"{p}.shared_head.norm.weight", h),
-        TensorSpec(f"{p}.shared_head.head.weight", (v, h), "BF16", std=std),
+        TensorSpec(f"{p}.shared_head.head.weight", (v, h), "BF16", std=std, values_of=head),
     ]
     return extra + _decoder_layer(c, layer)
 
@@ -398,8 +403,9 @@ def _normal_table() -> np.ndarray:
 
 
 def true_values(spec: TensorSpec, seed: int = 0) -> np.ndarray:
-    """The float32 values a tensor approximates; a pure function of (seed, name)."""
-    digest = hashlib.blake2b(spec.name.encode(), digest_size=16).digest()
+    """The float32 values a tensor approximates; a pure function of (seed, the name of the
+    tensor whose values it takes: its own unless `values_of`)."""
+    digest = hashlib.blake2b((spec.values_of or spec.name).encode(), digest_size=16).digest()
     rng = np.random.default_rng([seed, int.from_bytes(digest, "little")])
     # Raw random bits through a 16-bit inverse-CDF table: 3-4x faster than standard_normal.
     count = math.prod(spec.shape)
