@@ -162,9 +162,13 @@ def start_local(
         kv_bits=kv_bits,
         **api,
     )
-    # rank 0's alone: it tells the others the budget, and drafts the tokens they verify
-    first = {"prompt_cache_bytes": prompt_cache_bytes, "speculative": speculative}
-    first["draft_tokens"] = draft_tokens
+    # rank 0's alone: it tells the others the budget, and drafts the tokens they verify (with
+    # R1's MTP layer every rank knows, and the one that holds the head drafts)
+    first = {"prompt_cache_bytes": prompt_cache_bytes}
+    drafts = {"speculative": speculative, "draft_tokens": draft_tokens}
+    first |= drafts
+    if speculative == "mtp":
+        spec = replace(spec, **drafts)
     token = secrets.token_hex(16)
     procs, logs = [], []
     for rank in range(n):

@@ -30,7 +30,9 @@ PARALLEL = ("pipeline", "expert", "tensor")
 BACKENDS = ("ring", "jaccl")  # MLX's: TCP over any network, RDMA over Thunderbolt 5
 ATTENTION = ("replicated", "sharded")
 KV_BITS = (None, 4, 8)  # as mlx-lm's quantised KV cache
-SPECULATIVE = ("none", "ngram")  # how rank 0 drafts tokens for speculative decoding
+# How tokens are drafted for speculative decoding: prompt lookup on rank 0, or R1's MTP layer on
+# the rank that holds the head (pipeline) or rank 0 (lock step).
+SPECULATIVE = ("none", "ngram", "mtp")
 DRAFT_TOKENS = 4  # drafted tokens a speculative step checks, by default
 
 
@@ -60,7 +62,8 @@ class RankSpec:
     kv_bits: int | None = None  # every rank: KV cache quantised to 4 or 8 bits (None: not)
     # rank 0: bytes of KV cache every rank keeps for known prefixes (None: the rank's default)
     prompt_cache_bytes: int | None = None
-    # rank 0: speculative decoding ("none" or "ngram": prompt lookup) and drafts per step
+    # speculative decoding ("none", "ngram": prompt lookup, "mtp": R1's MTP layer) and drafts
+    # per step: rank 0's, and with "mtp" every rank's (the drafting rank loads the layer)
     speculative: str = "none"
     draft_tokens: int = DRAFT_TOKENS
 

@@ -360,9 +360,11 @@ def start_remote(
     api: rank 0's API settings and key (launcher/local.py start_local's api), sent to rank 0 only.
     kv_bits: every rank's KV cache quantised to 4 or 8 bits; prompt_cache_bytes: rank 0's
     budget of kept prefixes (0: off; None: the rank's own default), sent to rank 0 only.
-    speculative, draft_tokens: rank 0's speculative decoding ("none" or "ngram") and drafts
-    per step, sent to rank 0 only (it drafts; the others verify as they would decode).
+    speculative, draft_tokens: speculative decoding ("none", "ngram" or "mtp") and drafts per
+    step, sent to rank 0 only (prompt lookup drafts there; the others verify as they would
+    decode), or with "mtp" to every rank (the one holding the head drafts with the MTP layer).
     """
+    mtp = speculative == "mtp"
     text, links = rank_links(
         [(n.destination, n.address) for n in nodes], backend, ring_ips, rdma, ring_port
     )
@@ -393,7 +395,7 @@ def start_remote(
                 **(_api_fields(api) if rank == 0 else {}),
                 **({"kv_bits": kv_bits} if kv_bits else {}),
                 **(_budget(prompt_cache_bytes) if rank == 0 else {}),
-                **(_drafts(speculative, draft_tokens) if rank == 0 else {}),
+                **(_drafts(speculative, draft_tokens) if rank == 0 or mtp else {}),
             )
             started = start_once(node.client, fields)
             run_ids.append(started["id"])
@@ -408,7 +410,7 @@ def _budget(prompt_cache_bytes: int | None) -> dict:
     return {} if prompt_cache_bytes is None else {"prompt_cache_bytes": prompt_cache_bytes}
 
 
-def _drafts(speculative: str, draft_tokens: int) -> dict:
+def _drafts(speculative: str, draft_tokens: int) -> dict:  # every rank's with "mtp"
     """StartRank's speculative and draft_tokens, only when speculating (an older agent sees
     none)."""
     if speculative == "none":

@@ -84,7 +84,7 @@ def _load(spec: RankSpec, group):
 
         stage = load_stage(spec.model, list(spec.split), group.rank())
         stage.kv_bits = spec.kv_bits
-        return Runner(stage, group)
+        return _with_mtp(spec, Runner(stage, group), stage.is_last)
     from mlxdist.runtime.lockstep import LockstepRunner
 
     if spec.parallel == "expert":
@@ -98,7 +98,29 @@ def _load(spec: RankSpec, group):
 
         stage = load_tensor_stage(spec.model, group)
     stage.kv_bits = spec.kv_bits
-    return LockstepRunner(stage, group, spec.parallel)
+    return _with_mtp(spec, LockstepRunner(stage, group, spec.parallel), group.rank() == 0)
+
+
+def _with_mtp(spec: RankSpec, runner, drafts: bool):
+    """With --speculative mtp: every rank knows the drafts a reply carries, and the rank that
+    drafts (the head's: the pipeline's last, lock step's rank 0) loads the MTP layer."""
+    if spec.speculative != "mtp":
+        return runner
+    runner.mtp_k = spec.draft_tokens
+    if drafts:
+        from mlxdist.runtime.mtp_drafter import MTPDrafter
+        from mlxdist.runtime.stage import load_mtp_layer
+        from quantize.checkpoint import CheckpointError
+
+        layer = load_mtp_layer(spec.model)
+        if layer is None:
+            raise CheckpointError(
+                f"{spec.model} holds no MTP layer: convert the model with "
+                "`mlxdist quantize --keep-mtp`, or use --speculative ngram"
+            )
+        head = getattr(runner.stage.model, "lm_head", None)
+        runner.mtp = MTPDrafter(layer, spec.draft_tokens, head)
+    return runner
 
 
 def main(argv: list[str] | None = None) -> int:

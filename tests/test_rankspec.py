@@ -373,9 +373,9 @@ def test_agent_gives_the_drafts_to_rank_0_alone(started, tmp_path):
 @pytest.mark.parametrize(
     "fields,why",
     [
-        ({"rank": 1, "speculative": "ngram"}, "speculative and draft_tokens are rank 0's"),
-        ({"rank": 1, "draft_tokens": 6}, "speculative and draft_tokens are rank 0's"),
-        ({"rank": 0, "speculative": "eagle"}, "Input should be 'none' or 'ngram'"),
+        ({"rank": 1, "speculative": "ngram"}, "prompt lookup's settings are rank 0's"),
+        ({"rank": 1, "draft_tokens": 6}, "prompt lookup's settings are rank 0's"),
+        ({"rank": 0, "speculative": "eagle"}, "Input should be 'none', 'ngram' or 'mtp'"),
         ({"rank": 0, "draft_tokens": 0}, "greater than or equal to 1"),
         ({"rank": 0, "draft_tokens": 17}, "less than or equal to 16"),
         ({"rank": 0, "draft_tokens": "4"}, "Input should be a valid integer"),

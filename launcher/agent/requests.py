@@ -98,8 +98,9 @@ class StartRank(BaseModel):
     # every rank: its KV cache quantised to these bits; rank 0 only: bytes of kept prefixes
     kv_bits: Literal[4, 8] | None = None
     prompt_cache_bytes: int | None = Field(None, ge=0, le=2**50)
-    # rank 0 only: speculative decoding by prompt lookup and the tokens it drafts per step
-    speculative: Literal["none", "ngram"] = "none"
+    # speculative decoding and the tokens drafted per step: rank 0's (prompt lookup), or every
+    # rank's with "mtp" (R1's MTP layer, on the rank that holds the head)
+    speculative: Literal["none", "ngram", "mtp"] = "none"
     draft_tokens: int = Field(DRAFT_TOKENS, ge=1, le=16)
 
     @field_validator("http_host")
@@ -125,8 +126,11 @@ class StartRank(BaseModel):
             raise ValueError(f"rank {self.rank} is not below the {size} ranks of the split")
         if self.prompt_cache_bytes is not None and self.rank != 0:
             raise ValueError("prompt_cache_bytes is rank 0's: it tells the other ranks")
-        if self.rank != 0 and (self.speculative != "none" or self.draft_tokens != DRAFT_TOKENS):
-            raise ValueError("speculative and draft_tokens are rank 0's: it drafts the tokens")
+        ngram = self.speculative == "ngram" or (
+            self.speculative == "none" and self.draft_tokens != DRAFT_TOKENS
+        )
+        if self.rank != 0 and ngram:
+            raise ValueError("prompt lookup's settings are rank 0's: it drafts the tokens")
         if self.backend in ("jaccl", "jaccl-ring"):
             return self._jaccl(size)
         if self.rdma is not None or self.coordinator is not None:

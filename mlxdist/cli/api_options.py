@@ -15,6 +15,7 @@ from quantize.errors import UserError
 
 DEFAULT_BODY_MB = 4  # a request body larger than this is refused (413)
 MAX_DRAFT_TOKENS = 16  # as RankSpec's draft_tokens takes
+MTP_DRAFT_TOKENS = 1  # drafts per step with R1's MTP layer, by default: it predicts one token ahead
 
 # The options launch and serve share (one definition each; typer reads them as defaults).
 KEY_OPTION = typer.Option(
@@ -73,22 +74,22 @@ PROMPT_CACHE_OPTION = typer.Option(
     "(default: half of what the plan leaves on the fullest rank)",
 )
 
-# Rank 0's speculative decoding on launch, serve and bench (RankSpec's speculative and
-# draft_tokens); only the pipeline verifies drafts, so the other modes take it and ignore it.
+# Speculative decoding on launch, serve and bench (RankSpec's speculative and draft_tokens).
 SPECULATIVE_OPTION = typer.Option(
     "none",
     "--speculative",
-    metavar="none|ngram",
-    help="ngram: rank 0 drafts tokens by prompt lookup and the ranks check them in one step "
-    "(greedy answers unchanged); pipeline mode only: expert and tensor modes accept it and do "
-    "not speculate",
+    metavar="none|ngram|mtp",
+    help="draft tokens and check them in one step (greedy answers unchanged): ngram by prompt "
+    "lookup on rank 0; mtp with R1's multi-token-prediction layer (a model converted with "
+    "`mlxdist quantize --keep-mtp`)",
 )
 DRAFT_TOKENS_OPTION = typer.Option(
     None,
     "--draft-tokens",
     metavar="K",
-    help=f"tokens drafted per step with --speculative ngram, 1 to {MAX_DRAFT_TOKENS} "
-    f"(default {DRAFT_TOKENS}; no effect in expert and tensor modes)",
+    help=f"tokens drafted per step with --speculative, 1 to {MAX_DRAFT_TOKENS} "
+    f"(default {DRAFT_TOKENS} for ngram, {MTP_DRAFT_TOKENS} for mtp: R1's layer predicts one "
+    "token ahead)",
 )
 
 _KEY = re.compile(r"[!-~]{8,256}")  # printable ASCII, no space: one bearer token, one line
@@ -166,12 +167,15 @@ def speculative_settings(speculative: str, draft_tokens: int | None) -> dict:
     """--speculative and --draft-tokens checked: {"speculative", "draft_tokens"}, rank 0's."""
     if speculative not in SPECULATIVE:
         raise UserError(f"--speculative takes {' or '.join(SPECULATIVE)}, not {speculative!r}")
-    if draft_tokens is None:
-        return {"speculative": speculative, "draft_tokens": DRAFT_TOKENS}
+    if draft_tokens is None:  # R1's one MTP module predicts one token ahead
+        default = MTP_DRAFT_TOKENS if speculative == "mtp" else DRAFT_TOKENS
+        return {"speculative": speculative, "draft_tokens": default}
     if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
         raise UserError(f"--draft-tokens takes 1 to {MAX_DRAFT_TOKENS}, not {draft_tokens}")
     if speculative == "none":
-        raise UserError("--draft-tokens is for --speculative ngram: without it nothing is drafted")
+        raise UserError(
+            "--draft-tokens is for --speculative ngram or mtp: without it nothing is drafted"
+        )
     return {"speculative": speculative, "draft_tokens": draft_tokens}
 
 

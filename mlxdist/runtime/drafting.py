@@ -17,6 +17,8 @@ from collections.abc import Iterable
 
 
 class PromptLookup:
+    remote = False  # drafts here, on rank 0
+
     def __init__(self, tokens: Iterable[int] = (), max_n: int = 4, min_n: int = 1):
         if not 1 <= min_n <= max_n:
             raise ValueError("prompt lookup needs 1 <= min_n <= max_n")
@@ -48,3 +50,22 @@ class PromptLookup:
             if start is not None:
                 return self.tokens[start + n : start + n + k]
         return []
+
+
+class ReplyDrafts:
+    """Drafts made on the rank that drafts with R1's MTP layer (mlxdist/runtime/mtp_drafter.py):
+    each step's reply brings the next step's, which rank 0 keeps until then."""
+
+    remote = True  # the sequence's steps carry the DRAFT flag
+
+    def __init__(self) -> None:
+        self.next: list[int] = []
+
+    def offer(self, drafts: list[int]) -> None:
+        self.next = list(drafts)
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        pass  # the drafting rank sees every token: nothing to index here
+
+    def draft(self, k: int) -> list[int]:
+        return self.next[: max(0, k)]

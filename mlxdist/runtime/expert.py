@@ -40,6 +40,7 @@ from quantize.checkpoint import (
     safetensors_layout,
     weight_map,
 )
+from quantize.mtp import is_mtp
 from quantize.nodes import (
     EXPERT_COUNT_KEYS,
     check_placement,
@@ -343,8 +344,8 @@ def read_rows(file: Path, key: str, rows: list[int]) -> mx.array:
 
 def _keep(key: str, num_layers: int, local: dict[int, int]) -> bool:
     layer = layer_of(key)
-    if layer is not None and layer >= num_layers:
-        return False  # R1's multi-token-prediction layer
+    if (layer is not None and layer >= num_layers) or is_mtp(key):
+        return False  # R1's multi-token-prediction layer (mtp.*: loaded apart, by rank 0)
     m = _EXPERT_RE.search(key)
     return m is None or int(m.group(1)) in local
 

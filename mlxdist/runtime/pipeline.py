@@ -27,7 +27,7 @@ from mlxdist.runtime.prefix_store import (
 from mlxdist.runtime.ringwait import RingWaiter
 from mlxdist.runtime.runner import InterleavingRunner
 from mlxdist.runtime.sampling import Sampler
-from mlxdist.runtime.speculative import verify
+from mlxdist.runtime.speculative import read_reply, reply_words, verify
 from mlxdist.runtime.stage import Stage, cache_offset
 from mlxdist.runtime.step import (
     _CTRL,
@@ -36,6 +36,7 @@ from mlxdist.runtime.step import (
     CMD_STATS,
     CMD_STEP,
     CMD_STOP,
+    DRAFT,
     LOGITS,
     NEW,
     SAMPLE,
@@ -91,6 +92,10 @@ class Runner(KeepsPrefixes, InterleavingRunner):
         # Takes VERIFY steps (speculative decoding) when every layer's cache can drop rejected
         # drafts: not a sliding window (gpt-oss), whose filled buffer cannot be cut back.
         self.verifies = all(trimmable(t) for t in stage.templates)
+        # --speculative mtp: the drafts a DRAFT step's reply ends with (every rank knows it), and
+        # on the last rank the drafter (mlxdist.runtime.mtp_drafter.MTPDrafter).
+        self.mtp_k = 0
+        self.mtp = None
 
     @property
     def cache(self) -> list:
@@ -118,6 +123,8 @@ class Runner(KeepsPrefixes, InterleavingRunner):
             self.caches[step.slot] = start_cache(self, step, self.caches)
             if self.stage.is_last:
                 self.samplers[step.slot] = Sampler(step.temp, step.top_p, step.seed)
+                if self.mtp is not None:
+                    self.mtp.start(step.slot)
         cache = self.caches[step.slot]
         if step.trim:  # the drafts the slot's last step rejected
             for c in cache:
@@ -130,6 +137,8 @@ class Runner(KeepsPrefixes, InterleavingRunner):
             self._pass_on(step, h)
             return None
         if not step.flags & (SAMPLE | LOGITS):
+            if step.flags & DRAFT and self.mtp is not None:
+                self.mtp.feed(step.slot, h, step.ids, None)
             mx.eval([c.state for c in cache])
             return None
         if step.flags & VERIFY:
@@ -141,9 +150,22 @@ class Runner(KeepsPrefixes, InterleavingRunner):
             sampler = self.samplers[step.slot]
             out = sampler(logits - mx.logsumexp(logits, keepdims=True)).astype(mx.int32)
         mx.eval(out)
+        if step.flags & DRAFT and not step.flags & LOGITS:
+            out = self._drafted(step, h, out)
         if self.rank != 0:
             self._send(out, 0)
         return out
+
+    def _drafted(self, step: Step, h: mx.array, out: mx.array) -> mx.array:
+        """The last rank: a token reply with the MTP layer's drafts after it, the layer fed the
+        step's real positions (a VERIFY step's: its first token and the accepted drafts)."""
+        tokens, _ = read_reply(out, step.flags & ~DRAFT, step.length)
+        m = len(tokens) if step.flags & VERIFY else step.length
+        if self.mtp is None:  # not loaded here: a reply of the agreed size, drafting nothing
+            drafts = [tokens[-1]] * self.mtp_k
+        else:
+            drafts = self.mtp.feed(step.slot, h[:, :m], step.ids[:m], tokens[-1])
+        return mx.concatenate([out.reshape(-1), mx.array(drafts, mx.int32)])
 
     def _pass_on(self, step: Step, h: mx.array) -> None:
         link = self.outbox
@@ -151,8 +173,8 @@ class Runner(KeepsPrefixes, InterleavingRunner):
             link.took(step.slot, BACK)
         else:
             self._send_control(step)
-            if step.flags & VERIFY:
-                self._send(mx.array(step.drafts, mx.int32), self.rank + 1, control=True)
+            if step.flags & (VERIFY | DRAFT):
+                self._send(mx.array(step.ids, mx.int32), self.rank + 1, control=True)
         self._send(h, self.rank + 1)
 
     def _send_control(self, step: Step) -> None:
@@ -181,8 +203,9 @@ class Runner(KeepsPrefixes, InterleavingRunner):
         step = Step.decode(words[:_CTRL])
         for slot in _record(link, step):
             self._release(slot)
-        if step.cmd == CMD_STEP and step.flags & VERIFY:
-            step.drafts = self._recv((step.length - 1,), mx.int32, prev).tolist()
+        if step.cmd == CMD_STEP and step.flags & (VERIFY | DRAFT):
+            step.ids = self._recv((step.length,), mx.int32, prev).tolist()
+            step.drafts = step.ids[1:] if step.flags & VERIFY else []
         return step, None
 
     def send(self, tokens: list[int], step: Step) -> bool:
@@ -192,8 +215,8 @@ class Runner(KeepsPrefixes, InterleavingRunner):
         replies come back in the order the steps were sent."""
         h = self.stage.embed(mx.array([tokens]))
         step.length = len(tokens)
-        if step.flags & VERIFY:
-            step.drafts = list(tokens[1:])
+        step.ids = list(tokens) if step.flags & (VERIFY | DRAFT) else []
+        step.drafts = list(tokens[1:]) if step.flags & VERIFY else []
         out = self._apply(step, h)
         if not step.flags & (SAMPLE | LOGITS):
             return False
@@ -211,9 +234,8 @@ class Runner(KeepsPrefixes, InterleavingRunner):
         flags, length = self.replies.popleft()
         if flags & LOGITS:
             return self._recv((self.stage.vocab_size,), mx.float32, self.size - 1)
-        if flags & VERIFY:
-            return self._recv((length + 1,), mx.int32, self.size - 1)
-        return self._recv((1,), mx.int32, self.size - 1)
+        words = reply_words(flags, length, self.mtp_k)
+        return self._recv((words,), mx.int32, self.size - 1)
 
     def step(self, tokens: list[int], step: Step) -> mx.array | None:
         """Rank 0: one step through the whole ring, waiting for its reply (token id or logits)."""
@@ -232,6 +254,8 @@ class Runner(KeepsPrefixes, InterleavingRunner):
     def _drop(self, slot: int) -> None:
         self.caches.pop(slot, None)
         self.samplers.pop(slot, None)
+        if self.mtp is not None:
+            self.mtp.drop(slot)
         if slot == 0:  # slot 0 always has a cache, for the one-rank decode that uses it directly
             self.caches[0] = self.stage.make_cache()
             self.samplers[0] = Sampler()

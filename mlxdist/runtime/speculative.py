@@ -16,6 +16,8 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_top_p
 
+from mlxdist.runtime.step import DRAFT, VERIFY
+
 
 def distributions(logits: mx.array, temp: float, top_p: float) -> mx.array:
     """The probabilities a Sampler draws from, one row per position: nucleus-cut log
@@ -77,6 +79,23 @@ def replied(out: mx.array) -> list[int]:
     """The tokens a VERIFY reply carries."""
     values = out.tolist()
     return values[1 : 1 + values[0]]
+
+
+def reply_words(flags: int, length: int, drafts: int) -> int:
+    """The int32 words of a step's token reply: one token, or a VERIFY step's [n, tokens,
+    padding] (length + 1), then the MTP layer's drafts when the step has the DRAFT flag."""
+    return (length + 1 if flags & VERIFY else 1) + (drafts if flags & DRAFT else 0)
+
+
+def read_reply(out: mx.array, flags: int, length: int) -> tuple[list[int], list[int]]:
+    """A token reply's tokens (the sampled one, or a VERIFY step's accepted drafts and the token
+    after them) and the drafts for the next step that follow them (DRAFT steps)."""
+    values = out.tolist()
+    if flags & VERIFY:
+        tokens, rest = values[1 : 1 + values[0]], values[length + 1 :]
+    else:
+        tokens, rest = values[:1], values[1:]
+    return tokens, rest if flags & DRAFT else []
 
 
 def _fresh_seed() -> int:

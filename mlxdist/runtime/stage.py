@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from mlx_lm.utils import _get_classes, infer_quant_config
 
 from launcher.modes import check_tensor_split
 from quantize.checkpoint import code_family, inspect_model, layer_of, weight_map
+from quantize.mtp import is_mtp
 from quantize.nodes import check_node, routed_experts, stage_needs
 from quantize.units import renumber
 
@@ -262,10 +264,57 @@ def load_tensor_stage(path: str | Path, group: mx.distributed.Group) -> Stage:
     check_tensor_split(info.config, group.size())
     check_node(info.path, [info.num_layers], 0)
     num_layers = info.num_layers
-    weights = read_tensors(info.path, lambda k: (layer_of(k) or 0) < num_layers)
+    # The MTP layer (mtp.*) is loaded apart, by the rank that drafts with it.
+    weights = read_tensors(info.path, lambda k: (layer_of(k) or 0) < num_layers and not is_mtp(k))
     model = build_model(info.config, weights)
     model.load_weights(list(weights.items()), strict=True)
     del weights
     model.shard(group)
     evaluate(model, info.config, model.model.layers, None)
     return Stage(model, info.config, 0, num_layers, True)
+
+
+def load_mtp_layer(path: str | Path, dtype: mx.Dtype | None = None):
+    """The model folder's MTP layer, built and loaded as saved, quantised or not: its `mtp.*`
+    tensors (written by `quantize --keep-mtp`), or in a checkpoint of the family's own format,
+    the layer after the decoder layers; None when the folder has neither."""
+    from quantize.mtp import PREFIX, MTPLayer, is_mtp, is_mtp_source, mlx_name, supports_mtp
+
+    info = inspect_model(path)
+    weights = read_tensors(info.path, is_mtp)
+    if weights:
+        weights = {k[len(PREFIX) :]: v for k, v in weights.items()}
+    elif supports_mtp(info.config):
+        raw = read_tensors(info.path, lambda k: is_mtp_source(k, info.config))
+        if not raw:
+            return None
+        model_class, args_class = _get_classes(info.config)
+        # sanitize reads only the model's arguments: it dequantises FP8 and stacks experts
+        owner = SimpleNamespace(args=args_class.from_dict(info.config))
+        layer_index = int(info.config["num_hidden_layers"])
+        raw = model_class.sanitize(owner, renumber(raw, -layer_index))
+        weights = {mlx_name(k)[len(PREFIX) :]: v for k, v in raw.items()}
+    else:
+        return None
+    layer = MTPLayer(info.config, own_head="shared_head.head.weight" in weights)
+    quantization = quantization_of(info.config)
+    if quantization is not None:
+        saved = {k: v for k, v in quantization.items() if isinstance(v, dict)}
+
+        def predicate(p: str, m: nn.Module):
+            if PREFIX + p in saved:
+                return saved[PREFIX + p]
+            if not hasattr(m, "to_quantized") or f"{p}.scales" not in weights:
+                return False
+            return infer_quant_config(p, m, weights)
+
+        mode = quantization.get("mode", "affine")
+        group, bits = quantization["group_size"], quantization["bits"]
+        nn.quantize(layer, group_size=group, bits=bits, mode=mode, class_predicate=predicate)
+    layer.load_weights(list(weights.items()), strict=True)
+    layer.eval()
+    dtype = dtype or run_dtype(info.config)
+    if dtype is not None:
+        layer.set_dtype(dtype)
+    mx.eval(layer.parameters())
+    return layer

@@ -15,6 +15,9 @@ NEW, SAMPLE, LOGITS = 1, 2, 4  # step flags: new sequence, reply with a token, r
 # A speculative step: its tokens are the last sampled one and drafts, and the reply is the
 # drafts the model accepts and the token after them (lock step keeps 8 for a flag of its own).
 VERIFY = 16
+# A step of a sequence the MTP layer drafts for: its token ids travel with it to the rank that
+# drafts, which feeds the layer its positions; a reply with tokens ends with that rank's drafts.
+DRAFT = 32
 _DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 _CTRL = 12  # int32 words in a control vector
 
@@ -46,8 +49,10 @@ class Step:
     keep: int = 0
     # Positions the slot's caches drop before this step: the drafts its last step rejected.
     trim: int = 0
-    # A VERIFY step's drafted token ids (they travel after the control vector, not in it).
+    # A VERIFY step's drafted token ids, and (VERIFY or DRAFT) all its token ids: they travel
+    # after the control vector, not in it.
     drafts: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
 
     def encode(self) -> mx.array:
         fields = [self.cmd, self.length, self.flags, _DTYPES.index(self.dtype), self.seed]

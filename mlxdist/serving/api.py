@@ -165,6 +165,9 @@ def create_app(
             limit = room if room is not None else 4096
         elif room is not None:
             limit = min(limit, room)  # the answer ends at the context's end ("length")
+        if req.speculative == "mtp" and not coordinator.has_mtp():
+            why = "this server drafts with no MTP layer: start it with --speculative mtp"
+            raise APIError(400, f"speculative: {why}", "speculative")
         return Job(
             prompt=prompt,
             max_tokens=limit,

@@ -12,6 +12,7 @@ import queue
 import time
 
 from launcher.rankspec import PREFILL_CHUNK
+from mlxdist.runtime.drafting import PromptLookup, ReplyDrafts
 from mlxdist.runtime.runner import InterleavingRunner, StepRunner
 from mlxdist.serving.batcher import Batcher, BatchingRunner
 from mlxdist.serving.events import Failed, Logits, Stats
@@ -66,11 +67,17 @@ class Coordinator:
             self.scheduler.prefill_chunk = chunk
 
     def speculate(self, mode: str, draft_tokens: int) -> None:
-        """Sets speculative decoding: "none" or "ngram" (prompt lookup), drafts per step."""
+        """Sets speculative decoding: "none", "ngram" (prompt lookup) or "mtp" (R1's MTP layer,
+        which the runner must have loaded), drafts per step."""
         self.speculation = Speculation(mode, draft_tokens)
-        if isinstance(self.scheduler, Interleaver):
+        if self.scheduler is not None:  # an Interleaver or a Batcher: both take the hooks
             self.scheduler.draft_tokens = self.draft_tokens
             self.scheduler.count = self.speculation.count
+            self.scheduler.new_drafter = self.new_drafter
+
+    def has_mtp(self) -> bool:
+        """Whether the ranks draft with an MTP layer (launched with --speculative mtp)."""
+        return getattr(self.runner, "mtp_k", 0) > 0
 
     @property
     def interleaves(self) -> bool:
@@ -147,6 +154,7 @@ class Coordinator:
             src=seq.source.src,
             keep=seq.source.keep,
             draft_tokens=self.draft_tokens(job),
+            drafter=self.new_drafter(job),
             fed=seq.fed,
             count=lambda drafted, accepted: (
                 self.speculation.count(drafted, accepted),
@@ -162,9 +170,23 @@ class Coordinator:
             remember(self.prefix, self.runner, 0, seq.fed)
 
     def draft_tokens(self, job: Job) -> int:
-        """How many tokens prompt lookup may draft per step for job (0: no speculation, also
-        where the runner cannot check drafts)."""
-        if not getattr(self.runner, "verifies", False):
+        """How many drafted tokens job's steps may check (0: no speculation, also where the
+        runner cannot check drafts); with the MTP layer, at most the drafts it makes a step."""
+        mode = self._mode(job)
+        if mode == "none":
             return 0
+        k = job.draft_tokens or self.speculation.draft_tokens
+        return min(k, self.runner.mtp_k) if mode == "mtp" else k
+
+    def new_drafter(self, job: Job) -> PromptLookup | ReplyDrafts | None:
+        """job's drafter: prompt lookup over its prompt, or the MTP layer's replies."""
+        mode = self._mode(job)
+        if mode == "none":
+            return None
+        return ReplyDrafts() if mode == "mtp" else PromptLookup(job.prompt)
+
+    def _mode(self, job: Job) -> str:
+        if not getattr(self.runner, "verifies", False):
+            return "none"
         mode = job.speculative or self.speculation.mode
-        return (job.draft_tokens or self.speculation.draft_tokens) if mode == "ngram" else 0
+        return "none" if mode == "mtp" and not self.has_mtp() else mode

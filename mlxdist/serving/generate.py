@@ -7,10 +7,10 @@ from collections.abc import Callable, Iterator
 import mlx.core as mx
 
 from launcher.rankspec import PREFILL_CHUNK
-from mlxdist.runtime.drafting import PromptLookup
+from mlxdist.runtime.drafting import PromptLookup, ReplyDrafts
 from mlxdist.runtime.runner import StepRunner
-from mlxdist.runtime.speculative import replied
-from mlxdist.runtime.step import LOGITS, NEW, SAMPLE, VERIFY, Step
+from mlxdist.runtime.speculative import read_reply
+from mlxdist.runtime.step import DRAFT, LOGITS, NEW, SAMPLE, VERIFY, Step
 from mlxdist.serving.schedule import prefill_steps
 
 
@@ -29,11 +29,13 @@ def generate_tokens(
     draft_tokens: int = 0,
     fed: list[int] | None = None,
     count: Callable[[int, int], None] | None = None,
+    drafter: PromptLookup | ReplyDrafts | None = None,
 ) -> Iterator[int]:
     """Yields sampled token ids until an end-of-sequence token or max_tokens. With src, the
     caches start as the prefix cache's entry src cut to the prompt's first `keep` positions,
     and only the rest of the prompt is computed. draft_tokens: up to this many tokens drafted
-    by prompt lookup are checked in each step (speculative decoding). fed, when given, gets
+    by `drafter` (prompt lookup when none is given; ReplyDrafts: the MTP layer's, which come
+    with each reply) are checked in each step (speculative decoding). fed, when given, gets
     the tokens the caches hold as they change (for the prefix cache); count(drafted, accepted)
     is told each speculative step's figures."""
     fed = [] if fed is None else fed
@@ -41,13 +43,19 @@ def generate_tokens(
     if max_tokens <= 0:
         return
     sampling = {"seed": seed, "temp": temp, "top_p": top_p}
+    if draft_tokens > 0 and drafter is None:
+        drafter = PromptLookup(prompt)
+    extra = DRAFT if draft_tokens > 0 and drafter.remote else 0
     for tokens, flags in steps:
         cached = {"src": src, "keep": keep} if flags & NEW else {}
-        token = runner.step(tokens, Step(0, flags, **sampling, **cached))
+        token = runner.step(tokens, Step(0, flags | extra, **sampling, **cached))
     fed.extend(prompt)
     if draft_tokens > 0:
+        first, drafts = read_reply(token, SAMPLE | extra, 1)
+        if extra:
+            drafter.offer(drafts)
         yield from _decode_speculative(
-            runner, token, prompt, max_tokens, eos_ids, draft_tokens, fed, count
+            runner, first, max_tokens, eos_ids, draft_tokens, drafter, fed, count
         )
         return
     if runner.size == 1:
@@ -64,31 +72,34 @@ def generate_tokens(
 
 def _decode_speculative(
     runner: StepRunner,
-    token: mx.array,
-    prompt: list[int],
+    first: list[int],
     max_tokens: int,
     eos_ids: set[int] | frozenset[int],
     draft_tokens: int,
+    drafter: PromptLookup | ReplyDrafts,
     fed: list[int],
     count: Callable[[int, int], None] | None,
 ) -> Iterator[int]:
-    """Each step feeds the last token and what prompt lookup drafts after it; the reply is the
-    drafts the model accepted and the token after them. The next step drops the rejected
-    drafts' positions from every rank's caches."""
-    lookup = PromptLookup(prompt)
-    pending, emitted, trim = [token.item()], 0, 0
+    """Each step feeds the last token and what the drafter drafts after it; the reply is the
+    drafts the model accepted and the token after them (and, with the MTP layer, the next
+    step's drafts). The next step drops the rejected drafts' positions from every rank's
+    caches."""
+    extra = DRAFT if drafter.remote else 0
+    pending, emitted, trim = first, 0, 0
     while True:
         for t in pending:
             yield t
             emitted += 1
             if t in eos_ids or emitted == max_tokens:
                 return
-            lookup.extend([t])
+            drafter.extend([t])
         last = pending[-1]
-        drafts = lookup.draft(min(draft_tokens, max_tokens - emitted - 1))
-        step = Step(0, SAMPLE | (VERIFY if drafts else 0), trim=trim)
-        out = runner.step([last, *drafts], step)
-        pending = replied(out) if drafts else [out.item()]
+        drafts = drafter.draft(min(draft_tokens, max_tokens - emitted - 1))
+        flags = SAMPLE | (VERIFY if drafts else 0) | extra
+        out = runner.step([last, *drafts], Step(0, flags, trim=trim))
+        pending, following = read_reply(out, flags, 1 + len(drafts))
+        if extra:
+            drafter.offer(following)
         trim = len(drafts) - (len(pending) - 1)
         if drafts and count is not None:
             count(len(drafts), len(pending) - 1)

@@ -49,7 +49,7 @@ class Sampling(BaseModel):
     return_token_ids: bool = False  # mlxdist extension: the generated ids in each choice
     ignore_eos: bool = False  # as llama.cpp's server: answer max_tokens tokens (for benchmarks)
     # mlxdist extensions: this request's speculative decoding, instead of the server's
-    speculative: Literal["none", "ngram"] | None = None
+    speculative: Literal["none", "ngram", "mtp"] | None = None
     draft_tokens: int | None = Field(None, ge=1, le=16)
 
     def limit(self) -> int | None:

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from launcher.rankspec import PREFILL_CHUNK
 from mlxdist.runtime.drafting import PromptLookup
 from mlxdist.runtime.runner import InterleavingRunner
-from mlxdist.runtime.speculative import replied
-from mlxdist.runtime.step import NEW, SAMPLE, VERIFY, Step
+from mlxdist.runtime.speculative import read_reply
+from mlxdist.runtime.step import DRAFT, NEW, SAMPLE, VERIFY, Step
 from mlxdist.serving.events import Failed
 from mlxdist.serving.job import Job
 from mlxdist.serving.prefix_cache import PrefixCache, remember
@@ -57,6 +57,8 @@ class Interleaver:
         # job -> tokens prompt lookup may draft per step (0: none); (drafted, accepted) -> None
         self.draft_tokens: Callable[[Job], int] = lambda job: 0
         self.count: Callable[[int, int], None] = lambda drafted, accepted: None
+        # job -> its drafter (prompt lookup, or the MTP layer's drafts that come with replies)
+        self.new_drafter: Callable[[Job], object] = lambda job: PromptLookup(job.prompt)
 
     def run(self) -> None:
         while not (self.stopping and self.open == 0):
@@ -116,28 +118,31 @@ class Interleaver:
             keep = seq.source.keep
             seq.prefill = deque(prefill_steps(job.prompt[keep:], chunk=self.prefill_chunk))
             seq.fed = list(job.prompt[:keep])
+            if self.draft_tokens(job) > 0:
+                seq.drafter = self.new_drafter(job)
+        extra = DRAFT if seq.drafter is not None and seq.drafter.remote else 0
         if seq.prefill:
             tokens, flags = seq.prefill.popleft()
             src, keep = (seq.source.src, seq.source.keep) if flags & NEW else (0, 0)
             sampling = {"seed": job.seed, "temp": job.temp, "top_p": job.top_p}
-            step = Step(0, flags, slot=seq.slot, src=src, keep=keep, **sampling)
+            step = Step(0, flags | extra, slot=seq.slot, src=src, keep=keep, **sampling)
             seq.fed += tokens
+            seq.sent = (step.flags, len(tokens))
             return self.runner.send(tokens, step)
         drafts = self._drafts(seq)
         tokens = [seq.tokens[-1], *drafts]
-        step = Step(0, SAMPLE | (VERIFY if drafts else 0), slot=seq.slot, trim=seq.trim)
-        seq.trim, seq.drafted = 0, len(drafts)
+        flags = SAMPLE | (VERIFY if drafts else 0) | extra
+        step = Step(0, flags, slot=seq.slot, trim=seq.trim)
+        seq.trim, seq.drafted, seq.sent = 0, len(drafts), (flags, len(tokens))
         seq.fed += tokens
         return self.runner.send(tokens, step)
 
     def _drafts(self, seq: Sequence) -> list[int]:
-        """Prompt lookup's drafts for the sequence's next step, when speculation is on: no more
+        """The drafter's drafts for the sequence's next step, when speculation is on: no more
         than the answer still has room for after the step's own token."""
-        k = self.draft_tokens(seq.job)
-        if k <= 0:
-            return []
         if seq.drafter is None:
-            seq.drafter = PromptLookup([*seq.job.prompt, *seq.tokens])
+            return []
+        k = self.draft_tokens(seq.job)
         return seq.drafter.draft(min(k, seq.job.max_tokens - len(seq.tokens) - 1))
 
     def _running(self) -> dict[int, list[int]]:
@@ -148,7 +153,9 @@ class Interleaver:
     def _deliver_oldest(self) -> None:
         out = self.runner.receive()  # its sequence stays listed if this raises
         seq = self.in_flight[0]
-        tokens = replied(out) if seq.drafted else [out.item()]
+        tokens, following = read_reply(out, *seq.sent)
+        if seq.sent[0] & DRAFT:
+            seq.drafter.offer(following)
         self._deliver(self.in_flight.popleft(), tokens)
 
     def _deliver(self, seq: Sequence, tokens: list[int]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from mlxdist.runtime.drafting import PromptLookup
+from mlxdist.runtime.drafting import PromptLookup, ReplyDrafts
 from mlxdist.serving.events import Done, Token
 from mlxdist.serving.job import Job
 from mlxdist.serving.prefix_cache import NO_MATCH
@@ -26,7 +26,8 @@ class Sequence:
         self.prefill: deque[tuple[list[int], int]] | None = None  # prompt steps still to send
         self.fed: list[int] = []  # the tokens its caches hold (or will, once sent steps land)
         self.source = NO_MATCH  # the prefix cache's source its caches start from
-        self.drafter: PromptLookup | None = None  # speculative decoding's, when on
+        self.drafter: PromptLookup | ReplyDrafts | None = None  # speculative decoding's, when on
+        self.sent = (0, 0)  # flags and length of its step in flight
         self.drafted = 0  # drafts in the step in flight
         self.trim = 0  # positions its next step drops: the drafts its last step rejected
         self.passes = self.drafted_total = self.accepted = 0  # its speculative figures

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MODES = ("none", "ngram")  # ngram: prompt lookup (mlxdist/runtime/drafting.py)
+# ngram: prompt lookup (mlxdist/runtime/drafting.py); mtp: R1's multi-token-prediction layer
+# (mlxdist/runtime/mtp_drafter.py)
+MODES = ("none", "ngram", "mtp")
 DEFAULT_DRAFT_TOKENS = 4
 
 
