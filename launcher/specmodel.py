@@ -91,3 +91,18 @@ def predict_speculative(
         tokens_per_pass=per_pass,
         pass_seconds=pass_seconds,
     )
+
+
+def break_even(cost_ratio: float, drafts: int = 1) -> float | None:
+    """The acceptance at which speculation starts to pay: where a pass's expected tokens equal
+    its cost in plain steps (a pass over k+1 positions and the drafting, over one step's time).
+    None when no acceptance pays (a pass costs more than k+1 steps)."""
+    if cost_ratio <= 1:
+        return 0.0
+    if cost_ratio > drafts + 1:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(60):  # tokens_per_pass rises with acceptance: bisect
+        mid = (low + high) / 2
+        low, high = (mid, high) if tokens_per_pass(mid, drafts) < cost_ratio else (low, mid)
+    return high

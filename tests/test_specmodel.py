@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from launcher.perfmodel import bytes_per_token, predict_decode
-from launcher.specmodel import mtp_bytes, over_positions, predict_speculative, tokens_per_pass
+from launcher.specmodel import (
+    break_even,
+    mtp_bytes,
+    over_positions,
+    predict_speculative,
+    tokens_per_pass,
+)
 from quantize.checkpoint import read_config
 
 R1_CONFIG = Path(__file__).parent / "data" / "deepseek-r1-config.json"
@@ -26,6 +32,15 @@ def r1():
 )
 def test_tokens_per_pass(acceptance, drafts, expected):
     assert tokens_per_pass(acceptance, drafts) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "cost_ratio, drafts, expected",
+    [(1.0, 1, 0.0), (1.5, 1, 0.5), (1.75, 2, 0.5), (2.0, 1, 1.0), (2.5, 1, None), (4.0, 3, 1.0)],
+)
+def test_break_even(cost_ratio, drafts, expected):
+    got = break_even(cost_ratio, drafts)
+    assert got == (None if expected is None else pytest.approx(expected, abs=1e-9))
 
 
 def test_a_pass_over_more_positions_reads_more_experts_and_nothing_else(r1):
