@@ -18,6 +18,8 @@ class Speculation:
     passes: int = 0
     drafted: int = 0
     accepted: int = 0
+    whole: int = 0  # passes whose drafts were all accepted
+    none: int = 0  # passes whose first draft was rejected
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -29,6 +31,8 @@ class Speculation:
         self.passes += 1
         self.drafted += drafted
         self.accepted += accepted
+        self.whole += accepted == drafted
+        self.none += accepted == 0
 
     def figures(self) -> dict:
         rate = self.accepted / self.drafted if self.drafted else 0.0
@@ -39,6 +43,8 @@ class Speculation:
             "passes": self.passes,
             "drafted": self.drafted,
             "accepted": self.accepted,
+            "passes_all_accepted": self.whole,
+            "passes_none_accepted": self.none,
             "acceptance_rate": round(rate, 4),
             "tokens_per_pass": round(per_pass, 3),
         }
