@@ -16,6 +16,7 @@ from mlx_lm.utils import _get_classes
 
 from .checkpoint import (
     CheckpointError,
+    code_family,
     human_bytes,
     inspect_model,
     safetensors_layout,
@@ -24,6 +25,7 @@ from .checkpoint import (
 )
 from .errors import UserError
 from .memory import peak_rss, rss_now
+from .mtp import DECODER_LAYERS, MTPLayer, is_mtp_source, supports_mtp
 from .nodes import PLACEMENT, expert_sets, model_expert_sets, routed_experts, row_runs
 from .recipes import default_spec, make_predicate, parse_override
 from .safetensors_out import PieceFile, TensorSlot, layout, to_bytes
@@ -60,12 +62,13 @@ class Settings:
     split: list[int] | None = None  # layers per node; None writes no node folders
     max_file_bytes: int = MAX_FILE_BYTES
     experts: list[int] | None = None  # routed experts per node, for expert-parallel folders
+    keep_mtp: bool = False  # keep the checkpoint's multi-token-prediction layer as mtp.*
 
 
 @dataclass
 class OutFile:
     name: str  # relative to OUT
-    segment: str  # "embed", "tail", "node<r>"; "shared" or "experts": files never span segments
+    segment: str  # "embed", "tail", "node<r>", "mtp"; "shared" or "experts": never spanned
     slots: list[TensorSlot]
 
     @property
@@ -86,6 +89,7 @@ class Plan:
     split: list[int] | None  # layers per node, when node folders are cut
     experts: list[int] | None = None  # routed experts per node, when expert folders are cut
     cuts: list[OutFile] = field(default_factory=list)  # nodes/<r>/model-experts-*: slices
+    mtp: dict | None = None  # the kept MTP layer: {"layer": its source index, "own_head": bool}
 
     @property
     def output_bytes(self) -> int:
@@ -124,6 +128,10 @@ def check_source(path: Path, wm: dict[str, str]) -> None:
 
 def _segment(unit: Unit, slot: TensorSlot, settings: Settings) -> str:
     split = settings.split
+    if unit.mtp:
+        # Files of their own, mtp*.safetensors, which mlx_lm.load (model*.safetensors) passes
+        # over; the head's node (pipeline) or node 0 (expert) holds them whole.
+        return "mtp"
     if settings.experts is not None:
         # Every node holds the "shared" files whole; "experts" files are cut per node.
         return "experts" if is_routed_expert(slot.name) else "shared"
@@ -151,13 +159,14 @@ def _assign_files(units: list[Unit], settings: Settings) -> list[OutFile]:
                 i, size = len(chunks) - 1, 0
             chunks[i][1].append(s)
             open_chunk[seg] = (i, size + s.nbytes)
-    n = len(chunks)
-    if n == 1:
-        return [OutFile("model.safetensors", chunks[0][0], chunks[0][1])]
-    return [
-        OutFile(f"model-{i + 1:05d}-of-{n:05d}.safetensors", s, c)
-        for i, (s, c) in enumerate(chunks)
-    ]
+    files = []
+    for stem, mine in (("model", lambda s: s != "mtp"), ("mtp", lambda s: s == "mtp")):
+        own = [(s, c) for s, c in chunks if mine(s)]
+        n = len(own)
+        for i, (s, c) in enumerate(own):
+            name = f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+            files.append(OutFile(name, s, c))
+    return files
 
 
 def make_plan(src: Path, settings: Settings) -> Plan:
@@ -175,6 +184,8 @@ def make_plan(src: Path, settings: Settings) -> Plan:
             )
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))  # lazy: no parameter is ever evaluated
+    source = Source(src, wm)
+    mtp = _mtp_layer(source, config) if settings.keep_mtp else None
     default = default_spec(settings.bits, settings.group_size, settings.mode)
     overrides = tuple(
         parse_override(o, default["group_size"], default["mode"]) for o in settings.overrides
@@ -189,8 +200,7 @@ def make_plan(src: Path, settings: Settings) -> Plan:
         return spec
 
     dtype = _DTYPES.get(config.get("torch_dtype", ""), None)
-    source = Source(src, wm)
-    units = make_units(source, model, config, recording, dtype)
+    units = make_units(source, model, config, recording, dtype, mtp)
     for u in units:
         plan_slots(u)
     files = _assign_files(units, settings)
@@ -225,7 +235,41 @@ def make_plan(src: Path, settings: Settings) -> Plan:
         split=settings.split,
         experts=settings.experts,
         cuts=cuts,
+        mtp=None
+        if mtp is None
+        else {"layer": config["num_hidden_layers"], "own_head": "head" in mtp.shared_head},
     )
+
+
+def check_keep_mtp(config: dict) -> None:
+    """Refuses --keep-mtp for a model whose config declares no MTP layer mlxdist can keep."""
+    if code_family(config) not in DECODER_LAYERS:
+        raise QuantizeError(
+            f"--keep-mtp: mlxdist keeps the multi-token-prediction layer of DeepSeek-V3/R1 "
+            f"models only, not of {config.get('model_type')}: leave out --keep-mtp"
+        )
+    if not supports_mtp(config):
+        raise QuantizeError(
+            "--keep-mtp: this checkpoint has no multi-token-prediction layer "
+            "(num_nextn_predict_layers is 0): leave out --keep-mtp"
+        )
+
+
+def _mtp_layer(source: Source, config: dict) -> MTPLayer:
+    """The MTP layer's module, lazy, with its own head only when the checkpoint's copy differs
+    from lm_head (R1's official copy is equal: the runtime then uses lm_head)."""
+    check_keep_mtp(config)
+    n = config["num_hidden_layers"]
+    if not any(is_mtp_source(k, config) for k in source.weight_map):
+        raise QuantizeError(
+            f"--keep-mtp: the config declares a multi-token-prediction layer but the "
+            f"checkpoint holds no tensor of layer {n}: leave out --keep-mtp"
+        )
+    head, main = f"model.layers.{n}.shared_head.head.weight", "lm_head.weight"
+    shared = head not in source.weight_map or (
+        main in source.weight_map and source.same(head, main)
+    )
+    return MTPLayer(config, own_head=not shared)
 
 
 def _check_experts(settings: Settings, config: dict) -> None:
@@ -499,13 +543,13 @@ def _write_folder_metadata(src: Path, folder: Path, plan: Plan, files: list[OutF
 
 def node_files(plan: Plan, rank: int, size: int) -> list[OutFile]:
     """The files node rank holds: its layers, the embeddings (first node, or last when tied),
-    and the final norm and head (last node)."""
+    and the final norm, head and kept MTP layer (last node)."""
     tied = bool(plan.config.get("tie_word_embeddings", False))
     wanted = {f"node{rank}"}
     if rank == 0 or (tied and rank == size - 1):
         wanted.add("embed")
     if rank == size - 1:
-        wanted.add("tail")
+        wanted |= {"tail", "mtp"}  # the MTP layer drafts where the head samples
     return [f for f in plan.files if f.segment in wanted]
 
 
@@ -521,11 +565,13 @@ def _write_expert_nodes(src: Path, out: Path, plan: Plan, records: dict) -> list
     """Each node folder: the shared files hardlinked, its expert slices, a manifest."""
     num = routed_experts(plan.config)
     num_layers = plan.config["num_hidden_layers"]
-    shared = [f for f in plan.files if f.segment == "shared"]
     nodes = []
     for rank, held in enumerate(model_expert_sets(plan.config, plan.experts)):
         folder = out / "nodes" / str(rank)
         folder.mkdir(parents=True, exist_ok=True)
+        # Rank 0 samples, so it alone drafts with the MTP layer: all its experts, unsplit.
+        segments = {"shared", "mtp"} if rank == 0 else {"shared"}
+        shared = [f for f in plan.files if f.segment in segments]
         for f in shared:
             _link(out / f.name, folder / f.name)
         own = [c for c in plan.cuts if c.segment == f"node{rank}"]
@@ -549,6 +595,8 @@ def _write_expert_nodes(src: Path, out: Path, plan: Plan, records: dict) -> list
             "files": [{"name": f.name, **records[f.name]} for f in shared]
             + [{"name": Path(c.name).name, **records[c.name]} for c in own],
         }
+        if plan.mtp is not None:
+            manifest["mtp"] = plan.mtp if rank == 0 else None
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
         _write_folder_metadata(src, folder, plan, here)
         nodes.append(
@@ -586,6 +634,8 @@ def _write_metadata(src: Path, out: Path, plan: Plan, records: dict) -> None:
                 "head": rank == len(sizes) - 1,
                 "files": [{"name": f.name, **records[f.name]} for f in files],
             }
+            if plan.mtp is not None:
+                manifest["mtp"] = plan.mtp if rank == len(sizes) - 1 else None
             (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
             _write_folder_metadata(src, folder, plan, files)
             nodes.append(
@@ -602,5 +652,7 @@ def _write_metadata(src: Path, out: Path, plan: Plan, records: dict) -> None:
     if plan.experts:
         manifest["parallel"] = "expert"
         manifest["plan"] = {"experts": list(plan.experts)}
+    if plan.mtp is not None:
+        manifest["mtp"] = plan.mtp
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     _write_folder_metadata(src, out, plan, plan.files)

@@ -281,7 +281,10 @@ def damaged_files(folder: Path) -> list[str]:
 
 
 def stage_needs(key: str, start: int, end: int, first: bool, last: bool, tied: bool) -> bool:
-    """Whether a pipeline stage holding layers [start, end) reads tensor key."""
+    """Whether a pipeline stage holding layers [start, end) reads tensor key: never the MTP
+    layer's (mtp.*, quantize.mtp.PREFIX), which the runtime loads apart from the model."""
+    if key.startswith("mtp."):
+        return False
     layer = layer_of(key)
     if layer is not None:
         return start <= layer < end

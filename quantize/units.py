@@ -9,6 +9,7 @@ Every array is built lazily from a fresh `mx.load`, so nothing read stays in mem
 
 from __future__ import annotations
 
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -18,7 +19,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .checkpoint import layer_of, safetensors_header
+from .checkpoint import layer_of, safetensors_header, safetensors_layout
+from .mtp import PREFIX as MTP_PREFIX
+from .mtp import is_mtp_source, mlx_name
 from .nodes import is_routed_expert_tensor
 from .safetensors_out import TensorSlot
 
@@ -33,7 +36,7 @@ SOURCE_DTYPES = {"F8_E4M3", "BF16", "F16", "F32", "U32", "U8", "I32"}
 
 @dataclass
 class Unit:
-    layer: int | None  # decoder layer, or None for embeddings / norm / head
+    layer: int | None  # decoder layer (the MTP layer's number), or None for embeddings / tail
     kind: str  # "embed", "layer", "experts", "tail"
     pieces: int  # pieces stacked along axis 0 (1 unless experts)
     make: Callable[[int], dict[str, mx.array]]  # piece i's output arrays, built lazily
@@ -41,6 +44,7 @@ class Unit:
     rows: int = 1  # length of the stacked axis (experts); piece i starts at row i * chunk
     chunk: int = 1
     slots: list[TensorSlot] | None = None  # filled by plan_slots()
+    mtp: bool = False  # a unit of the multi-token-prediction layer (named mtp.*)
 
 
 class Source:
@@ -64,6 +68,26 @@ class Source:
             loaded = mx.load(str(self.path / f))
             out.update({k: loaded[k] for k in names})
         return out
+
+    def same(self, a: str, b: str) -> bool:
+        """Whether two tensors hold the same bytes (dtype and shape too), read 64 MiB at a time:
+        R1's head copy is 1.8 GB, not worth holding twice to compare."""
+        entries = []
+        for key in (a, b):
+            file = self.path / self.weight_map[key]
+            start, header = safetensors_layout(file)
+            entry = header[key]
+            entries.append((file, start + entry["data_offsets"][0], entry))
+        (fa, sa, ea), (fb, sb, eb) = entries
+        if (ea["dtype"], ea["shape"]) != (eb["dtype"], eb["shape"]):
+            return False
+        length = self.nbytes[a]
+        with open(fa, "rb") as x, open(fb, "rb") as y:
+            for at in range(0, length, 64 << 20):
+                n = min(64 << 20, length - at)
+                if os.pread(x.fileno(), n, sa + at) != os.pread(y.fileno(), n, sb + at):
+                    return False
+        return True
 
 
 def _cast(name: str, a: mx.array, dtype: mx.Dtype | None, keep: Callable[[str], bool]):
@@ -115,17 +139,25 @@ def make_units(
     config: dict,
     predicate,
     dtype: mx.Dtype | None,
+    mtp: nn.Module | None = None,
 ) -> list[Unit]:
-    """Every unit of the conversion, in output order: embeddings, layers 0..L-1, norm and head."""
+    """Every unit of the conversion, in output order: embeddings, layers 0..L-1, norm and head,
+    then, given the MTP layer's module (quantize.mtp.MTPLayer), the checkpoint's first MTP layer
+    under its mtp.* names; its own head copy only when the module has one."""
     num_layers = config["num_hidden_layers"]
     modules = dict(model.named_modules())
+    if mtp is not None:
+        modules.update({MTP_PREFIX + p: m for p, m in mtp.named_modules() if p})
     keep = getattr(model, "cast_predicate", lambda _: True)
     groups: dict[tuple, list[str]] = defaultdict(list)
     experts: dict[tuple, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
     for key in source.weight_map:
         layer = layer_of(key)
         if layer is not None and layer >= num_layers:
-            continue  # multi-token-prediction layers: not used for generation
+            if mtp is None or not is_mtp_source(key, config):
+                continue  # multi-token-prediction layers: not used for generation
+            if key.endswith(".shared_head.head.weight") and "head" not in mtp.shared_head:
+                continue  # equal to lm_head: the runtime uses that
         m = _EXPERT_RE.match(key)
         if m:
             experts[(layer, m.group(1), m.group(3))][int(m.group(2))].append(key)
@@ -134,21 +166,25 @@ def make_units(
         else:
             groups[("layer", layer)].append(key)
 
-    def sanitized(keys: list[str], layer: int = 0) -> Callable[[int], dict[str, mx.array]]:
+    def sanitized(keys: list[str], layer: int = 0, mtp: bool = False):
         def make(_: int) -> dict[str, mx.array]:
             tensors = None
             if hasattr(model, "sanitize"):
                 # sanitize sees the layer as layer 0: some decide by layer 0's tensors whether
-                # to convert at all (MiniMax's experts), then it goes back to its number.
+                # to convert at all (MiniMax's experts), then it goes back to its number; the
+                # MTP layer keeps number 0, which quantize.mtp.mlx_name names from.
                 tensors = model.sanitize(renumber(source.get(keys), -layer))
-                tensors = renumber(dict(tensors), layer) if tensors is not None else None
+                back = 0 if mtp else layer
+                tensors = renumber(dict(tensors), back) if tensors is not None else None
             tensors = tensors if tensors is not None else source.get(keys)
+            if mtp:
+                tensors = {mlx_name(k): v for k, v in tensors.items()}
             return _module_outputs(tensors, modules, predicate, dtype, keep)
 
         return make
 
-    def stacked(prefix: str, proj: str, by_expert: dict[int, list[str]], chunk: int):
-        path = f"{prefix}.switch_mlp.{_PROJ_NAMES.get(proj, proj)}"
+    def stacked(prefix: str, proj: str, by_expert: dict[int, list[str]], chunk: int, out: str):
+        path = f"{out}.switch_mlp.{_PROJ_NAMES.get(proj, proj)}"
 
         def dequantised(src: dict, e: int) -> mx.array:
             w = src[f"{prefix}.experts.{e}.{proj}.weight"]
@@ -169,14 +205,14 @@ def make_units(
     def nbytes(keys):
         return sum(source.nbytes[k] for k in keys)
 
-    units = []
-    if ("embed", None) in groups:
-        keys = groups[("embed", None)]
-        units.append(Unit(None, "embed", 1, sanitized(keys), nbytes(keys)))
-    for layer in range(num_layers):
+    def layer_units(layer: int) -> list[Unit]:
+        """One decoder layer's units: its non-expert tensors, then its stacked experts."""
+        is_mtp = layer >= num_layers
+        units = []
         keys = groups.get(("layer", layer), [])
         if keys:
-            units.append(Unit(layer, "layer", 1, sanitized(keys, layer), nbytes(keys)))
+            make = sanitized(keys, layer, is_mtp)
+            units.append(Unit(layer, "layer", 1, make, nbytes(keys), mtp=is_mtp))
         for (lay, prefix, proj), by_expert in sorted(experts.items()):
             if lay != layer:
                 continue
@@ -195,11 +231,24 @@ def make_units(
             per_expert = max(1, src_bytes // n)
             chunk = max(1, min(n, min(256 << 20, layer_bytes // 8) // per_expert))
             pieces = -(-n // chunk)
-            make = stacked(prefix, proj, by_expert, chunk)
-            units.append(Unit(layer, "experts", pieces, make, src_bytes, rows=n, chunk=chunk))
+            out = mlx_name(f"model.layers.0.{prefix.split('.', 3)[3]}") if is_mtp else prefix
+            make = stacked(prefix, proj, by_expert, chunk, out)
+            units.append(
+                Unit(layer, "experts", pieces, make, src_bytes, rows=n, chunk=chunk, mtp=is_mtp)
+            )
+        return units
+
+    units = []
+    if ("embed", None) in groups:
+        keys = groups[("embed", None)]
+        units.append(Unit(None, "embed", 1, sanitized(keys), nbytes(keys)))
+    for layer in range(num_layers):
+        units += layer_units(layer)
     if ("tail", None) in groups:
         keys = groups[("tail", None)]
         units.append(Unit(None, "tail", 1, sanitized(keys), nbytes(keys)))
+    if mtp is not None:
+        units += layer_units(num_layers)
     return units
 
 

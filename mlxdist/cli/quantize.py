@@ -41,6 +41,9 @@ def quantize_cmd(
     max_file_size: float = typer.Option(5.0, "--max-file-size", help="GB per output file"),
     dry: bool = typer.Option(False, "--dry-run", help="print sizes from config.json only"),
     force: bool = typer.Option(False, help="overwrite a non-empty OUT"),
+    keep_mtp: bool = typer.Option(
+        False, "--keep-mtp", help="keep R1's multi-token-prediction layer (for --speculative mtp)"
+    ),
 ) -> None:
     """Quantise a checkpoint to MLX weights and cut it into per-node folders."""
     from quantize.convert import Settings
@@ -48,6 +51,7 @@ def quantize_cmd(
     try:
         settings = Settings(bits, group_size, mode, recipe, list(override))
         settings.max_file_bytes = int(max_file_size * 1e9)
+        settings.keep_mtp = keep_mtp
         cut = {
             "nodes": nodes,
             "split": split,
@@ -157,7 +161,7 @@ def choose_split(
 def dry_run(src: str, settings: Settings, cut: dict) -> None:
     """Prints sizes per recipe and each node's share, reading only config.json."""
     from quantize.checkpoint import inspect_model
-    from quantize.convert import QuantizeError
+    from quantize.convert import QuantizeError, check_keep_mtp
     from quantize.estimate import estimate
     from quantize.recipes import R1_RECIPES, default_spec, parse_override
     from quantize.source import config_only
@@ -167,8 +171,11 @@ def dry_run(src: str, settings: Settings, cut: dict) -> None:
         raise QuantizeError("--dry-run reads a config.json; a GGUF file is already quantised")
     config = inspect_model(path).config
     num_layers = config["num_hidden_layers"]
+    if settings.keep_mtp:
+        check_keep_mtp(config)
     settings.split, settings.experts = choose_cut(config, **cut)
     kw = {"bits": settings.bits, "group_size": settings.group_size, "mode": settings.mode}
+    kw["mtp"] = settings.keep_mtp
     overrides = tuple(
         parse_override(o, settings.group_size or 64, settings.mode) for o in settings.overrides
     )
@@ -181,11 +188,18 @@ def dry_run(src: str, settings: Settings, cut: dict) -> None:
     bits = default_spec(settings.bits, settings.group_size, settings.mode)["bits"]
     name = settings.recipe or f"{bits}-bit {default}"
     rows = [(f"{name} (chosen)", chosen)]
-    rows += [("bf16 (no quantisation)", estimate(config, quantize=False))]
-    rows += [(r, estimate(config, recipe=r)) for r in R1_RECIPES if r != settings.recipe]
+    mtp = settings.keep_mtp
+    rows += [("bf16 (no quantisation)", estimate(config, quantize=False, mtp=mtp))]
+    rows += [(r, estimate(config, recipe=r, mtp=mtp)) for r in R1_RECIPES if r != settings.recipe]
     for label, e in rows:
         table.add_row(label, f"{e.total_bytes / 1e9:.1f}", f"{e.bits_per_weight:.2f}")
     console.print(table)
+    if mtp:
+        where = "node 0" if settings.experts else "the last node" if settings.split else "it"
+        console.print(
+            f"the MTP layer adds {chosen.mtp_bytes / 1e9:.2f} GB to {where} "
+            "(its head counted as shared with lm_head, as in R1's official checkpoint)"
+        )
     if settings.experts:
         _expert_shares(chosen, settings.experts, config, name)
         return
@@ -219,7 +233,11 @@ def quantize(src: str, out: Path, settings: Settings, force: bool, cut: dict) ->
     from quantize.source import config_only, resolve_source
 
     if (config := config_only(src)).suffix == ".json":  # a refusal before any weight is fetched
-        inspect_model(config)
+        info = inspect_model(config)
+        if settings.keep_mtp:
+            from quantize.convert import check_keep_mtp
+
+            check_keep_mtp(info.config)
     source = resolve_source(src)
     tmp = None
     try:
@@ -287,4 +305,13 @@ def _convert(source: Path, out: Path, settings: Settings, force: bool) -> None:
             f"expert node folders: {out / 'nodes'}/0..{len(plan.experts) - 1} "
             f"({plan.experts} experts; their slices take "
             f"{human_bytes(sum(c.nbytes for c in plan.cuts))})"
+        )
+    if plan.mtp is not None:
+        kept = [s for u in plan.units if u.mtp for s in u.slots or []]
+        where = "nodes/0" if plan.experts else f"nodes/{len(plan.split) - 1}" if plan.split else ""
+        console.print(
+            f"kept the MTP layer: {len(kept)} mtp.* tensors, "
+            f"{human_bytes(sum(s.nbytes for s in kept))}"
+            + (f", in {where}" if where else "")
+            + ("" if plan.mtp["own_head"] else "; its head equals lm_head, which it will use")
         )
