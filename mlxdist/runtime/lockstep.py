@@ -20,10 +20,11 @@ from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllL
 from mlxdist.runtime.batch_cache import Batch
 from mlxdist.runtime.expert import shards
 from mlxdist.runtime.pipeline import gather_stats, start_cache
-from mlxdist.runtime.prefix_store import KeepsPrefixes, PrefixStore, obey_logged
+from mlxdist.runtime.prefix_store import KeepsPrefixes, PrefixStore, obey_logged, trimmable
 from mlxdist.runtime.ringwait import RingWaiter
 from mlxdist.runtime.runner import StepRunner
 from mlxdist.runtime.sampling import Sampler
+from mlxdist.runtime.speculative import verify
 from mlxdist.runtime.stage import Stage, cache_offset
 from mlxdist.runtime.step import (
     _CTRL,
@@ -35,6 +36,7 @@ from mlxdist.runtime.step import (
     LOGITS,
     NEW,
     SAMPLE,
+    VERIFY,
     Step,
 )
 
@@ -95,6 +97,9 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
         self._shards = shards(stage.model)
         self._cut_sums = cut_sums(stage.model) if self.size > 1 else 0
         self.store = PrefixStore()  # the prefix cache's entries
+        # Takes VERIFY steps (speculative decoding) when every layer's cache can drop rejected
+        # drafts, as a pipeline decides it.
+        self.verifies = all(trimmable(t) for t in stage.templates)
 
     @property
     def cache(self) -> list:
@@ -133,19 +138,29 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
             if self.rank == 0:
                 self.samplers[slot] = Sampler(step.temp, step.top_p, step.seed)
         cache = self.caches[slot]
+        if step.trim:  # the drafts the slot's last step rejected
+            for c in cache:
+                c.trim(step.trim)
         h = self._forward(step, ids.reshape(1, -1), cache)
         if self.rank != 0 or not step.flags & (SAMPLE | LOGITS):
             # Every rank evaluates the whole graph, so every rank joins every all_sum in it.
             mx.eval(h, [c.state for c in cache])
             return None
-        logits = self.stage.logits(h[:, -1, :])
-        if step.flags & LOGITS:
-            out = logits.astype(mx.float32).reshape(-1)
-        else:
-            sampler = self.samplers[slot]
-            out = sampler(logits - mx.logsumexp(logits, keepdims=True)).astype(mx.int32)
+        out = self._reply(step, ids, h)
         mx.eval(out, [c.state for c in cache])
         return out
+
+    def _reply(self, step: Step, ids: mx.array, h: mx.array) -> mx.array:
+        """Rank 0's reply to a step of one sequence, from h, its layers' output (before the
+        final norm) at each of the step's ids: the logits, the sampled token, or a VERIFY
+        step's [n, the n tokens, padding] (its drafts are ids[1:])."""
+        if step.flags & LOGITS:
+            return self.stage.logits(h[:, -1, :]).astype(mx.float32).reshape(-1)
+        sampler = self.samplers[step.slot]
+        if step.flags & VERIFY:
+            return verify(self.stage.logits(h[0]), ids[1:].tolist(), sampler)
+        logits = self.stage.logits(h[:, -1, :])
+        return sampler(logits - mx.logsumexp(logits, keepdims=True)).astype(mx.int32)
 
     def _forward(self, step: Step, ids: mx.array, cache: list) -> mx.array:
         """The layers on ids (batch, length), counting what the step's all_sums carry."""
@@ -211,8 +226,8 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
         return step, ids
 
     def step(self, tokens: list[int], step: Step) -> mx.array | None:
-        """Rank 0: runs one step of sequence step.slot on every rank; returns the sampled id or
-        the logits."""
+        """Rank 0: runs one step of sequence step.slot on every rank; returns the sampled id,
+        the logits, or a VERIFY step's reply (its tokens: the last sampled one, then drafts)."""
         step.length = len(tokens)
         step, ids = self._broadcast(step, tokens)
         return self._apply(step, ids)

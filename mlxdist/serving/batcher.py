@@ -6,6 +6,11 @@ all open answers go through the ranks in one decode step (one forward pass, one 
 collectives for all of them). Requests join and leave between steps: a joining request's prompt
 is fed alone, one step of it per round, into its own KV cache, then it decodes with the others.
 Each sequence keeps its own cache row and sampler, so batching changes no greedy answer.
+
+A sequence whose job speculates (prompt lookup) takes steps of its own: its last token and its
+drafts in one VERIFY step, whose reply is the drafts the model accepts and the token after them;
+its next step drops the rejected drafts' positions from every rank's caches. Sequences without
+speculation go on decoding in one batch.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from typing import Protocol, runtime_checkable
 import mlx.core as mx
 
 from launcher.rankspec import PREFILL_CHUNK
+from mlxdist.runtime.drafting import PromptLookup
 from mlxdist.runtime.runner import StepRunner
-from mlxdist.runtime.step import NEW, Step
+from mlxdist.runtime.speculative import replied
+from mlxdist.runtime.step import NEW, SAMPLE, VERIFY, Step
 from mlxdist.serving.events import Failed
 from mlxdist.serving.job import Job
 from mlxdist.serving.prefix_cache import PrefixCache, remember
@@ -68,6 +75,11 @@ class Batcher:
         self.stopping = False
         self.prefix = prefix  # the prefix cache's index, or None
         self.prefill_chunk = PREFILL_CHUNK
+        # job -> tokens prompt lookup may draft per step (0: none); (drafted, accepted) -> None
+        self.draft_tokens: Callable[[Job], int] = lambda job: 0
+        self.count: Callable[[int, int], None] = lambda drafted, accepted: None
+        # job -> its drafter, made when its prompt starts (it sees every token from there)
+        self.new_drafter: Callable[[Job], object] = lambda job: PromptLookup(job.prompt)
 
     @property
     def open(self) -> int:
@@ -120,7 +132,7 @@ class Batcher:
             if not seq.prefill:
                 self.joining.remove(seq)
                 self.decoding[seq.slot] = seq
-                self._deliver(seq, out.item())
+                self._deliver(seq, [out.item()])
 
     def _start(self, seq: Sequence) -> None:
         """The prompt's steps, after the longest prefix the prefix cache holds (of a kept entry
@@ -132,26 +144,62 @@ class Batcher:
         keep = seq.source.keep
         seq.prefill = deque(prefill_steps(prompt[keep:], chunk=self.prefill_chunk))
         seq.fed = list(prompt[:keep])
+        if self.draft_tokens(seq.job) > 0:
+            seq.drafter = self.new_drafter(seq.job)
 
     def _decode(self) -> None:
-        """One decode step of every sequence that has its first token."""
+        """One decode step of every sequence that has its first token: those that speculate
+        (or must drop rejected drafts first) one step each, the others in one batch."""
         for seq in [s for s in self.decoding.values() if s.job.cancelled.is_set()]:
             seq.reason = "cancelled"
             self._close(seq)
-        if not self.decoding:
-            return
-        slots = sorted(self.decoding)
-        feed = [self.decoding[s].tokens[-1] for s in slots]
-        out = self.runner.decode(slots, feed).tolist()
-        self.in_flight_peak = max(self.in_flight_peak, len(slots))
-        for slot, t, token in zip(slots, feed, out):
-            seq = self.decoding[slot]
-            seq.fed.append(t)
-            self._deliver(seq, token)
+        alone = [s for s in self.decoding.values() if s.trim or s.drafter is not None]
+        slots = sorted(s for s in self.decoding if self.decoding[s] not in alone)
+        if slots:
+            feed = [self.decoding[s].tokens[-1] for s in slots]
+            out = self.runner.decode(slots, feed).tolist()
+            self.in_flight_peak = max(self.in_flight_peak, len(slots))
+            for slot, t, token in zip(slots, feed, out):
+                seq = self.decoding[slot]
+                seq.fed.append(t)
+                self._deliver(seq, [token])
+        for seq in alone:
+            self._speculate(seq)
 
-    def _deliver(self, seq: Sequence, token: int) -> None:
-        if seq.add(token):
-            self._close(seq)
+    def _speculate(self, seq: Sequence) -> None:
+        """One step of the sequence alone: its last token and its drafter's drafts."""
+        drafts = self._drafts(seq)
+        tokens = [seq.tokens[-1], *drafts]
+        step = Step(0, SAMPLE | (VERIFY if drafts else 0), slot=seq.slot, trim=seq.trim)
+        out = self.runner.step(tokens, step)  # it stays listed if this raises
+        seq.trim, seq.drafted = 0, len(drafts)
+        seq.fed += tokens
+        self._deliver(seq, replied(out) if drafts else [out.item()])
+
+    def _drafts(self, seq: Sequence) -> list[int]:
+        """The drafter's drafts for the sequence's next step: no more than the answer still has
+        room for after the step's own token."""
+        if seq.drafter is None:
+            return []
+        k = self.draft_tokens(seq.job)
+        return seq.drafter.draft(min(k, seq.job.max_tokens - len(seq.tokens) - 1))
+
+    def _deliver(self, seq: Sequence, tokens: list[int]) -> None:
+        """A step's tokens for the sequence: one, or a VERIFY step's accepted drafts and the
+        token after them (the rejected drafts leave seq.fed now, its caches at its next step)."""
+        if seq.drafted:
+            accepted = len(tokens) - 1
+            seq.trim = seq.drafted - accepted
+            del seq.fed[len(seq.fed) - seq.trim :]
+            self.count(seq.drafted, accepted)
+            seq.count(seq.drafted, accepted)
+            seq.drafted = 0
+        for t in tokens:
+            if seq.add(t):
+                self._close(seq)
+                return
+            if seq.drafter is not None:
+                seq.drafter.extend([t])
 
     def _close(self, seq: Sequence) -> None:
         seq.finish()
