@@ -45,12 +45,15 @@ def test_bench_prints_tables(tiny_r1):
         "bench", str(tiny_r1), "--local", "2",
         "--prompt-tokens", "8", "--decode-tokens", "4", "--streams", "2",
         "--conversation-tokens", "16", "--long-prompt-tokens", "32",
+        "--speculative", "mtp",  # tiny-r1's own MTP layer drafts
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     print(r.stdout)
     assert "decode tok/s" in r.stdout and "bytes sent per token" in r.stdout
     assert "follow-up TTFT" in r.stdout and "(32 tokens)" in r.stdout
     assert "2 ranks, pipeline" in r.stdout
+    assert "speculative decoding (mtp, up to 1 drafts a pass)" in r.stdout
+    assert "tokens per pass" in r.stdout
 
 
 def test_bench_refuses_local_with_hosts(tiny_r1, tmp_path):

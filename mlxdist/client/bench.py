@@ -79,6 +79,8 @@ class BenchResult:
     long_prompt_tokens: int = 0
     long_prompt_tps: float = 0.0  # prefill: tokens over time to first token
     per_rank: list[dict] = field(default_factory=list)  # rank, host, peak_rss, bytes_per_token
+    # the server's speculative decoding over the whole bench (/mlxdist/stats), when it drafts
+    speculative: dict | None = None
 
     @property
     def followup_ratio(self) -> float:
@@ -243,6 +245,9 @@ def bench(
         long = stream_once(url, prompt_ids(long_prompt_tokens, vocab, seed=5), 1, headers=headers)
         turns |= {"long_prompt_tokens": long_prompt_tokens}
         turns |= {"long_prompt_tps": long_prompt_tokens / long.first}
+    spec = _stats(url, headers).get("speculative")
+    if spec and spec.get("mode", "none") != "none":
+        turns |= {"speculative": spec}
     nodes = {n["rank"]: n.get("host", "") for n in health.get("nodes", [])}
     per_rank = [
         {
@@ -308,3 +313,17 @@ def render(result: BenchResult, console) -> None:
         memory = f"{r['peak_rss'] / 2**20:.0f} MiB"
         ranks.add_row(str(r["rank"]), r["host"], memory, f"{r['bytes_per_token']:,}")
     console.print(ranks)
+    spec = result.speculative
+    if spec:
+        title = f"speculative decoding ({spec['mode']}, up to {spec['draft_tokens']} drafts a pass)"
+        table = Table(title=title)
+        for col in ("passes", "drafted", "accepted", "acceptance", "tokens per pass"):
+            table.add_column(col, justify="right")
+        table.add_row(
+            str(spec["passes"]),
+            str(spec["drafted"]),
+            str(spec["accepted"]),
+            f"{spec['acceptance_rate']:.0%}",
+            f"{spec['tokens_per_pass']:.2f}",
+        )
+        console.print(table)
