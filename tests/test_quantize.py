@@ -75,6 +75,7 @@ def test_mtp_layer_is_dropped_by_index(tiny_r1, converted, tmp_path):
     assert result.returncode == 0, result.stderr
     ours = tensors(tmp_path / "out")
     assert not any(layer_of(k) == 4 for k in ours)  # the MTP layer sat at index 4
+    assert not any(k.startswith("mtp.") for k in ours)  # kept only with --keep-mtp
     reference = tensors(converted[1])
     assert sorted(ours) == sorted(reference)
     assert all(mx.array_equal(ours[k], reference[k]).item() for k in ours)
@@ -88,6 +89,13 @@ def cut(tiny_r1, tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr
     return out
+
+
+def test_no_node_folder_holds_the_mtp_layer_without_keep_mtp(cut):
+    for folder in [cut, *(cut / "nodes").iterdir()]:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        assert not any(k.startswith("mtp.") for k in index["weight_map"]), folder
+        assert "mtp" not in json.loads((folder / "manifest.json").read_text()), folder
 
 
 def test_node_folders_hold_only_their_range(cut):
