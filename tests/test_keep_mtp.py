@@ -20,6 +20,7 @@ from mlx_lm.utils import _get_classes
 from mlxdist.testing.make_model import make_model
 from mlxdist.testing.tiny_r1 import to_bf16
 from quantize.checkpoint import safetensors_layout
+from quantize.estimate import estimate
 from quantize.mtp import MTPLayer, mlx_name
 from quantize.nodes import damaged_files
 
@@ -130,6 +131,9 @@ def test_mtp_layer_equals_a_direct_conversion(tiny_r1, pipeline):
     assert_same(mtp_of(folder_tensors(pipeline / "nodes" / "2")), expected)
     manifest = json.loads((pipeline / "nodes" / "2" / "manifest.json").read_text())
     assert manifest["mtp"] == {"layer": 4, "own_head": False}
+    # --dry-run's estimate, from config.json alone, counts the kept layer's bytes exactly
+    config = json.loads((tiny_r1 / "config.json").read_text())
+    assert estimate(config, bits=4, mtp=True).mtp_bytes == sum(v.nbytes for v in expected.values())
     # mtp*.safetensors, apart: mlx_lm.load still opens the folder (it reads model*.safetensors)
     assert [f.name for f in pipeline.glob("mtp*")] == ["mtp.safetensors"]
     load(str(pipeline))
