@@ -16,8 +16,9 @@ from mlxdist.runtime.expert import load_expert_stage
 from mlxdist.runtime.lockstep import LockstepRunner
 from mlxdist.runtime.pipeline import Runner
 from mlxdist.runtime.runner import InterleavingRunner, StepRunner
-from mlxdist.runtime.stage import load_stage
-from mlxdist.runtime.step import SAMPLE, Step
+from mlxdist.runtime.speculative import replied
+from mlxdist.runtime.stage import cache_offset, load_stage
+from mlxdist.runtime.step import SAMPLE, VERIFY, Step
 from mlxdist.serving.batcher import Batcher
 from mlxdist.serving.coordinator import Coordinator
 from mlxdist.serving.events import Done, Logits, Token
@@ -62,6 +63,26 @@ def test_lockstep_steps_give_mlx_lms_greedy_tokens(runner, reference):
         out = runner.step(got[-1:], Step(0, SAMPLE))
     assert len(expected) == MAX_TOKENS
     assert got == expected
+
+
+def test_verify_steps_and_trims_keep_mlx_lms_greedy_tokens(runner, reference):
+    """VERIFY steps on one rank: drafts that are the greedy tokens are accepted whole, a wrong
+    first draft is rejected, and the next step's trim drops its positions: still mlx-lm's."""
+    prompt, expected, _ = reference
+    assert runner.verifies
+    slot = 5
+    for tokens, flags in prefill_steps(prompt):
+        out = runner.step(tokens, Step(0, flags, slot=slot))
+    assert out.item() == expected[0]
+    out = runner.step(expected[0:4], Step(0, SAMPLE | VERIFY, slot=slot))
+    assert replied(out) == expected[1:5]  # 3 drafts accepted, and the token after them
+    wrong = (expected[5] + 1) % runner.stage.vocab_size
+    out = runner.step([expected[4], wrong, expected[6]], Step(0, SAMPLE | VERIFY, slot=slot))
+    assert replied(out) == [expected[5]]  # rejected at the first draft
+    out = runner.step([expected[5]], Step(0, SAMPLE, slot=slot, trim=2))
+    assert out.item() == expected[6]
+    assert cache_offset(runner.slot_cache(slot)) == len(prompt) + 6  # no rejected draft left
+    runner.free(slot)
 
 
 def test_lockstep_through_the_coordinator_equals_mlx_lm(runner, reference, tiny_r1):
