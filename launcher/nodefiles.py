@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from quantize.checkpoint import human_bytes
 from quantize.errors import UserError
+from quantize.mtp import is_mtp
 from quantize.nodes import stage_needs
 
 from .planner import NodeSpec
@@ -86,6 +87,8 @@ def node_files(
     end = start + split[rank]
     first, last = rank == 0, rank == len(split) - 1
     mine = {f for k, f in weights.items() if stage_needs(k, start, end, first, last, tied)}
+    # R1's MTP layer (`quantize --keep-mtp`): the rank that holds the head drafts with it
+    mine |= {f for k, f in weights.items() if last and is_mtp(k)}
     return sorted(set(small) | mine)
 
 

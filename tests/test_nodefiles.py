@@ -234,3 +234,18 @@ def test_free_disk_comes_through_the_facts(tmp_path):
     assert 0 < node.disk_free <= shutil.disk_usage(tmp_path).total
     assert node.hf_cache_free is not None and node.hf_cache_free > 0
     assert node_spec_from_facts("n", {"memory_total": 2**36}).disk_free is None
+
+
+def test_the_mtp_layer_goes_to_the_last_stage_alone():
+    weights = {
+        "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+        "model.layers.0.w": "model-00001-of-00002.safetensors",
+        "model.layers.1.w": "model-00002-of-00002.safetensors",
+        "lm_head.weight": "model-00002-of-00002.safetensors",
+        "mtp.embed_tokens.weight": "mtp.safetensors",  # quantize --keep-mtp's own file
+        "mtp.block.mlp.gate.weight": "mtp.safetensors",
+    }
+    repo = ["config.json", *sorted(set(weights.values()))]
+    first = node_files(weights, repo, "pipeline", [1, 1], 0)
+    last = node_files(weights, repo, "pipeline", [1, 1], 1)
+    assert "mtp.safetensors" not in first and "mtp.safetensors" in last
