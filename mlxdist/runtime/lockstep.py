@@ -19,6 +19,7 @@ from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllL
 
 from mlxdist.runtime.batch_cache import Batch
 from mlxdist.runtime.expert import shards
+from mlxdist.runtime.mtp_drafter import with_drafts
 from mlxdist.runtime.pipeline import gather_stats, start_cache
 from mlxdist.runtime.prefix_store import KeepsPrefixes, PrefixStore, obey_logged, trimmable
 from mlxdist.runtime.ringwait import RingWaiter
@@ -33,6 +34,7 @@ from mlxdist.runtime.step import (
     CMD_STATS,
     CMD_STEP,
     CMD_STOP,
+    DRAFT,
     LOGITS,
     NEW,
     SAMPLE,
@@ -100,6 +102,10 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
         # Takes VERIFY steps (speculative decoding) when every layer's cache can drop rejected
         # drafts, as a pipeline decides it.
         self.verifies = all(trimmable(t) for t in stage.templates)
+        # --speculative mtp: the drafts a DRAFT step's reply ends with, and on rank 0 (which
+        # samples) the drafter (mlxdist.runtime.mtp_drafter.MTPDrafter)
+        self.mtp_k = 0
+        self.mtp = None
 
     @property
     def cache(self) -> list:
@@ -137,16 +143,24 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
             self.caches[slot] = start_cache(self, step, sources)
             if self.rank == 0:
                 self.samplers[slot] = Sampler(step.temp, step.top_p, step.seed)
+                if self.mtp is not None:
+                    self.mtp.start(slot)
         cache = self.caches[slot]
         if step.trim:  # the drafts the slot's last step rejected
             for c in cache:
                 c.trim(step.trim)
         h = self._forward(step, ids.reshape(1, -1), cache)
+        drafts = self.rank == 0 and step.flags & DRAFT and not step.flags & LOGITS
+        if drafts and not step.flags & SAMPLE and self.mtp is not None:
+            self.mtp.feed(slot, h, ids.tolist(), None)  # a prompt chunk: the layer reads it
         if self.rank != 0 or not step.flags & (SAMPLE | LOGITS):
             # Every rank evaluates the whole graph, so every rank joins every all_sum in it.
             mx.eval(h, [c.state for c in cache])
             return None
         out = self._reply(step, ids, h)
+        if drafts:
+            mx.eval(out)
+            out = with_drafts(self.mtp, self.mtp_k, step, ids.tolist(), h, out)
         mx.eval(out, [c.state for c in cache])
         return out
 
@@ -252,6 +266,8 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
     def _drop(self, slot: int) -> None:
         self.caches.pop(slot, None)
         self.samplers.pop(slot, None)
+        if self.mtp is not None:
+            self.mtp.drop(slot)
         self.batch.remove([slot])
         if slot == 0:  # slot 0 always has a cache, for the one-rank decode that uses it directly
             self.caches[0] = self.stage.make_cache()

@@ -23,6 +23,8 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
+from mlxdist.runtime.speculative import read_reply
+from mlxdist.runtime.step import DRAFT, VERIFY, Step
 from quantize.mtp import MTPLayer
 
 
@@ -87,3 +89,18 @@ class MTPDrafter:
         if self.k > 1:
             cache[0].trim(self.k - 1)  # the chained positions were drafts, not real pairs
         return out.tolist()
+
+
+def with_drafts(
+    drafter: MTPDrafter | None, k: int, step: Step, ids: list[int], h: mx.array, out: mx.array
+) -> mx.array:
+    """The drafting rank's reply to a DRAFT step: its token reply, then k drafts, the layer fed
+    the step's real positions (a VERIFY step's: its first token and the drafts accepted).
+    Without a drafter (not loaded on this rank) the reply keeps its agreed size."""
+    tokens, _ = read_reply(out, step.flags & ~DRAFT, step.length)
+    m = len(tokens) if step.flags & VERIFY else step.length
+    if drafter is None:
+        drafts = [tokens[-1]] * k
+    else:
+        drafts = drafter.feed(step.slot, h[:, :m], ids[:m], tokens[-1])
+    return mx.concatenate([out.reshape(-1), mx.array(drafts, mx.int32)])

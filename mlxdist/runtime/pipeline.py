@@ -17,6 +17,7 @@ from collections import deque
 import mlx.core as mx
 
 from mlxdist.runtime.link import BACK, DONE, NEXT, Link, escape, unescape
+from mlxdist.runtime.mtp_drafter import with_drafts
 from mlxdist.runtime.prefix_store import (
     KeepsPrefixes,
     PrefixStore,
@@ -27,7 +28,7 @@ from mlxdist.runtime.prefix_store import (
 from mlxdist.runtime.ringwait import RingWaiter
 from mlxdist.runtime.runner import InterleavingRunner
 from mlxdist.runtime.sampling import Sampler
-from mlxdist.runtime.speculative import read_reply, reply_words, verify
+from mlxdist.runtime.speculative import reply_words, verify
 from mlxdist.runtime.stage import Stage, cache_offset
 from mlxdist.runtime.step import (
     _CTRL,
@@ -151,21 +152,10 @@ class Runner(KeepsPrefixes, InterleavingRunner):
             out = sampler(logits - mx.logsumexp(logits, keepdims=True)).astype(mx.int32)
         mx.eval(out)
         if step.flags & DRAFT and not step.flags & LOGITS:
-            out = self._drafted(step, h, out)
+            out = with_drafts(self.mtp, self.mtp_k, step, step.ids, h, out)
         if self.rank != 0:
             self._send(out, 0)
         return out
-
-    def _drafted(self, step: Step, h: mx.array, out: mx.array) -> mx.array:
-        """The last rank: a token reply with the MTP layer's drafts after it, the layer fed the
-        step's real positions (a VERIFY step's: its first token and the accepted drafts)."""
-        tokens, _ = read_reply(out, step.flags & ~DRAFT, step.length)
-        m = len(tokens) if step.flags & VERIFY else step.length
-        if self.mtp is None:  # not loaded here: a reply of the agreed size, drafting nothing
-            drafts = [tokens[-1]] * self.mtp_k
-        else:
-            drafts = self.mtp.feed(step.slot, h[:, :m], step.ids[:m], tokens[-1])
-        return mx.concatenate([out.reshape(-1), mx.array(drafts, mx.int32)])
 
     def _pass_on(self, step: Step, h: mx.array) -> None:
         link = self.outbox

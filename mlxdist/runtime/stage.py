@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn

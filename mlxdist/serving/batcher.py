@@ -25,8 +25,8 @@ import mlx.core as mx
 from launcher.rankspec import PREFILL_CHUNK
 from mlxdist.runtime.drafting import PromptLookup
 from mlxdist.runtime.runner import StepRunner
-from mlxdist.runtime.speculative import replied
-from mlxdist.runtime.step import NEW, SAMPLE, VERIFY, Step
+from mlxdist.runtime.speculative import read_reply
+from mlxdist.runtime.step import DRAFT, NEW, SAMPLE, VERIFY, Step
 from mlxdist.serving.events import Failed
 from mlxdist.serving.job import Job
 from mlxdist.serving.prefix_cache import PrefixCache, remember
@@ -126,13 +126,14 @@ class Batcher:
             tokens, flags = seq.prefill.popleft()
             src, keep = (seq.source.src, seq.source.keep) if flags & NEW else (0, 0)
             sampling = {"seed": job.seed, "temp": job.temp, "top_p": job.top_p}
+            flags |= _draft_flag(seq)
             step = Step(0, flags, slot=seq.slot, src=src, keep=keep, **sampling)
             out = self.runner.step(tokens, step)  # it stays listed if this raises
             seq.fed += tokens
             if not seq.prefill:
                 self.joining.remove(seq)
                 self.decoding[seq.slot] = seq
-                self._deliver(seq, [out.item()])
+                self._deliver(seq, _read(seq, out, flags, len(tokens)))
 
     def _start(self, seq: Sequence) -> None:
         """The prompt's steps, after the longest prefix the prefix cache holds (of a kept entry
@@ -170,11 +171,11 @@ class Batcher:
         """One step of the sequence alone: its last token and its drafter's drafts."""
         drafts = self._drafts(seq)
         tokens = [seq.tokens[-1], *drafts]
-        step = Step(0, SAMPLE | (VERIFY if drafts else 0), slot=seq.slot, trim=seq.trim)
-        out = self.runner.step(tokens, step)  # it stays listed if this raises
-        seq.trim, seq.drafted = 0, len(drafts)
+        flags = SAMPLE | (VERIFY if drafts else 0) | _draft_flag(seq)
+        out = self.runner.step(tokens, Step(0, flags, slot=seq.slot, trim=seq.trim))
+        seq.trim, seq.drafted = 0, len(drafts)  # it stays listed if the step raised
         seq.fed += tokens
-        self._deliver(seq, replied(out) if drafts else [out.item()])
+        self._deliver(seq, _read(seq, out, flags, len(tokens)))
 
     def _drafts(self, seq: Sequence) -> list[int]:
         """The drafter's drafts for the sequence's next step: no more than the answer still has
@@ -216,3 +217,16 @@ class Batcher:
             self.free_slots.append(seq.slot)
         self.joining.clear()
         self.decoding.clear()
+
+
+def _draft_flag(seq: Sequence) -> int:
+    """DRAFT for the steps of a sequence the MTP layer drafts for (rank 0 feeds it every step)."""
+    return DRAFT if seq.drafter is not None and seq.drafter.remote else 0
+
+
+def _read(seq: Sequence, out: mx.array, flags: int, length: int) -> list[int]:
+    """A step's tokens; the MTP layer's drafts that follow them go to the sequence's drafter."""
+    tokens, drafts = read_reply(out, flags, length)
+    if flags & DRAFT:
+        seq.drafter.offer(drafts)
+    return tokens
