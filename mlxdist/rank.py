@@ -119,7 +119,7 @@ def _with_mtp(spec: RankSpec, runner, drafts: bool):
                 "`mlxdist quantize --keep-mtp`, or use --speculative ngram"
             )
         head = getattr(runner.stage.model, "lm_head", None)
-        runner.mtp = MTPDrafter(layer, spec.draft_tokens, head)
+        runner.mtp = MTPDrafter(layer, spec.draft_tokens, head, runner.stage.inner.norm)
     return runner
 
 

@@ -4,7 +4,9 @@ MLX folders, and the module that runs it.
 DeepSeek-V3 and R1 ship, after their decoder layers, one more layer (checkpoint index
 num_hidden_layers, 61 for R1) trained to predict the token after next (the V3 report, section
 2.2): the normed hidden state the main model made at position i and the normed embedding of token
-i+1 go through one projection (`eh_proj`, over [embedding; hidden]), a decoder block like the
+i+1 go through one projection (`eh_proj`, over [embedding; hidden]; the hidden state is the one
+after the model's final norm, as the modeling code shipped with R1-0528 MTP checkpoints passes it
+and vLLM feeds it), a decoder block like the
 model's own (its MoE included), a norm and the head, and give token i+2. R1 stores the layer
 with its own copies of the embedding and the head; DeepSeek shares them with the main model, and
 the official checkpoint's copies are equal to the main ones.
@@ -93,17 +95,20 @@ class MTPLayer(nn.Module):
         self.shared_head = SharedHead(h, v, eps, own_head)
 
     def __call__(self, hidden: mx.array, tokens: mx.array, mask, cache) -> mx.array:
-        """hidden: (batch, length, hidden) the main model's last hidden states (before its final
-        norm) at positions i; tokens: (batch, length) the tokens at i+1."""
+        """hidden: (batch, length, hidden) the main model's last hidden states at positions i,
+        after its final norm; tokens: (batch, length) the tokens at i+1."""
         e = self.enorm(self.embed_tokens(tokens))
         x = self.eh_proj(mx.concatenate([e, self.hnorm(hidden)], axis=-1))
         return self.block(x, mask, cache)
 
     def logits(self, x: mx.array, lm_head: nn.Module | None = None) -> mx.array:
-        """The layer's predictions from its hidden states: its own head, or the model's when the
-        conversion found the two equal and kept one."""
-        x = self.shared_head.norm(x)
+        """The layer's predictions from its hidden states: its head's norm, then its own head,
+        or the model's when the conversion found the two equal and kept one."""
+        return self.head(self.shared_head.norm(x), lm_head)
+
+    def head(self, normed: mx.array, lm_head: nn.Module | None = None) -> mx.array:
+        """The head alone, on states its norm has made."""
         head = self.shared_head.get("head", lm_head)  # modules are dicts of their children
         if head is None:
             raise ValueError("this MTP layer shares the model's head: pass lm_head")
-        return head(x)
+        return head(normed)

@@ -1,6 +1,7 @@
 """The MTP drafter's bookkeeping (tiny-r1's layer, random: only the mechanics are checked): fed a
 sequence in prompt chunks and speculative steps with rejected drafts, its cache and drafts equal
-those of the layer run once over the sequence's real pairs (hidden state at i, token at i+1)."""
+those of the layer run once over the sequence's real pairs (hidden state at i after the model's
+final norm, token at i+1)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def test_chunks_and_rejections_leave_only_real_pairs(parts, k):
     prompt = list(range(3, 13))
     sequence = prompt + answer
     h = _hidden(stage, sequence)  # causal: each position's state as in any split into steps
-    drafter = MTPDrafter(layer, k, head)
+    drafter = MTPDrafter(layer, k, head, stage.inner.norm)
     drafter.start(1)
     # the prompt in two chunks; its last chunk samples answer[0]
     assert drafter.feed(1, h[:, :6], sequence[:6], None) == []
@@ -50,7 +51,7 @@ def test_chunks_and_rejections_leave_only_real_pairs(parts, k):
 
     # at once: pairs (h_i, token i+1) for every position up to answer[2]'s
     whole = KVCache()
-    pairs = h[:, :13]
+    pairs = stage.inner.norm(h[:, :13])  # the layer reads the model's states after its norm
     tokens = mx.array([sequence[1:14]])
     x = layer(pairs, tokens, create_attention_mask(pairs, whole, return_array=True), whole)
     assert cache.offset == whole.offset == 13

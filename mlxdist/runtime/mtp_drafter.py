@@ -1,14 +1,15 @@
 """Drafting with R1's multi-token-prediction layer, on the rank that holds the head.
 
-The MTP layer sees pairs: the main model's last hidden state at position i and the token at i+1,
-and predicts the token at i+2. Its own KV cache holds one position per pair, and only real pairs:
-a pair is fed once the token after its position is known (a prompt token, a sampled token, an
-accepted draft), never for a rejected draft, so the cache needs no rollback when drafts fail.
+The MTP layer sees pairs: the main model's last hidden state at position i (after its final norm,
+as R1's MTP was trained and vLLM feeds it) and the token at i+1, and predicts the token at i+2.
+Its own KV cache holds one position per pair, and only real pairs: a pair is fed once the token
+after its position is known (a prompt token, a sampled token, an accepted draft), never for a
+rejected draft, so the cache needs no rollback when drafts fail.
 
 After each step that samples, the pair (last real hidden state, token just sampled) gives the
-first draft. More drafts chain the layer on its own output (its hidden state for the next
-position, the draft just made as the token), as engines do with R1's one MTP module; those chained
-positions are dropped from its cache right after, since they are not real pairs.
+first draft. More drafts chain the layer on its own output (its hidden state after its head's
+norm for the next position, the draft just made as the token), as engines do with R1's one MTP
+module; those chained positions are dropped from its cache right after: they are not real pairs.
 
 Drafts are the layer's argmax: a drafter that proposes one token with certainty, which the
 acceptance rule checks exactly (`speculative.verify` with no drafter distribution).
@@ -37,10 +38,13 @@ class _Slot:
 
 
 class MTPDrafter:
-    def __init__(self, layer: MTPLayer, k: int, lm_head: nn.Module | None = None):
+    def __init__(
+        self, layer: MTPLayer, k: int, lm_head: nn.Module | None = None, norm=None
+    ) -> None:
         self.layer = layer
         self.k = k  # drafts made after each sampled token
         self.lm_head = lm_head  # the model's, when the layer shares it
+        self.norm = norm if norm is not None else (lambda h: h)  # the model's final norm
         self.slots: dict[int, _Slot] = {}
 
     def start(self, slot: int) -> None:
@@ -52,10 +56,12 @@ class MTPDrafter:
         self.slots.pop(slot, None)
 
     def feed(self, slot: int, hidden: mx.array, ids: list[int], after: int | None) -> list[int]:
-        """One step's real positions: hidden (1, m, H) before the final norm, ids their m input
-        tokens, after the token sampled after them (None when the step sampled nothing).
-        Returns k drafts of the tokens after `after` (none when after is None)."""
+        """One step's real positions: hidden (1, m, H) the stage's output (before the final norm,
+        which the layer's input gets here), ids their m input tokens, after the token sampled
+        after them (None when the step sampled nothing). Returns k drafts of the tokens after
+        `after` (none when after is None)."""
         state = self.slots.setdefault(slot, _Slot())
+        hidden = self.norm(hidden)
         rows, tokens = hidden[0], list(ids[1:])
         if after is not None:
             tokens.append(after)
@@ -80,10 +86,11 @@ class MTPDrafter:
     def _chain(self, x: mx.array, cache: list) -> list[int]:
         drafts = []
         for i in range(self.k):
-            token = mx.argmax(self.layer.logits(x, self.lm_head), axis=-1)  # (1, 1)
+            normed = self.layer.shared_head.norm(x)
+            token = mx.argmax(self.layer.head(normed, self.lm_head), axis=-1)  # (1, 1)
             drafts.append(token)
             if i + 1 < self.k:
-                x = self._run(x, token, cache)
+                x = self._run(normed, token, cache)
         out = mx.concatenate(drafts, axis=1).reshape(-1)
         mx.eval(out, [c.state for c in cache])
         if self.k > 1:
