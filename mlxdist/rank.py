@@ -110,14 +110,17 @@ def _with_mtp(spec: RankSpec, runner, drafts: bool):
     if drafts:
         from mlxdist.runtime.mtp_drafter import MTPDrafter
         from mlxdist.runtime.stage import load_mtp_layer
-        from quantize.checkpoint import CheckpointError
+        from quantize.checkpoint import CheckpointError, inspect_model, weight_map
+        from quantize.mtp import mtp_problem
 
-        layer = load_mtp_layer(spec.model)
-        if layer is None:
-            raise CheckpointError(
-                f"{spec.model} holds no MTP layer: convert the model with "
-                "`mlxdist quantize --keep-mtp`, or use --speculative ngram"
-            )
+        info = inspect_model(spec.model)
+        problem = mtp_problem(info.config, weight_map(info.path))
+        if problem is not None:
+            raise CheckpointError(f"{spec.model}: {problem}")
+        try:
+            layer = load_mtp_layer(spec.model)
+        except (ValueError, KeyError) as e:  # tensors that do not fit the layer
+            raise CheckpointError(f"{spec.model}: its MTP layer cannot be loaded: {e}") from None
         head = getattr(runner.stage.model, "lm_head", None)
         runner.mtp = MTPDrafter(layer, spec.draft_tokens, head, runner.stage.inner.norm)
     return runner

@@ -112,3 +112,25 @@ class MTPLayer(nn.Module):
         if head is None:
             raise ValueError("this MTP layer shares the model's head: pass lm_head")
         return head(normed)
+
+
+def mtp_problem(config: dict, tensor_names) -> str | None:
+    """Why a model folder (its config.json and tensor names) cannot draft with an MTP layer, in
+    one line that says what to do; None when it can."""
+    names = list(tensor_names)
+    if any(is_mtp(k) for k in names):
+        return None
+    family = code_family(config)
+    if family not in DECODER_LAYERS:
+        return (
+            f"mlxdist drafts only with DeepSeek-V3/R1's MTP layer, not {family}'s: "
+            "use --speculative ngram"
+        )
+    if not mtp_count(config):
+        return "the model has no MTP layer (num_nextn_predict_layers is 0): use --speculative ngram"
+    if any(is_mtp_source(k, config) for k in names):
+        return None  # the checkpoint's own format: the layer after the decoder layers
+    return (
+        "this model folder holds no MTP layer: convert the checkpoint with "
+        "`mlxdist quantize --keep-mtp`, or use --speculative ngram"
+    )
