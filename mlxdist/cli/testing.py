@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import typer
 
 from mlxdist.cli.app import testing_app
 from quantize.errors import UserError
+
+# fit-mtp's defaults, as mlxdist.testing.fit_mtp.DEFAULTS (which the CLI may not import).
+FIT_DEFAULTS = {"steps": 200, "sequences": 96, "tokens": 48, "lr": 3e-3}
 
 
 @testing_app.command("make-r1")
@@ -56,3 +61,46 @@ def make_model_cmd(
     except ValueError as e:  # an unknown family, a bad --set, an out it cannot write
         raise UserError(str(e)) from None
     typer.echo(f"wrote {path}")
+
+
+@testing_app.command("fit-mtp")
+def fit_mtp_cmd(
+    model: Path = typer.Argument(..., help="an R1-format folder made by make-r1"),
+    steps: str = typer.Option(str(FIT_DEFAULTS["steps"]), help="training steps"),
+    sequences: str = typer.Option(
+        str(FIT_DEFAULTS["sequences"]), help="training continuations (a quarter more held out)"
+    ),
+    tokens: str = typer.Option(str(FIT_DEFAULTS["tokens"]), help="tokens per continuation"),
+    seed: str = typer.Option("0", help="random seed, a whole number"),
+    lr: str = typer.Option(str(FIT_DEFAULTS["lr"]), help="Adam's learning rate"),
+) -> None:
+    """Fit a toy R1's multi-token-prediction layer to the model's own continuations, in place."""
+    args = [
+        str(model),
+        f"--steps={_count('--steps', steps, 0)}",
+        f"--sequences={_count('--sequences', sequences, 1)}",
+        f"--tokens={_count('--tokens', tokens, 2)}",
+        f"--seed={_seed(seed)}",
+        f"--lr={_rate(lr)}",
+    ]
+    # The fit runs the model in MLX: in a process of its own, as the CLI never imports the
+    # runtime. It prints its own progress, table and error line.
+    code = subprocess.call([sys.executable, "-m", "mlxdist.testing.fit_mtp", *args])
+    if code:
+        raise typer.Exit(code)
+
+
+def _count(option: str, text: str, least: int) -> int:
+    if not text.strip().isdigit() or int(text) < least:
+        raise UserError(f"{option} {text!r}: give a whole number, {least} or more")
+    return int(text)
+
+
+def _rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = 0.0
+    if not 0 < rate < 1:
+        raise UserError(f"--lr {text!r}: give a learning rate above 0 and below 1")
+    return rate
