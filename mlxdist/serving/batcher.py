@@ -154,8 +154,17 @@ class Batcher:
         for seq in [s for s in self.decoding.values() if s.job.cancelled.is_set()]:
             seq.reason = "cancelled"
             self._close(seq)
-        alone = [s for s in self.decoding.values() if s.trim or s.drafter is not None]
+        # Speculation pays only for a sequence decoding alone: with others, one batched step
+        # serves them all for one round of collectives, where a pass each costs one round each.
+        drafting = len(self.decoding) == 1
+        alone = [
+            s for s in self.decoding.values() if s.trim or (s.drafter is not None and drafting)
+        ]
         slots = sorted(s for s in self.decoding if self.decoding[s] not in alone)
+        for slot in slots:  # drafts made before it joined the batch are stale by the time it leaves
+            drafter = self.decoding[slot].drafter
+            if drafter is not None and drafter.remote:
+                drafter.offer([])
         if slots:
             feed = [self.decoding[s].tokens[-1] for s in slots]
             out = self.runner.decode(slots, feed).tolist()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import time
 
-from launcher.rankspec import PREFILL_CHUNK
+from launcher.rankspec import DRAFT_TOKENS, PREFILL_CHUNK
 from mlxdist.runtime.drafting import PromptLookup, ReplyDrafts
 from mlxdist.runtime.runner import InterleavingRunner, StepRunner
 from mlxdist.serving.batcher import Batcher, BatchingRunner
@@ -175,7 +175,9 @@ class Coordinator:
         mode = self._mode(job)
         if mode == "none":
             return 0
-        k = job.draft_tokens or self.speculation.draft_tokens
+        k = job.draft_tokens or (
+            self.speculation.draft_tokens if mode == self.speculation.mode else DRAFT_TOKENS
+        )  # a request's own mode without its own K: that mode's default
         return min(k, self.runner.mtp_k) if mode == "mtp" else k
 
     def new_drafter(self, job: Job) -> PromptLookup | ReplyDrafts | None:
