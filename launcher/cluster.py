@@ -37,6 +37,7 @@ from launcher.planner import (
     model_spec_from_folder,
     plan,
     plan_experts,
+    tensor_held_bytes,
 )
 from launcher.rankspec import AGENT_PORT, DRAFT_TOKENS
 from launcher.remote import Node, expert_folders, node_folders
@@ -279,14 +280,21 @@ def _specs(nodes: list[Node]) -> list[NodeSpec]:
 
 
 def choose_split(
-    model: Path, nodes: list[Node], context: int, whole: bool = False, kv_bits: int | None = None
+    model: Path,
+    nodes: list[Node],
+    context: int,
+    whole: bool = False,
+    kv_bits: int | None = None,
+    speculative: str = "none",
 ) -> list[int]:
     """The split the model's node folders were cut for; it must fit the nodes' memory (with
-    the KV cache at kv_bits when given).
+    the KV cache at kv_bits when given, and the MTP layer on the last node when speculative is
+    "mtp").
     whole: a Hugging Face repo, which no one cut: the planned split, each node getting the
     files that hold its layers."""
     specs = _specs(nodes)
-    planned = plan(specs, model_spec_from_folder(model, kv_bits=kv_bits), context=context)
+    spec = model_spec_from_folder(model, kv_bits=kv_bits, speculative=speculative)
+    planned = plan(specs, spec, context=context)
     cut = node_folders(model, len(nodes))
     if cut is None and whole and planned.fits:
         return planned.split
@@ -302,14 +310,21 @@ def choose_split(
 
 
 def choose_experts(
-    model: Path, nodes: list[Node], context: int, whole: bool = False, kv_bits: int | None = None
+    model: Path,
+    nodes: list[Node],
+    context: int,
+    whole: bool = False,
+    kv_bits: int | None = None,
+    speculative: str = "none",
 ) -> list[int]:
     """The routed experts per node the model's expert node folders were cut for; the plan
-    (replicated weights, those experts and the whole KV cache on every node) must fit.
+    (replicated weights, those experts and the whole KV cache on every node, the MTP layer on
+    node 0 when speculative is "mtp") must fit.
     whole: as in choose_split (every node then gets every file); so does a folder holding the
     whole model, from which each rank reads only its own experts."""
     specs = _specs(nodes)
-    planned = plan_experts(specs, model_spec_from_folder(model, kv_bits=kv_bits), context=context)
+    spec = model_spec_from_folder(model, kv_bits=kv_bits, speculative=speculative)
+    planned = plan_experts(specs, spec, context=context)
     cut = expert_folders(model, len(nodes))
     if cut is None and (whole or holds_whole_model(model)):
         if not planned.fits:
@@ -328,25 +343,30 @@ def choose_experts(
 
 
 def choose_tensor(
-    model: Path, nodes: list[Node], context: int, kv_bits: int | None = None
+    model: Path,
+    nodes: list[Node],
+    context: int,
+    kv_bits: int | None = None,
+    speculative: str = "none",
 ) -> list[int]:
     """Checks a tensor-parallel launch: heads that divide by the nodes, and each node's cut of
-    the weights (1/N of the model) and of the KV cache within its memory. Returns the split
-    (every node runs every layer)."""
+    the weights (1/N of the model) and of the KV cache within its memory (node 0's with the
+    MTP layer when speculative is "mtp"). Returns the split (every node runs every layer)."""
     try:
         check_tensor_split(read_config(model), len(nodes))
     except CheckpointError as e:
         raise LaunchError(str(e)) from None
-    spec = model_spec_from_folder(model, kv_bits=kv_bits)
-    kv = spec.kv_bytes_per_token_per_layer * spec.num_layers * context
-    need = (spec.total_bytes + kv) // len(nodes)
-    for node in _specs(nodes):
+    spec = model_spec_from_folder(model, kv_bits=kv_bits, speculative=speculative)
+    held = tensor_held_bytes(spec, context, len(nodes))
+    for rank, (node, need) in enumerate(zip(_specs(nodes), held)):
         if need > node.usable_bytes():  # the planner's headroom, as for the other modes
+            drafts = rank == 0 and spec.mtp_bytes > 0  # node 0 also holds the MTP layer
+            where, mtp = (node.name, ", and the MTP layer") if drafts else ("each node", "")
             raise LaunchError(
-                f"tensor parallelism needs {need / 1e9:.1f} GB on each node (1/{len(nodes)} of "
-                f"the weights and KV cache) but {node.name} has {node.usable_bytes() / 1e9:.1f} "
-                f"GB to spare: add nodes, or use --parallel pipeline or expert, which the planner "
-                f"fits to each node"
+                f"tensor parallelism needs {need / 1e9:.1f} GB on {where} (1/{len(nodes)} of "
+                f"the weights and KV cache{mtp}) but {node.name} has "
+                f"{node.usable_bytes() / 1e9:.1f} GB to spare: add nodes, or use --parallel "
+                f"pipeline or expert, which the planner fits to each node"
             )
     return [spec.num_layers] * len(nodes)
 
@@ -377,8 +397,8 @@ def start_agents_cluster(
     api: rank 0's API settings and key (launcher/local.py start_local's api).
     kv_bits: every rank's KV cache quantised to 4 or 8 bits (planned at that size);
     prompt_cache_bytes: rank 0's budget of kept prefixes (None: what the plan leaves).
-    speculative, draft_tokens: rank 0's speculative decoding ("none" or "ngram") and drafts
-    per step (pipeline mode; the other modes take them and do not speculate).
+    speculative, draft_tokens: rank 0's speculative decoding ("none", "ngram" or "mtp": then the
+    plan counts the MTP layer on the rank that drafts) and drafts per step.
     """
     from rich.console import Console
 
@@ -405,13 +425,13 @@ def start_agents_cluster(
     how |= {"speculative": speculative, "draft_tokens": draft_tokens}
     whole = ref is not None and ref.repo is not None
     if parallel == "tensor":
-        split = choose_tensor(model, nodes, context, kv_bits)
+        split = choose_tensor(model, nodes, context, kv_bits, speculative)
         return _start(model, nodes, split, ring_ips, context, port, console, tensor=True, **how)
     if parallel == "expert":
-        experts = choose_experts(model, nodes, context, whole, kv_bits)
+        experts = choose_experts(model, nodes, context, whole, kv_bits, speculative)
         split = [model_spec_from_folder(model).num_layers] * len(nodes)
         return _start(model, nodes, split, ring_ips, context, port, console, experts, **how)
-    split = choose_split(model, nodes, context, whole, kv_bits)
+    split = choose_split(model, nodes, context, whole, kv_bits, speculative)
     return _start(model, nodes, split, ring_ips, context, port, console, **how)
 
 
@@ -429,7 +449,7 @@ def replan_agents(model: Path, context: int, port: int | None, failed):
     nodes = _with_facts(nodes)
     names = ", ".join(n.name for n in nodes)
     specs = _specs(nodes)
-    spec = model_spec_from_folder(model, kv_bits=failed.kv_bits)
+    spec = model_spec_from_folder(model, kv_bits=failed.kv_bits, speculative=failed.speculative)
     planned = plan(specs, spec, context=context)
     if not planned.fits:
         raise LaunchError(
@@ -580,7 +600,8 @@ def _start(
     mode = "tensor" if tensor else "expert" if experts else "pipeline"
     budget = prompt_cache_bytes
     if budget is None:  # what the plan of these ranks leaves
-        budget = planned_budget(model, _specs(nodes), split, mode, experts, context, kv_bits)
+        specs = _specs(nodes)
+        budget = planned_budget(model, specs, split, mode, experts, context, kv_bits, speculative)
     kv = describe(budget, kv_bits)
     console.print(
         f"{len(nodes)} nodes: "

@@ -28,6 +28,11 @@ Decisions, in one place:
 - KV cache quantised (`kv_bits` 4 or 8, mlx-lm's QuantizedKVCache): each cached vector of D
   values takes D x bits / 8 bytes plus a scale and a bias per group of 64 values, in the
   activation dtype (mlx.core.quantize's packing).
+- R1's multi-token-prediction (MTP) layer (ModelSpec.mtp_bytes) is counted only for a launch
+  that drafts with it (`--speculative mtp`), on the rank that drafts: the last pipeline rank,
+  rank 0 in expert and tensor modes (which hold the whole layer there). Its `mtp.*` tensors
+  (quantize --keep-mtp) are never the embeddings' or the head's; a checkpoint's own layer (index
+  num_hidden_layers) is counted as its loader dequantises it (FP8 to bfloat16).
 - The prompt cache's default budget (Plan.prompt_cache_bytes, given to rank 0 when the user
   gives no --prompt-cache-bytes): half of the least memory any node has left after its
   weights, its KV cache at the planned context and a prefill step's activations. Half, so the
@@ -114,6 +119,8 @@ class ModelSpec:
     expert_bytes: list[int] = field(default_factory=list)  # per layer: its routed experts
     num_experts: int = 0  # routed experts per MoE layer; 0 for a dense model
     activation: ActivationSpec = ActivationSpec()
+    # the MTP layer as --speculative mtp loads it; 0 when the launch does not draft with it
+    mtp_bytes: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -121,11 +128,13 @@ class ModelSpec:
 
     @property
     def total_bytes(self) -> int:
+        """The model's weights, without the MTP layer (one rank alone loads it)."""
         return sum(self.layer_bytes) + self.embed_bytes + self.tail_bytes
 
     @property
     def replicated_bytes(self) -> int:
-        """What every node holds in expert parallelism: all but the routed experts."""
+        """What every node holds in expert parallelism: all but the routed experts (and the
+        MTP layer, rank 0's alone)."""
         return self.total_bytes - sum(self.expert_bytes)
 
     @property
@@ -169,6 +178,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # e.g. a node's chip not in the chip table
     raise_wired: dict[str, int] = field(default_factory=dict)  # node -> wired_limit_mb to fit
     prompt_cache_bytes: int = 0  # the default budget of kept prefixes (see the module docstring)
+    mtp_bytes: int = 0  # the MTP layer, in the weights of the rank that drafts with it
 
 
 # --- the model's side ---------------------------------------------------------------------------
@@ -257,11 +267,15 @@ def model_spec_from_config(
     recipe: str | None = None,
     name: str | None = None,
     kv_bits: int | None = None,
+    speculative: str = "none",
 ) -> ModelSpec:
-    """Sizes estimated from config.json alone; an already quantised config keeps its own bits."""
+    """Sizes estimated from config.json alone; an already quantised config keeps its own bits.
+    With speculative "mtp", the MTP layer as quantize --keep-mtp would write it."""
     from quantize.estimate import estimate  # builds a lazy mlx model: imported only when needed
+    from quantize.mtp import supports_mtp
 
-    e = estimate(config, bits=bits, group_size=group_size, mode=mode, recipe=recipe)
+    mtp = speculative == "mtp" and supports_mtp(config)
+    e = estimate(config, bits=bits, group_size=group_size, mode=mode, recipe=recipe, mtp=mtp)
     return ModelSpec(
         name=name or config.get("model_type", "model"),
         layer_bytes=e.layer_bytes,
@@ -272,39 +286,44 @@ def model_spec_from_config(
         expert_bytes=e.expert_bytes,
         num_experts=e.num_experts,
         activation=activation_spec(config),
+        mtp_bytes=e.mtp_bytes,
     )
 
 
 def model_spec_from_folder(
-    path: str | Path, bits: int = 4, kv_bits: int | None = None
+    path: str | Path, bits: int = 4, kv_bits: int | None = None, speculative: str = "none"
 ) -> ModelSpec:
     """A model folder or a bare config.json: sizes from the safetensors headers when the folder
     is already quantised, else estimated from config.json at `bits`; its KV cache quantised to
-    kv_bits when given."""
+    kv_bits when given; its MTP layer counted when speculative is "mtp"."""
     path = Path(path)
     config = read_config(path)
     check_supported(path, config)
     name = path.name if path.is_dir() else config.get("model_type", path.name)
     if "quantization" in config and path.is_dir() and any(path.glob("*.safetensors")):
-        return _spec_from_headers(path, config, name, kv_bits=kv_bits)
+        return _spec_from_headers(path, config, name, kv_bits=kv_bits, speculative=speculative)
     if "quantization" in config and path.is_dir():  # a repo planned from its index alone
         from quantize.source import snapshot_headers
 
         headers = snapshot_headers(path)  # by byte ranges from the Hub, no weights
         if headers is not None:
-            return _spec_from_headers(path, config, name, headers, kv_bits)
-    return model_spec_from_config(config, bits=bits, name=name, kv_bits=kv_bits)
+            return _spec_from_headers(path, config, name, headers, kv_bits, speculative)
+    return model_spec_from_config(
+        config, bits=bits, name=name, kv_bits=kv_bits, speculative=speculative
+    )
 
 
-def model_spec_as_stored(path: str | Path, kv_bits: int | None = None) -> ModelSpec:
+def model_spec_as_stored(
+    path: str | Path, kv_bits: int | None = None, speculative: str = "none"
+) -> ModelSpec:
     """A model folder as a launch runs it: sizes from its safetensors headers whenever it holds
     weights, quantised or not (else as model_spec_from_folder estimates them)."""
     path = Path(path)
     if path.is_dir() and any(path.glob("*.safetensors")):
         config = read_config(path)
         check_supported(path, config)
-        return _spec_from_headers(path, config, path.name, kv_bits=kv_bits)
-    return model_spec_from_folder(path, kv_bits=kv_bits)
+        return _spec_from_headers(path, config, path.name, kv_bits=kv_bits, speculative=speculative)
+    return model_spec_from_folder(path, kv_bits=kv_bits, speculative=speculative)
 
 
 def _spec_from_headers(
@@ -313,26 +332,36 @@ def _spec_from_headers(
     name: str,
     headers: dict[str, dict] | None = None,
     kv_bits: int | None = None,
+    speculative: str = "none",
 ) -> ModelSpec:
+    from quantize.mtp import is_mtp, supports_mtp
+
     num_layers = config["num_hidden_layers"]
     layers = [0] * num_layers
     experts = [0] * num_layers
-    embed = tail = 0
+    embed = tail = kept_mtp = source_mtp = 0
+    own_mtp = supports_mtp(config)  # a checkpoint's own MTP layer, which the runtime can load
     files = sorted(headers) if headers is not None else sorted(set(weight_map(path).values()))
     for file in files:
         header = headers[file] if headers is not None else safetensors_header(path / file)
         for key, entry in header.items():
             start, end = entry["data_offsets"]
             layer = layer_of(key)
-            if layer is not None:
-                if layer < num_layers:  # multi-token-prediction layers are not loaded
+            if is_mtp(key):  # before the embedding's test: mtp.embed_tokens is the MTP layer's
+                kept_mtp += end - start
+            elif layer is not None:
+                if layer < num_layers:
                     layers[layer] += end - start
                     if is_routed_expert_tensor(key):
                         experts[layer] += end - start
+                elif layer == num_layers and own_mtp:  # later MTP layers are never loaded
+                    source_mtp += dequantised_bytes(key, entry, end - start)
             elif "embed_tokens" in key:
                 embed += end - start
             else:
                 tail += end - start
+    # the runtime loads the mtp.* tensors when the folder has them, else the checkpoint's own
+    mtp = (kept_mtp or source_mtp) if speculative == "mtp" else 0
     return ModelSpec(
         name=name,
         layer_bytes=layers,
@@ -343,7 +372,21 @@ def _spec_from_headers(
         expert_bytes=experts,
         num_experts=routed_experts(config) if any(experts) else 0,
         activation=activation_spec(config),
+        mtp_bytes=mtp,
     )
+
+
+_FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+
+
+def dequantised_bytes(key: str, entry: dict, stored: int) -> int:
+    """A checkpoint tensor's bytes once its family's sanitize has dequantised it: an FP8 weight
+    becomes bfloat16 (2 bytes a value) and its scales are dropped; the rest stays as stored."""
+    if key.endswith("_scale_inv"):
+        return 0
+    if entry.get("dtype") in _FP8_DTYPES:
+        return 2 * math.prod(entry["shape"])
+    return stored
 
 
 # --- the split ----------------------------------------------------------------------------------
@@ -357,10 +400,11 @@ def headroom_bytes(node: NodeSpec, headroom: float) -> int:
 
 
 def fixed_bytes(rank: int, ranks: int, model: ModelSpec) -> int:
-    """Embeddings on rank 0 (and on the last rank when tied), norm and head on the last rank."""
+    """Embeddings on rank 0 (and on the last rank when tied), norm and head on the last rank,
+    with the MTP layer when the launch drafts with it (the head's rank drafts)."""
     last = rank == ranks - 1
     b = model.embed_bytes if rank == 0 or (model.tied and last) else 0
-    return b + (model.tail_bytes if last else 0)
+    return b + (model.tail_bytes + model.mtp_bytes if last else 0)
 
 
 def plan(
@@ -478,6 +522,7 @@ def _plan_ranked(
         prompt_cache_bytes=prompt_cache_budget(
             [row.free_bytes for row in rows], activation_bytes_at(model.activation, context, batch)
         ),
+        mtp_bytes=model.mtp_bytes,
     )
 
 
@@ -652,11 +697,15 @@ def _plan_experts(
     act = activation_bytes_at(model.activation, context, batch)
     fixed = model.replicated_bytes + kv + act
     usable = [n.usable_bytes(headroom) for n in ranked]
+    # rank 0 samples, so it drafts: it alone holds the MTP layer
+    own = [model.mtp_bytes if r == 0 else 0 for r in range(len(ranked))]
     if counts is None:
-        counts = best_expert_counts(model.num_experts, model.bytes_per_expert, fixed, usable)
+        counts = best_expert_counts(
+            model.num_experts, model.bytes_per_expert, [fixed + b for b in own], usable
+        )
     rows = []
     for r, (node, c) in enumerate(zip(ranked, counts)):
-        weights = model.replicated_bytes + c * model.bytes_per_expert
+        weights = model.replicated_bytes + own[r] + c * model.bytes_per_expert
         total = weights + kv + act
         rows.append(
             NodePlan(
@@ -690,26 +739,38 @@ def _plan_experts(
         parallel="expert",
         experts=counts,
         prompt_cache_bytes=prompt_cache_budget([row.free_bytes for row in rows]),
+        mtp_bytes=model.mtp_bytes,
     )
+
+
+def tensor_held_bytes(model: ModelSpec, context: int, ranks: int) -> list[int]:
+    """What each rank holds in tensor parallelism: 1/N of the weights and of the KV cache, and
+    on rank 0 (which samples and drafts) the whole MTP layer when the launch drafts with it."""
+    kv = model.kv_bytes_per_token_per_layer * model.num_layers * context
+    held = (model.total_bytes + kv) // ranks
+    return [held + (model.mtp_bytes if r == 0 else 0) for r in range(ranks)]
 
 
 def tensor_prompt_cache_bytes(
     nodes: list[NodeSpec], model: ModelSpec, context: int, headroom: float = DEFAULT_HEADROOM
 ) -> int:
-    """The prompt cache's default budget in tensor parallelism: each node holds 1/N of the
-    weights and of the KV cache (as launcher/cluster.py choose_tensor counts them)."""
-    kv = model.kv_bytes_per_token_per_layer * model.num_layers * context
-    held = (model.total_bytes + kv) // len(nodes)
-    free = [n.usable_bytes(headroom) - held for n in nodes]
+    """The prompt cache's default budget in tensor parallelism: what tensor_held_bytes leaves
+    (as launcher/cluster.py choose_tensor counts it)."""
+    held = tensor_held_bytes(model, context, len(nodes))
+    free = [n.usable_bytes(headroom) - h for n, h in zip(nodes, held)]
     return prompt_cache_budget(free, activation_bytes_at(model.activation, context))
 
 
-def best_expert_counts(experts: int, per_expert: int, fixed: int, usable: list[int]) -> list[int]:
+def best_expert_counts(
+    experts: int, per_expert: int, fixed: int | list[int], usable: list[int]
+) -> list[int]:
     """Experts per node, each at least one, whose fill ratios (fixed + count x per_expert) /
     usable, sorted from the fullest, are lexicographically smallest: the experts are equal
     items in a row, so the pipeline's exact split deals them. It runs over the nodes in reverse
-    so that ties give the first ranks the remainder, as even_split does."""
-    reverse = best_split([per_expert] * experts, [fixed] * len(usable), usable[::-1])
+    so that ties give the first ranks the remainder, as even_split does. fixed: the same on
+    every node, or each node's."""
+    each = [fixed] * len(usable) if isinstance(fixed, int) else list(fixed)
+    reverse = best_split([per_expert] * experts, each[::-1], usable[::-1])
     return reverse[::-1]
 
 
@@ -835,5 +896,6 @@ def plan_to_json(p: Plan) -> dict:
         "notes": list(p.notes),
         "raise_wired": dict(p.raise_wired),
         "prompt_cache_bytes": p.prompt_cache_bytes,
+        "mtp_bytes": p.mtp_bytes,
         "nodes": [asdict(row) for row in p.nodes],
     }

@@ -25,12 +25,14 @@ def planned_budget(
     experts: list[int] | None = None,
     context: int = 4096,
     kv_bits: int | None = None,
+    speculative: str = "none",
 ) -> int | None:
     """Bytes of kept prefixes the ranks of this launch (nodes in rank order, each with its
-    layers, experts or tensor share) have room for at `context` tokens; None when the model
-    cannot be planned here (rank 0 then takes its own default)."""
+    layers, experts or tensor share, and the MTP layer on the rank that drafts when speculative
+    is "mtp") have room for at `context` tokens; None when the model cannot be planned here
+    (rank 0 then takes its own default)."""
     try:
-        spec = model_spec_as_stored(model, kv_bits)
+        spec = model_spec_as_stored(model, kv_bits, speculative)
         if parallel == "tensor":
             return tensor_prompt_cache_bytes(nodes, spec, context)
         if parallel == "expert":
@@ -47,6 +49,7 @@ def local_budget(
     experts: list[int] | None = None,
     context: int = 4096,
     kv_bits: int | None = None,
+    speculative: str = "none",
 ) -> int | None:
     """planned_budget for len(split) ranks sharing this machine, each with 1/N of its memory."""
     from .autoparallel import local_nodes
@@ -55,7 +58,7 @@ def local_budget(
 
     machine = node_spec_from_facts("here", collect().to_dict())
     nodes = local_nodes(machine, len(split))
-    return planned_budget(model, nodes, split, parallel, experts, context, kv_bits)
+    return planned_budget(model, nodes, split, parallel, experts, context, kv_bits, speculative)
 
 
 def describe(prompt_cache_bytes: int | None, kv_bits: int | None = None) -> str:

@@ -164,3 +164,16 @@ def test_make_r1_command(tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert any(k.startswith("model.layers.3.") for k in index["weight_map"])  # the MTP layer
     assert_one_line_error(run_cli("testing", "make-r1", str(tmp_path / "x"), "--preset", "huge"))
+
+
+def test_speculative_mtp_without_the_layer_is_refused_before_any_rank(tiny_r1, tmp_path):
+    """--speculative mtp on a conversion made without --keep-mtp: launch, serve and bench say
+    so in one line before starting a rank."""
+    out = tmp_path / "q4"
+    result = run_cli("quantize", str(tiny_r1), str(out), "--bits", "4")
+    assert result.returncode == 0, result.stderr
+    for command in (["serve"], ["launch", "--prompt", "hi"], ["bench"]):
+        result = run_cli(command[0], str(out), "--local", "2", "--speculative", "mtp", *command[1:])
+        assert_one_line_error(result, "--speculative mtp", "--keep-mtp")
+        assert "loading" not in result.stderr
+        assert rank_pids(str(out)) == []

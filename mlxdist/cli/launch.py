@@ -149,6 +149,7 @@ def launch(
         ref = _across_ref(model, fetch, verify) if across else _model_ref(model)
         path = _launch_model(ref)
         check_kv_bits(path, kv["kv_bits"])
+        _check_mtp(path, kv["speculative"])
         if hosts or cluster:
             from launcher.cluster import replan_agents, start_agents_cluster
 
@@ -244,6 +245,18 @@ def _launch_model(ref: ModelRef | None) -> Path:
     return path
 
 
+def _check_mtp(path: Path, speculative: str) -> None:
+    """Refuses, in one line before any rank starts, --speculative mtp for a model folder that
+    holds no MTP layer it can draft with (nor has its drafting node folder one)."""
+    if speculative != "mtp":
+        return
+    from launcher.mtpfolder import mtp_folder_problem
+
+    problem = mtp_folder_problem(path)  # a damaged index is a CheckpointError: one line too
+    if problem is not None:
+        raise UserError(f"--speculative mtp: {path}: {problem}")
+
+
 def _auto_here(
     path: Path,
     parallel: str,
@@ -309,8 +322,9 @@ def _start_here(
 
 def _kv_here(path: Path, parts: list[int], modes: dict, kv: dict | None) -> tuple[dict, str]:
     """start_local's kv_bits and prompt_cache_bytes for ranks on this machine (the budget, when
-    not given, from the plan of these ranks on this machine's memory), with rank 0's
-    speculative and draft_tokens as given, and the words the loading line says of them."""
+    not given, from the plan of these ranks on this machine's memory, with the MTP layer on the
+    rank that drafts under --speculative mtp), with rank 0's speculative and draft_tokens as
+    given, and the words the loading line says of them."""
     from launcher.promptbudget import describe, local_budget
 
     kv = dict(kv or {})
@@ -319,8 +333,9 @@ def _kv_here(path: Path, parts: list[int], modes: dict, kv: dict | None) -> tupl
     if kv.get("prompt_cache_bytes") is None:
         parallel = modes.get("parallel", "pipeline")
         experts = modes.get("experts")
+        speculative = kv.get("speculative", "none")
         kv["prompt_cache_bytes"] = local_budget(
-            path, parts, parallel, experts, context, kv["kv_bits"]
+            path, parts, parallel, experts, context, kv["kv_bits"], speculative
         )
     said = describe(kv["prompt_cache_bytes"], kv["kv_bits"])
     return kv, f"; {said}" if said else ""
@@ -444,6 +459,7 @@ def serve(
         ref = _across_ref(model, fetch, verify) if hosts else _model_ref(model)
         path = _launch_model(ref)
         check_kv_bits(path, kv["kv_bits"])
+        _check_mtp(path, kv["speculative"])
         if hosts:
             from launcher.cluster import start_agents_cluster
 
@@ -582,6 +598,7 @@ def bench(
         ref = _across_ref(model, fetch, verify) if hosts else _model_ref(model)
         path = _launch_model(ref)
         check_kv_bits(path, kv["kv_bits"])
+        _check_mtp(path, kv["speculative"])
         if hosts:
             from launcher.cluster import start_agents_cluster
 

@@ -62,6 +62,12 @@ def plan_cmd(
     kv_bits: int | None = typer.Option(
         None, "--kv-bits", help="KV cache quantised to 4 or 8 bits, as launch --kv-bits runs it"
     ),
+    speculative: str = typer.Option(
+        "none",
+        "--speculative",
+        help="none, ngram or mtp, as launch --speculative runs it (mtp: the MTP layer counted "
+        "on the rank that drafts)",
+    ),
 ) -> None:
     """Plan who holds what: layers (or experts) per node weighted by memory."""
     try:
@@ -80,6 +86,7 @@ def plan_cmd(
             backend=backend,
             secret_file=secret_file,
             kv_bits=kv_bits,
+            speculative=speculative,
         )
     except ValueError as e:  # plan_command's faults: the options, the hosts file, the model
         raise UserError(str(e)) from None
@@ -274,6 +281,7 @@ def plan_command(
     backend: str | None = None,
     secret_file: Path | None = None,
     kv_bits: int | None = None,
+    speculative: str = "none",
 ) -> int:
     """Prints the plan (layers per node, or experts per node with parallel="expert") and the
     predicted decode speed; with parallel="auto" also the mode predicted fastest
@@ -294,17 +302,36 @@ def plan_command(
             "--backend is for real nodes (--hosts, --cluster): --simulate takes --link"
         )
     _check_link(link)
+    _check_speculative(speculative)
     model = _plan_model(model)
     _check_kv_bits(model, kv_bits)
+    launch = {"kv_bits": kv_bits, "speculative": speculative}
     if simulate is not None:
         return simulated_plan(
-            model, simulate, context, batch, bits, as_json, link, parallel, kv_bits
+            model, simulate, context, batch, bits, as_json, link, parallel, **launch
         )
     if cluster is not None:
         found = cluster_nodes(cluster, interfaces or [], _secret(secret_file, True), backend)
     else:
         found = hosts_nodes(str(hosts), _secret(secret_file, False), backend)
-    return plan_nodes(model, found, context, batch, bits, as_json, link, parallel, kv_bits)
+    return plan_nodes(model, found, context, batch, bits, as_json, link, parallel, **launch)
+
+
+def _check_speculative(speculative: str) -> None:
+    from launcher.rankspec import SPECULATIVE
+
+    if speculative not in SPECULATIVE:
+        raise ValueError(f"--speculative takes {' or '.join(SPECULATIVE)}, not {speculative!r}")
+
+
+def _mtp_notes(model: str, speculative: str) -> list[str]:
+    """Why a launch of this folder with --speculative mtp would stop, when it would."""
+    from launcher.mtpfolder import mtp_folder_problem
+
+    if speculative != "mtp" or not _holds_weights(Path(model)):
+        return []
+    problem = mtp_folder_problem(Path(model))
+    return [f"--speculative mtp: {problem}: a launch of it stops there"] if problem else []
 
 
 def _check_kv_bits(model: str, kv_bits: int | None) -> None:
@@ -338,6 +365,7 @@ def simulated_plan(
     link: str | None = None,
     parallel: str = "pipeline",
     kv_bits: int | None = None,
+    speculative: str = "none",
 ) -> int:
     """The plan on a cluster that is not here, over `link` (tb5 unless given)."""
     from launcher.planner import simulated_nodes
@@ -345,13 +373,14 @@ def simulated_plan(
     link = link or "tb5"
     _check_link(link)
     nodes = simulated_nodes(simulate)
-    spec = _model_spec(model, bits, kv_bits)
+    spec = _model_spec(model, bits, kv_bits, speculative)
     choice = (
         auto_choice(model, bits, nodes, spec, link, context, batch) if parallel == "auto" else None
     )
     mode = choice.mode if choice else ("pipeline" if parallel == "auto" else parallel)
     lines = [choice.line] if choice else []
-    args = (model, bits, nodes, spec, mode, link, lines, [], context, batch, as_json, choice)
+    notes = _mtp_notes(model, speculative)
+    args = (model, bits, nodes, spec, mode, link, lines, notes, context, batch, as_json, choice)
     return report(*args, kv_bits=kv_bits)
 
 
@@ -365,11 +394,12 @@ def plan_nodes(
     link: str | None = None,
     parallel: str = "auto",
     kv_bits: int | None = None,
+    speculative: str = "none",
 ) -> int:
     """The plan on real nodes, decided as launch decides (decide_on_nodes); `link` overrides
     the link launch would use."""
     _check_link(link)
-    spec = _model_spec(model, bits, kv_bits)
+    spec = _model_spec(model, bits, kv_bits, speculative)
     asked = parallel if parallel != "auto" or _countable(model, bits) else "pipeline"
     got = decide_on_nodes(model, found, asked, context, _bits_for_choice(model, bits), link)
     d = got.decision
@@ -389,7 +419,7 @@ def plan_nodes(
         d.parallel,
         d.link,
         got.lines,
-        got.notes,
+        got.notes + _mtp_notes(model, speculative),
         context,
         batch,
         as_json,
@@ -399,13 +429,15 @@ def plan_nodes(
     )
 
 
-def _model_spec(model: str, bits: int, kv_bits: int | None = None) -> ModelSpec:
+def _model_spec(
+    model: str, bits: int, kv_bits: int | None = None, speculative: str = "none"
+) -> ModelSpec:
     from launcher.planner import model_spec_from_folder
     from quantize.checkpoint import CheckpointError
     from quantize.source import repo_of_snapshot
 
     try:
-        spec = model_spec_from_folder(model, bits=bits, kv_bits=kv_bits)
+        spec = model_spec_from_folder(model, bits=bits, kv_bits=kv_bits, speculative=speculative)
     except CheckpointError as e:
         raise ValueError(str(e)) from None
     repo = repo_of_snapshot(Path(model))  # a repo's snapshot is named by its commit
@@ -657,6 +689,9 @@ def print_plan(p: Plan, console: Console, kv_bits: int | None = None) -> None:
         share, counts = "layers", p.split
     if kv_bits:
         title += f", KV cache {kv_bits}-bit"
+    if p.mtp_bytes:
+        drafter = p.order[0] if expert else p.order[-1]
+        title += f", MTP layer {_gb(p.mtp_bytes)} GB on {drafter}"
     table = Table(title=title, show_edge=False, pad_edge=False, caption=caption)
     columns = ["rank", "node", share, "weights GB", "KV GB"]
     columns += ["act. GB"] * expert + ["total GB", "memory GB", "GPU limit GB", "free GB"]
