@@ -154,7 +154,7 @@ def test_a_launcher_error_deep_in_launch_is_one_line(monkeypatch, tmp_path):
     "flags,said",
     [
         (["--speculative", "ngram", "--draft-tokens", "0"], "--draft-tokens takes 1 to 16, not 0"),
-        (["--speculative", "eagle"], "--speculative takes none or ngram, not 'eagle'"),
+        (["--speculative", "eagle"], "--speculative takes none, ngram or mtp, not 'eagle'"),
         (["--draft-tokens", "4"], "--draft-tokens is for --speculative ngram"),
     ],
 )

@@ -166,7 +166,8 @@ def kv_settings(kv_bits: int | None, prompt_cache_bytes: str | None) -> dict:
 def speculative_settings(speculative: str, draft_tokens: int | None) -> dict:
     """--speculative and --draft-tokens checked: {"speculative", "draft_tokens"}, rank 0's."""
     if speculative not in SPECULATIVE:
-        raise UserError(f"--speculative takes {' or '.join(SPECULATIVE)}, not {speculative!r}")
+        names = f"{', '.join(SPECULATIVE[:-1])} or {SPECULATIVE[-1]}"
+        raise UserError(f"--speculative takes {names}, not {speculative!r}")
     if draft_tokens is None:  # R1's one MTP module predicts one token ahead
         default = MTP_DRAFT_TOKENS if speculative == "mtp" else DRAFT_TOKENS
         return {"speculative": speculative, "draft_tokens": default}
