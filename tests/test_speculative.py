@@ -1,6 +1,8 @@
-"""Speculative decoding with prompt lookup through real ranks: on 1, 2 and 3 pipeline ranks, with
-different draft lengths, every greedy answer equals one mlx-lm process's (so equals decoding
-without speculation), while drafts were both accepted and rejected along the way."""
+"""Speculative decoding through real ranks, by R1's MTP layer and by prompt lookup: on 1, 2 and 3
+pipeline ranks, with different draft lengths, alone and interleaved, every greedy answer equals
+one mlx-lm process's (so equals decoding without speculation), while drafts were accepted whole
+and rejected at their first token along the way; a new answer's caches on every rank equal plain
+decoding's."""
 
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ PROMPTS = [
     LOOP * 2 + list(range(200, 230)),
 ]
 FRESH = [20, 21, 22, 23, 24, 25] * 7 + [40, 41, 42]  # asked last, its answer's caches compared
-SPLITS = {"one-rank": ([4], 3), "2-ranks": ([2, 2], 4), "3-ranks": ([2, 1, 1], 6)}
+# split, prompt lookup's drafts, the MTP layer's
+SPLITS = {"one-rank": ([4], 3, 1), "2-ranks": ([2, 2], 4, 2), "3-ranks": ([2, 1, 1], 6, 3)}
 
 
 @pytest.fixture(scope="module")
@@ -64,40 +67,55 @@ def _answer(url: str, prompt: list[int], usage: dict | None = None, **extra) -> 
     return r.json()["choices"][0]["token_ids"]
 
 
+def _figures(url: str) -> dict:
+    return httpx.get(url + "/mlxdist/stats", timeout=60).json()
+
+
 @pytest.mark.parametrize("ranks", list(SPLITS))
 def test_greedy_answers_equal_without_speculation(
-    ranks, tiny_r1_no_mtp, mlx_lm_answers, reference_cache
+    ranks, tiny_r1_repeat_mtp, mlx_lm_answers, reference_cache
 ):
-    split, k = SPLITS[ranks]
-    settings = {"speculative": "ngram", "draft_tokens": k}
-    with local_cluster(tiny_r1_no_mtp, split, **settings) as (url, _):
-        alone = [_answer(url, p) for p in PROMPTS]
+    """The server drafts with the MTP layer (which repeats the token just chosen, so tiny-r1's
+    runs of one token accept whole and the rest reject); requests ask prompt lookup too."""
+    split, k, k_mtp = SPLITS[ranks]
+    modes = {"mtp": {}, "ngram": {"speculative": "ngram", "draft_tokens": k}}
+    with local_cluster(tiny_r1_repeat_mtp, split, speculative="mtp", draft_tokens=k_mtp) as (
+        url,
+        _,
+    ):
+        alone, passes = {}, {}
+        for mode, extra in modes.items():
+            before = _figures(url)["speculative"]
+            alone[mode] = [_answer(url, p, **extra) for p in PROMPTS]
+            after = _figures(url)["speculative"]
+            keys = ("passes_all_accepted", "passes_none_accepted")
+            passes[mode] = [after[key] - before[key] for key in keys]
         together: dict[int, list[int]] = {}  # at once too, where the ring interleaves them
 
-        def ask(i: int) -> None:
-            together[i] = _answer(url, PROMPTS[i])
+        def ask(i: int) -> None:  # the modes mixed in the ring
+            together[i] = _answer(url, PROMPTS[i], **list(modes.values())[i % 2])
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        figures = httpx.get(url + "/mlxdist/stats", timeout=60).json()["speculative"]
+        figures = _figures(url)["speculative"]
         # a request's own settings: off, or another draft length
         off = _answer(url, PROMPTS[0], speculative="none")
-        after_off = httpx.get(url + "/mlxdist/stats", timeout=60).json()["speculative"]
-        two = _answer(url, PROMPTS[0], draft_tokens=2)
-        after_two = httpx.get(url + "/mlxdist/stats", timeout=60).json()["speculative"]
+        after_off = _figures(url)["speculative"]
+        two = _answer(url, PROMPTS[0], speculative="ngram", draft_tokens=2)
+        after_two = _figures(url)["speculative"]
         # a new answer's caches on every rank, kept by the prefix cache, against plain decoding's
-        before = httpx.get(url + "/mlxdist/stats", timeout=60).json()
+        before = _figures(url)
         usage: dict = {}
         fresh = _answer(url, FRESH, usage)
-        after = httpx.get(url + "/mlxdist/stats", timeout=60).json()
-    print(f"{ranks}, {k} drafts: {figures}")
+        after = _figures(url)
+    print(f"{ranks}, ngram {k} / mtp {k_mtp} drafts: {figures}, all/none accepted {passes}")
     assert fresh == mlx_lm_answers[-1]
     drafted = after["speculative"]["drafted"] - before["speculative"]["drafted"]
     accepted = after["speculative"]["accepted"] - before["speculative"]["accepted"]
-    assert 0 < accepted < drafted  # its drafts were accepted and rejected
+    assert 0 < accepted < drafted  # its MTP drafts were accepted and rejected
     assert (usage["speculative"]["drafted"], usage["speculative"]["accepted"]) == (
         drafted,
         accepted,
@@ -111,10 +129,11 @@ def test_greedy_answers_equal_without_speculation(
         start += layers
     assert off == two == mlx_lm_answers[0]
     assert after_off["passes"] == figures["passes"]
-    passes = after_two["passes"] - after_off["passes"]
-    assert 0 < passes and after_two["drafted"] - after_off["drafted"] <= 2 * passes
-    assert alone == mlx_lm_answers[: len(PROMPTS)]
+    passes_two = after_two["passes"] - after_off["passes"]
+    assert 0 < passes_two and after_two["drafted"] - after_off["drafted"] <= 2 * passes_two
+    for mode in modes:
+        assert alone[mode] == mlx_lm_answers[: len(PROMPTS)], mode
+        assert all(n > 0 for n in passes[mode]), passes  # drafts accepted whole, rejected first
     assert [together[i] for i in range(len(PROMPTS))] == mlx_lm_answers[: len(PROMPTS)]
-    assert figures["mode"] == "ngram" and figures["draft_tokens"] == k
-    assert 0 < figures["accepted"] < figures["drafted"]  # accepted, and rejected
+    assert figures["mode"] == "mtp" and figures["draft_tokens"] == k_mtp
     assert figures["tokens_per_pass"] > 1.0
