@@ -50,9 +50,6 @@ class Data:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def take(self, rows: slice) -> Data:
-        return Data(self.tokens[rows], self.hidden[rows], self.greedy[rows])
-
 
 @dataclass
 class Score:
@@ -93,7 +90,8 @@ def check_model(path: Path) -> dict:
 
 
 def load_layer(path: Path, stage: Stage) -> MTPLayer:
-    """The checkpoint's MTP layer in the dtype the stage runs in, without its head copy."""
+    """The checkpoint's MTP layer in float32 (Adam's updates would vanish in bfloat16), without
+    its head copy."""
     config = stage.config
     n = config["num_hidden_layers"]
     source = read_tensors(path, lambda k: is_mtp_source(k, config))
@@ -104,7 +102,7 @@ def load_layer(path: Path, stage: Stage) -> MTPLayer:
     weights.pop("shared_head.head.weight", None)  # the model's lm_head stands in for it
     layer = MTPLayer(config, own_head=False)
     layer.load_weights(list(weights.items()), strict=True)
-    layer.set_dtype(stage.model.lm_head.weight.dtype)
+    layer.set_dtype(mx.float32)
     layer.eval()
     mx.eval(layer.parameters())
     return layer
@@ -167,7 +165,8 @@ def continuations(stage: Stage, count: int, length: int, seed: list[int], sample
             hidden.append(stage.forward(stage.embed(token), cache))
             mx.eval(hidden[-1])
         h = mx.concatenate(hidden, axis=1)
-        parts.append((mx.concatenate(tokens, axis=1), h, mx.argmax(stage.logits(h), axis=-1)))
+        greedy = mx.argmax(stage.logits(h), axis=-1)
+        parts.append((mx.concatenate(tokens, axis=1), h.astype(mx.float32), greedy))
     return Data(*(mx.concatenate([p[i] for p in parts]) for i in range(3)))
 
 
@@ -416,7 +415,8 @@ def _report(result: Result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"MTP layer, {result.held_out} held-out positions")
+    title = f"MTP layer: {result.train} training positions, {result.held_out} held out"
+    table = Table(title=title)
     table.add_column("layer")
     table.add_column("acceptance", justify="right")
     table.add_column("loss", justify="right")
