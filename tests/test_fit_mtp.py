@@ -78,9 +78,8 @@ def test_written_layer_scores_as_printed(fitted):
     command said."""
     model, _, (_, after, _, _, loss_after) = fitted
     stage = load_stage(model, [4], 0)
-    held = continuations(
-        stage, held_out_count(int(SEQUENCES)), int(TOKENS), [int(SEED), 1], sampled=False
-    )
+    count = held_out_count(int(SEQUENCES))
+    held = continuations(stage, count, 4, int(TOKENS), [int(SEED), 1], sampled=False)
     s = score(load_layer(model, stage), stage.model.lm_head, held)
     assert s.acceptance == pytest.approx(after, abs=0.01)
     assert s.loss == pytest.approx(loss_after, abs=0.01)

@@ -12,7 +12,7 @@ from mlxdist.cli.app import testing_app
 from quantize.errors import UserError
 
 # fit-mtp's defaults, as mlxdist.testing.fit_mtp.DEFAULTS (which the CLI may not import).
-FIT_DEFAULTS = {"steps": 200, "sequences": 96, "tokens": 48, "lr": 3e-3}
+FIT_DEFAULTS = {"steps": 200, "sequences": 96, "tokens": 48, "prompt_tokens": 4, "lr": 3e-3}
 
 
 @testing_app.command("make-r1")
@@ -71,6 +71,9 @@ def fit_mtp_cmd(
         str(FIT_DEFAULTS["sequences"]), help="training continuations (a quarter more held out)"
     ),
     tokens: str = typer.Option(str(FIT_DEFAULTS["tokens"]), help="tokens per continuation"),
+    prompt_tokens: str = typer.Option(
+        str(FIT_DEFAULTS["prompt_tokens"]), help="random token ids each continuation follows"
+    ),
     seed: str = typer.Option("0", help="random seed, a whole number"),
     lr: str = typer.Option(str(FIT_DEFAULTS["lr"]), help="Adam's learning rate"),
 ) -> None:
@@ -80,6 +83,7 @@ def fit_mtp_cmd(
         f"--steps={_count('--steps', steps, 0)}",
         f"--sequences={_count('--sequences', sequences, 1)}",
         f"--tokens={_count('--tokens', tokens, 2)}",
+        f"--prompt-tokens={_count('--prompt-tokens', prompt_tokens, 1)}",
         f"--seed={_seed(seed)}",
         f"--lr={_rate(lr)}",
     ]

@@ -32,10 +32,9 @@ from quantize.errors import UserError
 from quantize.mtp import PREFIX, MTPLayer, is_mtp_source, mlx_name, supports_mtp
 from quantize.units import renumber
 
-PROMPT_TOKENS = 4  # random prompt ids each continuation starts from
 BATCH = 16  # sequences generated together
 # About a minute on a 2-core CPU for the "tiny" preset (mlxdist/cli/testing.py repeats them).
-DEFAULTS = {"steps": 200, "sequences": 96, "tokens": 48, "lr": 3e-3}
+DEFAULTS = {"steps": 200, "sequences": 96, "tokens": 48, "prompt_tokens": 4, "lr": 3e-3}
 TRAIN_BATCH = 4  # sequences per training step: on MLX's CPU, steps cost about their tokens
 
 
@@ -46,9 +45,13 @@ class Data:
     tokens: mx.array  # (sequences, length)
     hidden: mx.array  # (sequences, length, hidden): last hidden state, before the final norm
     greedy: mx.array  # (sequences, length): the model's greedy token after each position
+    start: int  # the first generated position (the prompt's length)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
+
+
+ARRAYS = ("tokens", "hidden", "greedy")
 
 
 @dataclass
@@ -132,8 +135,8 @@ def targets(data: Data) -> mx.array:
 
 def score(layer: MTPLayer, head: nn.Module, data: Data) -> Score:
     """Acceptance and loss over the positions whose token i+1 the model generated."""
-    logits = predict(layer, head, data)[:, PROMPT_TOKENS - 1 :]
-    want = targets(data)[:, PROMPT_TOKENS - 1 :]
+    logits = predict(layer, head, data)[:, data.start - 1 :]
+    want = targets(data)[:, data.start - 1 :]
     loss = nn.losses.cross_entropy(logits, want, reduction="mean")
     hits = (mx.argmax(logits, axis=-1) == want).astype(mx.float32).mean()
     mx.eval(loss, hits)
@@ -143,17 +146,19 @@ def score(layer: MTPLayer, head: nn.Module, data: Data) -> Score:
 # ---------------------------------------------------------------- data
 
 
-def continuations(stage: Stage, count: int, length: int, seed: list[int], sampled: bool) -> Data:
-    """count continuations of `length` tokens after random prompts: greedy, or sampled at
-    temperature 1; the same seed gives the same ones."""
+def continuations(
+    stage: Stage, count: int, prompt: int, length: int, seed: list[int], sampled: bool
+) -> Data:
+    """count continuations of `length` tokens after random prompts of `prompt` ids: greedy, or
+    sampled at temperature 1; the same seed gives the same ones."""
     rng = np.random.default_rng([*seed, int(sampled)])
     key = mx.random.key(int(rng.integers(2**31)))
     parts = []
     for first in range(0, count, BATCH):
         rows = min(BATCH, count - first)
-        prompt = mx.array(rng.integers(3, stage.vocab_size, (rows, PROMPT_TOKENS)))
+        ids = mx.array(rng.integers(3, stage.vocab_size, (rows, prompt)))
         cache = stage.make_cache()
-        tokens, hidden = [prompt], [stage.forward(stage.embed(prompt), cache)]
+        tokens, hidden = [ids], [stage.forward(stage.embed(ids), cache)]
         for _ in range(length):
             logits = stage.logits(hidden[-1][:, -1:])
             if sampled:
@@ -167,11 +172,12 @@ def continuations(stage: Stage, count: int, length: int, seed: list[int], sample
         h = mx.concatenate(hidden, axis=1)
         greedy = mx.argmax(stage.logits(h), axis=-1)
         parts.append((mx.concatenate(tokens, axis=1), h.astype(mx.float32), greedy))
-    return Data(*(mx.concatenate([p[i] for p in parts]) for i in range(3)))
+    return Data(*(mx.concatenate([p[i] for p in parts]) for i in range(3)), start=prompt)
 
 
 def join(parts: list[Data]) -> Data:
-    return Data(*(mx.concatenate([getattr(p, f) for p in parts]) for f in Data.__annotations__))
+    arrays = [mx.concatenate([getattr(p, f) for p in parts]) for f in ARRAYS]
+    return Data(*arrays, start=parts[0].start)
 
 
 # ---------------------------------------------------------------- training
@@ -198,7 +204,8 @@ def train(
     rng = np.random.default_rng([seed, 2])
     for i in range(steps):
         rows = mx.array(rng.choice(len(data), min(TRAIN_BATCH, len(data)), replace=False))
-        loss, grads = step(layer, Data(*(getattr(data, f)[rows] for f in Data.__annotations__)))
+        batch = Data(*(getattr(data, f)[rows] for f in ARRAYS), start=data.start)
+        loss, grads = step(layer, batch)
         optimizer.update(layer, grads)
         mx.eval(layer.parameters(), optimizer.state, loss)
         if on_step is not None:
@@ -303,6 +310,7 @@ def fit(
     steps: int = DEFAULTS["steps"],
     sequences: int = DEFAULTS["sequences"],
     tokens: int = DEFAULTS["tokens"],
+    prompt_tokens: int = DEFAULTS["prompt_tokens"],
     seed: int = 0,
     lr: float = DEFAULTS["lr"],
     on_step: Callable[[int, float], None] | None = None,
@@ -317,15 +325,18 @@ def fit(
     head = stage.model.lm_head
     layer = load_layer(path, stage)
 
-    say(f"continuing {sequences} + {held_out_count(sequences)} prompts by {tokens} tokens")
+    held_count = held_out_count(sequences)
+    say(f"continuing {sequences} + {held_count} prompts of {prompt_tokens} by {tokens} tokens")
     greedy = sequences - sequences // 2
     data = join(
         [
-            continuations(stage, greedy, tokens, [seed, 0], sampled=False),
-            continuations(stage, sequences - greedy, tokens, [seed, 0], sampled=True),
+            continuations(stage, greedy, prompt_tokens, tokens, [seed, 0], sampled=False),
+            continuations(
+                stage, sequences - greedy, prompt_tokens, tokens, [seed, 0], sampled=True
+            ),
         ]
     )
-    held = continuations(stage, held_out_count(sequences), tokens, [seed, 1], sampled=False)
+    held = continuations(stage, held_count, prompt_tokens, tokens, [seed, 1], sampled=False)
     before = score(layer, head, held)
     names = make_trainable(layer)
     train(layer, head, data, steps, lr, seed, on_step)
@@ -339,7 +350,7 @@ def fit(
         before=before,
         fitted=fitted,
         written=written,
-        train=len(data) * (tokens + PROMPT_TOKENS - 1),
+        train=len(data) * (tokens + prompt_tokens - 1),
         held_out=len(held) * tokens,
         files=files,
         head_copied=bool(copy),
@@ -364,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     parser.add_argument("--sequences", type=int, default=DEFAULTS["sequences"])
     parser.add_argument("--tokens", type=int, default=DEFAULTS["tokens"])
+    parser.add_argument("--prompt-tokens", type=int, default=DEFAULTS["prompt_tokens"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     args = parser.parse_args(argv)
@@ -404,6 +416,7 @@ def _fit_with_progress(args: argparse.Namespace, console) -> Result:
             steps=args.steps,
             sequences=args.sequences,
             tokens=args.tokens,
+            prompt_tokens=args.prompt_tokens,
             seed=args.seed,
             lr=args.lr,
             on_step=on_step,
