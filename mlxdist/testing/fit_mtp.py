@@ -261,7 +261,7 @@ def encode(name: str, value: np.ndarray, entries: dict) -> dict[str, bytes]:
     raise ValueError(f"{name} is stored as {entry['dtype']}, which fit-mtp does not write")
 
 
-def write_back(path: Path, config: dict, arrays: dict[str, np.ndarray]) -> list[str]:
+def write_back(path: Path, arrays: dict[str, np.ndarray]) -> list[str]:
     """Overwrites the given tensors in their shard files, in place of the same bytes: dtypes
     and shapes are unchanged, so headers, offsets and the index stay as they are and every other
     tensor keeps its bytes. Each file is written whole to a temporary file, then renamed."""
@@ -344,7 +344,7 @@ def fit(
 
     arrays = checkpoint_arrays(layer, names, config)
     copy = head_copy(path, config)
-    files = write_back(path, config, {**arrays, **copy})
+    files = write_back(path, {**arrays, **copy})
     written = score(load_layer(path, stage), head, held)
     return Result(
         before=before,
