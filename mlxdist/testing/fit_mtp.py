@@ -2,7 +2,7 @@
 
 tiny-r1's MTP layer is random, so the acceptance of its drafts says nothing. This trains it the
 way DeepSeek trains the layer (the V3 report, section 2.2): from the main model's last hidden
-state at position i (before its final norm) and the token at i+1, predict the token at i+2. The
+state at position i (after its final norm) and the token at i+1, predict the token at i+2. The
 target is the main model's own greedy token at i+2, which is what a greedy draft must guess.
 The data are the model's continuations of random prompts (greedy, and sampled at temperature 1
 for variety), so the fit is tuned for no test prompt. The fitted layer goes back into the
@@ -44,7 +44,7 @@ class Data:
     """Continuations of random prompts, batched: the model's inputs and what it made of them."""
 
     tokens: mx.array  # (sequences, length)
-    hidden: mx.array  # (sequences, length, hidden): last hidden state, before the final norm
+    hidden: mx.array  # (sequences, length, hidden): last hidden state, after the final norm
     greedy: mx.array  # (sequences, length): the model's greedy token after each position
     start: int  # the first generated position (the prompt's length)
 
@@ -172,7 +172,8 @@ def continuations(
             mx.eval(hidden[-1])
         h = mx.concatenate(hidden, axis=1)
         greedy = mx.argmax(stage.logits(h), axis=-1)
-        parts.append((mx.concatenate(tokens, axis=1), h.astype(mx.float32), greedy))
+        normed = stage.inner.norm(h).astype(mx.float32)  # what the layer reads
+        parts.append((mx.concatenate(tokens, axis=1), normed, greedy))
     return Data(*(mx.concatenate([p[i] for p in parts]) for i in range(3)), start=prompt)
 
 
