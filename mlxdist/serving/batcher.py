@@ -197,19 +197,9 @@ class Batcher:
     def _deliver(self, seq: Sequence, tokens: list[int]) -> None:
         """A step's tokens for the sequence: one, or a VERIFY step's accepted drafts and the
         token after them (the rejected drafts leave seq.fed now, its caches at its next step)."""
-        if seq.drafted:
-            accepted = len(tokens) - 1
-            seq.trim = seq.drafted - accepted
-            del seq.fed[len(seq.fed) - seq.trim :]
-            self.count(seq.drafted, accepted)
-            seq.count(seq.drafted, accepted)
-            seq.drafted = 0
-        for t in tokens:
-            if seq.add(t):
-                self._close(seq)
-                return
-            if seq.drafter is not None:
-                seq.drafter.extend([t])
+        seq.settle(tokens, self.count)
+        if seq.take(tokens):
+            self._close(seq)
 
     def _close(self, seq: Sequence) -> None:
         seq.finish()

@@ -159,20 +159,11 @@ class Interleaver:
         self._deliver(self.in_flight.popleft(), tokens)
 
     def _deliver(self, seq: Sequence, tokens: list[int]) -> None:
-        if seq.drafted:  # a VERIFY step: the drafts after the accepted ones leave the caches
-            accepted = len(tokens) - 1
-            seq.trim = seq.drafted - accepted
-            del seq.fed[len(seq.fed) - seq.trim :]
-            self.count(seq.drafted, accepted)
-            seq.count(seq.drafted, accepted)
-            seq.drafted = 0
-        for t in tokens:
-            if seq.add(t):
-                self._close(seq)
-                return
-            if seq.drafter is not None:
-                seq.drafter.extend([t])
-        self.ready.append(seq)
+        seq.settle(tokens, self.count)  # a VERIFY step's rejected drafts leave the caches
+        if seq.take(tokens):
+            self._close(seq)
+        else:
+            self.ready.append(seq)
 
     def _close(self, seq: Sequence) -> None:
         seq.finish()

@@ -50,6 +50,29 @@ class Sequence:
             return True
         return len(self.tokens) >= self.job.max_tokens
 
+    def settle(self, tokens: list[int], tally) -> None:
+        """After a VERIFY step's reply (tokens: the accepted drafts and the token after them):
+        the rejected drafts leave `fed` now (its caches at its next step: `trim`), and the
+        step's figures go to tally(drafted, accepted) and to its own."""
+        if not self.drafted:
+            return
+        accepted = len(tokens) - 1
+        self.trim = self.drafted - accepted
+        del self.fed[len(self.fed) - self.trim :]
+        tally(self.drafted, accepted)
+        self.count(self.drafted, accepted)
+        self.drafted = 0
+
+    def take(self, tokens: list[int]) -> bool:
+        """A step's tokens, one by one (its drafter sees each); True once the answer is
+        complete (the tokens after that are dropped)."""
+        for t in tokens:
+            if self.add(t):
+                return True
+            if self.drafter is not None:
+                self.drafter.extend([t])
+        return False
+
     def count(self, drafted: int, accepted: int) -> None:
         """One speculative step's figures."""
         self.passes += 1
