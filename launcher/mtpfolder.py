@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantize.checkpoint import read_config, weight_map
+from quantize.mtp import mtp_problem
 from quantize.nodes import node_manifest, parallel_of
 
 
@@ -37,8 +38,6 @@ def mtp_folder_problem(path: Path) -> str | None:
     """Why this model folder cannot draft with an MTP layer, in one line that says what to do
     (quantize.mtp.mtp_problem); None when it can, or when it is not a folder (a .gguf: its
     rank says)."""
-    from quantize.mtp import mtp_problem  # builds on mlx-lm: imported only when asked
-
     if not path.is_dir():
         return None
     return mtp_problem(read_config(path), tensor_names(path))

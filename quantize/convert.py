@@ -25,7 +25,8 @@ from .checkpoint import (
 )
 from .errors import UserError
 from .memory import peak_rss, rss_now
-from .mtp import DECODER_LAYERS, MTPLayer, is_mtp_source, supports_mtp
+from .mtp import DECODER_LAYERS, is_mtp_source, supports_mtp
+from .mtp_layer import MTPLayer
 from .nodes import PLACEMENT, expert_sets, model_expert_sets, routed_experts, row_runs
 from .recipes import default_spec, make_predicate, parse_override
 from .safetensors_out import PieceFile, TensorSlot, layout, to_bytes

@@ -13,7 +13,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 
 from .checkpoint import layer_of
-from .mtp import MTPLayer, is_mtp
+from .mtp import is_mtp
+from .mtp_layer import MTPLayer
 from .nodes import is_routed_expert_tensor, routed_experts
 from .recipes import Override, default_spec, make_predicate
 

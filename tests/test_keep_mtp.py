@@ -21,7 +21,8 @@ from mlxdist.testing.make_model import make_model
 from mlxdist.testing.tiny_r1 import to_bf16
 from quantize.checkpoint import safetensors_layout
 from quantize.estimate import estimate
-from quantize.mtp import MTPLayer, mlx_name
+from quantize.mtp import mlx_name
+from quantize.mtp_layer import MTPLayer
 from quantize.nodes import damaged_files
 
 EIGHT = "mtp.block.mlp.switch_mlp.*"  # an --override of the MTP layer's experts

@@ -26,7 +26,7 @@ from mlx_lm.models.cache import KVCache
 
 from mlxdist.runtime.speculative import read_reply
 from mlxdist.runtime.step import DRAFT, VERIFY, Step
-from quantize.mtp import MTPLayer
+from quantize.mtp_layer import MTPLayer
 
 
 @dataclass

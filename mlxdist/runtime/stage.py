@@ -278,7 +278,8 @@ def load_mtp_layer(path: str | Path, dtype: mx.Dtype | None = None):
     """The model folder's MTP layer, built and loaded as saved, quantised or not: its `mtp.*`
     tensors (written by `quantize --keep-mtp`), or in a checkpoint of the family's own format,
     the layer after the decoder layers; None when the folder has neither."""
-    from quantize.mtp import PREFIX, MTPLayer, is_mtp, is_mtp_source, mlx_name, supports_mtp
+    from quantize.mtp import PREFIX, is_mtp, is_mtp_source, mlx_name, supports_mtp
+    from quantize.mtp_layer import MTPLayer
 
     info = inspect_model(path)
     weights = read_tensors(info.path, is_mtp)

@@ -29,7 +29,8 @@ from mlxdist.runtime.stage import Stage, load_stage, read_tensors
 from mlxdist.testing.tiny_r1 import quantize_fp8, to_bf16
 from quantize.checkpoint import CheckpointError, read_config, safetensors_layout, weight_map
 from quantize.errors import UserError
-from quantize.mtp import PREFIX, MTPLayer, is_mtp_source, mlx_name, supports_mtp
+from quantize.mtp import PREFIX, is_mtp_source, mlx_name, supports_mtp
+from quantize.mtp_layer import MTPLayer
 from quantize.units import renumber
 
 BATCH = 16  # sequences generated together
