@@ -85,6 +85,31 @@ def test_written_layer_scores_as_printed(fitted):
     assert s.loss == pytest.approx(loss_after, abs=0.01)
 
 
+def test_the_runtime_drafts_what_the_fit_predicts(fitted):
+    """The serving runtime's drafter (built as a rank builds it: the stage's hidden states, its
+    final norm, its head) drafts, after each held-out position, the fitted layer's own choice:
+    fit-mtp and the runtime feed the layer the same input."""
+    import mlx.core as mx
+
+    from mlxdist.runtime.mtp_drafter import MTPDrafter
+    from mlxdist.runtime.stage import load_mtp_layer
+    from mlxdist.testing.fit_mtp import predict
+
+    model, _, _ = fitted
+    stage = load_stage(model, [4], 0)
+    held = continuations(stage, 1, 4, int(TOKENS), [int(SEED), 2], sampled=False)
+    want = mx.argmax(predict(load_layer(model, stage), stage.model.lm_head, held), axis=-1)
+    tokens = held.tokens[0].tolist()
+    hidden = stage.forward(stage.embed(mx.array([tokens])), stage.make_cache())  # before norm
+    drafter = MTPDrafter(load_mtp_layer(model), 1, stage.model.lm_head, stage.inner.norm)
+    drafter.start(1)
+    drafts = [drafter.feed(1, hidden[:, :4], tokens[:4], tokens[4])[0]]
+    for i in range(4, len(tokens) - 1):  # one decode step each
+        drafts += drafter.feed(1, hidden[:, i : i + 1], tokens[i : i + 1], tokens[i + 1])
+    agree = sum(d == w for d, w in zip(drafts, want[0, 3:].tolist()))
+    assert agree >= len(drafts) - 1  # FP8/BF16 rounding of the stored layer may flip a near-tie
+
+
 def test_refuses_a_model_without_mtp(tmp_path):
     # R1's config.json without the MTP layer: refused before any tensor is read.
     config = build_config("tiny", {"num_nextn_predict_layers": 0})

@@ -58,6 +58,13 @@ def test_chunks_and_rejections_leave_only_real_pairs(parts, k):
     keys, want = cache.state[0], whole.state[0]
     assert mx.allclose(keys[..., :13, :], want[..., :13, :], atol=1e-5).item()
     assert last[0] == mx.argmax(layer.logits(x[:, -1:, :], head), axis=-1).item()
+    # chained drafts: the layer's own state after its head's norm, and the draft just made
+    x, chain = x[:, -1:, :], []
+    for d in last[:-1]:
+        normed = layer.shared_head.norm(x)
+        x = layer(normed, mx.array([[d]]), None, whole)
+        chain.append(mx.argmax(layer.logits(x, head), axis=-1).item())
+    assert last[1:] == chain
 
     drafter.drop(1)
     assert 1 not in drafter.slots

@@ -8,6 +8,7 @@ plain decoding's hold."""
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import mlx.core as mx
@@ -108,8 +109,9 @@ def test_greedy_answers_equal_plain_decoding(cluster):
 
     # At once: a speculating answer beside one that does not (while both decode, they decode
     # batched: drafts pay only for a sequence alone), both exact.
+    # The one that does not speculate asks 5x as many tokens and goes first, so they overlap.
     together: dict[int, dict] = {}
-    asks = [(0, {}), (2, {"speculative": "none"})]
+    asks = [(2, {"speculative": "none", "max_tokens": 5 * ANSWER}), (0, {})]
 
     def ask(i: int, extra: dict) -> None:
         together[i] = _answer(url, PROMPTS[i], **extra)
@@ -117,10 +119,13 @@ def test_greedy_answers_equal_plain_decoding(cluster):
     threads = [threading.Thread(target=ask, args=a) for a in asks]
     for t in threads:
         t.start()
+        time.sleep(0.3)
     for t in threads:
         t.join(300)
-    assert together[0]["ids"] == want[0] and together[2]["ids"] == want[2]
+    assert together[0]["ids"] == want[0] and together[2]["ids"][:ANSWER] == want[2]
     assert "speculative" not in together[2]["usage"]
+    peak = httpx.get(url + "/mlxdist/stats", timeout=60).json()["in_flight_peak"]
+    assert peak >= 2  # the speculating answer decoded in the batch beside the other
 
 
 def test_caches_after_rejections_equal_plain_decoding(cluster):

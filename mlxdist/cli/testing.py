@@ -81,7 +81,7 @@ def fit_mtp_cmd(
     args = [
         str(model),
         f"--steps={_count('--steps', steps, 0)}",
-        f"--sequences={_count('--sequences', sequences, 1)}",
+        f"--sequences={_count('--sequences', sequences, 2)}",
         f"--tokens={_count('--tokens', tokens, 2)}",
         f"--prompt-tokens={_count('--prompt-tokens', prompt_tokens, 1)}",
         f"--seed={_seed(seed)}",

@@ -7,10 +7,12 @@ collectives for all of them). Requests join and leave between steps: a joining r
 is fed alone, one step of it per round, into its own KV cache, then it decodes with the others.
 Each sequence keeps its own cache row and sampler, so batching changes no greedy answer.
 
-A sequence whose job speculates (prompt lookup) takes steps of its own: its last token and its
-drafts in one VERIFY step, whose reply is the drafts the model accepts and the token after them;
-its next step drops the rejected drafts' positions from every rank's caches. Sequences without
-speculation go on decoding in one batch.
+A sequence whose job speculates (prompt lookup or the MTP layer) takes steps of its own while it
+decodes alone: its last token and its drafts in one VERIFY step, whose reply is the drafts the
+model accepts and the token after them; its next step drops the rejected drafts' positions from
+every rank's caches. With other sequences decoding it joins their batch (after one step of its
+own that drops its rejected drafts), since one batched step serves them all for one round of
+collectives where a speculative pass each would cost a round each.
 """
 
 from __future__ import annotations
@@ -174,11 +176,13 @@ class Batcher:
                 seq.fed.append(t)
                 self._deliver(seq, [token])
         for seq in alone:
-            self._speculate(seq)
+            self._speculate(seq, drafting)
 
-    def _speculate(self, seq: Sequence) -> None:
-        """One step of the sequence alone: its last token and its drafter's drafts."""
-        drafts = self._drafts(seq)
+    def _speculate(self, seq: Sequence, drafting: bool) -> None:
+        """One step of the sequence alone: its last token and, when it decodes alone, its
+        drafter's drafts (else the step only drops its rejected drafts, then it joins the
+        batch: the drafts this step's reply brings are dropped with the others')."""
+        drafts = self._drafts(seq) if drafting else []
         tokens = [seq.tokens[-1], *drafts]
         flags = SAMPLE | (VERIFY if drafts else 0) | _draft_flag(seq)
         out = self.runner.step(tokens, Step(0, flags, slot=seq.slot, trim=seq.trim))
