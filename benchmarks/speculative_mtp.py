@@ -91,6 +91,9 @@ def ask(url: str, prompt: list[int], mode: str, tokens: int) -> dict:
 def measure(path: Path, mode: str, prompts: list, args, log: Path) -> dict:
     """Median decode tokens/s with and without, acceptance, and whether the answers agree."""
     extra = ["--speculative", "mtp", "--draft-tokens", str(args.draft_tokens)]
+    # no prefix cache: a prompt read from it starts the MTP layer's cache empty, which would
+    # lower the acceptance of whichever mode asked second
+    extra += ["--prompt-cache-bytes", "0"]
     if mode != "pipeline":
         extra += ["--parallel", mode]
     proc, url = serve(path, 2, extra, log)
