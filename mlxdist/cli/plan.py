@@ -321,7 +321,8 @@ def _check_speculative(speculative: str) -> None:
     from launcher.rankspec import SPECULATIVE
 
     if speculative not in SPECULATIVE:
-        raise ValueError(f"--speculative takes {' or '.join(SPECULATIVE)}, not {speculative!r}")
+        names = f"{', '.join(SPECULATIVE[:-1])} or {SPECULATIVE[-1]}"
+        raise ValueError(f"--speculative takes {names}, not {speculative!r}")
 
 
 def _mtp_notes(model: str, speculative: str) -> list[str]:
