@@ -132,6 +132,7 @@ class _KeyAndBody:
         if scope["path"] not in OPEN_PATHS and not p.authorized(headers.get("authorization")):
             given = "authorization" in headers
             message, code = (WRONG_KEY, "invalid_api_key") if given else (NO_KEY, None)
+            await _drain(receive)  # as for every refusal: the answer must not be reset
             return await _answer(send, *error(401, message, code), bearer=True)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > p.max_body:
@@ -186,7 +187,7 @@ async def _answer(send, status: int, body: bytes, bearer: bool = False) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if bearer:
         headers.append((b"www-authenticate", b"Bearer"))
-    # The rest of a refused body is not read: the connection closes after this answer.
+    # What a refused client sends after the drain is not read: the connection closes after this.
     headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -225,6 +226,7 @@ class _Front:
         host = host_name(shown)
         if not host or (host not in self.policy.names and host != here):
             why = f"the Host header {shown!r} is not a name of this server"
+            await _drain(receive)  # its body unread, closing would reset the connection
             return await _answer(send, *error(400, why, "invalid_host"))
         origin = headers.get(b"origin", b"").decode("latin-1")
         if self.cors is not None and origin in self.policy.cors_origins:
