@@ -31,8 +31,24 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK = "<think>"
 END_THINK = "</think>"
+# R1's tool-call markers (R1-0528 and V3.1 write calls with them); like the chat markers, R1's
+# tokenizer.json has them as added tokens with "special": false, so decoding keeps them.
+CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
+CALLS_END = "<｜tool▁calls▁end｜>"
+CALL_BEGIN = "<｜tool▁call▁begin｜>"
+CALL_END = "<｜tool▁call▁end｜>"
+OUTPUTS_BEGIN = "<｜tool▁outputs▁begin｜>"
+OUTPUTS_END = "<｜tool▁outputs▁end｜>"
+OUTPUT_BEGIN = "<｜tool▁output▁begin｜>"
+OUTPUT_END = "<｜tool▁output▁end｜>"
+TOOL_SEP = "<｜tool▁sep｜>"
+TOOL_TOKENS = [
+    *(CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END),
+    *(OUTPUTS_BEGIN, OUTPUTS_END, OUTPUT_BEGIN, OUTPUT_END, TOOL_SEP),
+]
 _SPECIALS = [BOS, EOS, PAD]  # ids 0, 1, 2
-_ADDED = [USER, ASSISTANT, THINK, END_THINK]  # appended after the BPE vocabulary
+# Appended after the BPE vocabulary; the tool tokens last, so the earlier ids stay as they were.
+_ADDED = [USER, ASSISTANT, THINK, END_THINK, *TOOL_TOKENS]
 
 BLOCK = 128
 FP8_MAX = 448.0
@@ -185,22 +201,62 @@ Numbers and symbols appear in text as well: 1, 2, 3, 10, 42, 100, 2025; x + y = 
 Letters at the start of sentences, so that its vocabulary is not only lower-case words.
 """
 
+# R1's chat template, with R1-0528's tool section: the tools are listed in the system prompt,
+# an assistant's calls and the tool messages' outputs are written in R1-0528's tokens:
+#   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```
+#   <｜tool▁call▁end｜>(\n<｜tool▁call▁begin｜>...)<｜tool▁calls▁end｜><｜end▁of▁sentence｜>
+#   <｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>OUT<｜tool▁output▁end｜>
+#   (\n<｜tool▁output▁begin｜>...)<｜tool▁outputs▁end｜>
+# and an answer after tool outputs follows them without a new <｜Assistant｜>.
+# Source of the call and output sequences: deepseek-ai/DeepSeek-R1-0528, tokenizer_config.json's
+# chat_template (huggingface.co/deepseek-ai/DeepSeek-R1-0528). That template does not render
+# `tools`; listing them in the system prompt follows vllm-project/vllm's
+# examples/tool_chat_template_deepseekr1.jinja (adapted from sglang's), in our own words.
+_TOOLS_SECTION = (
+    "{% if tools %}{% set ns.tool_text = '## Tools\\n\\nYou can call these functions:\\n' %}"
+    "{% for tool in tools %}{% set f = tool['function'] if tool['function'] is defined else tool %}"
+    "{% set ns.tool_text = ns.tool_text + '\\n### ' + f['name'] + '\\n'"
+    " + (f['description'] ~ '\\n' if f['description'] is defined and f['description'] else '')"
+    " + 'Parameters: ' + (f['parameters'] | default({}) | tojson) + '\\n' %}{% endfor %}"
+    "{% set ns.tool_text = ns.tool_text + '\\nTo call functions, answer exactly so, one call or"
+    " more:\\n" + CALLS_BEGIN + CALL_BEGIN + "function" + TOOL_SEP + "NAME\\n```json\\nARGUMENTS"
+    "\\n```" + CALL_END + CALLS_END + "' %}"
+    "{% set ns.system_prompt = ns.system_prompt + ('\\n\\n' if ns.system_prompt else '')"
+    " + ns.tool_text %}{% endif %}"
+)
+
 CHAT_TEMPLATE = (
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
     "{% endif %}"
-    "{% set ns = namespace(system_prompt='') %}"
+    "{% set ns = namespace(system_prompt='', tool_text='', in_outputs=false) %}"
     "{%- for message in messages %}{%- if message['role'] == 'system' %}"
     "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
-    "{{ bos_token }}{{ ns.system_prompt }}"
+    + _TOOLS_SECTION
+    + "{{ bos_token }}{{ ns.system_prompt }}"
     "{%- for message in messages %}"
+    "{%- if message['role'] != 'tool' and ns.in_outputs %}"
+    "{{ '" + OUTPUTS_END + "' }}{%- endif %}"
     "{%- if message['role'] == 'user' %}{{ '" + USER + "' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' %}{% set content = message['content'] %}"
+    "{%- elif message['role'] == 'assistant' %}{% set content = message['content'] or '' %}"
     "{% if '" + END_THINK + "' in content %}"
     "{% set content = content.split('" + END_THINK + "')[-1] %}{% endif %}"
-    "{{ '" + ASSISTANT + "' + content + '" + EOS + "' }}"
+    "{% if not ns.in_outputs %}{{ '" + ASSISTANT + "' }}{% endif %}{{ content }}"
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{{ '" + CALLS_BEGIN + "' }}"
+    "{%- for call in message['tool_calls'] %}{% set f = call['function'] %}"
+    "{% set args = f['arguments'] if f['arguments'] is string else f['arguments'] | tojson %}"
+    "{{ ('\\n' if not loop.first else '') + '" + CALL_BEGIN + "function" + TOOL_SEP + "'"
+    " + f['name'] + '\\n```json\\n' + args + '\\n```" + CALL_END + "' }}"
+    "{%- endfor %}{{ '" + CALLS_END + "' }}{%- endif %}"
+    "{{ '" + EOS + "' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{ ('\\n' if ns.in_outputs else '" + OUTPUTS_BEGIN + "') + '" + OUTPUT_BEGIN + "'"
+    " + message['content'] + '" + OUTPUT_END + "' }}"
     "{%- endif %}"
+    "{% set ns.in_outputs = message['role'] == 'tool' %}"
     "{%- endfor %}"
-    "{% if add_generation_prompt %}{{ '" + ASSISTANT + THINK + "\\n' }}{% endif %}"
+    "{% if ns.in_outputs %}{{ '" + OUTPUTS_END + "' }}"
+    "{% elif add_generation_prompt %}{{ '" + ASSISTANT + THINK + "\\n' }}{% endif %}"
 )
 
 
