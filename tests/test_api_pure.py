@@ -8,7 +8,8 @@ import pytest
 
 from mlxdist.client.api_client import base_url
 from mlxdist.client.chat import load_conversation, read_message
-from mlxdist.serving.openai_schema import ChatRequest, validation_error
+from mlxdist.serving.api.errors import validation_error
+from mlxdist.serving.api.openai_schema import ChatRequest
 from mlxdist.serving.reasoning import ReasoningSplitter, prompt_opens_think
 from mlxdist.serving.stops import StopMatcher
 

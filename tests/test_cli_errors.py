@@ -260,7 +260,7 @@ def test_value_errors_stay_value_errors(error):
 
 def test_errors_that_servers_answer_are_not_user_errors():
     from launcher.agent.app import Refused
-    from mlxdist.serving.openai_schema import APIError
+    from mlxdist.serving.api.errors import APIError
 
     for error in (AuthError, Refused, APIError):
         assert not issubclass(error, UserError), error

@@ -1,4 +1,5 @@
-"""OpenAI's response bodies for one request: chunks as the answer streams, or the whole answer."""
+"""OpenAI's response bodies for one chat or completion request: chunks as the answer streams, or
+the whole answer."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import json
 import time
 import uuid
 
+from mlxdist.serving.answer import Answer, Piece
+from mlxdist.serving.api.openai_schema import Sampling
 from mlxdist.serving.events import Done, Token
-from mlxdist.serving.openai_schema import Sampling
-from mlxdist.serving.reasoning import Start, make_splitter
+from mlxdist.serving.reasoning import Start
 
 
 class Output:
@@ -18,36 +20,16 @@ class Output:
         self.req, self.model, self.chat = req, model, chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.splitter = None if think is None else make_splitter(think)
-        self.reasoning: list[str] = []
-        self.content: list[str] = []
+        self.answer = Answer(think)
         self.ids: list[int] = []
-        self.reasoning_tokens = 0
 
-    def _split(self, text: str, last: bool = False) -> tuple[str, str]:
-        if self.splitter is None:
-            return "", text
-        r, c = self.splitter.feed(text)
-        if last:
-            r2, c2 = self.splitter.finish()
-            r, c = r + r2, c + c2
-        return r, c
-
-    def token(self, token: Token) -> tuple[str, str]:
-        """Takes one token's event; returns its (reasoning, content) text."""
+    def token(self, token: Token) -> Piece:
+        """Takes one token's event; returns what its text adds."""
         self.ids.append(token.id)
-        if self.splitter is not None and self.splitter.thinking:
-            self.reasoning_tokens += 1
-        r, c = self._split(token.text)
-        self.reasoning.append(r)
-        self.content.append(c)
-        return r, c
+        return self.answer.token(token.text)
 
-    def tail(self, done: Done) -> tuple[str, str]:
-        r, c = self._split(done.text, last=True)
-        self.reasoning.append(r)
-        self.content.append(c)
-        return r, c
+    def tail(self, done: Done) -> Piece:
+        return self.answer.finish(done.text)
 
     def _head(self) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion") + (
@@ -66,8 +48,8 @@ class Output:
             "time_to_first_token": round(done.time_to_first_token, 6),
             "decode_tokens_per_second": round(done.decode_tokens_per_second, 3),
         }
-        if self.splitter is not None:
-            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        if self.answer.think is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.answer.reasoning_tokens}
         passes, drafted, accepted = done.speculative
         if passes:  # mlxdist's: what speculative decoding did for this answer
             usage["speculative"] = {"passes": passes, "drafted": drafted, "accepted": accepted}
@@ -75,14 +57,14 @@ class Output:
 
     def whole(self, done: Done) -> dict:
         self.tail(done)
+        text = self.answer.whole()
         choice: dict = {"index": 0, "finish_reason": finish_reason(done.finish_reason)}
-        content = "".join(self.content)
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": content}
-            if self.splitter is not None:
-                choice["message"]["reasoning_content"] = "".join(self.reasoning) or None
+            choice["message"] = {"role": "assistant", "content": text.content}
+            if self.answer.think is not None:
+                choice["message"]["reasoning_content"] = text.reasoning or None
         else:
-            choice["text"] = content
+            choice["text"] = text.content
             choice["logprobs"] = None
         if self.req.return_token_ids:
             choice["token_ids"] = self.ids
@@ -106,9 +88,10 @@ class Output:
         """The last chunk, when the client asked for usage: no choices, the counts."""
         return sse(self._head() | {"choices": [], "usage": self.usage(done)})
 
-    def deltas(self, r: str, c: str, ids: list[int] | None = None) -> list[str]:
+    def deltas(self, piece: Piece, ids: list[int] | None = None) -> list[str]:
         """The chunks for a piece of text: its reasoning first, then its content."""
         out = []
+        r, c = piece.reasoning, piece.content
         if r:
             out.append(self.chunk({"reasoning_content": r}, ids=ids))
             ids = [] if ids is not None else None
