@@ -7,6 +7,7 @@ layers (or experts, or tensor shard); rank 0 then serves the API and drives the 
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         _log(rank, f"error: {e}")
         return 2
     stage = runner.stage
+    runner.tokenizer = functools.cache(lambda: _tokenizer(spec, stage))  # a grammar's, when asked
     mx.clear_cache()
     held = stage.nbytes()
     peak = peak_rss()
@@ -207,6 +209,15 @@ def main(argv: list[str] | None = None) -> int:
             beats.bye()  # a leave on purpose, not a failure
         return 0
     return _serve_api(spec, runner, figures.tolist(), listener, key, api, beats)
+
+
+def _tokenizer(spec: RankSpec, stage):
+    """The model's tokenizer with its end tokens (generation_config.json's too)."""
+    from mlxdist.runtime.tiktoken_tokenizer import load_tokenizer  # tiktoken.model too (Kimi)
+    from mlxdist.serving.stops import read_end_token_ids
+
+    ends = read_end_token_ids(spec.model, stage.config)
+    return load_tokenizer(spec.model, eos_token_ids=ends)
 
 
 def _expert_mask(stage) -> list[int]:
@@ -312,15 +323,12 @@ def _serve_api(
     import uvicorn
 
     from launcher.prefillmodel import rank_prefill_chunk
-    from mlxdist.runtime.tiktoken_tokenizer import load_tokenizer  # tiktoken.model too (Kimi)
     from mlxdist.serving.api import Inflight, create_app
     from mlxdist.serving.coordinator import Coordinator
     from mlxdist.serving.guard import Policy
-    from mlxdist.serving.stops import read_end_token_ids
 
     stage = runner.stage
-    ends = read_end_token_ids(spec.model, stage.config)  # generation_config.json's too
-    tokenizer = load_tokenizer(spec.model, eos_token_ids=ends)
+    tokenizer = runner.tokenizer()
     prefix = _prefix_cache(spec, stage, figures)
     coordinator = Coordinator(runner, tokenizer, set(tokenizer.eos_token_ids), prefix=prefix)
     coordinator.speculate(spec.speculative, spec.draft_tokens)

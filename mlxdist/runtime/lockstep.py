@@ -20,8 +20,9 @@ from mlx.nn.layers.distributed import QuantizedShardedToAllLinear, ShardedToAllL
 from mlxdist.runtime.batch_cache import Batch
 from mlxdist.runtime.expert import shards
 from mlxdist.runtime.mtp_drafter import with_drafts
-from mlxdist.runtime.pipeline import gather_stats, start_cache
+from mlxdist.runtime.pipeline import gather_stats, no_tokenizer, start_cache
 from mlxdist.runtime.prefix_store import KeepsPrefixes, PrefixStore, obey_logged, trimmable
+from mlxdist.runtime.processors import Processors, SamplingExtras, sample_reply
 from mlxdist.runtime.ringwait import RingWaiter
 from mlxdist.runtime.runner import StepRunner
 from mlxdist.runtime.sampling import Sampler
@@ -35,6 +36,7 @@ from mlxdist.runtime.step import (
     CMD_STEP,
     CMD_STOP,
     DRAFT,
+    EXTRAS,
     LOGITS,
     NEW,
     SAMPLE,
@@ -90,6 +92,10 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
         self.size = group.size()
         self.caches: dict[int, list] = {0: stage.make_cache()}  # slots not in the batch
         self.samplers: dict[int, Sampler] = {0: Sampler()}  # rank 0
+        # rank 0: the sampling extras of slots that have them (bias, penalties, grammar, log
+        # probabilities; such a sequence decodes in steps of its own, not in the batch)
+        self.processors: dict[int, Processors] = {}
+        self.tokenizer = no_tokenizer  # rank 0's, for grammars (set by mlxdist/rank.py)
         self.batch = Batch()  # the slots decoded together, in one batch cache
         self.batches = batchable(stage)  # else rank 0 decodes one sequence per step
         self.leaving = 0  # rank 0: slots freed since the last control vector, as bits
@@ -143,6 +149,11 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
             self.caches[slot] = start_cache(self, step, sources)
             if self.rank == 0:
                 self.samplers[slot] = Sampler(step.temp, step.top_p, step.seed)
+                self.processors.pop(slot, None)
+                if step.flags & EXTRAS:
+                    extras = SamplingExtras.decode(step.extras)
+                    vocab = self.stage.vocab_size
+                    self.processors[slot] = Processors(extras, vocab, self.tokenizer)
                 if self.mtp is not None:
                     self.mtp.start(slot)
         cache = self.caches[slot]
@@ -174,7 +185,7 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
         if step.flags & VERIFY:
             return verify(self.stage.logits(h[0]), ids[1:].tolist(), sampler)
         logits = self.stage.logits(h[:, -1, :])
-        return sampler(logits - mx.logsumexp(logits, keepdims=True)).astype(mx.int32)
+        return sample_reply(sampler, self.processors.get(step.slot), logits)
 
     def _forward(self, step: Step, ids: mx.array, cache: list) -> mx.array:
         """The layers on ids (batch, length), counting what the step's all_sums carry."""
@@ -243,7 +254,9 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
         """Rank 0: runs one step of sequence step.slot on every rank; returns the sampled id,
         the logits, or a VERIFY step's reply (its tokens: the last sampled one, then drafts)."""
         step.length = len(tokens)
+        extras = step.extras  # rank 0's own: only it samples
         step, ids = self._broadcast(step, tokens)
+        step.extras = extras
         return self._apply(step, ids)
 
     def decode(self, slots: list[int], tokens: list[int]) -> mx.array:
@@ -266,6 +279,7 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
     def _drop(self, slot: int) -> None:
         self.caches.pop(slot, None)
         self.samplers.pop(slot, None)
+        self.processors.pop(slot, None)
         if self.mtp is not None:
             self.mtp.drop(slot)
         self.batch.remove([slot])

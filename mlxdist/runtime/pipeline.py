@@ -25,6 +25,7 @@ from mlxdist.runtime.prefix_store import (
     obey_logged,
     trimmable,
 )
+from mlxdist.runtime.processors import Processors, SamplingExtras, sample_reply
 from mlxdist.runtime.ringwait import RingWaiter
 from mlxdist.runtime.runner import InterleavingRunner
 from mlxdist.runtime.sampling import Sampler
@@ -38,6 +39,7 @@ from mlxdist.runtime.step import (
     CMD_STEP,
     CMD_STOP,
     DRAFT,
+    EXTRAS,
     LOGITS,
     NEW,
     SAMPLE,
@@ -80,8 +82,14 @@ class Runner(KeepsPrefixes, InterleavingRunner):
         self.size = group.size()
         self.caches: dict[int, list] = {0: stage.make_cache()}
         self.samplers: dict[int, Sampler] = {0: Sampler()}
-        # rank 0: the flags and lengths of steps whose reply is due
-        self.replies: deque[tuple[int, int]] = deque()
+        # the last rank: the sampling extras of slots that have them (bias, penalties, grammar,
+        # log probabilities); rank 0: the int32 words their token replies take
+        self.processors: dict[int, Processors] = {}
+        self.widths: dict[int, int] = {}
+        # the rank's tokenizer, loaded when a grammar first needs it (set by mlxdist/rank.py)
+        self.tokenizer = no_tokenizer
+        # rank 0: the flags, lengths and slots of steps whose reply is due
+        self.replies: deque[tuple[int, int, int]] = deque()
         self.ready: deque[mx.array] = deque()  # rank 0 alone: replies computed in place
         self.data_bytes = 0  # hidden states, token ids, logits
         self.control_bytes = 0  # control vectors
@@ -124,6 +132,7 @@ class Runner(KeepsPrefixes, InterleavingRunner):
             self.caches[step.slot] = start_cache(self, step, self.caches)
             if self.stage.is_last:
                 self.samplers[step.slot] = Sampler(step.temp, step.top_p, step.seed)
+                self._start_processors(step)
                 if self.mtp is not None:
                     self.mtp.start(step.slot)
         cache = self.caches[step.slot]
@@ -149,13 +158,20 @@ class Runner(KeepsPrefixes, InterleavingRunner):
         else:
             logits = self.stage.logits(h[:, -1, :])
             sampler = self.samplers[step.slot]
-            out = sampler(logits - mx.logsumexp(logits, keepdims=True)).astype(mx.int32)
+            out = sample_reply(sampler, self.processors.get(step.slot), logits)
         mx.eval(out)
         if step.flags & DRAFT and not step.flags & LOGITS:
             out = with_drafts(self.mtp, self.mtp_k, step, step.ids, h, out)
         if self.rank != 0:
             self._send(out, 0)
         return out
+
+    def _start_processors(self, step: Step) -> None:
+        self.processors.pop(step.slot, None)
+        if step.flags & EXTRAS:
+            extras = SamplingExtras.decode(step.extras)
+            vocab = self.stage.vocab_size
+            self.processors[step.slot] = Processors(extras, vocab, self.tokenizer)
 
     def _pass_on(self, step: Step, h: mx.array) -> None:
         link = self.outbox
@@ -165,6 +181,10 @@ class Runner(KeepsPrefixes, InterleavingRunner):
             self._send_control(step)
             if step.flags & (VERIFY | DRAFT):
                 self._send(mx.array(step.ids, mx.int32), self.rank + 1, control=True)
+            if step.flags & EXTRAS:  # its length, then its bytes
+                self._send(mx.array([len(step.extras)], mx.int32), self.rank + 1, control=True)
+                data = mx.array(list(step.extras), mx.uint8)
+                self._send(data, self.rank + 1, control=True)
         self._send(h, self.rank + 1)
 
     def _send_control(self, step: Step) -> None:
@@ -196,6 +216,9 @@ class Runner(KeepsPrefixes, InterleavingRunner):
         if step.cmd == CMD_STEP and step.flags & (VERIFY | DRAFT):
             step.ids = self._recv((step.length,), mx.int32, prev).tolist()
             step.drafts = step.ids[1:] if step.flags & VERIFY else []
+        if step.cmd == CMD_STEP and step.flags & EXTRAS:
+            (n,) = self._recv((1,), mx.int32, prev).tolist()
+            step.extras = bytes(self._recv((n,), mx.uint8, prev).tolist())
         return step, None
 
     def send(self, tokens: list[int], step: Step) -> bool:
@@ -207,13 +230,17 @@ class Runner(KeepsPrefixes, InterleavingRunner):
         step.length = len(tokens)
         step.ids = list(tokens) if step.flags & (VERIFY | DRAFT) else []
         step.drafts = list(tokens[1:]) if step.flags & VERIFY else []
+        if step.flags & NEW:
+            self.widths.pop(step.slot, None)
+            if step.flags & EXTRAS:
+                self.widths[step.slot] = SamplingExtras.decode(step.extras).reply_words()
         out = self._apply(step, h)
         if not step.flags & (SAMPLE | LOGITS):
             return False
         if out is not None:
             self.ready.append(out)
         else:
-            self.replies.append((step.flags, step.length))
+            self.replies.append((step.flags, step.length, step.slot))
         return True
 
     def receive(self) -> mx.array:
@@ -221,10 +248,12 @@ class Runner(KeepsPrefixes, InterleavingRunner):
         step's [n, n tokens, padding] (see speculative.verify)."""
         if self.ready:
             return self.ready.popleft()
-        flags, length = self.replies.popleft()
+        flags, length, slot = self.replies.popleft()
         if flags & LOGITS:
             return self._recv((self.stage.vocab_size,), mx.float32, self.size - 1)
         words = reply_words(flags, length, self.mtp_k)
+        if not flags & VERIFY:  # log probabilities follow the token
+            words += self.widths.get(slot, 1) - 1
         return self._recv((words,), mx.int32, self.size - 1)
 
     def step(self, tokens: list[int], step: Step) -> mx.array | None:
@@ -244,6 +273,8 @@ class Runner(KeepsPrefixes, InterleavingRunner):
     def _drop(self, slot: int) -> None:
         self.caches.pop(slot, None)
         self.samplers.pop(slot, None)
+        self.processors.pop(slot, None)
+        self.widths.pop(slot, None)
         if self.mtp is not None:
             self.mtp.drop(slot)
         if slot == 0:  # slot 0 always has a cache, for the one-rank decode that uses it directly
@@ -302,6 +333,10 @@ class Runner(KeepsPrefixes, InterleavingRunner):
             if h is None:
                 h = self._recv((1, step.length, self.stage.hidden_size), step.dtype, prev)
             self._apply(step, h)
+
+
+def no_tokenizer():
+    raise RuntimeError("this rank has no tokenizer to enforce a grammar with")
 
 
 def _record(link: Link, step: Step) -> list[int]:

@@ -18,6 +18,9 @@ VERIFY = 16
 # A step of a sequence the MTP layer drafts for: its token ids travel with it to the rank that
 # drafts, which feeds the layer its positions; a reply with tokens ends with that rank's drafts.
 DRAFT = 32
+# A NEW step of a sequence with sampling extras (mlxdist/runtime/processors.py): their JSON
+# travels after the control vector (and ids) to the rank that samples.
+EXTRAS = 64
 _DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 _CTRL = 12  # int32 words in a control vector
 
@@ -53,6 +56,7 @@ class Step:
     # after the control vector, not in it.
     drafts: list[int] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
+    extras: bytes = b""  # an EXTRAS step's SamplingExtras, as JSON
 
     def encode(self) -> mx.array:
         fields = [self.cmd, self.length, self.flags, _DTYPES.index(self.dtype), self.seed]

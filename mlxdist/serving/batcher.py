@@ -28,7 +28,7 @@ from launcher.rankspec import PREFILL_CHUNK
 from mlxdist.runtime.drafting import PromptLookup
 from mlxdist.runtime.runner import StepRunner
 from mlxdist.runtime.speculative import read_reply
-from mlxdist.runtime.step import DRAFT, NEW, SAMPLE, VERIFY, Step
+from mlxdist.runtime.step import DRAFT, EXTRAS, NEW, SAMPLE, VERIFY, Step
 from mlxdist.serving.events import Failed
 from mlxdist.serving.job import Job
 from mlxdist.serving.prefix_cache import PrefixCache, remember
@@ -129,6 +129,8 @@ class Batcher:
             src, keep = (seq.source.src, seq.source.keep) if flags & NEW else (0, 0)
             sampling = {"seed": job.seed, "temp": job.temp, "top_p": job.top_p}
             flags |= _draft_flag(seq)
+            if flags & NEW and job.extras is not None:
+                flags, sampling["extras"] = flags | EXTRAS, job.extras_bytes()
             step = Step(0, flags, slot=seq.slot, src=src, keep=keep, **sampling)
             out = self.runner.step(tokens, step)  # it stays listed if this raises
             seq.fed += tokens
@@ -159,8 +161,11 @@ class Batcher:
         # Speculation pays only for a sequence decoding alone: with others, one batched step
         # serves them all for one round of collectives, where a pass each costs one round each.
         drafting = len(self.decoding) == 1
+        # A sequence with sampling extras (rank 0 samples it with its own processors) too.
         alone = [
-            s for s in self.decoding.values() if s.trim or (s.drafter is not None and drafting)
+            s
+            for s in self.decoding.values()
+            if s.trim or (s.drafter is not None and drafting) or s.job.extras is not None
         ]
         slots = sorted(s for s in self.decoding if self.decoding[s] not in alone)
         for slot in slots:  # drafts made before it joined the batch are stale by the time it leaves
@@ -230,6 +235,7 @@ def _draft_flag(seq: Sequence) -> int:
 def _read(seq: Sequence, out: mx.array, flags: int, length: int) -> list[int]:
     """A step's tokens; the MTP layer's drafts that follow them go to the sequence's drafter."""
     tokens, drafts = read_reply(out, flags, length)
+    seq.read(out)
     if flags & DRAFT:
         seq.drafter.offer(drafts)
     return tokens

@@ -156,6 +156,8 @@ class Coordinator:
             draft_tokens=self.draft_tokens(job),
             drafter=self.new_drafter(job),
             fed=seq.fed,
+            extras=job.extras_bytes(),
+            read=seq.read,
             count=lambda drafted, accepted: (
                 self.speculation.count(drafted, accepted),
                 seq.count(drafted, accepted),
@@ -173,8 +175,8 @@ class Coordinator:
         """How many drafted tokens job's steps may check (0: no speculation, also where the
         runner cannot check drafts); with the MTP layer, at most the drafts it makes a step."""
         mode = self._mode(job)
-        if mode == "none":
-            return 0
+        if mode == "none" or job.extras is not None:  # extras: the sampler's state goes one
+            return 0  # token at a time (penalties, grammar), so no drafts to check
         k = job.draft_tokens or (
             self.speculation.draft_tokens if mode == self.speculation.mode else DRAFT_TOKENS
         )  # a request's own mode without its own K: that mode's default

@@ -11,6 +11,10 @@ class Token:
 
     id: int
     text: str
+    # When the request asked for log probabilities: the token's, and the most likely tokens'
+    # (id, log probability), from the model's own distribution at that position.
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from launcher.rankspec import PREFILL_CHUNK
 from mlxdist.runtime.drafting import PromptLookup, ReplyDrafts
 from mlxdist.runtime.runner import StepRunner
 from mlxdist.runtime.speculative import read_reply
-from mlxdist.runtime.step import DRAFT, LOGITS, NEW, SAMPLE, VERIFY, Step
+from mlxdist.runtime.step import DRAFT, EXTRAS, LOGITS, NEW, SAMPLE, VERIFY, Step
 from mlxdist.serving.schedule import prefill_steps
 
 
@@ -30,6 +30,8 @@ def generate_tokens(
     fed: list[int] | None = None,
     count: Callable[[int, int], None] | None = None,
     drafter: PromptLookup | ReplyDrafts | None = None,
+    extras: bytes = b"",
+    read: Callable[[mx.array], None] | None = None,
 ) -> Iterator[int]:
     """Yields sampled token ids until an end-of-sequence token or max_tokens. With src, the
     caches start as the prefix cache's entry src cut to the prompt's first `keep` positions,
@@ -37,7 +39,9 @@ def generate_tokens(
     by `drafter` (prompt lookup when none is given; ReplyDrafts: the MTP layer's, which come
     with each reply) are checked in each step (speculative decoding). fed, when given, gets
     the tokens the caches hold as they change (for the prefix cache); count(drafted, accepted)
-    is told each speculative step's figures."""
+    is told each speculative step's figures. extras: the sequence's SamplingExtras (bias,
+    penalties, grammar, log probabilities) as they travel to the sampling rank; read(reply) is
+    given each token's reply before the token is yielded (its log probabilities)."""
     fed = [] if fed is None else fed
     steps = prefill_steps(prompt[keep:], chunk=chunk)
     if max_tokens <= 0:
@@ -48,6 +52,8 @@ def generate_tokens(
     extra = DRAFT if draft_tokens > 0 and drafter.remote else 0
     for tokens, flags in steps:
         cached = {"src": src, "keep": keep} if flags & NEW else {}
+        if flags & NEW and extras:
+            flags, cached = flags | EXTRAS, cached | {"extras": extras}
         token = runner.step(tokens, Step(0, flags | extra, **sampling, **cached))
     fed.extend(prompt)
     if draft_tokens > 0:
@@ -58,11 +64,13 @@ def generate_tokens(
             runner, first, max_tokens, eos_ids, draft_tokens, drafter, fed, count
         )
         return
-    if runner.size == 1:
+    if runner.size == 1 and not extras:
         yield from _decode_overlapped(runner, token, max_tokens, eos_ids, fed)
         return
     for n in range(max_tokens):
-        t = token.item()
+        t = token.reshape(-1)[0].item()
+        if read is not None:
+            read(token)
         yield t
         if t in eos_ids or n + 1 == max_tokens:
             return

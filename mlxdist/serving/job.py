@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from mlxdist.runtime.processors import SamplingExtras
 from mlxdist.serving.events import Event
 
 
@@ -23,10 +24,22 @@ class Job:
     ignore_eos: bool = False  # go on past end-of-sequence tokens to max_tokens
     speculative: str | None = None  # "none" or "ngram" for this request (None: the server's)
     draft_tokens: int | None = None  # drafts per step for this request (None: the server's)
+    # logit bias, penalties, a grammar, log probabilities: applied where the sampler runs
+    extras: SamplingExtras | None = None
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+
+    def extras_bytes(self) -> bytes:
+        """The extras as they travel to the sampling rank, with the prompt's tail that the
+        penalties count."""
+        e = self.extras
+        if e is None:
+            return b""
+        if e.penalised and not e.history:
+            e = replace(e, history=self.prompt[-e.context_size :])
+        return e.encode()
 
     def emit(self, event: Event) -> None:
         """Puts event on the job's queue (from any thread, when the job has a loop)."""

@@ -17,7 +17,7 @@ from launcher.rankspec import PREFILL_CHUNK
 from mlxdist.runtime.drafting import PromptLookup
 from mlxdist.runtime.runner import InterleavingRunner
 from mlxdist.runtime.speculative import read_reply
-from mlxdist.runtime.step import DRAFT, NEW, SAMPLE, VERIFY, Step
+from mlxdist.runtime.step import DRAFT, EXTRAS, NEW, SAMPLE, VERIFY, Step
 from mlxdist.serving.events import Failed
 from mlxdist.serving.job import Job
 from mlxdist.serving.prefix_cache import PrefixCache, remember
@@ -125,6 +125,8 @@ class Interleaver:
             tokens, flags = seq.prefill.popleft()
             src, keep = (seq.source.src, seq.source.keep) if flags & NEW else (0, 0)
             sampling = {"seed": job.seed, "temp": job.temp, "top_p": job.top_p}
+            if flags & NEW and job.extras is not None:
+                flags, sampling["extras"] = flags | EXTRAS, job.extras_bytes()
             step = Step(0, flags | extra, slot=seq.slot, src=src, keep=keep, **sampling)
             seq.fed += tokens
             seq.sent = (step.flags, len(tokens))
@@ -154,6 +156,7 @@ class Interleaver:
         out = self.runner.receive()  # its sequence stays listed if this raises
         seq = self.in_flight[0]
         tokens, following = read_reply(out, *seq.sent)
+        seq.read(out)
         if seq.sent[0] & DRAFT:
             seq.drafter.offer(following)
         self._deliver(self.in_flight.popleft(), tokens)

@@ -6,6 +6,7 @@ import time
 from collections import deque
 
 from mlxdist.runtime.drafting import PromptLookup, ReplyDrafts
+from mlxdist.runtime.processors import read_logprobs
 from mlxdist.serving.events import Done, Token
 from mlxdist.serving.job import Job
 from mlxdist.serving.prefix_cache import NO_MATCH
@@ -31,6 +32,12 @@ class Sequence:
         self.drafted = 0  # drafts in the step in flight
         self.trim = 0  # positions its next step drops: the drafts its last step rejected
         self.passes = self.drafted_total = self.accepted = 0  # its speculative figures
+        self.logprobs = job.extras is not None and job.extras.top_logprobs is not None
+        self._logprob: tuple[float, list] | None = None  # the next token's, when asked
+
+    def read(self, out) -> None:
+        """A token reply's log probabilities, for the token add() takes next (when asked)."""
+        self._logprob = read_logprobs(out.reshape(-1).tolist()) if self.logprobs else None
 
     def add(self, t: int) -> bool:
         """Takes the next sampled token; returns True when the answer is complete."""
@@ -41,7 +48,10 @@ class Sequence:
             return True
         self.tokens.append(t)
         self.detok.add_token(t)
-        self.job.emit(Token(t, self.stops.feed(self.detok.last_segment)))
+        logprob, top = self._logprob or (None, None)
+        self._logprob = None
+        text = self.stops.feed(self.detok.last_segment)
+        self.job.emit(Token(t, text, logprob, None if top is None else tuple(top)))
         if self.stops.stopped:
             self.reason = "stop"
             return True
