@@ -75,6 +75,13 @@ def batchable(stage: Stage) -> bool:
     return getattr(stage, "kv_bits", None) is None and all(map(merges, stage.make_cache()))
 
 
+def _stack_rows(replies: list[mx.array]) -> mx.array:
+    """Replies of one row each, zero-padded to the widest: (rows, words)."""
+    flat = [r.reshape(-1) for r in replies]
+    width = max(r.size for r in flat)
+    return mx.stack([mx.concatenate([r, mx.zeros((width - r.size,), mx.int32)]) for r in flat])
+
+
 def slots_of(mask: int) -> list[int]:
     """The slots a bitmask names, ascending."""
     return [s for s in range(32) if mask >> s & 1]
@@ -212,6 +219,12 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
             mx.eval(h, [c.state for c in cache])
             return None
         logits = self.stage.logits(h[:, -1, :])
+        if any(s in self.processors for s in rows):
+            out = self._replies(rows, logits)
+            if order is not None:
+                out = out[mx.array([rows.index(s) for s in slots])]
+            mx.eval(out, [c.state for c in cache])
+            return out
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         samplers = [self.samplers[s] for s in rows]
         if all(s.temp == 0 for s in samplers):
@@ -223,6 +236,16 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
             out = out[mx.array([rows.index(s) for s in slots])]
         mx.eval(out, [c.state for c in cache])
         return out
+
+    def _replies(self, rows: list[int], logits: mx.array) -> mx.array:
+        """A batched step's replies when some rows have sampling extras: each row's reply as
+        the sequence alone would get it, zero-padded to the widest (rows, words)."""
+        return _stack_rows(
+            [
+                sample_reply(self.samplers[s], self.processors.get(s), logits[i : i + 1])
+                for i, s in enumerate(rows)
+            ]
+        )
 
     def _broadcast(self, step: Step, tokens: list[int] | None) -> tuple[Step, mx.array | None]:
         """Rank 0 gives step and tokens; every rank returns them. A step of up to _TAIL tokens
@@ -262,9 +285,11 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
     def decode(self, slots: list[int], tokens: list[int]) -> mx.array:
         """Rank 0: one decode step of the sequences in slots (ascending), each fed its token, in
         one forward pass on every rank (one after another when their caches cannot be joined);
-        their sampled tokens, in the same order."""
+        their sampled tokens, in the same order, or with sampling extras in the batch their
+        replies, one row each (see _replies)."""
         if len(slots) > 1 and not self.batches:
-            return mx.concatenate([self.decode([s], [t]) for s, t in zip(slots, tokens)])
+            outs = [self.decode([s], [t]) for s, t in zip(slots, tokens)]
+            return _stack_rows(outs) if any(o.ndim == 2 for o in outs) else mx.concatenate(outs)
         mask = sum(1 << s for s in slots)
         step, ids = self._broadcast(Step(len(slots), SAMPLE | BATCH, slot=mask), tokens)
         return self._apply(step, ids)

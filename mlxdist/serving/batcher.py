@@ -161,11 +161,8 @@ class Batcher:
         # Speculation pays only for a sequence decoding alone: with others, one batched step
         # serves them all for one round of collectives, where a pass each costs one round each.
         drafting = len(self.decoding) == 1
-        # A sequence with sampling extras (rank 0 samples it with its own processors) too.
         alone = [
-            s
-            for s in self.decoding.values()
-            if s.trim or (s.drafter is not None and drafting) or s.job.extras is not None
+            s for s in self.decoding.values() if s.trim or (s.drafter is not None and drafting)
         ]
         slots = sorted(s for s in self.decoding if self.decoding[s] not in alone)
         for slot in slots:  # drafts made before it joined the batch are stale by the time it leaves
@@ -174,12 +171,15 @@ class Batcher:
                 drafter.offer([])
         if slots:
             feed = [self.decoding[s].tokens[-1] for s in slots]
-            out = self.runner.decode(slots, feed).tolist()
+            out = self.runner.decode(slots, feed)
             self.in_flight_peak = max(self.in_flight_peak, len(slots))
-            for slot, t, token in zip(slots, feed, out):
+            # rows of replies when a sequence has sampling extras (its log probabilities)
+            rows = (out if out.ndim == 2 else out.reshape(-1, 1)).tolist()
+            for slot, t, row in zip(slots, feed, rows):
                 seq = self.decoding[slot]
                 seq.fed.append(t)
-                self._deliver(seq, [token])
+                seq.read(row)
+                self._deliver(seq, row[:1])
         for seq in alone:
             self._speculate(seq, drafting)
 

@@ -32,12 +32,16 @@ class Sequence:
         self.drafted = 0  # drafts in the step in flight
         self.trim = 0  # positions its next step drops: the drafts its last step rejected
         self.passes = self.drafted_total = self.accepted = 0  # its speculative figures
-        self.logprobs = job.extras is not None and job.extras.top_logprobs is not None
+        # the words of its token replies (the token, its log probabilities), when it has extras
+        self.width = job.extras.reply_words() if job.extras is not None else 1
         self._logprob: tuple[float, list] | None = None  # the next token's, when asked
 
     def read(self, out) -> None:
-        """A token reply's log probabilities, for the token add() takes next (when asked)."""
-        self._logprob = read_logprobs(out.reshape(-1).tolist()) if self.logprobs else None
+        """A token reply's (an array, or its words) log probabilities, for the token add()
+        takes next (when asked)."""
+        if self.width > 1:
+            words = out if isinstance(out, list) else out.reshape(-1).tolist()
+            self._logprob = read_logprobs(words[: self.width])
 
     def add(self, t: int) -> bool:
         """Takes the next sampled token; returns True when the answer is complete."""
