@@ -92,3 +92,41 @@ def test_no_extras_reply_is_the_plain_samplers():
     logits = mx.array(np.random.default_rng(2).normal(size=(1, VOCAB)), mx.float32)
     out = sample_reply(Sampler(), None, logits)
     assert out.tolist() == [int(np.argmax(np.array(logits)))]
+
+
+def test_grammar_answers_end_and_a_failing_grammar_ends_the_answer(tiny_r1):
+    """With a grammar, random logits sampled through the processors give JSON that follows it,
+    then only end tokens; a grammar that cannot start ends the answer instead of the rank."""
+    import json
+
+    from mlxdist.runtime.tiktoken_tokenizer import load_tokenizer
+    from mlxdist.serving.grammar import json_grammar
+
+    tokenizer = load_tokenizer(tiny_r1)
+    ends = set(tokenizer.eos_token_ids)
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 9}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    extras = SamplingExtras(grammar=json_grammar(schema), top_logprobs=0)
+    vocab = len(tokenizer.vocab) + 7  # logits wider than the vocabulary, as models pad them
+    processors = Processors(extras, vocab, lambda: tokenizer)
+    sampler = Sampler(temp=1.0, seed=3)
+    rng = np.random.default_rng(4)
+    tokens = []
+    for _ in range(60):
+        logits = mx.array(rng.normal(size=(1, vocab)) * 4, mx.float32)
+        t = sample_reply(sampler, processors, logits).tolist()[0]
+        if t in ends:
+            break
+        tokens.append(t)
+    else:
+        raise AssertionError("the grammar never let the answer end")
+    answer = json.loads(tokenizer.decode(tokens))
+    assert set(answer) == {"ok", "n"} and isinstance(answer["ok"], bool)
+
+    broken = Processors(SamplingExtras(grammar="not a grammar"), vocab, lambda: tokenizer)
+    t = sample_reply(Sampler(), broken, mx.zeros((1, vocab))).tolist()[0]
+    assert t in ends

@@ -14,6 +14,7 @@ log probabilities are the model's own (log-softmax of the raw logits), before an
 from __future__ import annotations
 
 import json
+import sys
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
@@ -73,10 +74,18 @@ class Processors:
             ids = mx.array(list(extras.logit_bias), mx.int32)
             self.bias = (ids, mx.array(list(extras.logit_bias.values()), mx.float32))
         self.grammar = None
+        self.failed = False  # the grammar could not go on: only an end token may follow
         if extras.grammar is not None:
             from mlxdist.runtime.grammar import GrammarMask  # llguidance only when asked
 
-            self.grammar = GrammarMask(tokenizer(), extras.grammar, vocab_size)
+            wrapper = tokenizer()
+            ends = np.zeros(vocab_size, np.bool_)
+            ends[[i for i in wrapper.eos_token_ids if i < vocab_size]] = True
+            self.ends = mx.array(ends)
+            try:
+                self.grammar = GrammarMask(wrapper, extras.grammar, vocab_size)
+            except ValueError as e:  # rank 0 checked it: a failure here must not stop the rank
+                self._fail(e)
 
     def apply(self, logits: mx.array) -> mx.array:
         """logits (1, vocab) as the sampler should see them."""
@@ -86,9 +95,11 @@ class Processors:
             logits = logits.at[:, ids].add(values.astype(logits.dtype))
         if e.penalised and self.seen:
             logits = self._penalise(logits)
-        if self.grammar is not None:
-            logits = self.grammar.apply(logits)
-        return logits
+        if e.grammar is None:
+            return logits
+        if self.failed or self.grammar.done:  # the answer ends here
+            return mx.where(self.ends, logits, -mx.inf)
+        return self.grammar.apply(logits)
 
     def _penalise(self, logits: mx.array) -> mx.array:
         e, seen = self.extras, list(self.seen)
@@ -107,8 +118,18 @@ class Processors:
 
     def accept(self, token: int) -> None:
         self.seen.append(token)
-        if self.grammar is not None:
+        if self.grammar is None or self.failed or self.grammar.done:
+            return
+        try:
             self.grammar.accept(token)
+        except ValueError as e:
+            self._fail(e)
+
+    def _fail(self, error: Exception) -> None:
+        """The grammar cannot go on (it should never happen: rank 0 checks every grammar and
+        the mask allows only what it accepts): the answer ends rather than the rank."""
+        print(f"grammar failed, ending the answer: {error}", file=sys.stderr, flush=True)
+        self.failed = True
 
 
 def sample_reply(sampler, processors: Processors | None, logits: mx.array) -> mx.array:
