@@ -1,0 +1,143 @@
+"""The llguidance grammar (lark text) that forces an answer to be tool calls in the model's own
+format: one call or more, each to one of the offered tools (or only to `name`), its arguments
+valid against the tool's JSON schema (`%json{...}`).
+
+llguidance treats every added token of a tokenizer as special: such a token matches only where
+the grammar names it (`<｜tool▁sep｜>`), never a quoted string. So a format's markers are named
+as tokens when the vocabulary has them (or when no vocabulary is given) and quoted otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+
+from mlxdist.serving.grammar import JSON_OPTIONS, GrammarError, check_grammar
+from mlxdist.serving.tools import deepseek
+from mlxdist.serving.tools.formats import DEEPSEEK_R1, DEEPSEEK_V31
+
+ANY_OBJECT: dict = {"type": "object"}
+
+
+class Marker(str):
+    """A format's marker: a token of its own in the model's vocabulary."""
+
+
+class Lark(str):
+    """Lark written as it is: a rule's name, a regex."""
+
+
+def _functions(tools: list[dict], name: str | None) -> list[tuple[str, dict]]:
+    """(name, parameters schema) of each tool a call may name."""
+    out = []
+    for tool in tools or []:
+        f = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise GrammarError("each tool needs a function with a name", "tools")
+        params = f.get("parameters") or ANY_OBJECT
+        if not isinstance(params, dict):
+            raise GrammarError(f"tool {f['name']!r}: parameters must be a JSON schema", "tools")
+        out.append((f["name"], params))
+    if name is not None:
+        out = [(n, p) for n, p in out if n == name]
+        if not out:
+            raise GrammarError(f"tool_choice names {name!r}, which is not among the tools")
+    if not out:
+        raise GrammarError("a tool call is required but no tools were given", "tools")
+    return out
+
+
+def _schema(params: dict) -> str:
+    """A %json body: the schema with the compact-JSON options structured output uses."""
+    own = params.get("x-guidance")
+    options = {**JSON_OPTIONS, **(own if isinstance(own, dict) else {})}
+    return "%json" + json.dumps({**params, "x-guidance": options}, ensure_ascii=False)
+
+
+class _Writer:
+    def __init__(self, vocab: dict[str, int] | None) -> None:
+        self.vocab = vocab
+        self.lines: list[str] = []
+
+    def seq(self, *parts: str) -> str:
+        """Lark for the parts in order: markers as tokens (or quoted), Lark as it is, other
+        text quoted."""
+        out = []
+        for p in parts:
+            if isinstance(p, Marker):
+                as_token = self.vocab is None or p in self.vocab
+                out.append(p if as_token else json.dumps(str(p), ensure_ascii=False))
+            elif isinstance(p, Lark):
+                out.append(p)
+            elif p:
+                out.append(json.dumps(p, ensure_ascii=False))
+        return " ".join(out)
+
+    def calls(self, functions: list[tuple[str, dict]], call) -> str:
+        """One rule per tool (`call(name, args_rule)` gives its parts); the `call` rule."""
+        names = []
+        for i, (fname, params) in enumerate(functions):
+            self.lines.append(f"call_{i}: " + self.seq(*call(fname, Lark(f"args_{i}"))))
+            self.lines.append(f"args_{i}: {_schema(params)}")
+            names.append(f"call_{i}")
+        return "call: " + " | ".join(names)
+
+
+def _deepseek(w: _Writer, fmt: str, functions: list[tuple[str, dict]]) -> str:
+    begin, sep, end = Marker(deepseek.CALL_BEGIN), Marker(deepseek.SEP), Marker(deepseek.CALL_END)
+
+    def r1(fname: str, args: str) -> tuple[str, ...]:
+        return begin, "function", sep, fname + deepseek.FENCE_OPEN, args, deepseek.FENCE_CLOSE, end
+
+    def v31(fname: str, args: str) -> tuple[str, ...]:
+        return begin, fname, sep, args, end
+
+    rule = w.calls(functions, r1 if fmt == DEEPSEEK_R1 else v31)
+    more = '("\\n" call)*' if fmt == DEEPSEEK_R1 else "call*"  # R1-0528: a newline between
+    head = w.seq(Marker(deepseek.CALLS_BEGIN), Lark("call " + more), Marker(deepseek.CALLS_END))
+    return f"start: {head}\n{rule}"
+
+
+def _json_tools(w: _Writer, functions: list[tuple[str, dict]]) -> str:
+    """Qwen3's `<tool_call>` JSON ({"name": ..., "arguments": {...}}), Hermes' too."""
+
+    def call(fname: str, args: str) -> tuple[str, ...]:
+        head = '\n{"name":' + json.dumps(fname, ensure_ascii=False) + ',"arguments":'
+        return Marker("<tool_call>"), head, args, "}\n", Marker("</tool_call>")
+
+    return 'start: call ("\\n" call)*\n' + w.calls(functions, call)
+
+
+def _kimi(w: _Writer, functions: list[tuple[str, dict]]) -> str:
+    """Kimi K2: `functions.NAME:INDEX<|tool_call_argument_begin|>{...}` in each call."""
+
+    def call(fname: str, args: str) -> tuple[str, ...]:
+        head = Marker("<|tool_call_begin|>"), f"functions.{fname}:", Lark("/[0-9]+/")
+        return *head, Marker("<|tool_call_argument_begin|>"), args, Marker("<|tool_call_end|>")
+
+    rule = w.calls(functions, call)
+    begin, end = Marker("<|tool_calls_section_begin|>"), Marker("<|tool_calls_section_end|>")
+    return f"start: {w.seq(begin, Lark('call+'), end)}\n{rule}"
+
+
+def call_grammar(
+    fmt: str | None,
+    tools: list[dict],
+    name: str | None = None,
+    vocab: dict[str, int] | None = None,
+) -> str:
+    """Lark text forcing one or more calls of `tools` (only `name`, if given) in format `fmt`;
+    `vocab`, the tokenizer's, says which markers are tokens of their own. GrammarError for a
+    format with no grammar here, or tools it cannot hold."""
+    functions = _functions(tools, name)
+    w = _Writer(vocab)
+    if fmt in (DEEPSEEK_R1, DEEPSEEK_V31):
+        head = _deepseek(w, fmt, functions)
+    elif fmt == "json_tools":
+        head = _json_tools(w, functions)
+    elif fmt == "kimi_k2":
+        head = _kimi(w, functions)
+    else:
+        raise GrammarError(f"a forced tool call is not supported for this model's format ({fmt})")
+    grammar = "\n".join([head, *w.lines]) + "\n"
+    check_grammar(grammar, "tools")
+    return grammar
