@@ -1,0 +1,134 @@
+"""call_grammar: the llguidance grammar that forces tool calls. Each grammar validates, and
+sampling under its mask from random logits over tiny-r1's real tokenizer (a few seeds) writes
+text that ToolCallSplitter parses into calls only, each to an offered tool, its arguments valid
+against that tool's schema. In process, no ranks."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import llguidance
+import llguidance.hf
+import llguidance.numpy as lln
+import numpy as np
+import pytest
+
+from mlxdist.serving.grammar import GrammarError
+from mlxdist.serving.tool_calls import ToolCallSplitter, call_grammar
+
+# Bounded strings and numbers: random logits would otherwise rarely pick the closing quote.
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 8},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+SEARCH = {
+    "type": "object",
+    "properties": {
+        "query": {"type": "string", "maxLength": 6},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+        "filter": {
+            "type": "object",
+            "properties": {"exact": {"type": "boolean"}},
+            "required": ["exact"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["query", "filter"],
+    "additionalProperties": False,
+}
+NOTHING = {"type": "object", "properties": {}, "additionalProperties": False}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "search", "parameters": SEARCH}},
+    {"type": "function", "function": {"name": "now", "parameters": NOTHING}},
+]
+SCHEMAS = {"get_weather": WEATHER, "search": SEARCH, "now": NOTHING}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from mlxdist.testing.tiny_r1 import _write_tokenizer, build_config
+
+    out = tmp_path_factory.mktemp("tiny_r1_tokenizer")
+    _write_tokenizer(out, build_config())
+    tok = AutoTokenizer.from_pretrained(out)
+    return tok, llguidance.hf.from_tokenizer(tok)
+
+
+def _sample(tokenizer, grammar: str, seed: int, limit: int = 600) -> str:
+    tok, ll = tokenizer
+    matcher = llguidance.LLMatcher(ll, grammar)
+    assert not matcher.is_error(), matcher.get_error()
+    rng = np.random.default_rng(seed)
+    mask = lln.allocate_token_bitmask(1, ll.vocab_size)
+    ids: list[int] = []
+    for _ in range(limit):
+        if matcher.is_stopped():
+            break
+        lln.fill_next_token_bitmask(matcher, mask)
+        logits = rng.normal(size=(1, ll.vocab_size)).astype(np.float32)
+        lln.apply_token_bitmask_inplace(logits, mask)
+        token = int(np.argmax(logits))
+        if token == tok.eos_token_id:
+            break
+        assert matcher.consume_token(token), matcher.get_error()
+        ids.append(token)
+    assert matcher.is_accepting(), tok.decode(ids)
+    return tok.decode(ids)
+
+
+# The formats with a grammar; tiny-r1's vocabulary has DeepSeek's markers as tokens, the others'
+# markers are written out as text.
+FORMATS = ["deepseek_r1", "deepseek_v31", "json_tools", "kimi_k2"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", [None, "search"])
+def test_sampled_calls_parse_and_validate(tokenizer, fmt, name):
+    grammar = call_grammar(fmt, TOOLS, name, vocab=tokenizer[0].get_vocab())
+    assert llguidance.LLMatcher.validate_grammar(grammar, tokenizer[1]) == ""
+    seen = set()
+    for seed in range(4):
+        text = _sample(tokenizer, grammar, seed)
+        splitter = ToolCallSplitter(fmt, TOOLS)
+        content, calls = splitter.feed(text)
+        rest, more = splitter.finish()
+        assert content + rest == "", text  # nothing but calls
+        assert calls + more, text
+        for call in calls + more:
+            assert call.name == name or (name is None and call.name in SCHEMAS)
+            jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+            seen.add(call.name)
+    assert seen
+
+
+def test_deepseek_grammar_names_its_markers_as_tokens(tokenizer):
+    grammar = call_grammar("deepseek_r1", TOOLS[:1])
+    assert "<｜tool▁calls▁begin｜> call" in grammar and '"function"' in grammar
+    # a tool without parameters takes any JSON object
+    bare = call_grammar("deepseek_v31", [{"type": "function", "function": {"name": "now"}}])
+    assert '%json{"type": "object"' in bare
+    assert llguidance.LLMatcher.validate_grammar(bare, tokenizer[1]) == ""
+
+
+@pytest.mark.parametrize(
+    "fmt,tools,name,words",
+    [
+        ("glm47", TOOLS, None, "not supported"),
+        ("deepseek_r1", TOOLS, "missing", "'missing'"),
+        ("deepseek_r1", [], None, "no tools"),
+        ("deepseek_r1", [{"type": "function", "function": {}}], None, "name"),
+    ],
+)
+def test_refusals_say_why(fmt, tools, name, words):
+    with pytest.raises(GrammarError, match=words):
+        call_grammar(fmt, tools, name)
