@@ -132,3 +132,42 @@ def test_deepseek_grammar_names_its_markers_as_tokens(tokenizer):
 def test_refusals_say_why(fmt, tools, name, words):
     with pytest.raises(GrammarError, match=words):
         call_grammar(fmt, tools, name)
+
+
+def test_after_the_reasoning_the_calls_are_forced(tokenizer):
+    """R1's prompt leaves it inside <think>: the reasoning runs free to </think>, then calls."""
+    from mlxdist.serving.reasoning import ReasoningSplitter
+
+    tok, ll = tokenizer
+    grammar = call_grammar("deepseek_r1", TOOLS, vocab=tok.get_vocab(), think=True)
+    end_think = tok.convert_tokens_to_ids("</think>")
+    for seed in range(3):
+        matcher = llguidance.LLMatcher(ll, grammar)
+        rng = np.random.default_rng(seed)
+        mask = lln.allocate_token_bitmask(1, ll.vocab_size)
+        ids: list[int] = []
+        while not matcher.is_stopped() and len(ids) < 600:
+            lln.fill_next_token_bitmask(matcher, mask)
+            logits = rng.normal(size=(1, ll.vocab_size)).astype(np.float32)
+            logits[0, end_think] += 2.5  # end the random reasoning within a few dozen tokens
+            lln.apply_token_bitmask_inplace(logits, mask)
+            ids.append(int(np.argmax(logits)))
+            assert matcher.consume_token(ids[-1]), matcher.get_error()
+        assert matcher.is_accepting()
+        reasoning, content = ReasoningSplitter(in_think=True).feed(tok.decode(ids))
+        splitter = ToolCallSplitter("deepseek_r1", TOOLS)
+        text, calls = splitter.feed(content)
+        assert text == "" and calls and splitter.finish() == ("", [])
+        for call in calls:
+            jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+
+
+def test_think_written_out_ends_at_the_first_close_tag(tokenizer):
+    """A vocabulary without </think> as a token: the tag is text, and the reasoning ends there."""
+    tok, ll = tokenizer
+    grammar = call_grammar("json_tools", TOOLS[2:], vocab={}, think=True)
+    matcher = llguidance.LLMatcher(ll, grammar)
+    pieces = ["why? </", "think>\n\n<tool_call>\n", '{"name":"now","arguments":{}}\n</tool_call>']
+    ids = [t for p in pieces for t in tok.encode(p, add_special_tokens=False)]
+    assert matcher.consume_tokens(ids), matcher.get_error()
+    assert matcher.is_accepting()

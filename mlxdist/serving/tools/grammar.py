@@ -124,10 +124,13 @@ def call_grammar(
     tools: list[dict],
     name: str | None = None,
     vocab: dict[str, int] | None = None,
+    think: bool = False,
 ) -> str:
     """Lark text forcing one or more calls of `tools` (only `name`, if given) in format `fmt`;
-    `vocab`, the tokenizer's, says which markers are tokens of their own. GrammarError for a
-    format with no grammar here, or tools it cannot hold."""
+    `vocab`, the tokenizer's, says which markers are tokens of their own. With `think` (the
+    prompt leaves the model inside a <think> block, as R1's does) the reasoning runs free up to
+    </think> and the calls follow. GrammarError for a format with no grammar here, or tools it
+    cannot hold."""
     functions = _functions(tools, name)
     w = _Writer(vocab)
     if fmt in (DEEPSEEK_R1, DEEPSEEK_V31):
@@ -138,6 +141,15 @@ def call_grammar(
         head = _kimi(w, functions)
     else:
         raise GrammarError(f"a forced tool call is not supported for this model's format ({fmt})")
+    if think:
+        calls = head.replace("start:", "calls:", 1)
+        # R1 writes a blank line after </think>. As a token </think> can never be part of the
+        # reasoning's text; written out, the lazy rule ends at its first </think>.
+        if vocab is None or "</think>" in vocab:
+            w.lines += ["reasoning: REASONING </think>", "REASONING: /(?s:.*)/"]
+        else:
+            w.lines.append("reasoning[lazy]: /(?s:.*)<\\/think>/")
+        head = f"start: reasoning /[ \\n]*/ calls\n{calls}"
     grammar = "\n".join([head, *w.lines]) + "\n"
     check_grammar(grammar, "tools")
     return grammar
