@@ -10,9 +10,12 @@ import jsonschema
 import mlx.core as mx
 import numpy as np
 import pytest
+from anthropic import transform_schema
 from mlx_lm.utils import load_tokenizer
+from openai.lib._parsing._completions import type_to_response_format_param
+from openai.lib._parsing._responses import type_to_text_format_param
 
-from mlxdist.runtime.grammar import GrammarMask
+from mlxdist.runtime.grammar import GrammarMask, GrammarViolation, ll_tokenizer
 from mlxdist.serving.grammar import json_grammar
 from mlxdist.testing.schemas import SCHEMAS
 
@@ -94,3 +97,107 @@ def test_the_draws_differ(vocab, name):
     grammar = json_grammar(dict(SCHEMAS)[name])
     answers = {sample(vocab, grammar, seed)[0] for seed in SEEDS}
     assert len(answers) == len(SEEDS), answers
+
+
+def test_the_official_clients_schemas_hold(vocab):
+    """openai's and anthropic's clients' schemas for a pydantic model (nested models through
+    $defs, Optional, an enum, a Literal), in each API's shape: the answers are the model's."""
+    from test_grammar_request import Order
+
+    from mlxdist.serving.grammar import (
+        anthropic_format_grammar,
+        chat_format_grammar,
+        responses_format_grammar,
+    )
+
+    grammars = [
+        chat_format_grammar(type_to_response_format_param(Order)),
+        responses_format_grammar(type_to_text_format_param(Order)),
+        anthropic_format_grammar({"type": "json_schema", "schema": transform_schema(Order)}),
+    ]
+    for grammar in grammars:
+        for seed in SEEDS:
+            text, mask = sample(vocab, grammar, seed)
+            assert mask.done, text
+            Order.model_validate_json(text)
+
+
+def test_ids_past_the_vocabulary_are_never_allowed(vocab):
+    """tiny-r1's logits are wider than its tokenizer (1024 against 899 ids): those ids stay at
+    -inf at every step, and accepting one is refused."""
+    size = len(vocab.tokenizer._tokenizer)
+    grammar = json_grammar(dict(SCHEMAS)["person"])
+    mask = GrammarMask(vocab.tokenizer, grammar, vocab.width + 64)  # wider still
+    rng = np.random.default_rng(0)
+    while not mask.done:
+        allowed = mask.allowed()
+        assert allowed.shape == (vocab.width + 64,) and not allowed[size:].any()
+        logits = mx.array(rng.standard_normal(vocab.width + 64, dtype=np.float32) + 50)
+        masked = mask.apply(logits)
+        assert mx.all(mx.isneginf(masked[size:])).item()
+        mask.accept(int(mx.argmax(masked).item()))
+    with pytest.raises(GrammarViolation, match=f"token {size} is not in the tokenizer"):
+        mask.accept(size)
+
+
+def test_only_the_end_tokens_follow_a_complete_answer(vocab):
+    """Once the grammar is complete the mask allows exactly the end ids it was given (the
+    tokenizer's by default); before that, none of them."""
+    default_end = vocab.tokenizer.eos_token_ids
+    for ends in (None, sorted(default_end | {0})):
+        mask = GrammarMask(
+            vocab.tokenizer, json_grammar(dict(SCHEMAS)["boolean"]), vocab.width, ends
+        )
+        expected = set(ends or default_end)
+        prefix = vocab.tokenizer.encode('{"ok":true}', add_special_tokens=False)
+        for token in prefix:
+            assert not mask.done and not mask.allowed()[sorted(expected)].any()
+            mask.accept(token)
+        assert mask.done
+        assert set(np.flatnonzero(mask.allowed())) == expected
+        mask.accept(min(expected))  # the end token itself is accepted
+        assert mask.done
+
+
+def test_an_answer_that_may_go_on_allows_its_end_too(vocab):
+    """A top-level integer is complete after "42" but may take more digits: not done, and both
+    an end token and a digit are allowed."""
+    mask = GrammarMask(vocab.tokenizer, json_grammar({"type": "integer"}), vocab.width)
+    for token in vocab.tokenizer.encode("42", add_special_tokens=False):
+        mask.accept(token)
+    allowed = mask.allowed()
+    assert not mask.done
+    assert allowed[sorted(vocab.tokenizer.eos_token_ids)].all()
+    assert allowed[vocab.tokenizer.encode("7", add_special_tokens=False)[0]]
+
+
+def test_a_forbidden_token_is_refused(vocab):
+    mask = GrammarMask(vocab.tokenizer, json_grammar(dict(SCHEMAS)["boolean"]), vocab.width)
+    letter = vocab.tokenizer.encode("x", add_special_tokens=False)[0]
+    assert not mask.allowed()[letter]
+    with pytest.raises(GrammarViolation, match=f"token {letter} .* is not allowed by the grammar"):
+        mask.accept(letter)
+    with pytest.raises(GrammarViolation, match="the grammar failed"):
+        mask.allowed()
+
+
+@pytest.mark.parametrize("shape", [(1, -1), (-1,)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_apply_keeps_the_logits_shape_and_dtype(vocab, shape, dtype):
+    mask = GrammarMask(vocab.tokenizer, json_grammar(None), vocab.width)
+    logits = mx.arange(vocab.width).astype(dtype).reshape(shape)
+    masked = mask.apply(logits)
+    assert masked.shape == logits.shape and masked.dtype == dtype
+    allowed = mask.allowed()
+    kept = np.array(masked.reshape(-1).astype(mx.float32))
+    given = np.array(logits.reshape(-1).astype(mx.float32))
+    assert np.isneginf(kept[~allowed]).all() and (kept[allowed] == given[allowed]).all()
+
+
+def test_the_llguidance_tokenizer_is_built_once(vocab):
+    """Once per tokenizer and end ids in a process, from the wrapper or the HF tokenizer."""
+    ends = vocab.tokenizer.eos_token_ids
+    first = ll_tokenizer(vocab.tokenizer)
+    assert ll_tokenizer(vocab.tokenizer) is first
+    assert ll_tokenizer(vocab.tokenizer._tokenizer, ends) is first
+    assert ll_tokenizer(vocab.tokenizer, sorted(ends | {0})) is not first

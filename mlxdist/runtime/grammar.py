@@ -19,6 +19,7 @@ import llguidance.hf
 import mlx.core as mx
 import numpy as np
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+from transformers import PreTrainedTokenizerFast
 
 _tokenizers: dict[tuple[int, tuple[int, ...]], tuple[object, llguidance.LLTokenizer]] = {}
 _tokenizers_lock = threading.Lock()
@@ -36,7 +37,9 @@ def ll_tokenizer(tokenizer, eos_ids=None) -> llguidance.LLTokenizer:
     tokenizer), built once per tokenizer and end ids in this process (about 1 s for 129k tokens).
     `eos_ids` (default: the wrapper's eos_token_ids, else the tokenizer's eos) are the tokens the
     mask allows once the grammar is complete."""
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)  # the wrapper holds the HF tokenizer
+    hf = tokenizer
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):  # mlx-lm's wrapper holds it
+        hf = tokenizer._tokenizer
     if eos_ids is None:
         eos_ids = getattr(tokenizer, "eos_token_ids", None) or [hf.eos_token_id]
     ends = tuple(sorted(int(i) for i in eos_ids))
