@@ -171,3 +171,39 @@ def test_think_written_out_ends_at_the_first_close_tag(tokenizer):
     ids = [t for p in pieces for t in tok.encode(p, add_special_tokens=False)]
     assert matcher.consume_tokens(ids), matcher.get_error()
     assert matcher.is_accepting()
+
+
+def test_harmony_grammar_samples_one_call_the_splitter_reads(tmp_path):
+    """gpt-oss (make-model's tokenizer, harmony's markers as its added tokens): an optional
+    analysis message, then one call on the commentary channel ending at <|call|>."""
+    from transformers import AutoTokenizer
+
+    from mlxdist.serving.harmony import HarmonySplitter
+    from mlxdist.testing.families import FAMILIES
+    from mlxdist.testing.make_model import _write_tokenizer, family_config
+
+    _write_tokenizer(tmp_path, FAMILIES["gpt_oss"], family_config("gpt_oss"))
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    ll = llguidance.hf.from_tokenizer(tok)
+    grammar = call_grammar("harmony", TOOLS, vocab=tok.get_vocab())
+    end = tok.convert_tokens_to_ids("<|end|>")
+    for seed in range(3):
+        matcher = llguidance.LLMatcher(ll, grammar)
+        rng = np.random.default_rng(seed)
+        mask = lln.allocate_token_bitmask(1, ll.vocab_size)
+        ids: list[int] = []
+        while not matcher.is_stopped() and len(ids) < 600:
+            lln.fill_next_token_bitmask(matcher, mask)
+            logits = rng.normal(size=(1, ll.vocab_size)).astype(np.float32)
+            logits[0, end] += 2.5  # end a random analysis message soon
+            lln.apply_token_bitmask_inplace(logits, mask)
+            ids.append(int(np.argmax(logits)))
+            assert matcher.consume_token(ids[-1]), matcher.get_error()
+        assert matcher.is_accepting()
+        text = tok.decode(ids[:-1])  # <|call|> is an end token: the answer stops before it
+        splitter = HarmonySplitter()
+        _, content = splitter.feed(text)
+        assert content + splitter.finish()[1] == ""
+        calls = splitter.take_calls()
+        assert len(calls) == 1, text
+        jsonschema.validate(json.loads(calls[0].arguments), SCHEMAS[calls[0].name])

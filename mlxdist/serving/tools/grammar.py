@@ -13,7 +13,7 @@ import json
 
 from mlxdist.serving.grammar import JSON_OPTIONS, GrammarError, check_grammar
 from mlxdist.serving.tools import deepseek
-from mlxdist.serving.tools.formats import DEEPSEEK_R1, DEEPSEEK_V31
+from mlxdist.serving.tools.formats import DEEPSEEK_R1, DEEPSEEK_V31, HARMONY
 
 ANY_OBJECT: dict = {"type": "object"}
 
@@ -119,6 +119,37 @@ def _kimi(w: _Writer, functions: list[tuple[str, dict]]) -> str:
     return f"start: {w.seq(begin, Lark('call+'), end)}\n{rule}"
 
 
+def _free_text(w: _Writer, rule: str, until: Marker) -> None:
+    """`rule`: any text, then `until`. As a token `until` is never part of the text; written
+    out, a lazy rule ends at its first occurrence."""
+    if w.vocab is None or until in w.vocab:
+        w.lines += [f"{rule}: {rule.upper()} {until}", f"{rule.upper()}: /(?s:.*)/"]
+    else:
+        escaped = json.dumps(str(until), ensure_ascii=False)[1:-1].replace("/", "\\/")
+        w.lines.append(f"{rule}[lazy]: /(?s:.*){_regex_escape(escaped)}/")
+
+
+def _regex_escape(text: str) -> str:
+    return "".join("\\" + c if c in r".^$*+?()[]{}|" else c for c in text)
+
+
+def _harmony(w: _Writer, functions: list[tuple[str, dict]]) -> str:
+    """gpt-oss: after the prompt's `<|start|>assistant`, an optional analysis message, then one
+    call on the commentary channel, `<|channel|>commentary to=functions.NAME <|constrain|>json
+    <|message|>{...}<|call|>` (OpenAI's harmony guide, "Function calling"); <|call|> ends the
+    output, so there is one call per answer."""
+    channel, message = Marker("<|channel|>"), Marker("<|message|>")
+
+    def call(fname: str, args: str) -> tuple[str, ...]:
+        head = channel, f"commentary to=functions.{fname} ", Marker("<|constrain|>"), "json"
+        return *head, message, args, Marker("<|call|>")
+
+    rule = w.calls(functions, call)
+    _free_text(w, "analysis_text", Marker("<|end|>"))
+    analysis = w.seq(channel, "analysis", message, Lark("analysis_text"), Marker("<|start|>"))
+    return f'start: analysis? call\nanalysis: {analysis} "assistant"\n{rule}'
+
+
 def call_grammar(
     fmt: str | None,
     tools: list[dict],
@@ -139,17 +170,14 @@ def call_grammar(
         head = _json_tools(w, functions)
     elif fmt == "kimi_k2":
         head = _kimi(w, functions)
+    elif fmt == HARMONY:
+        head = _harmony(w, functions)
     else:
         raise GrammarError(f"a forced tool call is not supported for this model's format ({fmt})")
-    if think:
+    if think and fmt != HARMONY:  # harmony's reasoning is its analysis message, always allowed
         calls = head.replace("start:", "calls:", 1)
-        # R1 writes a blank line after </think>. As a token </think> can never be part of the
-        # reasoning's text; written out, the lazy rule ends at its first </think>.
-        if vocab is None or "</think>" in vocab:
-            w.lines += ["reasoning: REASONING </think>", "REASONING: /(?s:.*)/"]
-        else:
-            w.lines.append("reasoning[lazy]: /(?s:.*)<\\/think>/")
-        head = f"start: reasoning /[ \\n]*/ calls\n{calls}"
+        _free_text(w, "reasoning", Marker("</think>"))
+        head = f"start: reasoning /[ \\n]*/ calls\n{calls}"  # R1: a blank line after </think>
     grammar = "\n".join([head, *w.lines]) + "\n"
     check_grammar(grammar, "tools")
     return grammar
