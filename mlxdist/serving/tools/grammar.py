@@ -125,12 +125,13 @@ def _free_text(w: _Writer, rule: str, until: Marker) -> None:
     if w.vocab is None or until in w.vocab:
         w.lines += [f"{rule}: {rule.upper()} {until}", f"{rule.upper()}: /(?s:.*)/"]
     else:
-        escaped = json.dumps(str(until), ensure_ascii=False)[1:-1].replace("/", "\\/")
-        w.lines.append(f"{rule}[lazy]: /(?s:.*){_regex_escape(escaped)}/")
+        w.lines.append(f"{rule}[lazy]: /(?s:.*){_regex_escape(until)}/")
 
 
 def _regex_escape(text: str) -> str:
-    return "".join("\\" + c if c in r".^$*+?()[]{}|" else c for c in text)
+    """text as a lark /regex/ that matches it literally."""
+    special = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "/": "\\/"}
+    return "".join(special.get(c) or ("\\" + c if c in r"\.^$*+?()[]{}|" else c) for c in text)
 
 
 def _harmony(w: _Writer, functions: list[tuple[str, dict]]) -> str:
@@ -148,6 +149,88 @@ def _harmony(w: _Writer, functions: list[tuple[str, dict]]) -> str:
     _free_text(w, "analysis_text", Marker("<|end|>"))
     analysis = w.seq(channel, "analysis", message, Lark("analysis_text"), Marker("<|start|>"))
     return f'start: analysis? call\nanalysis: {analysis} "assistant"\n{rule}'
+
+
+# The XML-like formats write each argument as text between tags: a string as it is, any other
+# value as JSON (how the formats' own templates render them, and how mlx-lm's parsers read them
+# back by the tool's schema). Arguments come in the schema's order, the required ones always.
+# A string's enum, const and length are kept; its pattern and format are not (no JSON here).
+_XML = {
+    # Qwen/Qwen3-Coder-30B-A3B-Instruct chat_template.jinja
+    "qwen3_coder": (
+        ("<tool_call>", "\n<function={name}>\n"),
+        ("</function>\n", "</tool_call>"),
+        ("<parameter={key}>\n", "\n</parameter>\n"),
+        '("\\n" call)*',
+    ),
+    # zai-org/GLM-4.5 chat_template.jinja
+    "glm47": (
+        ("<tool_call>", "{name}\n"),
+        ("", "</tool_call>"),
+        ("<arg_key>{key}</arg_key>\n<arg_value>", "</arg_value>\n"),
+        '("\\n" call)*',
+    ),
+    # MiniMaxAI/MiniMax-M2 chat_template.jinja: all calls in one <minimax:tool_call> block
+    "minimax_m2": (
+        ("", '<invoke name="{name}">\n'),
+        ("</invoke>\n", ""),
+        ('<parameter name="{key}">', "</parameter>\n"),
+        "call*",
+    ),
+}
+
+
+def _is_string(schema: dict) -> bool:
+    kinds = schema.get("type")
+    enum = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if isinstance(enum, list) and enum:
+        return all(isinstance(v, str) for v in enum)
+    return kinds == "string"
+
+
+def _string_value(w: _Writer, rule: str, schema: dict, close: str) -> str:
+    """A string argument and its closing tag: one of its enum, or text up to the tag."""
+    enum = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if isinstance(enum, list) and enum:
+        close_lit = json.dumps(close, ensure_ascii=False)
+        options = " | ".join(json.dumps(v, ensure_ascii=False) + " " + close_lit for v in enum)
+        w.lines.append(f"{rule}: {options}")
+        return rule
+    low, high = schema.get("minLength", 0), schema.get("maxLength")
+    span = f"{{{int(low)},{int(high)}}}" if isinstance(high, int) else f"{{{int(low)},}}"
+    w.lines.append(f"{rule}[lazy]: /(?s:.{span}){_regex_escape(close)}/")
+    return rule
+
+
+def _xml(w: _Writer, fmt: str, functions: list[tuple[str, dict]]) -> str:
+    (marker, head), (tail, end_marker), (open_, close), more = _XML[fmt]
+    names = []
+    for i, (fname, params) in enumerate(functions):
+        props = params.get("properties") if isinstance(params.get("properties"), dict) else {}
+        required = set(params.get("required") or [])
+        parts = []
+        for k, (key, schema) in enumerate(props.items()):
+            schema = schema if isinstance(schema, dict) else {}
+            rule = f"arg_{i}_{k}"
+            opening = w.seq(open_.format(key=key))
+            if _is_string(schema):
+                value = _string_value(w, f"value_{i}_{k}", schema, close)
+                w.lines.append(f"{rule}: {opening} {value}")
+            else:
+                schema_text = _schema(schema)
+                w.lines.append(f"{rule}: {opening} {schema_text} {w.seq(close)}")
+            parts.append(rule if key in required else f"{rule}?")
+        first = (Marker(marker),) if marker else ()
+        last = (Marker(end_marker),) if end_marker else ()
+        body = (Lark(" ".join(parts)),) if parts else ()
+        w.lines.append(f"call_{i}: " + w.seq(*first, head.format(name=fname), *body, tail, *last))
+        names.append(f"call_{i}")
+    rule = "call: " + " | ".join(names)
+    if fmt == "minimax_m2":
+        begin, end = Marker("<minimax:tool_call>"), Marker("</minimax:tool_call>")
+        section = w.seq(begin, "\n", Lark("call " + more), end)
+        return f"start: {section}\n{rule}"
+    return f"start: call {more}\n{rule}"
 
 
 def call_grammar(
@@ -172,6 +255,8 @@ def call_grammar(
         head = _kimi(w, functions)
     elif fmt == HARMONY:
         head = _harmony(w, functions)
+    elif fmt in _XML:
+        head = _xml(w, fmt, functions)
     else:
         raise GrammarError(f"a forced tool call is not supported for this model's format ({fmt})")
     if think and fmt != HARMONY:  # harmony's reasoning is its analysis message, always allowed
