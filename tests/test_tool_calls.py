@@ -314,3 +314,33 @@ def test_tool_format_of_tiny_r1_and_from_the_vocabulary_alone():
     assert tool_format(CHAT_TEMPLATE, {}) == "deepseek_r1"
     assert tool_format(None, {R1_CALL: 7}) == "deepseek_r1"
     assert tool_format(None, {"hello": 1}) is None
+
+
+# Pieces of every format's markers and bodies, glued at random: whatever the model writes, the
+# splitter never raises, and streaming in any pieces gives what the whole text gives.
+_FRAGMENTS = [
+    R1_CALLS, R1_CALLS_END, R1_CALL, R1_CALL_END, SEP, "function", "get_weather", "\n```json\n",
+    '{"city": "Paris"}', "\n```", "\n", " ", "<", "｜", "<tool_call>", "</tool_call>", '{"name": ',
+    '"arguments": {}}', "<function=get_weather>", "<parameter=city>", "</parameter>",
+    "</function>", "<|tool_calls_section_begin|>", "<|tool_call_begin|>", "functions.f:0",
+    "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|tool_calls_section_end|>",
+    "<minimax:tool_call>", '<invoke name="f">', "</invoke>", "</minimax:tool_call>",
+    "[TOOL_CALLS]", "[ARGS]", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "x",
+]  # fmt: skip
+FORMATS = [
+    *("deepseek_r1", "deepseek_v31", "json_tools", "qwen3_coder", "glm47", "kimi_k2"),
+    *("minimax_m2", "mistral"),
+]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_any_text_streams_as_it_reads_whole(fmt):
+    import random
+
+    rng = random.Random(fmt)
+    for _ in range(150):
+        text = "".join(rng.choice(_FRAGMENTS) for _ in range(rng.randint(1, 14)))
+        whole = _run(fmt, [text])
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, 4)))
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+        assert _run(fmt, pieces) == whole, (text, pieces)
