@@ -8,6 +8,7 @@ An API's route turns its request into a prompt (render_chat or encode) and Param
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -15,10 +16,13 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from mlxdist.runtime.processors import SamplingExtras
 from mlxdist.serving.api.errors import APIError
+from mlxdist.serving.api.logprobs import TokenBytes
 from mlxdist.serving.coordinator import Coordinator
 from mlxdist.serving.events import Done, Event, Failed, Gone, Token
 from mlxdist.serving.job import Job
+from mlxdist.serving.tool_calls import tool_format
 
 MAX_STOPS = 16
 EXPLAIN_WAIT = 2.0  # how long a ring error waits for the heartbeat to name the node behind it
@@ -86,6 +90,7 @@ class Params:
     ignore_eos: bool = False
     speculative: str | None = None
     draft_tokens: int | None = None
+    extras: SamplingExtras | None = None  # bias, penalties, grammar, log probabilities
 
 
 class Context:
@@ -105,6 +110,26 @@ class Context:
         self.context: int | None = info.get("context")
         # Without heartbeats (one rank), an error has no node failure to wait for.
         self.inflight, self.wait = (inflight, EXPLAIN_WAIT) if inflight else (Inflight(), 0.0)
+
+    @functools.cached_property
+    def vocab_map(self) -> dict[str, int]:
+        return self.tokenizer.get_vocab()
+
+    @functools.cached_property
+    def chat_template(self) -> str | None:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    @functools.cached_property
+    def tool_format(self) -> str | None:
+        """The model's tool-call format; None when its chat template renders no tools."""
+        if self.chat_template is None or "tools" not in self.chat_template:
+            return None
+        return tool_format(self.chat_template, self.vocab_map)
+
+    @functools.cached_property
+    def token_bytes(self) -> TokenBytes:
+        return TokenBytes(self.tokenizer)
 
     def check_ids(self, ids: list[int], param: str = "prompt") -> list[int]:
         # MLX does not bounds-check embedding lookups: an id past the vocabulary crashes a rank.
@@ -169,6 +194,7 @@ class Context:
             ignore_eos=params.ignore_eos,
             speculative=params.speculative,
             draft_tokens=params.draft_tokens,
+            extras=params.extras,
             loop=asyncio.get_running_loop(),
         )
 

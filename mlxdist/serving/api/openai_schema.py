@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# Unknown fields (tools, logprobs, penalties...) are accepted and ignored, as most servers do;
+# Unknown fields (n-best, echo, user...) are accepted and ignored, as most servers do;
 # the fields below must have the right type: "5" is not a number.
 _STRICT = ConfigDict(strict=True, extra="allow")
 
@@ -17,15 +17,58 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+    name: str
+    arguments: str  # JSON text, as the API hands it out
+
+
+class CallIn(BaseModel):
+    """A tool call an assistant made earlier in the conversation."""
+
+    model_config = _STRICT
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = _STRICT
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[CallIn] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool message's: the call it answers
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+
+class Function(BaseModel):
+    model_config = _STRICT
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: Function
+
+
+class NamedFunction(BaseModel):
+    model_config = _STRICT
+    name: str
+
+
+class NamedChoice(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -50,6 +93,14 @@ class Sampling(BaseModel):
     # mlxdist extensions: this request's speculative decoding, instead of the server's
     speculative: Literal["none", "ngram", "mtp"] | None = None
     draft_tokens: int | None = Field(None, ge=1, le=16)
+    # Applied where the sampler runs (mlxdist/runtime/processors.py): token id (as a string)
+    # -> -100..100 added to its logit; penalties over the answer (and the prompt's tail).
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    # {"type": "text" | "json_object" | "json_schema", ...}: checked by serving/grammar.py
+    response_format: dict | None = None
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
@@ -68,10 +119,16 @@ class ChatRequest(Sampling):
     # "deepseek": the text inside <think>...</think> goes to reasoning_content; "none": all of
     # it stays in content, as generated.
     reasoning_format: Literal["deepseek", "none"] = "deepseek"
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedChoice | None = None
+    parallel_tool_calls: bool = True  # accepted; the model may write several calls either way
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[int]
+    logprobs: int | None = Field(None, ge=0, le=5)
 
 
 class LogitsRequest(BaseModel):

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from mlxdist.serving.api.context import Context
 from mlxdist.serving.api.errors import APIError, error_body
-from mlxdist.serving.api.openai_output import Output, finish_reason, sse
+from mlxdist.serving.api.openai_output import Output, sse
 from mlxdist.serving.events import Done, Token
 from mlxdist.serving.job import Job
 
@@ -47,7 +47,7 @@ async def _stream(ctx: Context, job: Job, out: Output) -> AsyncIterator[str]:
                     case Done() as done:
                         for chunk in out.deltas(out.tail(done)):
                             yield chunk
-                        yield out.chunk(reason=finish_reason(done.finish_reason))
+                        yield out.chunk(reason=out.finish_reason(done))
                         if out.req.include_usage():
                             yield out.usage_chunk(done)
         except APIError as e:  # a failure once the answer has begun: an error event
