@@ -220,6 +220,40 @@ CASES = [
     # Mistral (Magistral/Devstral 2507+): mistralai's tokenizer docs, "[TOOL_CALLS]NAME[ARGS]{...}",
     # running to the end of the output.
     ("mistral one call", "mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', "", [PARIS]),
+    # Llama 3.1-3.3: meta-llama/Llama-3.1-8B-Instruct tokenizer_config.json chat_template, 'Respond
+    # in the format {"name": function name, "parameters": dictionary of argument name and its
+    # value}.'; the built-in tools' calls begin with <|python_tag|>.
+    (
+        "llama one call",
+        "llama3_json",
+        ' {"name": "get_weather", "parameters": {"city": "Paris"}}',
+        "",
+        [PARIS],
+    ),
+    (
+        "llama two calls",
+        "llama3_json",
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+        '{"name": "get_weather", "parameters": {"city": "Rome", "days": 3}}',
+        "",
+        [PARIS, ROME],
+    ),
+    (
+        "llama python tag",
+        "llama3_json",
+        '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}',
+        "",
+        [PARIS],
+    ),
+    ("llama plain answer", "llama3_json", "It is sunny {maybe}.", "It is sunny {maybe}.", []),
+    ("llama JSON that is no call", "llama3_json", '{"answer": 42}', '{"answer": 42}', []),
+    (
+        "llama unfinished",
+        "llama3_json",
+        '{"name": "get_weather", "param',
+        '{"name": "get_weather", "param',
+        [],
+    ),
 ]
 
 
@@ -297,6 +331,11 @@ TEMPLATES = [
     ("{{ '<|tool_calls_section_begin|>' }}", "kimi_k2"),
     # MiniMaxAI/MiniMax-M2 chat_template.jinja
     ("{{ '<minimax:tool_call>' }}", "minimax_m2"),
+    # meta-llama/Llama-3.1-8B-Instruct tokenizer_config.json chat_template
+    (
+        "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{{- '\"parameters\": ' }}",
+        "llama3_json",
+    ),
     # openai/gpt-oss-20b chat_template.jinja
     ("{{ '<|start|>assistant<|channel|>final<|message|>' }}", "harmony"),
     ("{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>' }}", None),
@@ -326,10 +365,11 @@ _FRAGMENTS = [
     "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|tool_calls_section_end|>",
     "<minimax:tool_call>", '<invoke name="f">', "</invoke>", "</minimax:tool_call>",
     "[TOOL_CALLS]", "[ARGS]", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "x",
+    "<|python_tag|>", '{"name": "f", "parameters": {}}', "; ", "{",
 ]  # fmt: skip
 FORMATS = [
     *("deepseek_r1", "deepseek_v31", "json_tools", "qwen3_coder", "glm47", "kimi_k2"),
-    *("minimax_m2", "mistral"),
+    *("minimax_m2", "mistral", "llama3_json"),
 ]
 
 

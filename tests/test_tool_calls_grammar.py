@@ -91,7 +91,7 @@ def _sample(tokenizer, grammar: str, seed: int, limit: int = 2000) -> str:
 # MiniMax) write strings bare and other values as JSON, each read back by mlx-lm's parser.
 FORMATS = [
     *("deepseek_r1", "deepseek_v31", "json_tools", "kimi_k2"),
-    *("qwen3_coder", "glm47", "minimax_m2"),
+    *("qwen3_coder", "glm47", "minimax_m2", "llama3_json"),
 ]
 
 

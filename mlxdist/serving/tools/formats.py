@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from mlxdist.serving.tools import deepseek
+from mlxdist.serving.tools.llama import LLAMA3_JSON
 
 Parse = Callable[[str, "list[dict] | None"], list[dict]]
 
@@ -51,7 +52,8 @@ def _mlx_lm_parse(module: Any, name: str) -> Parse:
 
 
 def spec_for(name: str) -> Spec | None:
-    """The Spec of a format name tool_format() gives (None for harmony and unknown names)."""
+    """The Spec of a format name tool_format() gives (None for harmony, llama3_json and
+    unknown names)."""
     if name == DEEPSEEK_R1 or name == DEEPSEEK_V31:
         parse = deepseek.parse_r1_call if name == DEEPSEEK_R1 else deepseek.parse_v31_call
         return Spec(
@@ -62,7 +64,7 @@ def spec_for(name: str) -> Spec | None:
             deepseek.CALL_BEGIN,
             deepseek.CALL_END,
         )
-    if name == HARMONY or not name.isidentifier():
+    if name in (HARMONY, LLAMA3_JSON) or not name.isidentifier():
         return None
     try:
         module = importlib.import_module(f"mlx_lm.tool_parsers.{name}")
@@ -80,6 +82,8 @@ def tool_format(chat_template: str | None, vocab: dict[str, int]) -> str | None:
         return DEEPSEEK_R1 if "```json" in template or not template else DEEPSEEK_V31
     if "<|channel|>" in template and "<|message|>" in template:
         return HARMONY
+    if "<|start_header_id|>" in template and '"parameters": ' in template:
+        return LLAMA3_JSON  # Llama 3.1-3.3 render a call as {"name": ..., "parameters": ...}
     try:
         from mlx_lm.tokenizer_utils import _infer_tool_parser
     except ImportError:

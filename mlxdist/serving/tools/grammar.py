@@ -14,6 +14,7 @@ import json
 from mlxdist.serving.grammar import JSON_OPTIONS, GrammarError, check_grammar
 from mlxdist.serving.tools import deepseek
 from mlxdist.serving.tools.formats import DEEPSEEK_R1, DEEPSEEK_V31, HARMONY
+from mlxdist.serving.tools.llama import LLAMA3_JSON
 
 ANY_OBJECT: dict = {"type": "object"}
 
@@ -105,6 +106,15 @@ def _json_tools(w: _Writer, functions: list[tuple[str, dict]]) -> str:
         return Marker("<tool_call>"), head, args, "}\n", Marker("</tool_call>")
 
     return 'start: call ("\\n" call)*\n' + w.calls(functions, call)
+
+
+def _llama(w: _Writer, functions: list[tuple[str, dict]]) -> str:
+    """Llama 3.1-3.3: the answer is `{"name": ..., "parameters": {...}}`, `; ` between calls."""
+
+    def call(fname: str, args: str) -> tuple[str, ...]:
+        return '{"name":' + json.dumps(fname, ensure_ascii=False) + ',"parameters":', args, "}"
+
+    return 'start: call ("; " call)*\n' + w.calls(functions, call)
 
 
 def _kimi(w: _Writer, functions: list[tuple[str, dict]]) -> str:
@@ -253,6 +263,8 @@ def call_grammar(
         head = _json_tools(w, functions)
     elif fmt == "kimi_k2":
         head = _kimi(w, functions)
+    elif fmt == LLAMA3_JSON:
+        head = _llama(w, functions)
     elif fmt == HARMONY:
         head = _harmony(w, functions)
     elif fmt in _XML:

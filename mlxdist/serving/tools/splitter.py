@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from mlxdist.serving.tools.call import ToolCall, make_call
 from mlxdist.serving.tools.formats import Spec, spec_for
+from mlxdist.serving.tools.llama import LLAMA3_JSON, LeadingJsonSplitter
 
 _TEXT, _UNIT, _SECTION, _CALL = "text", "unit", "section", "call"
 
@@ -29,6 +30,7 @@ class ToolCallSplitter:
 
     def __init__(self, fmt: str | None, tools: list[dict] | None = None) -> None:
         self.spec: Spec | None = spec_for(fmt) if fmt else None
+        self.lead = LeadingJsonSplitter() if fmt == LLAMA3_JSON else None  # no markers
         self.tools = tools
         self.state = _TEXT
         self.held = ""  # text not yet judged: a marker may be starting
@@ -36,6 +38,8 @@ class ToolCallSplitter:
         self.after_call = False  # the last thing read was a call
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+        if self.lead is not None:
+            return self.lead.feed(text)
         if self.spec is None:
             return text, []
         buf, self.held = self.held + text, ""
@@ -46,6 +50,8 @@ class ToolCallSplitter:
         return "".join(content), calls
 
     def finish(self) -> tuple[str, list[ToolCall]]:
+        if self.lead is not None:
+            return self.lead.finish()
         if self.spec is None:
             return "", []
         held, self.held = self.held, ""
