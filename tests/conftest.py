@@ -117,14 +117,14 @@ def local_cluster(model: Path, split: list[int], run_dir: Path | None = None, **
             print(f"--- rank {rank} log ---\n{log.read_text(errors='replace')[-2000:]}")
 
 
-def _shared_cluster(model: Path, split: list[int], tmp_path_factory):
+def _shared_cluster(model: Path, split: list[int], tmp_path_factory, api: dict | None = None):
     """A cluster that several test files share, up from the first test that asks for it to the
     end of the session (idle ranks cost no CPU), instead of one start per file. It runs on its
     own hard-linked copy of the model, so a test that looks for the ranks of a model it started
     itself (rank_pids) never finds these. Yields (url, /health answer, the ranks' pids)."""
     copy = tmp_path_factory.mktemp("shared") / model.name
     shutil.copytree(model, copy, copy_function=os.link)
-    with local_cluster(copy, split) as (url, health):
+    with local_cluster(copy, split, api=api) as (url, health):
         yield url, health, rank_pids(str(copy) + " ")
 
 
@@ -132,6 +132,16 @@ def _shared_cluster(model: Path, split: list[int], tmp_path_factory):
 def shared_r1(tiny_r1, tmp_path_factory):
     """tiny-r1 on 2 ranks, [2, 2]: test_api, test_cluster_equal, test_fuzz_api, test_load."""
     yield from _shared_cluster(tiny_r1, [2, 2], tmp_path_factory)
+
+
+SHARED_KEY = "mlxdist-test-key-0123"
+
+
+@pytest.fixture(scope="session")
+def shared_r1_keyed(tiny_r1, tmp_path_factory):
+    """tiny-r1 on 2 ranks, [2, 2], behind the API key SHARED_KEY: test_anthropic_api,
+    test_responses_api."""
+    yield from _shared_cluster(tiny_r1, [2, 2], tmp_path_factory, {"api_key": SHARED_KEY})
 
 
 @pytest.fixture(scope="session")

@@ -58,9 +58,12 @@ class Policy:
             cors_origins=tuple(spec.cors_origins),
         )
 
-    def authorized(self, authorization: str | None) -> bool:
-        """The Authorization header carries the key (always true without a key)."""
+    def authorized(self, authorization: str | None, x_api_key: str | None = None) -> bool:
+        """The Authorization header (Bearer) or Anthropic's x-api-key carries the key (always
+        true without a key)."""
         if self.api_key is None:
+            return True
+        if x_api_key is not None and hmac.compare_digest(x_api_key.encode(), self.api_key.encode()):
             return True
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer":
@@ -129,10 +132,17 @@ class _KeyAndBody:
             return await self.app(scope, receive, send)
         p = self.policy
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        if scope["path"] not in OPEN_PATHS and not p.authorized(headers.get("authorization")):
-            given = "authorization" in headers
+        key = headers.get("x-api-key")
+        if scope["path"] not in OPEN_PATHS and not p.authorized(headers.get("authorization"), key):
+            given = "authorization" in headers or key is not None
             message, code = (WRONG_KEY, "invalid_api_key") if given else (NO_KEY, None)
             await _drain(receive)  # as for every refusal: the answer must not be reset
+            if scope["path"].startswith("/v1/messages"):  # Anthropic's clients, Anthropic's shape
+                body = {
+                    "type": "error",
+                    "error": {"type": "authentication_error", "message": message},
+                }
+                return await _answer(send, 401, json.dumps(body).encode(), bearer=True)
             return await _answer(send, *error(401, message, code), bearer=True)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > p.max_body:
@@ -202,7 +212,10 @@ class Guard:
         inner = _KeyAndBody(app, policy)
         cors = None
         if policy.cors_origins:
-            methods, headers = ["GET", "POST", "OPTIONS"], ["Authorization", "Content-Type"]
+            methods = ["GET", "POST", "OPTIONS"]
+            # with Anthropic's browser client: its key, version and opt-in headers
+            headers = ["Authorization", "Content-Type", "x-api-key", "anthropic-version"]
+            headers.append("anthropic-dangerous-direct-browser-access")
             cors = CORSMiddleware(inner, list(policy.cors_origins), methods, headers)
         self.front = _Front(inner, cors, policy)
 
