@@ -147,6 +147,29 @@ CASES = [
         "ok" + R1_CALLS + v31_call("get_weather", '"Paris"'),
         [],
     ),
+    # DeepSeek V3.2 (DSML): ggml-org/llama.cpp models/templates/DeepSeek-V3.2.jinja, render_tools
+    # and encode_arguments_to_dsml (a string bare with string="true", any other value as JSON).
+    (
+        "v32 two invokes after text",
+        "deepseek_v32",
+        'Checking.\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name="get_weather">\n'
+        '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n'
+        '</｜DSML｜invoke>\n<｜DSML｜invoke name="get_weather">\n'
+        '<｜DSML｜parameter name="city" string="true">Rome</｜DSML｜parameter>\n'
+        '<｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>\n'
+        "</｜DSML｜invoke>\n</｜DSML｜function_calls>",
+        "Checking.\n\n",
+        [PARIS, ROME],
+    ),
+    (
+        "v32 a value that is no JSON",
+        "deepseek_v32",
+        '<｜DSML｜function_calls>\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="n" '
+        'string="false">three</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜function_calls>',
+        '<｜DSML｜function_calls>\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="n" '
+        'string="false">three</｜DSML｜parameter>\n</｜DSML｜invoke>',
+        [],
+    ),
     # Qwen3 (and Hermes): Qwen/Qwen3-8B tokenizer_config.json chat_template, "For each function
     # call, return a json object with function name and arguments within <tool_call></tool_call>
     # XML tags: <tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}
@@ -321,6 +344,8 @@ TEMPLATES = [
         " + '\\n' + '```' + '<｜tool▁call▁end｜>'}}",
         "deepseek_r1",
     ),
+    # ggml-org/llama.cpp models/templates/DeepSeek-V3.2.jinja
+    ('{%- set dsml_token = "｜DSML｜" -%}<{{ dsml_token }}function_calls>', "deepseek_v32"),
     # Qwen/Qwen3-8B tokenizer_config.json chat_template
     ('{{- \'<tool_call>\\n{"name": "\' }}{{- tool_call.name }}', "json_tools"),
     # Qwen/Qwen3-Coder-30B-A3B-Instruct chat_template.jinja
@@ -365,11 +390,13 @@ _FRAGMENTS = [
     "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|tool_calls_section_end|>",
     "<minimax:tool_call>", '<invoke name="f">', "</invoke>", "</minimax:tool_call>",
     "[TOOL_CALLS]", "[ARGS]", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "x",
-    "<|python_tag|>", '{"name": "f", "parameters": {}}', "; ", "{",
+    "<|python_tag|>", '{"name": "f", "parameters": {}}', "; ", "{", "<｜DSML｜function_calls>",
+    '<｜DSML｜invoke name="f">', '<｜DSML｜parameter name="a" string="false">',
+    "</｜DSML｜parameter>", "</｜DSML｜invoke>", "</｜DSML｜function_calls>",
 ]  # fmt: skip
 FORMATS = [
     *("deepseek_r1", "deepseek_v31", "json_tools", "qwen3_coder", "glm47", "kimi_k2"),
-    *("minimax_m2", "mistral", "llama3_json"),
+    *("minimax_m2", "mistral", "llama3_json", "deepseek_v32"),
 ]
 
 

@@ -88,10 +88,10 @@ def _sample(tokenizer, grammar: str, seed: int, limit: int = 2000) -> str:
 
 # The formats with a grammar (gpt-oss's below); tiny-r1's vocabulary has DeepSeek's markers as
 # tokens, the others' markers are written out as text. The XML-like formats (Qwen3-Coder, GLM,
-# MiniMax) write strings bare and other values as JSON, each read back by mlx-lm's parser.
+# MiniMax, DeepSeek-V3.2's DSML) write strings bare and other values as JSON.
 FORMATS = [
     *("deepseek_r1", "deepseek_v31", "json_tools", "kimi_k2"),
-    *("qwen3_coder", "glm47", "minimax_m2", "llama3_json"),
+    *("qwen3_coder", "glm47", "minimax_m2", "llama3_json", "deepseek_v32"),
 ]
 
 

@@ -15,6 +15,7 @@ tool_calls are rendered back) and deepseek-ai/DeepSeek-V3.1's README, "ToolCall"
 from __future__ import annotations
 
 import json
+import re
 
 CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
 CALLS_END = "<｜tool▁calls▁end｜>"
@@ -64,3 +65,37 @@ def r1_call_text(name: str, arguments: str) -> str:
 
 def v31_call_text(name: str, arguments: str) -> str:
     return f"{CALL_BEGIN}{name}{SEP}{arguments}{CALL_END}"
+
+
+# DeepSeek-V3.2 writes its calls in DSML instead, all in one block, a string argument bare and any
+# other as JSON:
+#   <｜DSML｜function_calls>\n<｜DSML｜invoke name="NAME">\n<｜DSML｜parameter name="K"
+#   string="true|false">V</｜DSML｜parameter>\n...</｜DSML｜invoke>\n...</｜DSML｜function_calls>
+# Source: the tool section DeepSeek-V3.2's encoding writes into the system prompt, as
+# ggml-org/llama.cpp's models/templates/DeepSeek-V3.2.jinja renders it (render_tools and
+# encode_arguments_to_dsml), and vllm-project/vllm's deepseekv32 tool parser.
+DSML_CALLS_BEGIN = "<｜DSML｜function_calls>"
+DSML_CALLS_END = "</｜DSML｜function_calls>"
+DSML_INVOKE = "<｜DSML｜invoke name="
+DSML_INVOKE_END = "</｜DSML｜invoke>"
+DSML_PARAM = '<｜DSML｜parameter name="{key}" string="{string}">'
+DSML_PARAM_END = "</｜DSML｜parameter>"
+_DSML_NAME = re.compile(r'\s*"([^"]+)"\s*>')
+_DSML_PARAM = re.compile(
+    r'<｜DSML｜parameter\s+name="([^"]+)"\s+string="(true|false)"\s*>(.*?)</｜DSML｜parameter>',
+    re.S,
+)
+
+
+def parse_dsml_invoke(body: str) -> dict:
+    """`"NAME">` then its parameters (the text after `<｜DSML｜invoke name=`) -> a call."""
+    head = _DSML_NAME.match(body)
+    if head is None:
+        raise ValueError("not a DSML invoke")
+    rest, arguments = body[head.end() :], {}
+    for m in _DSML_PARAM.finditer(rest):
+        key, is_string, value = m.groups()
+        arguments[key] = value if is_string == "true" else json.loads(value)
+    if _DSML_PARAM.sub("", rest).strip():
+        raise ValueError("text in a DSML invoke that is no parameter")
+    return {"name": head.group(1), "arguments": arguments}

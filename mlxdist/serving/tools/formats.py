@@ -19,6 +19,7 @@ from mlxdist.serving.tools.llama import LLAMA3_JSON
 Parse = Callable[[str, "list[dict] | None"], list[dict]]
 
 DEEPSEEK_R1, DEEPSEEK_V31, HARMONY = "deepseek_r1", "deepseek_v31", "harmony"
+DEEPSEEK_V32 = "deepseek_v32"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,15 @@ def spec_for(name: str) -> Spec | None:
             deepseek.CALL_BEGIN,
             deepseek.CALL_END,
         )
+    if name == DEEPSEEK_V32:
+        return Spec(
+            name,
+            deepseek.DSML_CALLS_BEGIN,
+            deepseek.DSML_CALLS_END,
+            _one(deepseek.parse_dsml_invoke),
+            deepseek.DSML_INVOKE,
+            deepseek.DSML_INVOKE_END,
+        )
     if name in (HARMONY, LLAMA3_JSON) or not name.isidentifier():
         return None
     try:
@@ -77,6 +87,8 @@ def spec_for(name: str) -> Spec | None:
 def tool_format(chat_template: str | None, vocab: dict[str, int]) -> str | None:
     """The tool-call format a model speaks, read from its chat template (or vocabulary)."""
     template = chat_template if isinstance(chat_template, str) else ""
+    if "｜DSML｜" in template:  # V3.2's template builds the markers from this piece
+        return DEEPSEEK_V32
     if deepseek.CALL_BEGIN in template or (not template and deepseek.CALL_BEGIN in vocab):
         # R1-0528's template fences the arguments (```json), V3.1's does not.
         return DEEPSEEK_R1 if "```json" in template or not template else DEEPSEEK_V31

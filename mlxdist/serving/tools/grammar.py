@@ -13,7 +13,7 @@ import json
 
 from mlxdist.serving.grammar import JSON_OPTIONS, GrammarError, check_grammar
 from mlxdist.serving.tools import deepseek
-from mlxdist.serving.tools.formats import DEEPSEEK_R1, DEEPSEEK_V31, HARMONY
+from mlxdist.serving.tools.formats import DEEPSEEK_R1, DEEPSEEK_V31, DEEPSEEK_V32, HARMONY
 from mlxdist.serving.tools.llama import LLAMA3_JSON
 
 ANY_OBJECT: dict = {"type": "object"}
@@ -187,6 +187,18 @@ _XML = {
         ('<parameter name="{key}">', "</parameter>\n"),
         "call*",
     ),
+    # DeepSeek-V3.2 (serving/tools/deepseek.py): all calls in one DSML block, its markers text
+    DEEPSEEK_V32: (
+        ("", deepseek.DSML_INVOKE + '"{name}">\n'),
+        (deepseek.DSML_INVOKE_END + "\n", ""),
+        (deepseek.DSML_PARAM, deepseek.DSML_PARAM_END + "\n"),
+        "call*",
+    ),
+}
+# The formats whose calls sit in one block: its opening and closing markers (tokens or text).
+_BLOCKS = {
+    "minimax_m2": (Marker("<minimax:tool_call>"), Marker("</minimax:tool_call>")),
+    DEEPSEEK_V32: (deepseek.DSML_CALLS_BEGIN, deepseek.DSML_CALLS_END),
 }
 
 
@@ -222,8 +234,9 @@ def _xml(w: _Writer, fmt: str, functions: list[tuple[str, dict]]) -> str:
         for k, (key, schema) in enumerate(props.items()):
             schema = schema if isinstance(schema, dict) else {}
             rule = f"arg_{i}_{k}"
-            opening = w.seq(open_.format(key=key))
-            if _is_string(schema):
+            is_string = _is_string(schema)
+            opening = w.seq(open_.format(key=key, string="true" if is_string else "false"))
+            if is_string:
                 value = _string_value(w, f"value_{i}_{k}", schema, close)
                 w.lines.append(f"{rule}: {opening} {value}")
             else:
@@ -236,8 +249,8 @@ def _xml(w: _Writer, fmt: str, functions: list[tuple[str, dict]]) -> str:
         w.lines.append(f"call_{i}: " + w.seq(*first, head.format(name=fname), *body, tail, *last))
         names.append(f"call_{i}")
     rule = "call: " + " | ".join(names)
-    if fmt == "minimax_m2":
-        begin, end = Marker("<minimax:tool_call>"), Marker("</minimax:tool_call>")
+    if fmt in _BLOCKS:
+        begin, end = _BLOCKS[fmt]
         section = w.seq(begin, "\n", Lark("call " + more), end)
         return f"start: {section}\n{rule}"
     return f"start: call {more}\n{rule}"
