@@ -1,6 +1,7 @@
 """Each tool-call format: where its calls begin and end in the output and how one is parsed.
 
-DeepSeek's formats are ours (deepseek.py); gpt-oss calls in harmony messages, which
+DeepSeek's formats (R1-0528, V3.1, V3.2's DSML: deepseek.py) and Llama 3's bare JSON (llama.py)
+are ours, mlx-lm having no parser for them; gpt-oss calls in harmony messages, which
 serving/harmony.py splits; every other format is one of mlx-lm's tool parsers
 (`mlx_lm.tool_parsers.<name>`), named as mlx-lm names them and found as mlx-lm finds them.
 """
