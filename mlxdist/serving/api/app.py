@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from mlxdist.serving.api import anthropic, completions, openai_chat
+from mlxdist.serving.api import anthropic, completions, openai_chat, responses_api
 from mlxdist.serving.api.context import ClientGone, Context, Inflight
 from mlxdist.serving.api.errors import APIError, error_response, validation_error
 from mlxdist.serving.api.openai_schema import LogitsRequest
@@ -80,6 +80,7 @@ def create_app(
     openai_chat.add_routes(app, ctx)
     completions.add_routes(app, ctx)
     anthropic.add_routes(app, ctx)
+    responses_api.add_routes(app, ctx)
 
     @app.post("/mlxdist/logits")
     async def logits(req: LogitsRequest):
