@@ -1,7 +1,9 @@
 """The OpenAI-style API of a real 2-rank tiny-r1 cluster, fuzzed with hypothesis.
 
-Valid-looking and invalid JSON bodies, token-id prompts past the vocabulary, and raw non-JSON
-bytes: the server never answers 5xx, and afterwards still generates exactly what it did before.
+Valid-looking and invalid JSON bodies (tools, tool calls and results, logprobs, logit_bias,
+penalties, response formats with schemas llguidance takes or refuses included), token-id prompts
+past the vocabulary, and raw non-JSON bytes: the server never answers 5xx, every refusal is one
+line in OpenAI's error shape, and afterwards it still generates exactly what it did before.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ def post(http: httpx.Client, path: str, content: bytes, content_type: str | None
     HISTOGRAM[r.status_code] += 1
     where = f"{path} {content[:300]!r}"
     assert r.status_code < 500, f"{where}: {r.status_code} {r.text[:500]}"
+    if r.status_code >= 400:  # an error in OpenAI's shape, one line
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}, f"{where}: {r.text[:500]}"
+        assert "\n" not in error["message"], f"{where}: {error}"
     if r.status_code == 200 and r.headers.get("content-type", "").startswith("text/event-stream"):
         assert "server_error" not in r.text, f"{where}: {r.text[:500]}"
 
@@ -71,6 +77,11 @@ def post_json(http: httpx.Client, path: str, body) -> None:
 def mostly(valid: st.SearchStrategy, invalid: st.SearchStrategy) -> st.SearchStrategy:
     """valid about four times in five: whole requests are then often valid."""
     return st.sampled_from([valid] * 4 + [invalid]).flatmap(lambda s: s)
+
+
+def often(valid: st.SearchStrategy, invalid: st.SearchStrategy) -> st.SearchStrategy:
+    """valid nine times in ten, for the many newer fields: a request still often passes."""
+    return st.sampled_from([valid] * 9 + [invalid]).flatmap(lambda s: s)
 
 
 HUGE = st.one_of(
@@ -116,9 +127,73 @@ def sampling(vocab: int, model: str) -> dict:
         ),
         return_token_ids=mostly(st.booleans(), ANY_JSON),
         max_completion_tokens=mostly(st.integers(0, 3), HUGE | ANY_JSON),
-        logprobs=ANY_JSON,  # unknown fields are accepted and ignored
-        tools=ANY_JSON,
+        logit_bias=often(
+            st.dictionaries(st.integers(0, vocab - 1).map(str), st.floats(-100, 100), max_size=3),
+            st.dictionaries(
+                st.sampled_from(["-1", str(vocab), "x", "1.5", " 7", "²"]) | st.text(max_size=3),
+                st.floats(allow_nan=True) | ANY_JSON,
+                max_size=3,
+            )
+            | ANY_JSON,
+        ),
+        presence_penalty=often(st.floats(-2, 2), st.sampled_from([-2.5, 3.0]) | ANY_JSON),
+        frequency_penalty=often(st.floats(-2, 2), st.sampled_from([-2.5, 3.0]) | ANY_JSON),
+        repetition_penalty=often(st.floats(0.5, 2), st.sampled_from([0.0, -1.0]) | ANY_JSON),
+        response_format=often(RESPONSE_FORMATS, ANY_JSON),
     )
+
+
+def json_schema(name, schema) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+
+
+SCHEMAS = st.sampled_from(
+    [
+        {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]},
+        {"type": "object", "properties": {"b": {"enum": ["x", "y"]}}},
+        {"type": "array", "items": {"type": "integer"}, "maxItems": 2},
+        {"type": "string", "pattern": "(?=a)a"},  # look-around: refused by name
+        {"$ref": "https://example.com/schema.json"},  # external: refused
+        {"type": "nothing"},
+        {},
+    ]
+)
+RESPONSE_FORMATS = st.one_of(
+    st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "xml"}]),
+    st.builds(
+        lambda schema, name: {
+            "type": "json_schema",
+            "json_schema": {"name": name, "schema": schema},
+        },
+        SCHEMAS | ANY_JSON,
+        st.text(max_size=8),
+    ),
+    st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": ANY_JSON}),
+)
+TOOL = st.fixed_dictionaries(
+    {
+        "type": mostly(st.just("function"), ANY_JSON),
+        "function": mostly(
+            st.fixed_dictionaries(
+                {"name": st.sampled_from(["get_weather", "f", "", "a b", "x" * 80])},
+                optional={
+                    "description": TEXT,
+                    "parameters": mostly(SCHEMAS, ANY_JSON),
+                    "strict": st.booleans(),
+                },
+            ),
+            ANY_JSON,
+        ),
+    }
+)
+TOOL_CHOICES = st.one_of(
+    st.sampled_from(["auto", "none", "required", "any", None]),
+    st.builds(
+        lambda name: {"type": "function", "function": {"name": name}},
+        st.sampled_from(["get_weather", "f", "missing"]),
+    ),
+    ANY_JSON,
+)
 
 
 def bodies(optional: dict, required: dict) -> st.SearchStrategy:
@@ -165,8 +240,33 @@ def messages() -> st.SearchStrategy:
         }
     )
     content = mostly(TEXT | st.lists(part, max_size=3), st.none() | ANY_JSON)
+    call = st.fixed_dictionaries(
+        {
+            "id": mostly(st.text(max_size=8), ANY_JSON),
+            "type": mostly(st.just("function"), ANY_JSON),
+            "function": mostly(
+                st.fixed_dictionaries(
+                    {
+                        "name": mostly(st.sampled_from(["get_weather", "f"]), ANY_JSON),
+                        "arguments": mostly(
+                            st.sampled_from(['{"city": "Paris"}', "{}", "{not json", "[]"]),
+                            ANY_JSON,
+                        ),
+                    }
+                ),
+                ANY_JSON,
+            ),
+        }
+    )
     message = mostly(
-        st.fixed_dictionaries({"role": mostly(role, ANY_JSON), "content": content}), ANY_JSON
+        st.fixed_dictionaries(
+            {"role": mostly(role, ANY_JSON), "content": content},
+            optional={
+                "tool_calls": mostly(st.lists(call, max_size=2), ANY_JSON),
+                "tool_call_id": mostly(st.text(max_size=8), ANY_JSON),
+            },
+        ),
+        ANY_JSON,
     )
     return mostly(
         st.lists(message, min_size=1, max_size=4), st.lists(message, max_size=0) | ANY_JSON
@@ -213,9 +313,12 @@ CONTENT_TYPES = st.sampled_from(
 def fuzz_completions(http: httpx.Client, health: dict) -> None:
     vocab, model = health["vocab_size"], health["model"]
     required = {"prompt": prompts(vocab)}
+    optional = sampling(vocab, model) | {
+        "logprobs": often(st.integers(0, 5) | st.none(), st.sampled_from([6, -1]) | ANY_JSON)
+    }
 
     @settings(max_examples=350, **SETTINGS)
-    @given(bodies(sampling(vocab, model), required))
+    @given(bodies(optional, required))
     def run(body):
         post_json(http, "/v1/completions", body)
 
@@ -225,7 +328,12 @@ def fuzz_completions(http: httpx.Client, health: dict) -> None:
 def fuzz_chat(http: httpx.Client, health: dict) -> None:
     vocab, model = health["vocab_size"], health["model"]
     optional = sampling(vocab, model) | {
-        "reasoning_format": st.sampled_from(["deepseek", "none", "other"]) | ANY_JSON
+        "reasoning_format": st.sampled_from(["deepseek", "none", "other"]) | ANY_JSON,
+        "logprobs": often(st.booleans(), ANY_JSON),
+        "top_logprobs": often(st.integers(0, 20) | st.none(), st.sampled_from([21, -1]) | ANY_JSON),
+        "tools": often(st.lists(TOOL, max_size=2), ANY_JSON),
+        "tool_choice": TOOL_CHOICES,
+        "parallel_tool_calls": often(st.booleans(), ANY_JSON),
     }
 
     @settings(max_examples=350, **SETTINGS)
