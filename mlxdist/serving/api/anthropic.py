@@ -85,6 +85,8 @@ async def read_request(request: Request, model: type[BaseModel]):
         data = json.loads(body)
     except ValueError as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # "[[[[..." nested past Python's stack
+        raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
