@@ -42,6 +42,19 @@ def cluster(request, tiny_r1, family_answer):
         yield request.param, url
 
 
+@pytest.fixture(scope="module")
+def reference_model(cluster, tiny_r1_no_mtp, family_answer):
+    """One mlx-lm process on the cluster's model, in float32 as the ranks run it."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    if cluster[0] == "expert":
+        model, _ = load(str(tiny_r1_no_mtp))
+        model.set_dtype(mx.float32)  # CPU expert matmul runs only in float32
+        return model
+    return family_answer("llama", "Hi", 1, {"torch_dtype": "float32"})[1]
+
+
 def _ids(url: str, prompt: list[int], max_tokens: int, sampling: dict) -> list[int]:
     body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, **sampling}
     r = httpx.post(url + "/v1/completions", json=body | {"return_token_ids": True}, timeout=300)
@@ -72,3 +85,39 @@ def test_concurrent_answers_equal_their_solo_answers(cluster):
     assert stats["in_flight_peak"] >= 3  # they decoded together, not one after another
     for rank in stats["ranks"]:
         assert rank["open_caches"] <= 1, rank  # every finished answer's caches are freed
+
+
+# (prompt ids, tokens, extras): bias, penalties and log probabilities, asked together in the batch
+EXTRAS = [
+    ([5, 9, 13, 17, 21], 6, {"logprobs": 3}),
+    ([40, 41, 42, 43], 8, {"repetition_penalty": 1.5, "presence_penalty": 0.5}),
+    ([300, 301, 302], 5, {"logit_bias": {"77": 100.0}}),
+    (list(range(100, 130)), 7, {"frequency_penalty": 1.2, "logprobs": 0}),
+]
+
+
+def test_sampling_extras_in_the_batch_equal_mlx_lm(cluster, reference_model):
+    """Bias, penalties and log probabilities on rank 0 (which samples in lock step), for
+    sequences decoding together: each answer is one mlx-lm process's under mlx-lm's own
+    processors, and the log probabilities are its log-softmax within 1e-4."""
+    from sampling_reference import assert_logprobs_match, cluster_answer, mlx_lm_answer
+
+    mode, url = cluster
+    together: list = [None] * len(EXTRAS)
+
+    def ask(i: int) -> None:
+        time.sleep(0.1 * i)
+        together[i] = cluster_answer(url, *EXTRAS[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(EXTRAS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for (prompt, n, extras), choice in zip(EXTRAS, together):
+        expected, rows = mlx_lm_answer(reference_model, prompt, n, extras)
+        print(f"{mode} {extras}: {choice['token_ids']} (mlx-lm {expected})")
+        assert choice["token_ids"] == expected
+        if "logprobs" in extras:
+            assert_logprobs_match(choice, rows, extras["logprobs"])
+    assert together[2]["token_ids"] == [77] * 5  # the bias decides

@@ -166,8 +166,10 @@ SCHEMAS: list[tuple[str, dict | None]] = [
     ),
     (
         "all_of",
-        {
+        {  # closed at the top: an open object lets a model add keys without end
             "type": "object",
+            "properties": {"a": AGE, "b": SHORT},
+            "additionalProperties": False,
             "allOf": [
                 {"properties": {"a": AGE}, "required": ["a"]},
                 {"properties": {"b": SHORT}, "required": ["b"]},
