@@ -5,8 +5,11 @@ blocks, a stop sequence, a tool round trip, count_tokens and errors in Anthropic
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import httpx
+import jsonschema
 import pytest
 from conftest import SHARED_KEY
 
@@ -330,3 +333,20 @@ def test_errors_in_anthropics_shape(served):
     # the key as a bearer token (auth_token) passes too
     bearer = anthropic.Anthropic(base_url=url, auth_token=SHARED_KEY, max_retries=0)
     assert bearer.messages.create(model=model, max_tokens=1, messages=ASK).usage.output_tokens == 1
+
+
+@pytest.mark.cluster
+def test_an_output_format_holds_the_answer_to_its_schema(served):
+    _, model, client = served
+    fmt = {"type": "json_schema", "schema": SCHEMA}
+    message = client.messages.create(
+        model=model, max_tokens=30, messages=ASK, output_config={"format": fmt}
+    )
+    assert [b.type for b in message.content] == ["text"] and message.stop_reason == "end_turn"
+    jsonschema.validate(json.loads(message.content[0].text), SCHEMA)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        bad = {"type": "json_schema", "schema": {"type": "string", "pattern": "(?=a)a"}}
+        client.messages.create(
+            model=model, max_tokens=4, messages=ASK, output_config={"format": bad}
+        )
+    assert "output_config.format" in caught.value.body["error"]["message"]

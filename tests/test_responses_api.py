@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from conftest import SHARED_KEY
@@ -167,6 +168,7 @@ def test_the_store_forgets_the_least_recently_used_by_count_and_by_bytes():
     assert store.get("big") is None and store.get("bigger")
     store.put("huge", [{"x": "y" * 20_000}], {})  # past the whole budget: not kept
     assert store.get("huge") is None and store.get("bigger")
+    assert store.delete("bigger") and not store.delete("bigger") and store.bytes == 0
 
 
 # --- through real ranks -----------------------------------------------------------------------
@@ -280,6 +282,9 @@ def test_a_function_call_round_trip_with_previous_response_id(served):
     with pytest.raises(openai.NotFoundError) as caught:
         client.responses.create(model=model, input="Hi", previous_response_id=unstored.id)
     assert caught.value.code == "previous_response_not_found"
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
 
 
 @pytest.mark.cluster
@@ -302,3 +307,14 @@ def test_errors_in_openais_shape(served):
         assert caught.value.body["param"] == param, caught.value.body
     r = httpx.post(url + "/v1/responses", json={"model": model, "input": "x"})
     assert r.status_code == 401 and r.json()["error"]["code"] is None
+
+
+@pytest.mark.cluster
+def test_a_text_format_holds_the_answer_to_its_schema(served):
+    _, model, client = served
+    fmt = {"type": "json_schema", "name": "weather", "schema": SCHEMA, "strict": True}
+    response = client.responses.create(
+        model=model, input=QUESTION, text={"format": fmt}, max_output_tokens=30
+    )
+    assert [i.type for i in response.output] == ["message"] and response.status == "completed"
+    jsonschema.validate(json.loads(response.output_text), SCHEMA)

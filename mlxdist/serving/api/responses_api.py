@@ -1,4 +1,5 @@
-"""POST /v1/responses: OpenAI's Responses API, whole or streamed; GET /v1/responses/{id}.
+"""POST /v1/responses: OpenAI's Responses API, whole or streamed; GET and DELETE
+/v1/responses/{id}.
 
 `input` (text, or items: responses_items.py) after `instructions` goes through the model's chat
 template; the output is a `reasoning` item (the model's reasoning as `reasoning_text`), a
@@ -224,3 +225,9 @@ def add_routes(app: FastAPI, ctx: Context) -> None:
         if stored is None:
             raise APIError(404, f"no response {response_id!r}", "response_id", "not_found")
         return stored.body
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete(response_id: str):
+        if not store.delete(response_id):
+            raise APIError(404, f"no response {response_id!r}", "response_id", "not_found")
+        return {"id": response_id, "object": "response", "deleted": True}

@@ -51,3 +51,10 @@ class ResponseStore:
             if entry is not None:
                 self.entries.move_to_end(response_id)
             return entry
+
+    def delete(self, response_id: str) -> bool:
+        with self._lock:
+            entry = self.entries.pop(response_id, None)
+            if entry is not None:
+                self.bytes -= entry.size
+            return entry is not None
