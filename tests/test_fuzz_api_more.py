@@ -15,9 +15,10 @@ from collections import Counter
 
 import httpx
 import pytest
+from conftest import SHARED_KEY
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fuzz_api import ANY_JSON, CONTENT_TYPES, RAW, SETTINGS, TEXT, mostly
+from test_fuzz_api import ANY_JSON, CONTENT_TYPES, HEADER, RAW, SETTINGS, TEXT, mostly
 
 pytestmark = pytest.mark.cluster
 
@@ -373,6 +374,46 @@ def test_fuzz_responses(server, reference):
 
 def test_fuzz_raw_bodies(server, reference):
     fuzz(server, fuzz_raw)
+
+
+def test_fuzz_the_key_headers(shared_r1_keyed):
+    """Behind a key, either header (Authorization: Bearer, or Anthropic's x-api-key) holding it
+    lets a request through, and nothing else does; a refusal is a 401 in the path's API's shape."""
+    url, _, _ = shared_r1_keyed
+    authorizations = st.none() | st.sampled_from(
+        [f"Bearer {SHARED_KEY}", "Bearer wrong", SHARED_KEY]
+    )
+    keys = st.none() | st.sampled_from([SHARED_KEY, "wrong", f"Bearer {SHARED_KEY}"])
+    bodies = {
+        "/v1/messages": {
+            "model": "",
+            "max_tokens": 1,
+            "messages": [{"role": "user", "content": "a"}],
+        },
+        "/v1/responses": {"input": "a", "max_output_tokens": 1},
+    }
+
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(30.0)) as http:
+
+        @settings(max_examples=60, **SETTINGS)
+        @given(
+            st.sampled_from(list(bodies)),
+            authorizations | HEADER,
+            keys | HEADER,
+        )
+        def run(path, authorization, key):
+            headers = {"Authorization": authorization} if authorization is not None else {}
+            headers |= {"x-api-key": key} if key is not None else {}
+            r = http.post(path, json=bodies[path], headers=headers)
+            HISTOGRAM[r.status_code] += 1
+            ok = authorization == f"Bearer {SHARED_KEY}" or key == SHARED_KEY
+            assert r.status_code == (200 if ok else 401), f"{headers}: {r.status_code} {r.text}"
+            if not ok and path == "/v1/messages":
+                assert r.json()["error"]["type"] == "authentication_error"
+            elif not ok:
+                assert r.json()["error"]["message"]
+
+        run()
 
 
 def test_zz_same_answers_after_fuzzing(server, reference):
