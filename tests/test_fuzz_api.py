@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 pytestmark = pytest.mark.cluster
 
 HISTOGRAM: Counter[int] = Counter()
+BY_PATH: Counter[tuple[str, int]] = Counter()
 REFERENCE_PROMPT = [1, 2, 3, 4, 5]
 SETTINGS = dict(
     deadline=None,
@@ -57,14 +58,21 @@ def post(http: httpx.Client, path: str, content: bytes, content_type: str | None
     headers = {"content-type": content_type} if content_type else {}
     r = http.post(path, content=content, headers=headers)
     HISTOGRAM[r.status_code] += 1
+    BY_PATH[path, r.status_code] += 1
     where = f"{path} {content[:300]!r}"
     assert r.status_code < 500, f"{where}: {r.status_code} {r.text[:500]}"
-    if r.status_code >= 400:  # an error in OpenAI's shape, one line
-        error = r.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"}, f"{where}: {r.text[:500]}"
-        assert "\n" not in error["message"], f"{where}: {error}"
+    anthropic = path.startswith("/v1/messages")
+    if r.status_code >= 400:  # an error in the API's shape, one line
+        body = r.json()
+        if anthropic:
+            assert body["type"] == "error", f"{where}: {r.text[:500]}"
+            assert set(body["error"]) == {"type", "message"}, f"{where}: {r.text[:500]}"
+        else:
+            assert set(body["error"]) == {"message", "type", "param", "code"}, f"{where}: {body}"
+        assert "\n" not in body["error"]["message"], f"{where}: {body}"
     if r.status_code == 200 and r.headers.get("content-type", "").startswith("text/event-stream"):
-        assert "server_error" not in r.text, f"{where}: {r.text[:500]}"
+        failed = ("api_error", "overloaded_error") if anthropic else ("server_error",)
+        assert not any(f in r.text for f in failed), f"{where}: {r.text[:500]}"
 
 
 def post_json(http: httpx.Client, path: str, body) -> None:
@@ -110,6 +118,8 @@ LIMIT = mostly(
         st.lists(st.integers(0, 3), max_size=2),
     ),
 )
+# Anthropic's max_tokens and Responses' max_output_tokens start at 1
+LIMIT_1 = often(st.integers(1, 3), st.sampled_from([0, -1, 1.5, "2", True]) | ANY_JSON)
 TEXT = st.text(max_size=40) | st.sampled_from(["", "<think>", "</think>", "\u202e\u0000\ufeff"])
 
 
@@ -196,9 +206,11 @@ TOOL_CHOICES = st.one_of(
 )
 
 
-def bodies(optional: dict, required: dict) -> st.SearchStrategy:
+def bodies(
+    optional: dict, required: dict, limit: str = "max_tokens", limits: st.SearchStrategy = LIMIT
+) -> st.SearchStrategy:
     """Dicts with the required keys mostly present, any subset of the optional ones, and a
-    max_tokens that keeps every accepted request short."""
+    max_tokens (or the API's `limit` field) that keeps every accepted request short."""
 
     def drop_some(d: dict, keep: list[bool]) -> dict:
         return {k: v for (k, v), kept in zip(d.items(), keep) if kept}
@@ -208,10 +220,10 @@ def bodies(optional: dict, required: dict) -> st.SearchStrategy:
         req, st.lists(st.sampled_from([True] * 9 + [False]), min_size=len(required))
     ).map(lambda t: drop_some(*t))  # roughly 1 in 10 misses each required field
     return st.builds(
-        lambda r, o, limit, extra: {**extra, **o, **r, "max_tokens": limit},
+        lambda r, o, n, extra: {**extra, **o, **r, limit: n},
         req,
         st.fixed_dictionaries({}, optional=optional),
-        LIMIT,
+        limits,
         st.dictionaries(st.text(max_size=6), ANY_JSON, max_size=2),
     )
 
@@ -307,6 +319,147 @@ CONTENT_TYPES = st.sampled_from(
 )
 
 
+def anthropic_messages() -> st.SearchStrategy:
+    text = st.fixed_dictionaries({"type": st.just("text"), "text": TEXT})
+    use = st.fixed_dictionaries(
+        {
+            "type": st.just("tool_use"),
+            "id": st.sampled_from(["toolu_1", ""]),
+            "name": st.sampled_from(["get_weather", ""]),
+            "input": often(st.just({"city": "Paris"}), ANY_JSON),
+        }
+    )
+    result = st.fixed_dictionaries(
+        {
+            "type": st.just("tool_result"),
+            "tool_use_id": st.sampled_from(["toolu_1", "nope"]),
+            "content": often(TEXT | st.lists(text, max_size=2), ANY_JSON),
+        },
+        optional={"is_error": st.booleans()},
+    )
+    thinking = st.fixed_dictionaries(
+        {"type": st.just("thinking"), "thinking": TEXT, "signature": st.text(max_size=8)}
+    )
+    other = st.sampled_from([{"type": "image"}, {"type": "redacted_thinking", "data": "x"}])
+    block = often(text | use | result | thinking | other, ANY_JSON)
+    message = st.fixed_dictionaries(
+        {
+            "role": often(st.sampled_from(["user", "assistant"]), ANY_JSON),
+            "content": often(TEXT | st.lists(block, min_size=1, max_size=3), ANY_JSON),
+        }
+    )
+    return often(st.lists(message, min_size=1, max_size=4), ANY_JSON)
+
+
+def anthropic_fields(model: str) -> dict:
+    tool = st.fixed_dictionaries(
+        {"name": st.sampled_from(["get_weather", "f", "", "a b"])},
+        optional={"description": TEXT, "input_schema": often(SCHEMAS, ANY_JSON)},
+    )
+    choice = st.fixed_dictionaries(
+        {"type": st.sampled_from(["auto", "any", "tool", "none", "all"])},
+        optional={"name": st.sampled_from(["get_weather", "missing"])},
+    )
+    thinking = st.fixed_dictionaries(
+        {"type": st.sampled_from(["enabled", "disabled", "adaptive", "off"])},
+        optional={"budget_tokens": st.integers(-1, 2048)},
+    )
+    return dict(
+        system=often(
+            TEXT
+            | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXT}), max_size=2),
+            ANY_JSON,
+        ),
+        temperature=often(st.floats(0.0, 1.0), st.sampled_from([-1.0, 1.5]) | ANY_JSON),
+        top_p=often(st.floats(0.01, 1.0), ANY_JSON),
+        stop_sequences=often(st.lists(TEXT, max_size=3), ANY_JSON),
+        stream=often(st.booleans(), ANY_JSON),
+        tools=often(st.lists(tool, max_size=2), ANY_JSON),
+        tool_choice=often(choice, ANY_JSON),
+        thinking=often(thinking, ANY_JSON),
+        output_config=often(
+            st.fixed_dictionaries(
+                {"format": st.builds(lambda sc: {"type": "json_schema", "schema": sc}, SCHEMAS)}
+            ),
+            ANY_JSON,
+        ),
+        metadata=often(st.just({"user_id": "u"}), ANY_JSON),
+    )
+
+
+def responses_input() -> st.SearchStrategy:
+    part = st.fixed_dictionaries(
+        {"type": st.sampled_from(["input_text", "output_text", "input_image"]), "text": TEXT}
+    )
+    message = st.fixed_dictionaries(
+        {
+            "role": often(st.sampled_from(["user", "assistant", "system", "developer"]), ANY_JSON),
+            "content": often(TEXT | st.lists(part, max_size=2), ANY_JSON),
+        },
+        optional={"type": st.just("message")},
+    )
+    call = st.fixed_dictionaries(
+        {
+            "type": st.just("function_call"),
+            "call_id": st.sampled_from(["call_1", ""]),
+            "name": st.sampled_from(["get_weather", ""]),
+            "arguments": st.sampled_from(['{"city": "Paris"}', "{bad", "[]"]),
+        }
+    )
+    output = st.fixed_dictionaries(
+        {
+            "type": st.just("function_call_output"),
+            "call_id": st.sampled_from(["call_1", "nope"]),
+            "output": often(TEXT, ANY_JSON),
+        }
+    )
+    reasoning = st.fixed_dictionaries(
+        {
+            "type": st.just("reasoning"),
+            "summary": st.just([]),
+            "content": st.lists(
+                st.fixed_dictionaries({"type": st.just("reasoning_text"), "text": TEXT}), max_size=1
+            ),
+        }
+    )
+    item = often(message | call | output | reasoning, ANY_JSON)
+    return st.one_of(TEXT, st.lists(item, min_size=1, max_size=4), ANY_JSON)
+
+
+def responses_fields(model: str) -> dict:
+    tool = st.fixed_dictionaries(
+        {
+            "type": often(st.just("function"), ANY_JSON),
+            "name": st.sampled_from(["get_weather", "f", ""]),
+        },
+        optional={"parameters": often(SCHEMAS, ANY_JSON), "strict": st.booleans()},
+    )
+    named = st.fixed_dictionaries(
+        {"type": st.just("function"), "name": st.sampled_from(["get_weather", "missing"])}
+    )
+    return dict(
+        model=often(st.sampled_from([None, model]), ANY_JSON),
+        instructions=often(TEXT, ANY_JSON),
+        temperature=often(st.floats(0.0, 2.0), ANY_JSON),
+        stream=often(st.booleans(), ANY_JSON),
+        tools=often(st.lists(tool, max_size=2), ANY_JSON),
+        tool_choice=often(st.sampled_from(["auto", "none", "required"]) | named, ANY_JSON),
+        text=often(st.fixed_dictionaries({"format": RESPONSE_FORMATS.map(_flat)}), ANY_JSON),
+        reasoning=often(
+            st.fixed_dictionaries({"effort": st.sampled_from(["low", "high", "max"])}), ANY_JSON
+        ),
+        store=often(st.booleans(), ANY_JSON),
+        previous_response_id=often(st.none() | st.sampled_from(["resp_nope", ""]), ANY_JSON),
+    )
+
+
+def _flat(fmt):
+    """Chat's response_format as the Responses API writes text.format (the schema at the top)."""
+    if isinstance(fmt, dict) and isinstance(fmt.get("json_schema"), dict):
+        return {"type": fmt["type"], **fmt["json_schema"]}
+    return fmt
+
+
 # --- the tests -------------------------------------------------------------------------------
 
 
@@ -344,8 +497,42 @@ def fuzz_chat(http: httpx.Client, health: dict) -> None:
     run()
 
 
+def fuzz_anthropic(http: httpx.Client, health: dict) -> None:
+    model = health["model"]
+    required = {"model": often(st.just(model), ANY_JSON), "messages": anthropic_messages()}
+    path = st.sampled_from(["/v1/messages"] * 4 + ["/v1/messages/count_tokens"])
+
+    @settings(max_examples=250, **SETTINGS)
+    @given(path, bodies(anthropic_fields(model), required, limits=LIMIT_1))
+    def run(where, body):
+        post_json(http, where, body)
+
+    run()
+
+
+def fuzz_responses(http: httpx.Client, health: dict) -> None:
+    model = health["model"]
+
+    @settings(max_examples=250, **SETTINGS)
+    @given(
+        bodies(responses_fields(model), {"input": responses_input()}, "max_output_tokens", LIMIT_1)
+    )
+    def run(body):
+        post_json(http, "/v1/responses", body)
+
+    run()
+
+
 def fuzz_any_json_and_raw_bodies(http: httpx.Client, health: dict) -> None:
-    path = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/mlxdist/logits"])
+    path = st.sampled_from(
+        [
+            "/v1/completions",
+            "/v1/chat/completions",
+            "/mlxdist/logits",
+            "/v1/messages",
+            "/v1/responses",
+        ]
+    )
 
     @settings(max_examples=350, **SETTINGS)
     @given(
@@ -358,6 +545,7 @@ def fuzz_any_json_and_raw_bodies(http: httpx.Client, health: dict) -> None:
         if kind == "json":
             if isinstance(value, dict) and where != "/mlxdist/logits":
                 value["max_tokens"] = 1  # a random dict may be a valid request: keep it short
+                value["max_output_tokens"] = 1
             if where == "/mlxdist/logits" and isinstance(value, dict):
                 value.pop("prompt", None)  # logits of arbitrary valid prompts is tested elsewhere
             post(http, where, json.dumps(value, allow_nan=True).encode(), content_type)
@@ -402,7 +590,14 @@ def fuzz_guard_headers(http: httpx.Client, health: dict) -> None:
     run()
 
 
-FUZZERS = [fuzz_completions, fuzz_chat, fuzz_any_json_and_raw_bodies, fuzz_guard_headers]
+FUZZERS = [
+    fuzz_completions,
+    fuzz_chat,
+    fuzz_anthropic,
+    fuzz_responses,
+    fuzz_any_json_and_raw_bodies,
+    fuzz_guard_headers,
+]
 FUZZED: set = set()  # the fuzzers run to the end against the module's cluster so far
 
 
@@ -417,6 +612,14 @@ def test_fuzz_completions(server, reference):
 
 def test_fuzz_chat(server, reference):
     fuzz(server, fuzz_chat)
+
+
+def test_fuzz_anthropic(server, reference):
+    fuzz(server, fuzz_anthropic)
+
+
+def test_fuzz_responses(server, reference):
+    fuzz(server, fuzz_responses)
 
 
 def test_fuzz_any_json_and_raw_bodies(server, reference):
@@ -439,4 +642,5 @@ def test_zz_same_answer_after_fuzzing(server, reference):
     total = sum(HISTOGRAM.values())
     print(f"\nfuzzed requests: {total}")
     print("status histogram: " + ", ".join(f"{k}: {v}" for k, v in sorted(HISTOGRAM.items())))
-    assert total >= 1000, total
+    print("by path: " + ", ".join(f"{p} {k}: {v}" for (p, k), v in sorted(BY_PATH.items())))
+    assert total >= 1500, total
