@@ -502,7 +502,7 @@ def fuzz_anthropic(http: httpx.Client, health: dict) -> None:
     required = {"model": often(st.just(model), ANY_JSON), "messages": anthropic_messages()}
     path = st.sampled_from(["/v1/messages"] * 4 + ["/v1/messages/count_tokens"])
 
-    @settings(max_examples=250, **SETTINGS)
+    @settings(max_examples=150, **SETTINGS)
     @given(path, bodies(anthropic_fields(model), required, limits=LIMIT_1))
     def run(where, body):
         post_json(http, where, body)
@@ -513,7 +513,7 @@ def fuzz_anthropic(http: httpx.Client, health: dict) -> None:
 def fuzz_responses(http: httpx.Client, health: dict) -> None:
     model = health["model"]
 
-    @settings(max_examples=250, **SETTINGS)
+    @settings(max_examples=150, **SETTINGS)
     @given(
         bodies(responses_fields(model), {"input": responses_input()}, "max_output_tokens", LIMIT_1)
     )
@@ -643,4 +643,4 @@ def test_zz_same_answer_after_fuzzing(server, reference):
     print(f"\nfuzzed requests: {total}")
     print("status histogram: " + ", ".join(f"{k}: {v}" for k, v in sorted(HISTOGRAM.items())))
     print("by path: " + ", ".join(f"{p} {k}: {v}" for (p, k), v in sorted(BY_PATH.items())))
-    assert total >= 1500, total
+    assert total >= 1300, total
