@@ -445,3 +445,14 @@ def test_gpt_oss_calls_come_from_its_harmony_messages():
     assert [(c.name, json.loads(c.arguments)) for c in whole.calls] == [
         ("get_weather", {"city": "Paris"})
     ]
+
+
+@pytest.mark.parametrize("model", ["tiny_r1", "smollm2"])
+def test_logprobs_tokens_are_each_tokens_own_bytes(model, request):
+    from mlxdist.serving.api.logprobs import TokenBytes
+
+    tokenizer = load_tokenizer(request.getfixturevalue(model))
+    of = TokenBytes(tokenizer)
+    text = "Größe: 日本語 — naïve café\n\tok"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(of(t) for t in ids) == text.encode("utf-8")
