@@ -456,3 +456,24 @@ def test_logprobs_tokens_are_each_tokens_own_bytes(model, request):
     text = "Größe: 日本語 — naïve café\n\tok"
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert b"".join(of(t) for t in ids) == text.encode("utf-8")
+
+
+@pytest.mark.cluster
+def test_tool_choice_none_bans_the_call_even_against_a_bias_for_it(cluster, tiny_r1):
+    url, _, client = cluster
+    begin = load_tokenizer(tiny_r1).get_vocab()[r1.CALLS_BEGIN]
+    body = dict(
+        model="tiny-r1",
+        messages=[QUESTION],
+        tools=[WEATHER],
+        max_tokens=3,
+        temperature=0,
+        logit_bias={str(begin): 100},
+        extra_body={"return_token_ids": True, "reasoning_format": "none"},
+    )
+    auto = client.chat.completions.create(**body, tool_choice="auto")
+    assert auto.choices[0].model_extra["token_ids"][0] == begin  # the bias alone: a call opens
+    none = client.chat.completions.create(**body, tool_choice="none")
+    ids = none.choices[0].model_extra["token_ids"]
+    assert begin not in ids and len(ids) == 3
+    assert none.choices[0].message.tool_calls is None
