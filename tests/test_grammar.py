@@ -201,3 +201,30 @@ def test_the_llguidance_tokenizer_is_built_once(vocab):
     assert ll_tokenizer(vocab.tokenizer) is first
     assert ll_tokenizer(vocab.tokenizer._tokenizer, ends) is first
     assert ll_tokenizer(vocab.tokenizer, sorted(ends | {0})) is not first
+
+
+def test_reasoning_first_then_the_json(tiny_r1):
+    """R1's prompt ends inside a think block: with think_end the reasoning runs free up to
+    `</think>` (the end token is refused there), then the answer is the schema's JSON."""
+    vocab = Vocab(tiny_r1)
+    think_end = vocab.tokenizer._tokenizer.convert_tokens_to_ids("</think>")
+    vocab.tilt[think_end] = 6.0  # random reasoning closes within a few dozen tokens
+    schema = dict(SCHEMAS)["person"]
+    grammar = json_grammar(schema, think_end=think_end)
+    ends = sorted(vocab.tokenizer.eos_token_ids)
+    for seed in SEEDS:
+        rng = np.random.default_rng(seed)
+        mask = GrammarMask(vocab.tokenizer, grammar, vocab.width)
+        tokens = []
+        while not mask.done and len(tokens) < MAX_TOKENS:
+            if think_end not in tokens:
+                assert not mask.allowed()[ends].any()  # no ending inside the reasoning
+            logits = mx.array(rng.standard_normal(vocab.width, dtype=np.float32) + vocab.tilt)
+            token = int(mx.argmax(mask.apply(logits)).item())
+            mask.accept(token)
+            tokens.append(token)
+        assert mask.done and think_end in tokens
+        cut = tokens.index(think_end)
+        answer = vocab.tokenizer.decode(tokens[cut + 1 :])
+        validator(schema).validate(json.loads(answer))
+        assert answer.lstrip("\n").startswith("{")

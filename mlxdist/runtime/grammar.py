@@ -3,7 +3,8 @@ whose token mask sets the logits of every token the grammar forbids to -inf, adv
 token sampled.
 
 The next mask is computed on a worker thread as soon as a token is accepted (llguidance drops
-the GIL while it computes), so that it overlaps the next forward pass; apply() waits for it.
+the GIL while it computes, and so does mx.eval), so that it overlaps the next forward pass;
+apply() starts the logits' evaluation, then waits for the mask.
 llguidance.mlx's own apply is a Metal kernel (it raises "No Metal back-end" on MLX's CPU
 backend): the mask is unpacked here with numpy and applied with mx.where, which runs on both.
 """
@@ -37,11 +38,12 @@ def ll_tokenizer(tokenizer, eos_ids=None) -> llguidance.LLTokenizer:
     tokenizer), built once per tokenizer and end ids in this process (about 1 s for 129k tokens).
     `eos_ids` (default: the wrapper's eos_token_ids, else the tokenizer's eos) are the tokens the
     mask allows once the grammar is complete."""
-    hf = tokenizer
-    if not isinstance(tokenizer, PreTrainedTokenizerFast):  # mlx-lm's wrapper holds it
-        hf = tokenizer._tokenizer
+    if isinstance(tokenizer, PreTrainedTokenizerFast):
+        hf, ends = tokenizer, [tokenizer.eos_token_id]
+    else:  # mlx-lm's wrapper: the HF tokenizer, and the end ids of generation_config.json too
+        hf, ends = tokenizer._tokenizer, tokenizer.eos_token_ids
     if eos_ids is None:
-        eos_ids = getattr(tokenizer, "eos_token_ids", None) or [hf.eos_token_id]
+        eos_ids = ends
     ends = tuple(sorted(int(i) for i in eos_ids))
     key = (id(hf), ends)
     with _tokenizers_lock:
@@ -91,6 +93,7 @@ class GrammarMask:
 
     def apply(self, logits: mx.array) -> mx.array:
         """`logits` ((V,) or (1, V)) with every token the grammar forbids here at -inf."""
+        mx.async_eval(logits)  # the forward pass runs while the mask is awaited
         return mx.where(mx.array(self.allowed()), logits, -mx.inf)
 
     def accept(self, token: int) -> None:

@@ -31,8 +31,14 @@ class GrammarError(ValueError):
         self.param = param
 
 
-def json_grammar(schema: dict | None, param: str | None = None) -> str:
-    """The llguidance grammar of JSON text valid against `schema` (None: any JSON object)."""
+def json_grammar(
+    schema: dict | None, param: str | None = None, think_end: int | None = None
+) -> str:
+    """The llguidance grammar of JSON text valid against `schema` (None: any JSON object).
+
+    With `think_end` (the id of the tokenizer's `</think>` token, for a prompt that leaves the
+    model inside a think block, as R1's does): free reasoning first, up to that token and at
+    most two newlines after it, then the JSON."""
     if schema is None:
         schema = ANY_OBJECT
     if not isinstance(schema, dict):
@@ -41,6 +47,16 @@ def json_grammar(schema: dict | None, param: str | None = None) -> str:
         grammar = LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
     except (ValueError, TypeError) as e:  # a schema json.dumps cannot write, or not an object
         raise GrammarError(f"the JSON schema cannot be read: {_one_line(str(e))}", param) from e
+    check_grammar(grammar, param)
+    if think_end is None:
+        return grammar
+    # The options ride in the schema's own "x-guidance" inside a Lark grammar.
+    guidance = schema.get("x-guidance")
+    options = {**(guidance if isinstance(guidance, dict) else {}), **JSON_OPTIONS}
+    answer = json.dumps({**schema, "x-guidance": options})
+    # <[id]>: the token itself (llguidance treats added tokens as special, never as text).
+    lark = f"start: /(.|\\n)*/ <[{int(think_end)}]> /\\n{{0,2}}/ answer\nanswer: %json {answer}\n"
+    grammar = LLMatcher.grammar_from_lark(lark)
     check_grammar(grammar, param)
     return grammar
 
