@@ -175,3 +175,17 @@ def test_the_official_clients_schemas_are_accepted():
     assert chat == responses  # the same strict schema, held in two shapes
     claude = anthropic.transform_schema(Order)
     assert anthropic_format_grammar({"type": "json_schema", "schema": claude})
+
+
+def test_each_shape_passes_the_end_of_thinking_on():
+    """For a prompt that leaves the model inside a think block: the same grammar as
+    json_grammar's with the `</think>` token's id."""
+    fmt = {"type": "json_schema", "schema": POINT}
+    thinking = json_grammar(POINT, think_end=128799)
+    assert thinking != json_grammar(POINT) and "<[128799]>" in thinking
+    chat = {"type": "json_schema", "json_schema": {"name": "p", "schema": POINT}}
+    assert chat_format_grammar(chat, 128799) == thinking
+    assert responses_format_grammar(fmt | {"name": "p"}, 128799) == thinking
+    assert anthropic_format_grammar(fmt, think_end=128799) == thinking
+    with pytest.raises(GrammarError, match='"not"'):  # refused alike
+        json_grammar({"not": {}}, think_end=128799)

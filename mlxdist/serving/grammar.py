@@ -70,17 +70,17 @@ def check_grammar(grammar: str, param: str | None = None) -> None:
         raise GrammarError(f"the JSON schema cannot be enforced: {reason}", param)
 
 
-def chat_format_grammar(response_format: dict | None) -> str | None:
+def chat_format_grammar(response_format: dict | None, think_end: int | None = None) -> str | None:
     """OpenAI chat (and completions) `response_format`: `{"type": "text"}` (None back),
     `{"type": "json_object"}`, or `{"type": "json_schema", "json_schema": {"name", "schema",
-    "strict"}}`."""
+    "strict"}}`. think_end, here and below: as json_grammar's."""
     if response_format is None:
         return None
     kind = _kind(response_format, "response_format", ("text", "json_object", "json_schema"))
     if kind == "text":
         return None
     if kind == "json_object":
-        return json_grammar(None, "response_format")
+        return json_grammar(None, "response_format", think_end)
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict):
         raise GrammarError(
@@ -89,10 +89,10 @@ def chat_format_grammar(response_format: dict | None) -> str | None:
         )
     # OpenAI makes "schema" optional here: without one, any JSON object.
     schema = _schema(spec, "response_format.json_schema", optional=True)
-    return json_grammar(schema, "response_format.json_schema.schema")
+    return json_grammar(schema, "response_format.json_schema.schema", think_end)
 
 
-def responses_format_grammar(text_format: dict | None) -> str | None:
+def responses_format_grammar(text_format: dict | None, think_end: int | None = None) -> str | None:
     """The Responses API's `text.format`: `{"type": "text"}` (None back), `{"type":
     "json_object"}`, or `{"type": "json_schema", "name", "schema", "strict"}` (flat)."""
     if text_format is None:
@@ -101,19 +101,21 @@ def responses_format_grammar(text_format: dict | None) -> str | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return json_grammar(None, "text.format")
-    return json_grammar(_schema(text_format, "text.format", optional=False), "text.format.schema")
+        return json_grammar(None, "text.format", think_end)
+    schema = _schema(text_format, "text.format", optional=False)
+    return json_grammar(schema, "text.format.schema", think_end)
 
 
 def anthropic_format_grammar(
-    output_format: dict | None, param: str = "output_config.format"
+    output_format: dict | None, param: str = "output_config.format", think_end: int | None = None
 ) -> str | None:
     """Anthropic Messages' `output_config.format` (or the beta's top-level `output_format`,
     named by `param`): `{"type": "json_schema", "schema": {...}}`, the one type it has."""
     if output_format is None:
         return None
     _kind(output_format, param, ("json_schema",))
-    return json_grammar(_schema(output_format, param, optional=False), f"{param}.schema")
+    schema = _schema(output_format, param, optional=False)
+    return json_grammar(schema, f"{param}.schema", think_end)
 
 
 def _kind(fmt, param: str, kinds: tuple[str, ...]) -> str:
