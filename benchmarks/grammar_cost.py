@@ -57,17 +57,18 @@ def tilt(hf, width: int) -> mx.array:
     return mx.array(bias)
 
 
-def grammars():
+def grammars(think_end: int | None = None):
     while True:
         for _, schema in SCHEMAS:
-            yield json_grammar(schema)
+            yield json_grammar(schema, think_end=think_end)
 
 
-def serial(tokenizer, width: int, tokens: int, bias: mx.array) -> dict:
-    """Each part of a token's grammar work timed alone, nothing overlapped."""
+def serial(tokenizer, width: int, tokens: int, bias: mx.array, think_end=None) -> dict:
+    """Each part of a token's grammar work timed alone, nothing overlapped; with think_end
+    (whose logit `bias` holds at -inf) every token is in the reasoning before the JSON."""
     rng = np.random.default_rng(0)
     parts: dict[str, list[float]] = {"accept + mask": [], "apply": [], "new answer": []}
-    source = grammars()
+    source = grammars(think_end)
     mask, done = None, 0
     while done < tokens:
         if mask is None or mask.done:
@@ -105,7 +106,17 @@ class Decode:
         self.y = mx.argmax(model(mx.array([prompt]), cache=self.cache)[:, -1], axis=-1)
         mx.eval(self.y)
         self.source, self.mask = grammars(), None
-        self.rng = np.random.default_rng(1)
+        self.noise = []
+        if grammar is not None and grammar[1] != model.args.vocab_size:
+            # R1's vocabulary: random logits of its width, made beforehand (a 129k-wide draw
+            # costs about a millisecond, which is not the grammar's)
+            rng = np.random.default_rng(1)
+            width, bias = grammar[1], grammar[2]
+            self.noise = [
+                mx.array(rng.standard_normal((1, width), np.float32)) + bias for _ in range(32)
+            ]
+            mx.eval(self.noise)
+        self.steps = 0
 
     def step(self) -> float:
         t = time.perf_counter()
@@ -114,12 +125,12 @@ class Decode:
             self.y = mx.argmax(logits, axis=-1)
             self.y.item()
             return time.perf_counter() - t
-        tokenizer, width, bias = self.grammar
+        tokenizer, width, _ = self.grammar
         if self.mask is None or self.mask.done:
             self.mask = GrammarMask(tokenizer, next(self.source), width)
-        if width != logits.shape[-1]:  # R1's vocabulary: random logits of its width
-            noise = mx.array(self.rng.standard_normal((1, width), np.float32))
-            logits = logits[:, :1] * 0 + noise + bias  # still waits for the forward pass
+        if self.noise:  # still waits for the forward pass
+            logits = logits[:, :1] * 0 + self.noise[self.steps % len(self.noise)]
+        self.steps += 1
         chosen = mx.argmax(self.mask.apply(logits), axis=-1)
         self.mask.accept(chosen.item())
         self.y = chosen % self.model.args.vocab_size
@@ -146,7 +157,8 @@ def main() -> None:
         "SmolLM2": (smol, model.args.vocab_size, smol._tokenizer, smol_build),
         "R1": (r1, R1_WIDTH, r1, r1_build),
     }
-    loops = {"plain": Decode(model, prompt)}
+    # "plain again": a second loop without grammar, whose pairing with the first shows the noise
+    loops = {"plain": Decode(model, prompt), "plain again": Decode(model, prompt)}
     for name, (tokenizer, width, hf, _) in vocabs.items():
         loops[name] = Decode(model, prompt, (tokenizer, width, tilt(hf, width)))
     for loop in loops.values():  # warm-up
@@ -162,9 +174,10 @@ def main() -> None:
     plain = step["plain"]
     ratio = {
         name: statistics.median(g / p for g, p in zip(times[name], times["plain"]))
-        for name in vocabs
+        for name in [*vocabs, "plain again"]
     }
     print(f"SmolLM2 decode step without grammar: {plain:.2f} ms (median of {args.tokens})")
+    print(f"a second loop without grammar against it: {ratio['plain again'] - 1:+.1%} (noise)")
     print(
         "| vocabulary | tokenizer built once (s) | new answer (ms) | accept + mask, median / "
         "mean / max (ms) | apply, median / mean (ms) | serial mean / step | decode step with "
@@ -180,6 +193,15 @@ def main() -> None:
             f"{s['apply mean']:.3f} | {cost / plain:.4f} | {step[name]:.2f} | "
             f"{ratio[name] - 1:+.1%} |"
         )
+    # R1 reasoning before its JSON (json_grammar's think_end): nearly every token allowed
+    think_end = r1.convert_tokens_to_ids("</think>")
+    bias = tilt(r1, R1_WIDTH).at[think_end].add(-mx.inf)
+    s = serial(r1, R1_WIDTH, args.tokens, bias, think_end)
+    print(
+        f"| R1, reasoning | | | {s['accept + mask']:.3f} / {s['mask mean']:.3f} / "
+        f"{s['mask max']:.1f} | {s['apply']:.3f} / {s['apply mean']:.3f} | "
+        f"{(s['mask mean'] + s['apply mean']) / plain:.4f} | | |"
+    )
 
 
 if __name__ == "__main__":
