@@ -339,8 +339,14 @@ def test_errors_in_anthropics_shape(served):
 def test_an_output_format_holds_the_answer_to_its_schema(served):
     _, model, client = served
     fmt = {"type": "json_schema", "schema": SCHEMA}
+    # Thinking off: R1 would reason first (up to </think>, then the JSON), and a random
+    # tiny-r1 never closes its think block by itself.
     message = client.messages.create(
-        model=model, max_tokens=30, messages=ASK, output_config={"format": fmt}
+        model=model,
+        max_tokens=30,
+        messages=ASK,
+        output_config={"format": fmt},
+        thinking={"type": "disabled"},
     )
     assert [b.type for b in message.content] == ["text"] and message.stop_reason == "end_turn"
     jsonschema.validate(json.loads(message.content[0].text), SCHEMA)

@@ -405,7 +405,9 @@ def test_logprobs_are_the_models_own_log_softmax(cluster):
 
 
 @pytest.mark.cluster
-def test_logit_bias_steers_and_a_json_schema_holds(cluster):
+def test_logit_bias_steers_and_a_json_schema_holds(cluster, tiny_r1):
+    from mlxdist.runtime.tiktoken_tokenizer import load_tokenizer
+
     url, _, client = cluster
     r = client.completions.create(
         model="tiny-r1",
@@ -423,10 +425,19 @@ def test_logit_bias_steers_and_a_json_schema_holds(cluster):
         "additionalProperties": False,
     }
     fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}}
+    # R1's prompt leaves it inside <think>: it reasons first, then the JSON follows </think>
+    # (steered to close the block at once: a random model never closes it by itself).
+    close = load_tokenizer(tiny_r1).vocab["</think>"]
     chat = client.chat.completions.create(
-        model="tiny-r1", messages=[QUESTION], max_tokens=40, response_format=fmt
+        model="tiny-r1",
+        messages=[QUESTION],
+        max_tokens=40,
+        response_format=fmt,
+        logit_bias={str(close): 100},
+        extra_body={"return_token_ids": True},
     )
     jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
+    assert chat.choices[0].model_extra["token_ids"][0] == close  # the grammar let it close
 
 
 def test_gpt_oss_calls_come_from_its_harmony_messages():

@@ -23,9 +23,10 @@ that keep none drop it). The answer comes back as blocks in the order the model 
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 from fastapi import FastAPI, Request
@@ -176,13 +177,13 @@ def _template(req: Conversation) -> dict:
     return {"thinking": on, "enable_thinking": on}
 
 
-def _format_grammar(req: MessagesRequest) -> str | None:
+def _format_grammar(req: MessagesRequest, think_end: int | None) -> str | None:
     config = req.output_config or {}
     fmt, param = config.get("format"), "output_config.format"
     if fmt is None and req.output_format is not None:
         fmt, param = req.output_format, "output_format"
     try:
-        return anthropic_format_grammar(fmt, param)
+        return anthropic_format_grammar(fmt, param, think_end)
     except GrammarError as e:
         raise refused(e, param) from None
 
@@ -193,7 +194,9 @@ def _check_model(ctx: Context, model: str) -> None:
         raise APIError(404, f"model: {model!r} does not exist: {why}", "model")
 
 
-def conversation_turn(ctx: Context, req: Conversation, grammar: str | None = None) -> Turn:
+def conversation_turn(
+    ctx: Context, req: Conversation, grammar: Callable[[int | None], str | None] | None = None
+) -> Turn:
     _check_model(ctx, req.model)
     choice, name = _choice(req)
     messages = chat_messages(req, template_takes_dicts(ctx))
@@ -271,7 +274,7 @@ async def _stream(ctx: Context, job: Job, reply: Reply) -> AsyncIterator[str]:
 
 
 def make_job(ctx: Context, req: MessagesRequest) -> tuple[Job, Turn]:
-    turn = conversation_turn(ctx, req, _format_grammar(req))
+    turn = conversation_turn(ctx, req, functools.partial(_format_grammar, req))
     params = Params(
         model=req.model,
         max_tokens=req.max_tokens,

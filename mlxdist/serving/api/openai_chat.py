@@ -20,7 +20,7 @@ from mlxdist.serving.api.openai_schema import ChatRequest, NamedChoice, Sampling
 from mlxdist.serving.api.openai_stream import respond
 from mlxdist.serving.api.sampling import logit_bias, make_extras, refused
 from mlxdist.serving.grammar import GrammarError, chat_format_grammar
-from mlxdist.serving.reasoning import reasoning_start
+from mlxdist.serving.reasoning import CLOSE, reasoning_start
 from mlxdist.serving.tool_calls import call_grammar
 from mlxdist.serving.tools.formats import spec_for
 
@@ -57,9 +57,10 @@ def params(
     )
 
 
-def format_grammar(req: Sampling) -> str | None:
+def format_grammar(req: Sampling, think_end: int | None = None) -> str | None:
+    """response_format's grammar (think_end: reasoning first, up to that token)."""
     try:
-        return chat_format_grammar(req.response_format)
+        return chat_format_grammar(req.response_format, think_end)
     except GrammarError as e:
         raise refused(e, "response_format") from None
 
@@ -105,9 +106,10 @@ def add_routes(app: FastAPI, ctx: Context) -> None:
         prompt = ctx.encode(text, "messages", special=False)
         # None: no splitting; else how the output begins (answer, think block, harmony header)
         think = reasoning_start(text) if req.reasoning_format == "deepseek" else None
-        grammar = format_grammar(req)
-        if grammar is not None and think == "think":
-            think = "answer"  # the JSON holds from the first token: no reasoning to split
+        end = ctx.vocab_map.get(CLOSE) if think == "think" else None
+        grammar = format_grammar(req, end)  # R1: it reasons, then answers in JSON
+        if grammar is not None and think == "think" and end is None:
+            think = "answer"  # no </think> token: the JSON holds from the first token
         forced = _tools_grammar(ctx, req, fmt, think == "think")
         if forced is not None and grammar is not None:
             why = "a required tool call and a response_format cannot both be enforced"

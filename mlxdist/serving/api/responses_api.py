@@ -13,6 +13,7 @@ does), an unknown id is a 404. Errors come in OpenAI's shape (the app's handlers
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -53,9 +54,9 @@ def _choice(req: ResponsesRequest) -> tuple[str, str | None]:
     return choice or "auto", None
 
 
-def _format_grammar(req: ResponsesRequest) -> str | None:
+def _format_grammar(req: ResponsesRequest, think_end: int | None) -> str | None:
     try:
-        return responses_format_grammar(req.text.format if req.text else None)
+        return responses_format_grammar(req.text.format if req.text else None, think_end)
     except GrammarError as e:
         raise refused(e, "text.format") from None
 
@@ -185,7 +186,7 @@ def make_job(ctx: Context, req: ResponsesRequest, store: ResponseStore) -> tuple
     template: dict = {"reasoning_effort": effort} if effort is not None else {}
     if effort == "none":  # V3.1's and Qwen3's templates switch reasoning off themselves
         template = {"thinking": False, "enable_thinking": False}
-    grammar = _format_grammar(req)
+    grammar = functools.partial(_format_grammar, req)  # built once the prompt shows its start
     off = effort == "none"  # reasoning off: a think block the prompt opens is closed empty
     turn = prepare(ctx, messages, _tools(req), choice, name, grammar, "input", off, **template)
     params = Params(

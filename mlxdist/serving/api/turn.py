@@ -10,6 +10,7 @@ the tools but bans the token that opens a call and parses nothing.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlxdist.serving.answer import Answer
@@ -73,12 +74,15 @@ def prepare(
     tools: list[dict] | None,
     choice: str,
     name: str | None,
-    format_grammar: str | None,
+    format_grammar: Callable[[int | None], str | None] | None,
     param: str,
     think_off: bool = False,
     **template: object,
 ) -> Turn:
-    """choice: "auto", "none" or "required" (name: the one tool a call must name); think_off:
+    """choice: "auto", "none" or "required" (name: the one tool a call must name);
+    format_grammar(think_end): the output format's grammar, reasoning first up to the token
+    think_end when the prompt leaves the model inside a think block (None: from the first
+    token); think_off:
     the request turned reasoning off, so a prompt that still leaves the model inside a think
     block (R1's always does) closes it empty; template: the chat template's own switches
     (thinking=..., reasoning_effort=...)."""
@@ -96,8 +100,10 @@ def prepare(
         text += "\n" + CLOSE + "\n\n"  # an empty block, as R1 writes one: the answer follows
     prompt = ctx.encode(text, param, special=False)
     think = reasoning_start(text)
-    if format_grammar is not None and think == "think":
-        think = "answer"  # the JSON holds from the first token: no reasoning to split
+    end = ctx.vocab_map.get(CLOSE) if think == "think" else None
+    format_grammar = format_grammar(end) if format_grammar is not None else None
+    if format_grammar is not None and think == "think" and end is None:
+        think = "answer"  # no </think> token: the JSON holds from the first token
     forced = None
     if choice == "required":
         try:  # inside a think block, the reasoning runs free up to its end, then the calls
