@@ -3,11 +3,7 @@ one grammar, and what llguidance cannot enforce is a GrammarError naming the fea
 
 from __future__ import annotations
 
-from enum import Enum
-from typing import Literal
-
 import anthropic
-import pydantic
 import pytest
 from openai.lib._parsing._completions import type_to_response_format_param
 from openai.lib._parsing._responses import type_to_text_format_param
@@ -20,6 +16,7 @@ from mlxdist.serving.grammar import (
     json_grammar,
     responses_format_grammar,
 )
+from mlxdist.testing.schemas import Order
 
 POINT = {
     "type": "object",
@@ -146,25 +143,6 @@ def test_a_malformed_format_names_its_field(to_grammar, fmt, param, words):
         to_grammar(fmt)
     assert caught.value.param == param
     assert words in caught.value.message and "\n" not in caught.value.message
-
-
-class Size(str, Enum):
-    small = "small"
-    large = "large"
-
-
-class Item(pydantic.BaseModel):
-    name: str
-    count: int
-    size: Size
-    note: str | None
-
-
-class Order(pydantic.BaseModel):
-    id: int
-    items: list[Item]
-    status: Literal["open", "closed"]
-    shipping: Item | None
 
 
 def test_the_official_clients_schemas_are_accepted():

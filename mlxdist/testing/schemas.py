@@ -9,6 +9,11 @@ additional_properties_schema.
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import Literal
+
+import pydantic
+
 NAME = {"type": "string", "minLength": 1, "maxLength": 16}
 SHORT = {"type": "string", "maxLength": 12}
 AGE = {"type": "integer", "minimum": 0, "maximum": 120}
@@ -216,3 +221,25 @@ SCHEMAS: list[tuple[str, dict | None]] = [
         ),
     ),
 ]
+
+
+# A pydantic model, for the clients' own structured output helpers (openai's `parse`, which
+# sends a strict schema with $defs, Optional as anyOf with null, enums and a Literal; anthropic's
+# transform_schema, which moves the bounds into descriptions): answers must validate as an Order.
+class Size(str, Enum):
+    small = "small"
+    large = "large"
+
+
+class Item(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=16)
+    count: int = pydantic.Field(ge=0, le=99)
+    size: Size
+    note: str | None = pydantic.Field(max_length=12)
+
+
+class Order(pydantic.BaseModel):
+    id: int = pydantic.Field(ge=0, le=9999)
+    items: list[Item] = pydantic.Field(min_length=1, max_length=3)
+    status: Literal["open", "closed"]
+    shipping: Item | None
