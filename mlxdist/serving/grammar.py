@@ -61,13 +61,13 @@ def json_grammar(
     return grammar
 
 
-def check_grammar(grammar: str, param: str | None = None) -> None:
+def check_grammar(grammar: str, param: str | None = None, what: str = "the JSON schema") -> None:
     """Raise GrammarError naming what llguidance refuses in `grammar` (an unknown keyword or
-    format, an external $ref, a regex with look-around, ...)."""
+    format, an external $ref, a regex with look-around, ...): "{what} cannot be enforced: ..."."""
     is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
         reason = _one_line(messages[0]) if messages else "invalid grammar"
-        raise GrammarError(f"the JSON schema cannot be enforced: {reason}", param)
+        raise GrammarError(f"{what} cannot be enforced: {reason}", param)
 
 
 def chat_format_grammar(response_format: dict | None, think_end: int | None = None) -> str | None:
