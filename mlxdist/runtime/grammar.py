@@ -23,7 +23,7 @@ from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 from transformers import PreTrainedTokenizerFast
 
 _tokenizers: dict[tuple[int, tuple[int, ...]], tuple[object, llguidance.LLTokenizer]] = {}
-_tokenizers_lock = threading.Lock()
+_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 # Errors without llguidance's parser state and grammar dump (it would echo the client's schema).
 _LIMITS = llguidance.LLParserLimits(verbose_errors=False)
@@ -35,7 +35,8 @@ class GrammarViolation(ValueError):
 
 def ll_tokenizer(tokenizer, eos_ids=None) -> llguidance.LLTokenizer:
     """llguidance's view of `tokenizer` (mlx-lm's TokenizerWrapper or a fast Hugging Face
-    tokenizer), built once per tokenizer and end ids in this process (about 1 s for 129k tokens).
+    tokenizer), built once per tokenizer and end ids in this process (1.5 s for R1's 129k tokens
+    on a slow CPU: best built before the first request needs it).
     `eos_ids` (default: the wrapper's eos_token_ids, else the tokenizer's eos) are the tokens the
     mask allows once the grammar is complete."""
     if isinstance(tokenizer, PreTrainedTokenizerFast):
@@ -46,7 +47,7 @@ def ll_tokenizer(tokenizer, eos_ids=None) -> llguidance.LLTokenizer:
         eos_ids = ends
     ends = tuple(sorted(int(i) for i in eos_ids))
     key = (id(hf), ends)
-    with _tokenizers_lock:
+    with _lock:
         held = _tokenizers.get(key)
         if held is None:  # the cache keeps hf alive, so its id is never reused for another
             held = (hf, llguidance.hf.from_tokenizer(hf, eos_token=list(ends)))
@@ -56,9 +57,10 @@ def ll_tokenizer(tokenizer, eos_ids=None) -> llguidance.LLTokenizer:
 
 def _executor() -> ThreadPoolExecutor:
     global _pool
-    if _pool is None:  # sequences in a batch compute their masks side by side
-        _pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="grammar")
-    return _pool
+    with _lock:
+        if _pool is None:  # sequences in a batch compute their masks side by side
+            _pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="grammar")
+        return _pool
 
 
 class GrammarMask:
