@@ -105,9 +105,14 @@ def test_sampling_extras_in_the_batch_equal_mlx_lm(cluster, reference_model):
     mode, url = cluster
     together: list = [None] * len(EXTRAS)
 
+    def steps() -> int:
+        return httpx.get(url + "/mlxdist/stats", timeout=60).json()["ranks"][0]["steps"]
+
     def ask(i: int) -> None:
-        time.sleep(0.1 * i)
+        time.sleep(0.02 * i)
         together[i] = cluster_answer(url, *EXTRAS[i])
+
+    before = steps()
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(EXTRAS))]
     for t in threads:
@@ -121,3 +126,8 @@ def test_sampling_extras_in_the_batch_equal_mlx_lm(cluster, reference_model):
         if "logprobs" in extras:
             assert_logprobs_match(choice, rows, extras["logprobs"])
     assert together[2]["token_ids"] == [77] * 5  # the bias decides
+    # One step a token each alone (the prompt's step gives the first): fewer when they shared
+    # batched steps, each row sampled with its own extras.
+    taken, alone = steps() - before, sum(n for _, n, _ in EXTRAS)
+    print(f"{mode}: {taken} steps for {alone} tokens")
+    assert taken < alone

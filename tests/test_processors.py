@@ -74,14 +74,21 @@ def test_extras_round_trip_and_reply_width():
 def test_reply_logprobs_are_the_raw_models(top):
     rng = np.random.default_rng(1)
     logits = mx.array(rng.normal(size=(1, VOCAB)) * 2, mx.float32)
-    # A bias that changes the choice: the log probabilities stay the model's own.
-    extras = SamplingExtras(logit_bias={11: 50.0}, top_logprobs=top)
+    # A bias that changes the choice, and penalties that write into the logits they are
+    # given: the log probabilities stay the model's own.
+    extras = SamplingExtras(
+        logit_bias={11: 50.0},
+        top_logprobs=top,
+        presence_penalty=1.5,
+        repetition_penalty=1.3,
+        history=list(range(0, VOCAB, 2)),
+    )
+    raw = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).reshape(-1)
     out = sample_reply(Sampler(), Processors(extras, VOCAB), logits)
     words = out.tolist()
     assert len(words) == extras.reply_words()
     assert words[0] == 11
     logprob, best = read_logprobs(words)
-    raw = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).reshape(-1)
     assert abs(logprob - raw[11]) < 1e-6
     order = np.argsort(-raw)[:top]
     assert [i for i, _ in best] == order.tolist()

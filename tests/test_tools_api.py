@@ -208,6 +208,11 @@ REFUSED = [
     ("repetition_penalty 0", {"repetition_penalty": 0}, "repetition_penalty"),
     ("response_format of no type", {"response_format": {"type": "xml"}}, "response_format"),
     (
+        "ignore_eos with an enforced form",
+        {"ignore_eos": True, "response_format": {"type": "json_object"}},
+        "ignore_eos",
+    ),
+    (
         "a schema feature that cannot be enforced",
         {
             "response_format": {
@@ -456,6 +461,51 @@ def test_gpt_oss_calls_come_from_its_harmony_messages():
     assert [(c.name, json.loads(c.arguments)) for c in whole.calls] == [
         ("get_weather", {"city": "Paris"})
     ]
+
+
+def test_harmony_calls_not_asked_for_stay_answer_text():
+    """tool_choice none (or no tools) on gpt-oss: a message it addresses to a function anyway
+    is answer text, as before calls were read, not dropped."""
+    text = (
+        "<|channel|>commentary to=functions.get_weather <|constrain|>json"
+        '<|message|>{"city":"Paris"}<|call|>'
+    )
+    answer = Answer("harmony", None)
+    for i in range(0, len(text), 4):
+        answer.token(text[i : i + 4])
+    answer.finish()
+    whole = answer.whole()
+    assert json.loads(whole.content) == {"city": "Paris"} and whole.calls == []
+
+
+def test_arguments_nested_past_pythons_limit_are_a_400_not_a_500():
+    from mlxdist.serving.api.errors import APIError
+    from mlxdist.serving.api.responses_items import chat_messages
+
+    deep = "[" * 100_000
+    call = {"type": "function_call", "name": "f", "call_id": "c1", "arguments": deep}
+    with pytest.raises(APIError) as caught:
+        chat_messages([call], as_dict=True)
+    assert caught.value.status == 400
+    request = ChatRequest.model_validate(
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": deep},
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+    with pytest.raises(APIError) as caught:
+        template_messages(request.messages, as_dict=True)
+    assert caught.value.status == 400
 
 
 @pytest.mark.parametrize("model", ["tiny_r1", "smollm2"])

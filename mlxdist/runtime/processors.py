@@ -78,13 +78,14 @@ class Processors:
         if extras.grammar is not None:
             from mlxdist.runtime.grammar import GrammarMask  # llguidance only when asked
 
-            wrapper = tokenizer()
-            ends = np.zeros(vocab_size, np.bool_)
-            ends[[i for i in wrapper.eos_token_ids if i < vocab_size]] = True
-            self.ends = mx.array(ends)
-            try:
+            self.ends = mx.zeros((vocab_size,), mx.bool_)
+            try:  # rank 0 checked it: a failure here must not stop the rank
+                wrapper = tokenizer()
+                ends = np.zeros(vocab_size, np.bool_)
+                ends[[i for i in wrapper.eos_token_ids if i < vocab_size]] = True
+                self.ends = mx.array(ends)
                 self.grammar = GrammarMask(wrapper, extras.grammar, vocab_size)
-            except ValueError as e:  # rank 0 checked it: a failure here must not stop the rank
+            except BaseException as e:  # llguidance's panics are BaseExceptions
                 self._fail(e)
 
     def apply(self, logits: mx.array) -> mx.array:
@@ -97,9 +98,12 @@ class Processors:
             logits = self._penalise(logits)
         if e.grammar is None:
             return logits
-        if self.failed or self.grammar.done:  # the answer ends here
-            return mx.where(self.ends, logits, -mx.inf)
-        return self.grammar.apply(logits)
+        if not self.failed and not self.grammar.done:
+            try:
+                return self.grammar.apply(logits)
+            except BaseException as e:
+                self._fail(e)
+        return mx.where(self.ends, logits, -mx.inf)  # the answer ends here
 
     def _penalise(self, logits: mx.array) -> mx.array:
         e, seen = self.extras, list(self.seen)
@@ -122,12 +126,14 @@ class Processors:
             return
         try:
             self.grammar.accept(token)
-        except ValueError as e:
+        except BaseException as e:
             self._fail(e)
 
-    def _fail(self, error: Exception) -> None:
+    def _fail(self, error: BaseException) -> None:
         """The grammar cannot go on (it should never happen: rank 0 checks every grammar and
         the mask allows only what it accepts): the answer ends rather than the rank."""
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise error
         print(f"grammar failed, ending the answer: {error}", file=sys.stderr, flush=True)
         self.failed = True
 
@@ -137,15 +143,16 @@ def sample_reply(sampler, processors: Processors | None, logits: mx.array) -> mx
     sequence's sampler draws, and its log probabilities when the extras ask for them."""
     if processors is None:
         return sampler(logits - mx.logsumexp(logits, keepdims=True)).astype(mx.int32)
+    n = processors.extras.top_logprobs
+    if n is not None:  # before the processors, some of which write into the logits
+        raw = logits.astype(mx.float32)
+        raw = np.array((raw - mx.logsumexp(raw, axis=-1, keepdims=True)).reshape(-1))
     shaped = processors.apply(logits)
     token = sampler(shaped - mx.logsumexp(shaped, keepdims=True)).astype(mx.int32)
     t = token.item()
     processors.accept(t)
-    n = processors.extras.top_logprobs
     if n is None:
         return token
-    raw = logits.astype(mx.float32)
-    raw = np.array((raw - mx.logsumexp(raw, axis=-1, keepdims=True)).reshape(-1))
     words = [t, _bits(raw[t])]
     if n:
         top = np.argpartition(-raw, n - 1)[:n]

@@ -73,6 +73,8 @@ class Answer:
             content, calls = self.calls_splitter.feed(content)
         if self.harmony_calls:
             calls = self.splitter.take_calls() + calls
+        elif hasattr(self.splitter, "take_calls"):  # calls not asked for: their text is answer
+            content += "".join(c.arguments for c in self.splitter.take_calls())
         return self._add(Piece(reasoning, content, calls))
 
     def _add(self, piece: Piece) -> Piece:

@@ -212,7 +212,7 @@ class Guard:
         inner = _KeyAndBody(app, policy)
         cors = None
         if policy.cors_origins:
-            methods = ["GET", "POST", "OPTIONS"]
+            methods = ["GET", "POST", "DELETE", "OPTIONS"]  # DELETE: /v1/responses/{id}
             # with Anthropic's browser client: its key, version and opt-in headers
             headers = ["Authorization", "Content-Type", "x-api-key", "anthropic-version"]
             headers.append("anthropic-dangerous-direct-browser-access")

@@ -68,7 +68,10 @@ def create_app(
     @app.get("/health")
     def health(request: Request) -> dict:
         # Open to all; the cluster's make-up (hosts, memory, model) only to a key's holder.
-        if policy is not None and not policy.authorized(request.headers.get("authorization")):
+        headers = request.headers
+        if policy is not None and not policy.authorized(
+            headers.get("authorization"), headers.get("x-api-key")
+        ):
             return {"status": "ok"}
         return {"status": "ok", "model": model_name, "queued": coordinator.pending(), **info}
 

@@ -49,7 +49,7 @@ def _call(call, as_dict: bool, param: str) -> dict:
     if as_dict:
         try:
             arguments = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past Python's limit: not an object either
             arguments = None
         if not isinstance(arguments, dict):
             raise APIError(

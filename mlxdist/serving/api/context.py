@@ -12,7 +12,7 @@ import functools
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 
@@ -184,6 +184,16 @@ class Context:
         if params.speculative == "mtp" and not self.coordinator.has_mtp():
             why = "this server drafts with no MTP layer: start it with --speculative mtp"
             raise APIError(400, f"speculative: {why}", "speculative")
+        extras = params.extras
+        if extras is not None:
+            # ids past the model's logits (a tokenizer larger than them) would write past them
+            bias = {i: b for i, b in extras.logit_bias.items() if 0 <= i < self.vocab}
+            extras = replace(extras, logit_bias=bias)
+        if extras is not None and extras.grammar is not None:
+            if params.ignore_eos:  # a complete answer allows only its end, which it would pass
+                why = "cannot go on past the end of an answer whose form is enforced"
+                raise APIError(400, f"ignore_eos: {why}", "ignore_eos")
+            self.check_grammar(extras.grammar)
         return Job(
             prompt=prompt,
             max_tokens=limit,
@@ -194,9 +204,22 @@ class Context:
             ignore_eos=params.ignore_eos,
             speculative=params.speculative,
             draft_tokens=params.draft_tokens,
-            extras=params.extras,
+            extras=extras,
             loop=asyncio.get_running_loop(),
         )
+
+    def check_grammar(self, grammar: str) -> None:
+        """A 400 for a grammar that llguidance refuses over this model's own tokenizer (one that
+        names a token the model lacks passes the check without it), before any rank sees it."""
+        from llguidance import LLMatcher, LLParserLimits  # only once a grammar is asked for
+
+        from mlxdist.runtime.grammar import ll_tokenizer
+
+        quiet = LLParserLimits(verbose_errors=False)  # no dump of the client's own schema
+        matcher = LLMatcher(ll_tokenizer(self.tokenizer), grammar, log_level=0, limits=quiet)
+        if matcher.is_error():
+            why = matcher.get_error().strip().split("\n")[0]
+            raise APIError(400, f"the output's form cannot be enforced for this model: {why}")
 
     def submit(self, job: Job) -> None:
         """Queues the job (503 once a node has failed); read its answer with events()."""

@@ -80,7 +80,7 @@ def chat_messages(items: list, as_dict: bool, param: str = "input") -> list[dict
             name, call_id = _string(item, "name", where), _string(item, "call_id", where)
             try:
                 arguments = json.loads(_string(item, "arguments", where))
-            except ValueError:
+            except (ValueError, RecursionError):  # nested past Python's limit too
                 arguments = None
             if not isinstance(arguments, dict):
                 raise _fault(f"{where}.arguments", "not a JSON object")
