@@ -6,11 +6,11 @@ maxItems and every integer bounds, so that an answer fits in about 200 tokens wh
 prefers; the open cases are `json_object` mode (no schema: any object) and the extra keys of
 additional_properties_schema.
 
-Greedy SmolLM2 under the mask, in one process, asked for each schema ("Reply with a JSON object
-for this schema: ..."), answered every schema but any_object validly in 1 to 53 tokens (451 in
-all); any_object it had not ended after 300 (one string of repeated words). The grammar does not
-keep extra keys apart: SmolLM2 wrote {"type":1,"pattern":1,"pattern":1} for
-pattern_properties_min_max (JSON allows it; a parser keeps the last).
+Greedy SmolLM2 under the mask (benchmarks/grammar_answers.py), asked for each schema ("Reply
+with a JSON object for this schema: ..."), answered every schema but any_object validly in 1 to
+53 tokens (451 in all); any_object it had not ended after 300 (one string of repeated words).
+The grammar does not keep extra keys apart: SmolLM2 wrote {"type":1,"pattern":1,"pattern":1}
+for pattern_properties_min_max (JSON allows it; a parser keeps the last).
 """
 
 from __future__ import annotations
