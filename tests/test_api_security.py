@@ -303,6 +303,11 @@ def test_a_body_over_the_limit_gets_413_and_rank_0_does_not_grow(served):
     assert r.status_code == 404, r.text
     over = httpx.post(url + "/v1/completions", content=b"{" + b" " * 4 * MiB, headers=authed())
     assert over.status_code == 413 and over.json()["error"]["code"] == "body_too_large"
+    # Anthropic's clients get Anthropic's shape, for this refusal and a wrong method alike
+    over = httpx.post(url + "/v1/messages", content=b"{" + b" " * 4 * MiB, headers=authed())
+    assert over.status_code == 413 and over.json()["error"]["type"] == "request_too_large"
+    wrong = httpx.get(url + "/v1/messages", headers=authed())
+    assert wrong.status_code == 405 and wrong.json()["type"] == "error", wrong.text
     assert declared_too_large(url) == 413 and streamed_too_large(url)[0] == 413  # warm
     # The loop answers stats after it has kept the last answer's caches (the prefix cache does
     # so once the answer is out): none of that lands inside the measurement below.
@@ -332,6 +337,8 @@ def test_a_foreign_host_gets_400(served):
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", host
     r = httpx.get(served.url + "/health", headers={"Host": "evil.example"})
     assert r.status_code == 400  # the open route too
+    r = httpx.post(served.url + "/v1/messages", headers=authed() | {"Host": "evil.example"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", EXTRA_HOST, socket.gethostname()):
         r = httpx.get(served.url + "/v1/models", headers=authed() | {"Host": host})
         assert r.status_code == 200, host

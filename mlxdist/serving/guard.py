@@ -120,6 +120,19 @@ def error(status: int, message: str, code: str | None, kind: str = "invalid_requ
     return status, json.dumps(body).encode()
 
 
+# Anthropic's error types for the refusals made here
+_ANTHROPIC = {400: "invalid_request_error", 401: "authentication_error", 413: "request_too_large"}
+
+
+def refusal(path: str, status: int, message: str, code: str | None):
+    """A refusal's status and body in the shape of the API at path: Anthropic's clients on
+    /v1/messages read `{"type": "error", "error": {"type", "message"}}`, the rest OpenAI's."""
+    if path.startswith("/v1/messages"):
+        body = {"type": "error", "error": {"type": _ANTHROPIC[status], "message": message}}
+        return status, json.dumps(body).encode()
+    return error(status, message, code)
+
+
 class _KeyAndBody:
     """ASGI middleware: the key (every path but OPEN_PATHS), then the body's size."""
 
@@ -132,22 +145,17 @@ class _KeyAndBody:
             return await self.app(scope, receive, send)
         p = self.policy
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        key = headers.get("x-api-key")
-        if scope["path"] not in OPEN_PATHS and not p.authorized(headers.get("authorization"), key):
+        key, path = headers.get("x-api-key"), scope["path"]
+        if path not in OPEN_PATHS and not p.authorized(headers.get("authorization"), key):
             given = "authorization" in headers or key is not None
             message, code = (WRONG_KEY, "invalid_api_key") if given else (NO_KEY, None)
             await _drain(receive)  # as for every refusal: the answer must not be reset
-            if scope["path"].startswith("/v1/messages"):  # Anthropic's clients, Anthropic's shape
-                body = {
-                    "type": "error",
-                    "error": {"type": "authentication_error", "message": message},
-                }
-                return await _answer(send, 401, json.dumps(body).encode(), bearer=True)
-            return await _answer(send, *error(401, message, code), bearer=True)
+            return await _answer(send, *refusal(path, 401, message, code), bearer=True)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > p.max_body:
             await _drain(receive)
-            return await _answer(send, *error(413, TooLarge(p.max_body).detail, "body_too_large"))
+            too_large = TooLarge(p.max_body).detail
+            return await _answer(send, *refusal(path, 413, too_large, "body_too_large"))
         started = False
         seen = 0
 
@@ -170,7 +178,7 @@ class _KeyAndBody:
         except TooLarge as e:  # read by a route outside FastAPI's own body parsing
             if started:
                 raise
-            await _answer(send, *error(413, e.detail, "body_too_large"))
+            await _answer(send, *refusal(path, 413, e.detail, "body_too_large"))
 
 
 async def _drain(receive, limit: int = DRAIN_BYTES, seconds: float = DRAIN_SECONDS) -> None:
@@ -240,7 +248,7 @@ class _Front:
         if not host or (host not in self.policy.names and host != here):
             why = f"the Host header {shown!r} is not a name of this server"
             await _drain(receive)  # its body unread, closing would reset the connection
-            return await _answer(send, *error(400, why, "invalid_host"))
+            return await _answer(send, *refusal(scope["path"], 400, why, "invalid_host"))
         origin = headers.get(b"origin", b"").decode("latin-1")
         if self.cors is not None and origin in self.policy.cors_origins:
             return await self.cors(scope, receive, send)

@@ -57,9 +57,12 @@ def create_app(
         return error_response(validation_error(list(e.errors())))
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         code = {404: "not_found", 413: "body_too_large"}.get(e.status_code)
-        return error_response(APIError(e.status_code, str(e.detail), code=code))
+        refused = APIError(e.status_code, str(e.detail), code=code)
+        if request.url.path.startswith("/v1/messages"):  # a 405, a 413: Anthropic's shape there
+            return anthropic.error_response(refused)
+        return error_response(refused)
 
     @app.exception_handler(ClientGone)
     async def gone(_: Request, e: ClientGone) -> JSONResponse:
