@@ -237,6 +237,11 @@ def test_a_message_whole_and_streamed_is_the_chat_answer(served):
     direct = client.messages.create(**ask, thinking={"type": "disabled"})
     assert [b.type for b in direct.content] == ["text"] and direct.usage.output_tokens == 12
     assert direct.usage.input_tokens + direct.usage.cache_read_input_tokens > count
+    # a thinking budget: after 3 tokens of reasoning the block closes and the text follows
+    # (a random tiny-r1 never closes it by itself)
+    budget = client.messages.create(**ask, thinking={"type": "enabled", "budget_tokens": 3})
+    kinds = [b.type for b in budget.content]
+    assert kinds == ["thinking", "text"] and budget.usage.output_tokens == 12, budget.content
 
 
 @pytest.mark.cluster

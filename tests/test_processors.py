@@ -137,3 +137,16 @@ def test_grammar_answers_end_and_a_failing_grammar_ends_the_answer(tiny_r1):
     broken = Processors(SamplingExtras(grammar="not a grammar"), vocab, lambda: tokenizer)
     t = sample_reply(Sampler(), broken, mx.zeros((1, vocab))).tolist()[0]
     assert t in ends
+
+
+def test_a_think_budget_closes_the_block_after_that_many_tokens():
+    end = 7
+    extras = SamplingExtras(think_budget=3, think_end=end, top_logprobs=None)
+    processors = Processors(SamplingExtras.decode(extras.encode()), VOCAB)
+    rng = np.random.default_rng(5)
+    out = []
+    for _ in range(8):
+        logits = mx.array(rng.normal(size=(1, VOCAB)), mx.float32)
+        logits = logits.at[:, end].add(-50.0)  # the model would never close it
+        out.append(sample_reply(Sampler(), processors, logits).tolist()[0])
+    assert end not in out[:3] and out[3] == end and end not in out[4:]

@@ -35,6 +35,10 @@ class SamplingExtras:
     history: list[int] = field(default_factory=list)  # the prompt's last context_size tokens
     top_logprobs: int | None = None  # None: no log probabilities; 0: the chosen token's only
     grammar: str | None = None  # llguidance's grammar (mlxdist/runtime/grammar.py)
+    # A reasoning budget (Anthropic's budget_tokens), for an answer that begins inside a think
+    # block: after this many tokens without think_end (the </think> token), only it may follow.
+    think_budget: int | None = None
+    think_end: int | None = None
 
     def encode(self) -> bytes:
         body = asdict(self)
@@ -73,6 +77,8 @@ class Processors:
         if extras.logit_bias:
             ids = mx.array(list(extras.logit_bias), mx.int32)
             self.bias = (ids, mx.array(list(extras.logit_bias.values()), mx.float32))
+        self.thinking = extras.think_budget is not None and extras.think_end is not None
+        self.thought = 0  # tokens of reasoning so far
         self.grammar = None
         self.failed = False  # the grammar could not go on: only an end token may follow
         if extras.grammar is not None:
@@ -96,6 +102,9 @@ class Processors:
             logits = logits.at[:, ids].add(values.astype(logits.dtype))
         if e.penalised and self.seen:
             logits = self._penalise(logits)
+        if self.thinking and self.thought >= e.think_budget:  # the budget is spent: it ends
+            keep = mx.arange(logits.shape[-1]) == e.think_end
+            logits = mx.where(keep, logits, -mx.inf)
         if e.grammar is None:
             return logits
         if not self.failed and not self.grammar.done:
@@ -122,6 +131,9 @@ class Processors:
 
     def accept(self, token: int) -> None:
         self.seen.append(token)
+        if self.thinking:
+            self.thinking = token != self.extras.think_end
+            self.thought += 1
         if self.grammar is None or self.failed or self.grammar.done:
             return
         try:

@@ -11,8 +11,9 @@ that keep none drop it). The answer comes back as blocks in the order the model 
   "enabled" / "disabled" also switch the template's own `thinking` / `enable_thinking` (V3.1,
   Qwen3); "disabled" closes a think block the prompt still opens (R1's always does) empty, so
   the model answers at once, and leaves any reasoning out of the answer (as `display:
-  "omitted"` does). `budget_tokens` is accepted, not enforced: max_tokens bounds reasoning and
-  answer together.
+  "omitted"` does). `budget_tokens` is enforced where the answer begins inside a think block
+  that a `</think>` token ends (R1): after that many tokens the sampling rank allows only that
+  token; elsewhere max_tokens bounds reasoning and answer together.
 - `tool_choice`: auto, none, any (a call is forced by a grammar of the model's call format),
   tool (a call of that tool forced).
 - `temperature` defaults to 0 (greedy), as this server's OpenAI chat does; `top_k` and
@@ -58,6 +59,7 @@ from mlxdist.serving.api.turn import (
 from mlxdist.serving.events import Done, Token
 from mlxdist.serving.grammar import GrammarError, anthropic_format_grammar
 from mlxdist.serving.job import Job
+from mlxdist.serving.reasoning import CLOSE
 
 KINDS = {
     400: "invalid_request_error",
@@ -281,9 +283,21 @@ def make_job(ctx: Context, req: MessagesRequest) -> tuple[Job, Turn]:
         temperature=req.temperature,
         top_p=req.top_p,
         stop=req.stop_sequences or [],
-        extras=make_extras(bias=turn.ban, grammar=turn.grammar),
+        extras=make_extras(
+            bias=turn.ban, grammar=turn.grammar, think_budget=_budget(ctx, req, turn)
+        ),
     )
     return ctx.make_job(params, turn.prompt, "messages"), turn
+
+
+def _budget(ctx: Context, req: MessagesRequest, turn: Turn) -> tuple[int, int] | None:
+    """thinking.budget_tokens, enforced on the sampling rank when the answer begins inside a
+    think block that a </think> token ends (R1): after that many tokens, the block closes."""
+    thinking = req.thinking
+    if thinking is None or thinking.type != "enabled" or thinking.budget_tokens is None:
+        return None
+    end = ctx.vocab_map.get(CLOSE)
+    return (thinking.budget_tokens, end) if turn.think == "think" and end is not None else None
 
 
 def add_routes(app: FastAPI, ctx: Context) -> None:

@@ -88,7 +88,7 @@ class ToolChoice(BaseModel):
 class Thinking(BaseModel):
     model_config = _STRICT
     type: Literal["enabled", "disabled", "adaptive", "between_tools"]
-    budget_tokens: int | None = Field(None, ge=0)  # accepted; max_tokens bounds the whole answer
+    budget_tokens: int | None = Field(None, ge=0)  # R1: enforced (the block closes)
     display: Literal["summarized", "omitted"] | None = None  # omitted: no thinking blocks
 
     def shown(self) -> bool:

@@ -35,8 +35,11 @@ def make_extras(
     repetition: float = 1.0,
     top_logprobs: int | None = None,
     grammar: str | None = None,
+    think_budget: tuple[int, int] | None = None,
 ) -> SamplingExtras | None:
-    """None when nothing is asked beyond plain sampling (such a request may speculate)."""
+    """None when nothing is asked beyond plain sampling (such a request may speculate).
+    think_budget: (reasoning tokens at most, the </think> token that ends them)."""
+    budget, end = think_budget or (None, None)
     extras = SamplingExtras(
         logit_bias=bias or {},
         presence_penalty=presence,
@@ -44,6 +47,8 @@ def make_extras(
         repetition_penalty=repetition,
         top_logprobs=top_logprobs,
         grammar=grammar,
+        think_budget=budget,
+        think_end=end,
     )
     return None if extras == SamplingExtras() else extras
 
