@@ -32,13 +32,18 @@ class GrammarError(ValueError):
 
 
 def json_grammar(
-    schema: dict | None, param: str | None = None, think_end: int | None = None
+    schema: dict | None,
+    param: str | None = None,
+    think_end: int | None = None,
+    harmony: bool = False,
 ) -> str:
     """The llguidance grammar of JSON text valid against `schema` (None: any JSON object).
 
     With `think_end` (the id of the tokenizer's `</think>` token, for a prompt that leaves the
     model inside a think block, as R1's does): free reasoning first, up to that token and at
-    most two newlines after it, then the JSON."""
+    most two newlines after it, then the JSON. With `harmony` (gpt-oss, whose prompt ends at
+    the head of a message): an analysis message may come first, then the JSON in the final
+    channel."""
     if schema is None:
         schema = ANY_OBJECT
     if not isinstance(schema, dict):
@@ -48,6 +53,8 @@ def json_grammar(
     except (ValueError, TypeError) as e:  # a schema json.dumps cannot write, or not an object
         raise GrammarError(f"the JSON schema cannot be read: {_one_line(str(e))}", param) from e
     check_grammar(grammar, param)
+    if harmony:
+        return _harmony_json(schema, param)
     if think_end is None:
         return grammar
     # The options ride in the schema's own "x-guidance" inside a Lark grammar.
@@ -56,6 +63,25 @@ def json_grammar(
     answer = json.dumps({**schema, "x-guidance": options})
     # <[id]>: the token itself (llguidance treats added tokens as special, never as text).
     lark = f"start: /(.|\\n)*/ <[{int(think_end)}]> /\\n{{0,2}}/ answer\nanswer: %json {answer}\n"
+    grammar = LLMatcher.grammar_from_lark(lark)
+    check_grammar(grammar, param)
+    return grammar
+
+
+def _harmony_json(schema: dict, param: str | None) -> str:
+    """gpt-oss: after the prompt's `<|start|>assistant`, an optional analysis message (its
+    reasoning, free), then the final channel's message, the JSON; the answer ends after it
+    (<|return|>, an end token). Harmony's markers are special tokens, named as such."""
+    guidance = schema.get("x-guidance")
+    options = {**(guidance if isinstance(guidance, dict) else {}), **JSON_OPTIONS}
+    answer = json.dumps({**schema, "x-guidance": options})
+    lark = (
+        "start: analysis? final\n"
+        'analysis: <|channel|> "analysis" <|message|> ANALYSIS <|end|> <|start|> "assistant"\n'
+        "ANALYSIS: /(?s:.*)/\n"
+        'final: <|channel|> "final" <|message|> answer\n'
+        f"answer: %json {answer}\n"
+    )
     grammar = LLMatcher.grammar_from_lark(lark)
     check_grammar(grammar, param)
     return grammar
@@ -70,17 +96,19 @@ def check_grammar(grammar: str, param: str | None = None, what: str = "the JSON 
         raise GrammarError(f"{what} cannot be enforced: {reason}", param)
 
 
-def chat_format_grammar(response_format: dict | None, think_end: int | None = None) -> str | None:
+def chat_format_grammar(
+    response_format: dict | None, think_end: int | None = None, harmony: bool = False
+) -> str | None:
     """OpenAI chat (and completions) `response_format`: `{"type": "text"}` (None back),
     `{"type": "json_object"}`, or `{"type": "json_schema", "json_schema": {"name", "schema",
-    "strict"}}`. think_end, here and below: as json_grammar's."""
+    "strict"}}`. think_end and harmony, here and below: as json_grammar's."""
     if response_format is None:
         return None
     kind = _kind(response_format, "response_format", ("text", "json_object", "json_schema"))
     if kind == "text":
         return None
     if kind == "json_object":
-        return json_grammar(None, "response_format", think_end)
+        return json_grammar(None, "response_format", think_end, harmony)
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict):
         raise GrammarError(
@@ -89,10 +117,12 @@ def chat_format_grammar(response_format: dict | None, think_end: int | None = No
         )
     # OpenAI makes "schema" optional here: without one, any JSON object.
     schema = _schema(spec, "response_format.json_schema", optional=True)
-    return json_grammar(schema, "response_format.json_schema.schema", think_end)
+    return json_grammar(schema, "response_format.json_schema.schema", think_end, harmony)
 
 
-def responses_format_grammar(text_format: dict | None, think_end: int | None = None) -> str | None:
+def responses_format_grammar(
+    text_format: dict | None, think_end: int | None = None, harmony: bool = False
+) -> str | None:
     """The Responses API's `text.format`: `{"type": "text"}` (None back), `{"type":
     "json_object"}`, or `{"type": "json_schema", "name", "schema", "strict"}` (flat)."""
     if text_format is None:
@@ -101,13 +131,16 @@ def responses_format_grammar(text_format: dict | None, think_end: int | None = N
     if kind == "text":
         return None
     if kind == "json_object":
-        return json_grammar(None, "text.format", think_end)
+        return json_grammar(None, "text.format", think_end, harmony)
     schema = _schema(text_format, "text.format", optional=False)
-    return json_grammar(schema, "text.format.schema", think_end)
+    return json_grammar(schema, "text.format.schema", think_end, harmony)
 
 
 def anthropic_format_grammar(
-    output_format: dict | None, param: str = "output_config.format", think_end: int | None = None
+    output_format: dict | None,
+    param: str = "output_config.format",
+    think_end: int | None = None,
+    harmony: bool = False,
 ) -> str | None:
     """Anthropic Messages' `output_config.format` (or the beta's top-level `output_format`,
     named by `param`): `{"type": "json_schema", "schema": {...}}`, the one type it has."""
@@ -115,7 +148,7 @@ def anthropic_format_grammar(
         return None
     _kind(output_format, param, ("json_schema",))
     schema = _schema(output_format, param, optional=False)
-    return json_grammar(schema, f"{param}.schema", think_end)
+    return json_grammar(schema, f"{param}.schema", think_end, harmony)
 
 
 def _kind(fmt, param: str, kinds: tuple[str, ...]) -> str:

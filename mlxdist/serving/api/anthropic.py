@@ -179,13 +179,13 @@ def _template(req: Conversation) -> dict:
     return {"thinking": on, "enable_thinking": on}
 
 
-def _format_grammar(req: MessagesRequest, think_end: int | None) -> str | None:
+def _format_grammar(req: MessagesRequest, think_end: int | None, harmony: bool) -> str | None:
     config = req.output_config or {}
     fmt, param = config.get("format"), "output_config.format"
     if fmt is None and req.output_format is not None:
         fmt, param = req.output_format, "output_format"
     try:
-        return anthropic_format_grammar(fmt, param, think_end)
+        return anthropic_format_grammar(fmt, param, think_end, harmony)
     except GrammarError as e:
         raise refused(e, param) from None
 
@@ -197,7 +197,9 @@ def _check_model(ctx: Context, model: str) -> None:
 
 
 def conversation_turn(
-    ctx: Context, req: Conversation, grammar: Callable[[int | None], str | None] | None = None
+    ctx: Context,
+    req: Conversation,
+    grammar: Callable[[int | None, bool], str | None] | None = None,
 ) -> Turn:
     _check_model(ctx, req.model)
     choice, name = _choice(req)

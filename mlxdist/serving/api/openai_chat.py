@@ -57,10 +57,13 @@ def params(
     )
 
 
-def format_grammar(req: Sampling, think_end: int | None = None) -> str | None:
-    """response_format's grammar (think_end: reasoning first, up to that token)."""
+def format_grammar(
+    req: Sampling, think_end: int | None = None, harmony: bool = False
+) -> str | None:
+    """response_format's grammar (think_end: reasoning first, up to that token; harmony: after
+    gpt-oss's analysis message, in its final channel)."""
     try:
-        return chat_format_grammar(req.response_format, think_end)
+        return chat_format_grammar(req.response_format, think_end, harmony)
     except GrammarError as e:
         raise refused(e, "response_format") from None
 
@@ -107,7 +110,7 @@ def add_routes(app: FastAPI, ctx: Context) -> None:
         # None: no splitting; else how the output begins (answer, think block, harmony header)
         think = reasoning_start(text) if req.reasoning_format == "deepseek" else None
         end = ctx.vocab_map.get(CLOSE) if think == "think" else None
-        grammar = format_grammar(req, end)  # R1: it reasons, then answers in JSON
+        grammar = format_grammar(req, end, think == "harmony")  # R1, gpt-oss: reasoning, then JSON
         if grammar is not None and think == "think" and end is None:
             think = "answer"  # no </think> token: the JSON holds from the first token
         forced = _tools_grammar(ctx, req, fmt, think == "think")

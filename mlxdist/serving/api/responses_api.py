@@ -54,9 +54,10 @@ def _choice(req: ResponsesRequest) -> tuple[str, str | None]:
     return choice or "auto", None
 
 
-def _format_grammar(req: ResponsesRequest, think_end: int | None) -> str | None:
+def _format_grammar(req: ResponsesRequest, think_end: int | None, harmony: bool) -> str | None:
     try:
-        return responses_format_grammar(req.text.format if req.text else None, think_end)
+        fmt = req.text.format if req.text else None
+        return responses_format_grammar(fmt, think_end, harmony)
     except GrammarError as e:
         raise refused(e, "text.format") from None
 

@@ -74,15 +74,15 @@ def prepare(
     tools: list[dict] | None,
     choice: str,
     name: str | None,
-    format_grammar: Callable[[int | None], str | None] | None,
+    format_grammar: Callable[[int | None, bool], str | None] | None,
     param: str,
     think_off: bool = False,
     **template: object,
 ) -> Turn:
     """choice: "auto", "none" or "required" (name: the one tool a call must name);
-    format_grammar(think_end): the output format's grammar, reasoning first up to the token
-    think_end when the prompt leaves the model inside a think block (None: from the first
-    token); think_off:
+    format_grammar(think_end, harmony): the output format's grammar, reasoning first up to the
+    token think_end when the prompt leaves the model inside a think block (None: from the first
+    token), or after gpt-oss's analysis message (harmony); think_off:
     the request turned reasoning off, so a prompt that still leaves the model inside a think
     block (R1's always does) closes it empty; template: the chat template's own switches
     (thinking=..., reasoning_effort=...)."""
@@ -101,7 +101,8 @@ def prepare(
     prompt = ctx.encode(text, param, special=False)
     think = reasoning_start(text)
     end = ctx.vocab_map.get(CLOSE) if think == "think" else None
-    format_grammar = format_grammar(end) if format_grammar is not None else None
+    harmony = think == "harmony"
+    format_grammar = format_grammar(end, harmony) if format_grammar is not None else None
     if format_grammar is not None and think == "think" and end is None:
         think = "answer"  # no </think> token: the JSON holds from the first token
     forced = None
