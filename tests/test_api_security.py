@@ -363,6 +363,11 @@ def test_cors_only_for_the_named_origin(served):
     early = httpx.options(url, headers=preflight | {"Origin": ORIGIN})  # a preflight has no key
     assert early.status_code == 200 and cors(early)["access-control-allow-origin"] == ORIGIN
     assert "authorization" in cors(early)["access-control-allow-headers"].lower()
+    # the official browser SDKs' own headers pass the preflight too
+    sdk = preflight | {"Access-Control-Request-Headers": "x-stainless-os,anthropic-beta,x-api-key"}
+    early = httpx.options(served.url + "/v1/messages", headers=sdk | {"Origin": ORIGIN})
+    assert early.status_code == 200, early.text
+    assert "x-stainless-os" in cors(early)["access-control-allow-headers"].lower()
     refused = httpx.get(url, headers={"Origin": ORIGIN})  # the page can read its 401
     assert refused.status_code == 401 and cors(refused)["access-control-allow-origin"] == ORIGIN
 

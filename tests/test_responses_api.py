@@ -300,6 +300,7 @@ def test_errors_in_openais_shape(served):
             "text.format.schema",
         ),
         (openai.NotFoundError, dict(input="x", model="gpt-5"), "model"),
+        (openai.BadRequestError, dict(input="x", conversation="conv_1"), "conversation"),
     ]
     for error, ask, param in cases:
         with pytest.raises(error) as caught:
@@ -307,6 +308,16 @@ def test_errors_in_openais_shape(served):
         assert caught.value.body["param"] == param, caught.value.body
     r = httpx.post(url + "/v1/responses", json={"model": model, "input": "x"})
     assert r.status_code == 401 and r.json()["error"]["code"] is None
+    # null in a nullable field is its default, as the openai client sends a None; a call with
+    # no arguments may come back as ""; usage has every field the client's types require
+    nulls = {"temperature": None, "top_p": None, "stream": None, "parallel_tool_calls": None}
+    call = {"type": "function_call", "name": "now", "call_id": "c1", "arguments": ""}
+    output = {"type": "function_call_output", "call_id": "c1", "output": "noon"}
+    body = {"model": model, "input": [call, output], "max_output_tokens": 2, **nulls}
+    key = {"Authorization": f"Bearer {SHARED_KEY}"}
+    r = httpx.post(url + "/v1/responses", json=body, headers=key)
+    assert r.status_code == 200, r.text
+    openai.types.responses.Response.model_validate(r.json())
 
 
 @pytest.mark.cluster

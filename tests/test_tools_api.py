@@ -208,6 +208,11 @@ REFUSED = [
     ("repetition_penalty 0", {"repetition_penalty": 0}, "repetition_penalty"),
     ("response_format of no type", {"response_format": {"type": "xml"}}, "response_format"),
     (
+        "a template argument of its own",
+        {"chat_template_kwargs": {"messages": "x"}},
+        "'messages' cannot be set",
+    ),
+    (
         "ignore_eos with an enforced form",
         {"ignore_eos": True, "response_format": {"type": "json_object"}},
         "ignore_eos",
@@ -238,6 +243,15 @@ def test_refusals_are_400s_in_openais_shape(r1_client, what, extra, fragment):
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert fragment in error["message"] and "\n" not in error["message"]
+
+
+def test_null_is_a_nullable_fields_default_and_template_switches_pass(r1_client):
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "logprobs": None}
+    nulls |= {"presence_penalty": None, "frequency_penalty": None, "parallel_tool_calls": None}
+    switches = {"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}}
+    r = r1_client.post("/v1/chat/completions", json=CHAT | nulls | switches | {"max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "chat.completion"
 
 
 def test_completions_logprobs_are_0_to_5(r1_client):

@@ -221,10 +221,10 @@ class Guard:
         cors = None
         if policy.cors_origins:
             methods = ["GET", "POST", "DELETE", "OPTIONS"]  # DELETE: /v1/responses/{id}
-            # with Anthropic's browser client: its key, version and opt-in headers
-            headers = ["Authorization", "Content-Type", "x-api-key", "anthropic-version"]
-            headers.append("anthropic-dangerous-direct-browser-access")
-            cors = CORSMiddleware(inner, list(policy.cors_origins), methods, headers)
+            # Whatever headers a named origin's page asks to send: the official browser SDKs add
+            # their own (x-stainless-*, anthropic-version, anthropic-beta, ...) and a list of
+            # them refuses the next one a release adds; the origin itself is what is checked.
+            cors = CORSMiddleware(inner, list(policy.cors_origins), methods, ["*"])
         self.front = _Front(inner, cors, policy)
 
     async def __call__(self, scope, receive, send) -> None:

@@ -48,7 +48,7 @@ def _call(call, as_dict: bool, param: str) -> dict:
     arguments: str | dict = call.function.arguments
     if as_dict:
         try:
-            arguments = json.loads(arguments)
+            arguments = json.loads(arguments or "{}")  # "": a call with no arguments
         except (ValueError, RecursionError):  # nested past Python's limit: not an object either
             arguments = None
         if not isinstance(arguments, dict):

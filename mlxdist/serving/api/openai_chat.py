@@ -57,6 +57,29 @@ def params(
     )
 
 
+# The template's own arguments, which a request's chat_template_kwargs may not set.
+RESERVED = {"messages", "tools", "documents", "add_generation_prompt", "tokenize", "conversation"}
+RESERVED |= {"chat_template", "continue_final_message", "return_dict", "return_tensors"}
+
+
+def template_switches(req: ChatRequest) -> dict:
+    """The chat template's switches a request sets (reasoning_effort, chat_template_kwargs)."""
+    switches: dict = {}
+    effort = req.reasoning_effort
+    if effort is not None:
+        on = effort != "none"
+        switches = {"thinking": on, "enable_thinking": on}
+        if on:
+            switches["reasoning_effort"] = effort
+    own = req.chat_template_kwargs or {}
+    bad = sorted(k for k in own if k in RESERVED or not k.isidentifier())
+    if bad:
+        raise APIError(
+            400, f"chat_template_kwargs: {bad[0]!r} cannot be set", "chat_template_kwargs"
+        )
+    return switches | own
+
+
 def format_grammar(
     req: Sampling, think_end: int | None = None, harmony: bool = False
 ) -> str | None:
@@ -104,6 +127,7 @@ def add_routes(app: FastAPI, ctx: Context) -> None:
                 why = "this model's chat template has no tool calls, so tools cannot be offered"
                 raise APIError(400, f"tools: {why}", "tools")
             kwargs["tools"] = template_tools(req.tools)
+        kwargs |= template_switches(req)
         messages = template_messages(req.messages, arguments_as_dict(ctx.chat_template))
         text = ctx.render_chat(messages, **kwargs)
         prompt = ctx.encode(text, "messages", special=False)

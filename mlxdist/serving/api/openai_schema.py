@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Unknown fields (n-best, echo, user...) are accepted and ignored, as most servers do;
 # the fields below must have the right type: "5" is not a number.
@@ -76,7 +76,24 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class Sampling(BaseModel):
+class NullMeansDefault(BaseModel):
+    """OpenAI marks most optional fields nullable and its client sends `null` for a None: such
+    a field takes its default, as when it is left out (a required one stays a 400)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            k: v
+            for k, v in data.items()
+            if v is not None or k not in fields or fields[k].is_required()
+        }
+
+
+class Sampling(NullMeansDefault):
     model_config = _STRICT
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
@@ -124,6 +141,11 @@ class ChatRequest(Sampling):
     parallel_tool_calls: bool = True  # accepted; the model may write several calls either way
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # The chat template's own switches: OpenAI's reasoning_effort (gpt-oss's template reads it;
+    # "none" turns V3.1's and Qwen3's reasoning off, any other value on) and, as vLLM's server,
+    # chat_template_kwargs (V3.1's `thinking`, Qwen3's `enable_thinking`, ...): plain values only.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    chat_template_kwargs: dict[str, bool | int | float | str] | None = None
 
 
 class CompletionRequest(Sampling):

@@ -117,7 +117,7 @@ class Reply:
     def usage(self, done: Done) -> dict:
         return {
             "input_tokens": done.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": done.cached_tokens},
+            "input_tokens_details": {"cached_tokens": done.cached_tokens, "cache_write_tokens": 0},
             "output_tokens": done.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": self.answer.reasoning_tokens},
             "total_tokens": done.prompt_tokens + done.completion_tokens,
@@ -167,6 +167,9 @@ async def _stream(ctx: Context, job: Job, reply: Reply, store: ResponseStore) ->
 def make_job(ctx: Context, req: ResponsesRequest, store: ResponseStore) -> tuple[Job, Reply]:
     as_dict = template_takes_dicts(ctx)
     history: list[dict] = []
+    if (req.model_extra or {}).get("conversation") is not None:
+        why = "conversations are not kept here: continue one with previous_response_id"
+        raise APIError(400, f"conversation: {why}", "conversation")
     if req.previous_response_id is not None:
         stored = store.get(req.previous_response_id)
         if stored is None:
@@ -184,9 +187,12 @@ def make_job(ctx: Context, req: ResponsesRequest, store: ResponseStore) -> tuple
         messages.insert(0, {"role": "system", "content": req.instructions})
     choice, name = _choice(req)
     effort = req.reasoning.effort if req.reasoning else None
-    template: dict = {"reasoning_effort": effort} if effort is not None else {}
-    if effort == "none":  # V3.1's and Qwen3's templates switch reasoning off themselves
-        template = {"thinking": False, "enable_thinking": False}
+    template: dict = {}
+    if effort is not None:  # V3.1's and Qwen3's templates switch reasoning on and off themselves
+        on = effort != "none"
+        template = {"thinking": on, "enable_thinking": on}
+        if on:
+            template["reasoning_effort"] = effort  # gpt-oss's template reads it
     grammar = functools.partial(_format_grammar, req)  # built once the prompt shows its start
     off = effort == "none"  # reasoning off: a think block the prompt opens is closed empty
     turn = prepare(ctx, messages, _tools(req), choice, name, grammar, "input", off, **template)

@@ -79,7 +79,8 @@ def chat_messages(items: list, as_dict: bool, param: str = "input") -> list[dict
         elif kind == "function_call":
             name, call_id = _string(item, "name", where), _string(item, "call_id", where)
             try:
-                arguments = json.loads(_string(item, "arguments", where))
+                # "" for a call with no arguments, as some models and clients write it
+                arguments = json.loads(_string(item, "arguments", where) or "{}")
             except (ValueError, RecursionError):  # nested past Python's limit too
                 arguments = None
             if not isinstance(arguments, dict):

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mlxdist.serving.api.openai_schema import NullMeansDefault
+
 _STRICT = ConfigDict(strict=True, extra="allow")
 
 
@@ -37,7 +39,7 @@ class ReasoningConfig(BaseModel):
     summary: str | None = None  # accepted; the reasoning is given whole, never summarised
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(NullMeansDefault):
     model_config = _STRICT
     model: str | None = None
     input: str | list[dict]
