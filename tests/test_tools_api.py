@@ -153,6 +153,22 @@ def test_calls_split_out_whole_and_streamed_piece_by_piece_alike():
         assert deltas[-1]["finish_reason"] == "tool_calls"
 
 
+def test_parallel_calls_off_keeps_the_first_call_whole_and_streamed():
+    """parallel_tool_calls false (Codex sends it), Anthropic's disable_parallel_tool_use: an
+    answer that writes two calls hands out its first only."""
+    whole = Answer("answer", "deepseek_r1", None, single_call=True)
+    whole.feed(TWO_CALLS)
+    whole.finish()
+    assert [c.name for c in whole.whole().calls] == ["get_weather"]
+    for size in (1, 5):
+        streamed = Answer("answer", "deepseek_r1", None, single_call=True)
+        calls = []
+        for i in range(0, len(TWO_CALLS), size):
+            calls += streamed.feed(TWO_CALLS[i : i + size]).calls
+        calls += streamed.finish().calls
+        assert [c.name for c in calls] == ["get_weather"]
+
+
 def test_a_malformed_or_unfinished_call_comes_back_as_text():
     bad = r1.CALLS_BEGIN + r1_call("get_weather", "{not json") + r1.CALLS_END
     cut = r1.CALLS_BEGIN + r1.CALL_BEGIN + "function" + r1.TOOL_SEP + "get_wea"

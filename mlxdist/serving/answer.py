@@ -34,9 +34,14 @@ class Answer:
     request's, for parsers that read their schemas."""
 
     def __init__(
-        self, think: Start | None = None, tool_format: str | None = None, tools=None
+        self,
+        think: Start | None = None,
+        tool_format: str | None = None,
+        tools=None,
+        single_call: bool = False,
     ) -> None:
         self.think = think
+        self.single_call = single_call  # parallel tool calls off: the first call only
         self.splitter = None if think is None else make_splitter(think)
         self.calls_splitter = ToolCallSplitter(tool_format, tools) if tool_format else None
         # gpt-oss's calls are harmony messages, which its reasoning splitter reads
@@ -78,6 +83,8 @@ class Answer:
         return self._add(Piece(reasoning, content, calls))
 
     def _add(self, piece: Piece) -> Piece:
+        if self.single_call and piece.calls:  # parallel calls off: the first call only
+            piece = Piece(piece.reasoning, piece.content, piece.calls[: 1 - len(self.calls)])
         self.reasoning.append(piece.reasoning)
         self.content.append(piece.content)
         self.calls.extend(piece.calls)

@@ -279,6 +279,7 @@ async def _stream(ctx: Context, job: Job, reply: Reply) -> AsyncIterator[str]:
 
 def make_job(ctx: Context, req: MessagesRequest) -> tuple[Job, Turn]:
     turn = conversation_turn(ctx, req, functools.partial(_format_grammar, req))
+    turn.single_call = req.tool_choice is not None and req.tool_choice.disable_parallel_tool_use
     params = Params(
         model=req.model,
         max_tokens=req.max_tokens,

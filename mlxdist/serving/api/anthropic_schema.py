@@ -82,7 +82,7 @@ class ToolChoice(BaseModel):
     model_config = _STRICT
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
-    disable_parallel_tool_use: bool = False  # accepted; the model may write several calls
+    disable_parallel_tool_use: bool = False  # True: the answer keeps its first call only
 
 
 class Thinking(BaseModel):

@@ -145,7 +145,8 @@ def add_routes(app: FastAPI, ctx: Context) -> None:
         top = (req.top_logprobs or 0) if req.logprobs else None
         ban = _ban_calls(ctx, fmt) if choice == "none" else None
         job = ctx.make_job(params(ctx, req, top, grammar, ban), prompt, "messages")
-        answer = Answer(think, None if choice == "none" else fmt, kwargs.get("tools"))
+        calls = None if choice == "none" else fmt
+        answer = Answer(think, calls, kwargs.get("tools"), not req.parallel_tool_calls)
         token_bytes = ctx.token_bytes if req.logprobs else None
         out = Output(req, ctx.model_name, True, answer, token_bytes)
         return await respond(ctx, job, out, request)

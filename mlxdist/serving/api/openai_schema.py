@@ -138,7 +138,7 @@ class ChatRequest(Sampling):
     reasoning_format: Literal["deepseek", "none"] = "deepseek"
     tools: list[Tool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedChoice | None = None
-    parallel_tool_calls: bool = True  # accepted; the model may write several calls either way
+    parallel_tool_calls: bool = True  # False: the answer keeps its first call only
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # The chat template's own switches: OpenAI's reasoning_effort (gpt-oss's template reads it;

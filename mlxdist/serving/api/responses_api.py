@@ -196,6 +196,7 @@ def make_job(ctx: Context, req: ResponsesRequest, store: ResponseStore) -> tuple
     grammar = functools.partial(_format_grammar, req)  # built once the prompt shows its start
     off = effort == "none"  # reasoning off: a think block the prompt opens is closed empty
     turn = prepare(ctx, messages, _tools(req), choice, name, grammar, "input", off, **template)
+    turn.single_call = not req.parallel_tool_calls
     params = Params(
         model=req.model,
         max_tokens=req.max_output_tokens,

@@ -49,7 +49,7 @@ class ResponsesRequest(NullMeansDefault):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedChoice | None = None
-    parallel_tool_calls: bool = True  # accepted; the model may write several calls either way
+    parallel_tool_calls: bool = True  # False: the answer keeps its first call only
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
     stream: bool = False

@@ -38,9 +38,10 @@ class Turn:
     tools: list[dict] | None
     grammar: str | None
     ban: dict[int, float]
+    single_call: bool = False  # parallel tool calls off: the answer keeps its first call only
 
     def answer(self) -> Answer:
-        return Answer(self.think, self.fmt, self.tools)
+        return Answer(self.think, self.fmt, self.tools, self.single_call)
 
 
 def function_tool(name: str, description: str | None, parameters: dict | None) -> dict:
