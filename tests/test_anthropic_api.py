@@ -237,6 +237,14 @@ def test_a_message_whole_and_streamed_is_the_chat_answer(served):
     direct = client.messages.create(**ask, thinking={"type": "disabled"})
     assert [b.type for b in direct.content] == ["text"] and direct.usage.output_tokens == 12
     assert direct.usage.input_tokens + direct.usage.cache_read_input_tokens > count
+    # a last assistant message is the answer's start (prefill): it goes on from there, with no
+    # new turn and no reasoning of its own
+    prefilled = ASK + [{"role": "assistant", "content": '{"answer": '}]
+    goes_on = client.messages.create(**(ask | {"messages": prefilled}))
+    assert [b.type for b in goes_on.content] == ["text"] and goes_on.usage.output_tokens == 12
+    # without the prefill the same conversation opens R1's think block: a thinking block first
+    plain = client.messages.create(**ask)
+    assert plain.content[0].type == "thinking"
     # a thinking budget: after 3 tokens of reasoning the block closes and the text follows
     # (a random tiny-r1 never closes it by itself)
     budget = client.messages.create(**ask, thinking={"type": "enabled", "budget_tokens": 3})

@@ -206,7 +206,15 @@ def conversation_turn(
     messages = chat_messages(req, template_takes_dicts(ctx))
     off = req.thinking is not None and req.thinking.type == "disabled"
     tools = _tools(req)
-    return prepare(ctx, messages, tools, choice, name, grammar, "messages", off, **_template(req))
+    prefill = None
+    last = messages[-1]
+    if last["role"] == "assistant" and isinstance(last.get("content"), str) and len(messages) > 1:
+        if not last.get("tool_calls") and not last.get("reasoning_content"):
+            prefill = messages.pop()["content"].rstrip()  # Anthropic's rule: no trailing space
+    template = _template(req)
+    return prepare(
+        ctx, messages, tools, choice, name, grammar, "messages", off, prefill, **template
+    )
 
 
 def usage(done: Done) -> dict:

@@ -78,6 +78,7 @@ def prepare(
     format_grammar: Callable[[int | None, bool], str | None] | None,
     param: str,
     think_off: bool = False,
+    prefill: str | None = None,
     **template: object,
 ) -> Turn:
     """choice: "auto", "none" or "required" (name: the one tool a call must name);
@@ -85,7 +86,8 @@ def prepare(
     token think_end when the prompt leaves the model inside a think block (None: from the first
     token), or after gpt-oss's analysis message (harmony); think_off:
     the request turned reasoning off, so a prompt that still leaves the model inside a think
-    block (R1's always does) closes it empty; template: the chat template's own switches
+    block (R1's always does) closes it empty; prefill: the start of the answer (a last assistant
+    message's text), which the model goes on from; template: the chat template's own switches
     (thinking=..., reasoning_effort=...)."""
     fmt = None
     if tools:
@@ -97,8 +99,10 @@ def prepare(
     elif choice == "required":
         raise APIError(400, "tool_choice: a tool call is asked for but no tools are given")
     text = ctx.render_chat(messages, param, **template)
-    if think_off and prompt_opens_think(text):
+    if (think_off or prefill) and prompt_opens_think(text):
         text += "\n" + CLOSE + "\n\n"  # an empty block, as R1 writes one: the answer follows
+    if prefill:  # the answer goes on from the text its last (assistant) message began
+        text += prefill
     prompt = ctx.encode(text, param, special=False)
     think = reasoning_start(text)
     end = ctx.vocab_map.get(CLOSE) if think == "think" else None
