@@ -81,7 +81,7 @@ CASES = [
         "r1 malformed arguments are content",
         "deepseek_r1",
         R1_CALLS + r1_call("get_weather", '{"city": Paris}') + R1_CALLS_END,
-        R1_CALLS + r1_call("get_weather", '{"city": Paris}'),
+        R1_CALLS + r1_call("get_weather", '{"city": Paris}') + R1_CALLS_END,  # markers and all
         [],
     ),
     (
@@ -112,7 +112,7 @@ CASES = [
         "r1 a call's type other than function",
         "deepseek_r1",
         R1_CALLS + r1_call("get_weather", "{}").replace("function", "retrieval") + R1_CALLS_END,
-        R1_CALLS + r1_call("get_weather", "{}").replace("function", "retrieval"),
+        R1_CALLS + r1_call("get_weather", "{}").replace("function", "retrieval") + R1_CALLS_END,
         [],
     ),
     (
@@ -144,7 +144,7 @@ CASES = [
         "v31 arguments not an object",
         "deepseek_v31",
         "ok" + R1_CALLS + v31_call("get_weather", '"Paris"') + R1_CALLS_END,
-        "ok" + R1_CALLS + v31_call("get_weather", '"Paris"'),
+        "ok" + R1_CALLS + v31_call("get_weather", '"Paris"') + R1_CALLS_END,
         [],
     ),
     # DeepSeek V3.2 (DSML): ggml-org/llama.cpp models/templates/DeepSeek-V3.2.jinja, render_tools
@@ -167,7 +167,7 @@ CASES = [
         '<｜DSML｜function_calls>\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="n" '
         'string="false">three</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜function_calls>',
         '<｜DSML｜function_calls>\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="n" '
-        'string="false">three</｜DSML｜parameter>\n</｜DSML｜invoke>',
+        'string="false">three</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜function_calls>',
         [],
     ),
     # Qwen3 (and Hermes): Qwen/Qwen3-8B tokenizer_config.json chat_template, "For each function
@@ -411,3 +411,20 @@ def test_any_text_streams_as_it_reads_whole(fmt):
         cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, 4)))
         pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
         assert _run(fmt, pieces) == whole, (text, pieces)
+
+
+def test_a_section_whose_call_fails_comes_back_whole_markers_and_all():
+    """An R1 section with a call that does not parse is all content, its closing marker too,
+    in any pieces."""
+    from mlxdist.serving.tools import deepseek as d
+
+    call = d.CALL_BEGIN + "function" + d.SEP + "get_weather\n```json\n{not json\n```" + d.CALL_END
+    bad = "Sure." + d.CALLS_BEGIN + call + d.CALLS_END + " after"
+    for size in (1, 3, len(bad)):
+        splitter = ToolCallSplitter("deepseek_r1")
+        out, calls = "", []
+        for i in range(0, len(bad), size):
+            content, made = splitter.feed(bad[i : i + size])
+            out, calls = out + content, calls + made
+        content, made = splitter.finish()
+        assert (out + content, calls + made) == (bad, [])

@@ -36,6 +36,7 @@ class ToolCallSplitter:
         self.held = ""  # text not yet judged: a marker may be starting
         self.raw = ""  # what a unit has consumed so far, returned as content if it fails
         self.after_call = False  # the last thing read was a call
+        self.broken = False  # the open section's start went out as text (so will its end)
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         if self.lead is not None:
@@ -90,6 +91,7 @@ class ToolCallSplitter:
                 return ""
             content.append(buf[:i])
             self.raw = spec.start
+            self.broken = False
             self.state = _SECTION if spec.call_start else _UNIT
             return buf[i + len(spec.start) :]
         if self.state == _SECTION:
@@ -115,6 +117,8 @@ class ToolCallSplitter:
         lead = buf.lstrip()
         for tag, state in ((spec.call_start, _CALL), (spec.end, _TEXT)):
             if lead.startswith(tag):
+                if state == _TEXT and self.broken:  # its calls went out as text: its end too
+                    content.append(buf[: len(buf) - len(lead)] + tag)
                 # a section that closes leaves no content; a call's raw text starts here
                 self.raw = "" if state == _TEXT else self.raw + buf[: len(buf) - len(lead)] + tag
                 self.state = state
@@ -136,6 +140,7 @@ class ToolCallSplitter:
         except Exception:  # whatever a parser raises, a call it cannot read is content
             content.append(raw)
             self.after_call = False
+            self.broken = self.broken or raw.startswith(spec.start)  # the section's start went too
             return
         if not made:
             content.append(raw)
