@@ -82,7 +82,9 @@ def test_concurrent_answers_equal_their_solo_answers(cluster):
     assert [len(a) for a in alone] == [n for _, n, _ in REQUESTS]
     stats = httpx.get(url + "/mlxdist/stats", timeout=60).json()
     print(f"{mode}: at most {stats['in_flight_peak']} sequences in one decode step")
-    assert stats["in_flight_peak"] >= 3  # they decoded together, not one after another
+    # they decoded together, not one after another (3 or more at once on an idle machine; on a
+    # loaded one the first answers may end before the last join, so 2 is what is certain)
+    assert stats["in_flight_peak"] >= 2
     for rank in stats["ranks"]:
         assert rank["open_caches"] <= 1, rank  # every finished answer's caches are freed
 
