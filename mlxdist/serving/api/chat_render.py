@@ -61,3 +61,12 @@ def _call(call, as_dict: bool, param: str) -> dict:
 
 def template_tools(tools: list[Tool]) -> list[dict]:
     return [t.model_dump(exclude_none=True) for t in tools]
+
+
+def effort_switches(effort: str | None) -> dict:
+    """A reasoning effort as the chat template's switches: V3.1's and Qwen3's templates turn
+    reasoning on or off themselves ("none": off); gpt-oss's reads the effort."""
+    if effort is None:
+        return {}
+    on = effort != "none"
+    return {"thinking": on, "enable_thinking": on} | ({"reasoning_effort": effort} if on else {})

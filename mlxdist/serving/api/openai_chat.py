@@ -12,7 +12,12 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 
 from mlxdist.serving.answer import Answer
-from mlxdist.serving.api.chat_render import arguments_as_dict, template_messages, template_tools
+from mlxdist.serving.api.chat_render import (
+    arguments_as_dict,
+    effort_switches,
+    template_messages,
+    template_tools,
+)
 from mlxdist.serving.api.context import Context, Params
 from mlxdist.serving.api.errors import APIError
 from mlxdist.serving.api.openai_output import Output
@@ -64,20 +69,13 @@ RESERVED |= {"chat_template", "continue_final_message", "return_dict", "return_t
 
 def template_switches(req: ChatRequest) -> dict:
     """The chat template's switches a request sets (reasoning_effort, chat_template_kwargs)."""
-    switches: dict = {}
-    effort = req.reasoning_effort
-    if effort is not None:
-        on = effort != "none"
-        switches = {"thinking": on, "enable_thinking": on}
-        if on:
-            switches["reasoning_effort"] = effort
     own = req.chat_template_kwargs or {}
     bad = sorted(k for k in own if k in RESERVED or not k.isidentifier())
     if bad:
         raise APIError(
             400, f"chat_template_kwargs: {bad[0]!r} cannot be set", "chat_template_kwargs"
         )
-    return switches | own
+    return effort_switches(req.reasoning_effort) | own
 
 
 def format_grammar(

@@ -22,6 +22,7 @@ from contextlib import aclosing
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from mlxdist.serving.api.chat_render import effort_switches
 from mlxdist.serving.api.context import Context, Params
 from mlxdist.serving.api.errors import APIError
 from mlxdist.serving.api.responses_items import chat_messages
@@ -187,12 +188,7 @@ def make_job(ctx: Context, req: ResponsesRequest, store: ResponseStore) -> tuple
         messages.insert(0, {"role": "system", "content": req.instructions})
     choice, name = _choice(req)
     effort = req.reasoning.effort if req.reasoning else None
-    template: dict = {}
-    if effort is not None:  # V3.1's and Qwen3's templates switch reasoning on and off themselves
-        on = effort != "none"
-        template = {"thinking": on, "enable_thinking": on}
-        if on:
-            template["reasoning_effort"] = effort  # gpt-oss's template reads it
+    template = effort_switches(effort)
     grammar = functools.partial(_format_grammar, req)  # built once the prompt shows its start
     off = effort == "none"  # reasoning off: a think block the prompt opens is closed empty
     turn = prepare(ctx, messages, _tools(req), choice, name, grammar, "input", off, **template)
