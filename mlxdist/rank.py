@@ -8,6 +8,7 @@ layers (or experts, or tensor shard); rank 0 then serves the API and drives the 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 import sys
@@ -262,7 +263,7 @@ def _start_heartbeat(spec: RankSpec, rank: int, size: int):
     node = spec.node or socket.gethostname()
     if rank != 0:
         return Follower(address, rank, node), None
-    api = []  # the API's jobs in flight, once imported: a failure before then finds none
+    api = []  # the dashboard and the API's jobs in flight, once imported (none before then)
 
     def on_failure(message: str) -> None:
         # Runs on the heartbeat thread: the main thread may be stuck in a collective for good.
@@ -324,6 +325,21 @@ def _nodes(figures: list) -> list[dict]:
     return nodes
 
 
+def _view(spec: RankSpec) -> dict | None:
+    """The launcher's view of the cluster, for the dashboard (None when there is none, or it
+    does not read as a JSON object: the page shows the ranks' own figures then)."""
+    if spec.view is None:
+        return None
+    try:
+        view = json.loads(spec.view)
+    except ValueError:
+        view = None
+    if not isinstance(view, dict):
+        _log(0, "the launcher's cluster view is not a JSON object: the dashboard goes without")
+        return None
+    return view
+
+
 def _serve_api(
     spec: RankSpec,
     runner,
@@ -355,6 +371,7 @@ def _serve_api(
     info = {
         "ranks": spec.ranks,
         "parallel": spec.parallel,
+        "backend": spec.backend,
         "split": split,
         "plan": {"split": split, "layers": [n["layers"] for n in nodes]},
         "nodes": nodes,
@@ -371,7 +388,11 @@ def _serve_api(
     if api is not None:  # with a heartbeat: a node failure fails these jobs
         inflight = Inflight()
         api.append(inflight)
-    app = create_app(coordinator, name, info, inflight, Policy.from_spec(spec, key))
+    policy = Policy.from_spec(spec, key)
+    ages = monitor.ages if monitor else None
+    app = create_app(coordinator, name, info, inflight, policy, _view(spec), ages)
+    if api is not None:  # a node failure is named on the dashboard's pages too
+        api.insert(0, app.state.board)
     config = uvicorn.Config(app, host=spec.host, port=spec.port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)

@@ -130,6 +130,12 @@ class Monitor:
             threading.Thread(target=target, daemon=True).start()
         return self
 
+    def ages(self) -> dict[int, float]:
+        """Seconds since each rank's last heartbeat (rank 0's own: 0), for the dashboard."""
+        now = time.monotonic()
+        with self._lock:
+            return {0: 0.0} | {r: now - t for r, t in self._seen.items()}
+
     def name(self, rank: int) -> str:
         node = self.nodes.get(rank)
         return f"rank {rank} on node {node}" if node else f"rank {rank}"

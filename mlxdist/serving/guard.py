@@ -71,6 +71,12 @@ class Policy:
         return hmac.compare_digest(given.strip().encode(), self.api_key.encode())
 
 
+def is_open(path: str) -> bool:
+    """Served without the key: /health, and the dashboard's page and files, which hold no data
+    of the cluster (the page asks for the key; what it shows comes from routes behind it)."""
+    return path in OPEN_PATHS or path == "/" or path.startswith("/ui/")
+
+
 def is_loopback(host: str) -> bool:
     host = host.strip("[]").lower()
     if host == "localhost":
@@ -146,7 +152,7 @@ class _KeyAndBody:
         p = self.policy
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         key, path = headers.get("x-api-key"), scope["path"]
-        if path not in OPEN_PATHS and not p.authorized(headers.get("authorization"), key):
+        if not is_open(path) and not p.authorized(headers.get("authorization"), key):
             given = "authorization" in headers or key is not None
             message, code = (WRONG_KEY, "invalid_api_key") if given else (NO_KEY, None)
             await _drain(receive)  # as for every refusal: the answer must not be reset

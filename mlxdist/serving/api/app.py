@@ -21,6 +21,8 @@ from mlxdist.serving.api.context import ClientGone, Context, Inflight
 from mlxdist.serving.api.errors import APIError, error_response, validation_error
 from mlxdist.serving.api.openai_schema import LogitsRequest
 from mlxdist.serving.coordinator import Coordinator
+from mlxdist.serving.dashboard import Board, add_dashboard
+from mlxdist.serving.dashboard.cluster import ClusterSample, cluster_static
 from mlxdist.serving.events import Failed
 from mlxdist.serving.guard import Guard, Policy
 from mlxdist.serving.job import Job
@@ -32,9 +34,12 @@ def create_app(
     info: dict,
     inflight: Inflight | None = None,
     policy: Policy | None = None,
+    view: dict | None = None,
+    ages=None,
 ) -> FastAPI:
     """policy: the Host, key, body and CORS guards (mlxdist/serving/guard.py); None, in
-    in-process tests only: no guard."""
+    in-process tests only: no guard. view: the launcher's view of the cluster (chips, memory,
+    cables, the predicted speed) for the dashboard; ages() -> each rank's heartbeat age."""
     docs = policy is None or policy.docs
     app = FastAPI(
         title="mlxdist",
@@ -44,22 +49,35 @@ def create_app(
     )
     if policy is not None:
         app.add_middleware(Guard, policy=policy)
-    ctx = Context(coordinator, model_name, info, inflight)
+    static = cluster_static(model_name, info, view)
+    board = Board("cluster", static)
+    ctx = Context(coordinator, model_name, info, inflight, board)
+    names = [n["name"] for n in static["nodes"]]
+    tokens, answers = (lambda: board.tokens), (lambda: board.answered)
+    board.sample = ClusterSample(coordinator, ctx.inflight, names, tokens, answers, ages)
     app.state.inflight = ctx.inflight
     app.state.context = ctx
+    app.state.board = board
+
+    def told(request: Request, e: APIError) -> None:  # the dashboard's events
+        board.event("refused", f"{e.status} {request.method} {request.url.path}: {e.message}")
 
     @app.exception_handler(APIError)
-    async def refused(_: Request, e: APIError) -> JSONResponse:
+    async def refused(request: Request, e: APIError) -> JSONResponse:
+        told(request, e)
         return error_response(e)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(list(e.errors())))
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        error = validation_error(list(e.errors()))
+        told(request, error)
+        return error_response(error)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         code = {404: "not_found", 413: "body_too_large"}.get(e.status_code)
         refused = APIError(e.status_code, str(e.detail), code=code)
+        told(request, refused)
         if request.url.path.startswith("/v1/messages"):  # a 405, a 413: Anthropic's shape there
             return anthropic.error_response(refused)
         return error_response(refused)
@@ -83,6 +101,7 @@ def create_app(
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "mlxdist"}
         return {"object": "list", "data": [card]}
 
+    add_dashboard(app, board)
     openai_chat.add_routes(app, ctx)
     completions.add_routes(app, ctx)
     anthropic.add_routes(app, ctx)

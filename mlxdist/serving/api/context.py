@@ -20,6 +20,7 @@ from mlxdist.runtime.processors import SamplingExtras
 from mlxdist.serving.api.errors import APIError
 from mlxdist.serving.api.logprobs import TokenBytes
 from mlxdist.serving.coordinator import Coordinator
+from mlxdist.serving.dashboard.board import Board
 from mlxdist.serving.events import Done, Event, Failed, Gone, Token
 from mlxdist.serving.job import Job
 from mlxdist.serving.tool_calls import tool_format
@@ -102,8 +103,10 @@ class Context:
         model_name: str,
         info: dict,
         inflight: Inflight | None = None,
+        board: Board | None = None,
     ):
         self.coordinator = coordinator
+        self.board = board or Board("cluster")  # the dashboard's counts
         self.tokenizer = coordinator.tokenizer
         self.model_name = model_name
         self.vocab: int = info["vocab_size"]
@@ -243,8 +246,14 @@ class Context:
                     case Failed() as failure:
                         raise await self.failed(failure)
                     case Token() as token:
+                        self.board.token()
                         yield token
                     case Done() as done:
+                        self.board.answer(
+                            done.time_to_first_token,
+                            done.decode_tokens_per_second,
+                            done.completion_tokens,
+                        )
                         yield done
                         return
         finally:

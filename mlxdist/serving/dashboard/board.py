@@ -1,0 +1,227 @@
+"""The dashboard's live state of one cluster: what it is made of, its figures second by second,
+what happened to it; and the pages watching it, each fed through a queue of its own.
+
+The numbers come in from the API's event loop (tokens, answers, refusals) and from other
+threads (a node failure on the heartbeat's); pages are fed only from the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+
+SERIES = 300  # ticks kept: five minutes at one a second
+EVENTS = 200
+ANSWERS = 300
+TICK = 1.0  # seconds between ticks
+PAGE_QUEUE = 64  # messages a slow page may fall behind before it is dropped
+PAGES = 16  # pages watching at once: more are refused, so no one can open streams without end
+
+_FAILED_RANK = re.compile(r"^rank (\d+)\b")
+
+
+def sse(kind: str, data: dict) -> str:
+    """One server-sent event; JSON has no raw newline, so one data line holds it."""
+    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+class TooManyPages(Exception):
+    """More pages watch than PAGES."""
+
+
+class Board:
+    """kind: "cluster" (ranks serving a model) or "agents" (the agents before a launch).
+    static: the snapshot's model, plan, nodes, cables and ring. sample() -> the tick's running,
+    waiting, prefix_cache, acceptance and per-node figures, read once a tick."""
+
+    def __init__(
+        self,
+        kind: str,
+        static: dict | None = None,
+        sample: Callable[[], dict] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.kind = kind
+        self.instance = secrets.token_hex(8)
+        self.clock = clock
+        self.sample = sample or (lambda: {})
+        self._static = {"model": None, "plan": None, "nodes": [], "cables": [], "ring": []}
+        self._static |= static or {}
+        self.series: deque[dict] = deque(maxlen=SERIES)
+        self.answers: deque[dict] = deque(maxlen=ANSWERS)
+        self.events: deque[dict] = deque(maxlen=EVENTS)
+        self.tokens = 0  # generated since the start, counted on the loop
+        self.answered = 0
+        self._counted = (0, clock())  # tokens and time at the last tick
+        self._live: dict[str, dict] = {}  # per node, merged into the next tick
+        self._pages: set[asyncio.Queue] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._ticking = False
+
+    # ---- what happens (any thread) ----
+
+    def set_static(self, static: dict) -> None:
+        """A new make-up (nodes, cables, ring, model, plan): every page gets a full state."""
+        with self._lock:
+            self._static |= static
+        self._send_state()
+
+    def update_nodes(self, figures: dict[str, dict]) -> None:
+        """Per node figures (memory_used, state, heartbeat_age, ...): kept in the nodes, and in
+        the next tick."""
+        with self._lock:
+            for node in self._static["nodes"]:
+                if node["name"] in figures:
+                    node |= figures[node["name"]]
+            for name, values in figures.items():
+                self._live.setdefault(name, {}).update(values)
+
+    def event(self, kind: str, text: str, node: str | None = None) -> None:
+        """Something happened: a node failed, a request was refused, a plan changed."""
+        record = {"t": self.clock(), "kind": kind, "text": text, "node": node}
+        with self._lock:
+            self.events.append(record)
+        self._publish(sse("event", record))
+
+    def fail(self, message: str) -> None:
+        """A node failed (the heartbeat's message, "rank N on node HOST failed: ..."): the node
+        is marked and every page told, before the server goes away."""
+        match = _FAILED_RANK.match(message)
+        node = None
+        if match:
+            rank = int(match.group(1))
+            node = next((n["name"] for n in self.nodes() if n.get("rank") == rank), None)
+        if node is not None:
+            self.update_nodes({node: {"state": "failed"}})
+        self.event("failed", message, node)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once every page's queue is empty (its last messages written), within timeout."""
+        deadline = time.monotonic() + timeout
+        while any(not q.empty() for q in list(self._pages)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return all(q.empty() for q in list(self._pages))
+
+    # ---- what the API's loop counts ----
+
+    def token(self, n: int = 1) -> None:
+        self.tokens += n
+
+    def answer(self, ttft: float, tps: float, tokens: int) -> None:
+        record = {"t": self.clock(), "ttft": ttft, "tps": tps, "tokens": tokens}
+        with self._lock:
+            self.answers.append(record)
+            self.answered += 1
+
+    # ---- what pages read ----
+
+    def nodes(self) -> list[dict]:
+        with self._lock:
+            return [dict(n) for n in self._static["nodes"]]
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            static = json.loads(json.dumps(self._static))  # a copy no other thread changes
+            return static | {
+                "kind": self.kind,
+                "instance": self.instance,
+                "live": self.series[-1] if self.series else None,
+                "series": list(self.series),
+                "ttft": list(self.answers),
+                "events": list(self.events),
+            }
+
+    def tick(self) -> dict:
+        """The figures of the interval since the last tick (and the sampled ones)."""
+        now = self.clock()
+        before, then = self._counted
+        self._counted = (self.tokens, now)
+        extra = self.sample()
+        with self._lock:
+            live, self._live = self._live, {}
+        for name, values in extra.pop("nodes", {}).items():
+            live.setdefault(name, {}).update(values)
+        record = {
+            "t": now,
+            "tps": (self.tokens - before) / max(now - then, 1e-6),
+            "running": 0,
+            "waiting": 0,
+            "answers": self.answered,
+            "tokens": self.tokens,
+            "prefix_cache": None,
+            "acceptance": None,
+        }
+        record |= extra | {"nodes": live}
+        with self._lock:
+            self.series.append(record)
+            for node in self._static["nodes"]:  # a page that opens later reads them too
+                node |= live.get(node["name"], {})
+        return record
+
+    def start(self, every: float = TICK) -> None:
+        """Ticks on a thread of its own from now on (once a page first looks: a server no one
+        watches does no work for it), each tick sent to every page."""
+        with self._lock:
+            if self._ticking:
+                return
+            self._ticking = True
+
+        def run() -> None:
+            while True:
+                time.sleep(every)
+                try:
+                    record = self.tick()
+                except Exception as e:  # a figure that cannot be read must not stop the ticks
+                    self.event("info", f"the dashboard could not read a figure: {e}")
+                    continue
+                self._publish(sse("tick", record))
+
+        threading.Thread(target=run, name="dashboard-ticks", daemon=True).start()
+
+    async def stream(self) -> AsyncIterator[str]:
+        """A page's feed: the state, then ticks and events as they come."""
+        self._loop = asyncio.get_running_loop()
+        self.start()
+        if len(self._pages) >= PAGES:
+            raise TooManyPages(f"{PAGES} pages watch this cluster already")
+        queue: asyncio.Queue = asyncio.Queue(PAGE_QUEUE)
+        self._pages.add(queue)
+        try:
+            yield sse("state", self.snapshot())
+            while True:
+                message = await queue.get()
+                if message is None:  # fell behind: it reads a whole state when it comes back
+                    return
+                yield message
+        finally:
+            self._pages.discard(queue)
+
+    # ---- feeding pages ----
+
+    def _send_state(self) -> None:
+        self._publish(sse("state", self.snapshot()))
+
+    def _publish(self, message: str) -> None:
+        loop = self._loop
+        if loop is None or not self._pages:
+            return
+        try:  # from the loop's own thread too: the message goes out on its next turn
+            loop.call_soon_threadsafe(self._put, message)
+        except RuntimeError:  # the loop has closed: no page is left to tell
+            pass
+
+    def _put(self, message: str) -> None:
+        for queue in list(self._pages):
+            try:
+                queue.put_nowait(message)
+            except asyncio.QueueFull:
+                self._pages.discard(queue)
+                queue.get_nowait()  # room for the end marker
+                queue.put_nowait(None)
