@@ -25,6 +25,7 @@ AGENT_PORT = 52417  # a host's agent, unless hosts.toml gives its agent_port
 # As mlx-lm's generate_step: the prompt but its last token is prefilled in chunks of this size,
 # then the last token is a step of its own, so the numbers match a single process exactly.
 PREFILL_CHUNK = 2048
+MAX_VIEW_BYTES = 64 * 1024  # the dashboard's cluster view on rank 0's command line
 
 PARALLEL = ("pipeline", "expert", "tensor")
 BACKENDS = ("ring", "jaccl")  # MLX's: TCP over any network, RDMA over Thunderbolt 5
@@ -66,6 +67,9 @@ class RankSpec:
     # per step: rank 0's, and with "mtp" every rank's (the drafting rank loads the layer)
     speculative: str = "none"
     draft_tokens: int = DRAFT_TOKENS
+    # rank 0: the launcher's view of the cluster for the dashboard (JSON: each node's chip and
+    # memory, the cables, the ring order, the predicted speed); None: the ranks' own figures only
+    view: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts or ()))
@@ -78,6 +82,8 @@ class RankSpec:
             raise ValueError("prompt_cache_bytes must be 0 (off) or more")
         if self.speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}")
+        if self.view is not None and len(self.view.encode()) > MAX_VIEW_BYTES:
+            raise ValueError(f"view must be at most {MAX_VIEW_BYTES} bytes of JSON")
         if not 1 <= self.draft_tokens <= 16:
             raise ValueError("draft_tokens must be between 1 and 16")
         if self.parallel not in PARALLEL:
@@ -149,6 +155,8 @@ class RankSpec:
             argv += ["--prompt-cache-bytes", str(self.prompt_cache_bytes)]
         if self.speculative != "none":
             argv += ["--speculative", self.speculative, "--draft-tokens", str(self.draft_tokens)]
+        if self.view is not None:
+            argv += ["--view", self.view]
         return argv
 
     @classmethod
@@ -223,4 +231,5 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--speculative", choices=SPECULATIVE, default="none")
     p.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS)
+    p.add_argument("--view", default=None, help="the cluster as the launcher sees it (JSON)")
     return p
