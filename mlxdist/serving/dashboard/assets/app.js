@@ -71,22 +71,27 @@ function onEvent(type, body) {
   else if (type === "event") addEvent(body);
   else if (type === "tick") {
     applyTick(body);
-    // ticks carry no ttft: when answers grow, read them from a snapshot (at most every 2 s)
+    // ticks carry no ttft: when answers grow, read them from a snapshot (at most every 3 s)
     if (answers !== null && body.answers > answers && !Array.isArray(body.ttft)) refreshTtft();
     answers = body.answers;
   }
 }
 
-async function refreshTtft() {
-  const now = Date.now();
-  if (now - ttftAsked < 2000) return setTimeout(refreshTtft, 2000 - (now - ttftAsked));
-  ttftAsked = now;
-  try {
-    const res = await authed("/mlxdist/state");
-    if (res.ok) addTtft((await res.json()).ttft || []);
-  } catch {
-    // the live feed says when the server is gone
-  }
+let ttftTimer = 0;
+
+function refreshTtft() {
+  if (ttftTimer) return;
+  const wait = Math.max(0, ttftAsked + 3000 - Date.now());
+  ttftTimer = setTimeout(async () => {
+    ttftTimer = 0;
+    ttftAsked = Date.now();
+    try {
+      const res = await authed("/mlxdist/state");
+      if (res.ok) addTtft((await res.json()).ttft || []);
+    } catch {
+      // the live feed says when the server is gone
+    }
+  }, wait);
 }
 
 // The measured speed: the median of the last ticks that decoded, or the last answer's.
@@ -116,7 +121,7 @@ function drawHeader() {
   parts.push(`${snap.nodes.length} nodes`);
   if (model?.context) parts.push(`context ${model.context}`);
   $("#plan").textContent = parts.join(" · ");
-  const m = measured();
+  const m = snap.kind === "agents" ? null : measured();
   const speed = [];
   if (plan?.predicted_tps) speed.push(`predicted ${num(plan.predicted_tps)} tok/s`);
   if (m !== null && m !== undefined) speed.push(`measured ${num(m)} tok/s`);

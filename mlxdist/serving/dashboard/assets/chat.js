@@ -23,7 +23,12 @@ function save() {
 function restore() {
   try {
     const t = JSON.parse(localStorage.getItem(storeKey()) || "[]");
-    return Array.isArray(t) ? t : [];
+    if (!Array.isArray(t)) return [];
+    // an answer the page left while it streamed: say so
+    for (const turn of t)
+      if (turn.role === "assistant" && !turn.figures && !turn.error)
+        turn.error = turn.content ? "cut short: the page was left while it streamed" : "no answer: the page was left before it came";
+    return t;
   } catch {
     return [];
   }

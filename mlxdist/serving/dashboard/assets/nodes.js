@@ -45,7 +45,7 @@ function card(n) {
       ? h("meter", { min: 0, max: top, value: Math.min(n.memory_used, top), high: top * 0.9, title: "memory used" })
       : null;
   const rankLine = [
-    n.rank !== null && n.rank !== undefined ? `rank ${n.rank}` : "no rank",
+    n.rank !== null && n.rank !== undefined ? `rank ${n.rank}` : "agent, no rank",
     n.chip,
     n.address,
   ].filter(Boolean);

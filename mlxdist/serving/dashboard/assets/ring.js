@@ -27,7 +27,8 @@ function place(n) {
     return [Math.cos(a), Math.sin(a)];
   });
   if (n === 2) pts.splice(0, 2, [-1, 0], [1, 0]);
-  const H = n <= 2 ? BH + 40 : Math.round(Math.max(3 * BH + 40, Math.min(W * 0.62, 420)));
+  const rows = n <= 3 ? 3 : Math.ceil(n / 2) + 2; // enough height that labels and boxes keep apart
+  const H = n <= 2 ? BH + 40 : Math.round(Math.max(rows * (BH + 12), Math.min(W * 0.62, 420)));
   const span = (k) => [Math.min(...pts.map((p) => p[k])), Math.max(...pts.map((p) => p[k]))];
   const fit = ([lo, hi], a, b, v) => (hi > lo ? a + ((b - a) * (v - lo)) / (hi - lo) : (a + b) / 2);
   const [xs, ys] = [span(0), span(1)];
@@ -81,12 +82,19 @@ export function drawRing(svg, snap) {
     const [x2, y2] = pos.get(l.b) || [];
     if (x1 === undefined || x2 === undefined) continue;
     const cls = `link${l.dashed ? " dashed" : ""}${l.cable?.rdma ? " rdma" : ""}`;
+    // a slanted link's label goes on its outer side, where the circle leaves room
+    const [mx, my] = [(x1 + x2) / 2, (y1 + y2) / 2];
+    const flat = Math.abs(y2 - y1) < Math.abs(x2 - x1) * 0.3;
+    const side = flat || Math.abs(mx - W / 2) < 2 ? 0 : mx < W / 2 ? -1 : 1;
+    const anchor = ["end", "middle", "start"][side + 1];
+    const label = W < 480 ? l.label.replace(/Thunderbolt (\d)/, "TB$1") : l.label;
     kids.push(
       s(
         "g",
         { class: cls, "data-link": `${l.a} ${l.b}` },
+        s("title", {}, l.label),
         s("line", { x1, y1, x2, y2 }),
-        s("text", { x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 5, "text-anchor": "middle" }, l.label),
+        s("text", { x: mx + 6 * side, y: flat ? my - 6 : my + 4, "text-anchor": anchor }, label),
       ),
     );
   }
