@@ -6,13 +6,16 @@ const KINDS = new Set(["failed", "replan", "refused", "info"]);
 const SHOWN = 200;
 let last = null; // the newest event drawn
 
+// The event's text, with its node's name as the page shows it when the text lacks it.
+export const named = (e) => (e.node && !e.text.includes(e.node) ? `${e.node}: ${e.text}` : e.text);
+
 const item = (e) =>
   h(
     "li",
     { "data-kind": KINDS.has(e.kind) ? e.kind : "info" },
     h("time", { datetime: new Date(e.t * 1000).toISOString(), text: clock(e.t) }),
     h("span", { class: "kind", text: e.kind }),
-    h("span", { class: "text", text: e.text }),
+    h("span", { class: "text", text: named(e) }),
   );
 
 export function drawEvents(root, events, reorder) {

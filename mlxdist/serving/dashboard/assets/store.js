@@ -120,7 +120,7 @@ export function addEvent(e) {
     const name = failedNode(e);
     if (name) store.failed.add(name);
     store.sawFailed = true;
-    store.alert = e.text;
+    store.alert = name && !e.text.includes(name) ? `${name}: ${e.text}` : e.text;
     mark("alert", "ring", "nodes");
   } else if (e.kind === "replan") {
     store.failed.clear();
