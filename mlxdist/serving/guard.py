@@ -142,9 +142,10 @@ def refusal(path: str, status: int, message: str, code: str | None):
 class _KeyAndBody:
     """ASGI middleware: the key (every path but OPEN_PATHS), then the body's size."""
 
-    def __init__(self, app, policy: Policy) -> None:
+    def __init__(self, app, policy: Policy, told=None) -> None:
         self.app = app
         self.policy = policy
+        self.told = told or (lambda *_: None)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -155,6 +156,7 @@ class _KeyAndBody:
         if not is_open(path) and not p.authorized(headers.get("authorization"), key):
             given = "authorization" in headers or key is not None
             message, code = (WRONG_KEY, "invalid_api_key") if given else (NO_KEY, None)
+            self.told(401, scope["method"], path, "wrong API key" if given else "no API key")
             await _drain(receive)  # as for every refusal: the answer must not be reset
             return await _answer(send, *refusal(path, 401, message, code), bearer=True)
         declared = headers.get("content-length", "")
@@ -220,10 +222,11 @@ async def _answer(send, status: int, body: bytes, bearer: bool = False) -> None:
 class Guard:
     """ASGI middleware: the Host check, then CORS for the named origins only (before the key: a
     browser's preflight carries none, and a 401 must reach the page), the key and the body
-    limit."""
+    limit. told(status, method, path, why): each refusal of a key or a Host, for the
+    dashboard's events."""
 
-    def __init__(self, app, policy: Policy) -> None:
-        inner = _KeyAndBody(app, policy)
+    def __init__(self, app, policy: Policy, told=None) -> None:
+        inner = _KeyAndBody(app, policy, told)
         cors = None
         if policy.cors_origins:
             methods = ["GET", "POST", "DELETE", "OPTIONS"]  # DELETE: /v1/responses/{id}
@@ -231,7 +234,7 @@ class Guard:
             # their own (x-stainless-*, anthropic-version, anthropic-beta, ...) and a list of
             # them refuses the next one a release adds; the origin itself is what is checked.
             cors = CORSMiddleware(inner, list(policy.cors_origins), methods, ["*"])
-        self.front = _Front(inner, cors, policy)
+        self.front = _Front(inner, cors, policy, inner.told)
 
     async def __call__(self, scope, receive, send) -> None:
         await self.front(scope, receive, send)
@@ -241,8 +244,8 @@ class _Front:
     """The Host check first (a rebinding page gets nothing, CORS answers included); then
     Starlette's CORS, only for a named origin: any other gets no Access-Control-* header."""
 
-    def __init__(self, inner, cors, policy: Policy) -> None:
-        self.inner, self.cors, self.policy = inner, cors, policy
+    def __init__(self, inner, cors, policy: Policy, told) -> None:
+        self.inner, self.cors, self.policy, self.told = inner, cors, policy, told
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -253,6 +256,7 @@ class _Front:
         host = host_name(shown)
         if not host or (host not in self.policy.names and host != here):
             why = f"the Host header {shown!r} is not a name of this server"
+            self.told(400, scope["method"], scope["path"], why)
             await _drain(receive)  # its body unread, closing would reset the connection
             return await _answer(send, *refusal(scope["path"], 400, why, "invalid_host"))
         origin = headers.get(b"origin", b"").decode("latin-1")

@@ -47,8 +47,6 @@ def create_app(
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
     )
-    if policy is not None:
-        app.add_middleware(Guard, policy=policy)
     static = cluster_static(model_name, info, view)
     board = Board("cluster", static)
     ctx = Context(coordinator, model_name, info, inflight, board)
@@ -58,6 +56,12 @@ def create_app(
     app.state.inflight = ctx.inflight
     app.state.context = ctx
     app.state.board = board
+    if policy is not None:
+
+        def guarded(status: int, method: str, path: str, why: str) -> None:
+            board.event("refused", f"{status} {method} {path}: {why}")
+
+        app.add_middleware(Guard, policy=policy, told=guarded)
 
     def told(request: Request, e: APIError) -> None:  # the dashboard's events
         board.event("refused", f"{e.status} {request.method} {request.url.path}: {e.message}")

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 
 SERIES = 300  # ticks kept: five minutes at one a second
 EVENTS = 200
+EVENT_TEXT = 500  # characters of an event's text
 ANSWERS = 300
 TICK = 1.0  # seconds between ticks
 PAGE_QUEUE = 64  # messages a slow page may fall behind before it is dropped
@@ -85,7 +86,8 @@ class Board:
 
     def event(self, kind: str, text: str, node: str | None = None) -> None:
         """Something happened: a node failed, a request was refused, a plan changed."""
-        record = {"t": self.clock(), "kind": kind, "text": text, "node": node}
+        # Bounded: a refusal's path or Host header is whatever a stranger sent.
+        record = {"t": self.clock(), "kind": kind, "text": text[:EVENT_TEXT], "node": node}
         with self._lock:
             self.events.append(record)
         self._publish(sse("event", record))
@@ -100,6 +102,8 @@ class Board:
             node = next((n["name"] for n in self.nodes() if n.get("rank") == rank), None)
         if node is not None:
             self.update_nodes({node: {"state": "failed"}})
+            if node not in message:  # ranks on one host: the page's own name for it first
+                message = f"{node}: {message}"
         self.event("failed", message, node)
 
     def wait_idle(self, timeout: float) -> bool:
