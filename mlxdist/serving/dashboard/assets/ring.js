@@ -92,7 +92,7 @@ export function drawRing(svg, snap) {
       s(
         "g",
         { class: cls, "data-link": `${l.a} ${l.b}` },
-        s("title", {}, l.label),
+        label !== l.label && s("title", {}, l.label), // the whole label, where it is cut short
         s("line", { x1, y1, x2, y2 }),
         s("text", { x: mx + 6 * side, y: flat ? my - 6 : my + 4, "text-anchor": anchor }, label),
       ),
