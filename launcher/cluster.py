@@ -15,6 +15,7 @@ from launcher.autoparallel import (
     link_for,
 )
 from launcher.backend import BackendChoice, BackendError, choose_backend
+from launcher.clusterview import launch_view, view_text
 from launcher.discovery import CollisionError, browse, verified
 from launcher.fetch import (
     check_fetch,
@@ -423,6 +424,7 @@ def start_agents_cluster(
     how = {"chosen": chosen, "fetch": fetch, "ref": ref, "api": api}
     how |= {"kv_bits": kv_bits, "prompt_cache_bytes": prompt_cache_bytes}
     how |= {"speculative": speculative, "draft_tokens": draft_tokens}
+    how |= {"link": decision.link, "auto": decision.auto}
     whole = ref is not None and ref.repo is not None
     if parallel == "tensor":
         split = choose_tensor(model, nodes, context, kv_bits, speculative)
@@ -462,7 +464,35 @@ def replan_agents(model: Path, context: int, port: int | None, failed):
     how = {"chosen": chosen, "fetch": failed.fetch, "ref": failed.ref, "api": failed.api}
     how |= {"kv_bits": failed.kv_bits, "prompt_cache_bytes": failed.prompt_cache_asked}
     how |= {"speculative": failed.speculative, "draft_tokens": failed.draft_tokens}
+    how |= {"link": link_for(chosen.backend, False)}
     return _start(model, nodes, split, None, context, port, console, **how)
+
+
+def predicted_tps(
+    model: Path,
+    nodes: list[Node],
+    mode: str,
+    split: list[int],
+    link: str | None,
+    context: int,
+    auto: Choice | None = None,
+) -> float | None:
+    """The performance model's decode speed for this launch: --parallel auto's own figure for
+    the mode it chose, else predicted for these nodes, mode and split; None when the model
+    cannot say (an unknown family, no link)."""
+    if auto is not None:
+        return next((o.tokens_per_s for o in auto.outcomes if o.mode == mode), None)
+    if link is None:
+        return None
+    from launcher.autoparallel import model_inputs
+    from launcher.perfmodel import predict_decode
+
+    try:
+        _, active, _ = model_inputs(model, len(nodes))
+        cut = split if mode == "pipeline" else None
+        return predict_decode(_specs(nodes), active, cut, mode, link, context).tokens_per_s
+    except (CheckpointError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
 
 
 def _progress(console):
@@ -583,13 +613,17 @@ def _start(
     prompt_cache_bytes: int | None = None,
     speculative: str = "none",
     draft_tokens: int = DRAFT_TOKENS,
+    link: str | None = None,
+    auto: Choice | None = None,
 ):
     """Gets each node its files (from the Hub or pushed), starts the ranks, waits until they
     have loaded.
 
     experts: routed experts per node (expert parallelism; every node runs every layer).
     tensor: every node runs 1/N of every layer, from the whole model.
-    kv_bits, prompt_cache_bytes, speculative, draft_tokens: as start_agents_cluster takes them."""
+    kv_bits, prompt_cache_bytes, speculative, draft_tokens: as start_agents_cluster takes them.
+    link, auto: what the prediction sends over, and --parallel auto's choice (for the view of
+    the cluster rank 0's dashboard shows)."""
     from launcher.local import wait_ready
     from launcher.promptbudget import describe, planned_budget
     from launcher.remote import HTTP_PORT, start_remote
@@ -618,6 +652,10 @@ def _start(
         if repo:  # the launcher fetches the whole model once, then pushes each node its part
             model = whole_model(ref)
         folders = _push(model, nodes, split, mode, console)
+    backend = chosen.backend if chosen else "ring"
+    predicted = predicted_tps(model, nodes, mode, split, link, context, auto)
+    rows = [(n.name, n.address, n.facts) for n in nodes]
+    view = launch_view(rows, mode, split, backend, predicted, link)
     running = start_remote(
         nodes,
         folders,
@@ -628,13 +666,14 @@ def _start(
         max_context=context,  # the plan holds this much KV cache: longer requests are refused
         experts=experts,
         parallel="tensor" if tensor else "pipeline",
-        backend=chosen.backend if chosen else "ring",
+        backend=backend,
         rdma=chosen.rdma if chosen else None,
         api=api,
         kv_bits=kv_bits,
         prompt_cache_bytes=budget,
         speculative=speculative,
         draft_tokens=draft_tokens,
+        view=view_text(view),
     )
     running.fetch, running.ref, running.api = how, ref, api
     running.kv_bits, running.prompt_cache_asked = kv_bits, prompt_cache_bytes

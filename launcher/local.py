@@ -127,6 +127,7 @@ def start_local(
     prompt_cache_bytes: int | None = None,
     speculative: str = "none",
     draft_tokens: int = DRAFT_TOKENS,
+    view: str | None = None,
 ) -> Cluster:
     """Starts len(split) ranks on this machine over the ring backend on loopback.
 
@@ -139,6 +140,7 @@ def start_local(
     kv_bits: every rank's KV cache quantised to 4 or 8 bits; prompt_cache_bytes: rank 0's
     budget of kept prefixes (0: off; None: the rank's own default). speculative,
     draft_tokens: rank 0's speculative decoding ("none" or "ngram") and drafts per step.
+    view: rank 0's view of the cluster for its dashboard (JSON text, launcher/clusterview.py).
     """
     api = dict(api or {})
     key = api.pop("api_key", None)
@@ -164,7 +166,7 @@ def start_local(
     )
     # rank 0's alone: it tells the others the budget, and drafts the tokens they verify (with
     # R1's MTP layer every rank knows, and the one that holds the head drafts)
-    first = {"prompt_cache_bytes": prompt_cache_bytes}
+    first = {"prompt_cache_bytes": prompt_cache_bytes, "view": view}
     drafts = {"speculative": speculative, "draft_tokens": draft_tokens}
     first |= drafts
     if speculative == "mtp":

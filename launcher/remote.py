@@ -351,6 +351,7 @@ def start_remote(
     prompt_cache_bytes: int | None = None,
     speculative: str = "none",
     draft_tokens: int = DRAFT_TOKENS,
+    view: str | None = None,
 ) -> RemoteCluster:
     """Starts rank r on nodes[r] from its folder; rank 0 serves the API on its host.
 
@@ -363,6 +364,7 @@ def start_remote(
     speculative, draft_tokens: speculative decoding ("none", "ngram" or "mtp") and drafts per
     step, sent to rank 0 only (prompt lookup drafts there; the others verify as they would
     decode), or with "mtp" to every rank (the one holding the head drafts with the MTP layer).
+    view: the cluster as the launcher sees it (launcher/clusterview.py), sent to rank 0 only.
     """
     mtp = speculative == "mtp"
     text, links = rank_links(
@@ -396,6 +398,7 @@ def start_remote(
                 **({"kv_bits": kv_bits} if kv_bits else {}),
                 **(_budget(prompt_cache_bytes) if rank == 0 else {}),
                 **(_drafts(speculative, draft_tokens) if rank == 0 or mtp else {}),
+                **({"view": view} if view and rank == 0 else {}),
             )
             started = start_once(node.client, fields)
             run_ids.append(started["id"])

@@ -85,6 +85,7 @@ def rank_spec(p: dict) -> RankSpec:
         prompt_cache_bytes=_optional_int(p.get("prompt_cache_bytes")),
         speculative=p.get("speculative") or "none",
         draft_tokens=int(p.get("draft_tokens") or DRAFT_TOKENS),
+        view=p.get("view"),
     )
 
 

@@ -249,3 +249,99 @@ def test_a_view_too_large_loses_its_cables_then_is_not_sent(macs):
     assert json.loads(text)["cables"] == [] and len(json.loads(text)["nodes"]) == 64
     view["nodes"] = view["nodes"] * 4
     assert view_text(view) is None
+
+
+# ---- the agent's StartRank carries the view to rank 0 ----
+
+RANK0 = {"model": "tiny", "split": [4], "rank": 0, "http_host": "127.0.0.1"}
+RANK0 |= {"http_port": 18080, "name": "tiny"}
+TWO_RANKS = {"split": [2, 2], "hostfile": [["10.0.0.1:5000"], ["10.0.0.2:5000"]]}
+BAD_VIEWS = [
+    ({"view": "not json"}, "view must be JSON text"),
+    ({"view": "[1, 2]"}, "view must be a JSON object"),
+    ({"view": '"text"'}, "view must be a JSON object"),
+    ({"view": json.dumps({"a": "x" * MAX_VIEW_BYTES})}, "at most 65536"),
+    (
+        {"view": json.dumps({"a": "é" * (MAX_VIEW_BYTES // 2)}, ensure_ascii=False)},
+        "at most 65536 bytes",
+    ),
+    ({"view": {"nodes": []}}, "valid string"),  # strict: JSON text, not an object
+    (TWO_RANKS | {"rank": 1, "view": "{}"}, "view is rank 0's"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_VIEWS)
+def test_start_rank_refuses_a_bad_view(change, message):
+    from pydantic import ValidationError
+
+    from launcher.agent.requests import StartRank
+
+    with pytest.raises(ValidationError, match=message):
+        StartRank.model_validate(RANK0 | change)
+
+
+def test_start_rank_gives_rank_0_its_view(macs):
+    from launcher.agent.ranks import rank_argv
+    from launcher.agent.requests import StartRank
+
+    text = view_text(launch_view([("studio-1", None, macs["studio-1"])], "pipeline", [4], "ring"))
+    argv = rank_argv("/py", Path("/m/tiny"), StartRank.model_validate(RANK0 | {"view": text}))
+    assert argv[argv.index("--view") + 1] == text
+    plain = rank_argv("/py", Path("/m/tiny"), StartRank.model_validate(RANK0))
+    assert "--view" not in plain
+
+
+# ---- the prediction the view carries (launcher/cluster.py) ----
+
+R1_CONFIG = Path(__file__).parent / "data" / "deepseek-r1-config.json"
+
+
+def test_the_view_carries_the_launchs_own_prediction(macs):
+    """--parallel auto's figure for the mode it chose, as its line printed it; else the
+    performance model on these nodes, mode and split; None without a model or a link."""
+    from launcher.autoparallel import choose_for_nodes, model_inputs
+    from launcher.cluster import _specs, predicted_tps
+    from launcher.perfmodel import predict_decode
+    from launcher.remote import Node
+
+    nodes = [Node(n, "10.0.0.1", None, macs[n]) for n in ("studio-1", "studio-2", "studio-3")]
+    auto = choose_for_nodes(R1_CONFIG, _specs(nodes), "tb5", 4096)
+    said = float(auto.line.split(", ")[1].split()[0])  # "auto: expert parallel over tb4, 6.1 tok/s"
+    got = predicted_tps(R1_CONFIG, nodes, auto.mode, [61] * 3, "tb5", 4096, auto)
+    assert round(got, 1) == said
+    active = model_inputs(R1_CONFIG, 3)[1]
+    split = [25, 25, 11]
+    direct = predict_decode(_specs(nodes), active, split, "pipeline", "tb5", 4096).tokens_per_s
+    assert predicted_tps(R1_CONFIG, nodes, "pipeline", split, "tb5", 4096) == direct
+    assert predicted_tps(R1_CONFIG, nodes, "pipeline", split, None, 4096) is None
+    assert predicted_tps(Path("/no/model"), nodes, "pipeline", split, "tb5", 4096) is None
+
+
+# ---- the view of ranks on this machine (launcher/localview.py) ----
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "tensor"])
+def test_view_here_from_a_captured_mac(tmp_path, monkeypatch, mode):
+    """This machine taken for the captured M2 Ultra (MLXDIST_FACTS_FROM, as the agents in the
+    cluster tests): its chip and memory for every rank, and the speed predicted for the mode."""
+    from launcher.autoparallel import LOOPBACK, local_nodes, mode_outcome, model_inputs
+    from launcher.hostfacts import FACTS_FROM_ENV
+    from launcher.localview import view_here
+    from launcher.planner import node_spec_from_facts
+    from mlxdist.testing.make_model import make_model
+
+    path = make_model("llama", tmp_path / "llama", {"num_key_value_heads": 4})
+    monkeypatch.setenv(FACTS_FROM_ENV, str(MACOS / "studio-3"))
+    monkeypatch.setenv("MLXDIST_CONFIG", str(tmp_path / "config"))
+    layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    split = [layers // 2, layers - layers // 2]
+    view = json.loads(view_here(path, mode, split, 256))
+    assert view["nodes"] == [] and view["machine"]["chip"] == "Apple M2 Ultra"
+    assert view["machine"]["memory_total"] == 206158430208
+    assert view["plan"]["split"] == (split if mode == "pipeline" else None)
+    facts = replayed_here(MACOS / "studio-3", tmp_path / "id", {}).to_dict()
+    spec, active, refusal = model_inputs(path, 2)
+    nodes = local_nodes(node_spec_from_facts("here", facts), 2)
+    outcome = mode_outcome(mode, nodes, spec, active, LOOPBACK, 256, refusal=refusal, shared=True)
+    assert view["plan"]["predicted_tps"] == round(outcome.tokens_per_s, 2)
+    assert view["plan"]["link"] == "loopback"

@@ -81,6 +81,7 @@ def rank_spec(model: Path, req: StartRank) -> RankSpec:
         prompt_cache_bytes=req.prompt_cache_bytes,
         speculative=req.speculative,
         draft_tokens=req.draft_tokens,
+        view=req.view,
         **api_settings(req),
     )
 

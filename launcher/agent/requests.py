@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..hostfile import ring_hostfile
-from ..rankspec import DRAFT_TOKENS
+from ..rankspec import DRAFT_TOKENS, MAX_VIEW_BYTES
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # never starts with "-": not a flag
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -102,6 +103,8 @@ class StartRank(BaseModel):
     # rank's with "mtp" (R1's MTP layer, on the rank that holds the head)
     speculative: Literal["none", "ngram", "mtp"] = "none"
     draft_tokens: int = Field(DRAFT_TOKENS, ge=1, le=16)
+    # rank 0: the launcher's view of the cluster for the dashboard, JSON text of an object
+    view: str | None = Field(None, max_length=MAX_VIEW_BYTES)
 
     @field_validator("http_host")
     @classmethod
@@ -117,6 +120,21 @@ class StartRank(BaseModel):
             raise ValueError("name must be 1-64 letters, digits, '.', '_' or '-', not starting '-'")
         return value
 
+    @field_validator("view")
+    @classmethod
+    def _view(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if len(value.encode()) > MAX_VIEW_BYTES:
+            raise ValueError(f"view must be at most {MAX_VIEW_BYTES} bytes")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise ValueError("view must be JSON text") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("view must be a JSON object")
+        return value
+
     @model_validator(mode="after")
     def _ranks(self) -> StartRank:
         size = len(self.split)
@@ -126,6 +144,8 @@ class StartRank(BaseModel):
             raise ValueError(f"rank {self.rank} is not below the {size} ranks of the split")
         if self.prompt_cache_bytes is not None and self.rank != 0:
             raise ValueError("prompt_cache_bytes is rank 0's: it tells the other ranks")
+        if self.view is not None and self.rank != 0:
+            raise ValueError("view is rank 0's: it serves the dashboard")
         ngram = self.speculative == "ngram" or (
             self.speculative == "none" and self.draft_tokens != DRAFT_TOKENS
         )

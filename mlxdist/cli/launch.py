@@ -306,6 +306,7 @@ def _start_here(
     path: Path, ranks: int, split: str | None, port: int | None, modes: dict | None = None
 ):
     from launcher.local import start_local
+    from launcher.localview import view_here
     from quantize.checkpoint import inspect_model
 
     modes = dict(modes or {})
@@ -316,7 +317,9 @@ def _start_here(
     parts = _parse_split(split, ranks, num_layers) if not modes else [num_layers] * ranks
     what = f"layers {parts}" if not modes else f"{modes['parallel']} parallel"
     cache, said = _kv_here(path, parts, modes, kv)
-    running = start_local(path, parts, port=port, api=api, **modes, **cache)
+    context = (kv or {}).get("context", 4096)
+    view = view_here(path, modes.get("parallel", "pipeline"), parts, context)
+    running = start_local(path, parts, port=port, api=api, view=view, **modes, **cache)
     return _loaded(running, path, len(parts), what + said)
 
 
@@ -509,6 +512,7 @@ def _serve_here(
     import socket
 
     from launcher.local import start_local
+    from launcher.localview import view_here
     from quantize.checkpoint import inspect_model
 
     modes = {k: v for k, v in (modes or {}).items() if k != "ranks"}
@@ -520,6 +524,8 @@ def _serve_here(
         reason = os.strerror(e.errno) if e.errno else str(e)
         raise UserError(f"cannot listen on {host}:{port}: {reason}") from None
     where = {"host": host, "port": port, "max_context": max_context, "api": api}
+    context = (kv or {}).get("context", 4096)
+    where["view"] = view_here(path, modes.get("parallel", "pipeline"), parts, context)
     cache, said = _kv_here(path, parts, modes, kv)
     running = start_local(path, parts, **where, **modes, **cache)
     what = f"layers {parts}" if not modes else f"{modes['parallel']} parallel"
