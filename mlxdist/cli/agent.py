@@ -54,8 +54,17 @@ def status_cmd(
     interface: list[str] = typer.Option([], help="interface to discover agents on"),
     secret_file: Path | None = typer.Option(None, "--secret-file", help="the cluster secret"),
     timeout: float = typer.Option(3.0, help="seconds to listen for agents"),
+    web: bool = typer.Option(False, "--web", help="serve them as a live page until Ctrl-C"),
+    port: int | None = typer.Option(None, min=1, max=65535, help="--web's port (default 8090)"),
+    host: str | None = typer.Option(None, help="--web's address (default 127.0.0.1)"),
 ) -> None:
     """Agents of the cluster, their memory, links and running ranks, as a table."""
+    if web:
+        from mlxdist.cli.status_web import status_web
+
+        raise typer.Exit(status_web(cluster, interface, secret_file, timeout, host, port))
+    if port is not None or host is not None:
+        raise UserError("--port and --host are for --web")
     raise typer.Exit(status(cluster, interface, secret_file, timeout))
 
 
