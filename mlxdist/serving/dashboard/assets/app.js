@@ -36,14 +36,22 @@ async function load() {
     askKey(refused);
     return;
   }
-  if (!res?.ok) {
-    conn(`server unreachable, disconnected, retrying in ${retry} s`, "down");
+  let snap = null;
+  try {
+    snap = res?.ok ? await res.json() : null;
+  } catch {
+    snap = null; // cut off, or not JSON: as good as no answer
+  }
+  if (!snap) {
+    // not a refused key: the page's frame shows, with the reason in its badge
+    $("#app").hidden = false;
+    const why = res ? `${res.status} ${res.statusText}`.trim() : "server unreachable";
+    conn(`disconnected (${why}), retrying in ${retry} s`, "down");
     setTimeout(load, retry * 1000);
     retry = Math.min(retry * 2, 5);
     return;
   }
   retry = 1;
-  const snap = await res.json();
   const dlg = $("#key-dialog");
   if (dlg.open) dlg.close();
   $("#app").hidden = false;

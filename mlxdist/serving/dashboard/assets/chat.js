@@ -4,7 +4,8 @@ import { $, h, num } from "./dom.js";
 import { authed, errorText, readSSE } from "./api.js";
 
 let model = null;
-let turns = []; // {role: "user", content} | {role: "assistant", content, reasoning, rtokens, figures, error}
+// {role: "user", content} | {role: "assistant", content, reasoning, rtokens, tps, figures, error}
+let turns = [];
 let busy = null; // the AbortController of the answer streaming
 let hooks = {};
 let current = null; // the turn streaming
@@ -27,7 +28,9 @@ function restore() {
     // an answer the page left while it streamed: say so
     for (const turn of t)
       if (turn.role === "assistant" && !turn.figures && !turn.error)
-        turn.error = turn.content ? "cut short: the page was left while it streamed" : "no answer: the page was left before it came";
+        turn.error = turn.content
+          ? "cut short: the page was left while it streamed"
+          : "no answer: the page was left before it came";
     return t;
   } catch {
     return [];
@@ -185,8 +188,8 @@ async function send() {
     const tokens = usage?.completion_tokens ?? pieces;
     const rt = usage?.completion_tokens_details?.reasoning_tokens;
     if (rt !== undefined && rt !== null) turn.rtokens = rt;
-    const tps =
-      usage?.decode_tokens_per_second || (tokens > 1 && end > first ? (tokens - 1) / ((end - first) / 1000) : null);
+    const measured = tokens > 1 && end > first ? (tokens - 1) / ((end - first) / 1000) : null;
+    const tps = usage?.decode_tokens_per_second || measured;
     turn.tps = tps;
     turn.figures = [
       `TTFT ${num((first - t0) / 1000, 2)} s`,
@@ -196,7 +199,9 @@ async function send() {
     ]
       .filter(Boolean)
       .join(" · ");
-  } else if (finish === "stopped" && !turn.error) turn.error = "stopped before the first token";
+  } else if (!turn.error)
+    turn.error =
+      finish === "stopped" ? "stopped before the first token" : `no text came (finish ${finish ?? "?"})`;
   cancelAnimationFrame(frame);
   update();
   save();

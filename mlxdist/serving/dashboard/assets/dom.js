@@ -55,3 +55,7 @@ export function median(xs) {
   const m = v.length >> 1;
   return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2;
 }
+
+export const has = (x) => x !== null && x !== undefined;
+// f(x) when x is known, else null: has(x) ? f(x) : null
+export const known = (x, f) => (has(x) ? f(x) : null);

@@ -45,7 +45,8 @@ export function startLive({ onEvent, onUp, onDown, onAuth }) {
         );
       } catch (e) {
         // fetch's own words ("Failed to fetch", "network error") say less than this
-        why = ctl.signal.aborted ? "no data for 20 s" : e instanceof TypeError ? "connection lost" : String(e.message || e);
+        if (ctl.signal.aborted) why = "no data for 20 s";
+        else why = e instanceof TypeError ? "connection lost" : String(e.message || e);
       }
       clearInterval(watch);
       if (stopped) return;

@@ -1,6 +1,6 @@
 // One card per node: rank, what it holds, memory, weights, wired limit, bytes sent per token,
 // heartbeat age, state, and load progress while it loads.
-import { h, bytes, secs } from "./dom.js";
+import { h, bytes, secs, has, known } from "./dom.js";
 import { stateOf } from "./store.js";
 
 // [0,1,2,3,8,10,11] -> "0–3, 8, 10–11"
@@ -23,63 +23,57 @@ function holds(n) {
   return null;
 }
 
+// "used 120 GB of 170 GB usable" (or "of 192 GB total" when the usable share is not known)
 function memory(n) {
-  const of =
-    n.memory_usable !== null && n.memory_usable !== undefined
-      ? `${bytes(n.memory_usable)} usable`
-      : n.memory_total !== null && n.memory_total !== undefined
-        ? `${bytes(n.memory_total)} total`
-        : null;
-  if (n.memory_used === null || n.memory_used === undefined) return of ? `${of}` : null;
+  const of = has(n.memory_usable)
+    ? `${bytes(n.memory_usable)} usable`
+    : known(n.memory_total, (m) => `${bytes(m)} total`);
+  if (!has(n.memory_used)) return of;
   return `used ${bytes(n.memory_used)}${of ? ` of ${of}` : ""}`;
 }
 
 const row = (label, value, extra = null) =>
-  value === null || value === undefined ? null : [h("dt", { text: label }), h("dd", {}, value, extra)];
+  has(value) ? [h("dt", { text: label }), h("dd", {}, value, extra)] : null;
+
+function meter(n) {
+  const top = n.memory_usable ?? n.memory_total;
+  if (!top || !has(n.memory_used)) return null;
+  const value = Math.min(n.memory_used, top);
+  return h("meter", { min: 0, max: top, value, high: top * 0.9, title: "memory used" });
+}
+
+function load(n) {
+  if (!n.load) return null;
+  const { done, total, rate, eta } = n.load;
+  const pct = total ? Math.round((100 * done) / total) : 0;
+  const said = `load ${pct}% (${bytes(done)} of ${bytes(total)}) · ${bytes(rate)}/s, ${secs(eta)} left`;
+  return h(
+    "div",
+    { class: "load" },
+    h("progress", { max: total || 1, value: done || 0, "aria-label": `loading ${n.name}` }),
+    h("span", { text: said }),
+  );
+}
 
 function card(n) {
   const state = stateOf(n);
-  const top = n.memory_usable ?? n.memory_total;
-  const meter =
-    top && n.memory_used !== null && n.memory_used !== undefined
-      ? h("meter", { min: 0, max: top, value: Math.min(n.memory_used, top), high: top * 0.9, title: "memory used" })
-      : null;
-  const rankLine = [
-    n.rank !== null && n.rank !== undefined ? `rank ${n.rank}` : "agent, no rank",
-    n.chip,
-    n.address,
-  ].filter(Boolean);
-  let load = null;
-  if (n.load) {
-    const { done, total, rate, eta } = n.load;
-    const pct = total ? Math.round((100 * done) / total) : 0;
-    load = h(
-      "div",
-      { class: "load" },
-      h("progress", { max: total || 1, value: done || 0, "aria-label": `loading ${n.name}` }),
-      h("span", {
-        text: `load ${pct}% (${bytes(done)} of ${bytes(total)}) · ${bytes(rate)}/s, ${secs(eta)} left`,
-      }),
-    );
-  }
-  const beat =
-    n.heartbeat_age !== null && n.heartbeat_age !== undefined ? `beat ${secs(n.heartbeat_age)} ago` : null;
+  const rank = has(n.rank) ? `rank ${n.rank}` : "agent, no rank";
   return h(
     "article",
     { class: "node", "data-node": n.name, "data-state": state },
     h("header", {}, h("h3", { text: n.name }), h("span", { class: "state", text: state })),
-    h("p", { class: "sub", text: rankLine.join(" · ") }),
+    h("p", { class: "sub", text: [rank, n.chip, n.address].filter(Boolean).join(" · ") }),
     h(
       "dl",
       {},
       row("holds", holds(n)),
-      row("memory", memory(n), meter),
-      row("weights", n.weights !== null && n.weights !== undefined ? `${bytes(n.weights)} held` : null),
+      row("memory", memory(n), meter(n)),
+      row("weights", known(n.weights, (w) => `${bytes(w)} held`)),
       row("wired limit", n.wired_limit ? bytes(n.wired_limit) : null),
-      row("sent", n.bytes_per_token !== null && n.bytes_per_token !== undefined ? `${bytes(n.bytes_per_token)}/token` : null),
-      row("heartbeat", beat),
+      row("sent", known(n.bytes_per_token, (b) => `${bytes(b)}/token`)),
+      row("heartbeat", known(n.heartbeat_age, (a) => `beat ${secs(a)} ago`)),
     ),
-    load,
+    load(n),
   );
 }
 

@@ -28,7 +28,7 @@ export function plot(svg, points, { gap = Infinity, digits = 1, unit = "" } = {}
   const kids = [
     s("line", { class: "axis", x1: X0, y1: Y1, x2: X1, y2: Y1 }),
     s("line", { class: "grid", x1: X0, y1: Y0, x2: X1, y2: Y0 }),
-    s("text", { class: "tick", x: X0 - 4, y: Y0 + 4, "text-anchor": "end" }, num(ymax, ymax < 10 ? 1 : 0)),
+    s("text", { class: "tick", x: X0 - 4, y: Y0 + 4, "text-anchor": "end" }, `${+ymax.toPrecision(2)}`),
     s("text", { class: "tick", x: X0 - 4, y: Y1 + 4, "text-anchor": "end" }, "0"),
   ];
   if (n) {
@@ -36,11 +36,16 @@ export function plot(svg, points, { gap = Infinity, digits = 1, unit = "" } = {}
     kids.push(s("path", { class: "line", d }));
     kids.push(s("circle", { class: "dot", cx: x(n - 1), cy: y(last.v), r: 3 }));
     kids.push(
-      s("text", { class: "last", x: X1, y: Y1 + 14, "text-anchor": "end" }, `last ${num(last.v, digits)}${unit}`),
+      s(
+        "text",
+        { class: "last", x: X1, y: Y1 + 14, "text-anchor": "end" },
+        `last ${num(last.v, digits)}${unit}`,
+      ),
     );
     kids.push(s("text", { class: "tick", x: X0, y: Y1 + 14 }, `${n} points`));
   } else {
-    kids.push(s("text", { class: "tick", x: (X0 + X1) / 2, y: (Y0 + Y1) / 2, "text-anchor": "middle" }, "no data yet"));
+    const at = { class: "tick", x: (X0 + X1) / 2, y: (Y0 + Y1) / 2, "text-anchor": "middle" };
+    kids.push(s("text", at, "no data yet"));
   }
   svg.replaceChildren(...kids);
   svg.setAttribute("data-points", String(n));
@@ -68,6 +73,7 @@ function figures(snap) {
 
 export function drawPlots(snap, tps) {
   plot($("#plot-tps"), tps.map((p) => ({ t: p.t, v: p.tps })), { gap: 3 });
-  plot($("#plot-ttft"), (snap.ttft || []).slice(-300).map((p) => ({ t: p.t, v: p.ttft })), { digits: 2, unit: " s" });
+  const ttft = (snap.ttft || []).slice(-300).map((p) => ({ t: p.t, v: p.ttft }));
+  plot($("#plot-ttft"), ttft, { digits: 2, unit: " s" });
   $("#figures").replaceChildren(...figures(snap).flat());
 }

@@ -1,14 +1,15 @@
 // The cluster drawn as an SVG: nodes as boxes round a circle in ring order, a line for each pair
 // of ring neighbours and for each cable, labelled with the cable's generation and RDMA, or dashed
 // and labelled with the backend where no cable is known (a local cluster).
-import { s, bytes } from "./dom.js";
+import { s, bytes, has } from "./dom.js";
 import { stateOf } from "./store.js";
 
 const BH = 74;
 let W = 640; // the drawing's width follows the element's, so its text stays readable
 let BW = 172;
 
-const cut = (t, n) => (t && t.length > n ? `${t.slice(0, n - 1)}…` : t || "");
+// the text cut to n characters (a fraction rounds down), with an ellipsis where cut
+const cut = (t, n) => (t && t.length > n ? `${t.slice(0, Math.floor(n) - 1)}…` : t || "");
 const pair = (a, b) => (a < b ? `${a}\n${b}` : `${b}\n${a}`);
 
 function order(snap) {
@@ -102,7 +103,7 @@ export function drawRing(svg, snap) {
     const [x, y] = pos.get(n.name);
     const state = stateOf(n);
     const mem = n.memory_total ?? n.memory_usable;
-    const line3 = [mem ? bytes(mem) : null, n.rank !== null && n.rank !== undefined ? `rank ${n.rank}` : null];
+    const line3 = [mem ? bytes(mem) : null, has(n.rank) ? `rank ${n.rank}` : null];
     const failed = state === "failed" || state === "gone";
     kids.push(
       s(
@@ -110,8 +111,8 @@ export function drawRing(svg, snap) {
         { class: `box ${failed ? "failed" : ""}`, "data-node": n.name, "data-state": state },
         s("title", {}, `${n.name}: ${state}`),
         s("rect", { x: x - BW / 2, y: y - BH / 2, width: BW, height: BH, rx: 8 }),
-        s("text", { x, y: y - 18, "text-anchor": "middle", class: "name" }, cut(n.name, Math.floor(BW / 8))),
-        s("text", { x, y: y - 2, "text-anchor": "middle" }, cut(n.chip || "", Math.floor(BW / 6.6))),
+        s("text", { x, y: y - 18, "text-anchor": "middle", class: "name" }, cut(n.name, BW / 8)),
+        s("text", { x, y: y - 2, "text-anchor": "middle" }, cut(n.chip || "", BW / 6.6)),
         s("text", { x, y: y + 14, "text-anchor": "middle" }, line3.filter(Boolean).join(" · ")),
         s("text", { x, y: y + 29, "text-anchor": "middle", class: "st" }, state),
       ),
