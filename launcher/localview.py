@@ -1,6 +1,7 @@
-"""The view rank 0's dashboard is given when every rank runs on this machine: the machine's chip
-and memory, and the plan with the performance model's speed for the mode run (as --parallel
-auto predicts it for N ranks sharing this machine)."""
+"""This machine's figures, read cheaply (for the view below, and for an agent's live memory),
+and the view rank 0's dashboard is given when every rank runs on this machine: the machine's
+chip and memory, and the plan with the performance model's speed for the mode run (as
+--parallel auto predicts it for N ranks sharing this machine)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .hostfacts import (
     parse_cpu_model,
     parse_meminfo,
     parse_sysctl,
+    parse_vm_stat,
     read_text,
     run_command,
 )
@@ -44,6 +46,17 @@ def machine_facts() -> dict:
     total, available = parse_meminfo(read_text("/proc/meminfo"))
     chip = parse_cpu_model(read_text("/proc/cpuinfo"))
     return {"chip": chip, "memory_total": total, "memory_available": available, "os": "Linux"}
+
+
+def memory_available() -> int:
+    """Bytes this machine can give a new allocation now: vm_stat on a Mac, /proc/meminfo on
+    Linux, a captured Mac's own figure (MLXDIST_FACTS_FROM); read every few seconds by an agent
+    that a dashboard watches, so never the whole facts (system_profiler takes seconds)."""
+    if os.environ.get(FACTS_FROM_ENV):
+        return collect(node_id_path=config_dir() / "node_id").memory_available
+    if sys.platform == "darwin":
+        return parse_vm_stat(run_command(MACOS_COMMANDS["vm_stat.txt"]))
+    return parse_meminfo(read_text("/proc/meminfo"))[1]
 
 
 def predicted_here(model: Path, facts: dict, mode: str, ranks: int, context: int) -> float | None:

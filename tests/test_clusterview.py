@@ -345,3 +345,23 @@ def test_view_here_from_a_captured_mac(tmp_path, monkeypatch, mode):
     outcome = mode_outcome(mode, nodes, spec, active, LOOPBACK, 256, refusal=refusal, shared=True)
     assert view["plan"]["predicted_tps"] == round(outcome.tokens_per_s, 2)
     assert view["plan"]["link"] == "loopback"
+
+
+def test_memory_available_now(tmp_path, monkeypatch):
+    """What an agent's live facts read every few seconds: this machine's figure (Linux's
+    /proc/meminfo here), or a captured Mac's own (its vm_stat's free, inactive, speculative and
+    purgeable pages)."""
+    import sys
+
+    from launcher.hostfacts import FACTS_FROM_ENV, parse_meminfo
+    from launcher.localview import memory_available
+
+    if sys.platform.startswith("linux"):
+        now = parse_meminfo(Path("/proc/meminfo").read_text())[1]
+        assert abs(memory_available() - now) < GiB
+    monkeypatch.setenv(FACTS_FROM_ENV, str(MACOS / "studio-3"))
+    monkeypatch.setenv("MLXDIST_CONFIG", str(tmp_path / "config"))
+    assert (
+        memory_available()
+        == replayed_here(MACOS / "studio-3", tmp_path / "id", {}).memory_available
+    )

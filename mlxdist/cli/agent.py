@@ -104,6 +104,7 @@ def run_agent(
     from launcher.discovery import Advertiser
     from launcher.hostfacts import collect
     from launcher.interfaces import listen_addresses
+    from launcher.localview import memory_available
     from launcher.secret import config_dir, load_secret
 
     secret = load_secret(secret_file)
@@ -112,9 +113,8 @@ def run_agent(
     models = Path(models_dir or config_dir() / "models")
     data = agent_facts(facts, cluster, port, addresses)
 
-    def live_facts() -> dict:
-        fresh = collect(node_id_path=config_dir() / "node_id")
-        return data | {"memory_available": fresh.memory_available}
+    def live_facts() -> dict:  # memory alone is read again: the rest takes seconds on a Mac
+        return data | {"memory_available": memory_available()}
 
     app = create_agent_app(secret, models, live_facts)
     advertiser = Advertiser(cluster, facts.node_id, addresses, port, data)
