@@ -117,12 +117,17 @@ def test_tick_measures_tokens_per_second_and_keeps_node_figures():
     assert tick["tps"] == pytest.approx(15.0)
     assert (tick["running"], tick["waiting"], tick["tokens"]) == (2, 1, 30)
     assert tick["nodes"] == {"studio-1": {"bytes_per_token": 7168.0}, "studio-2": {"state": "x"}}
+    assert tick["ttft"] == []
+    board.answer(0.5, 20.0, 12)
+    clock.now += 1.0
+    assert [a["ttft"] for a in board.tick()["ttft"]] == [0.5]  # each answer in one tick only
     clock.now += 1.0
     assert board.tick()["tps"] == 0.0  # nothing generated in that second
+    assert board.tick()["ttft"] == []
     snap = board.snapshot()
     assert [n.get("bytes_per_token") for n in snap["nodes"]] == [7168.0, None]
     assert snap["nodes"][1]["state"] == "x"
-    assert len(snap["series"]) == 2 and snap["live"] == snap["series"][-1]
+    assert len(snap["series"]) == 4 and snap["live"] == snap["series"][-1]
 
 
 def test_a_failure_names_and_marks_its_node():

@@ -53,6 +53,7 @@ class PrefixCache:
         self.entries: dict[int, Entry] = {}
         self.next_id = 1
         self.clock = 0
+        self.lookups = 0  # requests looked up
         self.hits = 0  # requests that started from a cached prefix
         self.cached_tokens = 0  # prompt tokens they did not compute
         self.evictions = 0  # entries dropped to stay within the budget
@@ -77,6 +78,7 @@ class PrefixCache:
         sequence (slot -> the tokens its caches hold)."""
         if self.budget <= 0 or len(prompt) < 2:
             return NO_MATCH
+        self.lookups += 1
         p = np.asarray(prompt, dtype=np.int64)
         best, best_keep = NO_MATCH, 0
         sources = [(i, e.tokens) for i, e in self.entries.items()]

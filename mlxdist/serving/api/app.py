@@ -51,8 +51,7 @@ def create_app(
     board = Board("cluster", static)
     ctx = Context(coordinator, model_name, info, inflight, board)
     names = [n["name"] for n in static["nodes"]]
-    tokens, answers = (lambda: board.tokens), (lambda: board.answered)
-    board.sample = ClusterSample(coordinator, ctx.inflight, names, tokens, answers, ages)
+    board.sample = ClusterSample(coordinator, ctx.inflight, names, lambda: board.tokens, ages)
     app.state.inflight = ctx.inflight
     app.state.context = ctx
     app.state.board = board

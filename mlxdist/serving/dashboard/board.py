@@ -60,6 +60,7 @@ class Board:
         self.tokens = 0  # generated since the start, counted on the loop
         self.answered = 0
         self._counted = (0, clock())  # tokens and time at the last tick
+        self._new_answers: list[dict] = []  # since the last tick
         self._live: dict[str, dict] = {}  # per node, merged into the next tick
         self._pages: set[asyncio.Queue] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -122,6 +123,7 @@ class Board:
         record = {"t": self.clock(), "ttft": ttft, "tps": tps, "tokens": tokens}
         with self._lock:
             self.answers.append(record)
+            self._new_answers.append(record)
             self.answered += 1
 
     # ---- what pages read ----
@@ -150,6 +152,7 @@ class Board:
         extra = self.sample()
         with self._lock:
             live, self._live = self._live, {}
+            answers, self._new_answers = self._new_answers, []
         for name, values in extra.pop("nodes", {}).items():
             live.setdefault(name, {}).update(values)
         record = {
@@ -162,7 +165,7 @@ class Board:
             "prefix_cache": None,
             "acceptance": None,
         }
-        record |= extra | {"nodes": live}
+        record |= extra | {"nodes": live, "ttft": answers}
         with self._lock:
             self.series.append(record)
             for node in self._static["nodes"]:  # a page that opens later reads them too

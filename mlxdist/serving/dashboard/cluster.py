@@ -83,11 +83,10 @@ class ClusterSample:
         inflight,
         names: list[str],
         tokens: Callable[[], int],
-        answers: Callable[[], int],
         ages: Callable[[], dict[int, float]] | None = None,
     ) -> None:
         self.coordinator, self.inflight, self.names = coordinator, inflight, names
-        self.tokens, self.answers, self.ages = tokens, answers, ages
+        self.tokens, self.ages = tokens, ages
         self._last: tuple[int, dict[int, int]] | None = None  # tokens and bytes at the last read
         self._read_at = 0.0
         self._nodes: dict[str, dict] = {}
@@ -100,8 +99,8 @@ class ClusterSample:
                 nodes.setdefault(self.names[rank], {})["heartbeat_age"] = round(age, 2)
         out = {"running": len(self.inflight.jobs), "waiting": c.pending(), "nodes": nodes}
         prefix = c.prefix
-        if prefix is not None:  # each answer looks its prompt up once (lookups)
-            figures = {"hits": prefix.hits, "lookups": self.answers(), "bytes": prefix.nbytes}
+        if prefix is not None:
+            figures = {"hits": prefix.hits, "lookups": prefix.lookups, "bytes": prefix.nbytes}
             out["prefix_cache"] = figures | {"cached_tokens": prefix.cached_tokens}
         spec = c.speculation
         if spec.drafted:
