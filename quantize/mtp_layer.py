@@ -6,9 +6,9 @@ import importlib
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.utils import _get_classes
 
 from .checkpoint import code_family
+from .light_mlx_lm import get_classes
 from .mtp import DECODER_LAYERS
 
 
@@ -28,7 +28,7 @@ class MTPLayer(nn.Module):
         family = code_family(config)
         if family not in DECODER_LAYERS:
             raise ValueError(f"{family} models have no MTP layer mlxdist can run")
-        model_class, args_class = _get_classes(config)
+        model_class, args_class = get_classes(config)
         args = args_class.from_dict(config)
         layer_class = getattr(
             importlib.import_module(model_class.__module__), DECODER_LAYERS[family]

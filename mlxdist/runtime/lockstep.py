@@ -43,6 +43,7 @@ from mlxdist.runtime.step import (
     VERIFY,
     Step,
 )
+from quantize.light_mlx_lm import import_all
 
 # A step flag of lock step only: a batched decode step, whose slot word is a bitmask of the
 # slots decoded together and whose tokens are theirs, in ascending slot order.
@@ -103,6 +104,8 @@ class LockstepRunner(KeepsPrefixes, StepRunner):
         # probabilities; such a sequence decodes in steps of its own, not in the batch)
         self.processors: dict[int, Processors] = {}
         self.tokenizer = no_tokenizer  # rank 0's, for grammars (set by mlxdist/rank.py)
+        if self.rank == 0:  # the rank that tokenizes
+            import_all()
         self.batch = Batch()  # the slots decoded together, in one batch cache
         self.batches = batchable(stage)  # else rank 0 decodes one sequence per step
         self.leaving = 0  # rank 0: slots freed since the last control vector, as bits

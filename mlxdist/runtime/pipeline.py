@@ -46,6 +46,7 @@ from mlxdist.runtime.step import (
     VERIFY,
     Step,
 )
+from quantize.light_mlx_lm import import_all
 from quantize.memory import peak_rss
 
 
@@ -88,6 +89,8 @@ class Runner(KeepsPrefixes, InterleavingRunner):
         self.widths: dict[int, int] = {}
         # the rank's tokenizer, loaded when a grammar first needs it (set by mlxdist/rank.py)
         self.tokenizer = no_tokenizer
+        if self.rank == 0 or stage.is_last:  # the ranks that tokenize
+            import_all()
         # rank 0: the flags, lengths and slots of steps whose reply is due
         self.replies: deque[tuple[int, int, int]] = deque()
         self.ready: deque[mx.array] = deque()  # rank 0 alone: replies computed in place

@@ -13,10 +13,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import CacheList, make_prompt_cache
-from mlx_lm.utils import _get_classes, infer_quant_config
 
 from launcher.modes import check_tensor_split
 from quantize.checkpoint import code_family, inspect_model, layer_of, weight_map
+from quantize.light_mlx_lm import get_classes, infer_quant_config
 from quantize.mtp import is_mtp
 from quantize.nodes import check_node, routed_experts, stage_needs
 from quantize.units import renumber
@@ -185,7 +185,7 @@ def build_model(
 
     weights hold layers from first_layer on: sanitize sees them numbered from 0, since some
     decide by layer 0's tensors whether to convert at all (MiniMax's), then they go back."""
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = get_classes(config)
     model = model_class(args_class.from_dict(config))
     if prepare is not None:
         prepare(model)
@@ -289,7 +289,7 @@ def load_mtp_layer(path: str | Path, dtype: mx.Dtype | None = None):
         raw = read_tensors(info.path, lambda k: is_mtp_source(k, info.config))
         if not raw:
             return None
-        model_class, args_class = _get_classes(info.config)
+        model_class, args_class = get_classes(info.config)
         # sanitize reads only the model's arguments: it dequantises FP8 and stacks experts
         owner = SimpleNamespace(args=args_class.from_dict(info.config))
         layer_index = int(info.config["num_hidden_layers"])

@@ -14,6 +14,7 @@ import binascii
 import json
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 # Kimi K2's pre-tokenizer split, TikTokenTokenizer.pat_str of
@@ -108,9 +109,19 @@ def build_tokenizer(folder: str | Path):
     )
 
 
+# One load at a time: a rank's grammar thread and its API may both ask for the tokenizer at
+# start, and transformers' lazy imports fail when two threads run them at once.
+_loading = threading.Lock()
+
+
 def load_tokenizer(model: str | Path, eos_token_ids=None):
     """mlx-lm's TokenizerWrapper for the model, built from tiktoken.model when that is all
     the folder has, else mlx-lm's own load."""
+    with _loading:
+        return _load_tokenizer(model, eos_token_ids)
+
+
+def _load_tokenizer(model: str | Path, eos_token_ids):
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
     if not (Path(model).is_dir() and tiktoken_only(model)):
