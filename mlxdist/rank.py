@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     from quantize.checkpoint import CheckpointError
     from quantize.memory import peak_rss
 
-    listener = None
+    early = None  # rank 0's server while loading: (board, switch, server, its own load)
     if rank == 0:
         # Held from the start, so a port already in use fails the launch before any loading.
         try:
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             reason = os.strerror(e.errno) if e.errno else str(e)
             _log(rank, f"cannot listen on {spec.host}:{spec.port}: {reason}")
             return 2
+        early = _serve_loading(spec, listener, key, api, beats)
+    _report_loading(rank, beats, early[3] if early else None)
     base = peak_rss()
     t0 = time.perf_counter()
     set_recommended_wired_limit()  # as mlx-lm: weights stay wired, not paged (no-op without Metal)
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if beats:
             beats.bye()  # a leave on purpose, not a failure
         return 0
-    return _serve_api(spec, runner, figures.tolist(), listener, key, api, beats)
+    return _serve_api(spec, runner, figures.tolist(), early, key, api, beats)
 
 
 def _tokenizer(spec: RankSpec, stage):
@@ -340,17 +342,64 @@ def _view(spec: RankSpec) -> dict | None:
     return view
 
 
+def _model_name(spec: RankSpec) -> str:
+    return spec.name or os.path.basename(os.path.normpath(spec.model))
+
+
+def _serve_loading(spec: RankSpec, listener: socket.socket, key, api, monitor) -> tuple:
+    """Rank 0's HTTP server from before loading on: the dashboard shows each rank's load, every
+    other route is a 503 until the API takes over (board, switch, server, rank 0's own load)."""
+    import uvicorn
+
+    from mlxdist.serving.api.loading import Switch, loading_app
+    from mlxdist.serving.dashboard import Board
+    from mlxdist.serving.dashboard.cluster import LoadingSample, loading_static
+    from mlxdist.serving.guard import Policy
+
+    view = _view(spec)
+    ring = (view or {}).get("ring") or []
+    # The ranks' names as they will say them: the launcher's ring, else this host's for all.
+    hosts = ring if len(ring) == spec.ranks else [spec.node or socket.gethostname()] * spec.ranks
+    split = list(spec.split) if spec.split else None
+    info = {"parallel": spec.parallel, "backend": spec.backend, "split": split}
+    static = loading_static(_model_name(spec), info, view, hosts)
+    board = Board("cluster", static)
+    own: dict[int, tuple] = {}  # rank 0's own load, as the heartbeat keeps the others'
+    loads = (lambda: monitor.loads() | own) if monitor else (lambda: dict(own))
+    board.sample = LoadingSample([n["name"] for n in static["nodes"]], loads)
+    if api is not None:  # a node failed while loading: named on the pages too
+        api.insert(0, board)
+    switch = Switch(loading_app(board, Policy.from_spec(spec, key)))
+    config = uvicorn.Config(switch, host=spec.host, port=spec.port, log_level="warning")
+    server = uvicorn.Server(config)
+    threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True).start()
+    return board, switch, server, own
+
+
+def _report_loading(rank: int, beats, own: dict | None) -> None:
+    """Each layer read is told: rank 0 keeps its own, the others tell it by their heartbeat."""
+    import mlxdist.runtime.stage as stage
+
+    began = time.monotonic()
+
+    def told(done: int, total: int) -> None:
+        if own is not None:
+            own[0] = (done, total, began, time.monotonic())
+        elif beats is not None:
+            beats.loading(done, total)
+
+    stage.on_load = told
+
+
 def _serve_api(
     spec: RankSpec,
     runner,
     figures: list,
-    listener: socket.socket,
+    early: tuple,
     key: str | None,
     api: list | None = None,
     monitor=None,
 ) -> int:
-    import uvicorn
-
     from launcher.prefillmodel import rank_prefill_chunk
     from mlxdist.serving.api import Inflight, create_app
     from mlxdist.serving.coordinator import Coordinator
@@ -383,22 +432,19 @@ def _serve_api(
             for r, b, p, w, *_ in figures
         ],
     }
-    name = spec.name or os.path.basename(os.path.normpath(spec.model))
     inflight = None
     if api is not None:  # with a heartbeat: a node failure fails these jobs
         inflight = Inflight()
         api.append(inflight)
+    board, switch, server, _ = early
+    board.update_nodes(board.sample()["nodes"])  # each rank's last count, kept on its node
     policy = Policy.from_spec(spec, key)
     ages = monitor.ages if monitor else None
-    app = create_app(coordinator, name, info, inflight, policy, _view(spec), ages)
-    if api is not None:  # a node failure is named on the dashboard's pages too
-        api.insert(0, app.state.board)
-    config = uvicorn.Config(app, host=spec.host, port=spec.port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    view = _view(spec)
+    app = create_app(coordinator, _model_name(spec), info, inflight, policy, view, ages, board)
     if monitor:
         monitor.ready()  # from here on, a few seconds of silence is a failure
-    thread.start()
+    switch.app = app  # the API answers from now on, on the same socket, to the same pages
     _log(0, f"serving on http://{spec.host}:{spec.port}")
     try:
         coordinator.run()

@@ -80,6 +80,10 @@ def test_the_data_routes_need_the_key(served):
     for path in ("/ui/%2e%2e%2fboard.py", "/ui/..%2fboard.py", "/ui/board.py", "/ui/none.js"):
         assert httpx.get(url + path).status_code == 404, path  # only the page's own files
     assert httpx.get(url + "/ui/../routes.py").status_code == 401  # the client made it /routes.py
+    state = httpx.get(url + "/mlxdist/state", headers={"Authorization": f"Bearer {KEY}"}).json()
+    loads = [n["load"] for n in state["nodes"]]  # each rank's loading, told while it loaded
+    assert all(0 < load["done"] == load["total"] for load in loads), loads
+    assert sum(load["total"] for load in loads) == sum(n["weights"] for n in state["nodes"])
     page = httpx.get(url + "/ui/app.js")
     assert page.status_code == 200 and "javascript" in page.headers["content-type"]
     assert "connect-src 'self'" in page.headers["content-security-policy"]

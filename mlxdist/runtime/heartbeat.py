@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -24,6 +25,7 @@ from launcher.rankspec import HEARTBEAT_TOKEN_ENV as TOKEN_ENV
 from launcher.rankspec import PEER_GONE
 
 INTERVAL = 1.0
+_LOAD_LINE = re.compile(r"load (\d{1,18}) (\d{1,18})", re.ASCII)  # a rank's loading, in bytes
 TIMEOUT = 5.0  # no beat for this long once rank 0 serves: the peer is stopped or hung
 # While loading, MLX's ring set-up holds the interpreter lock (no beat leaves) until every rank
 # has joined, and rank 0 then loads the tokenizer and starts its server: silence is judged more
@@ -109,6 +111,9 @@ class Monitor:
         self._pending: dict[str, list[socket.socket]] = {}
         self._server = socket.create_server(address)
         self.failure: str | None = None
+        # rank -> bytes of weights read, bytes in all, when (monotonic) its first and its last
+        # counts came
+        self._loads: dict[int, tuple[int, int, float, float]] = {}
 
     def ready(self) -> None:
         """Every rank has loaded and rank 0 serves: from now on TIMEOUT of silence is a failure,
@@ -135,6 +140,12 @@ class Monitor:
         now = time.monotonic()
         with self._lock:
             return {0: 0.0} | {r: now - t for r, t in self._seen.items()}
+
+    def loads(self) -> dict[int, tuple[int, int, float, float]]:
+        """What each rank has said of its loading: (bytes of weights read, bytes in all, when
+        its first and its last counts came, on time.monotonic's clock)."""
+        with self._lock:
+            return dict(self._loads)
 
     def name(self, rank: int) -> str:
         node = self.nodes.get(rank)
@@ -193,8 +204,13 @@ class Monitor:
                     with self._lock:
                         self._left.add(rank)
                     return
+                loaded = _load_line(line)
                 with self._lock:
-                    self._seen[rank] = time.monotonic()
+                    self._seen[rank] = time.monotonic()  # any line is a beat
+                    if loaded is not None:  # kept with when its loading began, and now
+                        now = time.monotonic()
+                        began = self._loads.get(rank, (0, 0, now))[2]
+                        self._loads[rank] = (*loaded, began, now)
         except OSError:
             pass
         if rank not in self._left:
@@ -341,6 +357,14 @@ class Follower:
             return True
         return False
 
+    def loading(self, done: int, total: int) -> None:
+        """Tells rank 0 how far this rank's loading has come (a beat too)."""
+        with self._lock:
+            try:
+                self._conn.sendall(f"load {int(done)} {int(total)}\n".encode())
+            except OSError:
+                pass  # the listener says hello again, or leaves
+
     def bye(self) -> None:
         """Leaving on purpose: rank 0 is not to count it as a failure."""
         with self._lock:
@@ -384,6 +408,15 @@ class Follower:
                         _leave(self.rank, f"no heartbeat from rank 0 for {self._limit:.0f} s")
         except OSError as e:
             return f"the heartbeat to rank 0 failed: {e}", heard_any
+
+
+def _load_line(line: str) -> tuple[int, int] | None:
+    """(done, total) of a "load DONE TOTAL" line, else None (a plain beat)."""
+    match = _LOAD_LINE.fullmatch(line.strip())
+    if match is None:
+        return None
+    done, total = int(match.group(1)), int(match.group(2))
+    return (done, total) if done <= total else None
 
 
 def _leave(rank: int, why: str) -> None:

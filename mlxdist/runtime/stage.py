@@ -199,14 +199,29 @@ def build_model(
     return model
 
 
+# Told after each layer's weights are read: (bytes read, bytes in all). The rank process sets it
+# to report its loading (the dashboard's progress bars); None: no one is told.
+on_load: Callable[[int, int], None] | None = None
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(getattr(v, "nbytes", 0) for _, v in tree_flatten(module.parameters()))
+
+
 def evaluate(model: nn.Module, config: dict, layers: list, dtype: mx.Dtype | None) -> None:
     """Casts to the run dtype; evaluates layer by layer, so peak memory stays near what is kept."""
     dtype = dtype or run_dtype(config)
     if dtype is not None:
         model.set_dtype(dtype)
+    told = on_load or (lambda done, total: None)
+    total, done = _nbytes(model), 0
+    told(0, total)
     for layer in layers:
         mx.eval(layer.parameters())
+        done += _nbytes(layer)
+        told(min(done, total), total)
     mx.eval(model.parameters())
+    told(total, total)
 
 
 def _quantize_like(model: nn.Module, config: dict, weights: dict) -> None:

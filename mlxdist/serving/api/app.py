@@ -36,10 +36,12 @@ def create_app(
     policy: Policy | None = None,
     view: dict | None = None,
     ages=None,
+    board: Board | None = None,
 ) -> FastAPI:
     """policy: the Host, key, body and CORS guards (mlxdist/serving/guard.py); None, in
     in-process tests only: no guard. view: the launcher's view of the cluster (chips, memory,
-    cables, the predicted speed) for the dashboard; ages() -> each rank's heartbeat age."""
+    cables, the predicted speed) for the dashboard; ages() -> each rank's heartbeat age; board:
+    the dashboard's board while the ranks loaded (its pages stay), else a new one."""
     docs = policy is None or policy.docs
     app = FastAPI(
         title="mlxdist",
@@ -48,7 +50,13 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
     )
     static = cluster_static(model_name, info, view)
-    board = Board("cluster", static)
+    if board is None:
+        board = Board("cluster", static)
+    else:  # the pages watching the load see the cluster loaded, each rank's load kept
+        loads = {n["name"]: n.get("load") for n in board.nodes()}
+        for node in static["nodes"]:
+            node["load"] = loads.get(node["name"])
+        board.set_static(static)
     ctx = Context(coordinator, model_name, info, inflight, board)
     names = [n["name"] for n in static["nodes"]]
     board.sample = ClusterSample(coordinator, ctx.inflight, names, lambda: board.tokens, ages)

@@ -72,6 +72,39 @@ def cluster_static(model_name: str, info: dict, view: dict | None) -> dict:
     }
 
 
+def load_figures(done: int, total: int, began: float, at: float) -> dict:
+    """A rank's loading as the page shows it: bytes read of all, bytes a second (from its first
+    count to its last, at), seconds left."""
+    rate = done / max(at - began, 1e-3)
+    eta = (total - done) / rate if rate > 0 else None
+    return {"done": done, "total": total, "rate": rate, "eta": eta}
+
+
+def loading_static(model_name: str, info: dict, view: dict | None, hosts: list[str]) -> dict:
+    """The snapshot while the ranks load: each rank (named as it will be once loaded) with what
+    the launcher knows of its node, "loading"."""
+    ranks = [{"rank": r, "host": h} for r, h in enumerate(hosts)]
+    static = cluster_static(model_name, info | {"nodes": ranks}, view)
+    for node in static["nodes"]:
+        node["state"] = "loading"
+    return static
+
+
+class LoadingSample:
+    """The tick's figures while the ranks load: each rank's bytes read (loads() -> rank: done,
+    total, when its first and last counts came)."""
+
+    def __init__(self, names: list[str], loads: Callable[[], dict]) -> None:
+        self.names, self.loads = names, loads
+
+    def __call__(self) -> dict:
+        nodes = {}
+        for rank, (done, total, began, at) in self.loads().items():
+            if rank < len(self.names):
+                nodes[self.names[rank]] = {"load": load_figures(done, total, began, at)}
+        return {"nodes": nodes}
+
+
 class ClusterSample:
     """The tick's figures: requests running and waiting, the prefix cache's hits, speculative
     acceptance, every rank's heartbeat age, and (read through the ring only while no request
