@@ -63,13 +63,19 @@ def _with_facts(nodes: list[Node]) -> list[Node]:
 
 
 def discover_nodes(
-    cluster: str, interfaces: list[str], secret: bytes, timeout: float = 3.0
+    cluster: str,
+    interfaces: list[str],
+    secret: bytes,
+    timeout: float = 3.0,
+    addresses: list[str] | None = None,
 ) -> list[Node]:
     """The agents of this cluster that zeroconf finds on these interfaces' addresses and that
-    prove, in a signed hello, they know the secret (any other announcement is left out)."""
+    prove, in a signed hello, they know the secret (any other announcement is left out).
+    addresses: the interfaces' own, when known (else read from this machine's facts)."""
     from launcher.hostfacts import collect
 
-    addresses = listen_addresses(collect(), interfaces)
+    if addresses is None:
+        addresses = listen_addresses(collect(), interfaces)
     notes: list[str] = []
     try:
         agents = verified(browse(cluster, addresses, timeout, notes), secret, notes=notes)

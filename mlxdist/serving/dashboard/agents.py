@@ -21,6 +21,8 @@ from pathlib import Path
 from launcher.agent_client import AgentError
 from launcher.cluster import discover_nodes
 from launcher.clusterview import agent_node, cables, ports_of, ring
+from launcher.hostfacts import collect
+from launcher.interfaces import listen_addresses
 from launcher.remote import Node
 from launcher.topology import cable_graph
 from mlxdist.serving.dashboard.board import Board
@@ -40,16 +42,21 @@ class Agents:
     ):
         self.board, self.cluster = board, cluster
         self.interfaces, self.secret, self.timeout = interfaces, secret, timeout
+        self.addresses: list[str] | None = None  # where to look, read once
         self.nodes: dict[str, Node] = {}  # by node id: an agent keeps its place across looks
         self.ranks: dict[str, list[int]] = {}
         self.gone: set[str] = set()  # node ids that stopped answering
+        self._said: dict[str, str] = {}  # the watch's last failure of each step
         self._lock = threading.Lock()
 
     # ---- the cluster's make-up ----
 
     def discover(self) -> None:
         """Looks for the agents; those not seen before join (said in an event)."""
-        found = discover_nodes(self.cluster, self.interfaces, self.secret, self.timeout)
+        if self.addresses is None:
+            self.addresses = listen_addresses(collect(), self.interfaces)
+        where = (self.cluster, self.interfaces, self.secret, self.timeout, self.addresses)
+        found = discover_nodes(*where)
         joined = []
         with self._lock:
             for node in found:
@@ -134,13 +141,23 @@ class Agents:
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="agents") as pool:
             while True:
                 time.sleep(REFRESH)
-                self.refresh(pool)
+                self._guarded("reading the agents", lambda: self.refresh(pool))
                 if time.monotonic() - looked >= REDISCOVER:
                     looked = time.monotonic()
-                    try:
-                        self.discover()
-                    except UserError as e:  # two agents as one node id: said, and kept on
-                        self.board.event("info", f"looking for agents: {e}")
+                    self._guarded("looking for agents", self.discover)
+
+    def _guarded(self, what: str, step) -> None:
+        """One step of the watch; a failure (two agents as one node id, a network gone) is an
+        event, and the watch goes on: the page must not freeze on it."""
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - whatever it was, said and kept on
+            text = f"{what}: {e or type(e).__name__}"
+            if self._said.get(what) != text:  # once, not every 2 s while it lasts
+                self.board.event("info", text)
+            self._said[what] = text
+        else:
+            self._said.pop(what, None)
 
 
 def listen(host: str, port: int) -> socket.socket:
