@@ -8,7 +8,10 @@ Rounds alternate the three in turn; the figures are the median ratios of the usa
 tokens/s (with / without), and rank 0's CPU seconds per generated token. Also: the page's weight,
 the bytes Chromium fetched to show it (files and the first state), and the files on disk.
 
-    .venv/bin/python benchmarks/dashboard_cost.py [--rounds 5] [--tokens 96]
+    .venv/bin/python benchmarks/dashboard_cost.py [--rounds 5] [--tokens 96] [--shots DIR]
+
+--shots DIR also writes the page as it is after the rounds (wide and narrow, whole length) to
+DIR/dashboard-wide.png and DIR/dashboard-narrow.png: the pictures in docs/.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -87,10 +91,31 @@ def page_weight(driver, url: str) -> tuple[int, int]:
     return sum(sizes.values()), count
 
 
+def screenshots(driver, url: str, folder: Path) -> None:
+    """The whole page, 1280 and 390 px wide, after a question asked in its own chat."""
+    driver.set_window_size(1280, 900)
+    driver.get(url + "/")
+    driver.execute_script("return new Promise(r => setTimeout(r, 2000))")
+    box = driver.find_element("id", "chat-input")
+    box.send_keys("What is the capital of France?\n")
+    figures = "return document.querySelector('.answer .answer-figures')?.textContent"
+    deadline = time.monotonic() + 120
+    while not driver.execute_script(figures) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, width in (("wide", 1280), ("narrow", 390)):
+        driver.set_window_size(width, 900)
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(width, height + 120)  # the window's frame is not the page's
+        driver.execute_script("return new Promise(r => setTimeout(r, 1500))")
+        driver.save_screenshot(str(folder / f"dashboard-{name}.png"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tokens", type=int, default=96)
+    p.add_argument("--shots", type=Path, default=None, help="write the page's pictures here")
     args = p.parse_args()
     files = sorted(ASSETS.iterdir())
     on_disk = sum(f.stat().st_size for f in files)
@@ -113,6 +138,8 @@ def main() -> None:
                     driver.get(url + "/")
                     figures["chromium"].append(decode(url, args.tokens, rank0))
                     driver.get("about:blank")
+                if args.shots is not None:
+                    screenshots(driver, url, args.shots)
         finally:
             stop(proc)
     base_tps = [tps for tps, _ in figures["none"]]

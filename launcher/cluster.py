@@ -485,7 +485,12 @@ def predicted_tps(
 ) -> float | None:
     """The performance model's decode speed for this launch: --parallel auto's own figure for
     the mode it chose, else predicted for these nodes, mode and split; None when the model
-    cannot say (an unknown family, no link)."""
+    cannot say (an unknown family, no link, a chip it has no figures for: it would be taken for
+    an Apple chip of its memory, a figure with no meaning beside a measured one)."""
+    from launcher.chips import chip_of_node_name
+
+    if any(chip_of_node_name(n.facts.get("chip") or "") is None for n in nodes):
+        return None
     if auto is not None:
         return next((o.tokens_per_s for o in auto.outcomes if o.mode == mode), None)
     if link is None:

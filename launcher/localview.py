@@ -61,9 +61,14 @@ def memory_available() -> int:
 
 def predicted_here(model: Path, facts: dict, mode: str, ranks: int, context: int) -> float | None:
     """Decode tokens/s the performance model predicts for `ranks` ranks of `mode` on this
-    machine, as --parallel auto weighs that mode; None when it cannot say."""
+    machine, as --parallel auto weighs that mode; None when it cannot say (a chip it has no
+    figures for, which it would take for an Apple chip of its memory)."""
     from .autoparallel import LOOPBACK, local_nodes, mode_outcome, model_inputs
+    from .chips import chip_of_node_name
     from .planner import node_spec_from_facts
+
+    if chip_of_node_name(facts.get("chip") or "") is None:
+        return None
 
     spec, active, refusal = model_inputs(model, ranks)
     nodes = local_nodes(node_spec_from_facts("here", facts), ranks)

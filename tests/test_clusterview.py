@@ -315,6 +315,16 @@ def test_the_view_carries_the_launchs_own_prediction(macs):
     assert predicted_tps(R1_CONFIG, nodes, "pipeline", split, "tb5", 4096) == direct
     assert predicted_tps(R1_CONFIG, nodes, "pipeline", split, None, 4096) is None
     assert predicted_tps(Path("/no/model"), nodes, "pipeline", split, "tb5", 4096) is None
+    # A chip without figures (a Linux node) would be taken for an Apple chip of its memory.
+    pc = Node("pc", "10.0.0.9", None, dict(macs["studio-1"], chip="Intel(R) Xeon(R) Processor"))
+    assert predicted_tps(R1_CONFIG, [pc, *nodes[1:]], "pipeline", split, "tb5", 4096) is None
+    assert predicted_tps(R1_CONFIG, [pc, *nodes[1:]], auto.mode, split, "tb5", 4096, auto) is None
+    from launcher.localview import predicted_here
+
+    assert (
+        predicted_here(R1_CONFIG, dict(macs["studio-1"], chip="AMD EPYC"), "pipeline", 2, 4096)
+        is None
+    )
 
 
 # ---- the view of ranks on this machine (launcher/localview.py) ----

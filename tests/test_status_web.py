@@ -183,10 +183,13 @@ def test_the_page_draws_the_agents_and_their_cables(web):
 
 
 def test_errors_are_one_line(web):
-    """A port taken (the dashboard's own) and no secret: one line, exit 1, no traceback."""
+    """A port taken (the dashboard's own), no secret, an address beyond loopback with no key:
+    one line, exit 1, no traceback."""
     for env, args, said in (
         (web.env, ["--port", str(PORT)], "cannot listen on 127.0.0.1:8090"),
         (web.env | {"MLXDIST_CONFIG": str(web.work / "none")}, [], "no secret at"),
+        # the agents' facts on a network only behind a key
+        (web.env, ["--host", "0.0.0.0"], "would serve the dashboard beyond this machine"),
     ):
         argv = cli("status", "--cluster", "web", "--interface", "eth0", "--web", *args)
         done = subprocess.run(

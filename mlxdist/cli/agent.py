@@ -11,6 +11,7 @@ from rich.table import Table
 
 import mlxdist
 from launcher.rankspec import AGENT_PORT
+from mlxdist.cli.api_options import INSECURE_OPTION, KEY_FILE_OPTION, KEY_OPTION
 from mlxdist.cli.app import app
 from quantize.errors import UserError
 
@@ -57,12 +58,21 @@ def status_cmd(
     web: bool = typer.Option(False, "--web", help="serve them as a live page until Ctrl-C"),
     port: int | None = typer.Option(None, min=1, max=65535, help="--web's port (default 8090)"),
     host: str | None = typer.Option(None, help="--web's address (default 127.0.0.1)"),
+    api_key: str | None = KEY_OPTION,
+    api_key_file: Path | None = KEY_FILE_OPTION,
+    insecure: bool = INSECURE_OPTION,
 ) -> None:
-    """Agents of the cluster, their memory, links and running ranks, as a table."""
+    """Agents of the cluster, their memory, links and running ranks, as a table (--web: a live
+    page of them)."""
     if web:
+        from mlxdist.cli.api_options import api_key as read_key
+        from mlxdist.cli.api_options import check_exposure
         from mlxdist.cli.status_web import status_web
 
-        raise typer.Exit(status_web(cluster, interface, secret_file, timeout, host, port))
+        key = read_key(api_key, api_key_file)
+        # The agents' facts (addresses, memory, cables) are the cluster's: not open to a network.
+        check_exposure(host or "127.0.0.1", key, insecure, f"--host {host}", "the dashboard")
+        raise typer.Exit(status_web(cluster, interface, secret_file, timeout, host, port, key))
     if port is not None or host is not None:
         raise UserError("--port and --host are for --web")
     raise typer.Exit(status(cluster, interface, secret_file, timeout))

@@ -137,12 +137,14 @@ def beyond_loopback(host: str | None) -> bool:
         return True  # a name: whatever it resolves to may be any interface
 
 
-def check_exposure(host: str | None, key: str | None, insecure: bool, flag: str) -> None:
+def check_exposure(
+    host: str | None, key: str | None, insecure: bool, flag: str, what: str = "the API"
+) -> None:
     """Refuses an API open to the network without a key, unless the user said so; host None
     for an API on a cluster address (flag: how the user asked for it)."""
     if key is None and not insecure and beyond_loopback(host):
         raise UserError(
-            f"{flag} would serve the API beyond this machine with no key: pass --api-key KEY "
+            f"{flag} would serve {what} beyond this machine with no key: pass --api-key KEY "
             "(or MLXDIST_API_KEY, --api-key-file PATH), or --insecure-no-api-key to serve it open"
         )
 

@@ -13,13 +13,15 @@ def status_web(
     timeout: float,
     host: str | None,
     port: int | None,
+    api_key: str | None = None,
 ) -> int:
     """Serves the page on host:port (127.0.0.1:8090 unless named) until Ctrl-C; a missing
     secret or a port taken is one line and exit 1."""
     from mlxdist.serving.dashboard.agents import DEFAULT_PORT, serve
 
     try:
-        serve(cluster, interfaces, secret_file, timeout, host or "127.0.0.1", port or DEFAULT_PORT)
+        where = (host or "127.0.0.1", port or DEFAULT_PORT)
+        serve(cluster, interfaces, secret_file, timeout, *where, api_key)
     except KeyboardInterrupt:
         pass
     return 0  # a UserError goes up: the CLI says it in one line

@@ -9,7 +9,6 @@ mlxdist.serving.dashboard.agents` runs it too.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import socket
 import sys
@@ -184,7 +183,10 @@ def serve(
     timeout: float,
     host: str,
     port: int,
+    api_key: str | None = None,
 ) -> None:
+    """Serves the agents' dashboard on host:port until Ctrl-C; with api_key, its data only to
+    those who send it."""
     import uvicorn
     from fastapi import FastAPI
 
@@ -206,29 +208,8 @@ def serve(
     add_dashboard(app, board)
     board.start()
     threading.Thread(target=agents.watch, name="agents", daemon=True).start()
-    config = uvicorn.Config(Guard(app, Policy(host=host)), log_level="warning", lifespan="off")
+    config = uvicorn.Config(
+        Guard(app, Policy(host=host, api_key=api_key)), log_level="warning", lifespan="off"
+    )
     print(f"dashboard of cluster {cluster} at {url(host, port)} (Ctrl-C stops)", flush=True)
     uvicorn.Server(config).run(sockets=[sock])
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mlxdist status --web")
-    p.add_argument("--cluster", default="default")
-    p.add_argument("--interface", action="append", default=[])
-    p.add_argument("--secret-file", type=Path, default=None)
-    p.add_argument("--timeout", type=float, default=3.0)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    a = p.parse_args(argv)
-    try:
-        serve(a.cluster, a.interface, a.secret_file, a.timeout, a.host, a.port)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
