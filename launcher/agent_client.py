@@ -222,6 +222,10 @@ class AgentClient:
     def fetch_status(self, fetch_id: str) -> dict:
         return self.request("GET", f"/fetch/{fetch_id}")
 
+    def transfers(self, timeout: float | None = None) -> dict:
+        """The agent's recent fetches and uploads: {time, fetches: [...], uploads: [...]}."""
+        return self.request("GET", "/transfers", timeout=timeout)
+
     def file_status(self, rel: str) -> dict:
         return self.request("GET", "/files/status", params={"path": rel})
 

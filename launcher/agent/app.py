@@ -197,6 +197,12 @@ def create_agent_app(
     def fetch_status(fetch_id: str) -> dict:
         return fetches.get(fetch_id)
 
+    @app.get("/transfers")
+    def transfers() -> dict:
+        # What a dashboard shows before a launch: fetches from the Hub and pushes being received
+        # (time: the agent's clock, which the records' times are on).
+        return {"time": time.time(), "fetches": fetches.listing(), "uploads": uploads.listing()}
+
     return app
 
 

@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,8 @@ class Fetch:
     rehashed: int = 0  # bytes read back from disk to hash them (not those hashed on arrival)
     current: str = ""  # the file being written, and where
     partial: Path | None = None
+    started: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)  # the last byte or change of state
 
     def info(self) -> dict:
         done = dict(self.done)
@@ -162,16 +165,31 @@ class Fetches:
             raise Refused(404, f"no fetch {fetch_id!r}")
         return fetch.info()
 
+    def listing(self, limit: int = 20) -> list[dict]:
+        """The limit most recently started fetches, newest first, for a dashboard: no file
+        list, and never the token (no record holds it)."""
+        with self._lock:
+            fetches = sorted(self._fetches.values(), key=lambda f: f.started, reverse=True)
+        rows = []
+        for fetch in fetches[:limit]:
+            info = fetch.info()
+            keys = ("id", "repo", "revision", "state", "done", "total", "error")
+            rows.append(
+                {k: info[k] for k in keys} | {"started": fetch.started, "updated": fetch.updated}
+            )
+        return rows
+
     def _run(self, fetch: Fetch, token: str | None) -> None:
         try:
             check_revision(fetch.revision)
             hub = _listing(fetch, token)
-            fetch.state = "running"
+            fetch.state, fetch.updated = "running", time.time()
             repo = repo_cache(self.cache, fetch.repo)
             _check_room(fetch, repo, hub, self.cache)
             with self._downloading:
                 for name in fetch.files:
                     fetch.done[name] = self._one(fetch, repo, hub[name], token)
+                    fetch.updated = time.time()
             _write_ref(repo, fetch.revision, fetch.commit)
             fetch.folder = self._link(fetch, repo)
             fetch.state = "done"
@@ -182,6 +200,7 @@ class Fetches:
             fetch.error, fetch.state = scrub(why, token), "failed"
         finally:
             fetch.partial = None
+            fetch.updated = time.time()
 
     def _one(self, fetch: Fetch, repo: Path, f: HubFile, token: str | None) -> int:
         """One file into the cache, resumed when part of it is there; returns its size."""
@@ -254,6 +273,7 @@ class Fetches:
                     out.write(block)
                     h.update(block)
                     fetch.received += len(block)
+                    fetch.updated = time.time()
         return h.hexdigest()
 
     def _link(self, fetch: Fetch, repo: Path) -> str:

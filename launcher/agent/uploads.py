@@ -7,6 +7,7 @@ import json
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 from quantize.checkpoint import sha256_file
@@ -15,6 +16,7 @@ from quantize.nodes import node_manifest
 from .errors import Refused
 
 PARTIAL = ".partial"
+KEPT = 50  # upload records kept for the dashboard (the listing shows the newest 20)
 
 _COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
 
@@ -60,6 +62,27 @@ class Uploads:
         self.root = root
         self._locks: dict[Path, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._seen: dict[str, dict] = {}  # by path: what a dashboard sees of each upload
+
+    def _note(self, rel: str, fresh: bool = False, **fields) -> None:
+        """Keeps what happened to rel's upload: bytes received, then done or failed; fresh: it
+        starts again from its first byte."""
+        now = time.time()
+        with self._guard:
+            record = self._seen.pop(rel, None)
+            if record is None or fresh or record["state"] != "receiving":
+                record = {"path": rel, "received": 0, "size": None, "started": now}
+                record |= {"state": "receiving", "error": ""}
+            self._seen[rel] = record | fields | {"updated": now}  # the newest last
+            while len(self._seen) > KEPT:
+                self._seen.pop(next(iter(self._seen)))
+
+    def listing(self, limit: int = 20) -> list[dict]:
+        """The limit most recently written uploads, newest first: path (relative to the models
+        folder), bytes received, size (known once complete), state (receiving, done, failed)."""
+        with self._guard:
+            records = list(self._seen.values())
+        return [dict(r) for r in reversed(records[-limit:])]
 
     def _lock(self, path: Path) -> threading.Lock:
         with self._guard:
@@ -100,6 +123,7 @@ class Uploads:
             with os.fdopen(fd, "wb") as f:
                 f.seek(offset)
                 f.write(data)
+            self._note(rel, fresh=offset == 0, received=offset + len(data))
             return {"size": offset + len(data)}
 
     def complete(self, rel: str, size: int, sha256: str) -> dict:
@@ -111,13 +135,19 @@ class Uploads:
         partial = _partial(path)
         with self._lock(path):
             if partial.is_file():
-                _verify(partial, rel, size, sha256, discard=True)
+                try:
+                    _verify(partial, rel, size, sha256, discard=True)
+                except Refused as e:
+                    if not partial.exists():  # its bytes were wrong and are gone
+                        self._note(rel, state="failed", error=e.message)
+                    raise
                 with open(partial, "rb") as f:
                     os.fsync(f.fileno())
                 try:
                     os.replace(partial, path)
                 except OSError as e:
                     raise Refused(409, f"cannot finish {rel}: {e.strerror}") from None
+                self._note(rel, state="done", size=size, received=size)
                 return {"path": rel, "size": size, "sha256": sha256, "already": False}
             if path.is_file():
                 _verify(path, rel, size, sha256, discard=False)
