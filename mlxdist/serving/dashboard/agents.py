@@ -1,7 +1,8 @@
 """`mlxdist status --cluster NAME --web`: the dashboard of a cluster's agents before any model
 runs. The agents are found as `mlxdist status` finds them; every 2 s each is asked for its
-memory and its ranks, every 10 s the cluster is looked for again (agents that come show up),
-and an agent that stops answering is shown "gone" with an event naming it.
+memory, its ranks and its transfers (fetches from the Hub, pushes from the launcher: see
+transfers.py), every 10 s the cluster is looked for again (agents that come show up), and an
+agent that stops answering is shown "gone" with an event naming it.
 
 Served by the CLI's own process (mlxdist/cli/status_web.py); `python -m
 mlxdist.serving.dashboard.agents` runs it too.
@@ -25,6 +26,7 @@ from launcher.interfaces import listen_addresses
 from launcher.remote import Node
 from launcher.topology import cable_graph
 from mlxdist.serving.dashboard.board import Board
+from mlxdist.serving.dashboard.transfers import NodeTransfers
 from quantize.errors import UserError
 
 REFRESH = 2.0  # seconds between two readings of every agent's memory and ranks
@@ -45,6 +47,8 @@ class Agents:
         self.nodes: dict[str, Node] = {}  # by node id: an agent keeps its place across looks
         self.ranks: dict[str, list[int]] = {}
         self.gone: set[str] = set()  # node ids that stopped answering
+        self.transfers: dict[str, NodeTransfers] = {}  # by node id
+        self.shown: dict[str, dict | None] = {}  # by node id: its "transfer" field
         self._said: dict[str, str] = {}  # the watch's last failure of each step
         self._lock = threading.Lock()
 
@@ -80,6 +84,7 @@ class Agents:
         rows = []
         for key, node in known:
             row = agent_node(node.name, node.address, node.facts, self.ranks.get(key))
+            row["transfer"] = self.shown.get(key)
             if key in self.gone:
                 row["state"] = "gone"
             rows.append(row)
@@ -107,7 +112,8 @@ class Agents:
             return key, None, str(e)
         ranks = sorted(int(r["rank"]) for r in runs if r.get("alive"))
         row = agent_node(node.name, node.address, node.facts, ranks)
-        return key, {k: row[k] for k in ("memory_used", "state", "ranks")}, ""
+        fresh = {k: row[k] for k in ("memory_used", "state", "ranks")}
+        return key, fresh | {"transfers": _transfers(node)}, ""
 
     def refresh(self, pool: ThreadPoolExecutor) -> None:
         """Every agent asked at once; those that stop (or start again) answering are told."""
@@ -122,17 +128,31 @@ class Agents:
                     changed = True
                     text = f"the agent on {node.name} ({node.address}) stopped answering: {why}"
                     self.board.event("failed", text, node.name)
-                figures[node.name] = {"state": "gone"}
+                self.shown[key] = None
+                figures[node.name] = {"state": "gone", "transfer": None}
                 continue
             if key in self.gone:
                 self.gone.discard(key)
                 changed = True
                 self.board.event("info", f"the agent on {node.name} answers again", node.name)
             self.ranks[key] = fresh["ranks"]
-            figures[node.name] = fresh
+            answer = fresh.pop("transfers")
+            figures[node.name] = fresh | self._transfer(key, node.name, answer)
         if changed:
             self.board.set_static(self.static())
         self.board.update_nodes(figures)
+
+    def _transfer(self, key: str, name: str, answer: dict | None) -> dict:
+        """The node's "transfer" figure from its agent's answer, and the events of its
+        transfers; no answer (a timeout): the figure as it was."""
+        if answer is None:
+            return {"transfer": self.shown.get(key)}
+        watch = self.transfers.setdefault(key, NodeTransfers(name))
+        shown, said = watch.step(answer, time.monotonic())
+        for kind, text in said:
+            self.board.event(kind, text, name)
+        self.shown[key] = shown
+        return {"transfer": shown}
 
     def watch(self) -> None:
         """Refreshes every REFRESH s and looks for agents every REDISCOVER s, until the end."""
@@ -157,6 +177,15 @@ class Agents:
             self._said[what] = text
         else:
             self._said.pop(what, None)
+
+
+def _transfers(node: Node) -> dict | None:
+    """The agent's fetches and pushes: none from an agent older than the route (404), None
+    when it did not answer (its other figures tell whether it is gone)."""
+    try:
+        return node.client.transfers(timeout=ASK_TIMEOUT)
+    except AgentError as e:
+        return {"fetches": [], "uploads": []} if e.status == 404 else None
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -1,5 +1,6 @@
 // One card per node: rank, what it holds, memory, weights, wired limit, bytes sent per token,
-// heartbeat age, state, and load progress while it loads.
+// heartbeat age, state, load progress while it loads, and the fetch from the Hub or push from
+// the launcher it is receiving (agents' dashboard).
 import { h, bytes, secs, has, known } from "./dom.js";
 import { stateOf } from "./store.js";
 
@@ -55,6 +56,37 @@ function load(n) {
   );
 }
 
+// "fetch org/repo 12.3 of 60.1 GB · 1.1 GB/s · 44 s left"; a push's size is known only once
+// its file is whole, so its bar has no end (an indeterminate <progress>) until then.
+// "12.3 of 60.1 GB" (the unit said once when both have it), "800 MB of 1.2 GB"
+function share(done, total) {
+  const [a, b] = [bytes(done), bytes(total)];
+  const unit = b.split(" ")[1];
+  return a.endsWith(` ${unit}`) ? `${a.split(" ")[0]} of ${b}` : `${a} of ${b}`;
+}
+
+export function transferText(t) {
+  const of = has(t.total) ? share(t.done, t.total) : bytes(t.done);
+  const parts = [`${t.kind} ${t.what} ${of}`];
+  if (t.rate) parts.push(`${bytes(t.rate)}/s`);
+  if (has(t.eta)) parts.push(`${secs(t.eta)} left`);
+  return parts.join(" · ");
+}
+
+function transfer(n) {
+  const t = n.transfer;
+  if (!t) return null;
+  const bar = has(t.total)
+    ? { max: t.total || 1, value: Math.min(t.done || 0, t.total || 1) }
+    : {}; // no value: indeterminate
+  return h(
+    "div",
+    { class: "transfer", "data-kind": t.kind },
+    h("progress", { ...bar, "aria-label": `${t.kind} to ${n.name}` }),
+    h("span", { text: transferText(t) }),
+  );
+}
+
 function card(n) {
   const state = stateOf(n);
   const rank = has(n.rank) ? `rank ${n.rank}` : "agent, no rank";
@@ -74,6 +106,7 @@ function card(n) {
       row("heartbeat", known(n.heartbeat_age, (a) => `beat ${secs(a)} ago`)),
     ),
     load(n),
+    transfer(n),
   );
 }
 
