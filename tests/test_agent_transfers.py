@@ -295,3 +295,25 @@ def test_agent_lists_its_fetches_and_uploads(tmp_path, monkeypatch):
     assert fetched[0] == "info"
     assert fetched[1].startswith(f"studio-2 fetched {total / 1e6:.2f} MB of {REPO} in ")
     assert finished == {"path": rel, "received": 7000, "size": 7000, "state": "done"}
+
+
+def test_agents_board_gets_the_transfer_and_its_events():
+    """The agents' dashboard: each poll's figure goes to the node, its events to the board; a
+    poll the agent did not answer keeps the figure as it was."""
+    from mlxdist.serving.dashboard.agents import Agents
+    from mlxdist.serving.dashboard.board import Board
+
+    board = Board("agents", {"nodes": [{"name": "studio-2", "state": "idle"}]})
+    agents = Agents(board, "home", [], b"s" * 32, 1.0)
+    assert agents._transfer("n-1", "studio-2", NONE) == {"transfer": None}
+    running = answer(102, [fetch("running", 100, 1000, 100.0, 102.0)])
+    figure = agents._transfer("n-1", "studio-2", running)["transfer"]
+    assert (figure["kind"], figure["done"], figure["total"], figure["rate"]) == (
+        "fetch",
+        100,
+        1000,
+        50.0,
+    )
+    assert agents._transfer("n-1", "studio-2", None) == {"transfer": figure}
+    said = [(e["kind"], e["text"], e["node"]) for e in board.snapshot()["events"]]
+    assert said == [("info", "studio-2 fetches org/tiny from the Hub", "studio-2")]
