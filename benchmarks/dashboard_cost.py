@@ -4,8 +4,9 @@ plain HTTP client (the server's own cost: ticks, counting, the feed), and with t
 real headless Chromium on this same machine (the browser's drawing competes for these 2 cores
 too; on a real cluster it runs on the user's laptop, not on a Mac of the cluster).
 
-Rounds alternate the three in turn; the figures are the median ratios of the usage's decode
-tokens/s (with / without), and rank 0's CPU seconds per generated token. Also: the page's weight,
+Each round answers once with each of the three, which goes first turning round; the figures
+are the median ratios of the usage's decode tokens/s (with / without), and of rank 0's CPU
+seconds per generated token. Also: the page's weight,
 the bytes Chromium fetched to show it (files and the first state), and the files on disk.
 
     .venv/bin/python benchmarks/dashboard_cost.py [--rounds 5] [--tokens 96] [--shots DIR]
@@ -72,6 +73,23 @@ class Feed:
         self.stop.set()
 
 
+def one(kind: str, url: str, tokens: int, rank0: psutil.Process, driver) -> tuple:
+    """One answer's figures with no page, one page's feed read by a client, or the page open."""
+    if kind == "none":
+        return decode(url, tokens, rank0)
+    if kind == "feed":
+        feed = Feed(url)
+        try:
+            return decode(url, tokens, rank0)
+        finally:
+            feed.close()
+    driver.get(url + "/")
+    try:
+        return decode(url, tokens, rank0)
+    finally:
+        driver.get("about:blank")
+
+
 def page_weight(driver, url: str) -> tuple[int, int]:
     """(bytes over the wire to show the page, requests), from Chromium's network log."""
     driver.get_log("performance")  # what came before
@@ -107,6 +125,7 @@ def screenshots(driver, url: str, folder: Path) -> None:
         driver.set_window_size(width, 900)
         height = driver.execute_script("return document.documentElement.scrollHeight")
         driver.set_window_size(width, height + 120)  # the window's frame is not the page's
+        driver.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
         driver.execute_script("return new Promise(r => setTimeout(r, 1500))")
         driver.save_screenshot(str(folder / f"dashboard-{name}.png"))
 
@@ -130,14 +149,10 @@ def main() -> None:
             with chromium() as driver:
                 weight, requests = page_weight(driver, url)
                 driver.get("about:blank")
-                for _ in range(args.rounds):
-                    figures["none"].append(decode(url, args.tokens, rank0))
-                    feed = Feed(url)
-                    figures["feed"].append(decode(url, args.tokens, rank0))
-                    feed.close()
-                    driver.get(url + "/")
-                    figures["chromium"].append(decode(url, args.tokens, rank0))
-                    driver.get("about:blank")
+                kinds = ["none", "feed", "chromium"]
+                for r in range(args.rounds):
+                    for kind in kinds[r % 3 :] + kinds[: r % 3]:  # each goes first in turn
+                        figures[kind].append(one(kind, url, args.tokens, rank0, driver))
                 if args.shots is not None:
                     screenshots(driver, url, args.shots)
         finally:

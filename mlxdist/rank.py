@@ -332,13 +332,14 @@ def _view(spec: RankSpec) -> dict | None:
     does not read as a JSON object: the page shows the ranks' own figures then)."""
     if spec.view is None:
         return None
+    from mlxdist.serving.dashboard.cluster import clean_view
+
     try:
-        view = json.loads(spec.view)
-    except ValueError:
+        view = clean_view(json.loads(spec.view))
+    except (ValueError, RecursionError):
         view = None
-    if not isinstance(view, dict):
-        _log(0, "the launcher's cluster view is not a JSON object: the dashboard goes without")
-        return None
+    if view is None:
+        _log(0, "the launcher's cluster view is not one: the dashboard goes without")
     return view
 
 
@@ -380,11 +381,10 @@ def _report_loading(rank: int, beats, own: dict | None) -> None:
     """Each layer read is told: rank 0 keeps its own, the others tell it by their heartbeat."""
     import mlxdist.runtime.stage as stage
 
-    began = time.monotonic()
-
     def told(done: int, total: int) -> None:
-        if own is not None:
-            own[0] = (done, total, began, time.monotonic())
+        if own is not None:  # its loading began with its first count, as the others' does
+            now = time.monotonic()
+            own[0] = (done, total, own.get(0, (0, 0, now))[2], now)
         elif beats is not None:
             beats.loading(done, total)
 
@@ -437,7 +437,12 @@ def _serve_api(
         inflight = Inflight()
         api.append(inflight)
     board, switch, server, _ = early
-    board.update_nodes(board.sample()["nodes"])  # each rank's last count, kept on its node
+    # Every rank has loaded (the figures' gather waited for all): each node's load is whole,
+    # whether or not its last count came before this.
+    loads = board.sample()["nodes"]
+    for figures in loads.values():
+        figures["load"] |= {"done": figures["load"]["total"], "eta": 0.0}
+    board.update_nodes(loads)
     policy = Policy.from_spec(spec, key)
     ages = monitor.ages if monitor else None
     view = _view(spec)

@@ -32,13 +32,24 @@ FLAGS = (
 )
 
 
+# Debian's and other Linuxes' names, then a Mac's applications (Homebrew's casks put them there)
+BROWSERS = (
+    "chromium",
+    "chromium-browser",
+    "google-chrome",
+    "/Applications/Chromium.app/Contents/MacOS/Chromium",
+    "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
+)
+
+
 def _programs() -> tuple[str, str]:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromium = next((p for p in map(shutil.which, BROWSERS) if p), None)
     driver = shutil.which("chromedriver")
     if not chromium or not driver:
         raise RuntimeError(
-            "the dashboard's tests need Chromium and its driver from the OS packages: "
-            "`make install` installs them (apt-get install chromium chromium-driver)"
+            "the dashboard's tests need Chromium and chromedriver: `make install` installs "
+            "Debian's (chromium, chromium-driver); on a Mac, brew install --cask chromium "
+            "chromedriver"
         )
     return chromium, driver
 

@@ -5,8 +5,10 @@ answer's tokens and time to first token reach the board."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import threading
+import time
 
 import pytest
 from fakes import FakeRunner
@@ -66,7 +68,9 @@ def test_the_page_is_open_and_strict(client):
         assert client.get(bad).status_code == 404, bad
 
 
-def test_the_data_needs_the_key_and_each_refusal_is_an_event(client):
+def test_the_data_needs_the_key_and_each_refusal_is_an_event(client, monkeypatch):
+    seconds = itertools.count(time.time() + 100, 2)  # refusals 2 s apart: each told alone
+    monkeypatch.setattr(client.app.state.board, "clock", lambda: next(seconds))
     assert client.get("/mlxdist/state").status_code == 401
     assert client.get("/mlxdist/live").status_code == 401
     wrong = {"Authorization": "Bearer nope"}

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
-from mlxdist.serving.dashboard.board import PAGE_QUEUE, PAGES, Board, TooManyPages, sse
-from mlxdist.serving.dashboard.cluster import cluster_static, node_names
+from mlxdist.serving.dashboard.board import (
+    PAGE_QUEUE,
+    PAGES,
+    REFUSALS,
+    Board,
+    TooManyPages,
+    sse,
+)
+from mlxdist.serving.dashboard.cluster import clean_view, cluster_static, node_names
 
 
 @pytest.mark.parametrize(
@@ -186,3 +194,77 @@ def test_pages_are_bounded_and_a_page_that_falls_behind_is_dropped():
             await feed.aclose()
 
     asyncio.run(run())
+
+
+def test_refusals_are_bounded_and_never_push_out_a_failure():
+    clock = Clock()
+    board = Board("cluster", cluster_static("r1", INFO, None), clock=clock)
+    board.fail("rank 1 on node studio-2 failed: its connection was lost")
+    for i in range(1000):  # a stranger's flood of requests without the key
+        clock.now += 0.001
+        board.refused(f"401 GET /v1/models?{i}: no API key")
+    events = board.snapshot()["events"]
+    assert [e["kind"] for e in events] == ["failed", "refused"]  # one told, the rest held
+    clock.now += 1.0
+    board.tell_held_refusals()
+    last = board.snapshot()["events"][-1]
+    assert (
+        last["text"]
+        == "999 more refused in the last seconds; the last: 401 GET /v1/models?999: no API key"
+    )
+    for i in range(200):  # a slow flood, one a second: only the refusals' own ring fills
+        clock.now += 1.0
+        board.refused(f"401 {i}")
+    events = board.snapshot()["events"]
+    assert events[0]["kind"] == "failed" and len(events) == 1 + REFUSALS
+
+
+def test_the_failure_is_in_every_page_before_wait_idle_returns():
+    async def run():
+        board = Board("cluster", cluster_static("r1", INFO, None))
+        feed = board.stream()
+        await anext(feed)
+        loop = asyncio.get_running_loop()
+        # From the heartbeat's thread while the loop is busy: wait_idle waits for the hand-over.
+        waited = loop.run_in_executor(
+            None, lambda: (board.fail("rank 1 failed"), board.wait_idle(5))
+        )
+        time.sleep(0.3)  # the loop blocked: the message cannot be handed over yet
+        await asyncio.sleep(0)
+        message = await asyncio.wait_for(anext(feed), 5)
+        assert message.startswith("event: event") and "rank 1 failed" in message
+        _, idle = await waited
+        assert idle
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "view, expect",
+    [
+        ([1, 2], None),
+        ("text", None),
+        ({}, {"nodes": [], "cables": [], "ring": [], "plan": {}, "machine": {}}),
+        (  # wrong shapes dropped, part by part
+            {
+                "nodes": [1, {"chip": "x"}, {"name": "a", "memory_total": "lots", "rank": 0}],
+                "cables": [{"a": "a"}, {"a": "a", "b": "b", "rdma": "yes", "generation": 5}],
+                "ring": ["a", 3, "b" * 300],
+                "plan": {"predicted_tps": True, "split": [1, "2"], "parallel": "pipeline"},
+                "machine": [],
+            },
+            {
+                "nodes": [{"name": "a", "rank": 0}],
+                "cables": [{"a": "a", "b": "b"}],
+                "ring": ["a"],
+                "plan": {"parallel": "pipeline"},
+                "machine": {},
+            },
+        ),
+        (VIEW, VIEW | {"ring": [], "machine": {}}),  # a well-formed view as it is
+    ],
+)
+def test_clean_view(view, expect):
+    assert clean_view(view) == expect
+    if expect is not None:
+        cluster_static("r1", INFO, clean_view(view))  # the snapshot takes whatever it left

@@ -38,15 +38,16 @@ def test_load_lines(line, expect):
 
 
 @pytest.mark.parametrize(
-    "done, total, began, at, rate, eta",
+    "done, total, began, at, now, rate, eta",
     [
-        (0, 1000, 5.0, 5.0, 0.0, None),  # nothing read yet: no time left to say
-        (500, 1000, 5.0, 7.0, 250.0, 2.0),
-        (1000, 1000, 5.0, 9.0, 250.0, 0.0),  # done: its rate stays what it was
+        (0, 1000, 5.0, 5.0, 5.0, 0.0, None),  # nothing read yet: no time left to say
+        (500, 1000, 5.0, 7.0, 7.0, 250.0, 2.0),
+        (500, 1000, 5.0, 7.0, 15.0, 50.0, 10.0),  # stalled since: slower, more time left
+        (1000, 1000, 5.0, 9.0, 60.0, 250.0, 0.0),  # done: its rate stays what it was
     ],
 )
-def test_load_figures(done, total, began, at, rate, eta):
-    figures = load_figures(done, total, began, at)
+def test_load_figures(done, total, began, at, now, rate, eta):
+    figures = load_figures(done, total, began, at, now)
     assert figures["rate"] == pytest.approx(rate)
     assert figures["eta"] == (pytest.approx(eta) if eta is not None else None)
     assert (figures["done"], figures["total"]) == (done, total)
@@ -60,6 +61,9 @@ def test_a_rank_tells_its_loading_by_its_heartbeat(monkeypatch):
     try:
         follower = Follower(("127.0.0.1", port), 1, "mac1")
         follower.loading(0, 4000)
+        deadline = time.monotonic() + 5
+        while 1 not in monitor.loads() and time.monotonic() < deadline:  # heard, then more
+            time.sleep(0.05)
         time.sleep(0.2)
         follower.loading(3000, 4000)
         deadline = time.monotonic() + 5

@@ -129,8 +129,8 @@ class StartRank(BaseModel):
             raise ValueError(f"view must be at most {MAX_VIEW_BYTES} bytes")
         try:
             parsed = json.loads(value)
-        except ValueError:
-            raise ValueError("view must be JSON text") from None
+        except (ValueError, RecursionError):  # 64 KiB of "[[[[": too deep for the parser
+            raise ValueError("view must be JSON text of at most a few levels") from None
         if not isinstance(parsed, dict):
             raise ValueError("view must be a JSON object")
         return value

@@ -66,12 +66,12 @@ def create_app(
     if policy is not None:
 
         def guarded(status: int, method: str, path: str, why: str) -> None:
-            board.event("refused", f"{status} {method} {path}: {why}")
+            board.refused(f"{status} {method} {path}: {why}")
 
         app.add_middleware(Guard, policy=policy, told=guarded)
 
     def told(request: Request, e: APIError) -> None:  # the dashboard's events
-        board.event("refused", f"{e.status} {request.method} {request.url.path}: {e.message}")
+        board.refused(f"{e.status} {request.method} {request.url.path}: {e.message}")
 
     @app.exception_handler(APIError)
     async def refused(request: Request, e: APIError) -> JSONResponse:

@@ -30,7 +30,7 @@ def loading_app(board: Board, policy: Policy | None) -> FastAPI:
     if policy is not None:
 
         def told(status: int, method: str, path: str, why: str) -> None:
-            board.event("refused", f"{status} {method} {path}: {why}")
+            board.refused(f"{status} {method} {path}: {why}")
 
         app.add_middleware(Guard, policy=policy, told=told)
     add_dashboard(app, board)

@@ -17,7 +17,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 SERIES = 300  # ticks kept: five minutes at one a second
-EVENTS = 200
+EVENTS = 200  # a node failed, a plan changed, ...: kept apart from the refusals
+REFUSALS = 50  # refused requests kept; more than one a second are told as a count
 EVENT_TEXT = 500  # characters of an event's text
 ANSWERS = 300
 TICK = 1.0  # seconds between ticks
@@ -57,15 +58,21 @@ class Board:
         self.series: deque[dict] = deque(maxlen=SERIES)
         self.answers: deque[dict] = deque(maxlen=ANSWERS)
         self.events: deque[dict] = deque(maxlen=EVENTS)
+        self.refusals: deque[dict] = deque(maxlen=REFUSALS)
         self.tokens = 0  # generated since the start, counted on the loop
         self.answered = 0
         self._counted = (0, clock())  # tokens and time at the last tick
-        self._new_answers: list[dict] = []  # since the last tick
+        # Answers since the last tick, bounded: no tick runs until a page first looks.
+        self._new_answers: deque[dict] = deque(maxlen=ANSWERS)
+        self._refused_at = 0.0  # when a refusal was last told
+        self._held: tuple[int, str] = (0, "")  # refusals since then, and the last one's text
+        self._said = ""  # the last figure that could not be read, told once
         self._live: dict[str, dict] = {}  # per node, merged into the next tick
         self._pages: set[asyncio.Queue] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._ticking = False
+        self._failure_told: threading.Event | None = None
 
     # ---- what happens (any thread) ----
 
@@ -85,13 +92,34 @@ class Board:
             for name, values in figures.items():
                 self._live.setdefault(name, {}).update(values)
 
-    def event(self, kind: str, text: str, node: str | None = None) -> None:
-        """Something happened: a node failed, a request was refused, a plan changed."""
+    def event(self, kind: str, text: str, node: str | None = None):
+        """Something happened: a node failed, a request was refused, a plan changed. Returns
+        the message's hand-over to the pages (a threading.Event), or None when none watch."""
         # Bounded: a refusal's path or Host header is whatever a stranger sent.
         record = {"t": self.clock(), "kind": kind, "text": text[:EVENT_TEXT], "node": node}
         with self._lock:
-            self.events.append(record)
-        self._publish(sse("event", record))
+            (self.refusals if kind == "refused" else self.events).append(record)
+        return self._publish(sse("event", record))
+
+    def refused(self, text: str) -> None:
+        """A request refused. Strangers can send them without end: at most one a second is
+        told, the rest as a count at the next tick, and they never push out other events."""
+        now = self.clock()
+        with self._lock:
+            held, _ = self._held
+            if now - self._refused_at < 1.0:
+                self._held = (held + 1, text)
+                return
+            self._refused_at = now
+        self.event("refused", text)
+
+    def tell_held_refusals(self) -> None:
+        with self._lock:
+            (held, text), self._held = self._held, (0, "")
+            if held:
+                self._refused_at = self.clock()
+        if held:
+            self.event("refused", f"{held} more refused in the last seconds; the last: {text}")
 
     def fail(self, message: str) -> None:
         """A node failed (the heartbeat's message, "rank N on node HOST failed: ..."): the node
@@ -105,11 +133,14 @@ class Board:
             self.update_nodes({node: {"state": "failed"}})
             if node not in message:  # ranks on one host: the page's own name for it first
                 message = f"{node}: {message}"
-        self.event("failed", message, node)
+        self._failure_told = self.event("failed", message, node)
 
     def wait_idle(self, timeout: float) -> bool:
-        """True once every page's queue is empty (its last messages written), within timeout."""
+        """True once the failure's message is in every page's queue and each queue is empty
+        (its last messages written), within timeout: the server may go away after."""
         deadline = time.monotonic() + timeout
+        if self._failure_told is not None:
+            self._failure_told.wait(timeout)
         while any(not q.empty() for q in list(self._pages)) and time.monotonic() < deadline:
             time.sleep(0.05)
         return all(q.empty() for q in list(self._pages))
@@ -141,7 +172,7 @@ class Board:
                 "live": self.series[-1] if self.series else None,
                 "series": list(self.series),
                 "ttft": list(self.answers),
-                "events": list(self.events),
+                "events": sorted([*self.events, *self.refusals], key=lambda e: e["t"]),
             }
 
     def tick(self) -> dict:
@@ -165,12 +196,12 @@ class Board:
             "prefix_cache": None,
             "acceptance": None,
         }
-        record |= extra | {"nodes": live, "ttft": answers}
+        record |= extra | {"nodes": live}
         with self._lock:
-            self.series.append(record)
+            self.series.append(record)  # the answers are in the snapshot's own list
             for node in self._static["nodes"]:  # a page that opens later reads them too
                 node |= live.get(node["name"], {})
-        return record
+        return record | {"ttft": list(answers)}
 
     def start(self, every: float = TICK) -> None:
         """Ticks on a thread of its own from now on (once a page first looks: a server no one
@@ -186,9 +217,13 @@ class Board:
                 try:
                     record = self.tick()
                 except Exception as e:  # a figure that cannot be read must not stop the ticks
-                    self.event("info", f"the dashboard could not read a figure: {e}")
+                    said = f"the dashboard could not read a figure: {e}"
+                    if said != self._said:  # once, not every second
+                        self._said = said
+                        self.event("info", said)
                     continue
                 self._publish(sse("tick", record))
+                self.tell_held_refusals()
 
         threading.Thread(target=run, name="dashboard-ticks", daemon=True).start()
 
@@ -215,14 +250,23 @@ class Board:
     def _send_state(self) -> None:
         self._publish(sse("state", self.snapshot()))
 
-    def _publish(self, message: str) -> None:
+    def _publish(self, message: str) -> threading.Event | None:
+        """Hands message to every page's queue on the loop (from any thread; from the loop's
+        own, on its next turn); the Event is set once it is there."""
         loop = self._loop
         if loop is None or not self._pages:
-            return
-        try:  # from the loop's own thread too: the message goes out on its next turn
-            loop.call_soon_threadsafe(self._put, message)
+            return None
+        done = threading.Event()
+
+        def put() -> None:
+            self._put(message)
+            done.set()
+
+        try:
+            loop.call_soon_threadsafe(put)
         except RuntimeError:  # the loop has closed: no page is left to tell
-            pass
+            return None
+        return done
 
     def _put(self, message: str) -> None:
         for queue in list(self._pages):

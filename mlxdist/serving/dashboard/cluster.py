@@ -18,6 +18,53 @@ def node_names(hosts: list[str]) -> list[str]:
     return [h if seen[h] == 1 else f"{h} #{r}" for r, h in enumerate(hosts)]
 
 
+_TEXT = ("name", "address", "chip", "state", "parallel", "backend", "link", "generation", "a", "b")
+_NUMBER = (
+    "rank",
+    "memory_total",
+    "memory_usable",
+    "memory_used",
+    "wired_limit",
+    "weights",
+    "predicted_tps",
+)
+
+
+def _clean(part) -> dict:
+    """A dict of the view's with only fields of the expected types (short texts, numbers, the
+    split, rdma): what the page draws is never a shape it does not expect."""
+    if not isinstance(part, dict):
+        return {}
+    out = {}
+    for k, v in part.items():
+        if k in _TEXT and isinstance(v, str) and len(v) <= 200:
+            out[k] = v
+        elif k in _NUMBER and isinstance(v, int | float) and not isinstance(v, bool) and v >= 0:
+            out[k] = v
+        elif k == "rdma" and isinstance(v, bool):
+            out[k] = v
+        elif k == "split" and isinstance(v, list) and all(type(x) is int for x in v):
+            out[k] = v
+    return out
+
+
+def clean_view(view) -> dict | None:
+    """The launcher's view (JSON text through an agent: trusted for its sender, not for its
+    shape) reduced to well-formed nodes, cables, ring, plan and machine; None if no object."""
+    if not isinstance(view, dict):
+        return None
+
+    def items(key: str) -> list:
+        value = view.get(key)
+        return value if isinstance(value, list) else []
+
+    nodes = [n for n in map(_clean, items("nodes")) if "name" in n]
+    cables = [c for c in map(_clean, items("cables")) if "a" in c and "b" in c]
+    ring = [r for r in items("ring") if isinstance(r, str) and len(r) <= 200]
+    plan, machine = _clean(view.get("plan")), _clean(view.get("machine"))
+    return {"nodes": nodes, "cables": cables, "ring": ring, "plan": plan, "machine": machine}
+
+
 def cluster_static(model_name: str, info: dict, view: dict | None) -> dict:
     """The snapshot's model, plan, nodes, cables and ring, from /health's info (what every rank
     holds and its memory) and the launcher's view (chips, memory, cables, prediction)."""
@@ -72,12 +119,19 @@ def cluster_static(model_name: str, info: dict, view: dict | None) -> dict:
     }
 
 
-def load_figures(done: int, total: int, began: float, at: float) -> dict:
-    """A rank's loading as the page shows it: bytes read of all, bytes a second (from its first
-    count to its last, at), seconds left."""
-    rate = done / max(at - began, 1e-3)
-    eta = (total - done) / rate if rate > 0 else None
-    return {"done": done, "total": total, "rate": rate, "eta": eta}
+def load_figures(done: int, total: int, began: float, at: float, now: float) -> dict:
+    """A rank's loading as the page shows it: bytes read of all, bytes a second, seconds left.
+    The rate runs to now while it loads (a rank that stalls sees it fall and its time left
+    grow), to its last count once it is done."""
+    if done >= total:
+        return {"done": done, "total": total, "rate": done / max(at - began, 1e-3), "eta": 0.0}
+    rate = done / max(now - began, 1e-3)
+    return {
+        "done": done,
+        "total": total,
+        "rate": rate,
+        "eta": (total - done) / rate if rate else None,
+    }
 
 
 def loading_static(model_name: str, info: dict, view: dict | None, hosts: list[str]) -> dict:
@@ -98,10 +152,10 @@ class LoadingSample:
         self.names, self.loads = names, loads
 
     def __call__(self) -> dict:
-        nodes = {}
+        nodes, now = {}, time.monotonic()
         for rank, (done, total, began, at) in self.loads().items():
             if rank < len(self.names):
-                nodes[self.names[rank]] = {"load": load_figures(done, total, began, at)}
+                nodes[self.names[rank]] = {"load": load_figures(done, total, began, at, now)}
         return {"nodes": nodes}
 
 

@@ -1,7 +1,7 @@
 // The chat: streamed answers from /v1/chat/completions, the reasoning folded apart, a line of
-// figures after each answer, a stop button, and the conversation kept in localStorage per model.
+// figures after each answer, a stop button, and the conversation kept in the browser per model.
 import { $, h, num } from "./dom.js";
-import { authed, errorText, readSSE } from "./api.js";
+import { authed, errorText, key, readSSE } from "./api.js";
 
 let model = null;
 // {role: "user", content} | {role: "assistant", content, reasoning, rtokens, tps, figures, error}
@@ -11,11 +11,14 @@ let hooks = {};
 let current = null; // the turn streaming
 
 const storeKey = () => `mlxdist.chat.${model}`;
+// Behind a key the conversation lives as long as the key does (the tab's sessionStorage): on a
+// shared machine the next user of the browser finds neither. An open server's is kept.
+const store = () => (key.get() ? sessionStorage : localStorage);
 
 function save() {
   try {
-    if (turns.length) localStorage.setItem(storeKey(), JSON.stringify(turns));
-    else localStorage.removeItem(storeKey());
+    if (turns.length) store().setItem(storeKey(), JSON.stringify(turns));
+    else store().removeItem(storeKey());
   } catch {
     // storage full or refused: the chat goes on without it
   }
@@ -23,7 +26,7 @@ function save() {
 
 function restore() {
   try {
-    const t = JSON.parse(localStorage.getItem(storeKey()) || "[]");
+    const t = JSON.parse(store().getItem(storeKey()) || "[]");
     if (!Array.isArray(t)) return [];
     // an answer the page left while it streamed: say so
     for (const turn of t)
