@@ -27,11 +27,11 @@ _TENSOR_WIDTHS = ("intermediate_size", "moe_intermediate_size")
 
 def check_tensor_split(config: dict, size: int) -> None:
     """Refuses a model that mlx-lm cannot shard over size ranks."""
-    from mlx_lm.utils import _get_classes  # mlx-lm's own lookup, with its model-type remapping
+    from quantize.light_mlx_lm import get_classes  # mlx-lm's lookup, without transformers
 
     model_type = config["model_type"]
     try:
-        model_class, _ = _get_classes(config)
+        model_class, _ = get_classes(config)
     except ValueError:
         raise CheckpointError(f"mlx-lm has no {model_type} model") from None
     if not hasattr(model_class, "shard"):

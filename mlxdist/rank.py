@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stage = runner.stage
     runner.tokenizer = functools.cache(lambda: _tokenizer(spec, stage))  # a grammar's, when asked
+    if rank == 0:  # built once, here: the grammar thread below and the API share it
+        runner.tokenizer()
     if rank == 0 or (spec.parallel == "pipeline" and stage.is_last):  # checks or samples
         threading.Thread(target=_warm_grammar, args=(runner.tokenizer, rank), daemon=True).start()
     mx.clear_cache()
@@ -206,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     mask = _expert_mask(stage)
     figures = mx.array([mine + mask + host], dtype=mx.int64)
     if size > 1:
+        if rank != 0:  # asleep until rank 0 has loaded too, not spinning in MLX's receive
+            from mlxdist.runtime.ringwait import RingWaiter
+
+            RingWaiter().wait()
         figures = mx.distributed.all_gather(figures, group=group)
     mx.eval(figures)
     if rank != 0:

@@ -17,9 +17,10 @@ export function ranges(xs) {
   return out.join(", ");
 }
 
+// In expert mode every rank runs every layer: what sets it apart is its routed experts.
 function holds(n) {
+  if (n.experts) return `experts ${ranges(n.experts)} (${n.experts.length}) of every layer`;
   if (n.layers) return `layers ${n.layers[0]}–${n.layers[1]}`;
-  if (n.experts) return `experts ${ranges(n.experts)} (${n.experts.length})`;
   if (n.ranks?.length) return `ranks ${n.ranks.join(", ")}`;
   return null;
 }
