@@ -54,7 +54,8 @@ def test_load_figures(done, total, began, at, now, rate, eta):
 
 
 def test_a_rank_tells_its_loading_by_its_heartbeat(monkeypatch):
-    monkeypatch.setattr(heartbeat, "_leave", lambda rank, why: None)
+    left: list[str] = []  # the follower leaves this process only in a rank, never in pytest's
+    monkeypatch.setattr(heartbeat, "_leave", lambda rank, why: left.append(why))
     monkeypatch.setenv(TOKEN_ENV, "b" * 32)
     port = free_ports(1)[0]
     monitor = Monitor(("127.0.0.1", port), 2, "mac0", lambda message: None).start()
@@ -74,8 +75,13 @@ def test_a_rank_tells_its_loading_by_its_heartbeat(monkeypatch):
         assert at - began >= 0.15  # the first count's time is kept: the rate spans both
         sample = LoadingSample(["mac0", "mac1"], monitor.loads)()
         assert sample["nodes"]["mac1"]["load"]["eta"] > 0
+        time.sleep(heartbeat.INTERVAL)  # rank 0 has beaten: the follower leaves when it goes
     finally:
         monitor.release()
+    deadline = time.monotonic() + 10  # its thread is done before _leave is itself again
+    while not left and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == ["rank 0 closed the heartbeat"]
 
 
 def test_every_layer_read_is_counted(tiny_r1):

@@ -408,6 +408,7 @@ def _converse(
                 raise
         else:
             again = relaunch if replan else None
+            typer.echo(f"the cluster's dashboard: {running.url}/", err=True)
             repl(running.url, params, headers, watch=watch, relaunch=again)
     finally:
         current[0].stop()
@@ -552,7 +553,10 @@ def _serve_until_stopped(running, name: str) -> None:
 
     signal.signal(signal.SIGTERM, stop)  # a service manager's stop, as Ctrl-C
     try:
-        typer.echo(f"serving {name} at {running.url}/v1 (Ctrl-C stops every rank)")
+        typer.echo(
+            f"serving {name} at {running.url}/v1, its dashboard at {running.url}/ "
+            "(Ctrl-C stops every rank)"
+        )
         while (failure := _rank_failure(running)) is None:
             time.sleep(1.0)
         raise UserError(failure)
