@@ -9,7 +9,13 @@ are the median ratios of the usage's decode tokens/s (with / without), and of ra
 seconds per generated token. Also: the page's weight,
 the bytes Chromium fetched to show it (files and the first state), and the files on disk.
 
-    .venv/bin/python benchmarks/dashboard_cost.py [--rounds 5] [--tokens 96] [--shots DIR]
+    .venv/bin/python benchmarks/dashboard_cost.py [--rounds 5] [--tokens 96] [--idle 30]
+            [--shots DIR]
+
+Decode speed on this 2-core machine varies by about 10% from one answer to the next, more
+than the page could cost; so it also measures rank 0's CPU while no request runs, for 30 s
+with each of the three: what the dashboard itself costs, set against rank 0's CPU per second
+while it decodes.
 
 --shots DIR also writes the page as it is after the rounds (wide and narrow, whole length) to
 DIR/dashboard-wide.png and DIR/dashboard-narrow.png: the pictures in docs/.
@@ -90,6 +96,23 @@ def one(kind: str, url: str, tokens: int, rank0: psutil.Process, driver) -> tupl
         driver.get("about:blank")
 
 
+def idle_cpu(url: str, rank0: psutil.Process, driver, kind: str, seconds: float) -> float:
+    """Rank 0's CPU seconds per second while no request runs: the dashboard's own cost alone
+    (ticks, samples, the feed), with no page, a client reading the feed, or the page open."""
+    feed = Feed(url) if kind == "feed" else None
+    if kind == "chromium":
+        driver.get(url + "/")
+    time.sleep(2.0)  # the page has loaded, the feed runs
+    before = rank0.cpu_times()
+    time.sleep(seconds)
+    after = rank0.cpu_times()
+    if feed is not None:
+        feed.close()
+    if kind == "chromium":
+        driver.get("about:blank")
+    return ((after.user + after.system) - (before.user + before.system)) / seconds
+
+
 def page_weight(driver, url: str) -> tuple[int, int]:
     """(bytes over the wire to show the page, requests), from Chromium's network log."""
     driver.get_log("performance")  # what came before
@@ -135,6 +158,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--shots", type=Path, default=None, help="write the page's pictures here")
+    p.add_argument("--idle", type=float, default=30.0, help="seconds of each idle measure")
     args = p.parse_args()
     files = sorted(ASSETS.iterdir())
     on_disk = sum(f.stat().st_size for f in files)
@@ -147,9 +171,11 @@ def main() -> None:
             decode(url, 16, rank0)  # warm
             figures = {"none": [], "feed": [], "chromium": []}
             with chromium() as driver:
+                # First, before any page has looked (no tick has run yet): the whole cost.
+                kinds = ["none", "feed", "chromium"]
+                idle = {kind: idle_cpu(url, rank0, driver, kind, args.idle) for kind in kinds}
                 weight, requests = page_weight(driver, url)
                 driver.get("about:blank")
-                kinds = ["none", "feed", "chromium"]
                 for r in range(args.rounds):
                     for kind in kinds[r % 3 :] + kinds[: r % 3]:  # each goes first in turn
                         figures[kind].append(one(kind, url, args.tokens, rank0, driver))
@@ -162,6 +188,14 @@ def main() -> None:
     print(f"page files: {len(files)}, {on_disk} bytes on disk; over the wire: {weight} bytes")
     print(f"in {requests} requests (the page, its files, the state; the live feed stays open)")
     print(f"decode tok/s with no page: median {statistics.median(base_tps):.2f}")
+    busy = statistics.median(c * t for c, t in zip(base_cpu, base_tps))  # CPU s per s, decoding
+    print(f"rank 0 while decoding: {busy:.3f} CPU s/s")
+    for kind in ("none", "feed", "chromium"):
+        extra = idle[kind] - idle["none"]
+        print(
+            f"idle {kind:8s}: rank 0 {idle[kind] * 1000:.2f} ms CPU/s; the page's own "
+            f"{extra * 1000:+.2f} ms/s = {extra / busy:+.3%} of rank 0's decoding CPU"
+        )
     for kind in ("feed", "chromium"):
         tps = [t / b for (t, _), b in zip(figures[kind], base_tps)]
         cpu = [c / b for (_, c), b in zip(figures[kind], base_cpu)]
