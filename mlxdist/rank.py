@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 from launcher.rankspec import (
     API_KEY_ENV,
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from quantize.checkpoint import CheckpointError
     from quantize.memory import peak_rss
 
-    early = None  # rank 0's server while loading: (board, switch, server, its own load)
+    early = None  # rank 0's server while the ranks load
     if rank == 0:
         # Held from the start, so a port already in use fails the launch before any loading.
         try:
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             _log(rank, f"cannot listen on {spec.host}:{spec.port}: {reason}")
             return 2
         early = _serve_loading(spec, listener, key, api, beats)
-    _report_loading(rank, beats, early[3] if early else None)
+    _report_loading(rank, beats, early.own if early else None)
     base = peak_rss()
     t0 = time.perf_counter()
     set_recommended_wired_limit()  # as mlx-lm: weights stay wired, not paged (no-op without Metal)
@@ -353,9 +354,19 @@ def _model_name(spec: RankSpec) -> str:
     return spec.name or os.path.basename(os.path.normpath(spec.model))
 
 
-def _serve_loading(spec: RankSpec, listener: socket.socket, key, api, monitor) -> tuple:
+class _Loading(NamedTuple):
+    """Rank 0's server while the ranks load, which the API takes over once they have."""
+
+    board: object  # the dashboard's Board, kept by the API
+    switch: object  # the ASGI app the server serves: the loading one, then the API
+    server: object  # uvicorn's
+    own: dict  # rank 0's own load, as the heartbeat keeps the others'
+    view: dict | None  # the launcher's view, read once
+
+
+def _serve_loading(spec: RankSpec, listener: socket.socket, key, api, monitor) -> _Loading:
     """Rank 0's HTTP server from before loading on: the dashboard shows each rank's load, every
-    other route is a 503 until the API takes over (board, switch, server, rank 0's own load)."""
+    other route is a 503 until the API takes over."""
     import uvicorn
 
     from mlxdist.serving.api.loading import Switch, loading_app
@@ -371,7 +382,7 @@ def _serve_loading(spec: RankSpec, listener: socket.socket, key, api, monitor) -
     info = {"parallel": spec.parallel, "backend": spec.backend, "split": split}
     static = loading_static(_model_name(spec), info, view, hosts)
     board = Board("cluster", static)
-    own: dict[int, tuple] = {}  # rank 0's own load, as the heartbeat keeps the others'
+    own: dict[int, tuple] = {}
     loads = (lambda: monitor.loads() | own) if monitor else (lambda: dict(own))
     board.sample = LoadingSample([n["name"] for n in static["nodes"]], loads)
     if api is not None:  # a node failed while loading: named on the pages too
@@ -380,7 +391,7 @@ def _serve_loading(spec: RankSpec, listener: socket.socket, key, api, monitor) -
     config = uvicorn.Config(switch, host=spec.host, port=spec.port, log_level="warning")
     server = uvicorn.Server(config)
     threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True).start()
-    return board, switch, server, own
+    return _Loading(board, switch, server, own, view)
 
 
 def _report_loading(rank: int, beats, own: dict | None) -> None:
@@ -401,7 +412,7 @@ def _serve_api(
     spec: RankSpec,
     runner,
     figures: list,
-    early: tuple,
+    early: _Loading,
     key: str | None,
     api: list | None = None,
     monitor=None,
@@ -442,7 +453,7 @@ def _serve_api(
     if api is not None:  # with a heartbeat: a node failure fails these jobs
         inflight = Inflight()
         api.append(inflight)
-    board, switch, server, _ = early
+    board, switch, server = early.board, early.switch, early.server
     # Every rank has loaded (the figures' gather waited for all): each node's load is whole,
     # whether or not its last count came before this.
     loads = board.sample()["nodes"]
@@ -451,8 +462,9 @@ def _serve_api(
     board.update_nodes(loads)
     policy = Policy.from_spec(spec, key)
     ages = monitor.ages if monitor else None
-    view = _view(spec)
-    app = create_app(coordinator, _model_name(spec), info, inflight, policy, view, ages, board)
+    app = create_app(
+        coordinator, _model_name(spec), info, inflight, policy, early.view, ages, board
+    )
     if monitor:
         monitor.ready()  # from here on, a few seconds of silence is a failure
     switch.app = app  # the API answers from now on, on the same socket, to the same pages
